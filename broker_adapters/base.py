@@ -1,0 +1,156 @@
+"""The broker contract every adapter implements (memory, AMQP, and MQTT next).
+
+The rest of enclaveq speaks only to this contract. It names *logical* destinations of a
+pool rather than exchanges or topics, so that an adapter can map them onto whatever its
+broker offers:
+
+- the pool's **job queue**: competing consumers, manual acks, at-least-once delivery,
+  a bounded delivery count after which a message is dead-lettered;
+- the pool's **control channel**: broadcast to every live worker of the pool
+  (attestation challenges and, later, key exchange);
+- **reply queues**: durable, one per producer, addressed by an opaque string that a
+  producer puts in ``Message.reply_to`` (AMQP: a queue name; MQTT: a response topic);
+- the pool's **dead letters**: where messages go after ``Delivery.reject()`` or after the
+  delivery limit.
+
+Payloads are opaque bytes: adapters never parse them and never log them.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Mapping
+
+HeaderValue = str | int | bytes | bool
+
+
+@dataclass(frozen=True)
+class Message:
+    """What a publisher hands to the broker. ``body`` is opaque (ciphertext in practice)."""
+
+    body: bytes
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    message_id: str | None = None
+    headers: Mapping[str, HeaderValue] = field(default_factory=dict)
+
+
+class Delivery(abc.ABC):
+    """One delivery of a message to a consumer. Exactly one of ack/nack/reject must follow;
+    adapters nack-with-requeue any delivery a handler leaves unsettled or raises on."""
+
+    message: Message
+    redelivered: bool
+    # 1 on first delivery; counts redeliveries where the broker tells us (quorum queues do).
+    delivery_count: int
+
+    @abc.abstractmethod
+    async def ack(self) -> None:
+        """The message is done: remove it from the queue."""
+
+    @abc.abstractmethod
+    async def nack(self) -> None:
+        """Give the message back for redelivery (counts against the delivery limit)."""
+
+    @abc.abstractmethod
+    async def reject(self) -> None:
+        """Dead-letter the message now (it will not be redelivered)."""
+
+    @property
+    @abc.abstractmethod
+    def settled(self) -> bool:
+        """True once ack, nack or reject has been called."""
+
+
+Handler = Callable[[Delivery], Awaitable[None]]
+
+
+class Subscription(abc.ABC):
+    """A running consumer. ``cancel()`` stops new deliveries; unsettled ones are requeued."""
+
+    @abc.abstractmethod
+    async def cancel(self) -> None: ...
+
+
+class PoolLock(abc.ABC):
+    """Held by the one worker allowed to consume a pool (until pool sharing exists)."""
+
+    @abc.abstractmethod
+    async def release(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """Limits set explicitly on every queue (RabbitMQ 3.10 defaults are not relied on)."""
+
+    delivery_limit: int = 5
+    max_message_bytes: int = 64 * 1024 * 1024
+
+
+class BrokerAdapter(abc.ABC):
+    """Async broker client. Use as ``async with open_broker(url) as broker:``."""
+
+    url: str
+
+    async def __aenter__(self) -> "BrokerAdapter":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @abc.abstractmethod
+    async def connect(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    # -- pools -------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def declare_pool(self, pool: str, settings: PoolSettings = PoolSettings()) -> None:
+        """Idempotently create the pool's job queue, dead-letter route and control channel."""
+
+    @abc.abstractmethod
+    async def delete_pool(self, pool: str) -> None:
+        """Remove everything ``declare_pool`` created (tests and `pool delete`)."""
+
+    @abc.abstractmethod
+    async def acquire_pool_lock(self, pool: str) -> PoolLock:
+        """Become the pool's only worker, or raise ``PoolBusy`` at once."""
+
+    # -- jobs --------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def publish_job(self, pool: str, message: Message) -> None:
+        """Publish to the job queue; returns once the broker has confirmed it.
+        Raises ``Unroutable`` if no queue took it, ``PublishFailed`` if the broker refused."""
+
+    @abc.abstractmethod
+    async def consume_jobs(self, pool: str, handler: Handler, *, prefetch: int = 16) -> Subscription: ...
+
+    # -- control -----------------------------------------------------------------------
+    @abc.abstractmethod
+    async def publish_control(self, pool: str, message: Message) -> None:
+        """Broadcast to every worker currently consuming the pool's control channel."""
+
+    @abc.abstractmethod
+    async def consume_control(self, pool: str, handler: Handler) -> Subscription: ...
+
+    # -- replies -----------------------------------------------------------------------
+    @abc.abstractmethod
+    async def declare_reply_queue(self, name: str) -> str:
+        """Create (idempotently) a durable reply queue; return the address for ``reply_to``."""
+
+    @abc.abstractmethod
+    async def delete_reply_queue(self, name: str) -> None: ...
+
+    @abc.abstractmethod
+    async def publish_reply(self, address: str, message: Message) -> None:
+        """Publish to a reply address; returns once confirmed. ``Unroutable`` if it does not exist."""
+
+    @abc.abstractmethod
+    async def consume_replies(self, name: str, handler: Handler, *, prefetch: int = 256) -> Subscription: ...
+
+    # -- dead letters ------------------------------------------------------------------
+    @abc.abstractmethod
+    async def consume_dead_letters(self, pool: str, handler: Handler) -> Subscription: ...
