@@ -1,0 +1,66 @@
+"""Broker adapters: one async contract (``base``), one adapter per broker, picked by URL.
+
+``open_broker(url)`` is the only constructor the rest of enclaveq needs::
+
+    async with open_broker("amqp://guest:guest@127.0.0.1/") as broker:
+        await broker.declare_pool("resnet")
+
+Schemes: ``memory://NAME`` (in-process, shared by every adapter opened with the same NAME in
+this process, across event loops; ``memory://`` is NAME "default"), ``amqp://`` and
+``amqps://`` (RabbitMQ 3.10+). ``mqtt://`` is reserved for the adapter that comes next.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from .base import BrokerAdapter, Delivery, Handler, HeaderValue, Message, PoolLock, PoolSettings, Subscription
+from .errors import (
+    BrokerError,
+    BrokerUnavailable,
+    PoolBusy,
+    PublishFailed,
+    QueueNotFound,
+    Unroutable,
+    UnsupportedBrokerURL,
+)
+
+
+def open_broker(url: str) -> BrokerAdapter:
+    """Return an unconnected adapter for ``url``; use it as ``async with open_broker(url)``."""
+    scheme = urlsplit(url).scheme.lower() if "://" in url else ""
+    if scheme == "memory":
+        from .memory import MemoryBroker
+
+        name = url.split("://", 1)[1].strip("/") or "default"
+        return MemoryBroker(url, name)
+    if scheme in ("amqp", "amqps"):
+        from .amqp import AmqpBroker
+
+        return AmqpBroker(url)
+    if scheme in ("mqtt", "mqtts"):
+        raise UnsupportedBrokerURL("MQTT adapter comes next; use amqp:// or memory:// for now")
+    # Only the scheme: the rest of a URL may hold a password.
+    raise UnsupportedBrokerURL(
+        f"unsupported broker URL scheme {scheme or '(none)'!r}: expected memory://, amqp:// or amqps://"
+    )
+
+
+__all__ = [
+    "open_broker",
+    "BrokerAdapter",
+    "Delivery",
+    "Handler",
+    "HeaderValue",
+    "Message",
+    "PoolLock",
+    "PoolSettings",
+    "Subscription",
+    "BrokerError",
+    "BrokerUnavailable",
+    "PoolBusy",
+    "PublishFailed",
+    "QueueNotFound",
+    "Unroutable",
+    "UnsupportedBrokerURL",
+]

@@ -1,0 +1,90 @@
+"""The platform-neutral result of verifying evidence: :class:`Claims` and :class:`CertSummary`.
+
+Every platform verifier (simulation now; SGX, TDX, SEV-SNP and Nitro later) turns its own
+evidence format into the same frozen :class:`Claims`, and policy validation only ever looks
+at :class:`Claims`. Claims are produced only from evidence whose signatures and chain have
+already been verified: holding a ``Claims`` object means "this is what an authentic piece of
+evidence says", not yet "the policy accepts it".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+__all__ = ["CertSummary", "Claims"]
+
+
+def _iso(when: datetime) -> str:
+    return when.isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class CertSummary:
+    """What a human or a log needs to know about one certificate of a verified chain."""
+
+    subject: str  # RFC 4514 string, e.g. "CN=enclaveq SIMULATION root — no confidentiality"
+    not_before: datetime  # UTC
+    not_after: datetime  # UTC
+    sha256: bytes  # fingerprint of the DER encoding
+
+    @classmethod
+    def from_certificate(cls, cert: x509.Certificate) -> CertSummary:
+        return cls(
+            subject=cert.subject.rfc4514_string(),
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            sha256=cert.fingerprint(hashes.SHA256()),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "subject": self.subject,
+            "not_before": _iso(self.not_before),
+            "not_after": _iso(self.not_after),
+            "sha256": self.sha256.hex(),
+        }
+
+
+@dataclass(frozen=True)
+class Claims:
+    """What authentic evidence asserts about the worker that produced it.
+
+    ``measurement`` is the platform's code identity (32 bytes for simulation; SGX MRENCLAVE is
+    32, TDX MRTD and SNP MEASUREMENT are 48). ``report_data`` is the 64 bytes the worker bound
+    into the evidence (a hash of its attestation statement: nonce, keys, config digest).
+    ``chain`` is leaf first, root last.
+    """
+
+    platform: str
+    measurement: bytes
+    debug: bool
+    security_version: int
+    report_data: bytes
+    issued_at: datetime
+    simulated: bool
+    chain: tuple[CertSummary, ...]
+
+    def __post_init__(self) -> None:
+        # Claims are built by verifiers, not parsed from the wire, so these are bug catchers.
+        if self.issued_at.tzinfo is None:
+            raise ValueError("Claims.issued_at must be timezone-aware (UTC)")
+        if len(self.report_data) != 64:
+            raise ValueError(f"Claims.report_data must be 64 bytes, got {len(self.report_data)}")
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict: bytes as lowercase hex, datetimes as ISO 8601 UTC (``...Z``)."""
+        return {
+            "platform": self.platform,
+            "measurement": self.measurement.hex(),
+            "debug": self.debug,
+            "security_version": self.security_version,
+            "report_data": self.report_data.hex(),
+            "issued_at": _iso(self.issued_at),
+            "simulated": self.simulated,
+            "chain": [c.to_json() for c in self.chain],
+        }

@@ -1,0 +1,285 @@
+"""Attestation policy: the TOML file a producer (or a pool) judges evidence by.
+
+Owns the policy format, its strict loading (every unknown key, wrong type or out-of-range value
+is a :class:`PolicyError` that names the key) and writing. The format is documented with an
+example in ``docs/policy.md``; in short::
+
+    version = 1                              # policy format version
+    measurements = ["<hex>", ...]            # allowed code identities: at least one
+    min_security_version = 0
+    debug_allowed = false
+    max_evidence_age_seconds = 300
+    max_clock_skew_seconds = 60
+    nonce_required = true
+
+    [simulation]                             # absent = simulation refused
+    allow = true
+    root_sha256 = "<hex fingerprint of the simulation root>"
+
+Platform-neutral rules live at the top level; each platform's trust settings live in a table
+named after it. ``[simulation]`` is the only one today; ``[sgx]``, ``[tdx]``, ``[snp]`` and
+``[nitro]`` are reserved names that slot in beside it (pinned vendor roots, TCB minimums, PCRs)
+and are refused for now, rather than silently ignored.
+
+Defaults are the safe choice: simulation refused, debug refused, nonce required.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import tomli_w
+
+from attestation.errors import PolicyError
+
+__all__ = [
+    "POLICY_VERSION",
+    "Policy",
+    "policy_from_mapping",
+    "policy_from_toml",
+    "policy_to_toml",
+    "load_policy",
+    "write_policy",
+]
+
+POLICY_VERSION = 1
+RESERVED_PLATFORM_TABLES = ("sgx", "tdx", "snp", "nitro")
+# Measurement sizes across platforms: simulation and SGX MRENCLAVE are 32 bytes, TDX MRTD,
+# SNP MEASUREMENT and Nitro PCRs are 48.
+MEASUREMENT_SIZES = (32, 48)
+
+# Where each Policy field lives in the TOML file: error messages name the file's key.
+_TOML_KEY = {
+    "measurements": "measurements",
+    "allow_simulation": "simulation.allow",
+    "sim_root_sha256": "simulation.root_sha256",
+    "min_security_version": "min_security_version",
+    "debug_allowed": "debug_allowed",
+    "max_evidence_age_seconds": "max_evidence_age_seconds",
+    "nonce_required": "nonce_required",
+    "max_clock_skew_seconds": "max_clock_skew_seconds",
+}
+_TOP_LEVEL_KEYS = (
+    "version",
+    "measurements",
+    "min_security_version",
+    "debug_allowed",
+    "max_evidence_age_seconds",
+    "max_clock_skew_seconds",
+    "nonce_required",
+    "simulation",
+)
+_SIMULATION_KEYS = {"allow": "allow_simulation", "root_sha256": "sim_root_sha256"}
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    # fromhex tolerates whitespace; a policy value must be plain hex digits.
+    return all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What evidence must satisfy. Construction validates and normalises (hex to lowercase,
+    duplicate measurements dropped); any problem is a :class:`PolicyError` naming the TOML key.
+    """
+
+    measurements: tuple[str, ...]
+    allow_simulation: bool = False
+    sim_root_sha256: str | None = None
+    min_security_version: int = 0
+    debug_allowed: bool = False
+    max_evidence_age_seconds: int = 300
+    nonce_required: bool = True
+    max_clock_skew_seconds: int = 60
+    _measurement_set: frozenset[bytes] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        def fail(name: str, problem: str) -> PolicyError:
+            return PolicyError(f"policy key {_TOML_KEY[name]!r} {problem}")
+
+        for name in ("allow_simulation", "debug_allowed", "nonce_required"):
+            value = getattr(self, name)
+            if type(value) is not bool:
+                raise fail(name, f"must be true or false, got {_describe(value)}")
+        for name, minimum in (
+            ("min_security_version", 0),
+            ("max_evidence_age_seconds", 1),
+            ("max_clock_skew_seconds", 0),
+        ):
+            value = getattr(self, name)
+            if type(value) is not int:
+                raise fail(name, f"must be an integer, got {_describe(value)}")
+            if value < minimum:
+                raise fail(name, f"must be at least {minimum}, got {value}")
+
+        measurements = self.measurements
+        if isinstance(measurements, str) or not isinstance(measurements, (list, tuple)):
+            raise fail("measurements", f"must be a list of hex strings, got {_describe(measurements)}")
+        if not measurements:
+            raise fail(
+                "measurements",
+                "is empty: list at least one allowed measurement "
+                "(`enclaveq policy init` writes the current worker's)",
+            )
+        normalised: list[str] = []
+        for index, item in enumerate(measurements):
+            if type(item) is not str:
+                raise fail("measurements", f"item {index} must be a hex string, got {_describe(item)}")
+            if not _is_hex(item) or len(item) // 2 not in MEASUREMENT_SIZES or len(item) % 2:
+                raise fail(
+                    "measurements",
+                    f"item {index} must be {' or '.join(str(2 * n) for n in MEASUREMENT_SIZES)} "
+                    f"hex digits, got {item!r}",
+                )
+            if item.lower() not in normalised:
+                normalised.append(item.lower())
+        object.__setattr__(self, "measurements", tuple(normalised))
+        object.__setattr__(self, "_measurement_set", frozenset(bytes.fromhex(m) for m in normalised))
+
+        root = self.sim_root_sha256
+        if root is not None:
+            if type(root) is not str or len(root) != 64 or not _is_hex(root):
+                raise fail("sim_root_sha256", f"must be 64 hex digits (a SHA-256 fingerprint), got {_describe(root)}")
+            object.__setattr__(self, "sim_root_sha256", root.lower())
+        if self.allow_simulation and self.sim_root_sha256 is None:
+            raise fail(
+                "sim_root_sha256",
+                "is required when simulation.allow = true: it pins which simulation root to trust "
+                "(`enclaveq sim init` prints it)",
+            )
+
+    def allows_measurement(self, measurement: bytes) -> bool:
+        return measurement in self._measurement_set
+
+    @property
+    def sim_root_fingerprint(self) -> bytes | None:
+        """``sim_root_sha256`` as 32 bytes, or None."""
+        return None if self.sim_root_sha256 is None else bytes.fromhex(self.sim_root_sha256)
+
+
+def _check_keys(table: Mapping[str, Any], known: tuple[str, ...] | list[str], where: str) -> None:
+    for key in table:
+        if key in known:
+            continue
+        if where == "top level" and key in RESERVED_PLATFORM_TABLES:
+            raise PolicyError(
+                f"policy table [{key}] is reserved for {key.upper()} attestation, "
+                "which this version of enclaveq does not support yet"
+            )
+        raise PolicyError(
+            f"unknown policy key {key!r} at {where}; known keys: {', '.join(known)}"
+        )
+
+
+def policy_from_mapping(data: Mapping[str, Any]) -> Policy:
+    """Build a :class:`Policy` from the parsed TOML structure (strict: unknown keys refused)."""
+    if not isinstance(data, Mapping):
+        raise PolicyError(f"a policy must be a table, got {_describe(data)}")
+    _check_keys(data, _TOP_LEVEL_KEYS, "top level")
+    version = data.get("version", POLICY_VERSION)
+    if type(version) is not int:
+        raise PolicyError(f"policy key 'version' must be an integer, got {_describe(version)}")
+    if version != POLICY_VERSION:
+        raise PolicyError(f"policy key 'version' is {version}; this enclaveq reads version {POLICY_VERSION}")
+    if "measurements" not in data:
+        raise PolicyError(
+            "policy key 'measurements' is missing: list at least one allowed measurement"
+        )
+    kwargs: dict[str, Any] = {
+        key: data[key]
+        for key in _TOP_LEVEL_KEYS
+        if key in data and key not in ("version", "simulation")
+    }
+    simulation = data.get("simulation", {})
+    if not isinstance(simulation, Mapping):
+        raise PolicyError(f"policy key 'simulation' must be a table, got {_describe(simulation)}")
+    _check_keys(simulation, list(_SIMULATION_KEYS), "[simulation]")
+    for toml_key, field_name in _SIMULATION_KEYS.items():
+        if toml_key in simulation:
+            kwargs[field_name] = simulation[toml_key]
+    return Policy(**kwargs)
+
+
+def policy_from_toml(text: str) -> Policy:
+    """Parse policy TOML text."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"policy is not valid TOML: {exc}") from None
+    return policy_from_mapping(data)
+
+
+def load_policy(path: str | os.PathLike[str]) -> Policy:
+    """Read and check a policy file. Every problem is a :class:`PolicyError` naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise PolicyError(f"{path}: policy file not found") from None
+    except UnicodeDecodeError:
+        raise PolicyError(f"{path}: policy file is not UTF-8 text") from None
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read policy file: {exc.strerror}") from None
+    try:
+        return policy_from_toml(text)
+    except PolicyError as exc:
+        raise PolicyError(f"{path}: {exc}") from None
+
+
+def policy_to_toml(policy: Policy) -> str:
+    """The TOML text of ``policy`` (loads back to an equal :class:`Policy`)."""
+    data: dict[str, Any] = {
+        "version": POLICY_VERSION,
+        "measurements": list(policy.measurements),
+        "min_security_version": policy.min_security_version,
+        "debug_allowed": policy.debug_allowed,
+        "max_evidence_age_seconds": policy.max_evidence_age_seconds,
+        "max_clock_skew_seconds": policy.max_clock_skew_seconds,
+        "nonce_required": policy.nonce_required,
+    }
+    simulation: dict[str, Any] = {"allow": policy.allow_simulation}
+    if policy.sim_root_sha256 is not None:
+        simulation["root_sha256"] = policy.sim_root_sha256
+    data["simulation"] = simulation
+    header = ["# enclaveq attestation policy; format: docs/policy.md"]
+    if policy.allow_simulation:
+        header.append(
+            "# WARNING: [simulation] allow = true accepts SIMULATED evidence, "
+            "which gives no confidentiality. Development only."
+        )
+    return "\n".join(header) + "\n\n" + tomli_w.dumps(data, multiline_strings=False)
+
+
+def write_policy(path: str | os.PathLike[str], policy: Policy, *, force: bool = False) -> Path:
+    """Write ``policy`` to ``path``. Refuses to replace an existing file unless ``force``
+    (:class:`FileExistsError`). The write is atomic: readers see the old or the new file."""
+    path = Path(path)
+    text = policy_to_toml(policy).encode("utf-8")
+    if not force:
+        # O_EXCL: no check-then-write race with another writer.
+        with open(path, "xb") as handle:
+            handle.write(text)
+        return path
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,134 @@
+"""Policy validation: judge authentic :class:`Claims` against a :class:`Policy`, reporting all.
+
+Runs only after a platform verifier has established that the claims come from authentic
+evidence. Every check runs; the failures are collected and raised together as one
+:class:`PolicyViolation`, each :class:`Violation` naming the field, the value the evidence has,
+and what the policy expects (the go-sev-guest ``validate`` habit). Nothing here reads a clock:
+``now`` is passed in.
+
+Platform-specific checks (SNP TCB parts, SGX attributes, Nitro PCRs...) will be added by their
+platforms' ``validate`` modules, feeding the same violation list.
+"""
+
+from __future__ import annotations
+
+import hmac
+from datetime import datetime, timedelta
+
+from attestation.claims import Claims
+from attestation.errors import PolicyViolation, Violation
+from attestation.policy import Policy
+
+__all__ = ["claim_violations", "validate_claims"]
+
+
+def _iso(when: datetime) -> str:
+    return when.isoformat().replace("+00:00", "Z")
+
+
+def claim_violations(
+    claims: Claims,
+    policy: Policy,
+    *,
+    expected_report_data: bytes | None,
+    now: datetime,
+) -> list[Violation]:
+    """Every way in which ``claims`` fail ``policy`` at ``now`` (empty list: accepted)."""
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    found: list[Violation] = []
+
+    if claims.simulated and not policy.allow_simulation:
+        found.append(
+            Violation(
+                "allow_simulation",
+                f"simulated evidence from platform {claims.platform!r}",
+                "hardware TEE evidence: simulation gives no confidentiality and is refused "
+                "unless the policy sets [simulation] allow = true",
+            )
+        )
+
+    if not policy.allows_measurement(claims.measurement):
+        found.append(
+            Violation(
+                "measurement",
+                claims.measurement.hex(),
+                f"one of policy measurements [{', '.join(policy.measurements)}]",
+            )
+        )
+
+    if claims.security_version < policy.min_security_version:
+        found.append(
+            Violation(
+                "security_version",
+                str(claims.security_version),
+                f">= {policy.min_security_version} (policy min_security_version)",
+            )
+        )
+
+    if claims.debug and not policy.debug_allowed:
+        found.append(
+            Violation(
+                "debug",
+                "true (debug mode: the host can inspect the TEE's memory)",
+                "false (policy debug_allowed = false)",
+            )
+        )
+
+    oldest = now - timedelta(seconds=policy.max_evidence_age_seconds)
+    newest = now + timedelta(seconds=policy.max_clock_skew_seconds)
+    if claims.issued_at < oldest:
+        found.append(
+            Violation(
+                "issued_at",
+                f"{_iso(claims.issued_at)} (stale: {(now - claims.issued_at).total_seconds():.3f} s old)",
+                f"not before {_iso(oldest)} (policy max_evidence_age_seconds = "
+                f"{policy.max_evidence_age_seconds})",
+            )
+        )
+    elif claims.issued_at > newest:
+        found.append(
+            Violation(
+                "issued_at",
+                f"{_iso(claims.issued_at)} (in the future by "
+                f"{(claims.issued_at - now).total_seconds():.3f} s)",
+                f"not after {_iso(newest)} (policy max_clock_skew_seconds = "
+                f"{policy.max_clock_skew_seconds})",
+            )
+        )
+
+    if expected_report_data is not None:
+        # Not secret, but compare_digest costs nothing and avoids a habit that matters elsewhere.
+        if not hmac.compare_digest(claims.report_data, expected_report_data):
+            found.append(
+                Violation(
+                    "report_data",
+                    claims.report_data.hex(),
+                    f"{expected_report_data.hex()} (bound to this verifier's nonce; "
+                    "a mismatch means replayed or foreign evidence)",
+                )
+            )
+    elif policy.nonce_required:
+        found.append(
+            Violation(
+                "report_data",
+                f"{claims.report_data.hex()} (not checked: the verifier supplied no expected value)",
+                "a value bound to the verifier's fresh nonce (policy nonce_required = true)",
+            )
+        )
+    return found
+
+
+def validate_claims(
+    claims: Claims,
+    policy: Policy,
+    *,
+    expected_report_data: bytes | None,
+    now: datetime,
+) -> Claims:
+    """Return ``claims`` if the policy accepts them; else raise one :class:`PolicyViolation`
+    listing every violation."""
+    found = claim_violations(claims, policy, expected_report_data=expected_report_data, now=now)
+    if found:
+        raise PolicyViolation(found)
+    return claims

@@ -1,0 +1,174 @@
+"""What every adapter must do identically: names, header rules, running a handler.
+
+Keeping these in one place is what makes the adapters agree under the conformance suite:
+the destination names, which headers survive a round trip, and the rule that a delivery a
+handler raises on (or forgets) goes back to the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Iterable, Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+from .base import Delivery, Handler, HeaderValue, PoolSettings
+from .errors import BrokerError, PublishFailed
+
+PREFIX = "enclaveq"
+
+# Reply and dead-letter queues need a bound too (PoolSettings says no queue relies on broker
+# defaults); a reply nacked this often is poison, and there is nowhere further to send it.
+REPLY_DELIVERY_LIMIT = 10
+DEAD_DELIVERY_LIMIT = 10
+
+# The broker-added headers a consumer may rely on; RabbitMQ sets these when dead-lettering
+# and the memory broker imitates it. Every other ``x-`` header is broker bookkeeping.
+DEAD_REASON_HEADER = "x-first-death-reason"
+DEAD_QUEUE_HEADER = "x-first-death-queue"
+_KEPT_BROKER_HEADERS = frozenset({DEAD_REASON_HEADER, DEAD_QUEUE_HEADER})
+
+# Pool and reply names become AMQP queue names today and MQTT topic levels next, so they
+# stay within what both accept without escaping.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def check_name(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(
+            f"invalid {kind} name {name!r}: use 1-128 characters from A-Z a-z 0-9 _ . - "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def check_settings(settings: PoolSettings) -> PoolSettings:
+    if settings.delivery_limit < 1:
+        raise ValueError("PoolSettings.delivery_limit must be at least 1")
+    if settings.max_message_bytes < 1:
+        raise ValueError("PoolSettings.max_message_bytes must be positive")
+    return settings
+
+
+def jobs_queue(pool: str) -> str:
+    return f"{PREFIX}.{pool}.jobs"
+
+
+def dead_queue(pool: str) -> str:
+    return f"{PREFIX}.{pool}.dead"
+
+
+def dead_letter_exchange(pool: str) -> str:
+    return f"{PREFIX}.{pool}.dlx"
+
+
+def control_exchange(pool: str) -> str:
+    return f"{PREFIX}.{pool}.control"
+
+
+def lock_queue(pool: str) -> str:
+    return f"{PREFIX}.{pool}.lock"
+
+
+def reply_queue(name: str) -> str:
+    return f"{PREFIX}.reply.{name}"
+
+
+def check_headers(headers: Mapping[str, HeaderValue]) -> None:
+    for key, value in headers.items():
+        if not isinstance(key, str):
+            raise TypeError("header names must be str")
+        if not isinstance(value, (str, int, bytes, bool)):
+            # Name the key, never the value: headers may carry sensitive metadata.
+            raise TypeError(f"header {key!r} has unsupported type {type(value).__name__}")
+
+
+def clean_headers(raw: Mapping[str, object] | None) -> dict[str, HeaderValue]:
+    """Headers as a consumer sees them: the publisher's, plus the dead-letter reason."""
+    if not raw:
+        return {}
+    out: dict[str, HeaderValue] = {}
+    for key, value in raw.items():
+        if key.startswith("x-") and key not in _KEPT_BROKER_HEADERS:
+            continue
+        if isinstance(value, (bytearray, memoryview)):
+            value = bytes(value)
+        if isinstance(value, (str, int, bytes, bool)):
+            out[key] = value
+    return out
+
+
+def check_size(message_size: int, limit: int, destination: str) -> None:
+    if message_size > limit:
+        raise PublishFailed(
+            f"message of {message_size} bytes for {destination} exceeds the limit of {limit} bytes"
+        )
+
+
+def redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    netloc = f"{parts.username}:***@{host}" if parts.username else f":***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+async def run_handler(
+    handler: Handler,
+    delivery: Delivery,
+    log: logging.Logger,
+    on_error: "list[BaseException] | None" = None,
+) -> None:
+    """Run one handler on one delivery; nack whatever it leaves unsettled.
+
+    The aio-pika ``IncomingMessage.process()`` habit: whatever happens inside the handler,
+    the delivery is settled when it is over, so a bug can never strand a message unacked.
+    """
+    try:
+        await handler(delivery)
+    except asyncio.CancelledError:
+        # The subscription was cancelled or the connection went away: give it back.
+        await _give_back(delivery, log)
+        raise
+    except Exception as exc:
+        # Type only: an exception's text may quote whatever the handler was processing.
+        log.warning(
+            "handler raised %s on message_id=%s; returning it for redelivery",
+            type(exc).__name__,
+            delivery.message.message_id,
+        )
+        log.debug("handler traceback", exc_info=True)
+        if on_error is not None:
+            on_error.append(exc)
+        await _give_back(delivery, log)
+    else:
+        if not delivery.settled:
+            log.warning(
+                "handler returned without settling message_id=%s; returning it for redelivery",
+                delivery.message.message_id,
+            )
+            await _give_back(delivery, log)
+
+
+async def _give_back(delivery: Delivery, log: logging.Logger) -> None:
+    if delivery.settled:
+        return
+    try:
+        await delivery.nack()
+    except BrokerError as exc:
+        # Typically the connection is gone, and with it the delivery: the broker requeues it.
+        log.debug("could not nack message_id=%s: %s", delivery.message.message_id, exc)
+
+
+async def stop_tasks(tasks: Iterable[asyncio.Task], timeout: float = 5.0) -> None:
+    """Cancel running handler tasks (except the caller's own) and wait for them to finish."""
+    current = asyncio.current_task()
+    pending = [t for t in tasks if t is not current and not t.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)

@@ -1,0 +1,559 @@
+"""The RabbitMQ adapter (aio-pika over aiormq), written against RabbitMQ 3.10.
+
+It owns the AMQP topology of a pool ``P`` and the mapping of the broker contract onto it:
+
+- ``enclaveq.P.jobs``: durable quorum queue, ``x-delivery-limit`` set explicitly,
+  dead-lettering at-least-once (which needs ``x-overflow=reject-publish``) to the fanout
+  exchange ``enclaveq.P.dlx``, bound to the durable quorum queue ``enclaveq.P.dead``;
+- ``enclaveq.P.control``: fanout exchange; each control consumer binds its own exclusive,
+  auto-delete queue ``enclaveq.P.control.<random>`` (named client side so that aio-pika can
+  re-declare it under the same name after a reconnect);
+- ``enclaveq.P.lock``: an exclusive queue whose existence is the pool lock;
+- ``enclaveq.reply.NAME``: durable quorum reply queues (Direct Reply-to loses replies on
+  reconnect).
+
+Jobs and replies are published persistent, ``mandatory``, on the default exchange, on one
+publisher-confirm channel; concurrent publishes wait for their confirms in parallel (aiormq
+matches confirms by delivery tag and holds its channel lock only while writing frames).
+Control messages use a second confirm channel, because publishing to an exchange that does
+not exist closes the channel and must not take in-flight job confirms down with it. Each
+subscription gets its own channel so its prefetch never stalls publishing or other consumers.
+Declarations, deletions and the lock use short-lived raw aiormq channels, which the robust
+connection does not try to restore.
+
+``connect_robust`` reconnects and restores the consumers; deliveries that were unsettled
+when the connection dropped come back from the broker flagged redelivered.
+
+Every aiormq/aio-pika exception is mapped to ``errors`` here; bodies are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from typing import Any, AsyncIterator
+
+import aio_pika
+import aiormq
+import aiormq.exceptions as amqp_errors
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+from pamqp.commands import Basic
+from yarl import URL
+
+from . import _common as common
+from .base import (
+    BrokerAdapter,
+    Delivery,
+    Handler,
+    Message,
+    PoolLock,
+    PoolSettings,
+    Subscription,
+)
+from .errors import (
+    BrokerError,
+    BrokerUnavailable,
+    PoolBusy,
+    PublishFailed,
+    QueueNotFound,
+    Unroutable,
+)
+
+log = logging.getLogger(__name__)
+
+_PERSISTENT = 2
+_TRANSIENT = 1
+
+# What "the connection is gone" looks like from aiormq and aio-pika.
+_CONNECTION_LOST = (
+    amqp_errors.AMQPConnectionError,
+    amqp_errors.ChannelInvalidStateError,
+    ConnectionError,
+    OSError,
+)
+
+
+class AmqpBroker(BrokerAdapter):
+    """An adapter onto one RabbitMQ virtual host, over one robust connection."""
+
+    # aio-pika waits 5 s between reconnect attempts by default: five seconds of idle worker
+    # after every network blip. A ``reconnect_interval`` in the URL query wins over this.
+    reconnect_interval = 1.0
+    connect_timeout = 10.0
+    # How long a publish waits for a reconnect in progress before giving up.
+    ready_timeout = 15.0
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        # Shown by `rabbitmqctl list_connections client_properties`; tests use it to find
+        # and close this connection server side.
+        self.connection_name = f"enclaveq-{uuid.uuid4().hex[:12]}"
+        self._conn: AbstractRobustConnection | None = None
+        self._publish_channel: AbstractRobustChannel | None = None
+        self._control_channel: AbstractRobustChannel | None = None
+        self._subscriptions: set[_AmqpSubscription] = set()
+        self._locks: dict[str, _AmqpPoolLock] = {}
+        self._settings: dict[str, PoolSettings] = {}
+        self._background: set[asyncio.Task] = set()
+
+    def __repr__(self) -> str:
+        return f"<AmqpBroker {common.redact_url(self.url)} {self.connection_name}>"
+
+    # -- connection ---------------------------------------------------------------------
+    async def connect(self) -> None:
+        kwargs: dict[str, Any] = {}
+        if "reconnect_interval" not in URL(self.url).query:
+            kwargs["reconnect_interval"] = self.reconnect_interval
+        try:
+            self._conn = await aio_pika.connect_robust(
+                self.url,
+                client_properties={"connection_name": self.connection_name},
+                timeout=self.connect_timeout,
+                **kwargs,
+            )
+            self._publish_channel = await self._conn.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            self._control_channel = await self._conn.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+        except (*_CONNECTION_LOST, amqp_errors.AMQPError, asyncio.TimeoutError) as exc:
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    await self._conn.close()
+                self._conn = None
+            raise BrokerUnavailable(
+                f"cannot connect to {common.redact_url(self.url)}: {type(exc).__name__}: {exc}"
+            ) from exc
+        self._conn.reconnect_callbacks.add(self._on_reconnect)
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        for sub in list(self._subscriptions):
+            with contextlib.suppress(BrokerError):
+                await sub.cancel()
+        for lock in list(self._locks.values()):
+            with contextlib.suppress(BrokerError):
+                await lock.release()
+        for task in list(self._background):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await conn.close()
+
+    def _live(self) -> AbstractRobustConnection:
+        if self._conn is None:
+            raise BrokerUnavailable("AMQP adapter is not connected")
+        return self._conn
+
+    @contextlib.asynccontextmanager
+    async def _raw_channel(self, *, keep: bool = False) -> AsyncIterator[aiormq.abc.AbstractChannel]:
+        """A plain aiormq channel for declarations: not restored on reconnect, and a channel
+        error on it (NOT_FOUND, PRECONDITION_FAILED, RESOURCE_LOCKED) disturbs nobody else."""
+        conn = self._live()
+        try:
+            await asyncio.wait_for(conn.ready(), self.ready_timeout)
+            transport = conn.transport
+            if transport is None:
+                raise BrokerUnavailable("AMQP connection is reconnecting")
+            channel = await transport.connection.channel(publisher_confirms=False)
+        except _CONNECTION_LOST + (asyncio.TimeoutError,) as exc:
+            raise BrokerUnavailable(f"AMQP connection unavailable: {type(exc).__name__}") from exc
+        try:
+            yield channel
+        finally:
+            if not keep and not channel.is_closed:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+
+    def _on_reconnect(self, _connection: object) -> None:
+        # The broker dropped our exclusive lock queues with the old connection.
+        for lock in list(self._locks.values()):
+            task = asyncio.get_running_loop().create_task(lock.reacquire())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    # -- pools --------------------------------------------------------------------------
+    async def declare_pool(self, pool: str, settings: PoolSettings = PoolSettings()) -> None:
+        common.check_name("pool", pool)
+        common.check_settings(settings)
+        jobs_arguments = {
+            "x-queue-type": "quorum",
+            # RabbitMQ 3.10 dead-letters a message once it was *returned* more than
+            # x-delivery-limit times, i.e. on delivery number limit + 2; the contract counts
+            # deliveries. (Checked against 3.10.8: x-delivery-limit=0 gives one delivery.)
+            "x-delivery-limit": settings.delivery_limit - 1,
+            "x-dead-letter-exchange": common.dead_letter_exchange(pool),
+            "x-dead-letter-strategy": "at-least-once",
+            # at-least-once dead-lettering silently degrades to at-most-once without it.
+            "x-overflow": "reject-publish",
+        }
+        async with self._raw_channel() as channel:
+            try:
+                await channel.exchange_declare(
+                    common.dead_letter_exchange(pool), exchange_type="fanout", durable=True
+                )
+                await channel.queue_declare(
+                    common.dead_queue(pool),
+                    durable=True,
+                    arguments={
+                        "x-queue-type": "quorum",
+                        "x-delivery-limit": common.DEAD_DELIVERY_LIMIT - 1,
+                    },
+                )
+                await channel.queue_bind(common.dead_queue(pool), common.dead_letter_exchange(pool), "")
+                await channel.queue_declare(common.jobs_queue(pool), durable=True, arguments=jobs_arguments)
+                await channel.exchange_declare(
+                    common.control_exchange(pool), exchange_type="fanout", durable=True
+                )
+            except amqp_errors.ChannelPreconditionFailed as exc:
+                raise BrokerError(
+                    f"pool {pool!r} already exists with different settings: {exc}"
+                ) from exc
+            except _CONNECTION_LOST as exc:
+                raise BrokerUnavailable(f"connection lost while declaring pool {pool!r}") from exc
+        self._settings[pool] = settings
+
+    async def delete_pool(self, pool: str) -> None:
+        # Our own consumers first: a consumer whose queue vanishes would make the robust
+        # channel retry restoring it forever.
+        for sub in list(self._subscriptions):
+            if sub.pool == pool:
+                await sub.cancel()
+        if pool in self._locks:
+            await self._locks[pool].release()
+        async with self._raw_channel() as channel:
+            try:
+                for queue in (common.jobs_queue(pool), common.dead_queue(pool)):
+                    await channel.queue_delete(queue)
+                for exchange in (common.dead_letter_exchange(pool), common.control_exchange(pool)):
+                    await channel.exchange_delete(exchange)
+            except _CONNECTION_LOST as exc:
+                raise BrokerUnavailable(f"connection lost while deleting pool {pool!r}") from exc
+        self._settings.pop(pool, None)
+
+    async def acquire_pool_lock(self, pool: str) -> PoolLock:
+        common.check_name("pool", pool)
+        if pool in self._locks:
+            raise PoolBusy(f"this adapter already holds pool {pool!r}'s lock")
+        lock = _AmqpPoolLock(self, pool)
+        await lock.acquire()
+        self._locks[pool] = lock
+        return lock
+
+    # -- jobs ---------------------------------------------------------------------------
+    async def publish_job(self, pool: str, message: Message) -> None:
+        limit = self._settings.get(pool, PoolSettings()).max_message_bytes
+        common.check_size(len(message.body), limit, f"pool {pool!r}")
+        await self._publish(
+            self._publish_channel, "", common.jobs_queue(pool), message, persistent=True,
+            unroutable=f"pool {pool!r} is not declared: no job queue took the message",
+        )
+
+    async def consume_jobs(self, pool: str, handler: Handler, *, prefetch: int = 16) -> Subscription:
+        return await self._subscribe(
+            common.jobs_queue(pool), handler, prefetch, missing=f"pool {pool!r} is not declared", pool=pool
+        )
+
+    # -- control ------------------------------------------------------------------------
+    async def publish_control(self, pool: str, message: Message) -> None:
+        common.check_size(len(message.body), PoolSettings().max_message_bytes, f"pool {pool!r} control")
+        await self._publish(
+            self._control_channel, common.control_exchange(pool), "", message, persistent=False,
+            unroutable=f"no worker is listening on pool {pool!r}'s control channel",
+            missing=f"pool {pool!r} is not declared",
+        )
+
+    async def consume_control(self, pool: str, handler: Handler) -> Subscription:
+        name = f"{common.control_exchange(pool)}.{uuid.uuid4().hex}"
+        return await self._subscribe(
+            name, handler, 16, missing=f"pool {pool!r} is not declared", pool=pool,
+            control_exchange=common.control_exchange(pool),
+        )
+
+    # -- replies ------------------------------------------------------------------------
+    async def declare_reply_queue(self, name: str) -> str:
+        common.check_name("reply queue", name)
+        address = common.reply_queue(name)
+        async with self._raw_channel() as channel:
+            try:
+                await channel.queue_declare(
+                    address,
+                    durable=True,
+                    arguments={
+                        "x-queue-type": "quorum",
+                        "x-delivery-limit": common.REPLY_DELIVERY_LIMIT - 1,
+                    },
+                )
+            except amqp_errors.ChannelPreconditionFailed as exc:
+                raise BrokerError(f"reply queue {address!r} exists with different settings: {exc}") from exc
+            except _CONNECTION_LOST as exc:
+                raise BrokerUnavailable(f"connection lost while declaring {address!r}") from exc
+        return address
+
+    async def delete_reply_queue(self, name: str) -> None:
+        address = common.reply_queue(name)
+        for sub in list(self._subscriptions):
+            if sub.queue_name == address:
+                await sub.cancel()
+        async with self._raw_channel() as channel:
+            try:
+                await channel.queue_delete(address)
+            except _CONNECTION_LOST as exc:
+                raise BrokerUnavailable(f"connection lost while deleting {address!r}") from exc
+
+    async def publish_reply(self, address: str, message: Message) -> None:
+        common.check_size(len(message.body), PoolSettings().max_message_bytes, f"reply queue {address!r}")
+        await self._publish(
+            self._publish_channel, "", address, message, persistent=True,
+            unroutable=f"reply queue {address!r} does not exist",
+        )
+
+    async def consume_replies(self, name: str, handler: Handler, *, prefetch: int = 256) -> Subscription:
+        address = common.reply_queue(name)
+        return await self._subscribe(address, handler, prefetch, missing=f"reply queue {address!r} does not exist")
+
+    # -- dead letters -------------------------------------------------------------------
+    async def consume_dead_letters(self, pool: str, handler: Handler) -> Subscription:
+        return await self._subscribe(
+            common.dead_queue(pool), handler, 16, missing=f"pool {pool!r} is not declared", pool=pool
+        )
+
+    # -- internals ----------------------------------------------------------------------
+    async def _publish(
+        self,
+        channel: AbstractRobustChannel | None,
+        exchange: str,
+        routing_key: str,
+        message: Message,
+        *,
+        persistent: bool,
+        unroutable: str,
+        missing: str | None = None,
+    ) -> None:
+        self._live()
+        assert channel is not None
+        common.check_headers(message.headers)
+        properties = Basic.Properties(
+            delivery_mode=_PERSISTENT if persistent else _TRANSIENT,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            message_id=message.message_id,
+            headers={k: bytearray(v) if isinstance(v, bytes) else v for k, v in message.headers.items()}
+            or None,
+        )
+        try:
+            if channel.is_closed:
+                # Reconnecting, or restoring after a channel error: wait rather than fail.
+                await asyncio.wait_for(channel.ready(), self.ready_timeout)
+            underlay = await channel.get_underlay_channel()
+            await underlay.basic_publish(
+                message.body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=True,
+            )
+        # `from None` where the third-party exception holds the returned message (and body).
+        except amqp_errors.PublishError:
+            raise Unroutable(unroutable) from None
+        except amqp_errors.DeliveryError:
+            raise PublishFailed(f"RabbitMQ refused the message for {routing_key or exchange!r} (nack)") from None
+        except amqp_errors.ChannelNotFoundEntity:
+            raise Unroutable(missing or unroutable) from None
+        except amqp_errors.ChannelClosed as exc:
+            raise PublishFailed(f"RabbitMQ closed the channel: {exc}") from None
+        except (*_CONNECTION_LOST, asyncio.TimeoutError) as exc:
+            raise BrokerUnavailable(
+                "connection lost while publishing; the message may or may not have been accepted"
+            ) from exc
+
+    async def _subscribe(
+        self,
+        queue_name: str,
+        handler: Handler,
+        prefetch: int,
+        *,
+        missing: str,
+        pool: str | None = None,
+        control_exchange: str | None = None,
+    ) -> "_AmqpSubscription":
+        if prefetch < 1:
+            raise ValueError("prefetch must be at least 1")
+        conn = self._live()
+        channel: AbstractRobustChannel | None = None
+        try:
+            channel = await conn.channel(publisher_confirms=False)
+            await channel.set_qos(prefetch_count=prefetch)
+            if control_exchange is None:
+                queue = await channel.declare_queue(queue_name, passive=True)
+            else:
+                # Passive first: binding to a missing exchange would leave a stray queue.
+                await channel.declare_exchange(control_exchange, passive=True, robust=False)
+                queue = await channel.declare_queue(
+                    queue_name,
+                    exclusive=True,
+                    auto_delete=True,
+                    arguments={"x-queue-type": "classic"},
+                )
+                await queue.bind(control_exchange, routing_key="")
+            subscription = _AmqpSubscription(self, channel, queue, handler, pool)
+            await subscription.start()
+        except amqp_errors.ChannelNotFoundEntity:
+            await _close_quietly(channel)
+            raise QueueNotFound(missing) from None
+        except (*_CONNECTION_LOST, asyncio.TimeoutError) as exc:
+            await _close_quietly(channel)
+            raise BrokerUnavailable(f"connection lost while subscribing to {queue_name!r}") from exc
+        self._subscriptions.add(subscription)
+        return subscription
+
+
+async def _close_quietly(channel: AbstractRobustChannel | None) -> None:
+    if channel is not None:
+        with contextlib.suppress(Exception):
+            await channel.close()
+
+
+class _AmqpDelivery(Delivery):
+    __slots__ = ("message", "redelivered", "delivery_count", "_incoming", "_settled")
+
+    def __init__(self, incoming: AbstractIncomingMessage) -> None:
+        self._incoming = incoming
+        self._settled = False
+        headers = incoming.headers or {}
+        self.message = Message(
+            body=incoming.body,
+            correlation_id=incoming.correlation_id,
+            reply_to=incoming.reply_to,
+            message_id=incoming.message_id,
+            headers=common.clean_headers(headers),
+        )
+        self.redelivered = bool(incoming.redelivered)
+        # Quorum queues count returns (nack, channel closed) in x-delivery-count; 3.10 sends 0
+        # on the first delivery, other queue types send nothing.
+        count = headers.get("x-delivery-count")
+        self.delivery_count = count + 1 if isinstance(count, int) else 1
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+    async def ack(self) -> None:
+        await self._settle(self._incoming.ack)
+
+    async def nack(self) -> None:
+        await self._settle(lambda: self._incoming.nack(requeue=True))
+
+    async def reject(self) -> None:
+        await self._settle(lambda: self._incoming.reject(requeue=False))
+
+    async def _settle(self, operation: Any) -> None:
+        if self._settled:
+            raise BrokerError("delivery already settled")
+        self._settled = True
+        try:
+            await operation()
+        except (*_CONNECTION_LOST, amqp_errors.ChannelClosed) as exc:
+            raise BrokerUnavailable(
+                "the channel this delivery arrived on is gone; the broker redelivers the message"
+            ) from exc
+
+
+class _AmqpSubscription(Subscription):
+    def __init__(
+        self,
+        broker: AmqpBroker,
+        channel: AbstractRobustChannel,
+        queue: aio_pika.abc.AbstractRobustQueue,
+        handler: Handler,
+        pool: str | None,
+    ) -> None:
+        self._broker = broker
+        self.pool = pool
+        self._channel = channel
+        self._queue = queue
+        self._handler = handler
+        self._tag: str | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._active = True
+        self.queue_name = queue.name
+
+    async def start(self) -> None:
+        self._tag = await self._queue.consume(self._on_message)
+
+    async def _on_message(self, incoming: AbstractIncomingMessage) -> None:
+        if not self._active:
+            return  # cancel() closes the channel, which requeues it
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await common.run_handler(self._handler, _AmqpDelivery(incoming), log)
+        finally:
+            self._tasks.discard(task)
+
+    async def cancel(self) -> None:
+        if not self._active:
+            return
+        self._active = False
+        self._broker._subscriptions.discard(self)
+        if self._tag is not None:
+            with contextlib.suppress(Exception):
+                await self._queue.cancel(self._tag)
+        await common.stop_tasks(self._tasks)
+        # Closing the channel returns whatever is still unacknowledged on it.
+        await _close_quietly(self._channel)
+
+
+class _AmqpPoolLock(PoolLock):
+    """The pool lock is an exclusive queue: RabbitMQ refuses a second connection with
+    RESOURCE_LOCKED, and deletes the queue itself if our connection dies."""
+
+    def __init__(self, broker: AmqpBroker, pool: str) -> None:
+        self._broker = broker
+        self.pool = pool
+        self.queue = common.lock_queue(pool)
+        self.lost = False
+
+    async def _declare(self) -> None:
+        async with self._broker._raw_channel() as channel:
+            try:
+                await channel.queue_declare(
+                    self.queue, exclusive=True, arguments={"x-queue-type": "classic"}
+                )
+            except amqp_errors.ChannelLockedResource:
+                raise PoolBusy(f"pool {self.pool!r} is locked by another worker") from None
+            except _CONNECTION_LOST as exc:
+                raise BrokerUnavailable(f"connection lost while locking pool {self.pool!r}") from exc
+
+    async def acquire(self) -> None:
+        await self._declare()
+
+    async def reacquire(self) -> None:
+        try:
+            await self._declare()
+        except PoolBusy:
+            self.lost = True
+            log.error("pool %r: lock lost to another worker while reconnecting", self.pool)
+        except BrokerUnavailable:
+            pass  # the next reconnect tries again
+
+    async def release(self) -> None:
+        if self._broker._locks.get(self.pool) is self:
+            del self._broker._locks[self.pool]
+        if self._broker._conn is None:
+            return
+        try:
+            async with self._broker._raw_channel() as channel:
+                await channel.queue_delete(self.queue)
+        except (BrokerUnavailable, *_CONNECTION_LOST):
+            pass  # the broker drops an exclusive queue with its connection anyway
+        except amqp_errors.ChannelLockedResource:
+            pass  # lost across a reconnect: it belongs to someone else now
+
+
+__all__ = ["AmqpBroker"]

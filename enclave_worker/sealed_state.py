@@ -1,0 +1,104 @@
+"""The worker's sealed state on disk: the pool's epoch keys and the uploaded models.
+
+Everything written here is AEAD-sealed under the platform sealing key (simulation: derived
+inside the worker from the sim directory's platform secret and the worker's measurement), with
+the pool name and the kind of record as associated data, so a file cannot be swapped between
+pools or between the key slot and a model slot. A worker with another measurement derives
+another key and cannot read the state: that is the point.
+
+Layout::
+
+    STATE_DIR/<pool>/pool.sealed            msgpack {epoch, pool_private_key, identity_private_key}
+    STATE_DIR/<pool>/models/<model id>.sealed
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from protocol.codec import pack, unpack
+
+from .errors import SealedStateError
+
+Seal = Callable[[bytes, bytes, bytes], bytes]
+Unseal = Callable[[bytes, bytes, bytes], bytes]
+
+_MODEL_ID = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class PoolKeys:
+    epoch: int
+    pool_private_key: bytes
+    identity_private_key: bytes
+
+    def __repr__(self) -> str:  # private keys never reach a log line
+        return f"PoolKeys(epoch={self.epoch})"
+
+
+class SealedState:
+    def __init__(self, root: Path, pool: str, key: bytes, seal: Seal, unseal: Unseal) -> None:
+        self.dir = Path(root) / pool
+        self._pool = pool
+        self._key = key
+        self._seal = seal
+        self._unseal = unseal
+
+    def _aad(self, kind: str, name: str = "") -> bytes:
+        return pack(["enclaveq/v1/sealed-state", self._pool, kind, name])
+
+    def _write(self, path: Path, blob: bytes) -> None:
+        # Write-then-rename so a crash never leaves a half-written sealed file behind.
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _read(self, path: Path, aad: bytes, what: str) -> bytes:
+        try:
+            return self._unseal(self._key, path.read_bytes(), aad)
+        except Exception:
+            raise SealedStateError(
+                f"{what} at {path} does not unseal with this worker's sealing key "
+                "(written by a worker with another measurement or sim directory?)"
+            ) from None
+
+    # -- pool keys ------------------------------------------------------------------------
+    def load_pool_keys(self) -> PoolKeys | None:
+        path = self.dir / "pool.sealed"
+        if not path.exists():
+            return None
+        m = unpack(self._read(path, self._aad("pool"), "pool key"), what="sealed pool key")
+        try:
+            return PoolKeys(epoch=int(m["epoch"]), pool_private_key=bytes(m["pool_private_key"]),
+                            identity_private_key=bytes(m["identity_private_key"]))
+        except (KeyError, TypeError, ValueError):
+            raise SealedStateError(f"sealed pool key at {path} has an unexpected layout") from None
+
+    def save_pool_keys(self, keys: PoolKeys) -> None:
+        body = pack({"epoch": keys.epoch, "pool_private_key": keys.pool_private_key,
+                     "identity_private_key": keys.identity_private_key})
+        self._write(self.dir / "pool.sealed", self._seal(self._key, body, self._aad("pool")))
+
+    # -- models ---------------------------------------------------------------------------
+    def save_model(self, model_id: str, data: bytes) -> None:
+        self._write(self.dir / "models" / f"{model_id}.sealed", self._seal(self._key, data, self._aad("model", model_id)))
+
+    def delete_model(self, model_id: str) -> None:
+        (self.dir / "models" / f"{model_id}.sealed").unlink(missing_ok=True)
+
+    def iter_models(self) -> Iterator[tuple[str, bytes]]:
+        folder = self.dir / "models"
+        if not folder.is_dir():
+            return
+        for path in sorted(folder.glob("*.sealed")):
+            model_id = path.name.removesuffix(".sealed")
+            if _MODEL_ID.match(model_id):
+                yield model_id, self._read(path, self._aad("model", model_id), f"model {model_id}")

@@ -1,0 +1,350 @@
+"""The enclave worker: answers attestation challenges, opens sessions, holds models, runs jobs.
+
+One job's life: peek the cleartext header -> open the sealed session (cached) -> open the body
+with the header as associated data -> refuse expired or replayed jobs -> run -> seal the result
+-> publish it and wait for the broker's confirm -> only then ack the job. A crash anywhere before
+the ack means the broker redelivers the job; the producer drops the duplicate result if the
+first one had already gone out. Nothing in this module logs payloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+from broker_adapters import BrokerAdapter, Delivery, Message, PoolSettings, open_broker
+from broker_adapters.errors import BrokerError, PoolBusy, Unroutable
+from protocol import bodies, crypto
+from protocol.envelope import RequestHeader, peek_request, open_request, seal_result
+from protocol.errors import DecryptionFailed, OversizedMessage, ProtocolError, TensorError
+from protocol.handshake import Challenge, ControlError, EvidenceResponse, Statement, control_kind
+from protocol.tensors import TensorLimits
+
+from .config import DEFAULT_WORKER_CONFIG, WorkerConfig
+from .errors import JobRejected, SealedStateError, WorkerStartupError
+from .metrics import WorkerMetrics
+from .models import ModelStore, run_model
+from .sealed_state import PoolKeys, SealedState
+
+log = logging.getLogger("enclaveq.worker")
+
+Clock = Callable[[], float]
+
+
+class EvidenceProvider(Protocol):
+    platform: str
+
+    def evidence(self, report_data: bytes) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """What the worker needs from its platform: evidence, a sealing key, its measurement."""
+
+    provider: EvidenceProvider
+    sealing_key: bytes
+    seal: Callable[[bytes, bytes, bytes], bytes]
+    unseal: Callable[[bytes, bytes, bytes], bytes]
+    measurement: bytes
+    config_digest: bytes
+
+
+class _SeenJobs:
+    """Jobs already answered, kept until their deadline: replays inside the deadline are dropped,
+    replays after it are refused as expired, so the set stays bounded."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[bytes, str], int] = {}
+
+    def contains(self, key: tuple[bytes, str]) -> bool:
+        return key in self._seen
+
+    def add(self, key: tuple[bytes, str], deadline_ms: int, now_ms: int) -> None:
+        self._seen[key] = deadline_ms
+        if len(self._seen) % 4096 == 0:
+            self._seen = {k: d for k, d in self._seen.items() if d >= now_ms}
+
+
+class Worker:
+    def __init__(self, *, broker_url: str, pool: str, identity: WorkerIdentity, state_dir: Path,
+                 config: WorkerConfig = DEFAULT_WORKER_CONFIG, clock: Clock = time.time,
+                 rng: crypto.Random = os.urandom, worker_id: str | None = None,
+                 metrics: WorkerMetrics | None = None, prefetch: int | None = None) -> None:
+        self.pool = pool
+        self.config = config
+        self.identity = identity
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.metrics = metrics or WorkerMetrics()
+        self._broker_url = broker_url
+        self._clock = clock
+        self._rng = rng
+        self._prefetch = prefetch or max(2 * config.max_jobs_in_flight, 16)
+        self._state = SealedState(state_dir, pool, identity.sealing_key, identity.seal, identity.unseal)
+        self._models = ModelStore(max_model_bytes=config.max_model_bytes, intra_op_threads=config.intra_op_threads)
+        self._limits = TensorLimits(max_tensor_bytes=config.max_tensor_bytes, max_total_bytes=config.max_message_bytes)
+        self._sessions: OrderedDict[tuple[bytes, int, bytes], bytes] = OrderedDict()
+        self._seen = _SeenJobs()
+        self._slots = asyncio.Semaphore(config.max_jobs_in_flight)
+        self._broker: BrokerAdapter | None = None
+        self._lock = None
+        self._subs: list = []
+        self._keys: PoolKeys | None = None
+        self._pool_private = None
+        self._draining = False
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._load_state()
+        self._broker = open_broker(self._broker_url)
+        await self._broker.connect()
+        try:
+            await self._broker.declare_pool(self.pool, PoolSettings(max_message_bytes=self.config.max_message_bytes))
+            try:
+                self._lock = await self._broker.acquire_pool_lock(self.pool)
+            except PoolBusy:
+                raise WorkerStartupError(
+                    f"pool {self.pool!r} already has a worker. Several workers per pool need pool-key "
+                    "sharing by mutual attestation, which this version does not have yet; start this worker "
+                    "on another pool or stop the other one."
+                ) from None
+            self._subs.append(await self._broker.consume_control(self.pool, self._on_control))
+            self._subs.append(await self._broker.consume_jobs(self.pool, self._on_job, prefetch=self._prefetch))
+        except BaseException:
+            await self._broker.close()
+            raise
+        log.info("worker %s serving pool %r (epoch %d, %d models)", self.worker_id, self.pool,
+                 self._keys.epoch, len(self._models.list()))
+
+    def _load_state(self) -> None:
+        try:
+            keys = self._state.load_pool_keys()
+        except SealedStateError as exc:
+            raise WorkerStartupError(str(exc)) from None
+        if keys is None:
+            # First worker of an empty pool: it founds the pool with epoch 1.
+            keys = PoolKeys(epoch=1, pool_private_key=crypto.private_bytes(crypto.generate_private_key()),
+                            identity_private_key=crypto.private_bytes(crypto.generate_private_key()))
+            self._state.save_pool_keys(keys)
+            log.info("founded pool %r: new epoch-1 pool key sealed to %s", self.pool, self._state.dir)
+        self._keys = keys
+        self._pool_private = crypto.load_private_key(keys.pool_private_key)
+        self.pool_public_key = crypto.public_bytes(self._pool_private)
+        self.identity_public_key = crypto.public_bytes(crypto.load_private_key(keys.identity_private_key))
+        for model_id, data in self._state.iter_models():
+            try:
+                self._models.load(model_id, data)
+            except JobRejected as exc:
+                log.warning("sealed model %s could not be loaded: %s", model_id, exc)
+
+    async def stop(self, drain_timeout: float = 30.0) -> None:
+        """Finish in-flight jobs, hand the rest back to the queue, disconnect."""
+        self._draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), drain_timeout)
+        except asyncio.TimeoutError:
+            log.warning("stopping with %d jobs still running; the broker will redeliver them", self._active)
+        for sub in reversed(self._subs):
+            try:
+                await sub.cancel()
+            except Exception:
+                pass
+        self._subs.clear()
+        if self._lock is not None:
+            try:
+                await self._lock.release()
+            except Exception:
+                pass
+        if self._broker is not None:
+            await self._broker.close()
+
+    # -- control channel ------------------------------------------------------------------
+    async def _on_control(self, delivery: Delivery) -> None:
+        msg = delivery.message
+        try:
+            kind = control_kind(msg.body)
+            if kind != "challenge":
+                await delivery.ack()  # other workers' or future control traffic
+                return
+            challenge = Challenge.from_bytes(msg.body)
+            reply = self.answer_challenge(challenge).to_bytes()
+        except ProtocolError as exc:
+            reply = ControlError(code="malformed", message=str(exc)).to_bytes()
+        if msg.reply_to:
+            try:
+                await self._broker.publish_reply(msg.reply_to, Message(body=reply, correlation_id=msg.correlation_id))
+            except BrokerError as exc:
+                log.warning("could not answer a challenge: %s", exc)
+        await delivery.ack()
+
+    def statement(self, nonce: bytes) -> Statement:
+        return Statement(pool=self.pool, epoch=self._keys.epoch, suite=crypto.SUITE_ID,
+                         pool_public_key=self.pool_public_key, worker_identity_key=self.identity_public_key,
+                         nonce=nonce, config_digest=self.identity.config_digest)
+
+    def answer_challenge(self, challenge: Challenge) -> EvidenceResponse:
+        statement = self.statement(challenge.nonce)
+        evidence = self.identity.provider.evidence(statement.report_data())
+        return EvidenceResponse(platform=self.identity.provider.platform, evidence=evidence,
+                                statement=statement, worker_id=self.worker_id)
+
+    # -- jobs -----------------------------------------------------------------------------
+    async def _on_job(self, delivery: Delivery) -> None:
+        if self._draining:
+            await delivery.nack()
+            return
+        async with self._slots:
+            if self._draining:
+                await delivery.nack()
+                return
+            self._active += 1
+            self._idle.clear()
+            started = time.perf_counter()
+            try:
+                await self._handle(delivery)
+                self.metrics.latency.observe(time.perf_counter() - started)
+            finally:
+                self._active -= 1
+                if self._active == 0:
+                    self._idle.set()
+
+    def _session_key(self, header: RequestHeader) -> bytes:
+        cache_key = (header.session_id, header.epoch, header.sealed_session)
+        key = self._sessions.get(cache_key)
+        if key is not None:
+            self._sessions.move_to_end(cache_key)
+            return key
+        if header.epoch != self._keys.epoch:
+            raise DecryptionFailed()
+        key = crypto.open_session_key(header.sealed_session, self._pool_private, pool=self.pool,
+                                      epoch=header.epoch, session_id=header.session_id)
+        self._sessions[cache_key] = key
+        if len(self._sessions) > 10_000:
+            self._sessions.popitem(last=False)
+        return key
+
+    async def _dead_letter(self, delivery: Delivery, reason: str, detail: str) -> None:
+        log.warning("dead-lettering a request: %s", detail)
+        self.metrics.dead_lettered.labels(reason).inc()
+        await delivery.reject()
+
+    async def _handle(self, delivery: Delivery) -> None:
+        try:
+            sealed, header = peek_request(delivery.message.body, max_bytes=self.config.max_message_bytes)
+        except ProtocolError as exc:
+            return await self._dead_letter(delivery, "malformed", f"malformed envelope ({exc})")
+        try:
+            session_key = self._session_key(header)
+        except DecryptionFailed:
+            return await self._dead_letter(
+                delivery, "session", f"job {header.job_id}: session sealed to epoch {header.epoch} does not open "
+                f"with this pool's epoch-{self._keys.epoch} key")
+        replay_key = (header.session_id, header.job_id)
+        now_ms = int(self._clock() * 1000)
+        try:
+            plaintext = open_request(sealed, header, session_key)
+        except DecryptionFailed:
+            status, ctype, body = self._error(bodies.ErrorCode.DOES_NOT_OPEN,
+                                              "the request does not open: it was modified after sealing")
+            return await self._reply(delivery, header, session_key, status, ctype, body, kind=header.kind)
+        if self._seen.contains(replay_key):
+            # Already answered: a redelivery after a lost ack, or a replay. Never answer twice.
+            log.info("job %s already answered; dropping the duplicate", header.job_id)
+            self.metrics.requests.labels(header.kind, "duplicate").inc()
+            await delivery.ack()
+            return
+        if header.deadline_ms < now_ms:
+            status, ctype, body = self._error(bodies.ErrorCode.EXPIRED, "the job's deadline passed before it ran")
+        else:
+            status, ctype, body = await self._execute(header, plaintext)
+        await self._reply(delivery, header, session_key, status, ctype, body, kind=header.kind)
+        if delivery.settled:
+            self._seen.add(replay_key, header.deadline_ms, now_ms)
+
+    def _error(self, code: str, message: str) -> tuple[str, str, bytes]:
+        return "error", bodies.ERROR, bodies.ErrorBody(code=code, message=message).to_bytes()
+
+    async def _execute(self, header: RequestHeader, plaintext: bytes) -> tuple[str, str, bytes]:
+        try:
+            if header.kind == "job":
+                return await self._run_job(header, plaintext)
+            if header.kind == "model_chunk":
+                return await self._model_chunk(header, plaintext)
+            if header.kind == "model_delete":
+                existed = self._models.delete(header.model_id)
+                await asyncio.to_thread(self._state.delete_model, header.model_id)
+                if not existed:
+                    raise JobRejected(f"model {header.model_id} is not loaded on this pool", bodies.ErrorCode.UNKNOWN_MODEL)
+                return "ok", bodies.ACK, bodies.encode_ack(header.model_id, 0, True)
+            if header.kind == "model_list":
+                return "ok", bodies.MODELS, bodies.encode_models(self._models.list())
+            raise JobRejected(f"request type {header.kind!r} is not supported", bodies.ErrorCode.UNSUPPORTED)
+        except JobRejected as exc:
+            return self._error(exc.code, str(exc))
+        except OversizedMessage as exc:
+            return self._error(bodies.ErrorCode.OVERSIZED, str(exc))
+        except ProtocolError as exc:  # malformed body, bad tensor
+            return self._error(bodies.ErrorCode.BAD_INPUT, str(exc))
+        except Exception as exc:
+            log.exception("internal error on job %s (%s)", header.job_id, type(exc).__name__)
+            return self._error(bodies.ErrorCode.INTERNAL, f"internal worker error ({type(exc).__name__})")
+
+    async def _run_job(self, header: RequestHeader, plaintext: bytes) -> tuple[str, str, bytes]:
+        inputs, outputs = bodies.decode_job(plaintext, self._limits)
+        model = self._models.get(header.model_id)
+
+        def infer() -> bytes:
+            result = run_model(model, inputs, outputs)
+            try:
+                return bodies.encode_tensors_body(result)
+            except TensorError as exc:
+                raise JobRejected(f"the model produced an output enclaveq cannot carry: {exc}",
+                                  bodies.ErrorCode.UNSUPPORTED) from None
+
+        body = await asyncio.to_thread(infer)
+        if len(body) > self.config.max_message_bytes:
+            raise JobRejected(f"result of {len(body)} bytes exceeds {self.config.max_message_bytes}",
+                              bodies.ErrorCode.OVERSIZED)
+        return "ok", bodies.TENSORS, body
+
+    async def _model_chunk(self, header: RequestHeader, plaintext: bytes) -> tuple[str, str, bytes]:
+        c = header.chunk
+        if self._models.has(header.model_id):
+            return "ok", bodies.ACK, bodies.encode_ack(header.model_id, c.count, True)
+        received, whole = self._models.add_chunk(header.session_id, c.upload_id, header.model_id, c.index,
+                                                 c.count, c.total_size, plaintext)
+        if whole is None:
+            return "ok", bodies.ACK, bodies.encode_ack(None, received, False)
+        await asyncio.to_thread(self._models.load, header.model_id, whole)
+        await asyncio.to_thread(self._state.save_model, header.model_id, whole)
+        log.info("model %s stored (%d bytes)", header.model_id, len(whole))
+        return "ok", bodies.ACK, bodies.encode_ack(header.model_id, received, True)
+
+    async def _reply(self, delivery: Delivery, header: RequestHeader, session_key: bytes, status: str,
+                     ctype: str, body: bytes, *, kind: str) -> None:
+        if status == "error":
+            code = bodies.ErrorBody.from_bytes(body).code
+            log.info("request %s (%s) refused: %s", header.job_id, kind, code)
+            self.metrics.requests.labels(kind, code).inc()
+        else:
+            self.metrics.requests.labels(kind, "ok").inc()
+        result = seal_result(session_key, header, status, ctype, body, rng=self._rng)
+        try:
+            await self._broker.publish_reply(header.reply_to, Message(body=result, correlation_id=header.job_id))
+        except Unroutable:
+            return await self._dead_letter(delivery, "no_reply_queue",
+                                           f"job {header.job_id}: reply queue is gone; the result is dropped")
+        except BrokerError as exc:
+            log.warning("result of job %s not confirmed (%s); the job goes back to the queue", header.job_id, exc)
+            await delivery.nack()
+            return
+        await delivery.ack()

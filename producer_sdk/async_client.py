@@ -1,0 +1,290 @@
+"""AsyncClient: the producer SDK on asyncio, over the I/O-free ``ProducerCore``.
+
+Connecting does nothing but attest: the client sends a fresh nonce on the pool's control
+channel and verifies the answer against the policy before any request is sealed. Results
+arrive on the producer's own durable reply queue and are matched to requests by job id;
+a result is accepted once, duplicates and unopenable messages are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from attestation.policy import load_policy
+from broker_adapters import Delivery, Message, open_broker
+from broker_adapters.errors import BrokerError, BrokerUnavailable, Unroutable
+from protocol import bodies, crypto
+
+from .core import Outcome, ProducerCore, Request
+from .errors import (AttestationFailed, BrokerUnreachable, ClientClosed, EnclaveqError, JobError, JobTimeout,
+                     ModelRejected, NoWorkerAnswered)
+
+log = logging.getLogger("enclaveq.producer")
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """One finished job of a batch: ``outputs`` on success, ``error`` otherwise."""
+
+    index: int
+    job_id: str
+    outputs: dict[str, np.ndarray] | None
+    error: EnclaveqError | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class AsyncClient:
+    def __init__(self, broker_url: str, pool: str, policy: Any, *, name: str | None = None,
+                 timeout: float = 120.0, attest_timeout: float = 10.0, max_in_flight: int = 256,
+                 clock: Callable[[], float] = time.time, rng: crypto.Random = os.urandom) -> None:
+        self.broker_url = broker_url
+        self.pool = pool
+        self.policy = load_policy(policy) if isinstance(policy, (str, Path)) else policy
+        self.timeout = timeout
+        self.attest_timeout = attest_timeout
+        self.max_in_flight = max_in_flight
+        self._ephemeral = name is None
+        self.name = name or f"producer-{uuid.uuid4().hex[:16]}"
+        self._clock = clock
+        self._rng = rng
+        self._broker = None
+        self._sub = None
+        self._pending: dict[str, asyncio.Future] = {}
+        self._core: ProducerCore | None = None
+        self._closed = False
+
+    async def __aenter__(self) -> "AsyncClient":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def claims(self):
+        return self._core.claims if self._core else None
+
+    @property
+    def statement(self):
+        return self._core.statement if self._core else None
+
+    # -- connection and attestation --------------------------------------------------------
+    async def connect(self) -> Any:
+        self._broker = open_broker(self.broker_url)
+        try:
+            await self._broker.connect()
+            reply_to = await self._broker.declare_reply_queue(self.name)
+            self._core = ProducerCore(pool=self.pool, policy=self.policy, reply_to=reply_to, clock=self._clock,
+                                      rng=self._rng)
+            self._sub = await self._broker.consume_replies(self.name, self._on_reply)
+        except BrokerUnavailable as exc:
+            raise BrokerUnreachable(f"cannot reach the broker at {_redact(self.broker_url)}: {exc}") from None
+        try:
+            return await self.attest()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def attest(self) -> Any:
+        """Challenge the pool with a fresh nonce and verify its evidence; (re)opens the session."""
+        correlation_id, challenge = self._core.challenge()
+        future = self._expect(correlation_id)
+        try:
+            await self._broker.publish_control(self.pool, Message(body=challenge, correlation_id=correlation_id,
+                                                                    reply_to=self._core.reply_to))
+            raw = await asyncio.wait_for(future, self.attest_timeout)
+        except asyncio.TimeoutError:
+            raise NoWorkerAnswered(f"no worker of pool {self.pool!r} answered the attestation challenge within "
+                                   f"{self.attest_timeout:g}s; is a worker running on this pool?") from None
+        except Unroutable:
+            raise NoWorkerAnswered(f"no worker is listening on pool {self.pool!r}; start one with "
+                                   f"`enclaveq worker --pool {self.pool} ...`") from None
+        except BrokerError as exc:
+            raise BrokerUnreachable(f"could not send the challenge: {exc}") from None
+        finally:
+            self._pending.pop(correlation_id, None)
+        return self._core.accept_evidence(correlation_id, raw)
+
+    def _expect(self, correlation_id: str) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self._pending[correlation_id] = future
+        return future
+
+    async def _on_reply(self, delivery: Delivery) -> None:
+        msg = delivery.message
+        cid = msg.correlation_id or ""
+        if cid.startswith("att-"):
+            future = self._pending.get(cid)
+            if future is not None and not future.done():
+                future.set_result(msg.body)
+        else:
+            outcome = self._core.open_result(msg.body) if self._core else None
+            if outcome is not None:
+                future = self._pending.get(outcome.job_id)
+                if future is not None and not future.done():
+                    future.set_result(outcome)
+        await delivery.ack()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ClientClosed("the client was closed"))
+        if self._broker is not None:
+            try:
+                if self._sub is not None:
+                    await self._sub.cancel()
+                if self._ephemeral:
+                    await self._broker.delete_reply_queue(self.name)
+            except BrokerError:
+                pass
+            finally:
+                await self._broker.close()
+
+    # -- requests --------------------------------------------------------------------------
+    async def _request(self, request: Request, timeout: float) -> Outcome:
+        if self._closed or self._core is None:
+            raise ClientClosed("the client is closed or not connected")
+        future = self._expect(request.job_id)
+        try:
+            await self._broker.publish_job(self.pool, Message(body=request.body, correlation_id=request.job_id,
+                                                              reply_to=self._core.reply_to, message_id=request.job_id))
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise JobTimeout(f"no result for job {request.job_id} within {timeout:g}s") from None
+        except BrokerError as exc:
+            raise BrokerUnreachable(f"could not publish job {request.job_id}: {exc}") from None
+        finally:
+            self._pending.pop(request.job_id, None)
+
+    async def run(self, model_id: str, inputs: Mapping[str, Any], *, outputs: Sequence[str] | None = None,
+                  timeout: float | None = None) -> dict[str, np.ndarray]:
+        """Run one job and return its outputs by name."""
+        timeout = timeout or self.timeout
+        outcome = await self._request(self._core_or_raise().job(model_id, inputs, outputs=outputs, timeout=timeout), timeout)
+        return outcome.tensors()
+
+    async def submit(self, model_id: str, batch: Iterable[Mapping[str, Any]], *, outputs: Sequence[str] | None = None,
+                     timeout: float | None = None, max_in_flight: int | None = None) -> AsyncIterator[JobResult]:
+        """Run many jobs, at most ``max_in_flight`` at a time; yield each result as it completes."""
+        timeout = timeout or self.timeout
+        window = asyncio.Semaphore(max_in_flight or self.max_in_flight)
+        done: asyncio.Queue[JobResult] = asyncio.Queue()
+        core = self._core_or_raise()
+
+        async def one(index: int, inputs: Mapping[str, Any]) -> None:
+            job_id = ""
+            try:
+                request = core.job(model_id, inputs, outputs=outputs, timeout=timeout)
+                job_id = request.job_id
+                outcome = await self._request(request, timeout)
+                result = JobResult(index, job_id, outcome.tensors(), None)
+            except EnclaveqError as exc:
+                result = JobResult(index, job_id, None, exc)
+            except Exception as exc:  # e.g. an unsupported dtype in this job's inputs
+                result = JobResult(index, job_id, None, JobError(f"could not send job {index}: {exc}"))
+            finally:
+                window.release()
+            await done.put(result)
+
+        async def feed() -> int:
+            count = 0
+            for index, inputs in enumerate(batch):
+                await window.acquire()
+                tasks.add(asyncio.create_task(one(index, inputs)))
+                count += 1
+            return count
+
+        tasks: set[asyncio.Task] = set()
+        feeder = asyncio.create_task(feed())
+        yielded = 0
+        try:
+            while not (feeder.done() and yielded == feeder.result()):
+                getter = asyncio.ensure_future(done.get())
+                await asyncio.wait({getter, feeder} if not feeder.done() else {getter},
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yielded += 1
+                    yield getter.result()
+                else:
+                    getter.cancel()
+                    if feeder.exception() is not None:
+                        raise feeder.exception()
+        finally:
+            feeder.cancel()
+            for task in tasks:
+                task.cancel()
+
+    async def upload_model(self, model: bytes | str | Path, *, timeout: float | None = None,
+                           progress: Progress | None = None) -> str:
+        """Upload an ONNX model (path or bytes) in sealed chunks; returns its id (SHA-256 hex)."""
+        data = Path(model).read_bytes() if isinstance(model, (str, Path)) else bytes(model)
+        timeout = timeout or self.timeout
+        model_id, chunks = self._core_or_raise().model_chunks(data, timeout=timeout)
+        window = asyncio.Semaphore(4)  # chunks are large: keep a few in flight, not all
+        sent = 0
+
+        async def one(request: Request) -> Outcome:
+            nonlocal sent
+            async with window:
+                outcome = await self._request(request, timeout)
+            sent += 1
+            if progress:
+                progress(sent, total)
+            return outcome
+
+        requests = list(chunks)
+        total = len(requests)
+        outcomes = await asyncio.gather(*(one(r) for r in requests))
+        for outcome in outcomes:
+            if not outcome.ok:
+                raise outcome.error()
+        acks = [bodies.decode_ack(o.body) for o in outcomes]
+        if not any(a.get("complete") and a.get("model_id") == model_id for a in acks):
+            raise ModelRejected("the worker did not confirm the complete model", job_id=None)
+        return model_id
+
+    async def delete_model(self, model_id: str, *, timeout: float | None = None) -> None:
+        timeout = timeout or self.timeout
+        outcome = await self._request(self._core_or_raise().model_delete(model_id, timeout=timeout), timeout)
+        if not outcome.ok:
+            raise outcome.error()
+
+    async def list_models(self, *, timeout: float | None = None) -> list[bodies.ModelInfo]:
+        timeout = timeout or self.timeout
+        outcome = await self._request(self._core_or_raise().model_list(timeout=timeout), timeout)
+        if not outcome.ok:
+            raise outcome.error()
+        return bodies.decode_models(outcome.body)
+
+    def _core_or_raise(self) -> ProducerCore:
+        if self._closed or self._core is None or self._core.session is None:
+            raise ClientClosed("the client is closed or not connected")
+        return self._core
+
+
+def _redact(url: str) -> str:
+    """Broker URLs carry passwords; never print them."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+__all__ = ["AsyncClient", "JobResult", "AttestationFailed"]

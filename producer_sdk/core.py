@@ -1,0 +1,190 @@
+"""The producer's I/O-free core: challenge, verify, seal requests, open and de-duplicate results.
+
+Both ``AsyncClient`` and the synchronous ``Client`` drive this class; it never touches the
+network, the clock or randomness except through what it is given, so tests can pin all three.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from attestation.errors import AttestationError, PolicyViolation
+from attestation.verify import verify_evidence
+from protocol import bodies, crypto
+from protocol.envelope import Chunk, ProducerSession, ResultHeader
+from protocol.errors import ProtocolError
+from protocol.handshake import Challenge, ControlError, EvidenceResponse, control_kind
+
+from .errors import AttestationFailed, JobError, job_error
+
+log = logging.getLogger("enclaveq.producer")
+
+MODEL_CHUNK_BYTES = 4 * 1024 * 1024
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """numpy arrays as they are; torch tensors (when torch is installed) via .numpy()."""
+    if type(value).__module__.startswith("torch"):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+@dataclass(frozen=True)
+class Request:
+    job_id: str
+    kind: str
+    body: bytes
+    deadline_ms: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """An opened, authenticated result."""
+
+    job_id: str
+    header: ResultHeader
+    body: bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.header.status == "ok"
+
+    def error(self) -> JobError:
+        err = bodies.ErrorBody.from_bytes(self.body)
+        return job_error(err.code, err.message, self.job_id)
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        if not self.ok:
+            raise self.error()
+        return bodies.decode_tensors_body(self.body)
+
+
+class ProducerCore:
+    def __init__(self, *, pool: str, policy: Any, reply_to: str, clock: Callable[[], float] = time.time,
+                 rng: crypto.Random = os.urandom, verifier: Callable[..., Any] = verify_evidence) -> None:
+        self.pool = pool
+        self.policy = policy
+        self.reply_to = reply_to
+        self._clock = clock
+        self._rng = rng
+        self._verify = verifier
+        self._nonces: dict[str, bytes] = {}
+        self.session: ProducerSession | None = None
+        self.claims = None
+        self.statement = None
+        self._done: dict[str, int] = {}
+        self.duplicates = 0
+        self.unopenable = 0
+
+    # -- attestation -----------------------------------------------------------------------
+    def challenge(self) -> tuple[str, bytes]:
+        correlation_id = "att-" + uuid.UUID(bytes=self._rng(16)).hex
+        nonce = self._rng(32)
+        self._nonces[correlation_id] = nonce
+        return correlation_id, Challenge(nonce=nonce).to_bytes()
+
+    def accept_evidence(self, correlation_id: str, data: bytes):
+        """Verify a worker's answer to our challenge; on success, open a session bound to it."""
+        nonce = self._nonces.pop(correlation_id, None)
+        if nonce is None:
+            raise AttestationFailed("evidence answers no challenge of ours (replayed or unsolicited)")
+        try:
+            if control_kind(data) == "control_error":
+                err = ControlError.from_bytes(data)
+                raise AttestationFailed(f"worker refused the challenge: {err.code}: {err.message}")
+            response = EvidenceResponse.from_bytes(data)
+        except ProtocolError as exc:
+            raise AttestationFailed(f"malformed attestation response: {exc}") from None
+        st = response.statement
+        problems = []
+        if st.nonce != nonce:
+            problems.append("statement.nonce does not equal the nonce of this challenge (a replayed answer)")
+        if st.pool != self.pool:
+            problems.append(f"statement.pool is {st.pool!r}, expected {self.pool!r}")
+        if st.suite != crypto.SUITE_ID:
+            problems.append(f"statement.suite is {st.suite!r}, expected {crypto.SUITE_ID!r}")
+        if problems:
+            raise AttestationFailed("; ".join(problems))
+        now = datetime.fromtimestamp(self._clock(), tz=timezone.utc)
+        try:
+            claims = self._verify(response.platform, response.evidence, self.policy,
+                                  expected_report_data=st.report_data(), now=now)
+        except PolicyViolation as exc:
+            raise AttestationFailed(f"the pool's evidence violates the policy:\n{exc}",
+                                    violations=tuple(exc.violations)) from None
+        except AttestationError as exc:
+            raise AttestationFailed(f"the pool's evidence is not valid: {exc}") from None
+        self.claims = claims
+        self.statement = st
+        self.session = ProducerSession(pool=self.pool, epoch=st.epoch, pool_public_key=st.pool_public_key,
+                                       rng=self._rng)
+        return claims
+
+    # -- requests --------------------------------------------------------------------------
+    def _seal(self, kind: str, body: bytes, *, timeout: float, content_type: str, model_id: str | None = None,
+              chunk: Chunk | None = None) -> Request:
+        if self.session is None:
+            raise AttestationFailed("no verified session: connect first")
+        job_id = uuid.UUID(bytes=self._rng(16)).hex
+        deadline_ms = int((self._clock() + timeout) * 1000)
+        header = self.session.header(kind, job_id=job_id, deadline_ms=deadline_ms, reply_to=self.reply_to,
+                                     content_type=content_type, model_id=model_id, chunk=chunk)
+        return Request(job_id=job_id, kind=kind, body=self.session.seal(header, body), deadline_ms=deadline_ms)
+
+    def job(self, model_id: str, inputs: Mapping[str, Any], *, outputs: Sequence[str] | None = None,
+            timeout: float) -> Request:
+        arrays = {name: to_numpy(value) for name, value in inputs.items()}
+        return self._seal("job", bodies.encode_job(arrays, outputs), timeout=timeout, content_type=bodies.TENSORS,
+                          model_id=model_id)
+
+    def model_chunks(self, data: bytes, *, timeout: float, chunk_bytes: int = MODEL_CHUNK_BYTES) -> tuple[str, Iterator[Request]]:
+        model_id = hashlib.sha256(data).hexdigest()
+        upload_id = uuid.UUID(bytes=self._rng(16)).hex
+        count = max(1, -(-len(data) // chunk_bytes))
+
+        def chunks() -> Iterator[Request]:
+            view = memoryview(data)
+            for i in range(count):
+                part = bytes(view[i * chunk_bytes:(i + 1) * chunk_bytes])
+                yield self._seal("model_chunk", part, timeout=timeout, content_type=bodies.BYTES, model_id=model_id,
+                                 chunk=Chunk(upload_id=upload_id, index=i, count=count, total_size=len(data)))
+
+        return model_id, chunks()
+
+    def model_delete(self, model_id: str, *, timeout: float) -> Request:
+        return self._seal("model_delete", b"\x80", timeout=timeout, content_type=bodies.EMPTY, model_id=model_id)
+
+    def model_list(self, *, timeout: float) -> Request:
+        return self._seal("model_list", b"\x80", timeout=timeout, content_type=bodies.EMPTY)
+
+    # -- results ---------------------------------------------------------------------------
+    def open_result(self, data: bytes) -> Outcome | None:
+        """Open a result; None for anything that must be ignored (duplicate, foreign, tampered)."""
+        if self.session is None:
+            return None
+        try:
+            header, body = self.session.open_result(data)
+        except ProtocolError:
+            # Garbage or a tampered result on our reply queue: never accepted, never fatal.
+            self.unopenable += 1
+            log.warning("a message on the reply queue does not open; ignored")
+            return None
+        if header.job_id in self._done:
+            self.duplicates += 1
+            return None
+        now_ms = int(self._clock() * 1000)
+        self._done[header.job_id] = now_ms
+        if len(self._done) > 200_000:
+            # Forget the oldest half: the worker refuses jobs past their deadline anyway.
+            for key in list(self._done)[: len(self._done) // 2]:
+                del self._done[key]
+        return Outcome(job_id=header.job_id, header=header, body=body)

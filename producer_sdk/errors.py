@@ -1,0 +1,101 @@
+"""Errors a producer sees.
+
+    EnclaveqError
+     ├── BrokerUnreachable          the broker cannot be reached or refused us
+     ├── AttestationFailed          the pool's evidence does not satisfy the policy (or is malformed)
+     │    └── NoWorkerAnswered      nobody answered the challenge in time
+     ├── JobError                   a worker refused a request; ``code`` is the protocol error code
+     │    ├── UnknownModel          the model id is not loaded on the pool
+     │    ├── ModelRejected         an uploaded model is invalid (hash, not ONNX, too large)
+     │    ├── BadInput              inputs do not fit the model (names, dtypes, shapes)
+     │    ├── Oversized             a message or tensor is above a limit
+     │    ├── JobExpired            the deadline passed before a worker ran the job
+     │    ├── RequestTampered       the worker could not open the request: modified in transit
+     │    └── WorkerFailure         inference failed, unsupported output, or an internal error
+     ├── JobTimeout                 no result arrived before the timeout
+     └── ClientClosed               the client was used after close()
+
+Third-party errors (broker, attestation, protocol) are mapped to these at the SDK boundary.
+"""
+
+from __future__ import annotations
+
+from protocol.bodies import ErrorCode
+
+
+class EnclaveqError(Exception):
+    """Base of every error the producer SDK raises."""
+
+
+class BrokerUnreachable(EnclaveqError):
+    pass
+
+
+class AttestationFailed(EnclaveqError):
+    def __init__(self, message: str, violations: tuple = ()) -> None:
+        super().__init__(message)
+        self.violations = violations
+
+
+class NoWorkerAnswered(AttestationFailed):
+    pass
+
+
+class JobError(EnclaveqError):
+    code = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, *, code: str | None = None, job_id: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.job_id = job_id
+
+
+class UnknownModel(JobError):
+    code = ErrorCode.UNKNOWN_MODEL
+
+
+class ModelRejected(JobError):
+    code = ErrorCode.MODEL_INVALID
+
+
+class BadInput(JobError):
+    code = ErrorCode.BAD_INPUT
+
+
+class Oversized(JobError):
+    code = ErrorCode.OVERSIZED
+
+
+class JobExpired(JobError):
+    code = ErrorCode.EXPIRED
+
+
+class RequestTampered(JobError):
+    code = ErrorCode.DOES_NOT_OPEN
+
+
+class WorkerFailure(JobError):
+    pass
+
+
+class JobTimeout(EnclaveqError):
+    pass
+
+
+class ClientClosed(EnclaveqError):
+    pass
+
+
+_BY_CODE = {
+    ErrorCode.UNKNOWN_MODEL: UnknownModel,
+    ErrorCode.MODEL_INVALID: ModelRejected,
+    ErrorCode.BAD_INPUT: BadInput,
+    ErrorCode.OVERSIZED: Oversized,
+    ErrorCode.EXPIRED: JobExpired,
+    ErrorCode.DOES_NOT_OPEN: RequestTampered,
+}
+
+
+def job_error(code: str, message: str, job_id: str | None) -> JobError:
+    return _BY_CODE.get(code, WorkerFailure)(f"{code}: {message}", code=code, job_id=job_id)

@@ -1,0 +1,130 @@
+"""Plaintext bodies inside sealed envelopes, by content type.
+
+    tensors/v1   msgpack {"tensors": [[name, dtype, shape, data], ...], "outputs": [names] | nil}
+    error/v1     msgpack {"code": str, "message": str}        -- status "error" results
+    models/v1    msgpack {"models": [{"id", "size", "inputs", "outputs"}]}
+    ack/v1       msgpack {"model_id": str | nil, "received": int, "complete": bool}
+    empty/v1     msgpack {}
+    bytes/v1     raw bytes (model chunks)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .codec import bounded_str, field, pack, unpack
+from .errors import MalformedMessage
+from .tensors import TensorLimits, decode_tensors, encode_tensors
+
+TENSORS = "tensors/v1"
+ERROR = "error/v1"
+MODELS = "models/v1"
+ACK = "ack/v1"
+EMPTY = "empty/v1"
+BYTES = "bytes/v1"
+
+
+class ErrorCode:
+    """Stable codes of encrypted error results; the SDK maps each to an exception type."""
+
+    DOES_NOT_OPEN = "does_not_open"
+    EXPIRED = "expired"
+    UNKNOWN_MODEL = "unknown_model"
+    MODEL_INVALID = "model_invalid"
+    BAD_INPUT = "bad_input"
+    OVERSIZED = "oversized"
+    INFERENCE_FAILED = "inference_failed"
+    UNSUPPORTED = "unsupported"
+    INTERNAL = "internal"
+
+
+def encode_job(inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> bytes:
+    return pack({"tensors": encode_tensors(inputs), "outputs": list(outputs) if outputs is not None else None})
+
+
+def decode_job(body: bytes, limits: TensorLimits = TensorLimits()) -> tuple[dict[str, np.ndarray], list[str] | None]:
+    m = unpack(body, max_bytes=limits.max_total_bytes + 1024 * 1024, what="job body")
+    if not isinstance(m, dict):
+        raise MalformedMessage("job body: expected a map")
+    outputs = m.get("outputs")
+    if outputs is not None and not (isinstance(outputs, list) and all(isinstance(o, str) for o in outputs)):
+        raise MalformedMessage("job body: outputs must be a list of names")
+    return decode_tensors(m.get("tensors"), limits), outputs
+
+
+def encode_tensors_body(tensors: Mapping[str, Any]) -> bytes:
+    return pack({"tensors": encode_tensors(tensors)})
+
+
+def decode_tensors_body(body: bytes, limits: TensorLimits = TensorLimits()) -> dict[str, np.ndarray]:
+    m = unpack(body, max_bytes=limits.max_total_bytes + 1024 * 1024, what="result body")
+    if not isinstance(m, dict):
+        raise MalformedMessage("result body: expected a map")
+    return decode_tensors(m.get("tensors"), limits)
+
+
+@dataclass(frozen=True)
+class ErrorBody:
+    code: str
+    message: str
+
+    def to_bytes(self) -> bytes:
+        return pack({"code": self.code, "message": self.message})
+
+    @classmethod
+    def from_bytes(cls, body: bytes) -> "ErrorBody":
+        m = unpack(body, max_bytes=16384, what="error body")
+        if not isinstance(m, dict):
+            raise MalformedMessage("error body: expected a map")
+        return cls(code=bounded_str(m, "code", what="error body", max_len=64),
+                   message=bounded_str(m, "message", what="error body", max_len=4096))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str
+    size: int
+    inputs: tuple[tuple[str, str, tuple], ...]   # (name, onnx type, shape with None/str for dynamic dims)
+    outputs: tuple[tuple[str, str, tuple], ...]
+
+
+def encode_models(models: Sequence[ModelInfo]) -> bytes:
+    return pack({"models": [
+        {"id": m.model_id, "size": m.size,
+         "inputs": [[n, t, list(s)] for n, t, s in m.inputs],
+         "outputs": [[n, t, list(s)] for n, t, s in m.outputs]}
+        for m in models
+    ]})
+
+
+def decode_models(body: bytes) -> list[ModelInfo]:
+    m = unpack(body, max_bytes=4 * 1024 * 1024, what="model list")
+    if not isinstance(m, dict) or not isinstance(m.get("models"), list):
+        raise MalformedMessage("model list: expected a map with a list")
+    out = []
+    for item in m["models"]:
+        if not isinstance(item, dict):
+            raise MalformedMessage("model list: entries must be maps")
+        def io(key: str) -> tuple:
+            v = item.get(key)
+            if not isinstance(v, list):
+                raise MalformedMessage(f"model list: {key} must be a list")
+            return tuple((str(n), str(t), tuple(s)) for n, t, s in v)
+        out.append(ModelInfo(model_id=bounded_str(item, "id", what="model list", max_len=64),
+                             size=field(item, "size", int, what="model list"),
+                             inputs=io("inputs"), outputs=io("outputs")))
+    return out
+
+
+def encode_ack(model_id: str | None, received: int, complete: bool) -> bytes:
+    return pack({"model_id": model_id, "received": received, "complete": complete})
+
+
+def decode_ack(body: bytes) -> dict[str, Any]:
+    m = unpack(body, max_bytes=4096, what="ack")
+    if not isinstance(m, dict):
+        raise MalformedMessage("ack: expected a map")
+    return m

@@ -1,0 +1,40 @@
+"""Errors raised while encoding, decoding, sealing or opening enclaveq wire messages.
+
+    ProtocolError
+     ├── MalformedMessage        bytes that are not a well-formed message of the expected kind
+     │    └── UnsupportedVersion a well-formed message of a version this code does not speak
+     ├── OversizedMessage        a message, tensor or chunk above the configured limit
+     ├── TensorError             a tensor that cannot be represented (dtype, shape, byte count)
+     └── DecryptionFailed        "this ciphertext does not open" -- deliberately opaque
+
+``DecryptionFailed`` never says *why* (wrong key, tampered header, tampered body, result moved
+to another job): telling the difference would help an attacker and never helps a user.
+No error message in this package ever contains payload bytes (P10).
+"""
+
+
+class ProtocolError(Exception):
+    """Base of every protocol error."""
+
+
+class MalformedMessage(ProtocolError):
+    """The bytes do not decode to a valid message of the expected kind."""
+
+
+class UnsupportedVersion(MalformedMessage):
+    """The message declares a protocol version this implementation does not speak."""
+
+
+class OversizedMessage(ProtocolError):
+    """A message, tensor or chunk is larger than the limit in force."""
+
+
+class TensorError(ProtocolError):
+    """A tensor has an unsupported dtype, or its shape and byte count disagree."""
+
+
+class DecryptionFailed(ProtocolError):
+    """The ciphertext does not open with the key at hand (tampered, wrong key, or moved)."""
+
+    def __init__(self, message: str = "ciphertext does not open") -> None:
+        super().__init__(message)

@@ -1,0 +1,134 @@
+"""Control-channel messages: the attestation challenge, the worker's statement and evidence.
+
+These travel in clear: their integrity comes from the evidence itself, whose 64-byte report
+data is SHA-512 of the canonical statement below (pool, epoch, HPKE suite, pool public key,
+worker identity key, the producer's nonce and the worker's config digest). A verifier that
+recomputes the report data from the statement it received and finds it equal to the value
+inside verified evidence knows that a measured worker produced exactly that statement, in
+answer to exactly that nonce.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from .codec import PROTOCOL_VERSION, bounded_str, field, fixed_bytes, pack, unpack_map
+from .errors import MalformedMessage
+
+STATEMENT_LABEL = b"enclaveq/v1/attestation-statement"
+NONCE_BYTES = 32
+MAX_EVIDENCE_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Challenge:
+    nonce: bytes
+
+    def to_bytes(self) -> bytes:
+        return pack({"v": PROTOCOL_VERSION, "t": "challenge", "nonce": self.nonce})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Challenge":
+        m = unpack_map(data, kind="challenge", max_bytes=4096)
+        return cls(nonce=fixed_bytes(m, "nonce", NONCE_BYTES, what="challenge"))
+
+
+@dataclass(frozen=True)
+class Statement:
+    """What a worker asserts about itself; hashed into the evidence's report data."""
+
+    pool: str
+    epoch: int
+    suite: str
+    pool_public_key: bytes
+    worker_identity_key: bytes
+    nonce: bytes
+    config_digest: bytes
+
+    def canonical(self) -> bytes:
+        return pack([
+            STATEMENT_LABEL, self.pool, self.epoch, self.suite, self.pool_public_key,
+            self.worker_identity_key, self.nonce, self.config_digest,
+        ])
+
+    def report_data(self) -> bytes:
+        return hashlib.sha512(self.canonical()).digest()
+
+    def to_map(self) -> dict:
+        return {
+            "pool": self.pool, "epoch": self.epoch, "suite": self.suite,
+            "pool_public_key": self.pool_public_key, "worker_identity_key": self.worker_identity_key,
+            "nonce": self.nonce, "config_digest": self.config_digest,
+        }
+
+    @classmethod
+    def from_map(cls, m: object) -> "Statement":
+        what = "statement"
+        if not isinstance(m, dict):
+            raise MalformedMessage("statement: expected a map")
+        epoch = field(m, "epoch", int, what=what)
+        if epoch < 0:
+            raise MalformedMessage("statement: negative epoch")
+        return cls(
+            pool=bounded_str(m, "pool", what=what),
+            epoch=epoch,
+            suite=bounded_str(m, "suite", what=what),
+            pool_public_key=fixed_bytes(m, "pool_public_key", 32, what=what),
+            worker_identity_key=fixed_bytes(m, "worker_identity_key", 32, what=what),
+            nonce=fixed_bytes(m, "nonce", NONCE_BYTES, what=what),
+            config_digest=fixed_bytes(m, "config_digest", 32, what=what),
+        )
+
+
+@dataclass(frozen=True)
+class EvidenceResponse:
+    platform: str
+    evidence: bytes
+    statement: Statement
+    worker_id: str
+
+    def to_bytes(self) -> bytes:
+        return pack({
+            "v": PROTOCOL_VERSION, "t": "evidence", "platform": self.platform,
+            "evidence": self.evidence, "statement": self.statement.to_map(), "worker": self.worker_id,
+        })
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "EvidenceResponse":
+        m = unpack_map(data, kind="evidence", max_bytes=MAX_EVIDENCE_BYTES + 4096)
+        evidence = field(m, "evidence", bytes, what="evidence")
+        if len(evidence) > MAX_EVIDENCE_BYTES:
+            raise MalformedMessage("evidence: larger than the evidence limit")
+        return cls(
+            platform=bounded_str(m, "platform", what="evidence", max_len=32),
+            evidence=evidence,
+            statement=Statement.from_map(m.get("statement")),
+            worker_id=bounded_str(m, "worker", what="evidence", max_len=128),
+        )
+
+
+@dataclass(frozen=True)
+class ControlError:
+    """A worker's refusal on the control channel (e.g. a malformed challenge)."""
+
+    code: str
+    message: str
+
+    def to_bytes(self) -> bytes:
+        return pack({"v": PROTOCOL_VERSION, "t": "control_error", "code": self.code, "message": self.message})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "ControlError":
+        m = unpack_map(data, kind="control_error", max_bytes=8192)
+        return cls(code=bounded_str(m, "code", what="control_error", max_len=64),
+                   message=bounded_str(m, "message", what="control_error", max_len=2048))
+
+
+def control_kind(data: bytes) -> str:
+    """The ``t`` of a control message, for dispatch, without trusting anything else in it."""
+    m = unpack_map(data, kind=None, max_bytes=MAX_EVIDENCE_BYTES + 4096)
+    kind = m.get("t")
+    if not isinstance(kind, str):
+        raise MalformedMessage("control message without a type")
+    return kind

@@ -1,0 +1,108 @@
+"""Named tensors on the wire: dtype name, shape, C-order little-endian bytes.
+
+Every numeric dtype onnxruntime runs is supported; the dtype travels by *name* (never a numpy
+``str(dtype)`` with a byte-order prefix) so both ends agree regardless of platform.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from .errors import MalformedMessage, OversizedMessage, TensorError
+
+# Wire name -> little-endian numpy dtype.
+DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(name).newbyteorder("<") if np.dtype(name).itemsize > 1 else np.dtype(name)
+    for name in (
+        "bool", "float16", "float32", "float64",
+        "int8", "int16", "int32", "int64",
+        "uint8", "uint16", "uint32", "uint64",
+    )
+}
+
+# ONNX Runtime's type strings ("tensor(float)") -> wire names; used to check inputs early.
+ONNX_TYPES: dict[str, str] = {
+    "tensor(bool)": "bool", "tensor(float16)": "float16", "tensor(float)": "float32",
+    "tensor(double)": "float64", "tensor(int8)": "int8", "tensor(int16)": "int16",
+    "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(uint8)": "uint8",
+    "tensor(uint16)": "uint16", "tensor(uint32)": "uint32", "tensor(uint64)": "uint64",
+}
+
+MAX_RANK = 32
+MAX_TENSORS = 256
+MAX_NAME_LEN = 256
+
+
+@dataclass(frozen=True)
+class TensorLimits:
+    max_tensor_bytes: int = 32 * 1024 * 1024
+    max_total_bytes: int = 64 * 1024 * 1024
+
+
+def dtype_name(array: np.ndarray) -> str:
+    kind = array.dtype.newbyteorder("=") if array.dtype.byteorder not in "|=" else array.dtype
+    name = np.dtype(kind).name
+    if name not in DTYPES:
+        raise TensorError(f"dtype {array.dtype} is not supported; supported: {', '.join(DTYPES)}")
+    return name
+
+
+def encode_tensors(tensors: Mapping[str, Any]) -> list[list[Any]]:
+    """numpy arrays (or anything np.asarray accepts) -> wire list. Inputs are never modified."""
+    if len(tensors) > MAX_TENSORS:
+        raise TensorError(f"{len(tensors)} tensors exceed the limit of {MAX_TENSORS}")
+    wire = []
+    for name, value in tensors.items():
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME_LEN:
+            raise TensorError(f"tensor names must be non-empty strings of at most {MAX_NAME_LEN} characters")
+        array = np.asarray(value)
+        dname = dtype_name(array)
+        le = array.astype(DTYPES[dname], order="C", copy=False)  # ascontiguousarray would make 0-d arrays 1-d
+        wire.append([name, dname, list(le.shape), le.tobytes()])
+    return wire
+
+
+def decode_tensors(wire: Any, limits: TensorLimits = TensorLimits()) -> dict[str, np.ndarray]:
+    """Wire list -> name: read-only ndarray views (no copy). Every inconsistency is a typed error."""
+    if not isinstance(wire, list):
+        raise MalformedMessage("tensors: expected a list")
+    if len(wire) > MAX_TENSORS:
+        raise TensorError(f"{len(wire)} tensors exceed the limit of {MAX_TENSORS}")
+    out: dict[str, np.ndarray] = {}
+    total = 0
+    for item in wire:
+        if not (isinstance(item, list) and len(item) == 4):
+            raise MalformedMessage("tensor: expected [name, dtype, shape, data]")
+        name, dname, shape, data = item
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME_LEN:
+            raise MalformedMessage("tensor: invalid name")
+        if name in out:
+            raise TensorError(f"tensor {name!r} appears twice")
+        if dname not in DTYPES:
+            raise TensorError(f"tensor {name!r}: dtype {dname!r} is not supported")
+        if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in shape
+        ):
+            raise TensorError(f"tensor {name!r}: shape must be at most {MAX_RANK} non-negative integers")
+        if not isinstance(data, bytes):
+            raise MalformedMessage(f"tensor {name!r}: data must be bytes")
+        if len(data) > limits.max_tensor_bytes:
+            raise OversizedMessage(f"tensor {name!r}: {len(data)} bytes exceed the limit of {limits.max_tensor_bytes}")
+        total += len(data)
+        if total > limits.max_total_bytes:
+            raise OversizedMessage(f"tensors exceed the total limit of {limits.max_total_bytes} bytes")
+        dtype = DTYPES[dname]
+        count = 1
+        for d in shape:
+            count *= d
+        if count * dtype.itemsize != len(data):
+            raise TensorError(f"tensor {name!r}: shape {shape} of {dname} needs {count * dtype.itemsize} bytes, got {len(data)}")
+        array = np.frombuffer(data, dtype=dtype).reshape(shape)
+        # Native byte order for onnxruntime on big-endian hosts; a no-op on little-endian ones.
+        if not array.dtype.isnative:
+            array = array.astype(array.dtype.newbyteorder("="))
+        out[name] = array
+    return out

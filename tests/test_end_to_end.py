@@ -1,0 +1,281 @@
+"""The whole confidential job path over the memory broker and RabbitMQ, with in-process workers.
+
+Each test names the security property (DESIGN.md §3) it would catch breaking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from broker_adapters import Message, open_broker
+from enclave_worker.errors import WorkerStartupError
+from producer_sdk import AsyncClient, Client
+from producer_sdk.errors import (AttestationFailed, BadInput, JobExpired, NoWorkerAnswered, Oversized,
+                                 RequestTampered, UnknownModel)
+from protocol import bodies
+from protocol.envelope import decode_envelope, encode_envelope
+
+from .support import SimTEE, every_dtype_model, mlp_model, running_worker, sample_every_dtype_inputs
+
+
+@pytest.fixture(params=["memory", "amqp"])
+async def broker_url(request, unique_name):
+    if request.param == "memory":
+        yield f"memory://{unique_name}"
+        return
+    url = request.getfixturevalue("rabbitmq_url")
+    yield url
+    async with open_broker(url) as broker:
+        await broker.delete_pool(unique_name)
+
+
+@pytest.fixture
+def pool(unique_name):
+    return unique_name
+
+
+@pytest.fixture
+def tee(tmp_path):
+    return SimTEE(tmp_path)
+
+
+def direct(model: bytes, inputs):
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, inputs)))
+
+
+async def test_results_equal_direct_onnxruntime_for_every_dtype(tee, broker_url, pool):
+    model = every_dtype_model()
+    async with running_worker(tee, broker_url, pool):
+        async with AsyncClient(broker_url, pool, tee.policy(), timeout=30) as client:
+            model_id = await client.upload_model(model)
+            for seed in range(3):
+                inputs = sample_every_dtype_inputs(rows=seed + 1, cols=4, seed=seed)
+                got = await client.run(model_id, inputs)
+                want = direct(model, inputs)
+                assert set(got) == set(want)
+                for name in want:
+                    assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape
+                    assert got[name].tobytes() == want[name].tobytes(), name
+
+
+async def test_a_model_with_several_inputs_and_outputs_matches_onnxruntime_across_a_batch(tee, broker_url, pool):
+    model = mlp_model()
+    rng = np.random.default_rng(3)
+    batch = [{"x": rng.standard_normal((5, 4)).astype(np.float32), "bias": rng.standard_normal(3).astype(np.float32)}
+             for _ in range(50)]
+    async with running_worker(tee, broker_url, pool):
+        async with AsyncClient(broker_url, pool, tee.policy(), timeout=30) as client:
+            model_id = await client.upload_model(model)
+            results = [r async for r in client.submit(model_id, batch, max_in_flight=16)]
+    assert sorted(r.index for r in results) == list(range(50))
+    for r in results:
+        assert r.ok
+        want = direct(model, batch[r.index])
+        assert np.array_equal(r.outputs["logits"], want["logits"]) and np.array_equal(r.outputs["label"], want["label"])
+
+
+async def test_models_can_be_listed_and_deleted(tee, broker_url, pool):
+    async with running_worker(tee, broker_url, pool):
+        async with AsyncClient(broker_url, pool, tee.policy(), timeout=30) as client:
+            a = await client.upload_model(mlp_model(0))
+            b = await client.upload_model(mlp_model(1))
+            listed = {m.model_id: m for m in await client.list_models()}
+            assert set(listed) == {a, b}
+            assert [n for n, _, _ in listed[a].inputs] == ["x", "bias"]
+            await client.delete_model(a)
+            assert [m.model_id for m in await client.list_models()] == [b]
+            with pytest.raises(UnknownModel):
+                await client.run(a, {"x": np.ones((1, 4), np.float32), "bias": np.ones(3, np.float32)})
+            with pytest.raises(UnknownModel):
+                await client.delete_model(a)
+
+
+# -- P2 / P8: attestation gates everything -------------------------------------------------------
+
+async def test_a_policy_pinning_another_measurement_refuses_to_connect(tee, broker_url, pool):
+    async with running_worker(tee, broker_url, pool):
+        with pytest.raises(AttestationFailed) as refused:
+            await AsyncClient(broker_url, pool, tee.policy(measurements=("ab" * 32,))).connect()
+    assert "measurement" in {v.field for v in refused.value.violations}
+
+
+async def test_a_policy_without_allow_simulation_refuses_simulated_evidence(tee, broker_url, pool):
+    async with running_worker(tee, broker_url, pool):
+        with pytest.raises(AttestationFailed, match="simulation"):
+            await AsyncClient(broker_url, pool, tee.policy(allow_simulation=False)).connect()
+
+
+async def test_evidence_older_than_the_policy_allows_is_refused(tee, broker_url, pool):
+    # The producer's clock runs 10 minutes ahead: the fresh evidence looks 10 minutes old.
+    async with running_worker(tee, broker_url, pool):
+        client = AsyncClient(broker_url, pool, tee.policy(max_evidence_age_seconds=60), clock=lambda: time.time() + 600)
+        with pytest.raises(AttestationFailed, match="issued_at|age"):
+            await client.connect()
+
+
+async def test_a_recorded_evidence_answer_is_refused_for_a_new_challenge(tee, broker_url, pool):
+    async with running_worker(tee, broker_url, pool) as worker:
+        client = AsyncClient(broker_url, pool, tee.policy())
+        await client.connect()
+        try:
+            # Record a genuine answer, then offer it as the answer to the next challenge.
+            from protocol.handshake import Challenge
+            recorded = worker.answer_challenge(Challenge(nonce=b"\x07" * 32)).to_bytes()
+            correlation_id, _ = client._core.challenge()
+            with pytest.raises(AttestationFailed, match="nonce"):
+                client._core.accept_evidence(correlation_id, recorded)
+            with pytest.raises(AttestationFailed, match="no challenge"):
+                client._core.accept_evidence(correlation_id, recorded)
+        finally:
+            await client.close()
+
+
+async def test_connecting_to_a_pool_without_workers_fails_clearly(tee, broker_url, pool):
+    async with open_broker(broker_url) as broker:
+        await broker.declare_pool(pool)
+    with pytest.raises(NoWorkerAnswered, match="no worker"):
+        await AsyncClient(broker_url, pool, tee.policy(), attest_timeout=1).connect()
+
+
+# -- P5: replays -------------------------------------------------------------------------------
+
+async def test_a_replayed_job_yields_no_second_result(tee, broker_url, pool):
+    async with running_worker(tee, broker_url, pool) as worker:
+        async with AsyncClient(broker_url, pool, tee.policy(), timeout=30) as client:
+            model_id = await client.upload_model(mlp_model())
+            request = client._core.job(model_id, {"x": np.ones((1, 4), np.float32), "bias": np.ones(3, np.float32)},
+                                       timeout=30)
+            received = []
+            original = client._on_reply
+
+            async def counting(delivery):
+                if delivery.message.correlation_id == request.job_id:
+                    received.append(delivery.message.body)
+                await original(delivery)
+            client._on_reply = counting
+            await client._sub.cancel()
+            client._sub = await client._broker.consume_replies(client.name, counting)
+
+            outcome = await client._request(request, 30)
+            assert outcome.ok
+            # An attacker re-publishes the captured ciphertext twice.
+            async with open_broker(broker_url) as attacker:
+                for _ in range(2):
+                    await attacker.publish_job(pool, Message(body=request.body, correlation_id=request.job_id))
+            await asyncio.sleep(1.0)
+            assert len(received) == 1
+            assert worker.metrics.requests.labels("job", "duplicate")._value.get() == 2
+
+
+async def test_an_expired_job_is_refused_with_a_typed_error(tee, broker_url, pool):
+    async with running_worker(tee, broker_url, pool):
+        async with AsyncClient(broker_url, pool, tee.policy(), timeout=30) as client:
+            model_id = await client.upload_model(mlp_model())
+            request = client._core.job(model_id, {"x": np.ones((1, 4), np.float32), "bias": np.ones(3, np.float32)},
+                                       timeout=-1)
+            outcome = await client._request(request, 30)
+            assert isinstance(outcome.error(), JobExpired)
+
+
+# -- P3 / P9: tampering and bad input never crash the worker or lose other jobs -----------------
+
+async def test_a_tampered_job_is_refused_and_the_worker_keeps_serving(tee, broker_url, pool):
+    async with running_worker(tee, broker_url, pool):
+        async with AsyncClient(broker_url, pool, tee.policy(), timeout=30) as client:
+            model_id = await client.upload_model(mlp_model())
+            inputs = {"x": np.ones((1, 4), np.float32), "bias": np.ones(3, np.float32)}
+            request = client._core.job(model_id, inputs, timeout=30)
+            env = decode_envelope(request.body)
+            flipped = env.ciphertext[:-1] + bytes([env.ciphertext[-1] ^ 1])
+            tampered = type(request)(request.job_id, request.kind, encode_envelope(env.header_bytes, env.nonce, flipped),
+                                     request.deadline_ms)
+            outcome = await client._request(tampered, 30)
+            assert isinstance(outcome.error(), RequestTampered)
+            async with open_broker(broker_url) as attacker:
+                await attacker.publish_job(pool, Message(body=b"\x93not an envelope"))
+            assert "label" in await client.run(model_id, inputs)
+
+
+@pytest.mark.parametrize("inputs, error", [
+    ({"x": np.ones((1, 4), np.float64), "bias": np.ones(3, np.float32)}, BadInput),     # wrong dtype
+    ({"x": np.ones((1, 5), np.float32), "bias": np.ones(3, np.float32)}, BadInput),     # wrong shape
+    ({"x": np.ones((1, 4), np.float32)}, BadInput),                                     # missing input
+    ({"x": np.ones((1, 4), np.float32), "bias": np.ones(3, np.float32), "z": np.ones(1)}, BadInput),
+])
+async def test_mismatched_inputs_get_a_typed_error_naming_the_problem(tee, broker_url, pool, inputs, error):
+    async with running_worker(tee, broker_url, pool):
+        async with AsyncClient(broker_url, pool, tee.policy(), timeout=30) as client:
+            model_id = await client.upload_model(mlp_model())
+            with pytest.raises(error):
+                await client.run(model_id, inputs)
+            ok = await client.run(model_id, {"x": np.ones((2, 4), np.float32), "bias": np.ones(3, np.float32)})
+            assert ok["label"].shape == (2,)
+
+
+async def test_an_oversized_tensor_is_refused(tee, broker_url, pool):
+    from dataclasses import replace
+    from enclave_worker.config import DEFAULT_WORKER_CONFIG
+    small = replace(DEFAULT_WORKER_CONFIG, max_tensor_bytes=1024)
+    async with running_worker(tee, broker_url, pool, config=small):
+        async with AsyncClient(broker_url, pool, tee.policy(), timeout=30) as client:
+            model_id = await client.upload_model(mlp_model())
+            with pytest.raises(Oversized):
+                await client.run(model_id, {"x": np.ones((100, 4), np.float32), "bias": np.ones(3, np.float32)})
+
+
+async def test_an_unknown_model_and_a_corrupt_model_are_refused(tee, broker_url, pool):
+    async with running_worker(tee, broker_url, pool):
+        async with AsyncClient(broker_url, pool, tee.policy(), timeout=30) as client:
+            with pytest.raises(UnknownModel):
+                await client.run("00" * 32, {"x": np.ones(1)})
+            from producer_sdk.errors import ModelRejected
+            with pytest.raises(ModelRejected):
+                await client.upload_model(b"this is not an onnx model")
+
+
+# -- sealed state and single worker per pool ------------------------------------------------------
+
+async def test_a_restarted_worker_keeps_its_pool_key_and_models(tee, broker_url, pool):
+    inputs = {"x": np.ones((1, 4), np.float32), "bias": np.zeros(3, np.float32)}
+    async with running_worker(tee, broker_url, pool):
+        client = AsyncClient(broker_url, pool, tee.policy(), timeout=30)
+        await client.connect()
+        model_id = await client.upload_model(mlp_model())
+        before = await client.run(model_id, inputs)
+    try:
+        async with running_worker(tee, broker_url, pool):
+            after = await client.run(model_id, inputs)  # same session, no re-upload
+    finally:
+        await client.close()
+    assert np.array_equal(before["logits"], after["logits"])
+    model_files = list((tee.state_dir / pool / "models").glob("*.sealed"))
+    assert len(model_files) == 1 and mlp_model() not in model_files[0].read_bytes()
+
+
+async def test_a_second_worker_on_the_same_pool_refuses_to_start(tee, broker_url, pool, tmp_path):
+    other = SimTEE(tmp_path / "other")
+    async with running_worker(tee, broker_url, pool):
+        second = other.worker(broker_url, pool)
+        with pytest.raises(WorkerStartupError, match="already has a worker"):
+            await second.start()
+
+
+async def test_the_synchronous_client_runs_the_same_flow(tee, broker_url, pool):
+    model = mlp_model()
+    batch = [{"x": np.full((1, 4), i, np.float32), "bias": np.zeros(3, np.float32)} for i in range(10)]
+    async with running_worker(tee, broker_url, pool):
+        def use_sync_client():
+            with Client(broker_url, pool, tee.policy(), timeout=30) as client:
+                model_id = client.upload_model(model)
+                single = client.run(model_id, batch[0])
+                results = list(client.submit(model_id, batch))
+                return single, results
+        single, results = await asyncio.to_thread(use_sync_client)
+    assert np.array_equal(single["logits"], direct(model, batch[0])["logits"])
+    assert sorted(r.index for r in results) == list(range(10)) and all(r.ok for r in results)
