@@ -48,7 +48,7 @@ def sim_cli() -> None:
     """
 
 
-@sim_cli.command(name="init")
+@sim_cli.command(name="init", short_help="Create a simulation directory (root, attestation key, platform secret).")
 @click.option(
     "--dir",
     "directory",
@@ -100,7 +100,7 @@ def policy_cli() -> None:
     """
 
 
-@policy_cli.command(name="init")
+@policy_cli.command(name="init", short_help="Write a development policy that trusts a simulation directory.")
 @click.option(
     "--sim-dir",
     required=True,

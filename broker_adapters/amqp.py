@@ -96,7 +96,6 @@ class AmqpBroker(BrokerAdapter):
         self._subscriptions: set[_AmqpSubscription] = set()
         self._locks: dict[str, _AmqpPoolLock] = {}
         self._settings: dict[str, PoolSettings] = {}
-        self._background: set[asyncio.Task] = set()
 
     def __repr__(self) -> str:
         return f"<AmqpBroker {common.redact_url(self.url)} {self.connection_name}>"
@@ -113,12 +112,8 @@ class AmqpBroker(BrokerAdapter):
                 timeout=self.connect_timeout,
                 **kwargs,
             )
-            self._publish_channel = await self._conn.channel(
-                publisher_confirms=True, on_return_raises=True
-            )
-            self._control_channel = await self._conn.channel(
-                publisher_confirms=True, on_return_raises=True
-            )
+            self._publish_channel = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
+            self._control_channel = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
         except (*_CONNECTION_LOST, amqp_errors.AMQPError, asyncio.TimeoutError) as exc:
             if self._conn is not None:
                 with contextlib.suppress(Exception):
@@ -139,8 +134,6 @@ class AmqpBroker(BrokerAdapter):
         for lock in list(self._locks.values()):
             with contextlib.suppress(BrokerError):
                 await lock.release()
-        for task in list(self._background):
-            task.cancel()
         with contextlib.suppress(Exception):
             await conn.close()
 
@@ -169,12 +162,11 @@ class AmqpBroker(BrokerAdapter):
                 with contextlib.suppress(Exception):
                     await channel.close()
 
-    def _on_reconnect(self, _connection: object) -> None:
-        # The broker dropped our exclusive lock queues with the old connection.
+    async def _on_reconnect(self, _connection: object) -> None:
+        # The broker dropped our exclusive lock queues with the old connection. Awaited by
+        # aio-pika before the reconnect counts as done.
         for lock in list(self._locks.values()):
-            task = asyncio.get_running_loop().create_task(lock.reacquire())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            await lock.reacquire()
 
     # -- pools --------------------------------------------------------------------------
     async def declare_pool(self, pool: str, settings: PoolSettings = PoolSettings()) -> None:
@@ -210,11 +202,11 @@ class AmqpBroker(BrokerAdapter):
                     common.control_exchange(pool), exchange_type="fanout", durable=True
                 )
             except amqp_errors.ChannelPreconditionFailed as exc:
-                raise BrokerError(
-                    f"pool {pool!r} already exists with different settings: {exc}"
-                ) from exc
+                raise BrokerError(f"pool {pool!r} already exists with different settings: {exc}") from exc
             except _CONNECTION_LOST as exc:
                 raise BrokerUnavailable(f"connection lost while declaring pool {pool!r}") from exc
+            except amqp_errors.AMQPError as exc:
+                raise BrokerError(f"RabbitMQ refused to declare pool {pool!r}: {exc}") from exc
         self._settings[pool] = settings
 
     async def delete_pool(self, pool: str) -> None:
@@ -233,6 +225,8 @@ class AmqpBroker(BrokerAdapter):
                     await channel.exchange_delete(exchange)
             except _CONNECTION_LOST as exc:
                 raise BrokerUnavailable(f"connection lost while deleting pool {pool!r}") from exc
+            except amqp_errors.AMQPError as exc:
+                raise BrokerError(f"RabbitMQ refused to delete pool {pool!r}: {exc}") from exc
         self._settings.pop(pool, None)
 
     async def acquire_pool_lock(self, pool: str) -> PoolLock:
@@ -249,7 +243,11 @@ class AmqpBroker(BrokerAdapter):
         limit = self._settings.get(pool, PoolSettings()).max_message_bytes
         common.check_size(len(message.body), limit, f"pool {pool!r}")
         await self._publish(
-            self._publish_channel, "", common.jobs_queue(pool), message, persistent=True,
+            self._publish_channel,
+            "",
+            common.jobs_queue(pool),
+            message,
+            persistent=True,
             unroutable=f"pool {pool!r} is not declared: no job queue took the message",
         )
 
@@ -262,7 +260,11 @@ class AmqpBroker(BrokerAdapter):
     async def publish_control(self, pool: str, message: Message) -> None:
         common.check_size(len(message.body), PoolSettings().max_message_bytes, f"pool {pool!r} control")
         await self._publish(
-            self._control_channel, common.control_exchange(pool), "", message, persistent=False,
+            self._control_channel,
+            common.control_exchange(pool),
+            "",
+            message,
+            persistent=False,
             unroutable=f"no worker is listening on pool {pool!r}'s control channel",
             missing=f"pool {pool!r} is not declared",
         )
@@ -270,7 +272,11 @@ class AmqpBroker(BrokerAdapter):
     async def consume_control(self, pool: str, handler: Handler) -> Subscription:
         name = f"{common.control_exchange(pool)}.{uuid.uuid4().hex}"
         return await self._subscribe(
-            name, handler, 16, missing=f"pool {pool!r} is not declared", pool=pool,
+            name,
+            handler,
+            16,
+            missing=f"pool {pool!r} is not declared",
+            pool=pool,
             control_exchange=common.control_exchange(pool),
         )
 
@@ -292,6 +298,8 @@ class AmqpBroker(BrokerAdapter):
                 raise BrokerError(f"reply queue {address!r} exists with different settings: {exc}") from exc
             except _CONNECTION_LOST as exc:
                 raise BrokerUnavailable(f"connection lost while declaring {address!r}") from exc
+            except amqp_errors.AMQPError as exc:
+                raise BrokerError(f"RabbitMQ refused to declare {address!r}: {exc}") from exc
         return address
 
     async def delete_reply_queue(self, name: str) -> None:
@@ -304,17 +312,25 @@ class AmqpBroker(BrokerAdapter):
                 await channel.queue_delete(address)
             except _CONNECTION_LOST as exc:
                 raise BrokerUnavailable(f"connection lost while deleting {address!r}") from exc
+            except amqp_errors.AMQPError as exc:
+                raise BrokerError(f"RabbitMQ refused to delete {address!r}: {exc}") from exc
 
     async def publish_reply(self, address: str, message: Message) -> None:
         common.check_size(len(message.body), PoolSettings().max_message_bytes, f"reply queue {address!r}")
         await self._publish(
-            self._publish_channel, "", address, message, persistent=True,
+            self._publish_channel,
+            "",
+            address,
+            message,
+            persistent=True,
             unroutable=f"reply queue {address!r} does not exist",
         )
 
     async def consume_replies(self, name: str, handler: Handler, *, prefetch: int = 256) -> Subscription:
         address = common.reply_queue(name)
-        return await self._subscribe(address, handler, prefetch, missing=f"reply queue {address!r} does not exist")
+        return await self._subscribe(
+            address, handler, prefetch, missing=f"reply queue {address!r} does not exist"
+        )
 
     # -- dead letters -------------------------------------------------------------------
     async def consume_dead_letters(self, pool: str, handler: Handler) -> Subscription:
@@ -347,8 +363,7 @@ class AmqpBroker(BrokerAdapter):
         )
         try:
             if channel.is_closed:
-                # Reconnecting, or restoring after a channel error: wait rather than fail.
-                await asyncio.wait_for(channel.ready(), self.ready_timeout)
+                await self._wait_usable(channel)
             underlay = await channel.get_underlay_channel()
             await underlay.basic_publish(
                 message.body,
@@ -361,15 +376,32 @@ class AmqpBroker(BrokerAdapter):
         except amqp_errors.PublishError:
             raise Unroutable(unroutable) from None
         except amqp_errors.DeliveryError:
-            raise PublishFailed(f"RabbitMQ refused the message for {routing_key or exchange!r} (nack)") from None
+            raise PublishFailed(
+                f"RabbitMQ refused the message for {routing_key or exchange!r} (nack)"
+            ) from None
         except amqp_errors.ChannelNotFoundEntity:
             raise Unroutable(missing or unroutable) from None
         except amqp_errors.ChannelClosed as exc:
-            raise PublishFailed(f"RabbitMQ closed the channel: {exc}") from None
+            raise PublishFailed(f"RabbitMQ closed the channel: {exc}") from exc
         except (*_CONNECTION_LOST, asyncio.TimeoutError) as exc:
             raise BrokerUnavailable(
                 "connection lost while publishing; the message may or may not have been accepted"
             ) from exc
+
+    async def _wait_usable(self, channel: AbstractRobustChannel) -> None:
+        """Wait out a reconnect, or the restore after a channel error, rather than fail.
+
+        ``ready()`` alone is not enough: it can still report the channel restored for a moment
+        after the broker closed it, before aio-pika's close callback has run."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ready_timeout
+        while channel.is_closed:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            await asyncio.wait_for(channel.ready(), remaining)
+            if channel.is_closed:
+                await asyncio.sleep(0.01)
 
     async def _subscribe(
         self,
@@ -408,6 +440,9 @@ class AmqpBroker(BrokerAdapter):
         except (*_CONNECTION_LOST, asyncio.TimeoutError) as exc:
             await _close_quietly(channel)
             raise BrokerUnavailable(f"connection lost while subscribing to {queue_name!r}") from exc
+        except amqp_errors.AMQPError as exc:
+            await _close_quietly(channel)
+            raise BrokerError(f"RabbitMQ refused a consumer on {queue_name!r}: {exc}") from exc
         self._subscriptions.add(subscription)
         return subscription
 
@@ -517,18 +552,22 @@ class _AmqpPoolLock(PoolLock):
         self._broker = broker
         self.pool = pool
         self.queue = common.lock_queue(pool)
+        # Counts successful declarations (1 after acquire, +1 per reconnect that kept it);
+        # ``lost`` turns True if a rival took the lock while we were disconnected.
+        self.generation = 0
         self.lost = False
 
     async def _declare(self) -> None:
         async with self._broker._raw_channel() as channel:
             try:
-                await channel.queue_declare(
-                    self.queue, exclusive=True, arguments={"x-queue-type": "classic"}
-                )
+                await channel.queue_declare(self.queue, exclusive=True, arguments={"x-queue-type": "classic"})
             except amqp_errors.ChannelLockedResource:
                 raise PoolBusy(f"pool {self.pool!r} is locked by another worker") from None
             except _CONNECTION_LOST as exc:
                 raise BrokerUnavailable(f"connection lost while locking pool {self.pool!r}") from exc
+            except amqp_errors.AMQPError as exc:
+                raise BrokerError(f"RabbitMQ refused pool {self.pool!r}'s lock queue: {exc}") from exc
+        self.generation += 1
 
     async def acquire(self) -> None:
         await self._declare()
@@ -538,6 +577,8 @@ class _AmqpPoolLock(PoolLock):
             await self._declare()
         except PoolBusy:
             self.lost = True
+            if self._broker._locks.get(self.pool) is self:
+                del self._broker._locks[self.pool]
             log.error("pool %r: lock lost to another worker while reconnecting", self.pool)
         except BrokerUnavailable:
             pass  # the next reconnect tries again

@@ -250,20 +250,19 @@ class _Consumer(Subscription):
         self.active = False
         if self in self.queue.consumers:
             self.queue.consumers.remove(self)
-        for delivery in list(self.in_flight):
-            delivery.stale = True
-            self.state.give_back(delivery)
-        self.in_flight.clear()
+        self.return_in_flight()
         if self._on_cancel is not None:
             self._on_cancel()
             self._on_cancel = None
 
     def return_in_flight(self) -> None:
         """What a lost connection does: unsettled deliveries go back, flagged redelivered."""
-        for delivery in list(self.in_flight):
+        returning = list(self.in_flight)
+        # Emptied first: giving back pumps, and may hand this very consumer new deliveries.
+        self.in_flight.clear()
+        for delivery in returning:
             delivery.stale = True
             self.state.give_back(delivery)
-        self.in_flight.clear()
 
     # -- on the consumer's loop ---------------------------------------------------------
     def _start(self, delivery: _MemoryDelivery) -> None:
@@ -284,13 +283,13 @@ class _Consumer(Subscription):
                 self.loop.call_soon_threadsafe(task.cancel)
 
     async def cancel(self) -> None:
+        self.broker._subscriptions.discard(self)
         with self.state.lock:
             if not self.active:
                 return
             self.active = False
             if self in self.queue.consumers:
                 self.queue.consumers.remove(self)
-        self.broker._subscriptions.discard(self)
         # Handlers still running give their deliveries back as they unwind.
         await self.stop_handlers()
         with self.state.lock:

@@ -198,14 +198,22 @@ class Worker:
                                 statement=statement, worker_id=self.worker_id)
 
     # -- jobs -----------------------------------------------------------------------------
+    async def _park(self) -> None:
+        """Hold a delivery that arrived while draining until ``stop()`` cancels the consumer.
+
+        Nacking it at once would hand it straight back to this same consumer (its prefetch is
+        still open), over and over, each time counting against the queue's delivery limit
+        until the job is dead-lettered. Once the consumer is cancelled, the adapter returns
+        parked deliveries and the broker gives them to another worker.
+        """
+        await asyncio.Event().wait()
+
     async def _on_job(self, delivery: Delivery) -> None:
         if self._draining:
-            await delivery.nack()
-            return
+            return await self._park()
         async with self._slots:
             if self._draining:
-                await delivery.nack()
-                return
+                return await self._park()
             self._active += 1
             self._idle.clear()
             started = time.perf_counter()

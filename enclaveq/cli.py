@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from attestation.cli import policy_group, sim_group
+from attestation.cli import policy_cli as policy_group, sim_cli as sim_group
 from enclave_worker.cli import worker_command
 from producer_sdk.cli import attest_command, model_group, run_command, submit_command
 

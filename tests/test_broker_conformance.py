@@ -8,7 +8,6 @@ Everything a test declares is deleted in fixture teardown, so shared brokers kee
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import pytest
 
 from broker_adapters import (
     BrokerAdapter,
+    BrokerError,
     Delivery,
     Message,
     PoolBusy,
@@ -146,12 +146,11 @@ async def _close_server_side(connection_name: str) -> None:
             ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=30
         ).stdout
 
-    listing = json.loads(await asyncio.to_thread(run, "list_connections", "pid", "client_properties", "--formatter", "json"))
-    matches = [
-        c["pid"]
-        for c in listing
-        if ["connection_name", "longstr", connection_name] in c["client_properties"]
-    ]
+    # Tab-separated, one connection per line; the JSON formatter's pids are not accepted back.
+    listing = await asyncio.to_thread(
+        run, "list_connections", "--no-table-headers", "pid", "client_properties"
+    )
+    matches = [line.split("\t", 1)[0] for line in listing.splitlines() if connection_name in line]
     assert len(matches) == 1, f"connection {connection_name} not found on the broker"
     await asyncio.to_thread(run, "close_connection", matches[0], "conformance test: simulated network loss")
 
@@ -235,6 +234,22 @@ async def test_a_job_whose_handler_raises_or_forgets_to_settle_is_redelivered(br
         await seen.nothing_more()
     finally:
         await sub.cancel()
+
+
+async def test_a_job_published_without_a_message_id_gets_one(broker, pool):
+    seen = Recorder("ack")
+    sub = await broker.consume_jobs(pool, seen)
+    try:
+        await broker.publish_job(pool, Message(body=b"anonymous"))
+        assert (await seen.next()).message.message_id
+    finally:
+        await sub.cancel()
+
+
+async def test_redeclaring_a_pool_is_idempotent_but_its_delivery_limit_cannot_change(broker, pool):
+    await broker.declare_pool(pool, PoolSettings(delivery_limit=DELIVERY_LIMIT))
+    with pytest.raises(BrokerError):
+        await broker.declare_pool(pool, PoolSettings(delivery_limit=DELIVERY_LIMIT + 1))
 
 
 async def test_a_job_for_an_undeclared_pool_is_unroutable(broker, unique_name):
@@ -336,7 +351,9 @@ async def test_the_reply_address_round_trips_through_a_job(broker, pool, replies
 
     async def worker(delivery: Delivery) -> None:
         request = delivery.message
-        await broker.publish_reply(request.reply_to, Message(body=b"out", correlation_id=request.correlation_id))
+        await broker.publish_reply(
+            request.reply_to, Message(body=b"out", correlation_id=request.correlation_id)
+        )
         await delivery.ack()
 
     got = Recorder("ack")
@@ -371,6 +388,12 @@ async def test_a_control_message_reaches_every_worker_of_the_pool(broker, broker
 async def test_a_control_message_with_no_worker_listening_is_unroutable(broker, pool):
     with pytest.raises(Unroutable):
         await broker.publish_control(pool, Message(body=b"challenge"))
+
+
+async def test_a_control_message_for_an_undeclared_pool_is_unroutable_every_time(broker, unique_name):
+    for _ in range(3):
+        with pytest.raises(Unroutable):
+            await broker.publish_control(f"{unique_name}-nowhere", Message(body=b"challenge"))
 
 
 # -- pool lock ---------------------------------------------------------------------------

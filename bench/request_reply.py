@@ -1,0 +1,847 @@
+"""Request/reply throughput: enclaveq over RabbitMQ against plain aio-pika, in one run.
+
+    python -m bench.request_reply [--jobs N] [--broker URL] [--concurrency C[,C...]]
+                                  [--model tiny|magika] [--profile] [--json PATH]
+
+Two systems move the same number of jobs through the same broker, each with ``C`` requests
+in flight and the answering side in its own process:
+
+baseline
+    plain aio-pika, no crypto, no inference. A responder process consumes a durable quorum
+    queue (prefetch 16, manual acks), publishes a reply of the size of an enclaveq result to
+    the client's durable quorum reply queue on a publisher-confirm channel (persistent,
+    mandatory), waits for the confirm and only then acks the request. The client publishes
+    persistent, mandatory requests of the size of an enclaveq request on a confirm channel and
+    acks every reply. These are exactly the delivery guarantees enclaveq gives.
+
+enclaveq
+    one real worker started with the CLI (``enclaveq sim init``, ``enclaveq policy init``,
+    ``enclaveq worker``) and the producer ``AsyncClient.submit`` with ``max_in_flight=C``; the
+    model is a tiny ONNX graph (float32 [1,16] + 1) built here, or Magika's real classifier.
+
+For each system: a warm-up batch (not timed), then ``N`` timed jobs. Reported: jobs/s, p50 and
+p99 latency (from sealing/publishing a request to having its result in hand), the CPU time per
+job of the client, of the answering process and of the RabbitMQ node (when it runs on this
+machine), and the ratio enclaveq/baseline jobs/s.
+
+``--profile`` samples the answering process and the client during each timed phase, with
+py-spy when it is installed (every thread, low overhead) or cProfile otherwise (main thread
+only), and prints the top functions and a breakdown by area. Profiled runs are slower: use
+their numbers for "where", never for "how fast".
+
+Every queue, exchange and pool the run declares has a unique name and is deleted at the end,
+also after Ctrl-C; the worker and the responder are stopped with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import datetime
+import json
+import os
+import platform
+import pstats
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672/"
+# The worker's own prefetch with the default config: max(2 * max_jobs_in_flight, 16).
+WORKER_PREFETCH = 16
+# AsyncClient.consume_replies' prefetch.
+CLIENT_REPLY_PREFETCH = 256
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# -- small helpers ---------------------------------------------------------------------------
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def _proc_cpu(pid: int) -> float | None:
+    """User + system CPU seconds of a process (all its threads), from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _find_broker_pid() -> int | None:
+    """The local RabbitMQ node (beam.smp), if the broker runs on this machine."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() == "beam.smp":
+                cmdline = (entry / "cmdline").read_bytes()
+                if b"rabbit" in cmdline:
+                    return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
+def _self_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+@dataclass
+class PhaseResult:
+    system: str
+    concurrency: int
+    jobs: int
+    seconds: float
+    latencies_ms: list[float] = field(repr=False)
+    errors: int = 0
+    cpu_client_s: float | None = None
+    cpu_server_s: float | None = None
+    cpu_broker_s: float | None = None
+    profiled: bool = False
+
+    @property
+    def jobs_per_s(self) -> float:
+        return self.jobs / self.seconds if self.seconds > 0 else 0.0
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+    def cpu_ms_per_job(self, which: str) -> float | None:
+        value = getattr(self, f"cpu_{which}_s")
+        return None if value is None else 1000 * value / self.jobs
+
+    def summary(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "latencies_ms"}
+        out.update(jobs_per_s=round(self.jobs_per_s, 1), p50_ms=round(self.pct(50), 2), p99_ms=round(self.pct(99), 2),
+                   cpu_ms_per_job={w: (None if self.cpu_ms_per_job(w) is None else round(self.cpu_ms_per_job(w), 3))
+                                   for w in ("client", "server", "broker")})
+        return out
+
+
+class _CpuMeter:
+    """CPU seconds spent by the client (this process), the server process and the broker."""
+
+    def __init__(self, server_pid: int | None, broker_pid: int | None) -> None:
+        self.server_pid, self.broker_pid = server_pid, broker_pid
+
+    def read(self) -> tuple[float, float | None, float | None]:
+        return (_self_cpu(), _proc_cpu(self.server_pid) if self.server_pid else None,
+                _proc_cpu(self.broker_pid) if self.broker_pid else None)
+
+    @staticmethod
+    def diff(a, b) -> tuple[float | None, ...]:
+        return tuple(None if x is None or y is None else y - x for x, y in zip(a, b))
+
+
+# -- models ----------------------------------------------------------------------------------
+def tiny_model() -> bytes:
+    """float32 x[1,16] -> y = x + 1: the smallest model that still runs through ONNX Runtime."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "one"], ["y"])], "bench_tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],
+        initializer=[helper.make_tensor("one", TensorProto.FLOAT, [16], [1.0] * 16)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+@dataclass
+class Workload:
+    name: str
+    model_bytes: bytes
+    samples: list[dict[str, np.ndarray]]
+    request_bytes: int = 0
+    reply_bytes: int = 0
+
+    def inputs(self, count: int) -> Iterator[dict[str, np.ndarray]]:
+        for i in range(count):
+            yield self.samples[i % len(self.samples)]
+
+
+def make_workload(name: str) -> Workload:
+    if name == "tiny":
+        rng = np.random.default_rng(0)
+        samples = [{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(16)]
+        work = Workload("tiny (float32 [1,16] + 1)", tiny_model(), samples)
+    else:
+        from enclaveq.bundled_model import SAMPLE_DOCUMENTS, magika_model
+
+        m = magika_model()
+        samples = [{m.input_name: m.features(doc)} for doc in SAMPLE_DOCUMENTS.values()]
+        work = Workload("magika (int32 [1,2048] -> scores)", m.path.read_bytes(), samples)
+    work.request_bytes, work.reply_bytes = _sealed_sizes(work)
+    return work
+
+
+def _sealed_sizes(work: Workload) -> tuple[int, int]:
+    """Sizes of a real sealed enclaveq request and result for this workload, for the baseline."""
+    import onnxruntime as ort
+
+    from protocol import bodies, crypto
+    from protocol.envelope import ProducerSession, seal_result
+
+    pool_key = crypto.public_bytes(crypto.generate_private_key())
+    session = ProducerSession(pool="bench-00000000", epoch=1, pool_public_key=pool_key)
+    header = session.header("job", job_id=uuid.uuid4().hex, deadline_ms=int(time.time() * 1000) + 120_000,
+                            reply_to="enclaveq.reply.producer-" + "0" * 16, content_type=bodies.TENSORS,
+                            model_id="0" * 64)
+    request = session.seal(header, bodies.encode_job(work.samples[0]))
+    sess = ort.InferenceSession(work.model_bytes, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    outputs = dict(zip(names, sess.run(names, work.samples[0])))
+    result = seal_result(os.urandom(32), header, "ok", bodies.TENSORS, bodies.encode_tensors_body(outputs))
+    return len(request), len(result)
+
+
+# -- profiling -------------------------------------------------------------------------------
+# The server process is wrapped in cProfile that SIGUSR1 starts and SIGUSR2 stops and dumps,
+# so that only the timed phase is profiled. Used for the worker (around enclaveq.cli:main,
+# the real CLI entry point) and for the baseline responder.
+_CPROFILE_WRAPPER = r"""
+import cProfile, signal, sys
+prefix = sys.argv[1]
+target = sys.argv[2]
+sys.argv = sys.argv[3:]
+state = {"prof": None, "n": 0}
+def start(*_):
+    state["prof"] = cProfile.Profile()
+    state["prof"].enable()
+def stop(*_):
+    prof = state["prof"]
+    if prof is not None:
+        prof.disable()
+        prof.dump_stats(f"{prefix}.{state['n']}.prof")
+        state["n"] += 1
+        state["prof"] = None
+signal.signal(signal.SIGUSR1, start)
+signal.signal(signal.SIGUSR2, stop)
+if target == "enclaveq":
+    from enclaveq.cli import main
+    try:
+        main()
+    except SystemExit:
+        pass
+else:
+    import runpy
+    runpy.run_module(target, run_name="__main__")
+"""
+
+
+def _pyspy() -> str | None:
+    candidate = Path(sys.executable).parent / "py-spy"
+    return str(candidate) if candidate.exists() else shutil.which("py-spy")
+
+
+class Profiler:
+    """Profiles one process (the server via pid, or this process) over one timed phase."""
+
+    def __init__(self, tool: str, label: str, out: Path, pid: int, *, own: bool) -> None:
+        self.tool, self.label, self.out, self.pid, self.own = tool, label, out, pid, own
+        self._spy: subprocess.Popen | None = None
+        self._prof: cProfile.Profile | None = None
+        self._n_before = 0
+
+    async def start(self) -> None:
+        if self.tool == "py-spy":
+            self._spy = subprocess.Popen(
+                [_pyspy(), "record", "--pid", str(self.pid), "--rate", "250", "--format", "raw", "--nonblocking",
+                 "--output", str(self.out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+            await asyncio.sleep(0.5)  # let it attach before the phase starts
+        elif self.own:
+            self._prof = cProfile.Profile()
+            self._prof.enable()
+        else:
+            os.kill(self.pid, signal.SIGUSR1)
+            await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        if self.tool == "py-spy" and self._spy is not None:
+            self._spy.send_signal(signal.SIGINT)
+            try:
+                await asyncio.to_thread(self._spy.wait, 30)
+            except subprocess.TimeoutExpired:
+                self._spy.kill()
+        elif self.own and self._prof is not None:
+            self._prof.disable()
+            self._prof.dump_stats(str(self.out))
+        elif not self.own:
+            os.kill(self.pid, signal.SIGUSR2)
+            for _ in range(100):  # the dump takes a moment
+                if self.out.exists():
+                    break
+                await asyncio.sleep(0.05)
+
+    def report(self, top: int) -> tuple[list[tuple[str, float, float]], dict[str, float], str]:
+        """(rows of (function, self %, inclusive %), self % by area, unit note)."""
+        if self.tool == "py-spy":
+            return _pyspy_report(self.out, top)
+        return _cprofile_report(self.out, top)
+
+
+# Areas to sum self time into, matched against file paths (and builtin names for cProfile).
+_AREAS = [
+    ("crypto (AES-GCM/HKDF/HPKE)", ("protocol/crypto", "cryptography/", "AESGCM", "HKDF", "encrypt", "decrypt",
+                                     "derive", "hpke", "_rust")),
+    ("msgpack + protocol parsing", ("protocol/", "msgpack", "packb", "unpackb")),
+    ("onnxruntime inference", ("onnxruntime", "InferenceSession", "models.py")),
+    ("numpy", ("numpy",)),
+    ("enclaveq worker", ("enclave_worker/",)),
+    ("enclaveq producer SDK", ("producer_sdk/",)),
+    ("enclaveq broker adapter", ("broker_adapters/",)),
+    ("metrics (prometheus_client)", ("prometheus_client",)),
+    ("AMQP client (aio-pika/aiormq/pamqp)", ("aio_pika", "aiormq", "pamqp", "yarl", "multidict")),
+    ("threads (to_thread, executor)", ("concurrent/futures", "threading.py", "to_thread", "threads.py")),
+    ("socket I/O", ("sock_send", "sock_recv", "'send' of", "'recv' of", "_SelectorSocketTransport",
+                    "selector_events", "sslproto", "transports")),
+    ("idle wait (epoll)", ("poll' of 'select", "epoll", "selectors.py")),
+    ("asyncio machinery", ("asyncio/", "_asyncio", "Future", "Task", "call_soon")),
+    ("logging", ("logging/",)),
+    ("uuid/os.urandom", ("uuid.py", "urandom")),
+    ("bench harness", ("bench/",)),
+]
+
+
+def _area(key: str) -> str:
+    for area, needles in _AREAS:
+        if any(n in key for n in needles):
+            return area
+    return "other"
+
+
+def _short(path_func: str) -> str:
+    for marker in ("site-packages/", "/lib/python3", "/work/main/"):
+        if marker in path_func:
+            path_func = path_func.split(marker, 1)[1]
+            if marker == "/lib/python3":
+                path_func = path_func.split("/", 1)[1] if "/" in path_func else path_func
+    return path_func
+
+
+def _cprofile_report(path: Path, top: int):
+    stats = pstats.Stats(str(path))
+    total = sum(v[2] for v in stats.stats.values()) or 1e-9  # sum of self times
+    rows = []
+    by_area: dict[str, float] = defaultdict(float)
+    for (filename, line, func), (cc, nc, tt, ct, callers) in stats.stats.items():
+        key = f"{func} ({_short(filename)}:{line})" if filename != "~" else func
+        by_area[_area(key if filename == "~" else filename + " " + func)] += tt
+        rows.append((key, 100 * tt / total, 100 * ct / total, nc))
+    rows.sort(key=lambda r: -r[1])
+    return ([(k, s, c) for k, s, c, _ in rows[:top]],
+            {a: 100 * t / total for a, t in sorted(by_area.items(), key=lambda kv: -kv[1])},
+            f"cProfile, main thread only, {total:.2f}s of self time; inclusive % can exceed 100 (recursion, coroutines)")
+
+
+def _pyspy_report(path: Path, top: int):
+    self_counts: dict[str, int] = defaultdict(int)
+    incl_counts: dict[str, int] = defaultdict(int)
+    by_area: dict[str, int] = defaultdict(int)
+    total = 0
+    if not path.exists():
+        return [], {}, "py-spy wrote no samples"
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [_frame_key(f) for f in stack.split(";")]
+        self_counts[frames[-1]] += n
+        for f in set(frames):
+            incl_counts[f] += n
+        # Attribute the sample to the innermost frame that belongs to a known area, so that
+        # time in stdlib helpers counts toward whoever called them.
+        area = "other"
+        for f in reversed(frames):
+            area = _area(f)
+            if area not in ("other", "asyncio machinery"):
+                break
+        by_area[area] += n
+    total = total or 1
+    rows = sorted(self_counts, key=lambda k: -self_counts[k])[:top]
+    return ([(k, 100 * self_counts[k] / total, 100 * incl_counts[k] / total) for k in rows],
+            {a: 100 * c / total for a, c in sorted(by_area.items(), key=lambda kv: -kv[1])},
+            f"py-spy, all non-idle threads, {total} samples at 250 Hz; area = innermost known frame")
+
+
+def _frame_key(frame: str) -> str:
+    # "func (path/to/file.py:123)" -> "func (file.py path)" without the line number
+    name, _, loc = frame.partition(" (")
+    loc = loc.rstrip(")")
+    file = loc.rsplit(":", 1)[0]
+    return f"{name} ({_short(file)})"
+
+
+# -- the baseline: plain aio-pika ------------------------------------------------------------
+async def _responder_main(url: str, queue: str, prefetch: int, reply_bytes: int) -> None:
+    """The baseline's answering process: consume, reply with confirm, then ack."""
+    import aio_pika
+
+    reply_body = os.urandom(reply_bytes)
+    conn = await aio_pika.connect_robust(url)
+    publish = await conn.channel(publisher_confirms=True, on_return_raises=True)
+    consume = await conn.channel(publisher_confirms=False)
+    await consume.set_qos(prefetch_count=prefetch)
+    q = await consume.declare_queue(queue, passive=True)
+    exchange = publish.default_exchange
+
+    async def on_message(msg: aio_pika.abc.AbstractIncomingMessage) -> None:
+        await exchange.publish(
+            aio_pika.Message(reply_body, correlation_id=msg.correlation_id,
+                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            routing_key=msg.reply_to, mandatory=True)
+        await msg.ack()
+
+    await q.consume(on_message, no_ack=False)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print("ready", flush=True)
+    await stop.wait()
+    await conn.close()
+
+
+class Baseline:
+    def __init__(self, url: str, run_id: str, workload: Workload, tmp: Path, profile_tool: str | None) -> None:
+        self.url, self.workload, self.tmp, self.profile_tool = url, workload, tmp, profile_tool
+        self.jobs_queue = f"bench.{run_id}.jobs"
+        self.reply_queue = f"bench.{run_id}.reply"
+        self.proc: subprocess.Popen | None = None
+        self._conn = None
+        self._pending: dict[str, asyncio.Future] = {}
+        self._body = os.urandom(workload.request_bytes)
+        self._consume = None
+
+    async def start(self) -> None:
+        import aio_pika
+
+        self._conn = await aio_pika.connect_robust(self.url)
+        admin = await self._conn.channel()
+        # The same queue type and arguments as enclaveq's jobs and reply queues: durable quorum.
+        await admin.declare_queue(self.jobs_queue, durable=True,
+                                  arguments={"x-queue-type": "quorum", "x-delivery-limit": 4})
+        await admin.declare_queue(self.reply_queue, durable=True,
+                                  arguments={"x-queue-type": "quorum", "x-delivery-limit": 9})
+        await admin.close()
+        args = ["--_responder", "--broker", self.url, "--_queue", self.jobs_queue,
+                "--_prefetch", str(WORKER_PREFETCH), "--_reply-bytes", str(self.workload.reply_bytes)]
+        if self.profile_tool == "cprofile":
+            cmd = [sys.executable, "-c", _CPROFILE_WRAPPER, str(self.tmp / "responder"), "bench.request_reply", "x", *args]
+        else:
+            cmd = [sys.executable, "-m", "bench.request_reply", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(self.tmp / "responder.log", "wb"),
+                                     start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent))
+        line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), 30)
+        if b"ready" not in line:
+            raise RuntimeError("the baseline responder did not start:\n" + (self.tmp / "responder.log").read_text())
+        self._publish = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
+        self._consume = await self._conn.channel(publisher_confirms=False)
+        await self._consume.set_qos(prefetch_count=CLIENT_REPLY_PREFETCH)
+        reply_q = await self._consume.declare_queue(self.reply_queue, passive=True)
+        await reply_q.consume(self._on_reply, no_ack=False)
+
+    async def _on_reply(self, msg) -> None:
+        future = self._pending.get(msg.correlation_id or "")
+        if future is not None and not future.done():
+            future.set_result(msg.body)
+        await msg.ack()
+
+    async def batch(self, n: int, concurrency: int) -> tuple[float, list[float], int]:
+        import aio_pika
+
+        loop = asyncio.get_running_loop()
+        exchange = self._publish.default_exchange
+        latencies: list[float] = []
+        remaining = n
+        errors = 0
+
+        async def lane() -> None:
+            nonlocal remaining, errors
+            while remaining > 0:
+                remaining -= 1
+                cid = uuid.uuid4().hex
+                future = loop.create_future()
+                self._pending[cid] = future
+                t0 = time.perf_counter()
+                try:
+                    await exchange.publish(
+                        aio_pika.Message(self._body, correlation_id=cid, message_id=cid, reply_to=self.reply_queue,
+                                         delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                        routing_key=self.jobs_queue, mandatory=True)
+                    await asyncio.wait_for(future, 120)
+                    latencies.append(1000 * (time.perf_counter() - t0))
+                except Exception:
+                    errors += 1
+                finally:
+                    self._pending.pop(cid, None)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(lane() for _ in range(concurrency)))
+        return time.perf_counter() - started, latencies, errors
+
+    async def cleanup(self) -> None:
+        await _stop_process(self.proc, "baseline responder")
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                if self._consume is not None:
+                    await self._consume.close()  # our reply consumer first: no "cancelled by the broker"
+            with contextlib.suppress(Exception):
+                ch = await self._conn.channel()
+                for q in (self.jobs_queue, self.reply_queue):
+                    await ch.queue_delete(q)
+                await ch.close()
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+
+
+# -- enclaveq ---------------------------------------------------------------------------------
+class _Stamped(Mapping):
+    """One job's inputs; notes when the SDK starts sealing them (after its window admitted the
+    job), which is where this job's latency starts."""
+
+    __slots__ = ("_inputs", "_stamps", "_index")
+
+    def __init__(self, inputs: dict, stamps: dict, index: int) -> None:
+        self._inputs, self._stamps, self._index = inputs, stamps, index
+
+    def __getitem__(self, key):
+        return self._inputs[key]
+
+    def __iter__(self):
+        return iter(self._inputs)
+
+    def __len__(self) -> int:
+        return len(self._inputs)
+
+    def items(self):
+        self._stamps.setdefault(self._index, time.perf_counter())
+        return self._inputs.items()
+
+
+def _enclaveq_exe() -> str:
+    candidate = Path(sys.executable).parent / "enclaveq"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("enclaveq")
+    if found:
+        return found
+    sys.exit("the `enclaveq` command is not installed in this environment; run: .venv/bin/pip install -e '.[test]'")
+
+
+class Enclaveq:
+    def __init__(self, url: str, run_id: str, workload: Workload, tmp: Path, profile_tool: str | None,
+                 worker_max_jobs: int | None) -> None:
+        self.url, self.workload, self.tmp, self.profile_tool = url, workload, tmp, profile_tool
+        self.worker_max_jobs = worker_max_jobs
+        self.pool = f"bench-{run_id}"
+        self.sim_dir = tmp / "sim"
+        self.policy = tmp / "policy.toml"
+        self.proc: subprocess.Popen | None = None
+        self.client = None
+        self.model_id: str | None = None
+        self.reply_name: str | None = None
+
+    async def start(self) -> None:
+        from producer_sdk import AsyncClient
+
+        exe = _enclaveq_exe()
+        for cmd in ([exe, "sim", "init", "--dir", str(self.sim_dir)],
+                    [exe, "policy", "init", "--sim-dir", str(self.sim_dir), "--out", str(self.policy)]):
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd[1:3])} failed: {done.stderr.strip()}")
+        args = ["worker", "--broker", self.url, "--pool", self.pool, "--sim-dir", str(self.sim_dir)]
+        if self.worker_max_jobs:
+            args += ["--max-jobs", str(self.worker_max_jobs)]
+        if self.profile_tool == "cprofile":
+            cmd = [sys.executable, "-c", _CPROFILE_WRAPPER, str(self.tmp / "worker"), "enclaveq", "enclaveq", *args]
+        else:
+            cmd = [exe, *args]
+        log_path = self.tmp / "worker.log"
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"),
+                                     start_new_session=True)
+        deadline = time.monotonic() + 60
+        while b"ready; send SIGTERM" not in log_path.read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker did not start:\n{log_path.read_text()[-3000:]}")
+            await asyncio.sleep(0.1)
+        self.client = AsyncClient(self.url, self.pool, self.policy, timeout=120)
+        self.reply_name = self.client.name
+        await self.client.connect()
+        self.model_id = await self.client.upload_model(self.workload.model_bytes)
+
+    async def batch(self, n: int, concurrency: int) -> tuple[float, list[float], int]:
+        stamps: dict[int, float] = {}
+        latencies: list[float] = []
+        errors = 0
+        batch = (_Stamped(inputs, stamps, i) for i, inputs in enumerate(self.workload.inputs(n)))
+        started = time.perf_counter()
+        async for result in self.client.submit(self.model_id, batch, max_in_flight=concurrency):
+            now = time.perf_counter()
+            if result.ok:
+                latencies.append(1000 * (now - stamps.pop(result.index)))
+            else:
+                errors += 1
+                if errors == 1:
+                    print(f"first enclaveq error: {result.error}", file=sys.stderr)
+        return time.perf_counter() - started, latencies, errors
+
+    async def cleanup(self) -> None:
+        from broker_adapters import open_broker
+
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await self.client.close()  # an ephemeral client deletes its reply queue
+        await _stop_process(self.proc, "worker")
+        broker = open_broker(self.url)
+        try:
+            await broker.connect()
+            with contextlib.suppress(Exception):
+                await broker.delete_pool(self.pool)
+            if self.reply_name:
+                with contextlib.suppress(Exception):
+                    await broker.delete_reply_queue(self.reply_name)
+        except Exception as exc:
+            print(f"could not delete pool {self.pool!r}: {exc}", file=sys.stderr)
+        finally:
+            with contextlib.suppress(Exception):
+                await broker.close()
+
+
+async def _stop_process(proc: subprocess.Popen | None, what: str) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.to_thread(proc.wait, 30)
+    except subprocess.TimeoutExpired:
+        print(f"{what} did not stop within 30 s of SIGTERM; killing it", file=sys.stderr)
+        proc.kill()
+        proc.wait()
+
+
+# -- the run --------------------------------------------------------------------------------
+async def _phase(system, n: int, warmup: int, concurrency: int, name: str, meter: _CpuMeter,
+                 profile: tuple[str, Path, int] | None, profiles: list) -> PhaseResult:
+    if warmup:
+        await system.batch(warmup, concurrency)
+    profilers = []
+    if profile:
+        tool, tmp, server_pid = profile
+        ext = "txt" if tool == "py-spy" else "prof"
+        server_label = "enclaveq worker" if name == "enclaveq" else "baseline responder"
+        client_label = "enclaveq producer" if name == "enclaveq" else "baseline client"
+        index = len(profiles)
+        profilers = [
+            Profiler(tool, f"{server_label} (C={concurrency})",
+                     tmp / (f"{'worker' if name == 'enclaveq' else 'responder'}.{_server_profile_index(profiles, name)}.{ext}"
+                            if tool == "cprofile" else f"server-{index}.{ext}"), server_pid, own=False),
+            Profiler(tool, f"{client_label} (C={concurrency})", tmp / f"client-{index}.{ext}", os.getpid(), own=True),
+        ]
+        for p in profilers:
+            await p.start()
+    before = meter.read()
+    seconds, latencies, errors = await system.batch(n, concurrency)
+    after = meter.read()
+    for p in profilers:
+        await p.stop()
+    profiles.extend(profilers)
+    client, server, broker = _CpuMeter.diff(before, after)
+    return PhaseResult(name, concurrency, n - errors, seconds, latencies, errors, client, server, broker,
+                       profiled=bool(profile))
+
+
+def _server_profile_index(profiles: list, name: str) -> int:
+    label = "enclaveq worker" if name == "enclaveq" else "baseline responder"
+    return sum(1 for p in profiles if p.label.startswith(label))
+
+
+def _table(results: list[PhaseResult], workload: Workload, args, broker_pid: int | None):
+    from rich.table import Table
+
+    title = (f"request/reply over RabbitMQ: {args.jobs} timed jobs (+{args.warmup} warm-up), model {workload.name}, "
+             f"request {workload.request_bytes} B / reply {workload.reply_bytes} B")
+    table = Table(title=title, title_justify="left")
+    for col in ("system", "C", "jobs/s", "p50 ms", "p99 ms", "errors", "CPU ms/job client", "server", "broker",
+                "enclaveq/baseline"):
+        table.add_column(col, justify="left" if col == "system" else "right")
+    by_c: dict[int, dict[str, PhaseResult]] = defaultdict(dict)
+    for r in results:
+        by_c[r.concurrency][r.system] = r
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    for c, pair in by_c.items():
+        for name in ("baseline", "enclaveq"):
+            r = pair.get(name)
+            if r is None:
+                continue
+            ratio = ""
+            if name == "enclaveq" and "baseline" in pair and pair["baseline"].jobs_per_s:
+                value = r.jobs_per_s / pair["baseline"].jobs_per_s
+                colour = "green" if value >= 0.80 else "red"
+                ratio = f"[{colour}]{value:.2f}[/{colour}]"
+            table.add_row(name, str(c), f"{r.jobs_per_s:.0f}", f"{r.pct(50):.1f}", f"{r.pct(99):.1f}", str(r.errors),
+                          fmt(r.cpu_ms_per_job("client")), fmt(r.cpu_ms_per_job("server")),
+                          fmt(r.cpu_ms_per_job("broker")), ratio)
+        table.add_section()
+    return table
+
+
+def _ratios(results: list[PhaseResult]) -> dict[int, float]:
+    out = {}
+    for c in sorted({r.concurrency for r in results}):
+        pair = {r.system: r for r in results if r.concurrency == c}
+        if "baseline" in pair and "enclaveq" in pair and pair["baseline"].jobs_per_s:
+            out[c] = pair["enclaveq"].jobs_per_s / pair["baseline"].jobs_per_s
+    return out
+
+
+async def run(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console() if sys.stdout.isatty() else Console(width=150)
+    concurrencies = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
+    profile_tool = None
+    if args.profile:
+        profile_tool = args.profiler or ("py-spy" if _pyspy() else "cprofile")
+        if profile_tool == "py-spy" and not _pyspy():
+            sys.exit("py-spy is not installed: `.venv/bin/pip install py-spy`, or use --profiler cprofile")
+    run_id = uuid.uuid4().hex[:10]
+    workload = make_workload(args.model)
+    broker_pid = _find_broker_pid()
+    console.print(f"run {run_id}: broker {_redact(args.broker)}, {os.cpu_count()} CPUs, python {platform.python_version()}"
+                  f", RabbitMQ node pid {broker_pid or 'not local'}"
+                  + (f", profiling with {profile_tool}" if profile_tool else ""))
+    results: list[PhaseResult] = []
+    profiles: list[Profiler] = []
+    with tempfile.TemporaryDirectory(prefix="enclaveq-bench-") as tmpname:
+        tmp = Path(tmpname)
+        baseline = Baseline(args.broker, run_id, workload, tmp, profile_tool)
+        enclaveq = Enclaveq(args.broker, run_id, workload, tmp, profile_tool, args.worker_max_jobs)
+        try:
+            await baseline.start()
+            await enclaveq.start()
+            console.print(f"baseline responder pid {baseline.proc.pid}, enclaveq worker pid {enclaveq.proc.pid} "
+                          f"(pool {enclaveq.pool}, model {enclaveq.model_id[:12]}…)")
+            systems = {"baseline": (baseline, baseline.proc.pid), "enclaveq": (enclaveq, enclaveq.proc.pid)}
+            for c in concurrencies:
+                order = ["baseline", "enclaveq"] if not args.reverse else ["enclaveq", "baseline"]
+                for name in order:
+                    if args.only and name != args.only:
+                        continue
+                    system, pid = systems[name]
+                    meter = _CpuMeter(pid, broker_pid)
+                    with console.status(f"{name}, C={c}: {args.warmup} warm-up + {args.jobs} timed jobs"):
+                        r = await _phase(system, args.jobs, args.warmup, c, name, meter,
+                                         (profile_tool, tmp, pid) if profile_tool else None, profiles)
+                    results.append(r)
+                    console.print(f"  {name:9} C={c:<4} {r.jobs_per_s:8.0f} jobs/s  p50 {r.pct(50):7.1f} ms  "
+                                  f"p99 {r.pct(99):7.1f} ms  errors {r.errors}")
+        finally:
+            with console.status("cleaning up: stopping worker and responder, deleting queues"):
+                await enclaveq.cleanup()
+                await baseline.cleanup()
+        console.print(_table(results, workload, args, broker_pid))
+        ratios = _ratios(results)
+        for c, value in ratios.items():
+            verdict = "[green]meets[/green]" if value >= 0.80 else "[red]below[/red]"
+            console.print(f"C={c}: enclaveq/baseline = {value:.2f} ({verdict} the 0.80 target)")
+        if profile_tool:
+            console.print("[yellow]profiled run: throughput above is lowered by the profiler[/yellow]")
+            for p in profiles:
+                rows, areas, note = p.report(args.top)
+                t = Table(title=f"{p.label}: top {args.top} functions by self time ({note})", title_justify="left")
+                t.add_column("function")
+                t.add_column("self %", justify="right")
+                t.add_column("incl %", justify="right")
+                for key, s, c in rows:
+                    t.add_row(key[:110], f"{s:.1f}", f"{c:.1f}")
+                console.print(t)
+                a = Table(title=f"{p.label}: time by area", title_justify="left")
+                a.add_column("area")
+                a.add_column("%", justify="right")
+                for area, pct in areas.items():
+                    if pct >= 0.5:
+                        a.add_row(area, f"{pct:.1f}")
+                console.print(a)
+            if args.keep_profiles:
+                dest = Path(args.keep_profiles)
+                dest.mkdir(parents=True, exist_ok=True)
+                for p in profiles:
+                    if p.out.exists():
+                        shutil.copy(p.out, dest / p.out.name)
+                console.print(f"raw profiles copied to {dest}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "argv": sys.argv, "cpus": os.cpu_count(), "python": platform.python_version(), "model": workload.name,
+            "request_bytes": workload.request_bytes, "reply_bytes": workload.reply_bytes,
+            "results": [r.summary() for r in results], "ratios": {str(c): round(v, 3) for c, v in ratios.items()},
+        }, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.request_reply", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=2000, help="timed jobs per system and concurrency (default 2000)")
+    parser.add_argument("--warmup", type=int, default=200, help="untimed warm-up jobs before each phase (default 200)")
+    parser.add_argument("--broker", default=os.environ.get("ENCLAVEQ_BROKER", DEFAULT_BROKER),
+                        help="AMQP URL (default amqp://guest:guest@127.0.0.1:5672/)")
+    parser.add_argument("--concurrency", default="16,64",
+                        help="requests in flight; a comma-separated list runs each (default 16,64)")
+    parser.add_argument("--model", choices=("tiny", "magika"), default="tiny")
+    parser.add_argument("--profile", action="store_true", help="profile server and client during the timed phases")
+    parser.add_argument("--profiler", choices=("py-spy", "cprofile"), default=None,
+                        help="default: py-spy if installed, else cProfile")
+    parser.add_argument("--top", type=int, default=20, help="functions shown per profile (default 20)")
+    parser.add_argument("--keep-profiles", metavar="DIR", help="copy raw profile files to DIR")
+    parser.add_argument("--worker-max-jobs", type=int, default=None,
+                        help="pass --max-jobs to the worker (default: its config, 8)")
+    parser.add_argument("--only", choices=("baseline", "enclaveq"), help="run one system only")
+    parser.add_argument("--reverse", action="store_true", help="run enclaveq before the baseline at each C")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    # The baseline responder runs this module again in a child process with these.
+    parser.add_argument("--_responder", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--_queue", help=argparse.SUPPRESS)
+    parser.add_argument("--_prefetch", type=int, default=WORKER_PREFETCH, help=argparse.SUPPRESS)
+    parser.add_argument("--_reply-bytes", dest="_reply_bytes", type=int, default=256, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._responder:
+        asyncio.run(_responder_main(args.broker, args._queue, args._prefetch, args._reply_bytes))
+        return 0
+    if args.jobs < 1 or args.warmup < 0:
+        parser.error("--jobs must be positive and --warmup non-negative")
+    try:
+        return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        print("interrupted; queues and processes were cleaned up", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

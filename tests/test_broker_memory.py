@@ -1,0 +1,208 @@
+"""What only the in-process broker does: URL selection, ``join()``, sharing across event loops,
+and the settlement rules it enforces the way RabbitMQ would."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+import pytest
+
+from broker_adapters import (
+    BrokerError,
+    BrokerUnavailable,
+    Delivery,
+    Message,
+    PoolSettings,
+    UnsupportedBrokerURL,
+    open_broker,
+)
+from broker_adapters.amqp import AmqpBroker
+from broker_adapters.memory import MemoryBroker, forget_memory_broker
+
+TIMEOUT = 5.0
+
+
+@pytest.fixture
+async def broker(unique_name: str) -> AsyncIterator[MemoryBroker]:
+    async with open_broker(f"memory://{unique_name}") as adapter:
+        assert isinstance(adapter, MemoryBroker)
+        yield adapter
+    forget_memory_broker(unique_name)
+
+
+@pytest.fixture
+async def pool(broker: MemoryBroker, unique_name: str) -> AsyncIterator[str]:
+    await broker.declare_pool(unique_name, PoolSettings(delivery_limit=2))
+    yield unique_name
+    await broker.delete_pool(unique_name)
+
+
+# -- open_broker -------------------------------------------------------------------------
+
+
+def test_open_broker_picks_the_adapter_by_scheme():
+    assert isinstance(open_broker("memory://x"), MemoryBroker)
+    assert open_broker("memory://").name == "default"
+    assert isinstance(open_broker("amqp://guest:guest@127.0.0.1/"), AmqpBroker)
+    assert isinstance(open_broker("amqps://guest:guest@127.0.0.1/"), AmqpBroker)
+
+
+def test_mqtt_is_announced_but_not_yet_supported():
+    with pytest.raises(UnsupportedBrokerURL, match="MQTT adapter comes next"):
+        open_broker("mqtt://127.0.0.1:1883/")
+
+
+def test_an_unknown_scheme_is_refused_without_echoing_the_url():
+    with pytest.raises(UnsupportedBrokerURL) as refused:
+        open_broker("redis://user:hunter2@host/0")
+    assert "hunter2" not in str(refused.value)
+
+
+async def test_adapters_share_state_by_memory_name_only(unique_name):
+    async with open_broker(f"memory://{unique_name}") as a, open_broker(f"memory://{unique_name}") as b:
+        await a.declare_pool("p")
+        await b.publish_job("p", Message(body=b"x"))  # b sees the pool a declared
+        async with open_broker(f"memory://{unique_name}-elsewhere") as c:
+            with pytest.raises(BrokerError):
+                await c.publish_job("p", Message(body=b"x"))
+    forget_memory_broker(unique_name)
+    forget_memory_broker(f"{unique_name}-elsewhere")
+
+
+# -- join --------------------------------------------------------------------------------
+
+
+async def test_join_returns_once_every_job_is_settled(broker, pool):
+    done: list[bytes] = []
+
+    async def handler(delivery: Delivery) -> None:
+        await asyncio.sleep(0.01)
+        done.append(delivery.message.body)
+        await delivery.ack()
+
+    sub = await broker.consume_jobs(pool, handler, prefetch=3)
+    for n in range(10):
+        await broker.publish_job(pool, Message(body=b"%d" % n))
+    await broker.join(pool, timeout=TIMEOUT)
+    assert sorted(done) == sorted(b"%d" % n for n in range(10))
+    await sub.cancel()
+
+
+async def test_join_reraises_what_a_handler_raised(broker, pool):
+    async def handler(delivery: Delivery) -> None:
+        raise ValueError("model exploded")
+
+    dead: list[Message] = []
+
+    async def dead_letters(delivery: Delivery) -> None:
+        dead.append(delivery.message)
+        await delivery.ack()
+
+    subs = [await broker.consume_jobs(pool, handler), await broker.consume_dead_letters(pool, dead_letters)]
+    await broker.publish_job(pool, Message(body=b"x"))
+    with pytest.raises(ValueError, match="model exploded"):
+        await broker.join(pool, timeout=TIMEOUT)
+    assert len(dead) == 1  # two deliveries, then the limit
+    for sub in subs:
+        await sub.cancel()
+
+
+async def test_join_times_out_when_nobody_consumes(broker, pool):
+    await broker.publish_job(pool, Message(body=b"x"))
+    with pytest.raises(TimeoutError):
+        await broker.join(pool, timeout=0.05)
+
+
+# -- settlement --------------------------------------------------------------------------
+
+
+async def test_a_delivery_settles_once(broker, pool):
+    outcome: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+
+    async def handler(delivery: Delivery) -> None:
+        await delivery.ack()
+        try:
+            await delivery.ack()
+        except BrokerError as exc:
+            outcome.set_result(exc)
+        else:
+            outcome.set_result(None)
+
+    sub = await broker.consume_jobs(pool, handler)
+    await broker.publish_job(pool, Message(body=b"x"))
+    assert isinstance(await asyncio.wait_for(outcome, TIMEOUT), BrokerError)
+    await sub.cancel()
+
+
+async def test_settling_a_delivery_from_before_a_disconnect_fails_and_it_comes_back(broker, pool):
+    deliveries: asyncio.Queue[Delivery] = asyncio.Queue()
+
+    async def handler(delivery: Delivery) -> None:
+        deliveries.put_nowait(delivery)
+        if delivery.redelivered:
+            await delivery.ack()
+        else:
+            await asyncio.Event().wait()
+
+    sub = await broker.consume_jobs(pool, handler)
+    await broker.publish_job(pool, Message(body=b"x"))
+    before = await asyncio.wait_for(deliveries.get(), TIMEOUT)
+    await broker.simulate_disconnect()
+    with pytest.raises(BrokerUnavailable):
+        await before.ack()
+    after = await asyncio.wait_for(deliveries.get(), TIMEOUT)
+    assert after.redelivered and after.delivery_count == 2
+    await broker.join(pool, timeout=TIMEOUT)
+    await sub.cancel()
+
+
+async def test_a_closed_adapter_refuses_to_work(unique_name):
+    adapter = open_broker(f"memory://{unique_name}")
+    async with adapter:
+        pass
+    with pytest.raises(BrokerUnavailable):
+        await adapter.publish_job("p", Message(body=b"x"))
+    forget_memory_broker(unique_name)
+
+
+# -- across event loops ------------------------------------------------------------------
+
+
+async def test_a_sync_client_on_another_threads_loop_round_trips_with_a_worker_on_this_loop(broker, pool):
+    """The demo's shape: worker on the main loop, the sync producer's loop in a thread."""
+
+    async def worker(delivery: Delivery) -> None:
+        request = delivery.message
+        await broker.publish_reply(
+            request.reply_to, Message(body=request.body[::-1], correlation_id=request.correlation_id)
+        )
+        await delivery.ack()
+
+    sub = await broker.consume_jobs(pool, worker)
+
+    def sync_client() -> list[tuple[str | None, bytes]]:
+        async def main() -> list[tuple[str | None, bytes]]:
+            async with open_broker(broker.url) as producer:
+                address = await producer.declare_reply_queue(f"{pool}-client")
+                got: asyncio.Queue[Message] = asyncio.Queue()
+
+                async def on_reply(delivery: Delivery) -> None:
+                    got.put_nowait(delivery.message)
+                    await delivery.ack()
+
+                replies = await producer.consume_replies(f"{pool}-client", on_reply)
+                for n in range(20):
+                    await producer.publish_job(
+                        pool, Message(body=b"job-%d" % n, correlation_id=str(n), reply_to=address)
+                    )
+                out = [await asyncio.wait_for(got.get(), TIMEOUT) for _ in range(20)]
+                await replies.cancel()
+                await producer.delete_reply_queue(f"{pool}-client")
+                return [(m.correlation_id, m.body) for m in out]
+
+        return asyncio.run(main())
+
+    replies = await asyncio.wait_for(asyncio.to_thread(sync_client), 2 * TIMEOUT)
+    assert sorted(replies) == sorted((str(n), (b"job-%d" % n)[::-1]) for n in range(20))
+    await sub.cancel()

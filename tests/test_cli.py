@@ -1,0 +1,129 @@
+"""The `enclaveq` command line, driven as a user would: real processes, real RabbitMQ."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from broker_adapters import open_broker
+
+from .processes import WorkerProcess, enclaveq
+from .support import mlp_model
+
+COMMANDS = [[], ["demo"], ["sim"], ["sim", "init"], ["policy"], ["policy", "init"], ["worker"], ["attest"],
+            ["model"], ["model", "upload"], ["model", "list"], ["model", "delete"], ["run"], ["submit"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "enclaveq")
+def test_every_command_has_a_help_that_explains_it(command):
+    result = enclaveq(*command, "--help")
+    assert result.returncode == 0
+    assert "Usage:" in result.stdout and len(result.stdout.splitlines()) > 5
+
+
+def test_the_policy_written_by_policy_init_pins_the_measurement_the_worker_prints(tmp_path):
+    sim = tmp_path / "sim"
+    created = enclaveq("sim", "init", "--dir", str(sim))
+    assert (sim / "root.pem").exists() and "fingerprint" in created.stdout.lower()
+    refused = enclaveq("sim", "init", "--dir", str(sim), check=False)
+    assert refused.returncode != 0 and "already" in refused.stderr
+    measurement = enclaveq("worker", "--sim-dir", str(sim), "--print-measurement").stdout.strip()
+    assert len(measurement) == 64
+    enclaveq("policy", "init", "--sim-dir", str(sim), "--out", str(tmp_path / "policy.toml"))
+    text = (tmp_path / "policy.toml").read_text()
+    assert measurement in text and "allow" in text
+
+
+def test_a_worker_refuses_to_start_without_a_sim_dir(tmp_path, rabbitmq_url, unique_name):
+    result = enclaveq("worker", "--broker", rabbitmq_url, "--pool", unique_name, "--sim-dir", str(tmp_path / "nope"),
+                      check=False)
+    assert result.returncode == 3 and "sim init" in result.stderr
+
+
+@pytest.fixture
+def deployment(tmp_path, rabbitmq_url, unique_name):
+    """A sim dir, a policy, and a worker process serving a fresh pool on RabbitMQ."""
+    sim = tmp_path / "sim"
+    enclaveq("sim", "init", "--dir", str(sim))
+    policy = tmp_path / "policy.toml"
+    enclaveq("policy", "init", "--sim-dir", str(sim), "--out", str(policy))
+    worker = WorkerProcess(rabbitmq_url, unique_name, sim, tmp_path / "worker.log").wait_ready()
+    yield {"url": rabbitmq_url, "pool": unique_name, "policy": policy, "sim": sim, "worker": worker}
+    assert worker.terminate() == 0
+    worker.close()
+    import asyncio
+
+    async def cleanup():
+        async with open_broker(rabbitmq_url) as broker:
+            await broker.delete_pool(unique_name)
+    asyncio.run(cleanup())
+
+
+def conn(d):
+    return ["--broker", d["url"], "--pool", d["pool"], "--policy", str(d["policy"])]
+
+
+def test_attest_prints_verified_claims_as_json(deployment):
+    result = enclaveq("attest", *conn(deployment), "--json")
+    doc = json.loads(result.stdout)
+    assert doc["verified"] is True and doc["claims"]["platform"] == "sim" and doc["epoch"] == 1
+
+
+def test_attest_exits_non_zero_naming_each_violation(deployment, tmp_path):
+    other = tmp_path / "other.toml"
+    enclaveq("policy", "init", "--sim-dir", str(deployment["sim"]), "--out", str(other), "--measurement", "ab" * 32)
+    result = enclaveq("attest", "--broker", deployment["url"], "--pool", deployment["pool"], "--policy", str(other),
+                      check=False)
+    assert result.returncode == 1
+    assert "measurement" in result.stderr and "ab" * 32 in result.stderr
+
+
+def test_upload_list_run_submit_and_delete_from_the_command_line(deployment, tmp_path):
+    model = mlp_model(seed=4)
+    (tmp_path / "m.onnx").write_bytes(model)
+    upload = enclaveq("model", "upload", str(tmp_path / "m.onnx"), *conn(deployment))
+    model_id = upload.stdout.strip().splitlines()[-1]
+    assert len(model_id) == 64
+
+    assert model_id in enclaveq("model", "list", *conn(deployment)).stdout
+
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    bias = np.zeros(3, np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "bias.npy", bias)
+    enclaveq("run", *conn(deployment), "--model", model_id, "--input", f"x={tmp_path / 'x.npy'}",
+             "--input", f"bias={tmp_path / 'bias.npy'}", "--output", str(tmp_path / "out.npz"))
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    logits, label = session.run(None, {"x": x, "bias": bias})
+    with np.load(tmp_path / "out.npz") as out:
+        assert np.array_equal(out["logits"], logits) and np.array_equal(out["label"], label)
+
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    for i in range(20):
+        np.savez(jobs / f"job-{i:03d}.npz", x=np.full((2, 4), i, np.float32), bias=bias)
+    np.savez(jobs / "broken.npz", x=np.ones((2, 5), np.float32), bias=bias)
+    result = enclaveq("submit", *conn(deployment), "--model", model_id, "--inputs", str(jobs),
+                      "--output", str(tmp_path / "results"), check=False)
+    assert result.returncode == 1  # one job is broken, and says so
+    assert "broken.npz" in result.stderr
+    assert "jobs: 21" in result.stdout and "failed: 1" in result.stdout and "jobs/s" in result.stdout
+    written = sorted(p.name for p in (tmp_path / "results").glob("*.npz"))
+    assert written == [f"job-{i:03d}.npz" for i in range(20)]
+    with np.load(tmp_path / "results" / "job-007.npz") as out:
+        assert np.array_equal(out["logits"], session.run(None, {"x": np.full((2, 4), 7, np.float32), "bias": bias})[0])
+
+    enclaveq("model", "delete", model_id, *conn(deployment))
+    assert model_id not in enclaveq("model", "list", *conn(deployment)).stdout
+    missing = enclaveq("run", *conn(deployment), "--model", model_id, "--input", f"x={tmp_path / 'x.npy'}",
+                       "--input", f"bias={tmp_path / 'bias.npy'}", "--output", str(tmp_path / "o.npz"), check=False)
+    assert missing.returncode == 1 and "unknown_model" in missing.stderr
+
+
+def test_run_with_a_malformed_input_spec_is_a_usage_error(deployment, tmp_path):
+    result = enclaveq("run", *conn(deployment), "--model", "00" * 32, "--input", "no-equals-sign",
+                      "--output", str(tmp_path / "o.npz"), check=False)
+    assert result.returncode == 2 and "NAME=FILE.npy" in result.stderr
