@@ -99,6 +99,9 @@ class PolicyViolation(AttestationError):
     def __str__(self) -> str:
         return self._render()
 
+    def __reduce__(self):  # keep the structured violations across pickling (process pools)
+        return (type(self), (self.violations,))
+
     @property
     def fields(self) -> tuple[str, ...]:
         """The ``field`` of every violation, in the order they were found."""
@@ -115,6 +118,9 @@ class UnsupportedPlatform(AttestationError):
             f"unsupported attestation platform {platform!r}; supported: {', '.join(supported)}"
         )
 
+    def __reduce__(self):
+        return (type(self), (self.platform, self.supported))
+
 
 class PolicyError(AttestationError):
     """The policy (file or object) is unusable. The message names the offending key."""
@@ -130,3 +136,6 @@ class UnsealError(Exception):
 
     def __init__(self) -> None:
         super().__init__("sealed data does not open (wrong key, wrong context, or tampered)")
+
+    def __reduce__(self):
+        return (type(self), ())

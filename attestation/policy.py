@@ -27,6 +27,7 @@ Defaults are the safe choice: simulation refused, debug refused, nonce required.
 from __future__ import annotations
 
 import os
+import secrets
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,16 +271,18 @@ def write_policy(path: str | os.PathLike[str], policy: Policy, *, force: bool = 
     (:class:`FileExistsError`). The write is atomic: readers see the old or the new file."""
     path = Path(path)
     text = policy_to_toml(policy).encode("utf-8")
-    if not force:
-        # O_EXCL: no check-then-write race with another writer.
-        with open(path, "xb") as handle:
-            handle.write(text)
-        return path
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Write a temporary file first, so a reader never sees half a policy; then either link it
+    # into place (fails if the target exists: no check-then-write race) or rename over it.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        tmp.write_bytes(text)
-        os.replace(tmp, path)
-    except BaseException:
+        with open(tmp, "xb") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if force:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
     return path

@@ -76,7 +76,10 @@ _CONNECTION_LOST = (
 
 
 class AmqpBroker(BrokerAdapter):
-    """An adapter onto one RabbitMQ virtual host, over one robust connection."""
+    """An adapter onto one RabbitMQ virtual host, over one robust connection.
+
+    Like any aio-pika connection it belongs to the event loop that called ``connect()``; a
+    sync client running its own loop in a thread opens its own adapter there."""
 
     # aio-pika waits 5 s between reconnect attempts by default: five seconds of idle worker
     # after every network blip. A ``reconnect_interval`` in the URL query wins over this.
@@ -143,7 +146,7 @@ class AmqpBroker(BrokerAdapter):
         return self._conn
 
     @contextlib.asynccontextmanager
-    async def _raw_channel(self, *, keep: bool = False) -> AsyncIterator[aiormq.abc.AbstractChannel]:
+    async def _raw_channel(self) -> AsyncIterator[aiormq.abc.AbstractChannel]:
         """A plain aiormq channel for declarations: not restored on reconnect, and a channel
         error on it (NOT_FOUND, PRECONDITION_FAILED, RESOURCE_LOCKED) disturbs nobody else."""
         conn = self._live()
@@ -158,7 +161,7 @@ class AmqpBroker(BrokerAdapter):
         try:
             yield channel
         finally:
-            if not keep and not channel.is_closed:
+            if not channel.is_closed:
                 with contextlib.suppress(Exception):
                     await channel.close()
 
@@ -174,9 +177,9 @@ class AmqpBroker(BrokerAdapter):
         common.check_settings(settings)
         jobs_arguments = {
             "x-queue-type": "quorum",
-            # RabbitMQ 3.10 dead-letters a message once it was *returned* more than
-            # x-delivery-limit times, i.e. on delivery number limit + 2; the contract counts
-            # deliveries. (Checked against 3.10.8: x-delivery-limit=0 gives one delivery.)
+            # RabbitMQ 3.10 counts *returns* against x-delivery-limit, so a message is
+            # delivered up to x-delivery-limit + 1 times; the contract counts deliveries.
+            # (Measured on 3.10.8: x-delivery-limit=0 gives exactly one delivery.)
             "x-delivery-limit": settings.delivery_limit - 1,
             "x-dead-letter-exchange": common.dead_letter_exchange(pool),
             "x-dead-letter-strategy": "at-least-once",

@@ -405,6 +405,7 @@ class MemoryBroker(BrokerAdapter):
             if target is None:
                 raise Unroutable(f"pool {pool!r} is not declared: no job queue took the message")
             state.enqueue(target.jobs, message)
+        await _confirmed()
 
     async def consume_jobs(self, pool: str, handler: Handler, *, prefetch: int = 16) -> Subscription:
         return self._subscribe(self._pool(pool).jobs, handler, prefetch)
@@ -422,6 +423,7 @@ class MemoryBroker(BrokerAdapter):
                 raise Unroutable(f"no worker is listening on pool {pool!r}'s control channel")
             for queue in target.control:
                 state.enqueue(queue, message)
+        await _confirmed()
 
     async def consume_control(self, pool: str, handler: Handler) -> Subscription:
         state = self._live()
@@ -470,6 +472,7 @@ class MemoryBroker(BrokerAdapter):
             if queue is None:
                 raise Unroutable(f"reply queue {address!r} does not exist")
             state.enqueue(queue, message)
+        await _confirmed()
 
     async def consume_replies(self, name: str, handler: Handler, *, prefetch: int = 256) -> Subscription:
         state = self._live()
@@ -541,6 +544,12 @@ class MemoryBroker(BrokerAdapter):
             self._subscriptions.add(consumer)
             state.pump(queue)
         return consumer
+
+
+async def _confirmed() -> None:
+    # A real broker's confirm is a suspension point; without one, a publishing loop on the
+    # consumer's own event loop would starve its handlers until it finished.
+    await asyncio.sleep(0)
 
 
 def _prepared(message: Message) -> Message:

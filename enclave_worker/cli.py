@@ -25,12 +25,11 @@ EXIT_REFUSED = 3
               help="Where sealed pool keys and models live. Default: SIM_DIR/state.")
 @click.option("--tee", type=click.Choice(["sim"]), default="sim", show_default=True,
               help="Which TEE provides evidence. Only the clearly labelled simulation exists in this version.")
-@click.option("--max-jobs", type=int, default=None, help="Jobs run concurrently (default from the measured config).")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on 127.0.0.1:PORT.")
 @click.option("--print-measurement", is_flag=True,
               help="Print this worker's measurement (hex) and exit: pin it in a policy.")
 @click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
-def worker_command(broker_url, pool, sim_dir, state_dir, tee, max_jobs, metrics_port, print_measurement, log_level):
+def worker_command(broker_url, pool, sim_dir, state_dir, tee, metrics_port, print_measurement, log_level):
     """Run a (simulated) enclave worker for one pool.
 
     The worker answers attestation challenges with fresh evidence binding its pool key and the
@@ -52,23 +51,19 @@ def worker_command(broker_url, pool, sim_dir, state_dir, tee, max_jobs, metrics_
         raise click.UsageError("--broker and --pool are required to run a worker")
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        asyncio.run(_serve(broker_url, pool, sim_dir, state_dir or sim_dir / "state", max_jobs, metrics_port))
+        asyncio.run(_serve(broker_url, pool, sim_dir, state_dir or sim_dir / "state", metrics_port))
     except WorkerStartupError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_REFUSED)
 
 
-async def _serve(broker_url, pool, sim_dir, state_dir, max_jobs, metrics_port) -> None:
-    from dataclasses import replace
-
+async def _serve(broker_url, pool, sim_dir, state_dir, metrics_port) -> None:
     from .platform import sim_identity
     from .worker import Worker
 
+    # Every WorkerConfig field is measured: the worker runs exactly the configuration it attests.
     config = DEFAULT_WORKER_CONFIG
     identity = sim_identity(sim_dir, config)
-    if max_jobs:
-        # Concurrency is operational, not security relevant: it does not enter the measurement.
-        config = replace(config, max_jobs_in_flight=max_jobs)
     worker = Worker(broker_url=broker_url, pool=pool, identity=identity, state_dir=state_dir, config=config)
     if metrics_port:
         worker.metrics.serve(metrics_port)

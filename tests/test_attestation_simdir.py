@@ -136,3 +136,10 @@ def test_a_provider_refuses_impossible_settings(tmp_path, kwargs):
     measurement = arguments.pop("measurement")
     with pytest.raises(ValueError):
         SimProvider(sim_dir, measurement, **arguments)
+
+
+def test_init_needs_an_aware_clock_and_a_positive_validity(tmp_path):
+    with pytest.raises(ValueError, match="timezone-aware"):
+        init_sim_dir(tmp_path / "a", now=datetime(2026, 3, 1))
+    with pytest.raises(ValueError, match="days"):
+        init_sim_dir(tmp_path / "b", now=T0, days=0)

@@ -212,3 +212,13 @@ def test_the_toml_text_of_a_hardware_only_policy_has_no_simulation_warning():
     text = policy_to_toml(Policy(measurements=(M1,)))
     assert "WARNING" not in text
     assert policy_from_toml(text) == Policy(measurements=(M1,))
+
+
+def test_the_example_in_the_documentation_is_a_valid_policy():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "policy.md").read_text()
+    example = doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    policy = policy_from_toml(example)
+    assert policy.allow_simulation is True
+    assert policy_from_toml(policy_to_toml(policy)) == policy

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hmac
 from datetime import datetime
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -85,7 +86,10 @@ def _validate_path(chain: tuple[x509.Certificate, ...], now: datetime) -> None:
         raise EvidenceInvalid("certificate chain in the evidence is not the validated path")
 
 
-def _extension(cert: x509.Certificate, kind: type) -> object | None:
+_E = TypeVar("_E", bound=x509.ExtensionType)
+
+
+def _extension(cert: x509.Certificate, kind: type[_E]) -> _E | None:
     try:
         return cert.extensions.get_extension_for_class(kind).value
     except x509.ExtensionNotFound:
