@@ -115,7 +115,17 @@ class PhaseResult:
     cpu_client_s: float | None = None
     cpu_server_s: float | None = None
     cpu_broker_s: float | None = None
+    cpu_machine_s: float | None = None
     profiled: bool = False
+    round: int = 0
+
+    @property
+    def other_cores(self) -> float | None:
+        """Average cores used by everything else on the machine during the phase."""
+        if self.cpu_machine_s is None or self.seconds <= 0:
+            return None
+        ours = sum(v for v in (self.cpu_client_s, self.cpu_server_s, self.cpu_broker_s) if v is not None)
+        return max(0.0, (self.cpu_machine_s - ours) / self.seconds)
 
     @property
     def jobs_per_s(self) -> float:
@@ -131,20 +141,32 @@ class PhaseResult:
     def summary(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "latencies_ms"}
         out.update(jobs_per_s=round(self.jobs_per_s, 1), p50_ms=round(self.pct(50), 2), p99_ms=round(self.pct(99), 2),
+                   other_cores=None if self.other_cores is None else round(self.other_cores, 2),
                    cpu_ms_per_job={w: (None if self.cpu_ms_per_job(w) is None else round(self.cpu_ms_per_job(w), 3))
                                    for w in ("client", "server", "broker")})
         return out
 
 
+def _machine_busy() -> float | None:
+    """Busy CPU seconds of the whole machine (all cores), from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+        return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / TICKS  # user nice system irq softirq steal
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class _CpuMeter:
-    """CPU seconds spent by the client (this process), the server process and the broker."""
+    """CPU seconds spent by the client (this process), the server process, the broker, and
+    the whole machine (to tell how much other programs took during a phase)."""
 
     def __init__(self, server_pid: int | None, broker_pid: int | None) -> None:
         self.server_pid, self.broker_pid = server_pid, broker_pid
 
-    def read(self) -> tuple[float, float | None, float | None]:
+    def read(self) -> tuple[float | None, ...]:
         return (_self_cpu(), _proc_cpu(self.server_pid) if self.server_pid else None,
-                _proc_cpu(self.broker_pid) if self.broker_pid else None)
+                _proc_cpu(self.broker_pid) if self.broker_pid else None, _machine_busy())
 
     @staticmethod
     def diff(a, b) -> tuple[float | None, ...]:
@@ -601,20 +623,22 @@ class Enclaveq:
         errors = 0
         batch = (_Stamped(inputs, stamps, i) for i, inputs in enumerate(self.workload.inputs(n)))
         started = time.perf_counter()
-        async for result in self.client.submit(self.model_id, batch, max_in_flight=concurrency):
-            now = time.perf_counter()
-            if result.ok:
-                latencies.append(1000 * (now - stamps.pop(result.index)))
-            else:
-                errors += 1
-                if errors == 1:
-                    print(f"first enclaveq error: {result.error}", file=sys.stderr)
+        async with contextlib.aclosing(self.client.submit(self.model_id, batch, max_in_flight=concurrency)) as results:
+            async for result in results:
+                now = time.perf_counter()
+                if result.ok:
+                    latencies.append(1000 * (now - stamps.pop(result.index)))
+                else:
+                    errors += 1
+                    if errors == 1:
+                        print(f"first enclaveq error: {result.error}", file=sys.stderr)
         return time.perf_counter() - started, latencies, errors
 
     async def cleanup(self) -> None:
         from broker_adapters import open_broker
 
         if self.client is not None:
+            await asyncio.sleep(0.1)  # let cancelled jobs of an interrupted batch unwind first
             with contextlib.suppress(Exception):
                 await self.client.close()  # an ephemeral client deletes its reply queue
         await _stop_process(self.proc, "worker")
@@ -671,8 +695,8 @@ async def _phase(system, n: int, warmup: int, concurrency: int, name: str, meter
     for p in profilers:
         await p.stop()
     profiles.extend(profilers)
-    client, server, broker = _CpuMeter.diff(before, after)
-    return PhaseResult(name, concurrency, n - errors, seconds, latencies, errors, client, server, broker,
+    client, server, broker, machine = _CpuMeter.diff(before, after)
+    return PhaseResult(name, concurrency, n - errors, seconds, latencies, errors, client, server, broker, machine,
                        profiled=bool(profile))
 
 
@@ -681,43 +705,62 @@ def _server_profile_index(profiles: list, name: str) -> int:
     return sum(1 for p in profiles if p.label.startswith(label))
 
 
-def _table(results: list[PhaseResult], workload: Workload, args, broker_pid: int | None):
-    from rich.table import Table
+def _median(values):
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else None
 
-    title = (f"request/reply over RabbitMQ: {args.jobs} timed jobs (+{args.warmup} warm-up), model {workload.name}, "
-             f"request {workload.request_bytes} B / reply {workload.reply_bytes} B")
-    table = Table(title=title, title_justify="left")
-    for col in ("system", "C", "jobs/s", "p50 ms", "p99 ms", "errors", "CPU ms/job client", "server", "broker",
-                "enclaveq/baseline"):
-        table.add_column(col, justify="left" if col == "system" else "right")
-    by_c: dict[int, dict[str, PhaseResult]] = defaultdict(dict)
-    for r in results:
-        by_c[r.concurrency][r.system] = r
-    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    for c, pair in by_c.items():
-        for name in ("baseline", "enclaveq"):
-            r = pair.get(name)
-            if r is None:
-                continue
-            ratio = ""
-            if name == "enclaveq" and "baseline" in pair and pair["baseline"].jobs_per_s:
-                value = r.jobs_per_s / pair["baseline"].jobs_per_s
-                colour = "green" if value >= 0.80 else "red"
-                ratio = f"[{colour}]{value:.2f}[/{colour}]"
-            table.add_row(name, str(c), f"{r.jobs_per_s:.0f}", f"{r.pct(50):.1f}", f"{r.pct(99):.1f}", str(r.errors),
-                          fmt(r.cpu_ms_per_job("client")), fmt(r.cpu_ms_per_job("server")),
-                          fmt(r.cpu_ms_per_job("broker")), ratio)
-        table.add_section()
-    return table
+
+def _pairs(results: list[PhaseResult]) -> dict[int, list[tuple[PhaseResult, PhaseResult]]]:
+    """(baseline, enclaveq) phases of the same round and concurrency, ran back to back."""
+    out: dict[int, list] = defaultdict(list)
+    index = {(r.concurrency, r.round, r.system): r for r in results}
+    for (c, rnd, system), r in sorted(index.items()):
+        if system == "baseline" and (c, rnd, "enclaveq") in index:
+            out[c].append((r, index[(c, rnd, "enclaveq")]))
+    return out
 
 
 def _ratios(results: list[PhaseResult]) -> dict[int, float]:
-    out = {}
+    """Per concurrency: the median over rounds of enclaveq/baseline jobs/s."""
+    return {c: _median([e.jobs_per_s / b.jobs_per_s for b, e in pairs if b.jobs_per_s])
+            for c, pairs in _pairs(results).items()}
+
+
+def _table(results: list[PhaseResult], workload: Workload, args):
+    from rich.table import Table
+
+    rounds = max((r.round for r in results), default=0) + 1
+    title = (f"request/reply over RabbitMQ: {args.jobs} timed jobs (+{args.warmup} warm-up) per phase"
+             + (f", median of {rounds} rounds" if rounds > 1 else "")
+             + f"; model {workload.name}; request {workload.request_bytes} B, reply {workload.reply_bytes} B")
+    table = Table(title=title, title_justify="left")
+    for col in ("system", "C", "jobs/s", "p50 ms", "p99 ms", "errors", "CPU ms/job: client", "server", "broker",
+                "other load (cores)", "enclaveq/baseline"):
+        table.add_column(col, justify="left" if col == "system" else "right")
+    fmt = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    ratios = _ratios(results)
     for c in sorted({r.concurrency for r in results}):
-        pair = {r.system: r for r in results if r.concurrency == c}
-        if "baseline" in pair and "enclaveq" in pair and pair["baseline"].jobs_per_s:
-            out[c] = pair["enclaveq"].jobs_per_s / pair["baseline"].jobs_per_s
-    return out
+        for name in ("baseline", "enclaveq"):
+            rs = [r for r in results if r.concurrency == c and r.system == name]
+            if not rs:
+                continue
+            ratio = ""
+            if name == "enclaveq" and ratios.get(c) is not None:
+                value = ratios[c]
+                colour = "green" if value >= 0.80 else "red"
+                ratio = f"[{colour}]{value:.2f}[/{colour}]"
+                if rounds > 1:
+                    each = [e.jobs_per_s / b.jobs_per_s for b, e in _pairs(results)[c]]
+                    ratio += f" ({min(each):.2f}-{max(each):.2f})"
+            table.add_row(name, str(c), fmt(_median([r.jobs_per_s for r in rs]), 0),
+                          fmt(_median([r.pct(50) for r in rs]), 1), fmt(_median([r.pct(99) for r in rs]), 1),
+                          str(sum(r.errors for r in rs)),
+                          fmt(_median([r.cpu_ms_per_job("client") for r in rs])),
+                          fmt(_median([r.cpu_ms_per_job("server") for r in rs])),
+                          fmt(_median([r.cpu_ms_per_job("broker") for r in rs])),
+                          fmt(_median([r.other_cores for r in rs])), ratio)
+        table.add_section()
+    return table
 
 
 async def run(args) -> int:
@@ -734,8 +777,12 @@ async def run(args) -> int:
     run_id = uuid.uuid4().hex[:10]
     workload = make_workload(args.model)
     broker_pid = _find_broker_pid()
+    # A SIGTERM (e.g. from `timeout`) cleans up like Ctrl-C does.
+    main_task = asyncio.current_task()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     console.print(f"run {run_id}: broker {_redact(args.broker)}, {os.cpu_count()} CPUs, python {platform.python_version()}"
-                  f", RabbitMQ node pid {broker_pid or 'not local'}"
+                  f", load average {os.getloadavg()[0]:.2f}, RabbitMQ node pid {broker_pid or 'not local'}"
                   + (f", profiling with {profile_tool}" if profile_tool else ""))
     results: list[PhaseResult] = []
     profiles: list[Profiler] = []
@@ -749,28 +796,38 @@ async def run(args) -> int:
             console.print(f"baseline responder pid {baseline.proc.pid}, enclaveq worker pid {enclaveq.proc.pid} "
                           f"(pool {enclaveq.pool}, model {enclaveq.model_id[:12]}…)")
             systems = {"baseline": (baseline, baseline.proc.pid), "enclaveq": (enclaveq, enclaveq.proc.pid)}
-            for c in concurrencies:
-                order = ["baseline", "enclaveq"] if not args.reverse else ["enclaveq", "baseline"]
-                for name in order:
-                    if args.only and name != args.only:
-                        continue
-                    system, pid = systems[name]
-                    meter = _CpuMeter(pid, broker_pid)
-                    with console.status(f"{name}, C={c}: {args.warmup} warm-up + {args.jobs} timed jobs"):
-                        r = await _phase(system, args.jobs, args.warmup, c, name, meter,
-                                         (profile_tool, tmp, pid) if profile_tool else None, profiles)
-                    results.append(r)
-                    console.print(f"  {name:9} C={c:<4} {r.jobs_per_s:8.0f} jobs/s  p50 {r.pct(50):7.1f} ms  "
-                                  f"p99 {r.pct(99):7.1f} ms  errors {r.errors}")
+            for rnd in range(args.repeat):
+                for c in concurrencies:
+                    # Alternate which system goes first, so that a slow drift of the machine
+                    # does not always favour the same one.
+                    order = ["baseline", "enclaveq"] if (rnd % 2 == 0) != args.reverse else ["enclaveq", "baseline"]
+                    for name in order:
+                        if args.only and name != args.only:
+                            continue
+                        system, pid = systems[name]
+                        meter = _CpuMeter(pid, broker_pid)
+                        with console.status(f"round {rnd + 1}/{args.repeat}: {name}, C={c}: "
+                                            f"{args.warmup} warm-up + {args.jobs} timed jobs"):
+                            r = await _phase(system, args.jobs, args.warmup, c, name, meter,
+                                             (profile_tool, tmp, pid) if profile_tool else None, profiles)
+                        r.round = rnd
+                        results.append(r)
+                        other = "" if r.other_cores is None else f"  other load {r.other_cores:.2f} cores"
+                        console.print(f"  round {rnd + 1} {name:9} C={c:<4} {r.jobs_per_s:8.0f} jobs/s  "
+                                      f"p50 {r.pct(50):7.1f} ms  p99 {r.pct(99):7.1f} ms  errors {r.errors}{other}")
         finally:
             with console.status("cleaning up: stopping worker and responder, deleting queues"):
                 await enclaveq.cleanup()
                 await baseline.cleanup()
-        console.print(_table(results, workload, args, broker_pid))
+        console.print(_table(results, workload, args))
         ratios = _ratios(results)
         for c, value in ratios.items():
             verdict = "[green]meets[/green]" if value >= 0.80 else "[red]below[/red]"
             console.print(f"C={c}: enclaveq/baseline = {value:.2f} ({verdict} the 0.80 target)")
+        busy = [r.other_cores for r in results if r.other_cores is not None]
+        if busy and max(busy) > 0.15:
+            console.print(f"[yellow]other programs used up to {max(busy):.2f} of {os.cpu_count()} cores during a "
+                          "phase: the numbers are disturbed; rerun on a quiet machine or use --repeat[/yellow]")
         if profile_tool:
             console.print("[yellow]profiled run: throughput above is lowered by the profiler[/yellow]")
             for p in profiles:
@@ -823,7 +880,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-max-jobs", type=int, default=None,
                         help="pass --max-jobs to the worker (default: its config, 8)")
     parser.add_argument("--only", choices=("baseline", "enclaveq"), help="run one system only")
-    parser.add_argument("--reverse", action="store_true", help="run enclaveq before the baseline at each C")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of (baseline, enclaveq) phases per C, alternating which goes first; "
+                             "the table shows medians, the ratio is the median of per-round ratios (default 1)")
+    parser.add_argument("--reverse", action="store_true", help="run enclaveq first in the first round")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     # The baseline responder runs this module again in a child process with these.
     parser.add_argument("--_responder", action="store_true", help=argparse.SUPPRESS)
@@ -834,11 +894,11 @@ def main(argv: list[str] | None = None) -> int:
     if args._responder:
         asyncio.run(_responder_main(args.broker, args._queue, args._prefetch, args._reply_bytes))
         return 0
-    if args.jobs < 1 or args.warmup < 0:
-        parser.error("--jobs must be positive and --warmup non-negative")
+    if args.jobs < 1 or args.warmup < 0 or args.repeat < 1:
+        parser.error("--jobs and --repeat must be positive and --warmup non-negative")
     try:
         return asyncio.run(run(args))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted; queues and processes were cleaned up", file=sys.stderr)
         return 130
 

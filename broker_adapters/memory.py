@@ -87,8 +87,11 @@ class _State:
         self.pools: dict[str, _Pool] = {}
         self.replies: dict[str, _Queue] = {}
         self.pool_locks: dict[str, _MemoryPoolLock] = {}
+        self.taps: list[Callable[[bytes], None]] = []
 
     def enqueue(self, queue: _Queue, message: Message) -> None:
+        for tap in self.taps:
+            tap(message.body)
         queue.ready.append(_Envelope(message))
         self.pump(queue)
 
@@ -507,6 +510,12 @@ class MemoryBroker(BrokerAdapter):
             if loop.time() >= deadline:
                 raise TimeoutError(f"pool {pool!r} did not drain within {timeout} s")
             await asyncio.sleep(0.002)
+
+    def tap(self, callback: Callable[[bytes], None]) -> None:
+        """Call ``callback`` with the body of every message this broker enqueues -- what an
+        operator with full access to the broker sees. The demo uses it to show ciphertext only."""
+        with self._live().lock:
+            self._live().taps.append(callback)
 
     async def simulate_disconnect(self) -> None:
         """Play a dropped connection and its automatic recovery: running handlers are

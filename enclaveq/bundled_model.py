@@ -59,9 +59,10 @@ def magika_model() -> MagikaModel:
 SAMPLE_DOCUMENTS: dict[str, bytes] = {
     "payroll.csv": b"employee_id,name,salary_eur,iban\n" + b"".join(
         f"{i},Employee {i},{40000 + 137 * i},DE{10**19 + i}\n".encode() for i in range(60)),
-    "patient.json": b'{"patient": {"id": "P-20931", "diagnosis": "hypertension", "medications": '
-                    b'["lisinopril", "amlodipine"], "notes": "follow up in 3 months", "vitals": '
-                    b'{"bp": "142/91", "hr": 77}}, "clinician": "Dr. Okafor", "visit": "2026-11-02"}\n' * 8,
+    "patient.json": b'{\n  "patient": {\n    "id": "P-20931",\n    "diagnosis": "hypertension",\n'
+                    b'    "medications": ["lisinopril", "amlodipine"],\n    "vitals": {"bp": "142/91", "hr": 77}\n'
+                    b'  },\n  "clinician": "Dr. Okafor",\n  "visit": "2026-11-02",\n'
+                    b'  "notes": "follow up in 3 months; repeat potassium and creatinine"\n}\n',
     "merger_memo.html": b"<!DOCTYPE html>\n<html><head><title>Project Heron</title></head><body>\n"
                         + b"<p>Board memo: proposed acquisition terms, strictly confidential.</p>\n" * 20
                         + b"</body></html>\n",

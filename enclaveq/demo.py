@@ -114,9 +114,11 @@ async def run_demo(workdir: Path) -> int:
         return 1
     _ok("every result equals direct onnxruntime output, bit for bit")
 
-    secrets = [model_bytes[1000:1064]] + [doc[:48] for doc in SAMPLE_DOCUMENTS.values()] + [
-        r.tobytes()[:64] for r in results.values()]
-    leaked = [s for s in secrets if any(s in body for body in captured)]
+    # What an operator with the broker's full traffic would look for: any 32-byte window of
+    # the model, of a job's input tensor (the documents' bytes as int32) or of a result.
+    plaintexts = [model_bytes] + [i[model.input_name].tobytes() for i in inputs] + [r.tobytes() for r in results.values()]
+    carried = b"\n".join(captured)
+    leaked = [p for p in plaintexts if any(p[i:i + 32] in carried for i in range(0, max(1, len(p) - 31), 97))]
     if leaked:
         console.print(f"[red]{len(leaked)} plaintext fragments were visible on the broker[/red]")
         return 1

@@ -206,3 +206,14 @@ async def test_a_sync_client_on_another_threads_loop_round_trips_with_a_worker_o
     replies = await asyncio.wait_for(asyncio.to_thread(sync_client), 2 * TIMEOUT)
     assert sorted(replies) == sorted((str(n), (b"job-%d" % n)[::-1]) for n in range(20))
     await sub.cancel()
+
+
+async def test_a_tap_sees_the_body_of_every_message_the_memory_broker_carries(unique_name):
+    seen: list[bytes] = []
+    async with open_broker(f"memory://{unique_name}") as broker:
+        broker.tap(seen.append)
+        await broker.declare_pool("p")
+        reply = await broker.declare_reply_queue("r")
+        await broker.publish_job("p", Message(body=b"job"))
+        await broker.publish_reply(reply, Message(body=b"result"))
+    assert seen == [b"job", b"result"]

@@ -127,3 +127,12 @@ def test_run_with_a_malformed_input_spec_is_a_usage_error(deployment, tmp_path):
     result = enclaveq("run", *conn(deployment), "--model", "00" * 32, "--input", "no-equals-sign",
                       "--output", str(tmp_path / "o.npz"), check=False)
     assert result.returncode == 2 and "NAME=FILE.npy" in result.stderr
+
+
+def test_the_demo_runs_the_whole_flow_and_reports_what_it_verified():
+    result = enclaveq("demo", timeout=300)
+    out = result.stdout
+    assert "attestation verified" in out and "simulated=True" in out
+    assert "every result equals direct onnxruntime" in out
+    assert "none contains the model, a document or a result in clear" in out
+    assert "demo complete" in out
