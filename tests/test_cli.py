@@ -131,7 +131,7 @@ def test_run_with_a_malformed_input_spec_is_a_usage_error(deployment, tmp_path):
 
 def test_the_demo_runs_the_whole_flow_and_reports_what_it_verified():
     result = enclaveq("demo", timeout=300)
-    out = result.stdout
+    out = " ".join(result.stdout.split())  # rich wraps lines at the terminal width
     assert "attestation verified" in out and "simulated=True" in out
     assert "every result equals direct onnxruntime" in out
     assert "none contains the model, a document or a result in clear" in out
