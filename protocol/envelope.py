@@ -156,17 +156,17 @@ def peek_request(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> 
     return sealed, RequestHeader.from_bytes(sealed.header_bytes)
 
 
-def open_request(sealed: Sealed, header: RequestHeader, session_key: bytes) -> bytes:
-    key = crypto.derive_key(session_key, crypto.KeyPurpose.JOB, header.session_id, header.job_id)
+def open_request(sealed: Sealed, header: RequestHeader, session_key: "bytes | crypto.SessionSecret") -> bytes:
+    key = crypto.as_secret(session_key).key(crypto.KeyPurpose.JOB, header.session_id, header.job_id)
     return crypto.open_(key, sealed.nonce, sealed.ciphertext, sealed.header_bytes)
 
 
-def seal_result(session_key: bytes, request: RequestHeader, status: str, content_type: str, body: bytes,
+def seal_result(session_key: "bytes | crypto.SessionSecret", request: RequestHeader, status: str, content_type: str, body: bytes,
                 *, rng: crypto.Random = os.urandom) -> bytes:
     header = ResultHeader(session_id=request.session_id, job_id=request.job_id, status=status,
                           content_type=content_type, model_id=request.model_id)
     header_bytes = header.to_bytes()
-    key = crypto.derive_key(session_key, crypto.KeyPurpose.RESULT, request.session_id, request.job_id)
+    key = crypto.as_secret(session_key).key(crypto.KeyPurpose.RESULT, request.session_id, request.job_id)
     nonce, ct = crypto.seal(key, body, header_bytes, rng=rng)
     return encode_envelope(header_bytes, nonce, ct)
 
@@ -193,6 +193,7 @@ class ProducerSession:
         self.session_id = session_id if session_id is not None else rng(crypto.SESSION_ID_BYTES)
         self.sealed_session = sealed_session if sealed_session is not None else crypto.seal_session_key(
             self._key, pool_public_key, pool=pool, epoch=epoch, session_id=self.session_id)
+        self._secret = crypto.SessionSecret(self._key)
 
     def __repr__(self) -> str:  # never show the key
         return f"ProducerSession(pool={self.pool!r}, epoch={self.epoch}, session_id={self.session_id.hex()})"
@@ -207,7 +208,7 @@ class ProducerSession:
         if header.session_id != self.session_id:
             raise ValueError("header belongs to another session")
         header_bytes = header.to_bytes()
-        key = crypto.derive_key(self._key, crypto.KeyPurpose.JOB, self.session_id, header.job_id)
+        key = self._secret.key(crypto.KeyPurpose.JOB, self.session_id, header.job_id)
         nonce, ct = crypto.seal(key, body, header_bytes, rng=self._rng)
         return encode_envelope(header_bytes, nonce, ct)
 
@@ -215,7 +216,7 @@ class ProducerSession:
         sealed, header = peek_result(data, max_bytes=max_bytes)
         if header.session_id != self.session_id:
             raise crypto.DecryptionFailed()
-        key = crypto.derive_key(self._key, crypto.KeyPurpose.RESULT, self.session_id, header.job_id)
+        key = self._secret.key(crypto.KeyPurpose.RESULT, self.session_id, header.job_id)
         return header, crypto.open_(key, sealed.nonce, sealed.ciphertext, sealed.header_bytes)
 
 

@@ -279,3 +279,21 @@ async def test_the_synchronous_client_runs_the_same_flow(tee, broker_url, pool):
         single, results = await asyncio.to_thread(use_sync_client)
     assert np.array_equal(single["logits"], direct(model, batch[0])["logits"])
     assert sorted(r.index for r in results) == list(range(10)) and all(r.ok for r in results)
+
+
+async def test_a_batch_reports_per_job_failures_and_surfaces_a_failing_iterable(tee, broker_url, pool):
+    good = {"x": np.ones((1, 4), np.float32), "bias": np.ones(3, np.float32)}
+    unsendable = {"x": np.array(["text"], dtype=object), "bias": np.ones(3, np.float32)}
+    async with running_worker(tee, broker_url, pool):
+        async with AsyncClient(broker_url, pool, tee.policy(), timeout=30) as client:
+            model_id = await client.upload_model(mlp_model())
+            results = {r.index: r async for r in client.submit(model_id, [good, unsendable, good])}
+            assert results[0].ok and results[2].ok and not results[1].ok
+            assert "not supported" in str(results[1].error)
+
+            def broken_batch():
+                yield good
+                raise RuntimeError("the caller's data source failed")
+            with pytest.raises(RuntimeError, match="data source failed"):
+                async for _ in client.submit(model_id, broken_batch()):
+                    pass

@@ -69,6 +69,16 @@ def test_the_vector_job_opens_to_the_vector_tensors():
         assert inputs[name].dtype == value.dtype and np.array_equal(inputs[name], value)
 
 
+def test_the_vector_keys_are_plain_rfc5869_hkdf_of_the_session_key():
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    s, job = VECTORS["session"], VECTORS["job"]
+    for purpose, name in ((crypto.KeyPurpose.JOB, "job_key"), (crypto.KeyPurpose.RESULT, "result_key")):
+        info = pack([purpose, bytes.fromhex(s["session_id"]), job["job_id"]])
+        expected = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(bytes.fromhex(s["session_key"]))
+        assert VECTORS["keys"][name] == expected.hex()
+
+
 # -- sessions ----------------------------------------------------------------------------------
 
 def test_a_sealed_session_opens_only_for_its_pool_epoch_and_session_id(pool_key):
