@@ -297,3 +297,20 @@ async def test_a_batch_reports_per_job_failures_and_surfaces_a_failing_iterable(
             with pytest.raises(RuntimeError, match="data source failed"):
                 async for _ in client.submit(model_id, broken_batch()):
                     pass
+
+
+async def test_worker_and_producer_logs_carry_no_plaintext(tee, pool, unique_name, caplog):
+    import logging
+    caplog.set_level(logging.DEBUG)
+    url = f"memory://{unique_name}"
+    marker = np.full((1, 4), 987654.25, np.float32)  # a value whose digits would show in any repr
+    async with running_worker(tee, url, pool):
+        async with AsyncClient(url, pool, tee.policy(), timeout=30) as client:
+            model_id = await client.upload_model(mlp_model())
+            await client.run(model_id, {"x": marker, "bias": np.zeros(3, np.float32)})
+            for bad in ({"x": marker.astype(np.float64), "bias": np.zeros(3, np.float32)}, {"x": marker}):
+                with pytest.raises(BadInput):
+                    await client.run(model_id, bad)
+    text = caplog.text + "".join(repr(r.args) for r in caplog.records)
+    assert "98765" not in text and marker.tobytes() not in text.encode()
+    assert "bad_input" in text  # the refusals were logged, by code

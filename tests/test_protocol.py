@@ -284,3 +284,19 @@ def test_the_statement_hash_changes_with_every_field():
                 dataclasses.replace(base, nonce=b"\x01" * 32), dataclasses.replace(base, config_digest=b"\x01" * 32)]
     digests = {base.report_data()} | {v.report_data() for v in variants}
     assert len(digests) == len(variants) + 1 and all(len(d) == 64 for d in digests)
+
+
+def test_changing_any_byte_of_a_model_chunk_or_model_operation_makes_it_fail_to_open(pool_key):
+    from protocol.envelope import Chunk
+    session = new_session(pool_key)
+    chunk = session.seal(session.header("model_chunk", job_id="c-1", deadline_ms=10**13, reply_to="r",
+                                        content_type=bodies.BYTES, model_id="ab" * 32,
+                                        chunk=Chunk(upload_id="u", index=0, count=2, total_size=9)), b"onnx-part")
+    delete = session.seal(session.header("model_delete", job_id="d-1", deadline_ms=10**13, reply_to="r",
+                                         content_type=bodies.EMPTY, model_id="ab" * 32), b"\x80")
+    for message in (chunk, delete):
+        assert worker_open(message, pool_key)[2] in (b"onnx-part", b"\x80")
+        for i, tampered in _flip_every_byte(message):
+            with pytest.raises(ProtocolError):
+                worker_open(tampered, pool_key)
+                pytest.fail(f"model message with byte {i} changed still opened")
