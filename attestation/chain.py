@@ -1,0 +1,90 @@
+"""X.509 chain checks shared by every platform verifier.
+
+One job: given certificates leaf first, check that each is signed by the next, that each is
+valid at ``now``, that the last one is a self-signed root whose fingerprint is pinned, and
+(optionally) that no certificate is revoked by a CRL signed by its issuer. Every failure is an
+``EvidenceInvalid`` naming the certificate by its subject. Platforms call this; they never
+re-implement path checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Iterable, Sequence
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+
+from .claims import CertSummary
+from .errors import EvidenceInvalid
+
+__all__ = ["der_sha256", "verify_chain", "check_crl", "subject"]
+
+
+def der_sha256(cert: x509.Certificate) -> bytes:
+    return cert.fingerprint(hashes.SHA256())
+
+
+def subject(cert: x509.Certificate) -> str:
+    return cert.subject.rfc4514_string()
+
+
+def _check_time(cert: x509.Certificate, now: datetime, role: str) -> None:
+    if now < cert.not_valid_before_utc:
+        raise EvidenceInvalid(f"{role} certificate {subject(cert)!r} is not valid before "
+                              f"{cert.not_valid_before_utc.isoformat()} (verification time {now.isoformat()})")
+    if now > cert.not_valid_after_utc:
+        raise EvidenceInvalid(f"{role} certificate {subject(cert)!r} expired at "
+                              f"{cert.not_valid_after_utc.isoformat()} (verification time {now.isoformat()})")
+
+
+def _signed_by(child: x509.Certificate, issuer: x509.Certificate, role: str) -> None:
+    try:
+        child.verify_directly_issued_by(issuer)
+    except (InvalidSignature, ValueError, TypeError) as exc:
+        raise EvidenceInvalid(f"{role} certificate {subject(child)!r} is not signed by "
+                              f"{subject(issuer)!r} ({type(exc).__name__})") from None
+
+
+def verify_chain(chain: Sequence[x509.Certificate], *, now: datetime, trusted_roots: Iterable[bytes],
+                 crls: Sequence[x509.CertificateRevocationList] = (), check_time: bool = True) -> tuple[CertSummary, ...]:
+    """Verify ``chain`` (leaf first, root last) against pinned root fingerprints (SHA-256 of DER).
+
+    Returns the chain's summaries. ``crls`` are checked for every certificate whose issuer
+    signed one of them (a CRL whose signature does not verify is an error, not ignored).
+    """
+    if not chain:
+        raise EvidenceInvalid("empty certificate chain")
+    trusted = frozenset(trusted_roots)
+    root = chain[-1]
+    if der_sha256(root) not in trusted:
+        raise EvidenceInvalid(f"root certificate {subject(root)!r} (SHA-256 {der_sha256(root).hex()}) is not a "
+                              "pinned trust anchor")
+    _signed_by(root, root, "root")
+    for index, cert in enumerate(chain):
+        role = "leaf" if index == 0 else ("root" if index == len(chain) - 1 else "intermediate")
+        if check_time:
+            _check_time(cert, now, role)
+        if index + 1 < len(chain):
+            _signed_by(cert, chain[index + 1], role)
+    for index, cert in enumerate(chain[:-1]):
+        check_crl(cert, chain[index + 1], crls, now=now)
+    return tuple(CertSummary.from_certificate(c) for c in chain)
+
+
+def check_crl(cert: x509.Certificate, issuer: x509.Certificate, crls: Sequence[x509.CertificateRevocationList],
+              *, now: datetime) -> None:
+    """Refuse ``cert`` if a CRL issued by ``issuer`` lists it. CRLs from other issuers are skipped."""
+    for crl in crls:
+        if crl.issuer != issuer.subject:
+            continue
+        try:
+            valid = crl.is_signature_valid(issuer.public_key())
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise EvidenceInvalid(f"CRL claiming issuer {subject(issuer)!r} is not signed by it")
+        if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
+            raise EvidenceInvalid(f"certificate {subject(cert)!r} (serial {cert.serial_number:x}) is revoked")

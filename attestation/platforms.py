@@ -1,0 +1,79 @@
+"""The contract every TEE platform implements, and what verification may use besides the evidence.
+
+A platform (``attestation/<name>/``) provides:
+
+- ``abi``      bytes -> frozen dataclasses, no judgement; every malformed input is ``EvidenceMalformed``;
+- ``verify``   signatures, certificate chains to pinned roots, CRLs, collateral -> ``Verified``;
+               every authenticity failure is ``EvidenceInvalid``;
+- ``policy``   its TOML table (``[sgx]``, ``[tdx]``, ``[snp]``, ``[nitro]``) -> a frozen section;
+- ``validate`` a section against ``Verified`` -> every ``Violation`` at once.
+
+and registers a ``Platform`` object in ``attestation/verify.py``. The front door adds the checks
+common to all platforms (report data binding, evidence age where the evidence carries a time,
+the generic measurement allow-list) and raises one ``PolicyViolation`` listing everything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Mapping, Protocol, Sequence
+
+from cryptography import x509
+
+from .claims import CertSummary
+from .errors import Violation
+from .trust import DEFAULT_TRUST, TrustAnchors
+
+
+@dataclass(frozen=True)
+class VerificationInputs:
+    """Everything a verifier may consult besides the evidence. All of it is explicit: nothing is
+    fetched unless the caller passed a fetcher, and the clock is ``now``."""
+
+    now: datetime
+    # Extra certificates from the user (`--cert`): SNP VCEK/VLEK, ASK/ARK, or chain completions.
+    extra_certs: tuple[x509.Certificate, ...] = ()
+    # Platform collateral, e.g. {"tcb_info": bytes, "qe_identity": bytes, "crls": [CRL, ...]};
+    # each platform documents the keys it reads (see attestation/<platform>/verify.py).
+    collateral: Mapping[str, Any] = field(default_factory=dict)
+    trust: TrustAnchors = DEFAULT_TRUST
+    # Optional network fetcher for collateral; None (the default) means offline.
+    fetcher: Any = None
+
+
+@dataclass(frozen=True)
+class Verified:
+    """Authentic evidence, not yet judged against a policy."""
+
+    platform: str
+    measurement: bytes          # SGX mrenclave, TDX mrtd, SNP measurement, Nitro pcr0, sim measurement
+    report_data: bytes          # the 64 bytes bound by the worker (Nitro: user_data, padded/checked by the platform)
+    debug: bool
+    claims: Mapping[str, Any]   # every parsed field, names as in the `evidence verify --json` contract; bytes stay bytes
+    chain: tuple[CertSummary, ...] = ()
+    trailing_bytes: int = 0     # bytes after the signed structure: outside every signature, reported not trusted
+    issued_at: datetime | None = None   # only platforms whose evidence carries a signed time (Nitro, sim)
+    security_version: int = 0
+    simulated: bool = False
+    tcb_status: str | None = None       # Intel TCB status when collateral was given
+    advisory_ids: tuple[str, ...] = ()
+    report: Any = None                  # the platform's parsed dataclass, for its validator
+
+
+class PolicySection(Protocol):
+    """A platform's policy table, parsed. ``from_table`` raises PolicyError naming `[platform] key`."""
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any]) -> "PolicySection": ...
+
+    def to_table(self) -> dict[str, Any]: ...
+
+
+class Platform(Protocol):
+    name: str
+    section: type  # its PolicySection class
+
+    def verify(self, evidence: bytes, inputs: VerificationInputs) -> Verified: ...
+
+    def violations(self, verified: Verified, section: Any, inputs: VerificationInputs) -> Sequence[Violation]: ...
