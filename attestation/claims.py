@@ -9,9 +9,9 @@ evidence says", not yet "the policy accepts it".
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Mapping
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -50,14 +50,29 @@ class CertSummary:
         }
 
 
+def _jsonable(value: Any) -> Any:
+    """Platform claim values for JSON: bytes as lowercase hex, datetimes as ISO 8601, maps and lists recursively."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).hex()
+    if isinstance(value, datetime):
+        return _iso(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
 @dataclass(frozen=True)
 class Claims:
     """What authentic evidence asserts about the worker that produced it.
 
-    ``measurement`` is the platform's code identity (32 bytes for simulation; SGX MRENCLAVE is
-    32, TDX MRTD and SNP MEASUREMENT are 48). ``report_data`` is the 64 bytes the worker bound
-    into the evidence (a hash of its attestation statement: nonce, keys, config digest).
-    ``chain`` is leaf first, root last.
+    ``measurement`` is the platform's code identity (simulation and SGX MRENCLAVE: 32 bytes;
+    TDX MRTD, SNP MEASUREMENT, Nitro PCR0: 48). ``report_data`` is what the worker bound into
+    the evidence (64 bytes everywhere but Nitro, whose ``user_data`` may differ in length).
+    ``issued_at`` exists only where the evidence carries a signed time (simulation, Nitro).
+    ``details`` holds every parsed field of the platform's evidence, named as in the
+    ``enclaveq evidence verify --json`` contract. ``chain`` is leaf first, root last.
     """
 
     platform: str
@@ -65,26 +80,38 @@ class Claims:
     debug: bool
     security_version: int
     report_data: bytes
-    issued_at: datetime
+    issued_at: datetime | None
     simulated: bool
     chain: tuple[CertSummary, ...]
+    details: Mapping[str, Any] = field(default_factory=dict)
+    trailing_bytes: int = 0
+    tcb_status: str | None = None
+    advisory_ids: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Claims are built by verifiers, not parsed from the wire, so these are bug catchers.
-        if self.issued_at.tzinfo is None:
+        if self.issued_at is not None and self.issued_at.tzinfo is None:
             raise ValueError("Claims.issued_at must be timezone-aware (UTC)")
-        if len(self.report_data) != 64:
-            raise ValueError(f"Claims.report_data must be 64 bytes, got {len(self.report_data)}")
+        if len(self.report_data) > 1024:
+            raise ValueError(f"Claims.report_data is {len(self.report_data)} bytes; at most 1024")
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict: bytes as lowercase hex, datetimes as ISO 8601 UTC (``...Z``)."""
-        return {
+        doc = {
             "platform": self.platform,
             "measurement": self.measurement.hex(),
             "debug": self.debug,
             "security_version": self.security_version,
             "report_data": self.report_data.hex(),
-            "issued_at": _iso(self.issued_at),
+            "issued_at": _iso(self.issued_at) if self.issued_at is not None else None,
             "simulated": self.simulated,
             "chain": [c.to_json() for c in self.chain],
         }
+        if self.details:
+            doc["claims"] = _jsonable(dict(self.details))
+        if self.trailing_bytes:
+            doc["trailing_bytes"] = self.trailing_bytes
+        if self.tcb_status is not None:
+            doc["tcb_status"] = self.tcb_status
+            doc["advisory_ids"] = list(self.advisory_ids)
+        return doc

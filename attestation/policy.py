@@ -16,10 +16,11 @@ example in ``docs/policy.md``; in short::
     allow = true
     root_sha256 = "<hex fingerprint of the simulation root>"
 
-Platform-neutral rules live at the top level; each platform's trust settings live in a table
-named after it. ``[simulation]`` is the only one today; ``[sgx]``, ``[tdx]``, ``[snp]`` and
-``[nitro]`` are reserved names that slot in beside it (pinned vendor roots, TCB minimums, PCRs)
-and are refused for now, rather than silently ignored.
+Platform-neutral rules live at the top level; each platform's rules live in a table named after
+it: ``[simulation]``, ``[sgx]``, ``[tdx]``, ``[snp]``, ``[nitro]``. A platform table is parsed by
+that platform's own ``policy`` module (``attestation/<platform>/policy.py``), equally strictly.
+Evidence from a hardware platform is accepted only if the policy has that platform's table (or
+lists its measurement at the top level): naming a platform is how a policy opts into it.
 
 Defaults are the safe choice: simulation refused, debug refused, nonce required.
 """
@@ -73,7 +74,7 @@ _TOP_LEVEL_KEYS = (
     "max_clock_skew_seconds",
     "nonce_required",
     "simulation",
-)
+) + RESERVED_PLATFORM_TABLES
 _SIMULATION_KEYS = {"allow": "allow_simulation", "root_sha256": "sim_root_sha256"}
 
 
@@ -107,6 +108,8 @@ class Policy:
     max_evidence_age_seconds: int = 300
     nonce_required: bool = True
     max_clock_skew_seconds: int = 60
+    # Parsed platform tables by name ("sgx", ...): each its platform's own frozen section.
+    platforms: Mapping[str, Any] = field(default_factory=dict)
     _measurement_set: frozenset[bytes] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -131,11 +134,12 @@ class Policy:
         measurements = self.measurements
         if isinstance(measurements, str) or not isinstance(measurements, (list, tuple)):
             raise fail("measurements", f"must be a list of hex strings, got {_describe(measurements)}")
-        if not measurements:
+        if not measurements and not self.platforms:
             raise fail(
                 "measurements",
                 "is empty: list at least one allowed measurement "
-                "(`enclaveq policy init` writes the current worker's)",
+                "(`enclaveq policy init` writes the current worker's), or add a platform table "
+                "([sgx], [tdx], [snp], [nitro]) that pins one",
             )
         normalised: list[str] = []
         for index, item in enumerate(measurements):
@@ -164,6 +168,10 @@ class Policy:
                 "(`enclaveq sim init` prints it)",
             )
 
+    def section(self, platform: str) -> Any:
+        """The parsed ``[platform]`` table, or None when the policy does not name that platform."""
+        return self.platforms.get(platform)
+
     def allows_measurement(self, measurement: bytes) -> bool:
         return measurement in self._measurement_set
 
@@ -177,11 +185,6 @@ def _check_keys(table: Mapping[str, Any], known: tuple[str, ...] | list[str], wh
     for key in table:
         if key in known:
             continue
-        if where == "top level" and key in RESERVED_PLATFORM_TABLES:
-            raise PolicyError(
-                f"policy table [{key}] is reserved for {key.upper()} attestation, "
-                "which this version of enclaveq does not support yet"
-            )
         raise PolicyError(
             f"unknown policy key {key!r} at {where}; known keys: {', '.join(known)}"
         )
@@ -197,15 +200,22 @@ def policy_from_mapping(data: Mapping[str, Any]) -> Policy:
         raise PolicyError(f"policy key 'version' must be an integer, got {_describe(version)}")
     if version != POLICY_VERSION:
         raise PolicyError(f"policy key 'version' is {version}; this enclaveq reads version {POLICY_VERSION}")
-    if "measurements" not in data:
+    if "measurements" not in data and not any(name in data for name in RESERVED_PLATFORM_TABLES):
         raise PolicyError(
-            "policy key 'measurements' is missing: list at least one allowed measurement"
+            "policy key 'measurements' is missing: list at least one allowed measurement, "
+            "or add a platform table ([sgx], [tdx], [snp], [nitro])"
         )
     kwargs: dict[str, Any] = {
         key: data[key]
         for key in _TOP_LEVEL_KEYS
-        if key in data and key not in ("version", "simulation")
+        if key in data and key not in ("version", "simulation") + RESERVED_PLATFORM_TABLES
     }
+    kwargs.setdefault("measurements", ())
+    platforms = {}
+    for name in RESERVED_PLATFORM_TABLES:
+        if name in data:
+            platforms[name] = _platform_section(name, data[name])
+    kwargs["platforms"] = platforms
     simulation = data.get("simulation", {})
     if not isinstance(simulation, Mapping):
         raise PolicyError(f"policy key 'simulation' must be a table, got {_describe(simulation)}")
@@ -214,6 +224,23 @@ def policy_from_mapping(data: Mapping[str, Any]) -> Policy:
         if toml_key in simulation:
             kwargs[field_name] = simulation[toml_key]
     return Policy(**kwargs)
+
+
+def _platform_section(name: str, table: Any) -> Any:
+    if not isinstance(table, Mapping):
+        raise PolicyError(f"policy key {name!r} must be a table, got {_describe(table)}")
+    from attestation.errors import UnsupportedPlatform
+    from attestation.registry import platform
+
+    try:
+        section_class = platform(name).section
+    except UnsupportedPlatform:
+        raise PolicyError(f"policy table [{name}] is not supported by this version of enclaveq") from None
+    try:
+        return section_class.from_table(dict(table))
+    except PolicyError as exc:
+        message = str(exc)
+        raise PolicyError(message if f"[{name}]" in message else f"[{name}] {message}") from None
 
 
 def policy_from_toml(text: str) -> Policy:
@@ -257,6 +284,8 @@ def policy_to_toml(policy: Policy) -> str:
     if policy.sim_root_sha256 is not None:
         simulation["root_sha256"] = policy.sim_root_sha256
     data["simulation"] = simulation
+    for name, section in sorted(policy.platforms.items()):
+        data[name] = section.to_table()
     header = ["# enclaveq attestation policy; format: docs/policy.md"]
     if policy.allow_simulation:
         header.append(

@@ -22,9 +22,13 @@ from attestation.errors import EvidenceMalformed, PolicyViolation, UnsupportedPl
 from attestation.policy import Policy
 from attestation.sim import abi as sim_abi
 from attestation.sim import verify as sim_verify
-from attestation.validate import validate_claims
+from attestation.validate import claim_violations, validate_claims
+from attestation import registry
+from attestation.platforms import VerificationInputs, Verified
+from attestation.registry import ALL_PLATFORMS
+from attestation.trust import DEFAULT_TRUST, TrustAnchors
 
-__all__ = ["SUPPORTED_PLATFORMS", "verify_evidence"]
+__all__ = ["SUPPORTED_PLATFORMS", "claims_of", "verify_evidence", "verify_hardware"]
 
 logger = logging.getLogger("enclaveq.attestation")
 
@@ -52,9 +56,24 @@ def _verify_sim(evidence: bytes, policy: Policy, now: datetime) -> Claims:
     return sim_verify.verify_sim_evidence(parsed, trusted_root_sha256=root, now=now)
 
 
-# SGX, TDX, SEV-SNP and Nitro register here as their abi/verify modules land.
 _PLATFORMS: dict[str, PlatformVerifier] = {"sim": _verify_sim}
-SUPPORTED_PLATFORMS: tuple[str, ...] = tuple(sorted(_PLATFORMS))
+SUPPORTED_PLATFORMS: tuple[str, ...] = ALL_PLATFORMS
+
+
+def claims_of(verified: Verified) -> Claims:
+    """The platform-neutral view of a hardware platform's verified evidence."""
+    return Claims(
+        platform=verified.platform, measurement=verified.measurement, debug=verified.debug,
+        security_version=verified.security_version, report_data=verified.report_data,
+        issued_at=verified.issued_at, simulated=verified.simulated, chain=verified.chain,
+        details=verified.claims, trailing_bytes=verified.trailing_bytes, tcb_status=verified.tcb_status,
+        advisory_ids=verified.advisory_ids,
+    )
+
+
+def verify_hardware(platform: str, evidence: bytes, inputs: VerificationInputs) -> Verified:
+    """Parse and authenticate hardware evidence without judging it (the CLI's no-policy mode)."""
+    return registry.platform(platform).verify(evidence, inputs)
 
 
 def verify_evidence(
@@ -64,13 +83,18 @@ def verify_evidence(
     *,
     expected_report_data: bytes | None,
     now: datetime,
+    certs: tuple = (),
+    collateral: dict | None = None,
+    trust: TrustAnchors | None = None,
 ) -> Claims:
     """Parse, authenticate and validate ``evidence``; return its claims if the policy accepts it.
 
-    ``expected_report_data`` is the 64-byte value the worker must have bound into the evidence
-    (the hash of the attestation statement built around this verifier's nonce), or None when
-    the policy does not require a nonce (freshness then rests on ``max_evidence_age_seconds``).
-    ``now`` is a timezone-aware datetime.
+    ``expected_report_data`` is the value the worker must have bound into the evidence (the
+    hash of the attestation statement built around this verifier's nonce), or None when the
+    policy does not require a nonce (freshness then rests on ``max_evidence_age_seconds``,
+    which only evidence with a signed time can meet). ``now`` is a timezone-aware datetime.
+    ``certs`` (extra certificates such as an SNP VCEK), ``collateral`` (e.g. Intel TCB Info)
+    and ``trust`` (pinned roots; tests inject fakes) matter to hardware platforms only.
 
     Raises :class:`UnsupportedPlatform`, :class:`EvidenceMalformed`, :class:`EvidenceInvalid`
     or :class:`PolicyViolation` (all :class:`AttestationError`).
@@ -79,16 +103,28 @@ def verify_evidence(
         raise ValueError("now must be timezone-aware")
     if not isinstance(policy, Policy):
         raise TypeError(f"policy must be an attestation.policy.Policy, not {type(policy).__name__}")
-    verifier = _PLATFORMS.get(platform) if isinstance(platform, str) else None
-    if verifier is None:
+    if not isinstance(platform, str) or platform not in ALL_PLATFORMS:
         raise UnsupportedPlatform(str(platform), SUPPORTED_PLATFORMS)
     if not isinstance(evidence, (bytes, bytearray, memoryview)):
         raise EvidenceMalformed(f"evidence must be bytes, not {type(evidence).__name__}")
     if expected_report_data is not None:
         expected_report_data = bytes(expected_report_data)
 
-    claims = verifier(bytes(evidence), policy, now)
-    validate_claims(claims, policy, expected_report_data=expected_report_data, now=now)
+    if platform == "sim":
+        claims = _verify_sim(bytes(evidence), policy, now)
+        validate_claims(claims, policy, expected_report_data=expected_report_data, now=now)
+    else:
+        inputs = VerificationInputs(now=now, extra_certs=tuple(certs), collateral=dict(collateral or {}),
+                                    trust=trust or DEFAULT_TRUST)
+        plat = registry.platform(platform)
+        verified = plat.verify(bytes(evidence), inputs)
+        claims = claims_of(verified)
+        found = claim_violations(claims, policy, expected_report_data=expected_report_data, now=now)
+        section = policy.section(platform)
+        if section is not None:
+            found.extend(plat.violations(verified, section, inputs))
+        if found:
+            raise PolicyViolation(found)
 
     if claims.simulated:
         logger.warning(

@@ -7,6 +7,7 @@ import sys
 import click
 
 from attestation.cli import policy_cli as policy_group, sim_cli as sim_group
+from attestation.evidence_cli import evidence_group
 from enclave_worker.cli import worker_command
 from producer_sdk.cli import attest_command, model_group, run_command, submit_command
 
@@ -38,6 +39,7 @@ def demo_command() -> None:
 
 cli.add_command(sim_group)
 cli.add_command(policy_group)
+cli.add_command(evidence_group)
 cli.add_command(worker_command)
 cli.add_command(attest_command)
 cli.add_command(model_group)
