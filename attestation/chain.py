@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Iterable, Sequence
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 
 from .claims import CertSummary
@@ -43,7 +43,7 @@ def _check_time(cert: x509.Certificate, now: datetime, role: str) -> None:
 def _signed_by(child: x509.Certificate, issuer: x509.Certificate, role: str) -> None:
     try:
         child.verify_directly_issued_by(issuer)
-    except (InvalidSignature, ValueError, TypeError) as exc:
+    except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError) as exc:
         raise EvidenceInvalid(f"{role} certificate {subject(child)!r} is not signed by "
                               f"{subject(issuer)!r} ({type(exc).__name__})") from None
 
@@ -82,7 +82,7 @@ def check_crl(cert: x509.Certificate, issuer: x509.Certificate, crls: Sequence[x
             continue
         try:
             valid = crl.is_signature_valid(issuer.public_key())
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, UnsupportedAlgorithm):
             valid = False
         if not valid:
             raise EvidenceInvalid(f"CRL claiming issuer {subject(issuer)!r} is not signed by it")

@@ -48,15 +48,16 @@ def decode_evidence(raw: bytes) -> tuple[bytes, str]:
 
 
 def load_certificates(paths: tuple[Path, ...]) -> tuple[x509.Certificate, ...]:
+    """DER or PEM certificate files (several certificates per PEM). Genuine AMD VCEKs have serial
+    number 0, which cryptography loads with a deprecation warning; the SNP loader silences just
+    that warning (the certificate is authenticated by its signature, not its serial)."""
+    from .snp.kds import load_certificates as load_any
+
     certs: list[x509.Certificate] = []
     for path in paths:
-        data = path.read_bytes()
         try:
-            if b"-----BEGIN" in data:
-                certs.extend(x509.load_pem_x509_certificates(data.rstrip(b"\x00")))
-            else:
-                certs.append(x509.load_der_x509_certificate(data))
-        except ValueError:
+            certs.extend(load_any(path.read_bytes().rstrip(b"\x00")))
+        except EvidenceMalformed:
             raise click.BadParameter(f"{path}: not a DER or PEM certificate", param_hint="--cert") from None
     return tuple(certs)
 

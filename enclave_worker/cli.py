@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -14,56 +15,118 @@ from .config import DEFAULT_WORKER_CONFIG
 from .errors import WorkerStartupError
 
 EXIT_REFUSED = 3
+# The same choices as attestation.providers.TEE_CHOICES (kept literal: importing attestation is slow).
+TEE_CHOICES = ("auto", "sim", "sgx", "tdx", "snp", "nitro")
 
 
 @click.command("worker")
 @click.option("--broker", "broker_url", metavar="URL", help="Broker URL: memory://NAME or amqp://user:pass@host:5672/.")
 @click.option("--pool", metavar="NAME", help="Worker pool to serve (producers address jobs to a pool).")
-@click.option("--sim-dir", type=click.Path(path_type=Path), required=True,
-              help="Simulation directory from `enclaveq sim init` (the simulated TEE's keys).")
+@click.option("--sim-dir", type=click.Path(path_type=Path), default=None,
+              help="Simulation directory from `enclaveq sim init` (the simulated TEE's keys). "
+                   "Required with --tee sim; refused with any other TEE.")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None,
-              help="Where sealed pool keys and models live. Default: SIM_DIR/state.")
-@click.option("--tee", type=click.Choice(["sim"]), default="sim", show_default=True,
-              help="Which TEE provides evidence. Only the clearly labelled simulation exists in this version.")
+              help="Where sealed pool keys and models live. Default: SIM_DIR/state with --tee sim; on a "
+                   "real TEE a fresh private temporary directory, removed at exit (its sealing key is "
+                   "ephemeral for now, so nothing sealed there survives a restart anyway).")
+@click.option("--tee", type=click.Choice(TEE_CHOICES), default=None,
+              help="Which TEE provides the evidence (each choice is explained above). "
+                   "Default: sim when --sim-dir is given, otherwise auto.")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on 127.0.0.1:PORT.")
 @click.option("--print-measurement", is_flag=True,
-              help="Print this worker's measurement (hex) and exit: pin it in a policy.")
+              help="Print this worker's measurement (hex) and exit: pin it in a policy. "
+                   "Simulation only: on a real TEE the hardware reports the measurement.")
 @click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def worker_command(broker_url, pool, sim_dir, state_dir, tee, metrics_port, print_measurement, log_level):
-    """Run a (simulated) enclave worker for one pool.
+    """Run an enclave worker for one pool, inside a TEE or in the clearly labelled simulation.
 
     The worker answers attestation challenges with fresh evidence binding its pool key and the
     producer's nonce, holds uploaded models in sealed storage, runs jobs and sends back sealed
     results. It runs until SIGTERM or SIGINT, then finishes in-flight jobs, returns the rest to
-    the queue and exits 0. Exit 3 means it refused to start (e.g. the pool already has a worker).
+    the queue and exits 0. Exit 3 means it refused to start (e.g. the pool already has a worker,
+    or the requested TEE is not there).
 
     \b
-    Example:
+    --tee chooses where the evidence comes from:
+      auto   detect the TEE (configfs-tsm, Gramine, /dev/nsm); refuse to start
+             if there is none: it never falls back to simulation
+      sim    the simulation: evidence signed by the key in --sim-dir; no
+             confidentiality against whoever runs this machine, accepted only
+             by policies that allow simulation
+      sgx    Intel SGX under Gramine: DCAP quotes from /dev/attestation (the
+             manifest must set sgx.remote_attestation = "dcap")
+      tdx    Intel TDX guest: quotes from Linux configfs-tsm
+             (/sys/kernel/config/tsm/report, Linux 6.7+)
+      snp    AMD SEV-SNP guest: reports from Linux configfs-tsm
+      nitro  AWS Nitro Enclave (/dev/nsm): recognised, not supported in this build
+
+    \b
+    On a real TEE the sealing key is ephemeral for now (a warning says so at
+    start): pool keys and uploaded models do not survive a restart, so
+    producers attest and upload their models again.
+
+    \b
+    Examples:
       enclaveq worker --broker amqp://guest:guest@127.0.0.1:5672/ --pool demo --sim-dir ./sim
+      enclaveq worker --broker amqp://guest:guest@10.0.0.5:5672/ --pool demo --tee auto
     """
     from .measurement import measure_worker
 
     config = DEFAULT_WORKER_CONFIG
+    if tee is None:
+        tee = "sim" if sim_dir is not None else "auto"
+    if tee == "sim" and sim_dir is None:
+        raise click.UsageError("Missing option '--sim-dir': the simulation (--tee sim) needs the directory "
+                               "made by `enclaveq sim init --dir DIR`")
+    if tee != "sim" and sim_dir is not None:
+        raise click.UsageError(f"--sim-dir is only for --tee sim; --tee {tee} takes its evidence from the TEE")
     if print_measurement:
+        if tee != "sim":
+            raise click.UsageError(
+                "--print-measurement prints the simulated worker's measurement (--tee sim). On a real TEE "
+                "the hardware reports the measurement to pin: SGX MRENCLAVE (gramine-sgx-sign), TDX MRTD "
+                "and RTMRs, the SNP launch measurement, Nitro PCRs (nitro-cli build-enclave)")
         click.echo(measure_worker(config.measured()).value.hex())
         return
     if not broker_url or not pool:
         raise click.UsageError("--broker and --pool are required to run a worker")
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        asyncio.run(_serve(broker_url, pool, sim_dir, state_dir or sim_dir / "state", metrics_port))
+        if tee == "sim":
+            asyncio.run(_serve(broker_url, pool, tee, sim_dir, state_dir or sim_dir / "state", metrics_port))
+        elif state_dir is not None:
+            asyncio.run(_serve(broker_url, pool, tee, None, state_dir, metrics_port, explicit_state_dir=True))
+        else:
+            with tempfile.TemporaryDirectory(prefix="enclaveq-state-") as scratch:
+                asyncio.run(_serve(broker_url, pool, tee, None, Path(scratch), metrics_port))
     except WorkerStartupError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_REFUSED)
 
 
-async def _serve(broker_url, pool, sim_dir, state_dir, metrics_port) -> None:
-    from .platform import sim_identity
+def refuse_unopenable_state(state_dir: Path, pool: str) -> None:
+    """On a real TEE the sealing key is ephemeral (issue 4): state sealed by an earlier run can
+    never be opened, so say so plainly instead of failing later with "does not unseal"."""
+    stale = Path(state_dir) / pool / "pool.sealed"
+    if stale.exists():
+        raise WorkerStartupError(
+            f"{stale} was sealed by an earlier worker; on a real TEE the sealing key is ephemeral for "
+            "now (issue 4), so it cannot be opened again. Remove it (the pool will be founded anew) or "
+            "omit --state-dir to use a fresh temporary directory.")
+
+
+async def _serve(broker_url, pool, tee, sim_dir, state_dir, metrics_port, explicit_state_dir=False) -> None:
+    from .platform import sim_identity, tee_identity
     from .worker import Worker
 
     # Every WorkerConfig field is measured: the worker runs exactly the configuration it attests.
     config = DEFAULT_WORKER_CONFIG
-    identity = sim_identity(sim_dir, config)
+    if tee == "sim":
+        identity = sim_identity(sim_dir, config)
+    else:
+        identity = tee_identity(tee, config)
+        if explicit_state_dir:
+            refuse_unopenable_state(state_dir, pool)
     worker = Worker(broker_url=broker_url, pool=pool, identity=identity, state_dir=state_dir, config=config)
     if metrics_port:
         worker.metrics.serve(metrics_port)

@@ -1,16 +1,34 @@
 """Builds a worker's platform identity: evidence provider, sealing key, measurement.
 
-Only the simulated TEE exists so far; real providers (configfs-tsm, Gramine, Nitro NSM) plug in
-here by returning the same ``WorkerIdentity``.
+- :func:`sim_identity`: the clearly labelled simulation (evidence signed by a sim directory's
+  key, sealing key derived from its platform secret: sealed state survives restarts).
+- :func:`tee_identity`: a real TEE (``sgx``, ``tdx``, ``snp``, ``nitro`` or ``auto``), with
+  evidence from :mod:`attestation.providers`.
+
+Sealing inside real TEEs is issue 4. Until then :func:`tee_identity` uses an EPHEMERAL random
+sealing key, held only in the worker's memory: whatever the worker seals (the pool key, uploaded
+models) cannot be opened after a restart, so on a real TEE every restart founds the pool anew
+(producers must attest again and upload their models again). It logs this as a warning at
+every start. The AEAD recipe is the same as the simulation's (:mod:`attestation.sim.sealing`:
+AES-256-GCM, fresh nonce per blob); only the key differs.
+
+On a real TEE the measurement a producer's policy pins is the one the hardware reports (SGX
+MRENCLAVE, TDX MRTD/RTMRs, SNP launch measurement, Nitro PCRs). ``WorkerIdentity.measurement``
+still carries the software measurement of :func:`enclave_worker.measurement.measure_worker`
+(informational there), and ``config_digest`` -- which every statement binds into the report
+data -- is the digest of the worker's measured configuration, exactly as in the simulation.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from attestation.sim import sealing
 from attestation.sim.provider import SimProvider
+from attestation.providers import ProviderError, provider_for
+from attestation.providers.fileops import FileOps
 
 from .config import DEFAULT_WORKER_CONFIG, WorkerConfig
 from .errors import WorkerStartupError
@@ -32,3 +50,32 @@ def sim_identity(sim_dir: Path, config: WorkerConfig = DEFAULT_WORKER_CONFIG) ->
                 "it gives no confidentiality against whoever runs this machine")
     return WorkerIdentity(provider=provider, sealing_key=key, seal=sealing.seal, unseal=sealing.unseal,
                           measurement=measurement.value, config_digest=measurement.config_digest)
+
+
+EPHEMERAL_SEALING_WARNING = (
+    "EPHEMERAL SEALING KEY: sealing inside real TEEs is not implemented yet (issue 4); this worker "
+    "seals its pool key and uploaded models under a random key that dies with the process, so "
+    "after a restart the pool is founded anew: producers must attest again and re-upload models"
+)
+
+
+def tee_identity(tee: str, config: WorkerConfig = DEFAULT_WORKER_CONFIG, *, root: Path = Path("/"),
+                 ops: FileOps | None = None) -> WorkerIdentity:
+    """The identity of a worker inside a real TEE: ``tee`` is "auto", "sgx", "tdx", "snp" or "nitro".
+
+    ``WorkerStartupError`` (with the provider's explanation) when the TEE is missing, refuses,
+    or is not supported. ``root``/``ops`` let tests use a fake TEE tree
+    (:mod:`attestation.providers.fakes`).
+    """
+    if tee == "sim":
+        raise ValueError("the simulation's identity comes from sim_identity(sim_dir)")
+    measurement = measure_worker(config.measured())
+    try:
+        provider = provider_for(tee, root=root, ops=ops)
+    except ProviderError as exc:
+        raise WorkerStartupError(str(exc)) from None
+    log.info("TEE %s: evidence from %s", provider.platform, type(provider).__name__)
+    log.warning(EPHEMERAL_SEALING_WARNING)
+    return WorkerIdentity(provider=provider, sealing_key=os.urandom(sealing.KEY_SIZE), seal=sealing.seal,
+                          unseal=sealing.unseal, measurement=measurement.value,
+                          config_digest=measurement.config_digest)

@@ -420,8 +420,8 @@ def test_an_attestation_key_on_another_curve_is_refused():
 
 def test_an_unknown_platform_is_refused_with_the_supported_ones_listed(sim_dir, policy):
     evidence = provider(sim_dir).evidence(NONCE_DATA)
-    with pytest.raises(UnsupportedPlatform, match="unsupported attestation platform 'sgx'; supported: sim"):
-        verify_evidence("sgx", evidence, policy, expected_report_data=NONCE_DATA, now=T0)
+    with pytest.raises(UnsupportedPlatform, match="unsupported attestation platform 'quantum'; supported: sim, sgx"):
+        verify_evidence("quantum", evidence, policy, expected_report_data=NONCE_DATA, now=T0)
 
 
 @pytest.mark.parametrize("evidence", [b"", b"\x00" * 64, b"not msgpack at all", "a str", None])

@@ -35,11 +35,12 @@ class TrustAnchors:
 
 INTEL_SGX_ROOT_CA = bytes.fromhex("44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3")
 AWS_NITRO_ROOT_G1 = bytes.fromhex("641a0321a3e244efe456463195d606317ed7cdcc3c1756e09893f3c68f79bb5b")
-# AMD ARK fingerprints are filled in by attestation/snp (per product line).
-AMD_ARKS: dict[str, bytes] = {}
+# AMD ARKs per product line (Milan, Genoa, Turin); provenance in attestation/snp/trust.py.
+from attestation.snp.trust import ARK_FINGERPRINTS as AMD_ARKS, SNP_ROOTS  # noqa: E402
 
 DEFAULT_TRUST = TrustAnchors({
     "sgx": frozenset({INTEL_SGX_ROOT_CA}),
     "tdx": frozenset({INTEL_SGX_ROOT_CA}),
+    "snp": SNP_ROOTS,
     "nitro": frozenset({AWS_NITRO_ROOT_G1}),
 })

@@ -1,0 +1,40 @@
+"""AWS Nitro Enclaves attestation documents: ``abi`` (COSE_Sign1/CBOR -> dataclasses),
+``verify`` (AWS root, chain, validity, ES384), ``policy`` (the ``[nitro]`` table) and
+``validate`` (PCRs, module_id, debug). ``PLATFORM`` implements
+:class:`attestation.platforms.Platform`.
+
+``Verified`` for Nitro: ``measurement`` = PCR0; ``report_data`` = ``user_data`` (b"" when
+absent); ``debug`` = PCR0, PCR1 or PCR2 all zero; ``issued_at`` = ``timestamp``; ``claims`` =
+``module_id digest timestamp pcrs public_key user_data nonce`` with ``pcrs`` as
+``{"0": bytes, ...}``; ``report`` = the parsed :class:`~attestation.nitro.abi.NitroEvidence`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from attestation.errors import Violation
+from attestation.nitro.abi import NitroEvidence, parse_evidence
+from attestation.nitro.policy import NitroSection
+from attestation.nitro.validate import violations
+from attestation.nitro.verify import verify_evidence
+from attestation.platforms import VerificationInputs, Verified
+
+__all__ = ["PLATFORM", "NitroPlatform", "NitroEvidence", "NitroSection", "parse_evidence"]
+
+
+class NitroPlatform:
+    name = "nitro"
+    section = NitroSection
+
+    def verify(self, evidence: bytes, inputs: VerificationInputs) -> Verified:
+        return verify_evidence(evidence, inputs)
+
+    def violations(self, verified: Verified, section: Any, inputs: VerificationInputs) -> Sequence[Violation]:
+        return violations(verified, section, inputs)
+
+    def __repr__(self) -> str:
+        return "<Platform nitro>"
+
+
+PLATFORM = NitroPlatform()

@@ -1,0 +1,102 @@
+"""The ``[sgx]`` policy table -> :class:`SgxPolicy` (strict; every problem names ``[sgx] key``).
+
+::
+
+    [sgx]
+    mrenclave = ["<64 hex>", ...]          # allowed MRENCLAVE values (omit: any)
+    mrsigner = ["<64 hex>", ...]           # allowed MRSIGNER values (omit: any)
+    isvprodid = 0                          # allowed ISVPRODID (an integer or a list)
+    min_isvsvn = 0                         # ISVSVN must be at least this
+    debug_allowed = false                  # ATTRIBUTES.FLAGS bit 1 (DEBUG) refused unless true
+    attributes = "<32 hex>"                # the 16-byte ATTRIBUTES field (FLAGS || XFRM, both u64 LE,
+    attributes_mask = "<32 hex>"           #   raw as in the quote, like Intel's QE Identity JSON)
+    xfrm = "<16 hex>"                      # XFRM alone (8 bytes, raw LE), for policies that only
+    xfrm_mask = "<16 hex>"                 #   care about the enabled XSAVE features
+    miscselect = 0                         # MISCSELECT (u32 integer)
+    miscselect_mask = 4294967295
+    accepted_tcb_statuses = ["UpToDate"]   # judged only with Intel collateral
+    accepted_advisory_ids = []             # every advisory of the TCB level must be listed here
+    require_collateral = false             # true: no collateral = a violation
+
+Choice for ATTRIBUTES: ``attributes`` covers FLAGS and XFRM together (16 bytes, as Intel's QE
+Identity does); ``xfrm`` is a convenience for XFRM alone. Both may be given; both are checked.
+Masks: ``value & mask == expected & mask``; the mask defaults to all ones; see
+:mod:`attestation.intel.policy` for the shared rules (hex = raw quote bytes, lists, TCB).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from attestation.intel.policy import TableReader
+
+__all__ = ["SgxPolicy"]
+
+_KEYS = (
+    "mrenclave", "mrsigner", "isvprodid", "min_isvsvn", "debug_allowed",
+    "attributes", "attributes_mask", "xfrm", "xfrm_mask", "miscselect", "miscselect_mask",
+    "accepted_tcb_statuses", "accepted_advisory_ids", "require_collateral",
+)
+
+
+@dataclass(frozen=True)
+class SgxPolicy:
+    """The parsed ``[sgx]`` table. None means "not checked"."""
+
+    mrenclave: tuple[bytes, ...] | None = None
+    mrsigner: tuple[bytes, ...] | None = None
+    isvprodid: tuple[int, ...] | None = None
+    min_isvsvn: int = 0
+    debug_allowed: bool = False
+    attributes: bytes | None = None
+    attributes_mask: bytes | None = None
+    xfrm: bytes | None = None
+    xfrm_mask: bytes | None = None
+    miscselect: int | None = None
+    miscselect_mask: int | None = None
+    accepted_tcb_statuses: tuple[str, ...] = ("UpToDate",)
+    accepted_advisory_ids: tuple[str, ...] = ()
+    require_collateral: bool = False
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any]) -> "SgxPolicy":
+        r = TableReader("sgx", table, _KEYS)
+        attributes, attributes_mask = r.masked_bytes("attributes", 16)
+        xfrm, xfrm_mask = r.masked_bytes("xfrm", 8)
+        miscselect, miscselect_mask = r.masked_int("miscselect", bits=32)
+        statuses, advisories, require = r.tcb()
+        return cls(
+            mrenclave=r.hex_list("mrenclave", 32),
+            mrsigner=r.hex_list("mrsigner", 32),
+            isvprodid=r.int_list("isvprodid", maximum=0xFFFF),
+            min_isvsvn=r.integer("min_isvsvn", 0, maximum=0xFFFF),
+            debug_allowed=r.boolean("debug_allowed", False),
+            attributes=attributes, attributes_mask=attributes_mask,
+            xfrm=xfrm, xfrm_mask=xfrm_mask,
+            miscselect=miscselect, miscselect_mask=miscselect_mask,
+            accepted_tcb_statuses=statuses, accepted_advisory_ids=advisories, require_collateral=require,
+        )
+
+    def to_table(self) -> dict[str, Any]:
+        """The TOML table (``from_table(to_table())`` gives an equal policy)."""
+        out: dict[str, Any] = {}
+        for key in ("mrenclave", "mrsigner"):
+            values = getattr(self, key)
+            if values is not None:
+                out[key] = [v.hex() for v in values]
+        if self.isvprodid is not None:
+            out["isvprodid"] = list(self.isvprodid)
+        out["min_isvsvn"] = self.min_isvsvn
+        out["debug_allowed"] = self.debug_allowed
+        for key in ("attributes", "attributes_mask", "xfrm", "xfrm_mask"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value.hex()
+        if self.miscselect is not None:
+            out["miscselect"] = self.miscselect
+            out["miscselect_mask"] = self.miscselect_mask
+        out["accepted_tcb_statuses"] = list(self.accepted_tcb_statuses)
+        out["accepted_advisory_ids"] = list(self.accepted_advisory_ids)
+        out["require_collateral"] = self.require_collateral
+        return out

@@ -1,0 +1,198 @@
+"""The ``[snp]`` policy table: what an SEV-SNP guest must be to be trusted.
+
+::
+
+    [snp]
+    measurement = ["<96 hex>", ...]          # allowed MEASUREMENTs (launch digest)
+    host_data = ["<64 hex>", ...]            # allowed HOST_DATA values
+    id_key_digest = ["<96 hex>", ...]        # allowed ID-block signing keys (SHA-384 digests)
+    author_key_digest = ["<96 hex>", ...]    # allowed ID-key authors
+    debug_allowed = false                    # guest POLICY.DEBUG (bit 19) refused by default
+    migration_agent_allowed = false          # guest POLICY.MIGRATE_MA (bit 18) refused by default
+    smt_allowed = true                       # guest POLICY.SMT (bit 16) allowed by default
+    vmpl = [0]                               # allowed VMPLs of the requesting software (0..3)
+    min_guest_svn = 0                        # minimum GUEST_SVN
+    allowed_signing_keys = ["vcek", "vlek"]  # which AMD key may have signed the report
+    products = ["Milan", "Genoa", "Turin"]   # allowed product lines
+    [snp.min_tcb]                            # minimum REPORTED_TCB, component by component
+    bootloader = 0
+    tee = 0
+    snp = 0
+    microcode = 0
+    fmc = 0                                  # Turin only (other products have no FMC)
+
+Rules: every key is optional except that the table must pin the guest's identity with at least
+one of ``measurement``, ``id_key_digest`` or ``author_key_digest`` (a table that pins nothing
+would accept any VM the host cares to launch). A list key that is present must not be empty:
+omit the key to leave a field unchecked. Unknown keys and wrong types are a
+:class:`PolicyError` naming ``[snp] key``. Hex is normalised to lowercase; product names to
+their canonical spelling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from attestation.errors import PolicyError
+from attestation.snp.abi import PRODUCTS
+
+__all__ = ["SnpPolicy", "TCB_COMPONENTS", "SIGNING_KEYS"]
+
+TCB_COMPONENTS = ("bootloader", "tee", "snp", "microcode", "fmc")
+SIGNING_KEYS = ("vcek", "vlek")
+_HEX_LISTS = {"measurement": 48, "host_data": 32, "id_key_digest": 48, "author_key_digest": 48}
+_BOOLS = {"debug_allowed": False, "migration_agent_allowed": False, "smt_allowed": True}
+_KEYS = (*_HEX_LISTS, *_BOOLS, "vmpl", "min_guest_svn", "min_tcb", "allowed_signing_keys", "products")
+_IDENTITY_KEYS = ("measurement", "id_key_digest", "author_key_digest")
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _fail(key: str, problem: str) -> PolicyError:
+    return PolicyError(f"[snp] {key} {problem}")
+
+
+def _list(table: Mapping[str, Any], key: str) -> list[Any] | None:
+    if key not in table:
+        return None
+    value = table[key]
+    if not isinstance(value, (list, tuple)):
+        raise _fail(key, f"must be a list, got {_describe(value)}")
+    if not value:
+        raise _fail(key, "is an empty list; omit the key to leave it unchecked")
+    return list(value)
+
+
+def _hex_list(table: Mapping[str, Any], key: str, size: int) -> tuple[str, ...]:
+    items = _list(table, key)
+    if items is None:
+        return ()
+    out: list[str] = []
+    for index, item in enumerate(items):
+        if type(item) is not str or len(item) != 2 * size or any(c not in "0123456789abcdefABCDEF" for c in item):
+            raise _fail(key, f"item {index} must be {2 * size} hex digits ({size} bytes), got {_describe(item)}")
+        if item.lower() not in out:
+            out.append(item.lower())
+    return tuple(out)
+
+
+def _int(value: Any, key: str, low: int, high: int) -> int:
+    if type(value) is not int:
+        raise _fail(key, f"must be an integer, got {_describe(value)}")
+    if not low <= value <= high:
+        raise _fail(key, f"must be in {low}..{high}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class SnpPolicy:
+    """The parsed ``[snp]`` table. Build it with :meth:`from_table` (strict) or directly
+    (construction runs the same checks through :meth:`from_table`'s normal form)."""
+
+    measurement: tuple[str, ...] = ()
+    host_data: tuple[str, ...] = ()
+    id_key_digest: tuple[str, ...] = ()
+    author_key_digest: tuple[str, ...] = ()
+    debug_allowed: bool = False
+    migration_agent_allowed: bool = False
+    smt_allowed: bool = True
+    vmpl: tuple[int, ...] = ()
+    min_guest_svn: int = 0
+    min_tcb: Mapping[str, int] = field(default_factory=dict)
+    allowed_signing_keys: tuple[str, ...] = SIGNING_KEYS
+    products: tuple[str, ...] = ()
+    _sets: Mapping[str, frozenset[bytes]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Re-validate through the table form, so a directly built section is as strict.
+        normal = SnpPolicy._normalise(self.to_table(raw=True))
+        for key, value in normal.items():
+            object.__setattr__(self, key, value)
+        object.__setattr__(self, "_sets", {key: frozenset(bytes.fromhex(h) for h in getattr(self, key))
+                                           for key in _HEX_LISTS})
+
+    @staticmethod
+    def _normalise(table: Mapping[str, Any]) -> dict[str, Any]:
+        if not isinstance(table, Mapping):
+            raise PolicyError(f"[snp] must be a table, got {_describe(table)}")
+        for key in table:
+            if key not in _KEYS:
+                raise PolicyError(f"[snp] unknown policy key {key!r}; known keys: {', '.join(_KEYS)}")
+        out: dict[str, Any] = {}
+        for key, size in _HEX_LISTS.items():
+            out[key] = _hex_list(table, key, size)
+        if not any(out[key] for key in _IDENTITY_KEYS):
+            raise PolicyError(
+                "[snp] measurement is missing: pin the guest with at least one of measurement, id_key_digest or "
+                "author_key_digest (a table that pins nothing accepts any VM the host launches)"
+            )
+        for key, default in _BOOLS.items():
+            value = table.get(key, default)
+            if type(value) is not bool:
+                raise _fail(key, f"must be true or false, got {_describe(value)}")
+            out[key] = value
+        vmpl = _list(table, "vmpl")
+        out["vmpl"] = () if vmpl is None else tuple(sorted({_int(v, "vmpl", 0, 3) for v in vmpl}))
+        out["min_guest_svn"] = _int(table.get("min_guest_svn", 0), "min_guest_svn", 0, 2**32 - 1)
+        min_tcb = table.get("min_tcb", {})
+        if not isinstance(min_tcb, Mapping):
+            raise _fail("min_tcb", f"must be a table {{{', '.join(TCB_COMPONENTS)}}}, got {_describe(min_tcb)}")
+        tcb: dict[str, int] = {}
+        for name, value in min_tcb.items():
+            if name not in TCB_COMPONENTS:
+                raise PolicyError(f"[snp] unknown policy key 'min_tcb.{name}'; known keys: "
+                                  f"{', '.join('min_tcb.' + c for c in TCB_COMPONENTS)}")
+            tcb[name] = _int(value, f"min_tcb.{name}", 0, 255)
+        out["min_tcb"] = {name: tcb[name] for name in TCB_COMPONENTS if name in tcb}
+        keys = _list(table, "allowed_signing_keys")
+        if keys is None:
+            out["allowed_signing_keys"] = SIGNING_KEYS
+        else:
+            for index, item in enumerate(keys):
+                if type(item) is not str or item.lower() not in SIGNING_KEYS:
+                    raise _fail("allowed_signing_keys", f"item {index} must be \"vcek\" or \"vlek\", got {_describe(item)}")
+            out["allowed_signing_keys"] = tuple(k for k in SIGNING_KEYS if k in {i.lower() for i in keys})
+        products = _list(table, "products")
+        if products is None:
+            out["products"] = ()
+        else:
+            canonical = {p.lower(): p for p in PRODUCTS}
+            for index, item in enumerate(products):
+                if type(item) is not str or item.lower() not in canonical:
+                    raise _fail("products", f"item {index} must be one of {', '.join(PRODUCTS)}, got {_describe(item)}")
+            wanted = {canonical[i.lower()] for i in products}
+            out["products"] = tuple(p for p in PRODUCTS if p in wanted)
+        return out
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any]) -> SnpPolicy:
+        """Parse the ``[snp]`` TOML table. Raises :class:`PolicyError` naming ``[snp] key``."""
+        return cls(**cls._normalise(table))
+
+    def to_table(self, *, raw: bool = False) -> dict[str, Any]:
+        """The TOML table (loads back to an equal section). Unchecked fields are omitted."""
+        table: dict[str, Any] = {}
+        for key in _HEX_LISTS:
+            value = getattr(self, key)
+            if value or (raw and not isinstance(value, tuple)):
+                table[key] = list(value) if isinstance(value, (list, tuple)) else value
+        for key in _BOOLS:
+            table[key] = getattr(self, key)
+        if self.vmpl or (raw and not isinstance(self.vmpl, tuple)):
+            table["vmpl"] = list(self.vmpl) if isinstance(self.vmpl, (list, tuple)) else self.vmpl
+        table["min_guest_svn"] = self.min_guest_svn
+        if self.min_tcb or (raw and not isinstance(self.min_tcb, Mapping)):
+            table["min_tcb"] = dict(self.min_tcb) if isinstance(self.min_tcb, Mapping) else self.min_tcb
+        keys = self.allowed_signing_keys
+        table["allowed_signing_keys"] = list(keys) if isinstance(keys, (list, tuple)) else keys
+        if self.products or (raw and not isinstance(self.products, tuple)):
+            table["products"] = list(self.products) if isinstance(self.products, (list, tuple)) else self.products
+        return table
+
+    def allows(self, key: str, value: bytes) -> bool:
+        """True if hex-list ``key`` is unchecked or lists ``value``."""
+        return not getattr(self, key) or value in self._sets[key]

@@ -1,0 +1,75 @@
+"""Authenticity of a TDX quote v4/v5 -> :class:`~attestation.platforms.Verified`.
+
+Parse (:mod:`attestation.tdx.abi`), then the Intel checks shared with SGX
+(:func:`attestation.intel.verify.verify_ecdsa_quote`: quote signature over header (+ body
+descriptor) + TD body, QE binding, PCK chain to the pinned Intel SGX Root CA at ``inputs.now``
+with CRLs, QE report signature by the PCK key), then -- only when ``inputs.collateral["intel"]``
+is given -- the TCB status from Intel TDX TCB Info (incl. TEE_TCB_SVN) and TD_QE Identity. No
+policy judgement happens here (:mod:`attestation.tdx.validate`).
+
+Collateral keys read: ``"crls"`` and ``"intel"``, as for SGX (:mod:`attestation.sgx.verify`).
+
+``Verified.claims``: ``version mrtd rtmr0 rtmr1 rtmr2 rtmr3 mrconfigid mrowner mrownerconfig
+mrseam td_attributes xfam tee_tcb_svn report_data`` (``td_attributes`` and ``xfam`` are the raw 8
+bytes, little-endian, as in the quote). ``measurement`` = MRTD, ``debug`` = TD_ATTRIBUTES bit 0,
+``security_version`` = 0 (TDX has no single SVN: policies use ``min_tee_tcb_svn``), ``report``
+= the parsed :class:`~attestation.tdx.abi.TdxQuote` (with MRSIGNERSEAM, SEAM attributes and, for
+TDX 1.5 bodies, TEE_TCB_SVN2 and MRSERVICETD).
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+from attestation.intel.verify import evaluate_tcb, verify_ecdsa_quote
+from attestation.platforms import VerificationInputs, Verified
+
+from .abi import TdxQuote, parse_quote
+
+__all__ = ["verify_quote", "verified_from"]
+
+PLATFORM = "tdx"
+
+
+def verify_quote(evidence: bytes, inputs: VerificationInputs) -> Verified:
+    """Parse and authenticate a TDX quote. Raises EvidenceMalformed or EvidenceInvalid."""
+    quote = parse_quote(evidence)
+    result = verify_ecdsa_quote(platform=PLATFORM, header=quote.header, signed_region=quote.signed_region,
+                                sig=quote.signature_data, inputs=inputs)
+    status, advisories = evaluate_tcb(PLATFORM, inputs, result, quote.signature_data.qe_report,
+                                      tee_tcb_svn=quote.body.tee_tcb_svn)
+    return verified_from(quote, chain=result.chain, tcb_status=status, advisory_ids=advisories)
+
+
+def verified_from(quote: TdxQuote, *, chain=(), tcb_status: str | None = None,
+                  advisory_ids: tuple[str, ...] = ()) -> Verified:
+    body = quote.body
+    claims = {
+        "version": quote.version,
+        "mrtd": body.mrtd,
+        "rtmr0": body.rtmr0,
+        "rtmr1": body.rtmr1,
+        "rtmr2": body.rtmr2,
+        "rtmr3": body.rtmr3,
+        "mrconfigid": body.mrconfigid,
+        "mrowner": body.mrowner,
+        "mrownerconfig": body.mrownerconfig,
+        "mrseam": body.mrseam,
+        "td_attributes": body.td_attributes,
+        "xfam": body.xfam,
+        "tee_tcb_svn": body.tee_tcb_svn,
+        "report_data": body.report_data,
+    }
+    return Verified(
+        platform=PLATFORM,
+        measurement=body.mrtd,
+        report_data=body.report_data,
+        debug=body.debug,
+        claims=MappingProxyType(claims),
+        chain=tuple(chain),
+        trailing_bytes=quote.trailing_bytes,
+        security_version=0,
+        tcb_status=tcb_status,
+        advisory_ids=tuple(advisory_ids),
+        report=quote,
+    )
