@@ -179,7 +179,8 @@ class Worker:
                 await delivery.ack()  # other workers' or future control traffic
                 return
             challenge = Challenge.from_bytes(msg.body)
-            reply = self.answer_challenge(challenge).to_bytes()
+            # A real TEE can take a second to produce a quote: keep the event loop serving jobs.
+            reply = (await asyncio.to_thread(self.answer_challenge, challenge)).to_bytes()
         except ProtocolError as exc:
             reply = ControlError(code="malformed", message=str(exc)).to_bytes()
         if msg.reply_to:

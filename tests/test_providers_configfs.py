@@ -74,7 +74,7 @@ def test_snp_evidence_comes_with_the_hosts_certificate_table(snp):
     assert report.outblob == fake_snp_report(REPORT_DATA)
     entries = parse_cert_table(report.auxblob)
     assert [(e.name, e.data) for e in entries] == [("vcek", b"fake VCEK DER"), ("ask", b"fake ASK"), ("ark", b"fake ARK")]
-    assert p.evidence(REPORT_DATA) == report.outblob
+    assert p.evidence(REPORT_DATA) == report.outblob + report.auxblob  # the verifier reads the table after the report
 
 
 def test_snp_privlevel_is_written_and_counted_in_the_generation(snp):

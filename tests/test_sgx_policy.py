@@ -56,6 +56,7 @@ def test_values_are_normalised():
     ({"accepted_tcb_statuses": "UpToDate"}, "accepted_tcb_statuses"),
     ({"accepted_advisory_ids": [""]}, "accepted_advisory_ids"),
     ({"accepted_advisory_ids": "INTEL-SA-00334"}, "accepted_advisory_ids"),
+    ({"allow_expired_collateral": 1}, "allow_expired_collateral"),
     ({"require_collateral": "yes"}, "require_collateral"),
 ])
 def test_bad_values_name_the_key(table, key):
@@ -68,7 +69,7 @@ def test_round_trip_through_the_policy_file():
              "attributes": "05" + "00" * 15, "attributes_mask": "07" + "00" * 15, "xfrm": "03" + "00" * 7,
              "xfrm_mask": "0f" + "00" * 7, "miscselect": 1, "miscselect_mask": 3,
              "accepted_tcb_statuses": ["UpToDate", "SWHardeningNeeded"], "accepted_advisory_ids": ["INTEL-SA-00334"],
-             "require_collateral": True}
+             "require_collateral": True, "allow_expired_collateral": True}
     p = SgxPolicy.from_table(table)
     assert SgxPolicy.from_table(p.to_table()) == p
     assert SgxPolicy.from_table(SgxPolicy.from_table({}).to_table()) == SgxPolicy.from_table({})

@@ -260,23 +260,33 @@ def test_pem_chain_variants_intel_emits_are_accepted():
         _verify(QE.sgx_quote(sig_options={"pem": pem}))
 
 
-def test_non_canonical_base64_is_malformed():
-    pem = PKI.pem_chain()
-    end = pem.index(b"\n-----END CERTIFICATE-----")
-    # find a padded block and set a pad bit in the last data character: a lenient decoder would
-    # produce the same certificate from different bytes
-    body = bytearray(pem)
+def _set_a_pad_bit(pem: bytes) -> bytes | None:
+    """The PEM with one pad bit set in the first base64 block that has padding, or None."""
     alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-    last = end - 1
-    while body[last] == ord("="):
-        last -= 1
-    padding = end - 1 - last
-    if padding == 0:
-        pytest.skip("first certificate needs no padding")
-    value = alphabet.index(body[last])
-    body[last] = alphabet[value | 1]
+    body = bytearray(pem)
+    search = 0
+    while (end := pem.find(b"\n-----END CERTIFICATE-----", search)) != -1:
+        search = end + 1
+        last = end - 1
+        while body[last] == ord("="):
+            last -= 1
+        if last != end - 1:  # padded: the last data character carries unused low bits
+            body[last] = alphabet[alphabet.index(body[last]) | 1]
+            return bytes(body)
+    return None
+
+
+def test_non_canonical_base64_is_malformed():
+    # A lenient decoder would give the same certificate for these different bytes.
+    for _ in range(50):
+        leaf = PKI.issue_leaf()  # fresh signatures vary in length: some block will need padding
+        chain = PKI.pem_chain([leaf, PKI.ca, PKI.root])
+        mutated = _set_a_pad_bit(chain)
+        if mutated is not None:
+            break
+    assert mutated is not None and mutated != chain
     with pytest.raises(EvidenceMalformed, match="non-canonical base64"):
-        _verify(QE.sgx_quote(sig_options={"pem": bytes(body)}))
+        _verify(QE.sgx_quote(sig_options={"pem": mutated}))
 
 
 def test_header_fields_are_checked():

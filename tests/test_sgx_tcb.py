@@ -16,7 +16,9 @@ from attestation.errors import EvidenceInvalid
 from attestation.intel.verify import converge_tcb_status
 from attestation.platforms import VerificationInputs
 from attestation.sgx import PLATFORM as SGX
+from attestation.sgx import SgxPolicy
 from attestation.tdx import PLATFORM as TDX
+from attestation.tdx import TdxPolicy
 from attestation.testing.intel import SGX_QE_MRSIGNER, TD_QE_MRSIGNER, FakeIntelPki, FakeQuotingEnclave
 
 pytest.importorskip("attestation.intel.pck")
@@ -30,6 +32,8 @@ QE = FakeQuotingEnclave(PKI, qe_isvsvn=6)
 class Result:
     status: str
     advisory_ids: tuple[str, ...] = ()
+    collateral_expired: bool = False
+    notes: tuple[str, ...] = ()
 
 
 @pytest.fixture
@@ -43,12 +47,12 @@ def fake_collateral(monkeypatch):
         calls.append(("sgx", coll, pck, now))
         return module.platform_result
 
-    def evaluate_tdx_tcb(coll, pck, tee_tcb_svn, now):
-        calls.append(("tdx", coll, pck, tee_tcb_svn, now))
+    def evaluate_tdx_tcb(coll, pck, tee_tcb_svn, now, *, mrsignerseam=None, seam_attributes=None):
+        calls.append(("tdx", coll, pck, tee_tcb_svn, now, mrsignerseam, seam_attributes))
         return module.platform_result
 
-    def evaluate_qe_identity(coll, mrsigner, isvprodid, isvsvn, miscselect, attributes, now):
-        calls.append(("qe", coll, mrsigner, isvprodid, isvsvn, miscselect, attributes, now))
+    def evaluate_qe_identity(coll, mrsigner, isvprodid, isvsvn, miscselect, attributes, now, *, expected_id=None):
+        calls.append(("qe", coll, mrsigner, isvprodid, isvsvn, miscselect, attributes, now, expected_id))
         return module.qe_result
 
     module.evaluate_sgx_tcb = evaluate_sgx_tcb
@@ -71,7 +75,9 @@ def test_sgx_collateral_is_evaluated_and_statuses_converge(fake_collateral):
     assert (kind, coll, now) == ("sgx", COLLATERAL, NOW)
     assert pck.fmspc == bytes.fromhex("00906ed50000") and pck.pcesvn == 13 and pck.cpusvn == PKI.cpusvn
     assert qe[:5] == ("qe", COLLATERAL, SGX_QE_MRSIGNER, 1, 6)
-    assert qe[5] == 0 and qe[6] == (0x15).to_bytes(8, "little") + (0xE7).to_bytes(8, "little") and qe[7] == NOW
+    assert qe[5] == 0 and qe[6] == (0x15).to_bytes(8, "little") + (0xE7).to_bytes(8, "little")
+    assert qe[7:] == (NOW, "QE")
+    assert v.report.tcb.status == "SWHardeningNeeded" and v.report.tcb.collateral_expired is False
 
 
 def test_tdx_collateral_gets_tee_tcb_svn(fake_collateral):
@@ -80,9 +86,30 @@ def test_tdx_collateral_gets_tee_tcb_svn(fake_collateral):
     v = TDX.verify(QE.tdx_quote(version=5, tee_tcb_svn=svn),
                    VerificationInputs(now=NOW, trust=PKI.trust(), collateral={"intel": COLLATERAL}))
     assert v.tcb_status == "OutOfDate"  # SWHardeningNeeded platform + OutOfDate QE
-    (kind, coll, pck, tee_tcb_svn, now), qe = fake_collateral.calls
+    (kind, coll, pck, tee_tcb_svn, now, mrsignerseam, seam_attributes), qe = fake_collateral.calls
     assert (kind, coll, tee_tcb_svn, now) == ("tdx", COLLATERAL, svn, NOW)
-    assert qe[2:5] == (TD_QE_MRSIGNER, 2, 6)
+    assert (mrsignerseam, seam_attributes) == (bytes(48), bytes(8))  # the TDX module identity is checked too
+    assert qe[2:5] == (TD_QE_MRSIGNER, 2, 6) and qe[-1] == "TD_QE"
+
+
+def test_the_collateral_modules_own_convergence_is_used(fake_collateral):
+    fake_collateral.converge_tcb_status = lambda platform, qe: Result("ConfigurationNeeded", ("X",))
+    v = SGX.verify(QE.sgx_quote(), VerificationInputs(now=NOW, trust=PKI.trust(), collateral={"intel": COLLATERAL}))
+    assert (v.tcb_status, v.advisory_ids) == ("ConfigurationNeeded", ("X",))
+
+
+def test_expired_collateral_is_a_violation_unless_allowed(fake_collateral):
+    fake_collateral.qe_result = Result("UpToDate", (), True, ("QE Identity nextUpdate 2023-07-08 is before now",))
+    inputs = VerificationInputs(now=NOW, trust=PKI.trust(), collateral={"intel": COLLATERAL})
+    for platform, quote, section in ((SGX, QE.sgx_quote(), SgxPolicy), (TDX, QE.tdx_quote(), TdxPolicy)):
+        v = platform.verify(quote, inputs)
+        assert v.report.tcb.collateral_expired is True
+        accepted = {"accepted_tcb_statuses": ["SWHardeningNeeded"],
+                    "accepted_advisory_ids": ["INTEL-SA-00615", "INTEL-SA-00334"]}
+        (found,) = platform.violations(v, section.from_table(accepted), inputs)
+        assert found.field == f"{platform.name}.collateral" and "2023-07-08" in found.value
+        assert "allow_expired_collateral" in found.expected
+        assert platform.violations(v, section.from_table(accepted | {"allow_expired_collateral": True}), inputs) == []
 
 
 def test_no_collateral_no_evaluation(fake_collateral):
@@ -113,3 +140,71 @@ def test_collateral_errors_propagate(fake_collateral):
 ])
 def test_convergence_follows_intel_qvl(platform_status, qe_status, expected):
     assert converge_tcb_status(platform_status, qe_status) == expected
+
+
+def test_fallback_convergence_agrees_with_the_collateral_module():
+    collateral = pytest.importorskip("attestation.intel.collateral")
+    statuses = ("UpToDate", "SWHardeningNeeded", "ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded",
+                "OutOfDate", "OutOfDateConfigurationNeeded", "Revoked")
+    for platform_status in statuses:
+        for qe_status in statuses:
+            theirs = collateral.converge_tcb_status(collateral.TcbResult(platform_status, (), None),
+                                                    collateral.TcbResult(qe_status, (), None))
+            assert theirs.status == converge_tcb_status(platform_status, qe_status), (platform_status, qe_status)
+
+
+# ---- end to end with the real collateral module: quotes from attestation.testing.intel, TCB Info
+# and QE Identity signed by attestation.testing.intel_collateral's fake TCB Signing key.
+
+def _real_collateral(tmp_path, *, tdx: bool, platform_status: str, qe_svn_levels, next_update=None):
+    collateral = pytest.importorskip("attestation.intel.collateral")
+    docs = pytest.importorskip("attestation.testing.intel_collateral")
+    signer = docs.default_pki()
+    levels = [docs.tcb_level(platform_status, sgx=PKI.tcb_components, pcesvn=PKI.pcesvn,
+                             tdx=[3, 0, 5] + [0] * 13 if tdx else None, advisories=("INTEL-SA-00615",)),
+              docs.tcb_level("OutOfDate", sgx=[0] * 16, pcesvn=0, tdx=[0] * 16 if tdx else None)]
+    tcb_info = signer.tcb_info_document(fmspc=PKI.fmspc, levels=levels, tcb_id="TDX" if tdx else "SGX",
+                                        issue_date=datetime(2026, 11, 20, tzinfo=timezone.utc),
+                                        next_update=next_update)
+    qe_identity = signer.qe_identity_document(
+        levels=[docs.enclave_level(status, svn) for status, svn in qe_svn_levels],
+        qe_id="TD_QE" if tdx else "QE", mrsigner=TD_QE_MRSIGNER if tdx else SGX_QE_MRSIGNER,
+        isvprodid=2 if tdx else 1, issue_date=datetime(2026, 11, 20, tzinfo=timezone.utc), next_update=next_update)
+    directory = signer.write_collateral_dir(tmp_path / ("tdx" if tdx else "sgx"), tcb_info=tcb_info,
+                                            qe_identity=qe_identity)
+    # the quotes' PCK chain and the collateral's TCB Signing chain come from two fake roots
+    trust = PKI.trust().with_roots("sgx", *signer.trust().for_platform("sgx"))
+    trust = trust.with_roots("tdx", *signer.trust().for_platform("tdx"))
+    coll = collateral.load_collateral(directory, now=NOW, trust=trust)
+    return VerificationInputs(now=NOW, trust=trust, collateral={"intel": coll, "crls": tuple(coll.crls)})
+
+
+def test_end_to_end_sgx_with_signed_collateral(tmp_path):
+    inputs = _real_collateral(tmp_path, tdx=False, platform_status="SWHardeningNeeded",
+                              qe_svn_levels=[("UpToDate", 6), ("OutOfDate", 0)])
+    v = SGX.verify(QE.sgx_quote(), inputs)
+    assert (v.tcb_status, v.advisory_ids) == ("SWHardeningNeeded", ("INTEL-SA-00615",))
+    assert [x.field for x in SGX.violations(v, SgxPolicy.from_table({}), inputs)] == ["sgx.tcb_status",
+                                                                                    "sgx.advisory_ids"]
+    ok = {"accepted_tcb_statuses": ["UpToDate", "SWHardeningNeeded"], "accepted_advisory_ids": ["INTEL-SA-00615"]}
+    assert SGX.violations(v, SgxPolicy.from_table(ok), inputs) == []
+    # an older QE (ISVSVN 6 < 7) converges the status to OutOfDate
+    inputs = _real_collateral(tmp_path / "old", tdx=False, platform_status="UpToDate",
+                              qe_svn_levels=[("UpToDate", 7), ("OutOfDate", 0)])
+    assert SGX.verify(QE.sgx_quote(), inputs).tcb_status == "OutOfDate"
+
+
+def test_end_to_end_tdx_with_signed_collateral(tmp_path):
+    inputs = _real_collateral(tmp_path, tdx=True, platform_status="UpToDate", qe_svn_levels=[("UpToDate", 6)])
+    v = TDX.verify(QE.tdx_quote(version=5), inputs)
+    assert v.tcb_status == "UpToDate" and v.report.tcb.collateral_expired is False
+    assert TDX.violations(v, TdxPolicy.from_table({"accepted_advisory_ids": ["INTEL-SA-00615"]}), inputs) == []
+
+
+def test_end_to_end_stale_collateral(tmp_path):
+    inputs = _real_collateral(tmp_path, tdx=False, platform_status="UpToDate", qe_svn_levels=[("UpToDate", 6)],
+                              next_update=datetime(2026, 11, 21, tzinfo=timezone.utc))
+    v = SGX.verify(QE.sgx_quote(), inputs)
+    assert v.report.tcb.collateral_expired is True
+    found = SGX.violations(v, SgxPolicy.from_table({"accepted_advisory_ids": ["INTEL-SA-00615"]}), inputs)
+    assert [x.field for x in found] == ["sgx.collateral"]

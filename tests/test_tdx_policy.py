@@ -42,6 +42,7 @@ def test_measurement_lists(key):
     ({"accepted_tcb_statuses": ["uptodate"]}, "accepted_tcb_statuses"),
     ({"accepted_tcb_statuses": ["Revoked"]}, "accepted_tcb_statuses"),
     ({"accepted_advisory_ids": [1]}, "accepted_advisory_ids"),
+    ({"allow_expired_collateral": 1}, "allow_expired_collateral"),
     ({"require_collateral": None}, "require_collateral"),
 ])
 def test_bad_values_name_the_key(table, key):
@@ -54,7 +55,7 @@ def test_round_trip_through_the_policy_file():
         "xfam": "e702060000000000", "xfam_mask": "ffffffffffffffff", "td_attributes": "0000001000000000",
         "td_attributes_mask": "0100001000000000", "debug_allowed": False, "min_tee_tcb_svn": "03000500" + "00" * 12,
         "accepted_tcb_statuses": ["UpToDate", "OutOfDate"], "accepted_advisory_ids": ["INTEL-SA-00837"],
-        "require_collateral": True}
+        "require_collateral": True, "allow_expired_collateral": True}
     p = TdxPolicy.from_table(table)
     assert TdxPolicy.from_table(p.to_table()) == p
     text = "[tdx]\n" + "\n".join(

@@ -57,15 +57,17 @@ def test_every_shape_and_ca_kind_verifies(version, body_type, processor):
     fields = {key: h(key) for key in MEASUREMENT_KEYS}
     quote = qe.tdx_quote(version=version, body_type=body_type, report_data=b"\x07" * 64, **fields)
     v = _verify(quote, VerificationInputs(now=NOW, trust=pki.trust()))
-    assert v.claims["version"] == version and v.report.body_type == body_type
+    q = v.report.quote
+    assert v.claims["version"] == version and q.body_type == body_type
     assert v.measurement == h("mrtd") and v.report_data == b"\x07" * 64
     for key in MEASUREMENT_KEYS:
         assert v.claims[key] == h(key)
     if body_type == 3:
-        assert v.report.body.tee_tcb_svn2 is not None and v.report.body.mrservicetd == bytes(48)
+        assert q.body.tee_tcb_svn2 is not None and q.body.mrservicetd == bytes(48)
     ca = "Processor" if processor else "Platform"
     assert f"CN=Intel SGX PCK {ca} CA" in v.chain[1].subject
-    assert len(v.report.signed_region) == {(4, 2): 632, (5, 2): 638, (5, 3): 702}[(version, body_type)]
+    assert v.report.pck_ca == ("processor" if processor else "platform")
+    assert len(q.signed_region) == {(4, 2): 632, (5, 2): 638, (5, 3): 702}[(version, body_type)]
 
 
 @pytest.mark.parametrize("attrs, debug", [(0x0, False), (0x1, True), (0x10000001, True), (0x10000000, False),

@@ -14,7 +14,8 @@ Conventions of both tables (documented for users in each platform's ``policy.py`
 - TCB: ``accepted_tcb_statuses`` (default ``["UpToDate"]``) and ``accepted_advisory_ids``
   (default none) are judged only when the verification had Intel collateral. Without it no TCB
   judgement is made, unless ``require_collateral = true``, which turns its absence into a
-  violation. ``Revoked`` cannot be accepted.
+  violation. ``Revoked`` cannot be accepted. Collateral past its ``nextUpdate`` is a violation
+  (``<platform>.collateral``) unless ``allow_expired_collateral = true``.
 
 Every problem is a :class:`PolicyError` naming ``[platform] key``.
 """
@@ -174,7 +175,7 @@ class TableReader:
                                  "(they would never be compared)")
         return value, mask
 
-    def tcb(self) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+    def tcb(self) -> tuple[tuple[str, ...], tuple[str, ...], bool, bool]:
         statuses = self.str_list("accepted_tcb_statuses", ("UpToDate",), allowed=TCB_STATUSES)
         if "Revoked" in statuses:
             raise self.fail("accepted_tcb_statuses", "must not contain 'Revoked': a revoked TCB is never acceptable")
@@ -182,7 +183,8 @@ class TableReader:
             raise self.fail("accepted_tcb_statuses", "is an empty list, which would refuse every quote "
                                                      "verified with collateral")
         advisories = self.str_list("accepted_advisory_ids", ())
-        return statuses, advisories, self.boolean("require_collateral", False)
+        return (statuses, advisories, self.boolean("require_collateral", False),
+                self.boolean("allow_expired_collateral", False))
 
 
 def one_of(field: str, value: bytes, allowed: tuple[bytes, ...] | None, key: str) -> Violation | None:
@@ -200,18 +202,25 @@ def masked_violation(field: str, value: bytes, expected: bytes | None, mask: byt
     return Violation(field, value.hex(), f"{expected.hex()} under mask {mask.hex()} (policy {key}, {key}_mask)")
 
 
-def tcb_violations(platform: str, verified: Any, statuses: tuple[str, ...], advisories: tuple[str, ...],
-                   require_collateral: bool) -> list[Violation]:
+def tcb_violations(platform: str, verified: Any, section: Any) -> list[Violation]:
+    """TCB judgement of ``section`` (accepted_tcb_statuses, accepted_advisory_ids,
+    require_collateral, allow_expired_collateral) against a verified SGX/TDX quote."""
+    statuses, advisories = section.accepted_tcb_statuses, section.accepted_advisory_ids
     found: list[Violation] = []
     status = verified.tcb_status
     if status is None:
-        if require_collateral:
+        if section.require_collateral:
             found.append(Violation(f"{platform}.tcb_status", "not evaluated (no Intel collateral was given)",
                                    f"a TCB status from Intel collateral ([{platform}] require_collateral = true)"))
         return found
     if status not in statuses:
         found.append(Violation(f"{platform}.tcb_status", status,
                                f"one of [{', '.join(statuses)}] (policy [{platform}] accepted_tcb_statuses)"))
+    outcome = getattr(verified.report, "tcb", None)
+    if outcome is not None and outcome.collateral_expired and not section.allow_expired_collateral:
+        found.append(Violation(f"{platform}.collateral", "expired: " + ("; ".join(outcome.notes) or "past nextUpdate"),
+                               f"collateral within its issueDate..nextUpdate (policy [{platform}] "
+                               "allow_expired_collateral = false)"))
     unaccepted = [a for a in verified.advisory_ids if a not in advisories]
     if unaccepted:
         found.append(Violation(f"{platform}.advisory_ids", ", ".join(unaccepted),

@@ -21,9 +21,10 @@ vectors' ``PROCEDURES.md`` A.2 and B.3).
 7. the PCK leaf's SGX extensions (FMSPC, TCB components, PCESVN, CPUSVN) through
    :func:`attestation.intel.pck.parse_pck_extensions` when that module is installed;
 8. TCB judgement only when the caller passed Intel collateral (``inputs.collateral["intel"]``):
-   :func:`evaluate_tcb` -> a TCB status and advisory IDs. Without collateral no TCB status is
-   computed (``Verified.tcb_status`` stays None) and nothing is fetched: ``inputs.fetcher`` is
-   not used here.
+   :func:`evaluate_tcb` -> a :class:`TcbOutcome` (status converged with the QE identity's,
+   advisory IDs, whether the collateral was stale). Without collateral no TCB status is computed
+   (``Verified.tcb_status`` stays None) and nothing is fetched: ``inputs.fetcher`` is not used
+   here. ``inputs.extra_certs`` is not used either: quotes carry their whole PCK chain.
 
 Speed: parsed PCK chains are cached by content (:func:`attestation.intel.abi.parse_pck_chain`)
 and attestation public keys by their 64 bytes, so a warm verification costs five ECDSA P-256
@@ -63,6 +64,8 @@ __all__ = [
     "INTEL_QE_MRSIGNERS",
     "PCK_CA_NAMES",
     "IntelVerification",
+    "TcbOutcome",
+    "VerifiedQuote",
     "attestation_public_key",
     "converge_tcb_status",
     "evaluate_tcb",
@@ -236,23 +239,51 @@ def _safe_subject(cert: x509.Certificate) -> str:
 # TCB judgement with collateral
 
 
-_QE_OUT_OF_DATE_MAP = {
-    "UpToDate": "OutOfDate",
-    "SWHardeningNeeded": "OutOfDate",
-    "ConfigurationNeeded": "OutOfDateConfigurationNeeded",
-    "ConfigurationAndSWHardeningNeeded": "OutOfDateConfigurationNeeded",
-}
-
-
 def converge_tcb_status(platform_status: str, qe_status: str) -> str:
     """Combine the platform TCB status with the QE identity TCB status, as Intel's QVL does:
-    an out-of-date QE makes a current platform ``OutOfDate`` (``OutOfDateConfigurationNeeded``
-    if configuration was needed too); a revoked QE makes everything ``Revoked``."""
+    a revoked QE makes everything ``Revoked``; an out-of-date QE makes a current platform
+    ``OutOfDate`` (``OutOfDateConfigurationNeeded`` if configuration was needed too). Used only
+    when attestation.intel.collateral does not provide its own ``converge_tcb_status``."""
     if qe_status == "Revoked":
         return "Revoked"
-    if qe_status == "OutOfDate":
-        return _QE_OUT_OF_DATE_MAP.get(platform_status, platform_status)
+    if qe_status in ("OutOfDate", "OutOfDateConfigurationNeeded"):
+        if platform_status in ("UpToDate", "SWHardeningNeeded", "OutOfDate"):
+            return "OutOfDate"
+        if platform_status in ("ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded",
+                               "OutOfDateConfigurationNeeded"):
+            return "OutOfDateConfigurationNeeded"
     return platform_status
+
+
+@dataclass(frozen=True)
+class TcbOutcome:
+    """The quote's TCB judgement from collateral: platform (and TDX module) status converged with
+    the QE identity status; ``collateral_expired`` when a document used was past its nextUpdate
+    (reported, for the policy to judge: ``allow_expired_collateral``)."""
+
+    status: str
+    advisory_ids: tuple[str, ...] = ()
+    collateral_expired: bool = False
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class VerifiedQuote:
+    """``Verified.report`` for SGX and TDX: the parsed quote and what verification established."""
+
+    quote: Any                          # attestation.sgx.abi.SgxQuote or attestation.tdx.abi.TdxQuote
+    pck_ca: str                         # "platform" or "processor"
+    pck_extensions: Any = None          # attestation.intel.pck.PckExtensions, None if not installed
+    tcb: TcbOutcome | None = None       # None: no collateral was given, no TCB judgement
+
+
+def _merge(*groups: Any) -> tuple[str, ...]:
+    out: list[str] = []
+    for group in groups:
+        for item in group:
+            if item not in out:
+                out.append(item)
+    return tuple(out)
 
 
 def evaluate_tcb(
@@ -260,29 +291,38 @@ def evaluate_tcb(
     inputs: Any,
     verification: IntelVerification,
     qe_report: ReportBody,
-    tee_tcb_svn: bytes | None = None,
-) -> tuple[str | None, tuple[str, ...]]:
-    """TCB status and advisory IDs from Intel collateral, or ``(None, ())`` when no collateral
-    was given (or the collateral / PCK modules are not installed). Collateral problems (bad
-    signature, wrong FMSPC, expired) raise what attestation.intel.collateral raises."""
+    td_body: Any = None,
+) -> TcbOutcome | None:
+    """The TCB judgement from Intel collateral, or None when no collateral was given (or the
+    collateral / PCK modules are not installed). Collateral problems (bad signature, wrong FMSPC,
+    QE identity mismatch) raise what attestation.intel.collateral raises (EvidenceInvalid /
+    EvidenceMalformed). ``td_body`` (a TdReportBody) is required for TDX."""
     coll = inputs.collateral.get("intel")
     if coll is None or verification.pck_extensions is None:
-        return None, ()
+        return None
     try:
         from attestation.intel import collateral as collateral_mod
     except ModuleNotFoundError as exc:
         if exc.name == "attestation.intel.collateral":
-            return None, ()
+            return None
         raise
     pck = verification.pck_extensions
     if platform == "tdx":
-        tcb = collateral_mod.evaluate_tdx_tcb(coll, pck, tee_tcb_svn, inputs.now)
+        tcb = collateral_mod.evaluate_tdx_tcb(coll, pck, td_body.tee_tcb_svn, inputs.now,
+                                              mrsignerseam=td_body.mrsignerseam,
+                                              seam_attributes=td_body.seam_attributes)
     else:
         tcb = collateral_mod.evaluate_sgx_tcb(coll, pck, inputs.now)
     qe = collateral_mod.evaluate_qe_identity(coll, qe_report.mrsigner, qe_report.isvprodid, qe_report.isvsvn,
-                                             qe_report.miscselect, qe_report.attributes, inputs.now)
-    advisories: list[str] = []
-    for advisory in (*tcb.advisory_ids, *qe.advisory_ids):
-        if advisory not in advisories:
-            advisories.append(advisory)
-    return converge_tcb_status(tcb.status, qe.status), tuple(advisories)
+                                             qe_report.miscselect, qe_report.attributes, inputs.now,
+                                             expected_id="TD_QE" if platform == "tdx" else "QE")
+    converge = getattr(collateral_mod, "converge_tcb_status", None)
+    if converge is not None:
+        both = converge(tcb, qe)
+        status, advisories = both.status, tuple(both.advisory_ids)
+    else:
+        status = converge_tcb_status(tcb.status, qe.status)
+        advisories = _merge(tcb.advisory_ids, qe.advisory_ids)
+    expired = bool(getattr(tcb, "collateral_expired", False) or getattr(qe, "collateral_expired", False))
+    notes = _merge(getattr(tcb, "notes", ()), getattr(qe, "notes", ()))
+    return TcbOutcome(status, advisories, expired, notes)

@@ -274,8 +274,17 @@ class ConfigfsTsmProvider:
 
     # -- evidence ---------------------------------------------------------------------------
     def evidence(self, report_data: bytes) -> bytes:
-        """A fresh TDX quote or SNP report binding ``report_data`` (exactly 64 bytes)."""
-        return self.report(report_data).outblob
+        """A fresh TDX quote or SNP report binding ``report_data`` (exactly 64 bytes).
+
+        On SNP the host's certificate table (VCEK/VLEK, ASK, ARK), when it supplies one, is
+        appended after the report: the verifier reads it from there (it lies outside the
+        report's signature, and every certificate in it must still chain to a pinned AMD root),
+        so producers need no --cert and no network access to AMD's KDS.
+        """
+        report = self.report(report_data)
+        if report.provider == "sev_guest" and report.auxblob:
+            return report.outblob + report.auxblob
+        return report.outblob
 
     def report(self, report_data: bytes) -> TsmReport:
         """Like :meth:`evidence`, with the provider name, the SNP certificate table and generation."""

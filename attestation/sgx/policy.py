@@ -17,6 +17,7 @@
     accepted_tcb_statuses = ["UpToDate"]   # judged only with Intel collateral
     accepted_advisory_ids = []             # every advisory of the TCB level must be listed here
     require_collateral = false             # true: no collateral = a violation
+    allow_expired_collateral = false       # true: accept collateral past its nextUpdate
 
 Choice for ATTRIBUTES: ``attributes`` covers FLAGS and XFRM together (16 bytes, as Intel's QE
 Identity does); ``xfrm`` is a convenience for XFRM alone. Both may be given; both are checked.
@@ -36,7 +37,7 @@ __all__ = ["SgxPolicy"]
 _KEYS = (
     "mrenclave", "mrsigner", "isvprodid", "min_isvsvn", "debug_allowed",
     "attributes", "attributes_mask", "xfrm", "xfrm_mask", "miscselect", "miscselect_mask",
-    "accepted_tcb_statuses", "accepted_advisory_ids", "require_collateral",
+    "accepted_tcb_statuses", "accepted_advisory_ids", "require_collateral", "allow_expired_collateral",
 )
 
 
@@ -58,6 +59,7 @@ class SgxPolicy:
     accepted_tcb_statuses: tuple[str, ...] = ("UpToDate",)
     accepted_advisory_ids: tuple[str, ...] = ()
     require_collateral: bool = False
+    allow_expired_collateral: bool = False
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any]) -> "SgxPolicy":
@@ -65,7 +67,7 @@ class SgxPolicy:
         attributes, attributes_mask = r.masked_bytes("attributes", 16)
         xfrm, xfrm_mask = r.masked_bytes("xfrm", 8)
         miscselect, miscselect_mask = r.masked_int("miscselect", bits=32)
-        statuses, advisories, require = r.tcb()
+        statuses, advisories, require, allow_expired = r.tcb()
         return cls(
             mrenclave=r.hex_list("mrenclave", 32),
             mrsigner=r.hex_list("mrsigner", 32),
@@ -76,6 +78,7 @@ class SgxPolicy:
             xfrm=xfrm, xfrm_mask=xfrm_mask,
             miscselect=miscselect, miscselect_mask=miscselect_mask,
             accepted_tcb_statuses=statuses, accepted_advisory_ids=advisories, require_collateral=require,
+            allow_expired_collateral=allow_expired,
         )
 
     def to_table(self) -> dict[str, Any]:
@@ -99,4 +102,5 @@ class SgxPolicy:
         out["accepted_tcb_statuses"] = list(self.accepted_tcb_statuses)
         out["accepted_advisory_ids"] = list(self.accepted_advisory_ids)
         out["require_collateral"] = self.require_collateral
+        out["allow_expired_collateral"] = self.allow_expired_collateral
         return out

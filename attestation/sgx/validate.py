@@ -2,7 +2,7 @@
 
 Field names are ``sgx.<claim>``: ``sgx.mrenclave``, ``sgx.mrsigner``, ``sgx.isvprodid``,
 ``sgx.isvsvn``, ``sgx.debug``, ``sgx.attributes``, ``sgx.xfrm``, ``sgx.miscselect``,
-``sgx.tcb_status``, ``sgx.advisory_ids``. Reads only ``verified.claims``, ``verified.debug`` and
+``sgx.tcb_status``, ``sgx.advisory_ids``, ``sgx.collateral``. Reads only ``verified.claims``, ``verified.debug`` and
 the TCB result, so it judges any :class:`~attestation.platforms.Verified` of platform ``sgx``.
 TCB statuses are judged only when the verification had Intel collateral
 (``verified.tcb_status`` is not None); see :mod:`attestation.intel.policy`.
@@ -44,6 +44,5 @@ def violations(verified: Any, section: SgxPolicy, inputs: Any = None) -> list[Vi
                                f"{section.miscselect:#010x} under mask {section.miscselect_mask:#010x} "
                                "(policy [sgx] miscselect, miscselect_mask)"))
     out = [v for v in found if v is not None]
-    out.extend(tcb_violations("sgx", verified, section.accepted_tcb_statuses, section.accepted_advisory_ids,
-                              section.require_collateral))
+    out.extend(tcb_violations("sgx", verified, section))
     return out

@@ -14,14 +14,16 @@ CRL and/or the PCK Platform/Processor CA CRL) and ``"intel"`` (an
 mrsigner isvprodid isvsvn attributes_flags attributes_xfrm miscselect cpusvn config_svn
 report_data qe_svn pce_svn fmspc`` (bytes stay bytes; ``fmspc`` is None when the PCK extension
 parser is not installed). ``measurement`` = MRENCLAVE, ``debug`` = ATTRIBUTES.FLAGS bit 1,
-``security_version`` = ISVSVN, ``report`` = the parsed :class:`~attestation.sgx.abi.SgxQuote`.
+``security_version`` = ISVSVN, ``report`` = an :class:`~attestation.intel.verify.VerifiedQuote`
+(the parsed :class:`~attestation.sgx.abi.SgxQuote`, the PCK CA kind and extensions, and the TCB
+outcome with ``collateral_expired``).
 """
 
 from __future__ import annotations
 
 from types import MappingProxyType
 
-from attestation.intel.verify import evaluate_tcb, verify_ecdsa_quote
+from attestation.intel.verify import TcbOutcome, VerifiedQuote, evaluate_tcb, verify_ecdsa_quote
 from attestation.platforms import VerificationInputs, Verified
 
 from .abi import SgxQuote, parse_quote
@@ -36,12 +38,13 @@ def verify_quote(evidence: bytes, inputs: VerificationInputs) -> Verified:
     quote = parse_quote(evidence)
     result = verify_ecdsa_quote(platform=PLATFORM, header=quote.header, signed_region=quote.signed_region,
                                 sig=quote.signature_data, inputs=inputs)
-    status, advisories = evaluate_tcb(PLATFORM, inputs, result, quote.signature_data.qe_report)
-    return verified_from(quote, chain=result.chain, fmspc=result.fmspc, tcb_status=status, advisory_ids=advisories)
+    tcb = evaluate_tcb(PLATFORM, inputs, result, quote.signature_data.qe_report)
+    report = VerifiedQuote(quote, result.pck_ca, result.pck_extensions, tcb)
+    return verified_from(quote, chain=result.chain, fmspc=result.fmspc, tcb=tcb, report=report)
 
 
-def verified_from(quote: SgxQuote, *, chain=(), fmspc: bytes | None = None, tcb_status: str | None = None,
-                  advisory_ids: tuple[str, ...] = ()) -> Verified:
+def verified_from(quote: SgxQuote, *, chain=(), fmspc: bytes | None = None, tcb: TcbOutcome | None = None,
+                  report: VerifiedQuote | None = None) -> Verified:
     body = quote.body
     claims = {
         "mrenclave": body.mrenclave,
@@ -67,7 +70,7 @@ def verified_from(quote: SgxQuote, *, chain=(), fmspc: bytes | None = None, tcb_
         chain=tuple(chain),
         trailing_bytes=quote.trailing_bytes,
         security_version=body.isvsvn,
-        tcb_status=tcb_status,
-        advisory_ids=tuple(advisory_ids),
-        report=quote,
+        tcb_status=None if tcb is None else tcb.status,
+        advisory_ids=() if tcb is None else tuple(tcb.advisory_ids),
+        report=report or VerifiedQuote(quote, "unknown"),
     )

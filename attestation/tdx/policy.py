@@ -17,7 +17,8 @@
     min_tee_tcb_svn = "<32 hex>"           # every byte of TEE_TCB_SVN must be >= this one's
     accepted_tcb_statuses = ["UpToDate"]   # judged only with Intel collateral
     accepted_advisory_ids = []
-    require_collateral = false
+    require_collateral = false             # true: no collateral = a violation
+    allow_expired_collateral = false       # true: accept collateral past its nextUpdate
 
 ``mrseam`` and ``td_attributes`` go beyond the list in issue 3 (cheap, and go-tdx-guest offers
 them). Shared rules (hex = raw quote bytes, lists, masks, TCB): :mod:`attestation.intel.policy`.
@@ -35,7 +36,7 @@ __all__ = ["MEASUREMENT_KEYS", "TdxPolicy"]
 MEASUREMENT_KEYS = ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mrconfigid", "mrowner", "mrownerconfig", "mrseam")
 _KEYS = MEASUREMENT_KEYS + (
     "xfam", "xfam_mask", "td_attributes", "td_attributes_mask", "debug_allowed", "min_tee_tcb_svn",
-    "accepted_tcb_statuses", "accepted_advisory_ids", "require_collateral",
+    "accepted_tcb_statuses", "accepted_advisory_ids", "require_collateral", "allow_expired_collateral",
 )
 
 
@@ -61,6 +62,7 @@ class TdxPolicy:
     accepted_tcb_statuses: tuple[str, ...] = ("UpToDate",)
     accepted_advisory_ids: tuple[str, ...] = ()
     require_collateral: bool = False
+    allow_expired_collateral: bool = False
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any]) -> "TdxPolicy":
@@ -68,7 +70,7 @@ class TdxPolicy:
         measurements = {key: r.hex_list(key, 48) for key in MEASUREMENT_KEYS}
         xfam, xfam_mask = r.masked_bytes("xfam", 8)
         td_attributes, td_attributes_mask = r.masked_bytes("td_attributes", 8)
-        statuses, advisories, require = r.tcb()
+        statuses, advisories, require, allow_expired = r.tcb()
         return cls(
             **measurements,
             xfam=xfam, xfam_mask=xfam_mask,
@@ -76,6 +78,7 @@ class TdxPolicy:
             debug_allowed=r.boolean("debug_allowed", False),
             min_tee_tcb_svn=r.hex_value("min_tee_tcb_svn", 16),
             accepted_tcb_statuses=statuses, accepted_advisory_ids=advisories, require_collateral=require,
+            allow_expired_collateral=allow_expired,
         )
 
     def to_table(self) -> dict[str, Any]:
@@ -93,4 +96,5 @@ class TdxPolicy:
         out["accepted_tcb_statuses"] = list(self.accepted_tcb_statuses)
         out["accepted_advisory_ids"] = list(self.accepted_advisory_ids)
         out["require_collateral"] = self.require_collateral
+        out["allow_expired_collateral"] = self.allow_expired_collateral
         return out

@@ -2,7 +2,7 @@
 
 Field names are ``tdx.<claim>``: ``tdx.mrtd``, ``tdx.rtmr0`` .. ``tdx.rtmr3``, ``tdx.mrconfigid``,
 ``tdx.mrowner``, ``tdx.mrownerconfig``, ``tdx.mrseam``, ``tdx.xfam``, ``tdx.td_attributes``,
-``tdx.debug``, ``tdx.tee_tcb_svn``, ``tdx.tcb_status``, ``tdx.advisory_ids``. TCB statuses are
+``tdx.debug``, ``tdx.tee_tcb_svn``, ``tdx.tcb_status``, ``tdx.advisory_ids``, ``tdx.collateral``. TCB statuses are
 judged only when the verification had Intel collateral; see :mod:`attestation.intel.policy`.
 """
 
@@ -38,6 +38,5 @@ def violations(verified: Any, section: TdxPolicy, inputs: Any = None) -> list[Vi
                                    f"every component >= {minimum.hex()} (policy [tdx] min_tee_tcb_svn; "
                                    f"component{'s' if len(low) > 1 else ''} {', '.join(map(str, low))} lower)"))
     out = [v for v in found if v is not None]
-    out.extend(tcb_violations("tdx", verified, section.accepted_tcb_statuses, section.accepted_advisory_ids,
-                              section.require_collateral))
+    out.extend(tcb_violations("tdx", verified, section))
     return out

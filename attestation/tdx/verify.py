@@ -13,15 +13,17 @@ Collateral keys read: ``"crls"`` and ``"intel"``, as for SGX (:mod:`attestation.
 mrseam td_attributes xfam tee_tcb_svn report_data`` (``td_attributes`` and ``xfam`` are the raw 8
 bytes, little-endian, as in the quote). ``measurement`` = MRTD, ``debug`` = TD_ATTRIBUTES bit 0,
 ``security_version`` = 0 (TDX has no single SVN: policies use ``min_tee_tcb_svn``), ``report``
-= the parsed :class:`~attestation.tdx.abi.TdxQuote` (with MRSIGNERSEAM, SEAM attributes and, for
-TDX 1.5 bodies, TEE_TCB_SVN2 and MRSERVICETD).
+= an :class:`~attestation.intel.verify.VerifiedQuote` whose ``quote`` is the parsed
+:class:`~attestation.tdx.abi.TdxQuote` (with MRSIGNERSEAM, SEAM attributes and, for TDX 1.5
+bodies, TEE_TCB_SVN2 and MRSERVICETD) and whose ``tcb`` is the TCB outcome. With collateral the
+TDX TCB evaluation also gets MRSIGNERSEAM and SEAM_ATTRIBUTES, so the TDX module identity is checked.
 """
 
 from __future__ import annotations
 
 from types import MappingProxyType
 
-from attestation.intel.verify import evaluate_tcb, verify_ecdsa_quote
+from attestation.intel.verify import TcbOutcome, VerifiedQuote, evaluate_tcb, verify_ecdsa_quote
 from attestation.platforms import VerificationInputs, Verified
 
 from .abi import TdxQuote, parse_quote
@@ -36,13 +38,13 @@ def verify_quote(evidence: bytes, inputs: VerificationInputs) -> Verified:
     quote = parse_quote(evidence)
     result = verify_ecdsa_quote(platform=PLATFORM, header=quote.header, signed_region=quote.signed_region,
                                 sig=quote.signature_data, inputs=inputs)
-    status, advisories = evaluate_tcb(PLATFORM, inputs, result, quote.signature_data.qe_report,
-                                      tee_tcb_svn=quote.body.tee_tcb_svn)
-    return verified_from(quote, chain=result.chain, tcb_status=status, advisory_ids=advisories)
+    tcb = evaluate_tcb(PLATFORM, inputs, result, quote.signature_data.qe_report, td_body=quote.body)
+    report = VerifiedQuote(quote, result.pck_ca, result.pck_extensions, tcb)
+    return verified_from(quote, chain=result.chain, tcb=tcb, report=report)
 
 
-def verified_from(quote: TdxQuote, *, chain=(), tcb_status: str | None = None,
-                  advisory_ids: tuple[str, ...] = ()) -> Verified:
+def verified_from(quote: TdxQuote, *, chain=(), tcb: TcbOutcome | None = None,
+                  report: VerifiedQuote | None = None) -> Verified:
     body = quote.body
     claims = {
         "version": quote.version,
@@ -69,7 +71,7 @@ def verified_from(quote: TdxQuote, *, chain=(), tcb_status: str | None = None,
         chain=tuple(chain),
         trailing_bytes=quote.trailing_bytes,
         security_version=0,
-        tcb_status=tcb_status,
-        advisory_ids=tuple(advisory_ids),
-        report=quote,
+        tcb_status=None if tcb is None else tcb.status,
+        advisory_ids=() if tcb is None else tuple(tcb.advisory_ids),
+        report=report or VerifiedQuote(quote, "unknown"),
     )
