@@ -237,10 +237,25 @@ def _platform_section(name: str, table: Any) -> Any:
     except UnsupportedPlatform:
         raise PolicyError(f"policy table [{name}] is not supported by this version of enclaveq") from None
     try:
-        return section_class.from_table(dict(table))
+        section = section_class.from_table(dict(table))
     except PolicyError as exc:
         message = str(exc)
         raise PolicyError(message if f"[{name}]" in message else f"[{name}] {message}") from None
+    pins = _IDENTITY_PINS[name]
+    if not any(getattr(section, key, None) for key in pins):
+        # A platform table replaces the top-level measurements for its platform: one that pins
+        # no code identity would accept any enclave the host cares to launch.
+        raise PolicyError(f"policy table [{name}] must pin the code it trusts: set at least one of {', '.join(pins)}")
+    return section
+
+
+# Per platform, the keys that pin code identity; a platform table must set at least one.
+_IDENTITY_PINS = {
+    "sgx": ("mrenclave", "mrsigner"),
+    "tdx": ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3"),
+    "snp": ("measurement", "id_key_digest", "author_key_digest"),
+    "nitro": ("pcr0", "pcr1", "pcr2", "pcr8"),
+}
 
 
 def policy_from_toml(text: str) -> Policy:

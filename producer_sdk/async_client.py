@@ -56,7 +56,8 @@ class JobResult:
 class AsyncClient:
     def __init__(self, broker_url: str, pool: str, policy: Any, *, name: str | None = None,
                  timeout: float = 120.0, attest_timeout: float = 10.0, max_in_flight: int = 256,
-                 clock: Callable[[], float] = time.time, rng: crypto.Random = os.urandom) -> None:
+                 clock: Callable[[], float] = time.time, rng: crypto.Random = os.urandom,
+                 trust: Any = None, collateral: Mapping[str, Any] | None = None) -> None:
         self.broker_url = broker_url
         self.pool = pool
         self.policy = load_policy(policy) if isinstance(policy, (str, Path)) else policy
@@ -67,6 +68,9 @@ class AsyncClient:
         self.name = name or f"producer-{uuid.uuid4().hex[:16]}"
         self._clock = clock
         self._rng = rng
+        # Hardware evidence: pinned roots (default: the vendors'; tests pass fakes) and collateral
+        # such as Intel TCB Info (`attestation.intel.collateral.load_collateral`).
+        self._verify_options = {k: v for k, v in (("trust", trust), ("collateral", collateral)) if v is not None}
         self._broker = None
         self._sub = None
         self._pending: dict[str, asyncio.Future] = {}
@@ -95,7 +99,7 @@ class AsyncClient:
             await self._broker.connect()
             reply_to = await self._broker.declare_reply_queue(self.name)
             self._core = ProducerCore(pool=self.pool, policy=self.policy, reply_to=reply_to, clock=self._clock,
-                                      rng=self._rng)
+                                      rng=self._rng, verify_options=self._verify_options)
             self._sub = await self._broker.consume_replies(self.name, self._on_reply)
         except BrokerUnavailable as exc:
             raise BrokerUnreachable(f"cannot reach the broker at {_redact(self.broker_url)}: {exc}") from None

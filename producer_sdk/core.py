@@ -70,13 +70,16 @@ class Outcome:
 
 class ProducerCore:
     def __init__(self, *, pool: str, policy: Any, reply_to: str, clock: Callable[[], float] = time.time,
-                 rng: crypto.Random = os.urandom, verifier: Callable[..., Any] = verify_evidence) -> None:
+                 rng: crypto.Random = os.urandom, verifier: Callable[..., Any] = verify_evidence,
+                 verify_options: Mapping[str, Any] | None = None) -> None:
         self.pool = pool
         self.policy = policy
         self.reply_to = reply_to
         self._clock = clock
         self._rng = rng
         self._verify = verifier
+        # Extra inputs for hardware evidence: trust anchors (tests inject fake roots) and collateral.
+        self._verify_options = dict(verify_options or {})
         self._nonces: dict[str, bytes] = {}
         self.session: ProducerSession | None = None
         self.claims = None
@@ -117,7 +120,7 @@ class ProducerCore:
         now = datetime.fromtimestamp(self._clock(), tz=timezone.utc)
         try:
             claims = self._verify(response.platform, response.evidence, self.policy,
-                                  expected_report_data=st.report_data(), now=now)
+                                  expected_report_data=st.report_data(), now=now, **self._verify_options)
         except PolicyViolation as exc:
             raise AttestationFailed(f"the pool's evidence violates the policy:\n{exc}",
                                     violations=tuple(exc.violations)) from None

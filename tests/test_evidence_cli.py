@@ -79,3 +79,63 @@ def test_tampered_evidence_exits_1_with_a_typed_error(sim_evidence, tmp_path):
 def test_usage_errors_exit_2(sim_evidence, args):
     result = enclaveq("evidence", "verify", str(sim_evidence["path"]), *args, check=False)
     assert result.returncode == 2, result.stderr
+
+
+VECTOR_CASES = [
+    ("sgx/trustee/occlum_quote.dat", "sgx", (), "2026-11-27T00:00:00Z", "mrenclave"),
+    ("tdx/trustee/tdx_quote_4.dat", "tdx", (), "2026-11-27T00:00:00Z", "mrtd"),
+    ("tdx/go-tdx-guest/quote_v5_sample.dat", "tdx", (), "2026-11-27T00:00:00Z", "mrtd"),
+    ("snp/trustee/test-report.bin", "snp",
+     ("snp/trustee/test-vcek.der", "snp/virtee-sev/milan/ask.pem", "snp/virtee-sev/milan/ark.pem"),
+     "2026-11-27T00:00:00Z", "measurement"),
+    ("snp/trustee/az-snp-vtpm/evidence-genoa.snp-report.bin", "snp",
+     ("snp/trustee/az-snp-vtpm/vcek-genoa.pem", "snp/go-sev-guest/ask_ark_genoa.pem"), "2026-11-27T00:00:00Z",
+     "measurement"),
+    ("nitro/blocky-nitrite/nitro_attestation.b64", "nitro", (), "2024-09-07T14:40:00Z", None),
+    ("nitro/evervault/valid-attestation-doc-bytes", "nitro", (), "2022-10-13T09:00:00Z", None),
+]
+
+
+def _expected_measurement(expected: dict, key: str | None) -> str:
+    if key is None:  # Nitro: PCR0
+        return expected["PCR0"]
+    body = expected.get("body") or expected.get("report")
+    return body[key]
+
+
+@pytest.mark.vectors
+@pytest.mark.parametrize("name, platform, certs, at, key", VECTOR_CASES, ids=[c[0] for c in VECTOR_CASES])
+def test_every_real_vector_verifies_through_the_cli_with_the_json_contract(vectors_dir, name, platform, certs, at, key):
+    expected = json.loads((vectors_dir / "EXPECTED.json").read_text())[name]
+    cert_args = [arg for c in certs for arg in ("--cert", str(vectors_dir / c))]
+    result = enclaveq("evidence", "verify", str(vectors_dir / name), "--platform", platform, *cert_args,
+                      "--at", at, "--json")
+    doc = json.loads(result.stdout)
+    assert doc["verified"] is True and doc["errors"] == [] and doc["platform"] == platform
+    assert doc["measurement"] == _expected_measurement(expected, key)
+    assert set(doc) >= {"verified", "platform", "measurement", "report_data", "debug", "claims", "trailing_bytes",
+                        "chain", "errors"}
+    assert doc["chain"] and all({"subject", "not_before", "not_after"} <= set(c) for c in doc["chain"])
+
+
+@pytest.mark.vectors
+def test_a_nitro_document_outside_its_certificates_validity_exits_1(vectors_dir):
+    result = enclaveq("evidence", "verify", str(vectors_dir / "nitro/evervault/valid-attestation-doc-bytes"),
+                      "--platform", "nitro", "--at", "2026-11-27T00:00:00Z", "--json", check=False)
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["errors"][0]["code"] == "invalid"
+
+
+@pytest.mark.vectors
+def test_a_truncated_quote_exits_1_as_malformed(vectors_dir, tmp_path):
+    truncated = tmp_path / "quote.bin"
+    truncated.write_bytes((vectors_dir / "sgx/trustee/occlum_quote.dat").read_bytes()[:1000])
+    result = enclaveq("evidence", "verify", str(truncated), "--platform", "sgx", "--json", check=False)
+    assert result.returncode == 1 and json.loads(result.stdout)["errors"][0]["code"] == "malformed"
+
+
+@pytest.mark.vectors
+def test_an_snp_report_without_its_vcek_says_to_pass_it(vectors_dir):
+    result = enclaveq("evidence", "verify", str(vectors_dir / "snp/trustee/test-report.bin"), "--platform", "snp",
+                      check=False)
+    assert result.returncode == 1 and "--cert" in result.stderr + result.stdout

@@ -222,3 +222,18 @@ def test_the_example_in_the_documentation_is_a_valid_policy():
     policy = policy_from_toml(example)
     assert policy.allow_simulation is True
     assert policy_from_toml(policy_to_toml(policy)) == policy
+
+
+@pytest.mark.parametrize("platform, table", [
+    ("sgx", "debug_allowed = false"), ("tdx", "debug_allowed = false"),
+])
+def test_a_platform_table_that_pins_no_code_identity_is_refused(platform, table):
+    # A platform table replaces the top-level measurements for its platform, so an unpinned
+    # one would accept any enclave the host cares to launch.
+    with pytest.raises(PolicyError, match=rf"\[{platform}\] must pin"):
+        policy_from_toml(f"[{platform}]\n{table}\n")
+
+
+def test_a_policy_with_only_a_platform_table_needs_no_top_level_measurements():
+    policy = policy_from_toml(f"[sgx]\nmrenclave = [\"{'ab' * 32}\"]\n")
+    assert policy.measurements == () and policy.section("sgx") is not None and policy.section("tdx") is None
