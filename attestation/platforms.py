@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from cryptography import x509
 
@@ -77,3 +77,16 @@ class Platform(Protocol):
     def verify(self, evidence: bytes, inputs: VerificationInputs) -> Verified: ...
 
     def violations(self, verified: Verified, section: Any, inputs: VerificationInputs) -> Sequence[Violation]: ...
+
+
+@dataclass(frozen=True)
+class PlatformFunctions:
+    """A ``Platform`` made of a platform's module-level functions (what most platforms need)."""
+
+    name: str
+    section: type
+    verify: Callable[[bytes, VerificationInputs], Verified]
+    violations: Callable[[Verified, Any, VerificationInputs], Sequence[Violation]]
+
+    def __repr__(self) -> str:
+        return f"<platform {self.name}>"

@@ -11,30 +11,13 @@ absent); ``debug`` = PCR0, PCR1 or PCR2 all zero; ``issued_at`` = ``timestamp``;
 
 from __future__ import annotations
 
-from typing import Any, Sequence
-
-from attestation.errors import Violation
 from attestation.nitro.abi import NitroEvidence, parse_evidence
 from attestation.nitro.policy import NitroSection
 from attestation.nitro.validate import violations
 from attestation.nitro.verify import verify_evidence
-from attestation.platforms import VerificationInputs, Verified
+from attestation.platforms import PlatformFunctions
 
-__all__ = ["PLATFORM", "NitroPlatform", "NitroEvidence", "NitroSection", "parse_evidence"]
-
-
-class NitroPlatform:
-    name = "nitro"
-    section = NitroSection
-
-    def verify(self, evidence: bytes, inputs: VerificationInputs) -> Verified:
-        return verify_evidence(evidence, inputs)
-
-    def violations(self, verified: Verified, section: Any, inputs: VerificationInputs) -> Sequence[Violation]:
-        return violations(verified, section, inputs)
-
-    def __repr__(self) -> str:
-        return "<Platform nitro>"
+__all__ = ["PLATFORM", "NitroEvidence", "NitroSection", "parse_evidence"]
 
 
-PLATFORM = NitroPlatform()
+PLATFORM = PlatformFunctions(name="nitro", section=NitroSection, verify=verify_evidence, violations=violations)

@@ -6,29 +6,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
-
-from attestation.errors import Violation
-from attestation.platforms import VerificationInputs, Verified
+from attestation.platforms import PlatformFunctions
 
 from .policy import SgxPolicy
 from .validate import violations as _violations
 from .verify import verify_quote
 
-__all__ = ["PLATFORM", "SgxPlatform", "SgxPolicy", "verify_quote"]
+__all__ = ["PLATFORM", "SgxPolicy", "verify_quote"]
 
 
-class SgxPlatform:
-    """``attestation.platforms.Platform`` for SGX."""
-
-    name = "sgx"
-    section = SgxPolicy
-
-    def verify(self, evidence: bytes, inputs: VerificationInputs) -> Verified:
-        return verify_quote(evidence, inputs)
-
-    def violations(self, verified: Verified, section: Any, inputs: VerificationInputs) -> Sequence[Violation]:
-        return _violations(verified, section, inputs)
-
-
-PLATFORM = SgxPlatform()
+PLATFORM = PlatformFunctions(name="sgx", section=SgxPolicy, verify=verify_quote, violations=_violations)

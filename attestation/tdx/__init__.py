@@ -7,29 +7,13 @@ type 6 -> type 5 certification data nesting).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
-
-from attestation.errors import Violation
-from attestation.platforms import VerificationInputs, Verified
+from attestation.platforms import PlatformFunctions
 
 from .policy import TdxPolicy
 from .validate import violations as _violations
 from .verify import verify_quote
 
-__all__ = ["PLATFORM", "TdxPlatform", "TdxPolicy", "verify_quote"]
+__all__ = ["PLATFORM", "TdxPolicy", "verify_quote"]
 
 
-class TdxPlatform:
-    """``attestation.platforms.Platform`` for TDX."""
-
-    name = "tdx"
-    section = TdxPolicy
-
-    def verify(self, evidence: bytes, inputs: VerificationInputs) -> Verified:
-        return verify_quote(evidence, inputs)
-
-    def violations(self, verified: Verified, section: Any, inputs: VerificationInputs) -> Sequence[Violation]:
-        return _violations(verified, section, inputs)
-
-
-PLATFORM = TdxPlatform()
+PLATFORM = PlatformFunctions(name="tdx", section=TdxPolicy, verify=verify_quote, violations=_violations)
