@@ -456,11 +456,73 @@ async def _close_quietly(channel: AbstractRobustChannel | None) -> None:
             await channel.close()
 
 
-class _AmqpDelivery(Delivery):
-    __slots__ = ("message", "redelivered", "delivery_count", "_incoming", "_settled")
+class _AckCoalescer:
+    """Sends a subscription's acks in as few ``basic.ack`` frames as is safe.
 
-    def __init__(self, incoming: AbstractIncomingMessage) -> None:
+    Quorum queues write every settlement to their Raft log, so one ``basic.ack(multiple=True)``
+    for a run of deliveries costs the broker much less than one ack each (measured: about
+    0.1 ms of RabbitMQ CPU per job, see docs/benchmarks.md). A multiple ack settles *every*
+    unacked delivery up to its tag on that channel, so it is only used for tags below the lowest
+    delivery still being processed; the rest are acked one by one. State is kept per underlying
+    channel: delivery tags restart when aio-pika's robust channel reopens after a reconnect, and
+    a stale high-water mark would otherwise ack deliveries still in progress.
+
+    Deliveries register in arrival order (the first thing ``_on_message`` does, before any
+    await), so a delivery the handler has not seen yet is always "outstanding" here.
+    """
+
+    def __init__(self) -> None:
+        self._outstanding: dict[Any, set[int]] = {}
+        self._pending: dict[Any, dict[int, AbstractIncomingMessage]] = {}
+        self._flush_scheduled = False
+
+    def delivered(self, incoming: AbstractIncomingMessage) -> None:
+        self._outstanding.setdefault(_underlay(incoming), set()).add(incoming.delivery_tag)
+
+    def settled_elsewhere(self, incoming: AbstractIncomingMessage) -> None:
+        """nack/reject went out directly: the delivery no longer holds back multiple acks."""
+        self._outstanding.get(_underlay(incoming), set()).discard(incoming.delivery_tag)
+
+    def ack(self, incoming: AbstractIncomingMessage) -> None:
+        channel = _underlay(incoming)
+        self._outstanding.get(channel, set()).discard(incoming.delivery_tag)
+        self._pending.setdefault(channel, {})[incoming.delivery_tag] = incoming
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.flush()))
+
+    async def flush(self) -> None:
+        self._flush_scheduled = False
+        pending, self._pending = self._pending, {}
+        for channel, acks in pending.items():
+            outstanding = self._outstanding.get(channel, set())
+            lowest = min(outstanding) if outstanding else None
+            below = [tag for tag in acks if lowest is None or tag < lowest]
+            above = [tag for tag in acks if lowest is not None and tag > lowest]
+            try:
+                if below:
+                    await acks[max(below)].ack(multiple=len(below) > 1)
+                for tag in above:
+                    await acks[tag].ack()
+            except Exception:  # the channel is gone: the broker redelivers, duplicates are dropped
+                log.debug("acks lost with their channel; the broker will redeliver", exc_info=True)
+            if channel.is_closed:
+                self._outstanding.pop(channel, None)
+
+
+def _underlay(incoming: AbstractIncomingMessage) -> Any:
+    try:
+        return incoming.channel
+    except Exception:  # aio-pika raises when the channel is already closed
+        return None
+
+
+class _AmqpDelivery(Delivery):
+    __slots__ = ("message", "redelivered", "delivery_count", "_incoming", "_settled", "_acks")
+
+    def __init__(self, incoming: AbstractIncomingMessage, acks: "_AckCoalescer | None" = None) -> None:
         self._incoming = incoming
+        self._acks = acks
         self._settled = False
         headers = incoming.headers or {}
         self.message = Message(
@@ -481,13 +543,25 @@ class _AmqpDelivery(Delivery):
         return self._settled
 
     async def ack(self) -> None:
-        await self._settle(self._incoming.ack)
+        if self._acks is None:
+            return await self._settle(self._incoming.ack)
+        if self._settled:
+            raise BrokerError("delivery already settled")
+        if _underlay(self._incoming) is None:
+            self._settled = True
+            raise BrokerUnavailable("the channel this delivery arrived on is gone; the broker redelivers the message")
+        self._settled = True
+        self._acks.ack(self._incoming)
 
     async def nack(self) -> None:
         await self._settle(lambda: self._incoming.nack(requeue=True))
+        if self._acks is not None:
+            self._acks.settled_elsewhere(self._incoming)
 
     async def reject(self) -> None:
         await self._settle(lambda: self._incoming.reject(requeue=False))
+        if self._acks is not None:
+            self._acks.settled_elsewhere(self._incoming)
 
     async def _settle(self, operation: Any) -> None:
         if self._settled:
@@ -518,6 +592,7 @@ class _AmqpSubscription(Subscription):
         self._tag: str | None = None
         self._tasks: set[asyncio.Task] = set()
         self._active = True
+        self._acks = _AckCoalescer()
         self.queue_name = queue.name
 
     async def start(self) -> None:
@@ -526,11 +601,12 @@ class _AmqpSubscription(Subscription):
     async def _on_message(self, incoming: AbstractIncomingMessage) -> None:
         if not self._active:
             return  # cancel() closes the channel, which requeues it
+        self._acks.delivered(incoming)  # first, before any await: see _AckCoalescer
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
         try:
-            await common.run_handler(self._handler, _AmqpDelivery(incoming), log)
+            await common.run_handler(self._handler, _AmqpDelivery(incoming, self._acks), log)
         finally:
             self._tasks.discard(task)
 
@@ -543,6 +619,7 @@ class _AmqpSubscription(Subscription):
             with contextlib.suppress(Exception):
                 await self._queue.cancel(self._tag)
         await common.stop_tasks(self._tasks)
+        await self._acks.flush()  # acks of finished jobs must leave before the channel closes
         # Closing the channel returns whatever is still unacknowledged on it.
         await _close_quietly(self._channel)
 

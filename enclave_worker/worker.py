@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
+from attestation.providers.errors import ProviderError
 from broker_adapters import BrokerAdapter, Delivery, Message, PoolSettings, open_broker
 from broker_adapters.errors import BrokerError, PoolBusy, Unroutable
 from protocol import bodies, crypto
@@ -183,6 +184,11 @@ class Worker:
             reply = (await asyncio.to_thread(self.answer_challenge, challenge)).to_bytes()
         except ProtocolError as exc:
             reply = ControlError(code="malformed", message=str(exc)).to_bytes()
+        except ProviderError as exc:
+            # The TEE would not produce evidence (device busy, kernel error): say so to the
+            # producer, whose connect then fails clearly, instead of redelivering forever.
+            log.error("could not obtain evidence from the TEE: %s", exc)
+            reply = ControlError(code="evidence_unavailable", message=str(exc)).to_bytes()
         if msg.reply_to:
             try:
                 await self._broker.publish_reply(msg.reply_to, Message(body=reply, correlation_id=msg.correlation_id))

@@ -6,6 +6,7 @@ Each test names the security property (DESIGN.md §3) it would catch breaking.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import numpy as np
@@ -314,3 +315,23 @@ async def test_worker_and_producer_logs_carry_no_plaintext(tee, pool, unique_nam
     text = caplog.text + "".join(repr(r.args) for r in caplog.records)
     assert "98765" not in text and marker.tobytes() not in text.encode()
     assert "bad_input" in text  # the refusals were logged, by code
+
+
+async def test_a_tee_that_cannot_produce_evidence_is_reported_to_the_producer(tee, pool, unique_name):
+    from attestation.providers.errors import ProviderFailed
+
+    class BrokenProvider:
+        platform = "sim"
+
+        def evidence(self, report_data: bytes) -> bytes:
+            raise ProviderFailed("configfs-tsm: outblob read failed (EIO)")
+
+    url = f"memory://{unique_name}"
+    worker = tee.worker(url, pool)
+    worker.identity = dataclasses.replace(worker.identity, provider=BrokenProvider())
+    await worker.start()
+    try:
+        with pytest.raises(AttestationFailed, match="evidence_unavailable"):
+            await AsyncClient(url, pool, tee.policy()).connect()
+    finally:
+        await worker.stop()
