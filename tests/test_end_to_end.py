@@ -335,3 +335,14 @@ async def test_a_tee_that_cannot_produce_evidence_is_reported_to_the_producer(te
             await AsyncClient(url, pool, tee.policy()).connect()
     finally:
         await worker.stop()
+
+
+async def test_torch_tensors_are_accepted_where_numpy_arrays_are(tee, pool, unique_name):
+    torch = pytest.importorskip("torch", reason="torch is an optional extra (pip install '.[torch]')")
+    url = f"memory://{unique_name}"
+    async with running_worker(tee, url, pool):
+        async with AsyncClient(url, pool, tee.policy(), timeout=30) as client:
+            model_id = await client.upload_model(mlp_model())
+            x = torch.ones((2, 4), dtype=torch.float32)
+            out = await client.run(model_id, {"x": x, "bias": torch.zeros(3)})
+    assert np.array_equal(out["logits"], direct(mlp_model(), {"x": x.numpy(), "bias": np.zeros(3, np.float32)})["logits"])
