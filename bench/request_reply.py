@@ -360,7 +360,7 @@ def _area(key: str) -> str:
 
 
 def _short(path_func: str) -> str:
-    for marker in ("site-packages/", "/lib/python3", "/work/main/"):
+    for marker in ("site-packages/", "/lib/python3", str(Path(__file__).resolve().parents[1]) + "/"):
         if marker in path_func:
             path_func = path_func.split(marker, 1)[1]
             if marker == "/lib/python3":

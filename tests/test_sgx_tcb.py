@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import sys
 import types
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import pytest
 
 import attestation.intel
 from attestation.errors import EvidenceInvalid
-from attestation.intel.verify import converge_tcb_status
+from attestation.intel.collateral import TcbResult, converge_tcb_status
 from attestation.platforms import VerificationInputs
 from attestation.sgx import PLATFORM as SGX
 from attestation.sgx import SgxPolicy
@@ -28,12 +27,9 @@ PKI = FakeIntelPki(NOW, fmspc=bytes.fromhex("00906ed50000"), pcesvn=13)
 QE = FakeQuotingEnclave(PKI, qe_isvsvn=6)
 
 
-@dataclass(frozen=True)
-class Result:
-    status: str
-    advisory_ids: tuple[str, ...] = ()
-    collateral_expired: bool = False
-    notes: tuple[str, ...] = ()
+def Result(status: str, advisory_ids: tuple[str, ...] = (), collateral_expired: bool = False,
+           notes: tuple[str, ...] = ()) -> TcbResult:
+    return TcbResult(status, advisory_ids, None, collateral_expired, notes)
 
 
 @pytest.fixture
@@ -58,6 +54,7 @@ def fake_collateral(monkeypatch):
     module.evaluate_sgx_tcb = evaluate_sgx_tcb
     module.evaluate_tdx_tcb = evaluate_tdx_tcb
     module.evaluate_qe_identity = evaluate_qe_identity
+    module.converge_tcb_status = converge_tcb_status  # the real rule; the evaluations are faked
     module.calls = calls
     monkeypatch.setitem(sys.modules, "attestation.intel.collateral", module)
     monkeypatch.setattr(attestation.intel, "collateral", module, raising=False)
@@ -139,18 +136,7 @@ def test_collateral_errors_propagate(fake_collateral):
     ("OutOfDateConfigurationNeeded", "UpToDate", "OutOfDateConfigurationNeeded"),
 ])
 def test_convergence_follows_intel_qvl(platform_status, qe_status, expected):
-    assert converge_tcb_status(platform_status, qe_status) == expected
-
-
-def test_fallback_convergence_agrees_with_the_collateral_module():
-    collateral = pytest.importorskip("attestation.intel.collateral")
-    statuses = ("UpToDate", "SWHardeningNeeded", "ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded",
-                "OutOfDate", "OutOfDateConfigurationNeeded", "Revoked")
-    for platform_status in statuses:
-        for qe_status in statuses:
-            theirs = collateral.converge_tcb_status(collateral.TcbResult(platform_status, (), None),
-                                                    collateral.TcbResult(qe_status, (), None))
-            assert theirs.status == converge_tcb_status(platform_status, qe_status), (platform_status, qe_status)
+    assert converge_tcb_status(Result(platform_status), Result(qe_status)).status == expected
 
 
 # ---- end to end with the real collateral module: quotes from attestation.testing.intel, TCB Info

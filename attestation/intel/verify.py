@@ -67,7 +67,6 @@ __all__ = [
     "TcbOutcome",
     "VerifiedQuote",
     "attestation_public_key",
-    "converge_tcb_status",
     "evaluate_tcb",
     "verify_ecdsa_p256",
     "verify_ecdsa_quote",
@@ -239,22 +238,6 @@ def _safe_subject(cert: x509.Certificate) -> str:
 # TCB judgement with collateral
 
 
-def converge_tcb_status(platform_status: str, qe_status: str) -> str:
-    """Combine the platform TCB status with the QE identity TCB status, as Intel's QVL does:
-    a revoked QE makes everything ``Revoked``; an out-of-date QE makes a current platform
-    ``OutOfDate`` (``OutOfDateConfigurationNeeded`` if configuration was needed too). Used only
-    when attestation.intel.collateral does not provide its own ``converge_tcb_status``."""
-    if qe_status == "Revoked":
-        return "Revoked"
-    if qe_status in ("OutOfDate", "OutOfDateConfigurationNeeded"):
-        if platform_status in ("UpToDate", "SWHardeningNeeded", "OutOfDate"):
-            return "OutOfDate"
-        if platform_status in ("ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded",
-                               "OutOfDateConfigurationNeeded"):
-            return "OutOfDateConfigurationNeeded"
-    return platform_status
-
-
 @dataclass(frozen=True)
 class TcbOutcome:
     """The quote's TCB judgement from collateral: platform (and TDX module) status converged with
@@ -300,12 +283,8 @@ def evaluate_tcb(
     coll = inputs.collateral.get("intel")
     if coll is None or verification.pck_extensions is None:
         return None
-    try:
-        from attestation.intel import collateral as collateral_mod
-    except ModuleNotFoundError as exc:
-        if exc.name == "attestation.intel.collateral":
-            return None
-        raise
+    from attestation.intel import collateral as collateral_mod
+
     pck = verification.pck_extensions
     if platform == "tdx":
         tcb = collateral_mod.evaluate_tdx_tcb(coll, pck, td_body.tee_tcb_svn, inputs.now,
@@ -316,13 +295,8 @@ def evaluate_tcb(
     qe = collateral_mod.evaluate_qe_identity(coll, qe_report.mrsigner, qe_report.isvprodid, qe_report.isvsvn,
                                              qe_report.miscselect, qe_report.attributes, inputs.now,
                                              expected_id="TD_QE" if platform == "tdx" else "QE")
-    converge = getattr(collateral_mod, "converge_tcb_status", None)
-    if converge is not None:
-        both = converge(tcb, qe)
-        status, advisories = both.status, tuple(both.advisory_ids)
-    else:
-        status = converge_tcb_status(tcb.status, qe.status)
-        advisories = _merge(tcb.advisory_ids, qe.advisory_ids)
-    expired = bool(getattr(tcb, "collateral_expired", False) or getattr(qe, "collateral_expired", False))
-    notes = _merge(getattr(tcb, "notes", ()), getattr(qe, "notes", ()))
+    both = collateral_mod.converge_tcb_status(tcb, qe)
+    status, advisories = both.status, tuple(both.advisory_ids)
+    expired = tcb.collateral_expired or qe.collateral_expired
+    notes = _merge(tcb.notes, qe.notes)
     return TcbOutcome(status, advisories, expired, notes)
