@@ -71,8 +71,7 @@ def attest_command(broker_url, pool, policy, timeout, as_json):
     except AttestationFailed as exc:
         if as_json:
             click.echo(json.dumps({"verified": False, "pool": pool, "error": str(exc),
-                                   "violations": [vars(v) if hasattr(v, "__dict__") else
-                                                  {"field": v.field, "value": v.value, "expected": v.expected}
+                                   "violations": [{"field": v.field, "value": v.value, "expected": v.expected}
                                                   for v in exc.violations]}, indent=2))
             sys.exit(1)
         _fail(str(exc))

@@ -79,6 +79,11 @@ def test_attest_exits_non_zero_naming_each_violation(deployment, tmp_path):
                       check=False)
     assert result.returncode == 1
     assert "measurement" in result.stderr and "ab" * 32 in result.stderr
+    as_json = enclaveq("attest", "--broker", deployment["url"], "--pool", deployment["pool"], "--policy", str(other),
+                       "--json", check=False)
+    doc = json.loads(as_json.stdout)
+    assert as_json.returncode == 1 and doc["verified"] is False
+    assert {"field": "measurement"}.items() <= doc["violations"][0].items() and "ab" * 32 in doc["violations"][0]["expected"]
 
 
 def test_upload_list_run_submit_and_delete_from_the_command_line(deployment, tmp_path):
