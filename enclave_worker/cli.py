@@ -125,7 +125,7 @@ async def _serve(broker_url, pool, tee, sim_dir, state_dir, metrics_port, explic
         identity = sim_identity(sim_dir, config)
     else:
         identity = tee_identity(tee, config)
-        if explicit_state_dir:
+        if explicit_state_dir and not identity.persistent_sealing:
             refuse_unopenable_state(state_dir, pool)
     worker = Worker(broker_url=broker_url, pool=pool, identity=identity, state_dir=state_dir, config=config)
     if metrics_port:

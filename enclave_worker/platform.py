@@ -5,10 +5,12 @@
 - :func:`tee_identity`: a real TEE (``sgx``, ``tdx``, ``snp``, ``nitro`` or ``auto``), with
   evidence from :mod:`attestation.providers`.
 
-Sealing inside real TEEs is issue 4. Until then :func:`tee_identity` uses an EPHEMERAL random
-sealing key, held only in the worker's memory: whatever the worker seals (the pool key, uploaded
-models) cannot be opened after a restart, so on a real TEE every restart founds the pool anew
-(producers must attest again and upload their models again). It logs this as a warning at
+Sealing inside real TEEs: SGX under Gramine seals with EGETKEY's seal key (MRENCLAVE policy,
+read from ``/dev/attestation/keys/_sgx_mrenclave``), so its sealed state survives restarts. The
+other TEEs have no platform sealing here yet (issue 4); :func:`tee_identity` then uses an
+EPHEMERAL random sealing key, held only in the worker's memory: whatever the worker seals (the
+pool key, uploaded models) cannot be opened after a restart, so every restart founds the pool
+anew (producers must attest again and upload their models again). It logs this as a warning at
 every start. The AEAD recipe is the same as the simulation's (:mod:`attestation.sim.sealing`:
 AES-256-GCM, fresh nonce per blob); only the key differs.
 
@@ -24,6 +26,9 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from attestation.sim import sealing
 from attestation.sim.provider import SimProvider
@@ -53,7 +58,8 @@ def sim_identity(sim_dir: Path, config: WorkerConfig = DEFAULT_WORKER_CONFIG) ->
 
 
 EPHEMERAL_SEALING_WARNING = (
-    "EPHEMERAL SEALING KEY: sealing inside real TEEs is not implemented yet (issue 4); this worker "
+    "EPHEMERAL SEALING KEY: this TEE has no platform sealing in enclaveq yet (only SGX under Gramine "
+    "has; TDX, SEV-SNP and Nitro come with issue 4); this worker "
     "seals its pool key and uploaded models under a random key that dies with the process, so "
     "after a restart the pool is founded anew: producers must attest again and re-upload models"
 )
@@ -75,7 +81,34 @@ def tee_identity(tee: str, config: WorkerConfig = DEFAULT_WORKER_CONFIG, *, root
     except ProviderError as exc:
         raise WorkerStartupError(str(exc)) from None
     log.info("TEE %s: evidence from %s", provider.platform, type(provider).__name__)
-    log.warning(EPHEMERAL_SEALING_WARNING)
-    return WorkerIdentity(provider=provider, sealing_key=os.urandom(sealing.KEY_SIZE), seal=sealing.seal,
+    key = platform_sealing_key(provider, measurement.config_digest, root=root, ops=ops)
+    persistent = key is not None
+    if not persistent:
+        log.warning(EPHEMERAL_SEALING_WARNING)
+        key = os.urandom(sealing.KEY_SIZE)
+    return WorkerIdentity(provider=provider, sealing_key=key, seal=sealing.seal,
                           unseal=sealing.unseal, measurement=measurement.value,
-                          config_digest=measurement.config_digest)
+                          config_digest=measurement.config_digest, persistent_sealing=persistent)
+
+
+def platform_sealing_key(provider: object, config_digest: bytes, *, root: Path = Path("/"),
+                         ops: FileOps | None = None) -> bytes | None:
+    """A sealing key the platform re-derives after a restart, or None where none exists yet.
+
+    SGX under Gramine: EGETKEY's seal key bound to MRENCLAVE (so only this exact enclave, on this
+    CPU, can unseal), stretched with HKDF-SHA256 and bound to the measured config digest. TDX,
+    SEV-SNP and Nitro have no such key here yet (issue 4: SNP's MSG_KEY_REQ, or keys from a pool
+    member after a mutual-attestation join).
+    """
+    from attestation.providers.gramine import GramineSgxProvider, gramine_sealing_key
+
+    if not isinstance(provider, GramineSgxProvider):
+        return None
+    try:
+        egetkey = gramine_sealing_key("mrenclave", root=root, ops=ops)
+    except ProviderError as exc:
+        log.warning("no SGX sealing key from Gramine (%s)", exc)
+        return None
+    log.info("sealing with the SGX seal key (EGETKEY, MRENCLAVE policy) from Gramine")
+    return HKDF(algorithm=hashes.SHA256(), length=sealing.KEY_SIZE, salt=None,
+                info=b"enclaveq/sgx/sealing/v1" + config_digest).derive(egetkey)

@@ -58,6 +58,9 @@ class WorkerIdentity:
     unseal: Callable[[bytes, bytes, bytes], bytes]
     measurement: bytes
     config_digest: bytes
+    # False when the sealing key dies with the process (real TEEs without platform sealing yet):
+    # sealed state on disk can then never be reopened, and the worker says so.
+    persistent_sealing: bool = True
 
 
 class _SeenJobs:

@@ -24,7 +24,7 @@ from .binding import REPORT_DATA_SIZE, bound_report_data
 from .errors import ProviderFailed, ProviderNotSupported, ProviderUnavailable
 from .fileops import FileOps, OsFileOps
 
-__all__ = ["ATTESTATION_DIR", "GramineSgxProvider", "gramine_attestation_type"]
+__all__ = ["ATTESTATION_DIR", "GramineSgxProvider", "gramine_attestation_type", "gramine_sealing_key"]
 
 ATTESTATION_DIR = Path("dev/attestation")
 QUOTE_MAX = 64 * 1024   # an SGX quote with its PCK chain is about 5 KiB
@@ -102,3 +102,30 @@ class GramineSgxProvider:
             raise ProviderFailed("Gramine returned a quote for other report data than ours "
                                  "(another process writing /dev/attestation/user_report_data?)")
         return quote
+
+
+# Gramine derives these with EGETKEY (SEAL_KEY) and exposes them as 16-byte pseudo-files
+# (Gramine documentation, "/dev/attestation/keys"): ``_sgx_mrenclave`` is bound to this exact
+# enclave measurement, ``_sgx_mrsigner`` to the enclave signer (survives upgrades).
+SEALING_KEY_FILES = {"mrenclave": "keys/_sgx_mrenclave", "mrsigner": "keys/_sgx_mrsigner"}
+SEALING_KEY_SIZE = 16
+
+
+def gramine_sealing_key(policy: str = "mrenclave", *, root: Path = Path("/"), ops: FileOps | None = None) -> bytes:
+    """The enclave's 16-byte SGX sealing key (EGETKEY) under ``policy``, read from Gramine.
+
+    ``ProviderUnavailable`` outside Gramine or on a Gramine without the keys interface;
+    ``ProviderFailed`` if the pseudo-file cannot be read or has the wrong size.
+    """
+    if policy not in SEALING_KEY_FILES:
+        raise ValueError(f"sealing policy must be one of {sorted(SEALING_KEY_FILES)}")
+    path = Path(root) / ATTESTATION_DIR / SEALING_KEY_FILES[policy]
+    if not path.exists():
+        raise ProviderUnavailable(f"{path} not found: this Gramine exposes no SGX sealing keys")
+    try:
+        key = (ops or OsFileOps()).read(path, 64)
+    except OSError as exc:
+        raise ProviderFailed(f"cannot read the SGX sealing key {path} ({_errno_text(exc)})") from None
+    if len(key) != SEALING_KEY_SIZE:
+        raise ProviderFailed(f"{path} gave {len(key)} bytes; an SGX sealing key has {SEALING_KEY_SIZE}")
+    return key
