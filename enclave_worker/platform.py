@@ -30,6 +30,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from attestation.policy import Policy
 from attestation.sim import sealing
 from attestation.sim.provider import SimProvider
 from attestation.providers import ProviderError, provider_for
@@ -54,7 +55,16 @@ def sim_identity(sim_dir: Path, config: WorkerConfig = DEFAULT_WORKER_CONFIG) ->
     log.warning("SIMULATED TEE: this worker's evidence is signed by a local simulation key; "
                 "it gives no confidentiality against whoever runs this machine")
     return WorkerIdentity(provider=provider, sealing_key=key, seal=sealing.seal, unseal=sealing.unseal,
-                          measurement=measurement.value, config_digest=measurement.config_digest)
+                          measurement=measurement.value, config_digest=measurement.config_digest,
+                          join_policy=self_admission_policy(measurement.value, provider.root_sha256))
+
+
+def self_admission_policy(measurement: bytes, sim_root_sha256: str) -> Policy:
+    """The simulated worker's join policy: admit, and trust keys from, exactly this worker's code and
+    measured configuration on this simulation root. It is code, hence part of the measurement:
+    a producer that pins the measurement also pins whom the pool admits."""
+    return Policy(measurements=(measurement.hex(),), allow_simulation=True, sim_root_sha256=sim_root_sha256,
+                  max_evidence_age_seconds=60)
 
 
 EPHEMERAL_SEALING_WARNING = (

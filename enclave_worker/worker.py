@@ -14,18 +14,25 @@ import logging
 import os
 import socket
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
+from attestation.errors import AttestationError
 from attestation.providers.errors import ProviderError
+from attestation.verify import verify_evidence
 from broker_adapters import BrokerAdapter, Delivery, Message, PoolSettings, open_broker
 from broker_adapters.errors import BrokerError, PoolBusy, Unroutable
 from protocol import bodies, crypto
 from protocol.envelope import RequestHeader, peek_request, open_request, seal_result
 from protocol.errors import DecryptionFailed, OversizedMessage, ProtocolError, TensorError
-from protocol.handshake import Challenge, ControlError, EvidenceResponse, Statement, control_kind
+from protocol.codec import pack, unpack
+from protocol.errors import MalformedMessage
+from protocol.handshake import (Challenge, ControlError, EvidenceResponse, JoinRequest, JoinResponse, Statement,
+                                control_kind, join_info)
 from protocol.tensors import TensorLimits
 
 from .config import DEFAULT_WORKER_CONFIG, WorkerConfig
@@ -36,6 +43,9 @@ from .sealed_state import PoolKeys, SealedState
 
 log = logging.getLogger("enclaveq.worker")
 
+MODEL_WAIT_SECONDS = 30.0     # a job may wait this long for a model still arriving on its worker
+JOIN_WAIT_SECONDS = 1.5       # how long a joiner listens for members after each request
+JOIN_TIMEOUT_SECONDS = 20.0   # how long it keeps asking while another worker holds the founder lock
 INLINE_INFERENCE_SECONDS = 0.0005
 INLINE_INFERENCE_BYTES = 64 * 1024
 
@@ -61,6 +71,19 @@ class WorkerIdentity:
     # False when the sealing key dies with the process (real TEEs without platform sealing yet):
     # sealed state on disk can then never be reopened, and the worker says so.
     persistent_sealing: bool = True
+    # Whom this worker admits to its pool, and trusts to hand it pool keys (mutual attestation).
+    # It is part of the measured code: the default rule admits exactly this worker's measurement
+    # on this worker's platform root. None: joining is not available (one worker per pool).
+    join_policy: Any = None
+
+
+def _is_request_envelope(body: bytes) -> bool:
+    """Sealed requests are maps without a "t" (their type is inside the authenticated header)."""
+    try:
+        m = unpack(body, max_bytes=len(body) + 1, what="control message")
+    except ProtocolError:
+        return False
+    return isinstance(m, dict) and "h" in m and "t" not in m
 
 
 class _SeenJobs:
@@ -87,7 +110,7 @@ class Worker:
         self.pool = pool
         self.config = config
         self.identity = identity
-        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.metrics = metrics or WorkerMetrics()
         self._broker_url = broker_url
         self._clock = clock
@@ -98,6 +121,7 @@ class Worker:
         self._limits = TensorLimits(max_tensor_bytes=config.max_tensor_bytes, max_total_bytes=config.max_message_bytes)
         self._sessions: OrderedDict[tuple[bytes, int, bytes], crypto.SessionSecret] = OrderedDict()
         self._seen = _SeenJobs()
+        self._model_ready: dict[str, asyncio.Event] = {}
         self._slots = asyncio.Semaphore(config.max_jobs_in_flight)
         self._broker: BrokerAdapter | None = None
         self._lock = None
@@ -111,19 +135,16 @@ class Worker:
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
-        self._load_state()
+        keys = self._load_sealed_keys()
         self._broker = open_broker(self._broker_url)
         await self._broker.connect()
         try:
             await self._broker.declare_pool(self.pool, PoolSettings(max_message_bytes=self.config.max_message_bytes))
-            try:
-                self._lock = await self._broker.acquire_pool_lock(self.pool)
-            except PoolBusy:
-                raise WorkerStartupError(
-                    f"pool {self.pool!r} already has a worker. Several workers per pool need pool-key "
-                    "sharing by mutual attestation, which this version does not have yet; start this worker "
-                    "on another pool or stop the other one."
-                ) from None
+            if self.identity.join_policy is None:
+                keys = await self._sole_worker(keys)
+            elif keys is None:
+                keys = await self._join_or_found()
+            self._adopt(keys)
             self._subs.append(await self._broker.consume_control(self.pool, self._on_control))
             self._subs.append(await self._broker.consume_jobs(self.pool, self._on_job, prefetch=self._prefetch))
         except BaseException:
@@ -132,17 +153,31 @@ class Worker:
         log.info("worker %s serving pool %r (epoch %d, %d models)", self.worker_id, self.pool,
                  self._keys.epoch, len(self._models.list()))
 
-    def _load_state(self) -> None:
+    def _load_sealed_keys(self) -> PoolKeys | None:
         try:
-            keys = self._state.load_pool_keys()
+            return self._state.load_pool_keys()
         except SealedStateError as exc:
             raise WorkerStartupError(str(exc)) from None
-        if keys is None:
-            # First worker of an empty pool: it founds the pool with epoch 1.
-            keys = PoolKeys(epoch=1, pool_private_key=crypto.private_bytes(crypto.generate_private_key()),
-                            identity_private_key=crypto.private_bytes(crypto.generate_private_key()))
-            self._state.save_pool_keys(keys)
-            log.info("founded pool %r: new epoch-1 pool key sealed to %s", self.pool, self._state.dir)
+
+    async def _sole_worker(self, keys: PoolKeys | None) -> PoolKeys:
+        """Without a join policy a pool has one worker: it holds the pool lock for its lifetime."""
+        try:
+            self._lock = await self._broker.acquire_pool_lock(self.pool)
+        except PoolBusy:
+            raise WorkerStartupError(
+                f"pool {self.pool!r} already has a worker, and joining a pool needs a join policy, which "
+                "this platform does not have yet; start this worker on another pool or stop the other one."
+            ) from None
+        return keys or self._found()
+
+    def _found(self, identity_private: bytes | None = None) -> PoolKeys:
+        keys = PoolKeys(epoch=1, pool_private_key=crypto.private_bytes(crypto.generate_private_key()),
+                        identity_private_key=identity_private or crypto.private_bytes(crypto.generate_private_key()))
+        self._state.save_pool_keys(keys)
+        log.info("founded pool %r: new epoch-1 pool key sealed to %s", self.pool, self._state.dir)
+        return keys
+
+    def _adopt(self, keys: PoolKeys) -> None:
         self._keys = keys
         self._pool_private = crypto.load_private_key(keys.pool_private_key)
         self.pool_public_key = crypto.public_bytes(self._pool_private)
@@ -152,6 +187,130 @@ class Worker:
                 self._models.load(model_id, data)
             except JobRejected as exc:
                 log.warning("sealed model %s could not be loaded: %s", model_id, exc)
+
+    # -- joining a pool (mutual attestation) ------------------------------------------------
+    async def _join_or_found(self) -> PoolKeys:
+        """Get the pool key from a live member, or found the pool if it has none.
+
+        Founding is serialised by the pool lock: a worker that hears no member takes the lock,
+        asks once more (a rival founder may have just started answering) and only then founds;
+        it keeps the lock while it lives, so no one else founds beside it. A worker that a member
+        refuses never founds: the pool exists, it just is not admitted.
+        """
+        identity = crypto.generate_private_key()
+        name = f"join-{uuid.uuid4().hex[:16]}"
+        address = await self._broker.declare_reply_queue(name)
+        answers: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def collect(delivery: Delivery) -> None:
+            answers.put_nowait(delivery.message.body)
+            await delivery.ack()
+
+        sub = await self._broker.consume_replies(name, collect)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + JOIN_TIMEOUT_SECONDS
+        try:
+            while True:
+                keys = await self._ask_to_join(identity, address, answers)
+                if keys is not None:
+                    return keys
+                if self._lock is not None:
+                    return self._found(crypto.private_bytes(identity))
+                try:
+                    self._lock = await self._broker.acquire_pool_lock(self.pool)
+                except PoolBusy:
+                    # Someone holds the founder lock: a founder is starting or alive; ask again.
+                    if loop.time() > give_up:
+                        raise WorkerStartupError(
+                            f"no member of pool {self.pool!r} answered the join request within "
+                            f"{JOIN_TIMEOUT_SECONDS:g}s although the pool has a founder") from None
+                    await asyncio.sleep(0.2)
+        finally:
+            await sub.cancel()
+            await self._broker.delete_reply_queue(name)
+
+    async def _ask_to_join(self, identity, address: str, answers: asyncio.Queue) -> PoolKeys | None:
+        identity_public = crypto.public_bytes(identity)
+        nonce = os.urandom(32)
+        statement = Statement(pool=self.pool, epoch=0, suite=crypto.SUITE_ID, pool_public_key=bytes(32),
+                              worker_identity_key=identity_public, nonce=nonce,
+                              config_digest=self.identity.config_digest)
+        try:
+            evidence = await asyncio.to_thread(self.identity.provider.evidence, statement.report_data())
+        except ProviderError as exc:
+            raise WorkerStartupError(f"the TEE gave no evidence to join pool {self.pool!r} with: {exc}") from None
+        request = JoinRequest(platform=self.identity.provider.platform, evidence=evidence, statement=statement,
+                              worker_id=self.worker_id)
+        try:
+            await self._broker.publish_control(self.pool, Message(body=request.to_bytes(), reply_to=address,
+                                                                  correlation_id=f"join-{nonce.hex()}"))
+        except Unroutable:
+            return None  # nobody consumes the control channel: no live member
+        deadline = asyncio.get_running_loop().time() + JOIN_WAIT_SECONDS
+        while (remaining := deadline - asyncio.get_running_loop().time()) > 0:
+            try:
+                body = await asyncio.wait_for(answers.get(), remaining)
+            except asyncio.TimeoutError:
+                return None
+            try:
+                kind = control_kind(body)
+                if kind == "control_error":
+                    error = ControlError.from_bytes(body)
+                    if error.code == "not_admitted":
+                        raise WorkerStartupError(f"pool {self.pool!r} refuses to admit this worker: {error.message}")
+                    continue
+                if kind == "join_response":
+                    return self._accept_join(JoinResponse.from_bytes(body), nonce, identity)
+            except (ProtocolError, AttestationError) as exc:
+                log.warning("ignoring a join response that does not verify: %s", exc)
+        return None
+
+    def _accept_join(self, response: JoinResponse, nonce: bytes, identity) -> PoolKeys:
+        """Mutual attestation, joiner's side: the member must satisfy *our* join policy too, so an
+        operator cannot hand us a pool key the operator knows."""
+        st = response.statement
+        if st.nonce != nonce or st.pool != self.pool or st.suite != crypto.SUITE_ID:
+            raise MalformedMessage("the join response answers another request or pool")
+        verify_evidence(response.platform, response.evidence, self.identity.join_policy,
+                        expected_report_data=st.report_data(), now=datetime.fromtimestamp(self._clock(), timezone.utc))
+        identity_public = crypto.public_bytes(identity)
+        raw = crypto.hpke_open(response.sealed_keys, identity,
+                               join_info(self.pool, st.epoch, nonce, identity_public))
+        sealed = unpack(raw, max_bytes=1024, what="sealed pool keys")
+        if not isinstance(sealed, dict) or sealed.get("epoch") != st.epoch:
+            raise MalformedMessage("sealed pool keys do not match the member's statement")
+        private = sealed.get("pool_private_key")
+        if not isinstance(private, bytes) or crypto.public_bytes(crypto.load_private_key(private)) != st.pool_public_key:
+            raise MalformedMessage("the sealed pool key is not the key the member attested")
+        keys = PoolKeys(epoch=st.epoch, pool_private_key=private, identity_private_key=crypto.private_bytes(identity))
+        self._state.save_pool_keys(keys)
+        log.info("joined pool %r (epoch %d) from member %s after mutual attestation", self.pool, st.epoch,
+                 response.worker_id)
+        return keys
+
+    async def _answer_join(self, request: JoinRequest) -> bytes:
+        """Mutual attestation, member's side: admit the joiner only if its evidence satisfies the
+        join policy, then seal the epoch key to the identity key its evidence vouches for."""
+        st = request.statement
+        if self.identity.join_policy is None:
+            return ControlError(code="not_admitted", message="this pool's workers cannot admit others yet").to_bytes()
+        try:
+            if st.pool != self.pool or st.suite != crypto.SUITE_ID:
+                raise MalformedMessage("join request for another pool or suite")
+            verify_evidence(request.platform, request.evidence, self.identity.join_policy,
+                            expected_report_data=st.report_data(),
+                            now=datetime.fromtimestamp(self._clock(), timezone.utc))
+        except (AttestationError, ProtocolError) as exc:
+            log.warning("refused to admit worker %s to pool %r: %s", request.worker_id, self.pool,
+                        str(exc).splitlines()[0])
+            return ControlError(code="not_admitted", message=str(exc)).to_bytes()
+        keys = pack({"epoch": self._keys.epoch, "pool_private_key": self._keys.pool_private_key})
+        sealed = crypto.hpke_seal(keys, st.worker_identity_key,
+                                  join_info(self.pool, self._keys.epoch, st.nonce, st.worker_identity_key))
+        answer = await asyncio.to_thread(self.answer_challenge, Challenge(nonce=st.nonce))
+        log.info("admitted worker %s to pool %r", request.worker_id, self.pool)
+        return JoinResponse(platform=answer.platform, evidence=answer.evidence, statement=answer.statement,
+                            sealed_keys=sealed, worker_id=self.worker_id).to_bytes()
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
         """Finish in-flight jobs, hand the rest back to the queue, disconnect."""
@@ -177,14 +336,24 @@ class Worker:
     # -- control channel ------------------------------------------------------------------
     async def _on_control(self, delivery: Delivery) -> None:
         msg = delivery.message
+        if _is_request_envelope(msg.body):
+            # Model uploads and deletes are broadcast so that every worker of the pool gets them.
+            return await self._on_job(delivery)
         try:
             kind = control_kind(msg.body)
-            if kind != "challenge":
+            if kind == "challenge":
+                challenge = Challenge.from_bytes(msg.body)
+                # A real TEE can take a second to produce a quote: keep the event loop serving jobs.
+                reply = (await asyncio.to_thread(self.answer_challenge, challenge)).to_bytes()
+            elif kind == "join_request":
+                request = JoinRequest.from_bytes(msg.body)
+                if request.worker_id == self.worker_id:
+                    await delivery.ack()  # our own broadcast
+                    return
+                reply = await self._answer_join(request)
+            else:
                 await delivery.ack()  # other workers' or future control traffic
                 return
-            challenge = Challenge.from_bytes(msg.body)
-            # A real TEE can take a second to produce a quote: keep the event loop serving jobs.
-            reply = (await asyncio.to_thread(self.answer_challenge, challenge)).to_bytes()
         except ProtocolError as exc:
             reply = ControlError(code="malformed", message=str(exc)).to_bytes()
         except ProviderError as exc:
@@ -196,7 +365,7 @@ class Worker:
             try:
                 await self._broker.publish_reply(msg.reply_to, Message(body=reply, correlation_id=msg.correlation_id))
             except BrokerError as exc:
-                log.warning("could not answer a challenge: %s", exc)
+                log.warning("could not answer a control message: %s", exc)
         await delivery.ack()
 
     def statement(self, nonce: bytes) -> Statement:
@@ -321,6 +490,14 @@ class Worker:
 
     async def _run_job(self, header: RequestHeader, plaintext: bytes) -> tuple[str, str, bytes]:
         inputs, outputs = bodies.decode_job(plaintext, self._limits)
+        ready = self._model_ready.get(header.model_id)
+        if ready is not None and not self._models.has(header.model_id):
+            # The model is still arriving on this worker (uploads reach every worker, and the
+            # producer may already have another worker's confirmation): wait for it.
+            try:
+                await asyncio.wait_for(ready.wait(), MODEL_WAIT_SECONDS)
+            except asyncio.TimeoutError:
+                pass
         model = self._models.get(header.model_id)
         input_bytes = sum(a.nbytes for a in inputs.values())
 
@@ -351,12 +528,15 @@ class Worker:
         c = header.chunk
         if self._models.has(header.model_id):
             return "ok", bodies.ACK, bodies.encode_ack(header.model_id, c.count, True)
+        ready = self._model_ready.setdefault(header.model_id, asyncio.Event())
         received, whole = self._models.add_chunk(header.session_id, c.upload_id, header.model_id, c.index,
                                                  c.count, c.total_size, plaintext)
         if whole is None:
             return "ok", bodies.ACK, bodies.encode_ack(None, received, False)
         await asyncio.to_thread(self._models.load, header.model_id, whole)
         await asyncio.to_thread(self._state.save_model, header.model_id, whole)
+        ready.set()
+        self._model_ready.pop(header.model_id, None)
         log.info("model %s stored (%d bytes)", header.model_id, len(whole))
         return "ok", bodies.ACK, bodies.encode_ack(header.model_id, received, True)
 

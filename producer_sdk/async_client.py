@@ -32,6 +32,9 @@ log = logging.getLogger("enclaveq.producer")
 
 Progress = Callable[[int, int], None]
 
+# Requests every worker of the pool must see; each answers, the first answer is taken.
+BROADCAST_KINDS = frozenset({"model_chunk", "model_delete"})
+
 
 @dataclass(frozen=True)
 class _BatchEnd:
@@ -173,9 +176,14 @@ class AsyncClient:
         if self._closed or self._core is None:
             raise ClientClosed("the client is closed or not connected")
         future = self._expect(request.job_id)
+        message = Message(body=request.body, correlation_id=request.job_id, reply_to=self._core.reply_to,
+                          message_id=request.job_id)
         try:
-            await self._broker.publish_job(self.pool, Message(body=request.body, correlation_id=request.job_id,
-                                                              reply_to=self._core.reply_to, message_id=request.job_id))
+            if request.kind in BROADCAST_KINDS:
+                # Every worker of the pool must hold every model: uploads and deletes go to all.
+                await self._broker.publish_control(self.pool, message)
+            else:
+                await self._broker.publish_job(self.pool, message)
             return await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
             raise JobTimeout(f"no result for job {request.job_id} within {timeout:g}s") from None

@@ -137,3 +137,15 @@ def open_(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
         return AESGCM(key).decrypt(nonce, ciphertext, aad)
     except (InvalidTag, ValueError):
         raise DecryptionFailed() from None
+
+
+def hpke_seal(plaintext: bytes, public_key: bytes, info: bytes) -> bytes:
+    """HPKE base-mode seal with the protocol suite (used to hand epoch keys to an attested joiner)."""
+    return _SUITE.encrypt(plaintext, load_public_key(public_key), info=info)
+
+
+def hpke_open(sealed: bytes, private_key: X25519PrivateKey, info: bytes) -> bytes:
+    try:
+        return _SUITE.decrypt(sealed, private_key, info=info)
+    except (InvalidTag, ValueError):
+        raise DecryptionFailed() from None

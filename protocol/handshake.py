@@ -132,3 +132,67 @@ def control_kind(data: bytes) -> str:
     if not isinstance(kind, str):
         raise MalformedMessage("control message without a type")
     return kind
+
+
+JOIN_LABEL = b"enclaveq/v1/join"
+
+
+def join_info(pool: str, epoch: int, nonce: bytes, joiner_identity_key: bytes) -> bytes:
+    """HPKE ``info`` for epoch keys sealed to a joiner: binds pool, epoch, the joiner's nonce and key."""
+    return pack([JOIN_LABEL, pool, epoch, nonce, joiner_identity_key])
+
+
+@dataclass(frozen=True)
+class JoinRequest:
+    """A worker without pool keys asks the pool's members for them.
+
+    Its statement carries a fresh identity key and nonce (``pool_public_key`` is 32 zero bytes:
+    it has none yet); its evidence binds that statement, so a member knows the key it seals to
+    belongs to a measured worker."""
+
+    platform: str
+    evidence: bytes
+    statement: Statement
+    worker_id: str
+
+    def to_bytes(self) -> bytes:
+        return pack({"v": PROTOCOL_VERSION, "t": "join_request", "platform": self.platform,
+                     "evidence": self.evidence, "statement": self.statement.to_map(), "worker": self.worker_id})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "JoinRequest":
+        m = unpack_map(data, kind="join_request", max_bytes=MAX_EVIDENCE_BYTES + 4096)
+        evidence = field(m, "evidence", bytes, what="join_request")
+        if len(evidence) > MAX_EVIDENCE_BYTES:
+            raise MalformedMessage("join_request: larger than the evidence limit")
+        return cls(platform=bounded_str(m, "platform", what="join_request", max_len=32), evidence=evidence,
+                   statement=Statement.from_map(m.get("statement")),
+                   worker_id=bounded_str(m, "worker", what="join_request", max_len=128))
+
+
+@dataclass(frozen=True)
+class JoinResponse:
+    """A member's answer: its own evidence bound to the joiner's nonce (mutual attestation), and
+    the epoch's pool private key HPKE-sealed to the joiner's identity key."""
+
+    platform: str
+    evidence: bytes
+    statement: Statement
+    sealed_keys: bytes
+    worker_id: str
+
+    def to_bytes(self) -> bytes:
+        return pack({"v": PROTOCOL_VERSION, "t": "join_response", "platform": self.platform,
+                     "evidence": self.evidence, "statement": self.statement.to_map(),
+                     "sealed_keys": self.sealed_keys, "worker": self.worker_id})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "JoinResponse":
+        m = unpack_map(data, kind="join_response", max_bytes=MAX_EVIDENCE_BYTES + 8192)
+        evidence = field(m, "evidence", bytes, what="join_response")
+        sealed = field(m, "sealed_keys", bytes, what="join_response")
+        if len(evidence) > MAX_EVIDENCE_BYTES or len(sealed) > 1024:
+            raise MalformedMessage("join_response: a field is larger than its limit")
+        return cls(platform=bounded_str(m, "platform", what="join_response", max_len=32), evidence=evidence,
+                   statement=Statement.from_map(m.get("statement")), sealed_keys=sealed,
+                   worker_id=bounded_str(m, "worker", what="join_response", max_len=128))

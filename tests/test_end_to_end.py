@@ -259,12 +259,45 @@ async def test_a_restarted_worker_keeps_its_pool_key_and_models(tee, broker_url,
     assert len(model_files) == 1 and mlp_model() not in model_files[0].read_bytes()
 
 
-async def test_a_second_worker_on_the_same_pool_refuses_to_start(tee, broker_url, pool, tmp_path):
-    other = SimTEE(tmp_path / "other")
+async def test_a_worker_with_another_measurement_or_root_is_not_admitted_and_takes_no_job(tee, broker_url, pool,
+                                                                                           tmp_path):
+    other = SimTEE(tmp_path / "other")  # another simulation root: the pool's join policy does not admit it
     async with running_worker(tee, broker_url, pool):
-        second = other.worker(broker_url, pool)
-        with pytest.raises(WorkerStartupError, match="already has a worker"):
-            await second.start()
+        outsider = other.worker(broker_url, pool)
+        with pytest.raises(WorkerStartupError, match="refuses to admit"):
+            await outsider.start()
+        assert outsider._keys is None and outsider._subs == []  # it never consumed a job
+        assert not (other.state_dir / pool / "pool.sealed").exists()
+
+
+async def test_workers_of_one_measurement_share_the_pool_key_and_serve_its_jobs(tee, broker_url, pool, tmp_path):
+    """Mutual attestation hands the founder's epoch key to a joiner; models reach both; jobs are
+    spread over both, and every result matches direct onnxruntime."""
+    model = mlp_model()
+    batch = [{"x": np.full((1, 4), i, np.float32), "bias": np.zeros(3, np.float32)} for i in range(120)]
+    async with running_worker(tee, broker_url, pool) as founder:
+        async with running_worker(tee, broker_url, pool, state_dir=tmp_path / "second-state") as joiner:
+            assert joiner.pool_public_key == founder.pool_public_key
+            assert joiner.identity_public_key != founder.identity_public_key
+            async with AsyncClient(broker_url, pool, tee.policy(), timeout=30) as client:
+                model_id = await client.upload_model(model)
+                results = [r async for r in client.submit(model_id, batch, max_in_flight=32)]
+            assert founder._models.has(model_id) and joiner._models.has(model_id)
+            served = [w.metrics.requests.labels("job", "ok")._value.get() for w in (founder, joiner)]
+    assert all(r.ok for r in results) and sorted(r.index for r in results) == list(range(120))
+    for r in results:
+        assert np.array_equal(r.outputs["logits"], direct(model, batch[r.index])["logits"])
+    assert sum(served) >= 120 and min(served) > 0, served
+
+
+async def test_two_workers_starting_together_on_an_empty_pool_end_with_one_key(tee, broker_url, pool, tmp_path):
+    first = tee.worker(broker_url, pool, state_dir=tmp_path / "a")
+    second = tee.worker(broker_url, pool, state_dir=tmp_path / "b")
+    await asyncio.gather(first.start(), second.start())
+    try:
+        assert first.pool_public_key == second.pool_public_key
+    finally:
+        await asyncio.gather(first.stop(), second.stop())
 
 
 async def test_the_synchronous_client_runs_the_same_flow(tee, broker_url, pool):
@@ -328,8 +361,8 @@ async def test_a_tee_that_cannot_produce_evidence_is_reported_to_the_producer(te
 
     url = f"memory://{unique_name}"
     worker = tee.worker(url, pool)
-    worker.identity = dataclasses.replace(worker.identity, provider=BrokenProvider())
     await worker.start()
+    worker.identity = dataclasses.replace(worker.identity, provider=BrokenProvider())  # the TEE fails later
     try:
         with pytest.raises(AttestationFailed, match="evidence_unavailable"):
             await AsyncClient(url, pool, tee.policy()).connect()
