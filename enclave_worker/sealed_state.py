@@ -94,6 +94,10 @@ class SealedState:
     def delete_model(self, model_id: str) -> None:
         (self.dir / "models" / f"{model_id}.sealed").unlink(missing_ok=True)
 
+    def read_model(self, model_id: str) -> bytes:
+        path = self.dir / "models" / f"{model_id}.sealed"
+        return self._read(path, self._aad("model", model_id), f"model {model_id}")
+
     def iter_models(self) -> Iterator[tuple[str, bytes]]:
         folder = self.dir / "models"
         if not folder.is_dir():

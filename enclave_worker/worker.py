@@ -31,8 +31,9 @@ from protocol.envelope import RequestHeader, peek_request, open_request, seal_re
 from protocol.errors import DecryptionFailed, OversizedMessage, ProtocolError, TensorError
 from protocol.codec import pack, unpack
 from protocol.errors import MalformedMessage
-from protocol.handshake import (Challenge, ControlError, EvidenceResponse, JoinRequest, JoinResponse, Statement,
-                                control_kind, join_info)
+from protocol.handshake import (MODEL_SYNC_CHUNK_BYTES, Challenge, ControlError, EvidenceResponse, JoinRequest,
+                                JoinResponse, ModelSyncChunk, ModelSyncRequest, Statement, control_kind, join_info,
+                                model_sync_info)
 from protocol.tensors import TensorLimits
 
 from .config import DEFAULT_WORKER_CONFIG, WorkerConfig
@@ -129,6 +130,7 @@ class Worker:
         self._keys: PoolKeys | None = None
         self._pool_private = None
         self._draining = False
+        self._stopped = False
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -145,6 +147,8 @@ class Worker:
             elif keys is None:
                 keys = await self._join_or_found()
             self._adopt(keys)
+            if self.identity.join_policy is not None:
+                await self._sync_models()
             self._subs.append(await self._broker.consume_control(self.pool, self._on_control))
             self._subs.append(await self._broker.consume_jobs(self.pool, self._on_job, prefetch=self._prefetch))
         except BaseException:
@@ -288,6 +292,92 @@ class Worker:
                  response.worker_id)
         return keys
 
+    # -- models for every worker ------------------------------------------------------------
+    async def _sync_models(self) -> None:
+        """Fetch from a live member every model this worker lacks (a late joiner serves models
+        uploaded before it existed; a restarted member catches up on what it missed). Chunks come
+        HPKE-sealed to the pool key, so only a member can open them; the SHA-256 model id is
+        checked before a model is loaded."""
+        name = f"sync-{uuid.uuid4().hex[:16]}"
+        address = await self._broker.declare_reply_queue(name)
+        answers: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def collect(delivery: Delivery) -> None:
+            answers.put_nowait(delivery.message.body)
+            await delivery.ack()
+
+        sub = await self._broker.consume_replies(name, collect)
+        parts: dict[str, dict[int, bytes]] = {}
+        shapes: dict[str, tuple[int, int]] = {}
+        loop = asyncio.get_running_loop()
+        try:
+            have = tuple(m.model_id for m in self._models.list())
+            try:
+                await self._broker.publish_control(self.pool, Message(
+                    body=ModelSyncRequest(have=have, worker_id=self.worker_id).to_bytes(), reply_to=address))
+            except Unroutable:
+                return  # no live member: nothing to catch up on
+            deadline = loop.time() + JOIN_WAIT_SECONDS
+            while (remaining := deadline - loop.time()) > 0:
+                try:
+                    chunk = ModelSyncChunk.from_bytes(await asyncio.wait_for(answers.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+                except ProtocolError as exc:
+                    log.warning("ignoring a malformed model sync message: %s", exc)
+                    continue
+                deadline = loop.time() + MODEL_WAIT_SECONDS  # a member is sending: keep listening
+                if chunk.count == 0:
+                    break  # that member's end marker: everything it sent has arrived (one queue, in order)
+                if chunk.epoch != self._keys.epoch:
+                    continue
+                try:
+                    data = crypto.hpke_open(chunk.sealed, self._pool_private, model_sync_info(
+                        self.pool, chunk.epoch, chunk.model_id, chunk.index, chunk.count, chunk.total_size))
+                except DecryptionFailed:
+                    log.warning("a model sync chunk for %s does not open; ignored", chunk.model_id)
+                    continue
+                parts.setdefault(chunk.model_id, {})[chunk.index] = data
+                shapes[chunk.model_id] = (chunk.count, chunk.total_size)
+        finally:
+            await sub.cancel()
+            await self._broker.delete_reply_queue(name)
+        for model_id, chunks in parts.items():
+            count, size = shapes[model_id]
+            if len(chunks) != count or self._models.has(model_id):
+                continue
+            whole = b"".join(chunks[i] for i in range(count))
+            try:
+                await asyncio.to_thread(self._models.load, model_id, whole)  # checks SHA-256 == model id
+            except JobRejected as exc:
+                log.warning("synced model %s refused: %s", model_id, exc)
+                continue
+            await asyncio.to_thread(self._state.save_model, model_id, whole)
+            log.info("model %s synced from a pool member (%d bytes)", model_id, len(whole))
+
+    async def _send_models(self, request: ModelSyncRequest, reply_to: str) -> None:
+        have = set(request.have)
+        epoch = self._keys.epoch
+        for info in self._models.list():
+            if info.model_id in have:
+                continue
+            try:
+                data = await asyncio.to_thread(self._state.read_model, info.model_id)
+            except SealedStateError as exc:
+                log.warning("cannot send model %s: %s", info.model_id, exc)
+                continue
+            step = MODEL_SYNC_CHUNK_BYTES
+            count = max(1, -(-len(data) // step))
+            for index in range(count):
+                piece = data[index * step:(index + 1) * step]
+                sealed = crypto.hpke_seal(piece, self.pool_public_key, model_sync_info(
+                    self.pool, epoch, info.model_id, index, count, len(data)))
+                await self._broker.publish_reply(reply_to, Message(body=ModelSyncChunk(
+                    epoch=epoch, model_id=info.model_id, index=index, count=count, total_size=len(data),
+                    sealed=sealed).to_bytes()))
+        await self._broker.publish_reply(reply_to, Message(body=ModelSyncChunk(
+            epoch=epoch, model_id="", index=0, count=0, total_size=0, sealed=b"").to_bytes()))
+
     async def _answer_join(self, request: JoinRequest) -> bytes:
         """Mutual attestation, member's side: admit the joiner only if its evidence satisfies the
         join policy, then seal the epoch key to the identity key its evidence vouches for."""
@@ -313,7 +403,10 @@ class Worker:
                             sealed_keys=sealed, worker_id=self.worker_id).to_bytes()
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
-        """Finish in-flight jobs, hand the rest back to the queue, disconnect."""
+        """Finish in-flight jobs, hand the rest back to the queue, disconnect. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._draining = True
         try:
             await asyncio.wait_for(self._idle.wait(), drain_timeout)
@@ -345,6 +438,12 @@ class Worker:
                 challenge = Challenge.from_bytes(msg.body)
                 # A real TEE can take a second to produce a quote: keep the event loop serving jobs.
                 reply = (await asyncio.to_thread(self.answer_challenge, challenge)).to_bytes()
+            elif kind == "model_sync_request":
+                request = ModelSyncRequest.from_bytes(msg.body)
+                if request.worker_id != self.worker_id and msg.reply_to:
+                    await self._send_models(request, msg.reply_to)
+                await delivery.ack()
+                return
             elif kind == "join_request":
                 request = JoinRequest.from_bytes(msg.body)
                 if request.worker_id == self.worker_id:

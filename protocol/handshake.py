@@ -196,3 +196,62 @@ class JoinResponse:
         return cls(platform=bounded_str(m, "platform", what="join_response", max_len=32), evidence=evidence,
                    statement=Statement.from_map(m.get("statement")), sealed_keys=sealed,
                    worker_id=bounded_str(m, "worker", what="join_response", max_len=128))
+
+
+MODEL_SYNC_LABEL = b"enclaveq/v1/model-sync"
+MODEL_SYNC_CHUNK_BYTES = 4 * 1024 * 1024
+
+
+def model_sync_info(pool: str, epoch: int, model_id: str, index: int, count: int, total_size: int) -> bytes:
+    """HPKE ``info`` of one model chunk a member sends to a (re)starting worker."""
+    return pack([MODEL_SYNC_LABEL, pool, epoch, model_id, index, count, total_size])
+
+
+@dataclass(frozen=True)
+class ModelSyncRequest:
+    """A worker that just joined (or restarted) lists the models it has; members send the rest.
+
+    Anyone could send this, so members seal every chunk to the *pool* key with HPKE: only a
+    worker that holds the epoch key -- an admitted member -- can open what comes back."""
+
+    have: tuple[str, ...]
+    worker_id: str
+
+    def to_bytes(self) -> bytes:
+        return pack({"v": PROTOCOL_VERSION, "t": "model_sync_request", "have": list(self.have),
+                     "worker": self.worker_id})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "ModelSyncRequest":
+        m = unpack_map(data, kind="model_sync_request", max_bytes=1024 * 1024)
+        have = m.get("have")
+        if not isinstance(have, list) or not all(isinstance(h, str) and len(h) == 64 for h in have):
+            raise MalformedMessage("model_sync_request: have must be a list of model ids")
+        return cls(have=tuple(have), worker_id=bounded_str(m, "worker", what="model_sync_request", max_len=128))
+
+
+@dataclass(frozen=True)
+class ModelSyncChunk:
+    """One HPKE-sealed chunk of a model; ``count == 0`` is a member's "nothing to send" marker."""
+
+    epoch: int
+    model_id: str
+    index: int
+    count: int
+    total_size: int
+    sealed: bytes
+
+    def to_bytes(self) -> bytes:
+        return pack({"v": PROTOCOL_VERSION, "t": "model_sync_chunk", "ep": self.epoch, "mid": self.model_id,
+                     "i": self.index, "n": self.count, "size": self.total_size, "c": self.sealed})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "ModelSyncChunk":
+        w = "model_sync_chunk"
+        m = unpack_map(data, kind=w, max_bytes=MODEL_SYNC_CHUNK_BYTES + 64 * 1024)
+        index, count = field(m, "i", int, what=w), field(m, "n", int, what=w)
+        size, epoch = field(m, "size", int, what=w), field(m, "ep", int, what=w)
+        if min(index, count, size, epoch) < 0 or (count and index >= count):
+            raise MalformedMessage(f"{w}: invalid position")
+        return cls(epoch=epoch, model_id=bounded_str(m, "mid", what=w, max_len=64), index=index, count=count,
+                   total_size=size, sealed=field(m, "c", bytes, what=w))

@@ -379,3 +379,17 @@ async def test_torch_tensors_are_accepted_where_numpy_arrays_are(tee, pool, uniq
             x = torch.ones((2, 4), dtype=torch.float32)
             out = await client.run(model_id, {"x": x, "bias": torch.zeros(3)})
     assert np.array_equal(out["logits"], direct(mlp_model(), {"x": x.numpy(), "bias": np.zeros(3, np.float32)})["logits"])
+
+
+async def test_a_late_joiner_serves_a_model_uploaded_before_it_existed(tee, broker_url, pool, tmp_path):
+    model = mlp_model(seed=3)
+    inputs = {"x": np.ones((1, 4), np.float32), "bias": np.zeros(3, np.float32)}
+    async with running_worker(tee, broker_url, pool) as founder:
+        async with AsyncClient(broker_url, pool, tee.policy(), timeout=30) as client:
+            model_id = await client.upload_model(model)
+            async with running_worker(tee, broker_url, pool, state_dir=tmp_path / "late") as late:
+                assert late._models.has(model_id)  # synced, sealed to the pool key, checked by hash
+                assert (tmp_path / "late" / pool / "models" / f"{model_id}.sealed").exists()
+                await founder.stop()  # only the late joiner is left to serve
+                out = await client.run(model_id, inputs)
+    assert np.array_equal(out["logits"], direct(model, inputs)["logits"])
