@@ -10,6 +10,7 @@ first one had already gone out. Nothing in this module logs payloads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -202,18 +203,9 @@ class Worker:
         refuses never founds: the pool exists, it just is not admitted.
         """
         identity = crypto.generate_private_key()
-        name = f"join-{uuid.uuid4().hex[:16]}"
-        address = await self._broker.declare_reply_queue(name)
-        answers: asyncio.Queue[bytes] = asyncio.Queue()
-
-        async def collect(delivery: Delivery) -> None:
-            answers.put_nowait(delivery.message.body)
-            await delivery.ack()
-
-        sub = await self._broker.consume_replies(name, collect)
         loop = asyncio.get_running_loop()
         give_up = loop.time() + JOIN_TIMEOUT_SECONDS
-        try:
+        async with self._inbox("join") as (address, answers):
             while True:
                 keys = await self._ask_to_join(identity, address, answers)
                 if keys is not None:
@@ -229,6 +221,21 @@ class Worker:
                             f"no member of pool {self.pool!r} answered the join request within "
                             f"{JOIN_TIMEOUT_SECONDS:g}s although the pool has a founder") from None
                     await asyncio.sleep(0.2)
+
+    @contextlib.asynccontextmanager
+    async def _inbox(self, purpose: str):
+        """A temporary reply queue for worker-to-worker exchanges: (address, queue of bodies)."""
+        name = f"{purpose}-{uuid.uuid4().hex[:16]}"
+        address = await self._broker.declare_reply_queue(name)
+        answers: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def collect(delivery: Delivery) -> None:
+            answers.put_nowait(delivery.message.body)
+            await delivery.ack()
+
+        sub = await self._broker.consume_replies(name, collect)
+        try:
+            yield address, answers
         finally:
             await sub.cancel()
             await self._broker.delete_reply_queue(name)
@@ -298,19 +305,10 @@ class Worker:
         uploaded before it existed; a restarted member catches up on what it missed). Chunks come
         HPKE-sealed to the pool key, so only a member can open them; the SHA-256 model id is
         checked before a model is loaded."""
-        name = f"sync-{uuid.uuid4().hex[:16]}"
-        address = await self._broker.declare_reply_queue(name)
-        answers: asyncio.Queue[bytes] = asyncio.Queue()
-
-        async def collect(delivery: Delivery) -> None:
-            answers.put_nowait(delivery.message.body)
-            await delivery.ack()
-
-        sub = await self._broker.consume_replies(name, collect)
         parts: dict[str, dict[int, bytes]] = {}
         shapes: dict[str, tuple[int, int]] = {}
         loop = asyncio.get_running_loop()
-        try:
+        async with self._inbox("sync") as (address, answers):
             have = tuple(m.model_id for m in self._models.list())
             try:
                 await self._broker.publish_control(self.pool, Message(
@@ -339,9 +337,6 @@ class Worker:
                     continue
                 parts.setdefault(chunk.model_id, {})[chunk.index] = data
                 shapes[chunk.model_id] = (chunk.count, chunk.total_size)
-        finally:
-            await sub.cancel()
-            await self._broker.delete_reply_queue(name)
         for model_id, chunks in parts.items():
             count, size = shapes[model_id]
             if len(chunks) != count or self._models.has(model_id):
