@@ -166,12 +166,18 @@ class _CpuMeter:
     """CPU seconds spent by the client (this process), the server process, the broker, and
     the whole machine (to tell how much other programs took during a phase)."""
 
-    def __init__(self, server_pid: int | None, broker_pid: int | None) -> None:
+    def __init__(self, server_pid: int | None, broker_pid: int | None, extra_server_pids: tuple[int, ...] = ()) -> None:
         self.server_pid, self.broker_pid = server_pid, broker_pid
+        self.server_pids = (server_pid, *extra_server_pids) if server_pid else ()
+
+    def _servers(self) -> float | None:
+        """CPU of every answering process together (several enclaveq workers share one pool)."""
+        values = [_proc_cpu(pid) for pid in self.server_pids]
+        return None if not values or None in values else sum(values)
 
     def read(self) -> tuple[float | None, ...]:
-        return (_self_cpu(), _proc_cpu(self.server_pid) if self.server_pid else None,
-                _proc_cpu(self.broker_pid) if self.broker_pid else None, _machine_busy())
+        return (_self_cpu(), self._servers(), _proc_cpu(self.broker_pid) if self.broker_pid else None,
+                _machine_busy())
 
     @staticmethod
     def diff(a, b) -> tuple[float | None, ...]:
@@ -598,8 +604,11 @@ def _enclaveq_exe() -> str:
 
 
 class Enclaveq:
-    def __init__(self, url: str, run_id: str, workload: Workload, tmp: Path, profile_tool: str | None) -> None:
+    def __init__(self, url: str, run_id: str, workload: Workload, tmp: Path, profile_tool: str | None,
+                 workers: int = 1) -> None:
         self.url, self.workload, self.tmp, self.profile_tool = url, workload, tmp, profile_tool
+        self.workers = workers
+        self.extra_procs: list[subprocess.Popen] = []
         self.pool = f"bench-{run_id}"
         self.sim_dir = tmp / "sim"
         self.policy = tmp / "policy.toml"
@@ -622,18 +631,24 @@ class Enclaveq:
             cmd = [sys.executable, "-c", _CPROFILE_WRAPPER, str(self.tmp / "worker"), "enclaveq", "enclaveq", *args]
         else:
             cmd = [exe, *args]
-        log_path = self.tmp / "worker.log"
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"),
-                                     start_new_session=True)
-        deadline = time.monotonic() + 60
-        while b"ready; send SIGTERM" not in log_path.read_bytes():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the worker did not start:\n{log_path.read_text()[-3000:]}")
-            await asyncio.sleep(0.1)
+        self.proc = await self._start_worker(cmd, self.tmp / "worker.log")
+        for index in range(1, self.workers):
+            # Further workers join the pool by mutual attestation, each with its own sealed state.
+            extra = [exe, *args, "--state-dir", str(self.tmp / f"state-{index}")]
+            self.extra_procs.append(await self._start_worker(extra, self.tmp / f"worker-{index}.log"))
         self.client = AsyncClient(self.url, self.pool, self.policy, timeout=120)
         self.reply_name = self.client.name
         await self.client.connect()
         self.model_id = await self.client.upload_model(self.workload.model_bytes)
+
+    async def _start_worker(self, cmd: list[str], log_path: Path) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"), start_new_session=True)
+        deadline = time.monotonic() + 60
+        while b"ready; send SIGTERM" not in log_path.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker did not start:\n{log_path.read_text()[-3000:]}")
+            await asyncio.sleep(0.1)
+        return proc
 
     async def batch(self, n: int, concurrency: int) -> tuple[float, list[float], int]:
         stamps: dict[int, float] = {}
@@ -659,6 +674,8 @@ class Enclaveq:
             await asyncio.sleep(0.1)  # let cancelled jobs of an interrupted batch unwind first
             with contextlib.suppress(Exception):
                 await self.client.close()  # an ephemeral client deletes its reply queue
+        for proc in self.extra_procs:
+            await _stop_process(proc, "worker")
         await _stop_process(self.proc, "worker")
         broker = open_broker(self.url)
         try:
@@ -807,7 +824,7 @@ async def run(args) -> int:
     with tempfile.TemporaryDirectory(prefix="enclaveq-bench-") as tmpname:
         tmp = Path(tmpname)
         baseline = Baseline(args.broker, run_id, workload, tmp, profile_tool, args.baseline_plain_queues)
-        enclaveq = Enclaveq(args.broker, run_id, workload, tmp, profile_tool)
+        enclaveq = Enclaveq(args.broker, run_id, workload, tmp, profile_tool, workers=args.workers)
         try:
             await baseline.start()
             await enclaveq.start()
@@ -823,7 +840,8 @@ async def run(args) -> int:
                         if args.only and name != args.only:
                             continue
                         system, pid = systems[name]
-                        meter = _CpuMeter(pid, broker_pid)
+                        extra = tuple(p.pid for p in enclaveq.extra_procs) if name == "enclaveq" else ()
+                        meter = _CpuMeter(pid, broker_pid, extra)
                         with console.status(f"round {rnd + 1}/{args.repeat}: {name}, C={c}: "
                                             f"{args.warmup} warm-up + {args.jobs} timed jobs"):
                             r = await _phase(system, args.jobs, args.warmup, c, name, meter,
@@ -898,6 +916,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-plain-queues", action="store_true",
                         help="baseline jobs queue without enclaveq's dead-lettering arguments (diagnosis only)")
     parser.add_argument("--only", choices=("baseline", "enclaveq"), help="run one system only")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="enclaveq workers sharing the pool (joined by mutual attestation; default 1). "
+                             "The server CPU column then sums all of them")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of (baseline, enclaveq) phases per C, alternating which goes first; "
                              "the table shows medians, the ratio is the median of per-round ratios (default 1)")
