@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes
 from .claims import CertSummary
 from .errors import EvidenceInvalid
 
-__all__ = ["der_sha256", "verify_chain", "check_crl", "subject"]
+__all__ = ["der_sha256", "verify_chain", "check_crl", "subject", "signature_is_octet_aligned"]
 
 
 def der_sha256(cert: x509.Certificate) -> bytes:
@@ -88,3 +88,21 @@ def check_crl(cert: x509.Certificate, issuer: x509.Certificate, crls: Sequence[x
             raise EvidenceInvalid(f"CRL claiming issuer {subject(issuer)!r} is not signed by it")
         if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
             raise EvidenceInvalid(f"certificate {subject(cert)!r} (serial {cert.serial_number:x}) is revoked")
+
+
+def signature_is_octet_aligned(der: bytes, signature: bytes) -> bool:
+    """True if the DER certificate ends with its signature as a BIT STRING with 0 unused bits.
+
+    cryptography ignores the unused-bits count, so a certificate whose final ``03 len 00``
+    became ``03 len 01`` would still verify while its bytes (and fingerprint) differ: a malleable
+    encoding. X.509 signatures are octet strings in a BIT STRING (RFC 5280 4.1.1.3), so the count
+    must be 0; parsers call this on the exact bytes they were given.
+    """
+    content = b"\x00" + signature
+    size = len(content)
+    if size < 0x80:
+        length = bytes([size])
+    else:
+        digits = size.to_bytes((size.bit_length() + 7) // 8, "big")
+        length = bytes([0x80 | len(digits)]) + digits
+    return der.endswith(b"\x03" + length + content)

@@ -35,6 +35,8 @@ whatever the input (this is fuzzed). Strictness choices:
 
 from __future__ import annotations
 
+from attestation.chain import signature_is_octet_aligned
+
 import base64
 import re
 import struct
@@ -316,21 +318,6 @@ _END = b"-----END CERTIFICATE-----"
 _B64_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2}")
 
 
-def _signature_is_octet_aligned(der: bytes, signature: bytes) -> bool:
-    """True if the DER ends with the signature as a BIT STRING with 0 unused bits.
-
-    cryptography ignores the unused-bits count of the signature BIT STRING, so a certificate whose
-    final ``03 len 00`` became ``03 len 01`` would still verify while its bytes differ."""
-    content = b"\x00" + signature
-    size = len(content)
-    if size < 0x80:
-        length = bytes([size])
-    else:
-        digits = size.to_bytes((size.bit_length() + 7) // 8, "big")
-        length = bytes([0x80 | len(digits)]) + digits
-    return der.endswith(b"\x03" + length + content)
-
-
 def _load_der(der: bytes, index: int) -> x509.Certificate:
     try:
         cert = x509.load_der_x509_certificate(der)
@@ -340,7 +327,7 @@ def _load_der(der: bytes, index: int) -> x509.Certificate:
     except Exception as exc:  # noqa: BLE001 - any parser failure is "malformed", by contract
         raise EvidenceMalformed(f"PCK chain certificate {index} is not a DER X.509 certificate "
                                 f"({type(exc).__name__})") from None
-    if not _signature_is_octet_aligned(der, signature):
+    if not signature_is_octet_aligned(der, signature):
         raise EvidenceMalformed(f"PCK chain certificate {index} has a non-canonical signature encoding")
     return cert
 

@@ -39,6 +39,8 @@ Why these choices:
 
 from __future__ import annotations
 
+from attestation.chain import signature_is_octet_aligned
+
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -207,25 +209,6 @@ def parse_report(body: bytes) -> SimReport:
     return report
 
 
-def _signature_is_octet_aligned(der: bytes, signature: bytes) -> bool:
-    """True if the certificate ends with its signature as a BIT STRING with 0 unused bits.
-
-    ``cryptography`` returns a certificate's signature bytes without looking at the BIT
-    STRING's unused-bits count, so a certificate whose final ``03 len 00`` is changed to
-    ``03 len 01`` still verifies while its DER (and fingerprint) differ: a malleable encoding.
-    X.509 signatures are octet strings wrapped in a BIT STRING (RFC 5280 4.1.1.3, RFC 5480),
-    so the count must be 0. Checked on the exact bytes: the tail must be that encoding.
-    """
-    content = b"\x00" + signature
-    size = len(content)
-    if size < 0x80:
-        length = bytes([size])
-    else:
-        digits = size.to_bytes((size.bit_length() + 7) // 8, "big")
-        length = bytes([0x80 | len(digits)]) + digits
-    return der.endswith(b"\x03" + length + content)
-
-
 def _der(cert: x509.Certificate | bytes) -> bytes:
     return cert if isinstance(cert, bytes) else cert.public_bytes(Encoding.DER)
 
@@ -271,7 +254,7 @@ def parse_evidence(data: bytes) -> SimEvidence:
             signature_bits = cert.signature
         except Exception as exc:  # noqa: BLE001 - any parser failure is "malformed", by contract
             raise EvidenceMalformed(f"certificate {index} is not a DER X.509 certificate") from exc
-        if not _signature_is_octet_aligned(der, signature_bits):
+        if not signature_is_octet_aligned(der, signature_bits):
             raise EvidenceMalformed(f"certificate {index} has a non-canonical signature encoding")
         certs.append(cert)
     evidence = SimEvidence(report=report, signed_body=body, chain=tuple(certs), signature=signature)
