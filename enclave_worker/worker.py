@@ -17,10 +17,10 @@ import socket
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from attestation.errors import AttestationError
 from attestation.providers.errors import ProviderError
@@ -77,6 +77,9 @@ class WorkerIdentity:
     # It is part of the measured code: the default rule admits exactly this worker's measurement
     # on this worker's platform root. None: joining is not available (one worker per pool).
     join_policy: Any = None
+    # Extra keyword arguments for verify_evidence when checking a peer against the join policy
+    # (trust=... pinned roots, collateral=...). Empty: the vendors' pinned roots.
+    join_verify_options: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _is_request_envelope(body: bytes) -> bool:
@@ -283,7 +286,8 @@ class Worker:
         if st.nonce != nonce or st.pool != self.pool or st.suite != crypto.SUITE_ID:
             raise MalformedMessage("the join response answers another request or pool")
         verify_evidence(response.platform, response.evidence, self.identity.join_policy,
-                        expected_report_data=st.report_data(), now=datetime.fromtimestamp(self._clock(), timezone.utc))
+                        expected_report_data=st.report_data(), now=datetime.fromtimestamp(self._clock(), timezone.utc),
+                        **self.identity.join_verify_options)
         identity_public = crypto.public_bytes(identity)
         raw = crypto.hpke_open(response.sealed_keys, identity,
                                join_info(self.pool, st.epoch, nonce, identity_public))
@@ -384,7 +388,8 @@ class Worker:
                 raise MalformedMessage("join request for another pool or suite")
             verify_evidence(request.platform, request.evidence, self.identity.join_policy,
                             expected_report_data=st.report_data(),
-                            now=datetime.fromtimestamp(self._clock(), timezone.utc))
+                            now=datetime.fromtimestamp(self._clock(), timezone.utc),
+                            **self.identity.join_verify_options)
         except (AttestationError, ProtocolError) as exc:
             log.warning("refused to admit worker %s to pool %r: %s", request.worker_id, self.pool,
                         str(exc).splitlines()[0])
