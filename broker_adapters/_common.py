@@ -67,8 +67,11 @@ def control_exchange(pool: str) -> str:
     return f"{PREFIX}.{pool}.control"
 
 
-def lock_queue(pool: str) -> str:
-    return f"{PREFIX}.{pool}.lock"
+def lock_queue(pool: str, purpose: str = "") -> str:
+    """The founder lock is ``enclaveq.P.lock``; other locks (e.g. rotation) ``enclaveq.P.<purpose>-lock``."""
+    if purpose and not re.fullmatch(r"[a-z]{1,32}", purpose):
+        raise ValueError(f"invalid lock purpose {purpose!r}")
+    return f"{PREFIX}.{pool}.{purpose}-lock" if purpose else f"{PREFIX}.{pool}.lock"
 
 
 def reply_queue(name: str) -> str:

@@ -218,8 +218,8 @@ class AmqpBroker(BrokerAdapter):
         for sub in list(self._subscriptions):
             if sub.pool == pool:
                 await sub.cancel()
-        if pool in self._locks:
-            await self._locks[pool].release()
+        for lock in [lock for lock in self._locks.values() if lock.pool == pool]:
+            await lock.release()
         async with self._raw_channel() as channel:
             try:
                 for queue in (common.jobs_queue(pool), common.dead_queue(pool)):
@@ -232,13 +232,14 @@ class AmqpBroker(BrokerAdapter):
                 raise BrokerError(f"RabbitMQ refused to delete pool {pool!r}: {exc}") from exc
         self._settings.pop(pool, None)
 
-    async def acquire_pool_lock(self, pool: str) -> PoolLock:
+    async def acquire_pool_lock(self, pool: str, *, purpose: str = "") -> PoolLock:
         common.check_name("pool", pool)
-        if pool in self._locks:
-            raise PoolBusy(f"this adapter already holds pool {pool!r}'s lock")
-        lock = _AmqpPoolLock(self, pool)
+        queue = common.lock_queue(pool, purpose)
+        if queue in self._locks:
+            raise PoolBusy(f"this adapter already holds pool {pool!r}'s {purpose or 'founder'} lock")
+        lock = _AmqpPoolLock(self, pool, queue)
         await lock.acquire()
-        self._locks[pool] = lock
+        self._locks[queue] = lock
         return lock
 
     # -- jobs ---------------------------------------------------------------------------
@@ -628,10 +629,10 @@ class _AmqpPoolLock(PoolLock):
     """The pool lock is an exclusive queue: RabbitMQ refuses a second connection with
     RESOURCE_LOCKED, and deletes the queue itself if our connection dies."""
 
-    def __init__(self, broker: AmqpBroker, pool: str) -> None:
+    def __init__(self, broker: AmqpBroker, pool: str, queue: str) -> None:
         self._broker = broker
         self.pool = pool
-        self.queue = common.lock_queue(pool)
+        self.queue = queue
         # Counts successful declarations (1 after acquire, +1 per reconnect that kept it);
         # ``lost`` turns True if a rival took the lock while we were disconnected.
         self.generation = 0
@@ -657,15 +658,15 @@ class _AmqpPoolLock(PoolLock):
             await self._declare()
         except PoolBusy:
             self.lost = True
-            if self._broker._locks.get(self.pool) is self:
-                del self._broker._locks[self.pool]
+            if self._broker._locks.get(self.queue) is self:
+                del self._broker._locks[self.queue]
             log.error("pool %r: lock lost to another worker while reconnecting", self.pool)
         except BrokerUnavailable:
             pass  # the next reconnect tries again
 
     async def release(self) -> None:
-        if self._broker._locks.get(self.pool) is self:
-            del self._broker._locks[self.pool]
+        if self._broker._locks.get(self.queue) is self:
+            del self._broker._locks[self.queue]
         if self._broker._conn is None:
             return
         try:

@@ -116,8 +116,10 @@ class BrokerAdapter(abc.ABC):
         """Remove everything ``declare_pool`` created (tests and `pool delete`)."""
 
     @abc.abstractmethod
-    async def acquire_pool_lock(self, pool: str) -> PoolLock:
-        """Become the pool's only worker, or raise ``PoolBusy`` at once."""
+    async def acquire_pool_lock(self, pool: str, *, purpose: str = "") -> PoolLock:
+        """Take one of the pool's exclusive locks, or raise ``PoolBusy`` at once. The default
+        (founder) lock is held by the worker that founded the pool for its lifetime; other
+        purposes (``"rotation"``) serialise rarer work among the pool's members."""
 
     # -- jobs --------------------------------------------------------------------------
     @abc.abstractmethod

@@ -300,15 +300,16 @@ class _Consumer(Subscription):
 
 
 class _MemoryPoolLock(PoolLock):
-    def __init__(self, broker: "MemoryBroker", pool: str) -> None:
+    def __init__(self, broker: "MemoryBroker", pool: str, key: str) -> None:
         self.broker = broker
         self.pool = pool
+        self.key = key
 
     async def release(self) -> None:
         state = self.broker._state
         with state.lock:
-            if state.pool_locks.get(self.pool) is self:
-                del state.pool_locks[self.pool]
+            if state.pool_locks.get(self.key) is self:
+                del state.pool_locks[self.key]
         self.broker._locks.discard(self)
 
 
@@ -387,13 +388,14 @@ class MemoryBroker(BrokerAdapter):
                     queue.consumers.clear()
         self._settings.pop(pool, None)
 
-    async def acquire_pool_lock(self, pool: str) -> PoolLock:
+    async def acquire_pool_lock(self, pool: str, *, purpose: str = "") -> PoolLock:
         common.check_name("pool", pool)
+        key = common.lock_queue(pool, purpose)
         state = self._live()
         with state.lock:
-            if pool in state.pool_locks:
-                raise PoolBusy(f"pool {pool!r} is locked by another worker")
-            lock = state.pool_locks[pool] = _MemoryPoolLock(self, pool)
+            if key in state.pool_locks:
+                raise PoolBusy(f"pool {pool!r}'s {purpose or 'founder'} lock is held by another worker")
+            lock = state.pool_locks[key] = _MemoryPoolLock(self, pool, key)
         self._locks.add(lock)
         return lock
 

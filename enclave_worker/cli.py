@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from enclaveq.durations import DURATION
+
 from .config import DEFAULT_WORKER_CONFIG
 from .errors import WorkerStartupError
 
@@ -33,11 +35,18 @@ TEE_CHOICES = ("auto", "sim", "sgx", "tdx", "snp", "nitro")
               help="Which TEE provides the evidence (each choice is explained above). "
                    "Default: sim when --sim-dir is given, otherwise auto.")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on 127.0.0.1:PORT.")
+@click.option("--rotate-every", type=DURATION, default=None,
+              help="Rotate the pool key automatically when the current epoch is older than this (e.g. 12h). "
+                   "Any member with this option may rotate; the pool's rotation lock lets one of them do it.")
+@click.option("--rotation-grace", type=DURATION, default="5m", show_default=True,
+              help="With --rotate-every: how long the previous epoch's key still opens jobs before every "
+                   "member erases it (capped by the measured max_rotation_grace_seconds, 1h).")
 @click.option("--print-measurement", is_flag=True,
               help="Print this worker's measurement (hex) and exit: pin it in a policy. "
                    "Simulation only: on a real TEE the hardware reports the measurement.")
 @click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
-def worker_command(broker_url, pool, sim_dir, state_dir, tee, metrics_port, print_measurement, log_level):
+def worker_command(broker_url, pool, sim_dir, state_dir, tee, metrics_port, rotate_every, rotation_grace,
+                   print_measurement, log_level):
     """Run an enclave worker for one pool, inside a TEE or in the clearly labelled simulation.
 
     The worker answers attestation challenges with fresh evidence binding its pool key and the
@@ -90,15 +99,22 @@ def worker_command(broker_url, pool, sim_dir, state_dir, tee, metrics_port, prin
         return
     if not broker_url or not pool:
         raise click.UsageError("--broker and --pool are required to run a worker")
+    if rotation_grace > config.max_rotation_grace_seconds:
+        raise click.UsageError(f"--rotation-grace is capped at {config.max_rotation_grace_seconds}s by the "
+                               "measured configuration (max_rotation_grace_seconds)")
+    if rotate_every is not None and rotate_every < 1:
+        raise click.UsageError("--rotate-every must be at least 1s")
+    rotation = {"rotate_every": rotate_every, "rotation_grace": rotation_grace}
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         if tee == "sim":
-            asyncio.run(_serve(broker_url, pool, tee, sim_dir, state_dir or sim_dir / "state", metrics_port))
+            asyncio.run(_serve(broker_url, pool, tee, sim_dir, state_dir or sim_dir / "state", metrics_port, rotation))
         elif state_dir is not None:
-            asyncio.run(_serve(broker_url, pool, tee, None, state_dir, metrics_port, explicit_state_dir=True))
+            asyncio.run(_serve(broker_url, pool, tee, None, state_dir, metrics_port, rotation,
+                               explicit_state_dir=True))
         else:
             with tempfile.TemporaryDirectory(prefix="enclaveq-state-") as scratch:
-                asyncio.run(_serve(broker_url, pool, tee, None, Path(scratch), metrics_port))
+                asyncio.run(_serve(broker_url, pool, tee, None, Path(scratch), metrics_port, rotation))
     except WorkerStartupError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_REFUSED)
@@ -115,7 +131,7 @@ def refuse_unopenable_state(state_dir: Path, pool: str) -> None:
             "omit --state-dir to use a fresh temporary directory.")
 
 
-async def _serve(broker_url, pool, tee, sim_dir, state_dir, metrics_port, explicit_state_dir=False) -> None:
+async def _serve(broker_url, pool, tee, sim_dir, state_dir, metrics_port, rotation, explicit_state_dir=False) -> None:
     from .platform import sim_identity, tee_identity
     from .worker import Worker
 
@@ -127,7 +143,8 @@ async def _serve(broker_url, pool, tee, sim_dir, state_dir, metrics_port, explic
         identity = tee_identity(tee, config)
         if explicit_state_dir and not identity.persistent_sealing:
             refuse_unopenable_state(state_dir, pool)
-    worker = Worker(broker_url=broker_url, pool=pool, identity=identity, state_dir=state_dir, config=config)
+    worker = Worker(broker_url=broker_url, pool=pool, identity=identity, state_dir=state_dir, config=config,
+                    **rotation)
     if metrics_port:
         worker.metrics.serve(metrics_port)
     stop = asyncio.Event()

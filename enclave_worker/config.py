@@ -26,6 +26,9 @@ class WorkerConfig:
     max_model_bytes: int = 512 * MiB  # largest ONNX model accepted for upload
     intra_op_threads: int = 1  # ONNX Runtime threads per job
     max_jobs_in_flight: int = 8  # concurrent jobs per worker process
+    # Longest grace period a rotation may give the previous epoch's key (P6): bounds how long a
+    # rotated-away key can still open captured traffic, whatever an operator asks for.
+    max_rotation_grace_seconds: int = 3600
     version: str = "1"  # bump when the meaning of any field changes
 
     def __post_init__(self) -> None:

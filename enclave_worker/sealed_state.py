@@ -8,7 +8,12 @@ another key and cannot read the state: that is the point.
 
 Layout::
 
-    STATE_DIR/<pool>/pool.sealed            msgpack {epoch, pool_private_key, identity_private_key}
+    STATE_DIR/<pool>/pool.sealed            msgpack {epoch, pool_private_key, identity_private_key,
+                                                     created_ms, previous: [[epoch, key, retire_at_ms]]}
+
+Rotation (P6): a previous epoch's key stays here only until its retirement time; erasing it
+rewrites this file without it (write-then-rename, so the old file's bytes are unlinked, not
+kept beside the new one).
     STATE_DIR/<pool>/models/<model id>.sealed
 """
 
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -31,13 +36,32 @@ _MODEL_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
+class RetiringKey:
+    """A previous epoch's private key, still opening jobs sealed to it until ``retire_at_ms``."""
+
+    epoch: int
+    private_key: bytes
+    retire_at_ms: int
+
+    def __repr__(self) -> str:
+        return f"RetiringKey(epoch={self.epoch}, retire_at_ms={self.retire_at_ms})"
+
+
+@dataclass(frozen=True)
 class PoolKeys:
     epoch: int
     pool_private_key: bytes
     identity_private_key: bytes
+    created_ms: int = 0
+    previous: tuple[RetiringKey, ...] = ()
 
     def __repr__(self) -> str:  # private keys never reach a log line
-        return f"PoolKeys(epoch={self.epoch})"
+        return f"PoolKeys(epoch={self.epoch}, previous={[k.epoch for k in self.previous]})"
+
+    def without_retired(self, now_ms: int) -> "PoolKeys":
+        """The same keys minus every previous epoch whose grace period is over."""
+        keep = tuple(k for k in self.previous if k.retire_at_ms > now_ms)
+        return self if keep == self.previous else replace(self, previous=keep)
 
 
 class SealedState:
@@ -78,13 +102,16 @@ class SealedState:
         m = unpack(self._read(path, self._aad("pool"), "pool key"), what="sealed pool key")
         try:
             return PoolKeys(epoch=int(m["epoch"]), pool_private_key=bytes(m["pool_private_key"]),
-                            identity_private_key=bytes(m["identity_private_key"]))
+                            identity_private_key=bytes(m["identity_private_key"]),
+                            created_ms=int(m.get("created_ms", 0)),
+                            previous=tuple(RetiringKey(int(e), bytes(k), int(r)) for e, k, r in m.get("previous", [])))
         except (KeyError, TypeError, ValueError):
             raise SealedStateError(f"sealed pool key at {path} has an unexpected layout") from None
 
     def save_pool_keys(self, keys: PoolKeys) -> None:
         body = pack({"epoch": keys.epoch, "pool_private_key": keys.pool_private_key,
-                     "identity_private_key": keys.identity_private_key})
+                     "identity_private_key": keys.identity_private_key, "created_ms": keys.created_ms,
+                     "previous": [[k.epoch, k.private_key, k.retire_at_ms] for k in keys.previous]})
         self._write(self.dir / "pool.sealed", self._seal(self._key, body, self._aad("pool")))
 
     # -- models ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import socket
 import time
 import uuid
@@ -32,16 +33,17 @@ from protocol.envelope import RequestHeader, peek_request, open_request, seal_re
 from protocol.errors import DecryptionFailed, OversizedMessage, ProtocolError, TensorError
 from protocol.codec import pack, unpack
 from protocol.errors import MalformedMessage
-from protocol.handshake import (MODEL_SYNC_CHUNK_BYTES, Challenge, ControlError, EvidenceResponse, JoinRequest,
-                                JoinResponse, ModelSyncChunk, ModelSyncRequest, Statement, control_kind, join_info,
-                                model_sync_info)
+from protocol.handshake import (MODEL_SYNC_CHUNK_BYTES, Challenge, ControlError, EpochAnnounce, EvidenceResponse,
+                                JoinRequest, JoinResponse, ModelSyncChunk, ModelSyncRequest, Statement, control_kind,
+                                join_info, model_sync_info)
 from protocol.tensors import TensorLimits
 
 from .config import DEFAULT_WORKER_CONFIG, WorkerConfig
 from .errors import JobRejected, SealedStateError, WorkerStartupError
+from .keyring import EpochAhead, EpochRetired, Keyring
 from .metrics import WorkerMetrics
 from .models import ModelStore, run_model
-from .sealed_state import PoolKeys, SealedState
+from .sealed_state import PoolKeys, RetiringKey, SealedState
 
 log = logging.getLogger("enclaveq.worker")
 
@@ -50,6 +52,9 @@ JOIN_WAIT_SECONDS = 1.5       # how long a joiner listens for members after each
 JOIN_TIMEOUT_SECONDS = 20.0   # how long it keeps asking while another worker holds the founder lock
 INLINE_INFERENCE_SECONDS = 0.0005
 INLINE_INFERENCE_BYTES = 64 * 1024
+ROTATION_LOCK_SECONDS = 10.0  # how long a rotation waits for another member's rotation to finish
+ROTATION_SETTLE_SECONDS = 0.5  # the rotator keeps the lock this long so members see its announcement first
+DEFAULT_ROTATION_GRACE_SECONDS = 300
 
 Clock = Callable[[], float]
 
@@ -107,11 +112,16 @@ class _SeenJobs:
             self._seen = {k: d for k, d in self._seen.items() if d >= now_ms}
 
 
+MAX_SEALED_KEYS = 16 * 1024  # a join hands over the current key plus the few still retiring
+
+
 class Worker:
     def __init__(self, *, broker_url: str, pool: str, identity: WorkerIdentity, state_dir: Path,
                  config: WorkerConfig = DEFAULT_WORKER_CONFIG, clock: Clock = time.time,
                  rng: crypto.Random = os.urandom, worker_id: str | None = None,
-                 metrics: WorkerMetrics | None = None, prefetch: int | None = None) -> None:
+                 metrics: WorkerMetrics | None = None, prefetch: int | None = None,
+                 rotate_every: float | None = None,
+                 rotation_grace: float = DEFAULT_ROTATION_GRACE_SECONDS) -> None:
         self.pool = pool
         self.config = config
         self.identity = identity
@@ -131,8 +141,12 @@ class Worker:
         self._broker: BrokerAdapter | None = None
         self._lock = None
         self._subs: list = []
-        self._keys: PoolKeys | None = None
-        self._pool_private = None
+        self._keyring: Keyring | None = None
+        self._rotate_every = rotate_every
+        self._rotation_grace = rotation_grace
+        self._keys_changed = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._catching_up: asyncio.Task | None = None
         self._draining = False
         self._stopped = False
         self._active = 0
@@ -150,6 +164,10 @@ class Worker:
                 keys = await self._sole_worker(keys)
             elif keys is None:
                 keys = await self._join_or_found()
+            else:
+                # A restarted member may have missed rotations while it was down: a live member
+                # hands it the current keys (mutual attestation again); none answering is fine.
+                keys = await self._catch_up_keys(keys)
             self._adopt(keys)
             if self.identity.join_policy is not None:
                 await self._sync_models()
@@ -158,8 +176,22 @@ class Worker:
         except BaseException:
             await self._broker.close()
             raise
+        self._tasks.append(asyncio.create_task(self._erase_when_due()))
+        if self._rotate_every:
+            self._tasks.append(asyncio.create_task(self._rotate_periodically()))
         log.info("worker %s serving pool %r (epoch %d, %d models)", self.worker_id, self.pool,
                  self._keys.epoch, len(self._models.list()))
+
+    @property
+    def _keys(self) -> PoolKeys | None:
+        return self._keyring.keys if self._keyring is not None else None
+
+    @property
+    def pool_public_key(self) -> bytes:
+        return self._keyring.public_key
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
 
     def _load_sealed_keys(self) -> PoolKeys | None:
         try:
@@ -180,15 +212,15 @@ class Worker:
 
     def _found(self, identity_private: bytes | None = None) -> PoolKeys:
         keys = PoolKeys(epoch=1, pool_private_key=crypto.private_bytes(crypto.generate_private_key()),
-                        identity_private_key=identity_private or crypto.private_bytes(crypto.generate_private_key()))
+                        identity_private_key=identity_private or crypto.private_bytes(crypto.generate_private_key()),
+                        created_ms=self._now_ms())
         self._state.save_pool_keys(keys)
         log.info("founded pool %r: new epoch-1 pool key sealed to %s", self.pool, self._state.dir)
         return keys
 
     def _adopt(self, keys: PoolKeys) -> None:
-        self._keys = keys
-        self._pool_private = crypto.load_private_key(keys.pool_private_key)
-        self.pool_public_key = crypto.public_bytes(self._pool_private)
+        self._state.save_pool_keys(keys)
+        self._keyring = Keyring(keys, self._state, self._now_ms, on_erase=self._forget_sessions)
         self.identity_public_key = crypto.public_bytes(crypto.load_private_key(keys.identity_private_key))
         for model_id, data in self._state.iter_models():
             try:
@@ -291,17 +323,189 @@ class Worker:
         identity_public = crypto.public_bytes(identity)
         raw = crypto.hpke_open(response.sealed_keys, identity,
                                join_info(self.pool, st.epoch, nonce, identity_public))
-        sealed = unpack(raw, max_bytes=1024, what="sealed pool keys")
+        sealed = unpack(raw, max_bytes=MAX_SEALED_KEYS, what="sealed pool keys")
         if not isinstance(sealed, dict) or sealed.get("epoch") != st.epoch:
             raise MalformedMessage("sealed pool keys do not match the member's statement")
         private = sealed.get("pool_private_key")
         if not isinstance(private, bytes) or crypto.public_bytes(crypto.load_private_key(private)) != st.pool_public_key:
             raise MalformedMessage("the sealed pool key is not the key the member attested")
-        keys = PoolKeys(epoch=st.epoch, pool_private_key=private, identity_private_key=crypto.private_bytes(identity))
-        self._state.save_pool_keys(keys)
+        try:
+            previous = tuple(RetiringKey(e, bytes(k), r) for e, k, r in sealed.get("previous", [])
+                             if type(e) is int and type(r) is int and e < st.epoch)
+        except (TypeError, ValueError):
+            raise MalformedMessage("sealed pool keys: malformed retiring keys") from None
+        keys = PoolKeys(epoch=st.epoch, pool_private_key=private, identity_private_key=crypto.private_bytes(identity),
+                        created_ms=self._now_ms(), previous=previous).without_retired(self._now_ms())
         log.info("joined pool %r (epoch %d) from member %s after mutual attestation", self.pool, st.epoch,
                  response.worker_id)
         return keys
+
+    # -- rotation (P6) -----------------------------------------------------------------------
+    async def rotate(self, grace_seconds: float, *, only_from_epoch: int | None = None) -> tuple[int, int]:
+        """Draw epoch N+1, make it current here and announce it to every member; epoch N keeps
+        opening jobs for ``grace_seconds``, then every member erases it. Returns (epoch, retire_at_ms).
+
+        Rotations are serialised by the pool's rotation lock so two members never mint rival keys
+        for the same epoch; ``only_from_epoch`` (automatic rotation) skips the rotation if another
+        member already rotated while this one waited for the lock."""
+        lock = await self._take_rotation_lock()
+        try:
+            if only_from_epoch is not None and self._keys.epoch != only_from_epoch:
+                return self._keys.epoch, 0
+            new_private = crypto.private_bytes(crypto.generate_private_key())
+            retire_at_ms = self._now_ms() + int(grace_seconds * 1000)
+            sealed, nonce = self._keyring.seal_next(new_private, self.pool, retire_at_ms)
+            epoch = self._keys.epoch + 1
+            statement = Statement(pool=self.pool, epoch=epoch, suite=crypto.SUITE_ID,
+                                  pool_public_key=crypto.public_bytes(crypto.load_private_key(new_private)),
+                                  worker_identity_key=self.identity_public_key, nonce=nonce,
+                                  config_digest=self.identity.config_digest)
+            evidence = await asyncio.to_thread(self.identity.provider.evidence, statement.report_data())
+            announce = EpochAnnounce(platform=self.identity.provider.platform, evidence=evidence, statement=statement,
+                                     previous_epoch=epoch - 1, retire_at_ms=retire_at_ms, sealed_key=sealed,
+                                     worker_id=self.worker_id)
+            self._keyring.install(epoch, new_private, retire_at_ms)
+            self._keys_changed.set()
+            log.info("rotated pool %r to epoch %d; epoch %d is erased in %gs", self.pool, epoch, epoch - 1,
+                     grace_seconds)
+            if self.identity.join_policy is not None:
+                # A member that misses this (broker hiccup) catches up when it first sees a job
+                # sealed to the new epoch: it asks for the keys with a join request.
+                await self._broker.publish_control(self.pool, Message(body=announce.to_bytes()))
+                await asyncio.sleep(ROTATION_SETTLE_SECONDS)
+            return epoch, retire_at_ms
+        finally:
+            await lock.release()
+
+    async def _take_rotation_lock(self):
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + ROTATION_LOCK_SECONDS
+        while True:
+            try:
+                return await self._broker.acquire_pool_lock(self.pool, purpose="rotation")
+            except PoolBusy:
+                if loop.time() > give_up:
+                    raise JobRejected("another member of the pool is rotating its key; try again",
+                                      bodies.ErrorCode.ROTATION_REFUSED) from None
+                await asyncio.sleep(0.2)
+
+    async def _on_epoch_announce(self, announce: EpochAnnounce) -> None:
+        if announce.worker_id == self.worker_id or announce.statement.epoch <= self._keys.epoch:
+            return
+        if self.identity.join_policy is None:
+            return
+        if announce.previous_epoch != self._keys.epoch:
+            log.warning("pool %r moved to epoch %d while this worker is at %d: catching up", self.pool,
+                        announce.statement.epoch, self._keys.epoch)
+            self._tasks.append(asyncio.create_task(self._catch_up()))
+            return
+        try:
+            # The announcer must satisfy our join policy, exactly like a member handing us keys.
+            verify_evidence(announce.platform, announce.evidence, self.identity.join_policy,
+                            expected_report_data=announce.statement.report_data(),
+                            now=datetime.fromtimestamp(self._clock(), timezone.utc),
+                            **self.identity.join_verify_options)
+            private = self._keyring.open_announce(announce, self.pool)
+        except (AttestationError, ProtocolError, ValueError) as exc:
+            log.warning("ignoring an epoch announcement that does not verify: %s", str(exc).splitlines()[0])
+            return
+        # Our measured limit bounds how long any old key lives here, whatever the announcer's clock says.
+        retire_at_ms = min(announce.retire_at_ms, self._now_ms() + self.config.max_rotation_grace_seconds * 1000)
+        self._keyring.install(announce.statement.epoch, private, retire_at_ms)
+        self._keys_changed.set()
+        log.info("pool %r rotated to epoch %d by member %s", self.pool, self._keys.epoch, announce.worker_id)
+
+    async def _erase_when_due(self) -> None:
+        """Erase each retiring key at its retirement time (P6)."""
+        while True:
+            self._keys_changed.clear()
+            due = self._keyring.next_retirement_ms()
+            timeout = None if due is None else max(0.05, (due - self._now_ms()) / 1000)
+            try:
+                await asyncio.wait_for(self._keys_changed.wait(), timeout)
+            except asyncio.TimeoutError:
+                self.erase_retired()
+
+    def erase_retired(self) -> list[int]:
+        return self._keyring.erase_retired()
+
+    def _forget_sessions(self, epochs: set[int]) -> None:
+        """A session secret opens its session's jobs as well as the epoch key that unsealed it:
+        when an epoch is erased, so are the secrets derived from it."""
+        self._sessions = OrderedDict((k, v) for k, v in self._sessions.items() if k[1] not in epochs)
+
+    async def _rotate_periodically(self) -> None:
+        """``--rotate-every``: rotate when the current epoch is older than the interval. Every member
+        with the option runs this; the rotation lock and ``only_from_epoch`` make one of them win."""
+        while True:
+            epoch = self._keys.epoch
+            wait = self._keys.created_ms / 1000 + self._rotate_every - self._clock()
+            if wait > 0:
+                await asyncio.sleep(min(wait, 5.0))
+                continue
+            await asyncio.sleep(random.uniform(0, min(5.0, self._rotate_every / 10)))
+            if self._keys.epoch != epoch:
+                continue
+            try:
+                await self.rotate(self._rotation_grace, only_from_epoch=epoch)
+            except (BrokerError, JobRejected, ProviderError) as exc:
+                log.warning("automatic rotation of pool %r failed: %s", self.pool, exc)
+                await asyncio.sleep(5.0)
+
+    async def _catch_up_keys(self, keys: PoolKeys) -> PoolKeys:
+        """At start with sealed keys: take a live member's newer epoch, if there is one."""
+        try:
+            newer = await self._fetch_keys(crypto.load_private_key(keys.identity_private_key))
+        except WorkerStartupError as exc:
+            log.warning("could not catch up with the pool's members (%s); serving with the sealed keys", exc)
+            return keys
+        if newer is not None and newer.epoch > keys.epoch:
+            log.info("pool %r rotated while this worker was down: now at epoch %d", self.pool, newer.epoch)
+            return newer
+        return keys
+
+    async def _fetch_keys(self, identity) -> PoolKeys | None:
+        async with self._inbox("join") as (address, answers):
+            return await self._ask_to_join(identity, address, answers)
+
+    async def _catch_up(self) -> None:
+        """One catch-up at a time: ask a member for the current keys (mutual attestation)."""
+        if self.identity.join_policy is None:
+            return
+        if self._catching_up is None or self._catching_up.done():
+            self._catching_up = asyncio.create_task(self._fetch_newer_keys())
+        await asyncio.shield(self._catching_up)
+
+    async def _fetch_newer_keys(self) -> None:
+        try:
+            keys = await self._fetch_keys(crypto.load_private_key(self._keys.identity_private_key))
+        except (WorkerStartupError, BrokerError) as exc:
+            log.warning("could not catch up with the pool's members: %s", exc)
+            return
+        if keys is not None and keys.epoch > self._keys.epoch:
+            self._keyring.replace_all(keys)
+            self._keys_changed.set()
+            log.info("caught up with pool %r: epoch %d", self.pool, keys.epoch)
+
+    async def _stale_epoch(self, delivery: Delivery, header: RequestHeader) -> None:
+        """A job sealed to an erased epoch can never be opened again. Tell its producer, in clear
+        (there is no key left to seal with, and the notice holds nothing secret), so the SDK
+        re-attests and sends it again; then drop it."""
+        log.info("job %s is sealed to retired epoch %d; asking its producer to re-attest", header.job_id,
+                 header.epoch)
+        self.metrics.requests.labels(header.kind, "stale_epoch").inc()
+        notice = ControlError(code="stale_epoch", message=f"epoch {header.epoch} of pool {self.pool!r} is retired; "
+                              f"the current epoch is {self._keys.epoch}: attest again")
+        try:
+            await self._broker.publish_reply(header.reply_to, Message(body=notice.to_bytes(),
+                                                                      correlation_id=header.job_id))
+        except Unroutable:
+            return await self._dead_letter(delivery, "no_reply_queue", f"job {header.job_id}: reply queue is gone")
+        except BrokerError as exc:
+            log.warning("could not tell the producer of job %s to re-attest (%s)", header.job_id, exc)
+            await delivery.nack()
+            return
+        await delivery.ack()
 
     # -- models for every worker ------------------------------------------------------------
     async def _sync_models(self) -> None:
@@ -334,7 +538,7 @@ class Worker:
                 if chunk.epoch != self._keys.epoch:
                     continue
                 try:
-                    data = crypto.hpke_open(chunk.sealed, self._pool_private, model_sync_info(
+                    data = crypto.hpke_open(chunk.sealed, self._keyring.current_private, model_sync_info(
                         self.pool, chunk.epoch, chunk.model_id, chunk.index, chunk.count, chunk.total_size))
                 except DecryptionFailed:
                     log.warning("a model sync chunk for %s does not open; ignored", chunk.model_id)
@@ -394,7 +598,9 @@ class Worker:
             log.warning("refused to admit worker %s to pool %r: %s", request.worker_id, self.pool,
                         str(exc).splitlines()[0])
             return ControlError(code="not_admitted", message=str(exc)).to_bytes()
-        keys = pack({"epoch": self._keys.epoch, "pool_private_key": self._keys.pool_private_key})
+        # Retiring keys travel too: a worker joining during a grace period serves the old epoch's jobs.
+        keys = pack({"epoch": self._keys.epoch, "pool_private_key": self._keys.pool_private_key,
+                     "previous": self._keyring.retiring_for_join()})
         sealed = crypto.hpke_seal(keys, st.worker_identity_key,
                                   join_info(self.pool, self._keys.epoch, st.nonce, st.worker_identity_key))
         answer = await asyncio.to_thread(self.answer_challenge, Challenge(nonce=st.nonce))
@@ -408,6 +614,8 @@ class Worker:
             return
         self._stopped = True
         self._draining = True
+        for task in self._tasks:
+            task.cancel()
         try:
             await asyncio.wait_for(self._idle.wait(), drain_timeout)
         except asyncio.TimeoutError:
@@ -442,6 +650,10 @@ class Worker:
                 request = ModelSyncRequest.from_bytes(msg.body)
                 if request.worker_id != self.worker_id and msg.reply_to:
                     await self._send_models(request, msg.reply_to)
+                await delivery.ack()
+                return
+            elif kind == "epoch_announce":
+                await self._on_epoch_announce(EpochAnnounce.from_bytes(msg.body))
                 await delivery.ack()
                 return
             elif kind == "join_request":
@@ -509,13 +721,12 @@ class Worker:
     def _session_key(self, header: RequestHeader) -> crypto.SessionSecret:
         cache_key = (header.session_id, header.epoch, header.sealed_session)
         key = self._sessions.get(cache_key)
-        if key is not None:
+        if key is not None and self._keyring.holds(header.epoch):
             self._sessions.move_to_end(cache_key)
             return key
-        if header.epoch != self._keys.epoch:
-            raise DecryptionFailed()
         key = crypto.SessionSecret(crypto.open_session_key(
-            header.sealed_session, self._pool_private, pool=self.pool, epoch=header.epoch, session_id=header.session_id))
+            header.sealed_session, self._keyring.private_for(header.epoch), pool=self.pool, epoch=header.epoch,
+            session_id=header.session_id))
         self._sessions[cache_key] = key
         if len(self._sessions) > 10_000:
             self._sessions.popitem(last=False)
@@ -532,7 +743,20 @@ class Worker:
         except ProtocolError as exc:
             return await self._dead_letter(delivery, "malformed", f"malformed envelope ({exc})")
         try:
-            session_key = self._session_key(header)
+            try:
+                session_key = self._session_key(header)
+            except EpochAhead:
+                # We missed a rotation: fetch the current keys from a member, then try again.
+                await self._catch_up()
+                session_key = self._session_key(header)
+        except EpochAhead:
+            log.warning("job %s is sealed to epoch %d, newer than ours (%d); handing it back", header.job_id,
+                        header.epoch, self._keys.epoch)
+            await asyncio.sleep(0.5)
+            await delivery.nack()
+            return
+        except EpochRetired:
+            return await self._stale_epoch(delivery, header)
         except DecryptionFailed:
             return await self._dead_letter(
                 delivery, "session", f"job {header.job_id}: session sealed to epoch {header.epoch} does not open "
@@ -576,6 +800,13 @@ class Worker:
                 return "ok", bodies.ACK, bodies.encode_ack(header.model_id, 0, True)
             if header.kind == "model_list":
                 return "ok", bodies.MODELS, bodies.encode_models(self._models.list())
+            if header.kind == "pool_rotate":
+                grace = bodies.decode_rotate(plaintext)
+                if grace > self.config.max_rotation_grace_seconds:
+                    raise JobRejected(f"a grace period of {grace}s exceeds this pool's measured limit of "
+                                      f"{self.config.max_rotation_grace_seconds}s", bodies.ErrorCode.ROTATION_REFUSED)
+                epoch, retire_at_ms = await self.rotate(grace)
+                return "ok", bodies.ROTATED, bodies.encode_rotated(epoch, retire_at_ms)
             raise JobRejected(f"request type {header.kind!r} is not supported", bodies.ErrorCode.UNSUPPORTED)
         except JobRejected as exc:
             return self._error(exc.code, str(exc))
@@ -647,7 +878,8 @@ class Worker:
             self.metrics.requests.labels(kind, code).inc()
         else:
             self.metrics.requests.labels(kind, "ok").inc()
-        result = seal_result(session_key, header, status, ctype, body, rng=self._rng)
+        result = seal_result(session_key, header, status, ctype, body, rng=self._rng,
+                             current_epoch=self._keys.epoch)
         try:
             await self._broker.publish_reply(header.reply_to, Message(body=result, correlation_id=header.job_id))
         except Unroutable:

@@ -9,7 +9,8 @@ import click
 from attestation.cli import policy_cli as policy_group, sim_cli as sim_group
 from attestation.evidence_cli import evidence_group
 from enclave_worker.cli import worker_command
-from producer_sdk.cli import attest_command, model_group, run_command, submit_command
+from producer_sdk.cli import attest_command, model_group, pool_group, run_command, submit_command
+from producer_sdk.keys_cli import keys_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,6 +46,8 @@ cli.add_command(attest_command)
 cli.add_command(model_group)
 cli.add_command(run_command)
 cli.add_command(submit_command)
+cli.add_command(pool_group)
+cli.add_command(keys_group)
 
 
 def main() -> None:

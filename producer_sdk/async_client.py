@@ -23,6 +23,8 @@ from attestation.policy import load_policy
 from broker_adapters import Delivery, Message, open_broker
 from broker_adapters.errors import BrokerError, BrokerUnavailable, Unroutable
 from protocol import bodies, crypto
+from protocol.errors import ProtocolError
+from protocol.handshake import ControlError, control_kind
 
 from .core import Outcome, ProducerCore, Request
 from .errors import (AttestationFailed, BrokerUnreachable, ClientClosed, EnclaveqError, JobError, JobTimeout,
@@ -34,6 +36,12 @@ Progress = Callable[[int, int], None]
 
 # Requests every worker of the pool must see; each answers, the first answer is taken.
 BROADCAST_KINDS = frozenset({"model_chunk", "model_delete"})
+# How often one request is sealed again after workers said its epoch was rotated away.
+STALE_EPOCH_RETRIES = 3
+
+
+class _StaleEpoch:
+    """A worker's notice that a request's epoch key is erased: re-attest and seal it again."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,7 @@ class AsyncClient:
         self._pending: dict[str, asyncio.Future] = {}
         self._core: ProducerCore | None = None
         self._closed = False
+        self._refreshing: asyncio.Task | None = None
 
     async def __aenter__(self) -> "AsyncClient":
         await self.connect()
@@ -144,13 +153,36 @@ class AsyncClient:
             future = self._pending.get(cid)
             if future is not None and not future.done():
                 future.set_result(msg.body)
+        elif cid in self._pending and _is_stale_epoch_notice(msg.body):
+            # In clear and unauthenticated (the worker no longer has a key to seal with): all it
+            # can make us do is re-attest and seal the request again, at most a few times.
+            future = self._pending[cid]
+            if not future.done():
+                future.set_result(_StaleEpoch())
         else:
             outcome = self._core.open_result(msg.body) if self._core else None
             if outcome is not None:
                 future = self._pending.get(outcome.job_id)
                 if future is not None and not future.done():
                     future.set_result(outcome)
+            if self._core is not None and self._core.newer_epoch is not None:
+                self._start_refresh()  # the pool rotated: pick up its new key for the next jobs
         await delivery.ack()
+
+    def _start_refresh(self) -> asyncio.Task:
+        """One re-attestation at a time; requests sealed meanwhile use the old (still valid) session."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.create_task(self._refresh())
+        return self._refreshing
+
+    async def _refresh(self) -> None:
+        try:
+            await self.attest()
+            log.info("pool %r: re-attested, now sealing to epoch %d", self.pool, self._core.session.epoch)
+        except EnclaveqError as exc:
+            log.warning("re-attesting pool %r after a key rotation failed: %s", self.pool, exc)
+            if self._core is not None:
+                self._core.newer_epoch = None  # don't retry on every result; a stale notice retries
 
     async def close(self) -> None:
         if self._closed:
@@ -172,31 +204,44 @@ class AsyncClient:
                 await self._broker.close()
 
     # -- requests --------------------------------------------------------------------------
-    async def _request(self, request: Request, timeout: float) -> Outcome:
-        if self._closed or self._core is None:
-            raise ClientClosed("the client is closed or not connected")
-        future = self._expect(request.job_id)
-        message = Message(body=request.body, correlation_id=request.job_id, reply_to=self._core.reply_to,
-                          message_id=request.job_id)
-        try:
-            if request.kind in BROADCAST_KINDS:
-                # Every worker of the pool must hold every model: uploads and deletes go to all.
-                await self._broker.publish_control(self.pool, message)
-            else:
-                await self._broker.publish_job(self.pool, message)
-            return await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
-            raise JobTimeout(f"no result for job {request.job_id} within {timeout:g}s") from None
-        except BrokerError as exc:
-            raise BrokerUnreachable(f"could not publish job {request.job_id}: {exc}") from None
-        finally:
-            self._pending.pop(request.job_id, None)
+    async def _request(self, make: Callable[[], Request], timeout: float) -> Outcome:
+        """Send what ``make()`` seals and wait for its result. If workers answer that the epoch it
+        was sealed to is rotated away, re-attest and send a freshly sealed copy (new job id)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for _ in range(STALE_EPOCH_RETRIES + 1):
+            if self._closed or self._core is None:
+                raise ClientClosed("the client is closed or not connected")
+            request = make()
+            future = self._expect(request.job_id)
+            message = Message(body=request.body, correlation_id=request.job_id, reply_to=self._core.reply_to,
+                              message_id=request.job_id)
+            try:
+                if request.kind in BROADCAST_KINDS:
+                    # Every worker of the pool must hold every model: uploads and deletes go to all.
+                    await self._broker.publish_control(self.pool, message)
+                else:
+                    await self._broker.publish_job(self.pool, message)
+                outcome = await asyncio.wait_for(future, max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise JobTimeout(f"no result for job {request.job_id} within {timeout:g}s") from None
+            except BrokerError as exc:
+                raise BrokerUnreachable(f"could not publish job {request.job_id}: {exc}") from None
+            finally:
+                self._pending.pop(request.job_id, None)
+            if not isinstance(outcome, _StaleEpoch):
+                return outcome
+            if self._core.session.epoch <= request.epoch:
+                await self._start_refresh()
+        raise JobError(f"the pool kept refusing the epoch of request {request.job_id} after "
+                       f"{STALE_EPOCH_RETRIES} re-attestations", code="stale_epoch", job_id=request.job_id)
 
     async def run(self, model_id: str, inputs: Mapping[str, Any], *, outputs: Sequence[str] | None = None,
                   timeout: float | None = None) -> dict[str, np.ndarray]:
         """Run one job and return its outputs by name."""
         timeout = timeout or self.timeout
-        outcome = await self._request(self._core_or_raise().job(model_id, inputs, outputs=outputs, timeout=timeout), timeout)
+        core = self._core_or_raise()
+        outcome = await self._request(lambda: core.job(model_id, inputs, outputs=outputs, timeout=timeout), timeout)
         return outcome.tensors()
 
     async def submit(self, model_id: str, batch: Iterable[Mapping[str, Any]], *, outputs: Sequence[str] | None = None,
@@ -213,10 +258,15 @@ class AsyncClient:
 
         async def one(index: int, inputs: Mapping[str, Any]) -> None:
             job_id = ""
-            try:
+
+            def make() -> Request:
+                nonlocal job_id
                 request = core.job(model_id, inputs, outputs=outputs, timeout=timeout)
                 job_id = request.job_id
-                outcome = await self._request(request, timeout)
+                return request
+
+            try:
+                outcome = await self._request(make, timeout)
                 result = JobResult(index, job_id, outcome.tensors(), None)
             except EnclaveqError as exc:
                 result = JobResult(index, job_id, None, exc)
@@ -262,20 +312,18 @@ class AsyncClient:
         timeout = timeout or self.timeout
         model_id, chunks = self._core_or_raise().model_chunks(data, timeout=timeout)
         window = asyncio.Semaphore(4)  # chunks are large: keep a few in flight, not all
-        sent = 0
+        sent, total = 0, len(chunks)
 
-        async def one(request: Request) -> Outcome:
+        async def one(make: Callable[[], Request]) -> Outcome:
             nonlocal sent
             async with window:
-                outcome = await self._request(request, timeout)
+                outcome = await self._request(make, timeout)
             sent += 1
             if progress:
                 progress(sent, total)
             return outcome
 
-        requests = list(chunks)
-        total = len(requests)
-        outcomes = await asyncio.gather(*(one(r) for r in requests))
+        outcomes = await asyncio.gather(*(one(make) for make in chunks))
         for outcome in outcomes:
             if not outcome.ok:
                 raise outcome.error()
@@ -286,21 +334,45 @@ class AsyncClient:
 
     async def delete_model(self, model_id: str, *, timeout: float | None = None) -> None:
         timeout = timeout or self.timeout
-        outcome = await self._request(self._core_or_raise().model_delete(model_id, timeout=timeout), timeout)
+        core = self._core_or_raise()
+        outcome = await self._request(lambda: core.model_delete(model_id, timeout=timeout), timeout)
         if not outcome.ok:
             raise outcome.error()
 
     async def list_models(self, *, timeout: float | None = None) -> list[bodies.ModelInfo]:
         timeout = timeout or self.timeout
-        outcome = await self._request(self._core_or_raise().model_list(timeout=timeout), timeout)
+        core = self._core_or_raise()
+        outcome = await self._request(lambda: core.model_list(timeout=timeout), timeout)
         if not outcome.ok:
             raise outcome.error()
         return bodies.decode_models(outcome.body)
+
+    async def rotate_pool(self, *, grace_seconds: int = 300, timeout: float | None = None) -> tuple[int, int]:
+        """Ask the pool to rotate its key: returns (new epoch, when the old key is erased, ms since
+        the Unix epoch). Jobs sealed to the old epoch are served until then; this client's next
+        jobs use the new key."""
+        timeout = timeout or self.timeout
+        core = self._core_or_raise()
+        outcome = await self._request(lambda: core.pool_rotate(grace_seconds, timeout=timeout), timeout)
+        if not outcome.ok:
+            raise outcome.error()
+        epoch, retire_at_ms = bodies.decode_rotated(outcome.body)
+        await self._start_refresh()
+        return epoch, retire_at_ms
 
     def _core_or_raise(self) -> ProducerCore:
         if self._closed or self._core is None or self._core.session is None:
             raise ClientClosed("the client is closed or not connected")
         return self._core
+
+
+def _is_stale_epoch_notice(body: bytes) -> bool:
+    if len(body) > 4096:
+        return False  # results can be large; a notice never is
+    try:
+        return control_kind(body) == "control_error" and ControlError.from_bytes(body).code == "stale_epoch"
+    except ProtocolError:
+        return False
 
 
 def _redact(url: str) -> str:

@@ -1,4 +1,4 @@
-"""Producer commands: `enclaveq attest`, `model upload|list|delete`, `run`, `submit`.
+"""Producer commands: `enclaveq attest`, `model upload|list|delete`, `run`, `submit`, `pool rotate`.
 
 Every command attests the pool before it sends anything; every failure is one clear line on
 stderr and a non-zero exit (1: refused or failed, 2: usage). Progress goes to stderr so that
@@ -17,6 +17,7 @@ import click
 import numpy as np
 
 from attestation.errors import AttestationError
+from enclaveq.durations import DURATION
 
 from .async_client import _redact
 from .client import Client
@@ -114,6 +115,49 @@ def model_upload(file, broker_url, pool, policy, timeout):
         except EnclaveqError as exc:
             _fail(str(exc))
     click.echo(model_id)
+
+
+@click.group("pool")
+def pool_group():
+    """Operate on a worker pool as a whole (key rotation)."""
+
+
+@pool_group.command("rotate")
+@_connection_options
+@click.option("--grace", type=DURATION, default="5m", show_default=True,
+              help="How long jobs sealed to the current key are still served (e.g. 30s, 5m, 1h). The "
+                   "pool's measured configuration caps it (default cap: 1h).")
+def pool_rotate(broker_url, pool, policy, timeout, grace):
+    """Rotate the pool's key: every worker moves to a new epoch key (P6, forward secrecy by epoch).
+
+    \b
+    The command attests the pool against --policy first, then asks one worker
+    to draw a new epoch key; that worker hands it to every other member, sealed
+    to the current key and vouched for by its own evidence. Producers pick up
+    the new key from their next results without failing a job: jobs already
+    sealed to the old key are served during the grace period, and a job that
+    arrives after it is sent again under the new key. After the grace period
+    every worker erases the old private key from memory and from sealed state,
+    so traffic captured before the rotation can no longer be opened, even with
+    a worker's full sealed state.
+
+    \b
+    Prints the new epoch and when the old key is erased.
+
+    \b
+    Example:
+      enclaveq pool rotate --broker amqp://guest:guest@127.0.0.1:5672/ --pool demo \\
+          --policy policy.toml --grace 10m
+    """
+    with _client(broker_url, pool, policy, timeout) as client:
+        before = client.statement.epoch
+        try:
+            epoch, retire_at_ms = client.rotate_pool(grace_seconds=int(grace))
+        except EnclaveqError as exc:
+            _fail(str(exc))
+    erased = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(retire_at_ms / 1000))
+    click.echo(f"pool {pool!r} rotated from epoch {before} to epoch {epoch}; epoch {before}'s key is erased "
+               f"at {erased} (grace {int(grace)}s)")
 
 
 @model_group.command("list")

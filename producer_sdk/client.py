@@ -69,6 +69,9 @@ class Client:
     def list_models(self, **kwargs: Any):
         return self._call(self._async.list_models(**kwargs))
 
+    def rotate_pool(self, **kwargs: Any) -> tuple[int, int]:
+        return self._call(self._async.rotate_pool(**kwargs))
+
     def run(self, model_id: str, inputs: Mapping[str, Any], **kwargs: Any) -> dict[str, np.ndarray]:
         return self._call(self._async.run(model_id, inputs, **kwargs))
 

@@ -13,14 +13,14 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from attestation.errors import AttestationError, PolicyViolation
 from attestation.verify import verify_evidence
 from protocol import bodies, crypto
-from protocol.envelope import Chunk, ProducerSession, ResultHeader
+from protocol.envelope import Chunk, ProducerSession, ResultHeader, peek_result
 from protocol.errors import ProtocolError
 from protocol.handshake import Challenge, ControlError, EvidenceResponse, control_kind
 
@@ -29,6 +29,7 @@ from .errors import AttestationFailed, JobError, job_error
 log = logging.getLogger("enclaveq.producer")
 
 MODEL_CHUNK_BYTES = 4 * 1024 * 1024
+KEPT_SESSIONS = 8  # earlier sessions still open results of jobs sent before a re-attestation
 
 
 def to_numpy(value: Any) -> np.ndarray:
@@ -44,6 +45,7 @@ class Request:
     kind: str
     body: bytes
     deadline_ms: int
+    epoch: int  # the pool epoch its session is sealed to
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,9 @@ class ProducerCore:
         self._verify_options = dict(verify_options or {})
         self._nonces: dict[str, bytes] = {}
         self.session: ProducerSession | None = None
+        self._sessions: dict[bytes, ProducerSession] = {}
+        # Set when a result says the pool moved to a newer epoch than our session's (rotation).
+        self.newer_epoch: int | None = None
         self.claims = None
         self.statement = None
         self._done: dict[str, int] = {}
@@ -130,6 +135,11 @@ class ProducerCore:
         self.statement = st
         self.session = ProducerSession(pool=self.pool, epoch=st.epoch, pool_public_key=st.pool_public_key,
                                        rng=self._rng)
+        self._sessions[self.session.session_id] = self.session
+        while len(self._sessions) > KEPT_SESSIONS:
+            del self._sessions[next(iter(self._sessions))]
+        if self.newer_epoch is not None and self.newer_epoch <= st.epoch:
+            self.newer_epoch = None
         return claims
 
     # -- requests --------------------------------------------------------------------------
@@ -141,7 +151,8 @@ class ProducerCore:
         deadline_ms = int((self._clock() + timeout) * 1000)
         header = self.session.header(kind, job_id=job_id, deadline_ms=deadline_ms, reply_to=self.reply_to,
                                      content_type=content_type, model_id=model_id, chunk=chunk)
-        return Request(job_id=job_id, kind=kind, body=self.session.seal(header, body), deadline_ms=deadline_ms)
+        return Request(job_id=job_id, kind=kind, body=self.session.seal(header, body), deadline_ms=deadline_ms,
+                       epoch=self.session.epoch)
 
     def job(self, model_id: str, inputs: Mapping[str, Any], *, outputs: Sequence[str] | None = None,
             timeout: float) -> Request:
@@ -149,19 +160,21 @@ class ProducerCore:
         return self._seal("job", bodies.encode_job(arrays, outputs), timeout=timeout, content_type=bodies.TENSORS,
                           model_id=model_id)
 
-    def model_chunks(self, data: bytes, *, timeout: float, chunk_bytes: int = MODEL_CHUNK_BYTES) -> tuple[str, Iterator[Request]]:
+    def model_chunks(self, data: bytes, *, timeout: float,
+                     chunk_bytes: int = MODEL_CHUNK_BYTES) -> tuple[str, list[Callable[[], Request]]]:
+        """The model id and, per chunk, a function sealing it under the current session (called
+        again if the pool rotated away the epoch a first attempt was sealed to)."""
         model_id = hashlib.sha256(data).hexdigest()
         upload_id = uuid.UUID(bytes=self._rng(16)).hex
         count = max(1, -(-len(data) // chunk_bytes))
+        view = memoryview(data)
 
-        def chunks() -> Iterator[Request]:
-            view = memoryview(data)
-            for i in range(count):
-                part = bytes(view[i * chunk_bytes:(i + 1) * chunk_bytes])
-                yield self._seal("model_chunk", part, timeout=timeout, content_type=bodies.BYTES, model_id=model_id,
-                                 chunk=Chunk(upload_id=upload_id, index=i, count=count, total_size=len(data)))
+        def chunk(i: int) -> Request:
+            part = bytes(view[i * chunk_bytes:(i + 1) * chunk_bytes])
+            return self._seal("model_chunk", part, timeout=timeout, content_type=bodies.BYTES, model_id=model_id,
+                              chunk=Chunk(upload_id=upload_id, index=i, count=count, total_size=len(data)))
 
-        return model_id, chunks()
+        return model_id, [lambda i=i: chunk(i) for i in range(count)]
 
     def model_delete(self, model_id: str, *, timeout: float) -> Request:
         return self._seal("model_delete", b"\x80", timeout=timeout, content_type=bodies.EMPTY, model_id=model_id)
@@ -169,18 +182,26 @@ class ProducerCore:
     def model_list(self, *, timeout: float) -> Request:
         return self._seal("model_list", b"\x80", timeout=timeout, content_type=bodies.EMPTY)
 
+    def pool_rotate(self, grace_seconds: int, *, timeout: float) -> Request:
+        return self._seal("pool_rotate", bodies.encode_rotate(grace_seconds), timeout=timeout,
+                          content_type=bodies.ROTATE)
+
     # -- results ---------------------------------------------------------------------------
     def open_result(self, data: bytes) -> Outcome | None:
         """Open a result; None for anything that must be ignored (duplicate, foreign, tampered)."""
         if self.session is None:
             return None
         try:
-            header, body = self.session.open_result(data)
+            _, peeked = peek_result(data)
+            session = self._sessions.get(peeked.session_id, self.session)
+            header, body = session.open_result(data)
         except ProtocolError:
             # Garbage or a tampered result on our reply queue: never accepted, never fatal.
             self.unopenable += 1
             log.warning("a message on the reply queue does not open; ignored")
             return None
+        if header.current_epoch is not None and header.current_epoch > self.session.epoch:
+            self.newer_epoch = max(header.current_epoch, self.newer_epoch or 0)
         if header.job_id in self._done:
             self.duplicates += 1
             return None

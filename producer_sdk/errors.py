@@ -11,6 +11,7 @@
      │    ├── Oversized             a message or tensor is above a limit
      │    ├── JobExpired            the deadline passed before a worker ran the job
      │    ├── RequestTampered       the worker could not open the request: modified in transit
+     │    ├── RotationRefused       the pool would not rotate (grace above its limit, rotation running)
      │    └── WorkerFailure         inference failed, unsupported output, or an internal error
      ├── JobTimeout                 no result arrived before the timeout
      └── ClientClosed               the client was used after close()
@@ -75,6 +76,10 @@ class RequestTampered(JobError):
     code = ErrorCode.DOES_NOT_OPEN
 
 
+class RotationRefused(JobError):
+    code = ErrorCode.ROTATION_REFUSED
+
+
 class WorkerFailure(JobError):
     pass
 
@@ -94,6 +99,7 @@ _BY_CODE = {
     ErrorCode.OVERSIZED: Oversized,
     ErrorCode.EXPIRED: JobExpired,
     ErrorCode.DOES_NOT_OPEN: RequestTampered,
+    ErrorCode.ROTATION_REFUSED: RotationRefused,
 }
 
 

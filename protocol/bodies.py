@@ -5,6 +5,8 @@
     models/v1    msgpack {"models": [{"id", "size", "inputs", "outputs"}]}
     ack/v1       msgpack {"model_id": str | nil, "received": int, "complete": bool}
     empty/v1     msgpack {}
+    rotate/v1    msgpack {"grace_seconds": int}                -- pool_rotate requests
+    rotated/v1   msgpack {"epoch": int, "retire_at_ms": int}  -- their answer
     bytes/v1     raw bytes (model chunks)
 """
 
@@ -25,6 +27,8 @@ MODELS = "models/v1"
 ACK = "ack/v1"
 EMPTY = "empty/v1"
 BYTES = "bytes/v1"
+ROTATE = "rotate/v1"
+ROTATED = "rotated/v1"
 
 
 class ErrorCode:
@@ -39,6 +43,7 @@ class ErrorCode:
     INFERENCE_FAILED = "inference_failed"
     UNSUPPORTED = "unsupported"
     INTERNAL = "internal"
+    ROTATION_REFUSED = "rotation_refused"
 
 
 def encode_job(inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> bytes:
@@ -128,3 +133,28 @@ def decode_ack(body: bytes) -> dict[str, Any]:
     if not isinstance(m, dict):
         raise MalformedMessage("ack: expected a map")
     return m
+
+
+def encode_rotate(grace_seconds: int) -> bytes:
+    return pack({"grace_seconds": grace_seconds})
+
+
+def decode_rotate(body: bytes) -> int:
+    m = unpack(body, max_bytes=1024, what="rotate request")
+    if not isinstance(m, dict):
+        raise MalformedMessage("rotate request: expected a map")
+    grace = field(m, "grace_seconds", int, what="rotate request")
+    if grace < 0:
+        raise MalformedMessage("rotate request: negative grace period")
+    return grace
+
+
+def encode_rotated(epoch: int, retire_at_ms: int) -> bytes:
+    return pack({"epoch": epoch, "retire_at_ms": retire_at_ms})
+
+
+def decode_rotated(body: bytes) -> tuple[int, int]:
+    m = unpack(body, max_bytes=1024, what="rotate answer")
+    if not isinstance(m, dict):
+        raise MalformedMessage("rotate answer: expected a map")
+    return field(m, "epoch", int, what="rotate answer"), field(m, "retire_at_ms", int, what="rotate answer")

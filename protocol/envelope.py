@@ -21,7 +21,7 @@ from . import crypto
 from .codec import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION, bounded_str, field, fixed_bytes, pack, unpack, unpack_map
 from .errors import MalformedMessage
 
-REQUEST_KINDS = ("job", "model_chunk", "model_delete", "model_list")
+REQUEST_KINDS = ("job", "model_chunk", "model_delete", "model_list", "pool_rotate")
 RESULT_STATUSES = ("ok", "error")
 MAX_JOB_ID = 128
 MAX_REPLY_TO = 255
@@ -104,12 +104,18 @@ class ResultHeader:
     status: str
     content_type: str
     model_id: str | None = None
+    # The answering worker's current pool epoch. Authenticated like every header field, so only
+    # a pool member can set it; a producer whose session is older re-attests to pick up the new
+    # key (rotation) without failing a job.
+    current_epoch: int | None = None
 
     def to_bytes(self) -> bytes:
         m: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": "result", "sid": self.session_id,
                              "jid": self.job_id, "st": self.status, "ct": self.content_type}
         if self.model_id is not None:
             m["mid"] = self.model_id
+        if self.current_epoch is not None:
+            m["cep"] = self.current_epoch
         return pack(m)
 
     @classmethod
@@ -119,12 +125,16 @@ class ResultHeader:
         status = m.get("st")
         if status not in RESULT_STATUSES:
             raise MalformedMessage(f"{w}: unknown status")
+        current_epoch = m.get("cep")
+        if current_epoch is not None and (type(current_epoch) is not int or current_epoch < 0):
+            raise MalformedMessage(f"{w}: invalid current epoch")
         return cls(
             session_id=fixed_bytes(m, "sid", crypto.SESSION_ID_BYTES, what=w),
             job_id=bounded_str(m, "jid", what=w, max_len=MAX_JOB_ID),
             status=status,
             content_type=bounded_str(m, "ct", what=w, max_len=64),
             model_id=bounded_str(m, "mid", what=w, max_len=64, optional=True),
+            current_epoch=current_epoch,
         )
 
 
@@ -162,9 +172,9 @@ def open_request(sealed: Sealed, header: RequestHeader, session_key: "bytes | cr
 
 
 def seal_result(session_key: "bytes | crypto.SessionSecret", request: RequestHeader, status: str, content_type: str, body: bytes,
-                *, rng: crypto.Random = os.urandom) -> bytes:
+                *, rng: crypto.Random = os.urandom, current_epoch: int | None = None) -> bytes:
     header = ResultHeader(session_id=request.session_id, job_id=request.job_id, status=status,
-                          content_type=content_type, model_id=request.model_id)
+                          content_type=content_type, model_id=request.model_id, current_epoch=current_epoch)
     header_bytes = header.to_bytes()
     key = crypto.as_secret(session_key).key(crypto.KeyPurpose.RESULT, request.session_id, request.job_id)
     nonce, ct = crypto.seal(key, body, header_bytes, rng=rng)

@@ -1,14 +1,18 @@
-"""Errors raised while encoding, decoding, sealing or opening enclaveq wire messages.
+"""Errors raised while encoding, decoding, sealing, opening or signing enclaveq wire messages.
 
     ProtocolError
      ├── MalformedMessage        bytes that are not a well-formed message of the expected kind
      │    └── UnsupportedVersion a well-formed message of a version this code does not speak
      ├── OversizedMessage        a message, tensor or chunk above the configured limit
      ├── TensorError             a tensor that cannot be represented (dtype, shape, byte count)
-     └── DecryptionFailed        "this ciphertext does not open" -- deliberately opaque
+     ├── DecryptionFailed        "this ciphertext does not open" -- deliberately opaque
+     ├── SignatureInvalid        a well-formed signed message whose signature does not verify
+     └── KeyFileError            a key file (or key text) that is missing, unreadable or not the key expected
 
 ``DecryptionFailed`` never says *why* (wrong key, tampered header, tampered body, result moved
 to another job): telling the difference would help an attacker and never helps a user.
+``SignatureInvalid`` is just as terse, for the same reason. ``KeyFileError`` names the path,
+never the file's contents (it may be somebody's private key).
 No error message in this package ever contains payload bytes (P10).
 """
 
@@ -38,3 +42,13 @@ class DecryptionFailed(ProtocolError):
 
     def __init__(self, message: str = "ciphertext does not open") -> None:
         super().__init__(message)
+
+
+class SignatureInvalid(ProtocolError):
+    """A well-formed signed message whose signature does not verify against the key it names."""
+
+
+class KeyFileError(ProtocolError):
+    """A key file (or key text) is missing, unreadable, or not the kind of key expected.
+
+    Messages name the path and what was expected, never the file's contents."""

@@ -188,10 +188,10 @@ class JoinResponse:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "JoinResponse":
-        m = unpack_map(data, kind="join_response", max_bytes=MAX_EVIDENCE_BYTES + 8192)
+        m = unpack_map(data, kind="join_response", max_bytes=MAX_EVIDENCE_BYTES + 24 * 1024)
         evidence = field(m, "evidence", bytes, what="join_response")
         sealed = field(m, "sealed_keys", bytes, what="join_response")
-        if len(evidence) > MAX_EVIDENCE_BYTES or len(sealed) > 1024:
+        if len(evidence) > MAX_EVIDENCE_BYTES or len(sealed) > 16 * 1024:
             raise MalformedMessage("join_response: a field is larger than its limit")
         return cls(platform=bounded_str(m, "platform", what="join_response", max_len=32), evidence=evidence,
                    statement=Statement.from_map(m.get("statement")), sealed_keys=sealed,
@@ -255,3 +255,58 @@ class ModelSyncChunk:
             raise MalformedMessage(f"{w}: invalid position")
         return cls(epoch=epoch, model_id=bounded_str(m, "mid", what=w, max_len=64), index=index, count=count,
                    total_size=size, sealed=field(m, "c", bytes, what=w))
+
+
+ROTATION_LABEL = b"enclaveq/v1/rotation"
+
+
+def rotation_info(pool: str, epoch: int, previous_epoch: int, retire_at_ms: int) -> bytes:
+    """HPKE ``info`` of a new epoch key sealed to the previous epoch's pool key."""
+    return pack([ROTATION_LABEL, pool, epoch, previous_epoch, retire_at_ms])
+
+
+def rotation_nonce(pool: str, epoch: int, previous_epoch: int, retire_at_ms: int, sealed: bytes) -> bytes:
+    """The statement nonce of an epoch announcement: binds the rotator's evidence to exactly this
+    sealed key and retirement time, so neither can be swapped under a valid piece of evidence."""
+    return hashlib.sha256(pack([ROTATION_LABEL, pool, epoch, previous_epoch, retire_at_ms, sealed])).digest()
+
+
+@dataclass(frozen=True)
+class EpochAnnounce:
+    """A member rotated the pool key: epoch ``statement.epoch`` replaces ``previous_epoch``.
+
+    The new private key is HPKE-sealed to the *previous* epoch's pool key, which only admitted
+    members hold; the rotator's evidence (checked against the receiver's join policy) vouches for
+    the statement, whose pool public key is the new one and whose nonce binds the sealed key and
+    ``retire_at_ms`` -- the time (ms since the epoch, rotator's clock) after which every member
+    erases the previous key."""
+
+    platform: str
+    evidence: bytes
+    statement: Statement
+    previous_epoch: int
+    retire_at_ms: int
+    sealed_key: bytes
+    worker_id: str
+
+    def to_bytes(self) -> bytes:
+        return pack({"v": PROTOCOL_VERSION, "t": "epoch_announce", "platform": self.platform,
+                     "evidence": self.evidence, "statement": self.statement.to_map(),
+                     "prev": self.previous_epoch, "retire": self.retire_at_ms, "sealed": self.sealed_key,
+                     "worker": self.worker_id})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "EpochAnnounce":
+        w = "epoch_announce"
+        m = unpack_map(data, kind=w, max_bytes=MAX_EVIDENCE_BYTES + 8192)
+        evidence = field(m, "evidence", bytes, what=w)
+        sealed = field(m, "sealed", bytes, what=w)
+        if len(evidence) > MAX_EVIDENCE_BYTES or len(sealed) > 1024:
+            raise MalformedMessage(f"{w}: a field is larger than its limit")
+        previous, retire = field(m, "prev", int, what=w), field(m, "retire", int, what=w)
+        statement = Statement.from_map(m.get("statement"))
+        if previous < 1 or retire < 0 or statement.epoch != previous + 1:
+            raise MalformedMessage(f"{w}: the new epoch must follow the previous one")
+        return cls(platform=bounded_str(m, "platform", what=w, max_len=32), evidence=evidence,
+                   statement=statement, previous_epoch=previous, retire_at_ms=retire, sealed_key=sealed,
+                   worker_id=bounded_str(m, "worker", what=w, max_len=128))

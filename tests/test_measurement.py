@@ -162,5 +162,6 @@ def test_the_default_worker_config_is_the_documented_one():
         "max_model_bytes": 512 * MiB,
         "intra_op_threads": 1,
         "max_jobs_in_flight": 8,
+        "max_rotation_grace_seconds": 3600,
         "version": "1",
     }

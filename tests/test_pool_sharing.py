@@ -12,7 +12,7 @@ import pytest
 from broker_adapters import open_broker
 from producer_sdk import AsyncClient
 
-from .processes import WorkerProcess
+from .processes import WorkerProcess, enclaveq
 from .support import SimTEE, mlp_model
 from .test_crash_recovery import batch_of, dead_letters
 
@@ -75,3 +75,45 @@ async def test_a_worker_of_another_measurement_is_refused_and_consumes_nothing(r
     finally:
         member.terminate()
         member.close()
+
+
+async def test_a_rotation_in_the_middle_of_a_batch_loses_nothing(rabbitmq_url, pool, tmp_path):
+    """Three worker processes, 2,000 jobs, `enclaveq pool rotate --grace 1s` at 500 results: jobs
+    sealed to the old epoch are served or (after the grace period) sent again under the new key;
+    every result arrives exactly once and equals direct onnxruntime."""
+    tee = SimTEE(tmp_path)
+    policy_file = tmp_path / "policy.toml"
+    await asyncio.to_thread(enclaveq, "policy", "init", "--sim-dir", str(tee.dir), "--out", str(policy_file))
+    model = mlp_model()
+    batch = batch_of(2000)
+    workers = [await asyncio.to_thread(start, rabbitmq_url, pool, tee, tmp_path, f"w{i}") for i in range(3)]
+    seen: dict[int, dict] = {}
+    rotation = None
+    try:
+        async with AsyncClient(rabbitmq_url, pool, tee.policy(), timeout=180) as client:
+            model_id = await client.upload_model(model)
+            async for result in client.submit(model_id, batch, max_in_flight=200):
+                assert result.ok, result.error
+                assert result.index not in seen, f"job {result.index} delivered twice to the producer"
+                seen[result.index] = result.outputs
+                if len(seen) == 500:
+                    rotation = asyncio.create_task(asyncio.to_thread(
+                        enclaveq, "pool", "rotate", "--broker", rabbitmq_url, "--pool", pool,
+                        "--policy", str(policy_file), "--grace", "1s"))
+            assert client.statement.epoch == 2
+        rotated = await rotation
+    finally:
+        for w in workers:
+            if w.proc.poll() is None:
+                w.terminate()
+            w.close()
+    assert "rotated from epoch 1 to epoch 2" in rotated.stdout
+    assert sorted(seen) == list(range(2000))
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    for index, outputs in seen.items():
+        logits, label = session.run(None, batch[index])
+        assert np.array_equal(outputs["logits"], logits) and np.array_equal(outputs["label"], label)
+    logs = [w.log() for w in workers]
+    assert sum("rotated pool" in log for log in logs) == 1
+    assert all("erased the pool key of epoch(s) [1]" in log for log in logs)
+    assert await dead_letters(rabbitmq_url, pool) == 0

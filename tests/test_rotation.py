@@ -1,0 +1,184 @@
+"""Pool key rotation (P6): new epochs reach every member, old jobs are served during the grace
+period, producers follow without failing a job, and an erased epoch opens nothing -- not even
+with a worker's full sealed state."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from broker_adapters import Message, open_broker
+from enclave_worker.config import WorkerConfig
+from enclave_worker.keyring import Keyring
+from enclave_worker.sealed_state import SealedState
+from producer_sdk import AsyncClient
+from producer_sdk.errors import RotationRefused
+from protocol import crypto
+from protocol.envelope import peek_request
+from protocol.errors import DecryptionFailed, MalformedMessage
+from protocol.handshake import EpochAnnounce
+
+from .support import SimTEE, mlp_model, running_worker
+from .test_crash_recovery import batch_of
+from .test_end_to_end import broker_url, direct, pool, tee  # noqa: F401  (fixtures)
+
+
+def job_inputs(seed: int = 0) -> dict[str, np.ndarray]:
+    return batch_of(seed + 1)[seed]
+
+
+async def wait_for(predicate, timeout: float = 10.0) -> None:
+    give_up = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < give_up, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+def sealed_state_of(tee: SimTEE, worker) -> SealedState:
+    """Everything an attacker who also stole the worker's platform sealing key could read."""
+    identity = worker.identity
+    return SealedState(worker._state.dir.parent, worker.pool, identity.sealing_key, identity.seal, identity.unseal)
+
+
+def keys_in(state: SealedState) -> list:
+    keys = state.load_pool_keys()
+    return [crypto.load_private_key(keys.pool_private_key)] + [crypto.load_private_key(k.private_key)
+                                                               for k in keys.previous]
+
+
+def opens_with_any(sealed_job: bytes, pool: str, private_keys: list) -> bool:
+    _, header = peek_request(sealed_job)
+    for key in private_keys:
+        try:
+            crypto.open_session_key(header.sealed_session, key, pool=pool, epoch=header.epoch,
+                                    session_id=header.session_id)
+            return True
+        except DecryptionFailed:
+            continue
+    return False
+
+
+async def test_a_rotation_reaches_every_member_and_the_producer_follows(tee, broker_url, pool, tmp_path):
+    model = mlp_model()
+    async with running_worker(tee, broker_url, pool) as a, \
+            running_worker(tee, broker_url, pool, state_dir=tmp_path / "b") as b:
+        async with AsyncClient(broker_url, pool, tee.policy()) as client:
+            model_id = await client.upload_model(model)
+            assert client.statement.epoch == 1
+            epoch, retire_at_ms = await client.rotate_pool(grace_seconds=30)
+            assert epoch == 2 and retire_at_ms > time.time() * 1000 + 20_000
+            await wait_for(lambda: a._keys.epoch == b._keys.epoch == 2)
+            assert a.pool_public_key == b.pool_public_key
+            assert client.statement.epoch == 2  # rotate_pool re-attests at once
+            for i in range(8):  # both members serve the new epoch
+                out = await client.run(model_id, job_inputs(i))
+                assert np.array_equal(out["logits"], direct(model, job_inputs(i))["logits"])
+            assert {k.epoch for k in a._keys.previous} == {k.epoch for k in b._keys.previous} == {1}
+
+
+async def test_jobs_sealed_before_a_rotation_are_served_during_the_grace_period(tee, broker_url, pool):
+    model = mlp_model()
+    async with running_worker(tee, broker_url, pool):
+        async with AsyncClient(broker_url, pool, tee.policy()) as old, \
+                AsyncClient(broker_url, pool, tee.policy()) as operator:
+            model_id = await old.upload_model(model)
+            await operator.rotate_pool(grace_seconds=60)
+            assert old.statement.epoch == 1  # has not heard of the rotation yet
+            out = await old.run(model_id, job_inputs())
+            assert np.array_equal(out["label"], direct(model, job_inputs())["label"])
+            await wait_for(lambda: old.statement.epoch == 2)  # the result told it the pool moved on
+
+
+async def test_after_the_grace_period_a_stale_producer_re_attests_and_its_job_still_runs(tee, broker_url, pool):
+    model = mlp_model()
+    async with running_worker(tee, broker_url, pool) as worker:
+        async with AsyncClient(broker_url, pool, tee.policy()) as stale, \
+                AsyncClient(broker_url, pool, tee.policy()) as operator:
+            model_id = await stale.upload_model(model)
+            await operator.rotate_pool(grace_seconds=0)
+            await wait_for(lambda: worker._keys.previous == ())
+            out = await stale.run(model_id, job_inputs(3))
+            assert np.array_equal(out["logits"], direct(model, job_inputs(3))["logits"])
+            assert stale.statement.epoch == 2
+
+
+async def test_a_job_captured_before_rotation_cannot_be_opened_after_the_grace_period_even_with_sealed_state(
+        tee, pool, tmp_path):
+    broker_url = f"memory://{pool}"
+    async with running_worker(tee, broker_url, pool) as worker:
+        async with AsyncClient(broker_url, pool, tee.policy()) as client:
+            model_id = await client.upload_model(mlp_model())
+            # The network attacker records the sealed job exactly as it crosses the broker.
+            job = client._core.job(model_id, job_inputs(), timeout=60)
+            state = sealed_state_of(tee, worker)
+            assert opens_with_any(job.body, pool, keys_in(state))  # before rotation: it opens (the test can fail)
+
+            await client.rotate_pool(grace_seconds=1)
+            assert opens_with_any(job.body, pool, keys_in(state))  # during the grace period: still served
+            await wait_for(lambda: worker._keys.previous == (), timeout=5)
+
+            # After it: no key in the sealed state opens the captured session, nor does the worker.
+            assert state.load_pool_keys().previous == ()
+            assert not opens_with_any(job.body, pool, keys_in(state))
+            assert all(epoch != 1 for _, epoch, _ in worker._sessions)
+            # Replaying it to the pool: the worker cannot open it either (it answers, in clear, only
+            # "epoch retired" to the producer's reply queue; nothing is run).
+            stale = worker.metrics.requests.labels("job", "stale_epoch")
+            async with open_broker(broker_url) as attacker:
+                await attacker.publish_job(pool, Message(body=job.body))
+            await wait_for(lambda: stale._value.get() == 1)
+
+
+async def test_a_member_that_was_down_during_a_rotation_catches_up_when_it_restarts(tee, broker_url, pool, tmp_path):
+    async with running_worker(tee, broker_url, pool) as a:
+        b = tee.worker(broker_url, pool, state_dir=tmp_path / "b")
+        await b.start()
+        await b.stop()
+        async with AsyncClient(broker_url, pool, tee.policy()) as client:
+            await client.rotate_pool(grace_seconds=30)
+        async with running_worker(tee, broker_url, pool, state_dir=tmp_path / "b") as b_again:
+            assert b_again._keys.epoch == 2 and b_again.pool_public_key == a.pool_public_key
+
+
+async def test_members_rotate_on_their_own_with_rotate_every(tee, broker_url, pool, tmp_path):
+    async with running_worker(tee, broker_url, pool, rotate_every=1.0, rotation_grace=5) as a, \
+            running_worker(tee, broker_url, pool, state_dir=tmp_path / "b", rotate_every=1.0, rotation_grace=5) as b:
+        await wait_for(lambda: a._keys.epoch >= 3, timeout=15)
+        await wait_for(lambda: a._keys.epoch == b._keys.epoch and a.pool_public_key == b.pool_public_key)
+
+
+async def test_a_grace_period_above_the_measured_cap_is_refused_with_an_encrypted_error(tee, pool):
+    broker_url = f"memory://{pool}"
+    async with running_worker(tee, broker_url, pool, config=WorkerConfig(max_rotation_grace_seconds=10)) as worker:
+        policy = tee.policy(measurements=(worker.identity.measurement.hex(),))
+        async with AsyncClient(broker_url, pool, policy) as client:
+            with pytest.raises(RotationRefused, match="exceeds"):
+                await client.rotate_pool(grace_seconds=11)
+            assert worker._keys.epoch == 1
+
+
+async def test_an_announcement_whose_sealed_key_was_swapped_is_refused(tee, pool, tmp_path):
+    broker_url = f"memory://{pool}"
+    async with running_worker(tee, broker_url, pool) as a, \
+            running_worker(tee, broker_url, pool, state_dir=tmp_path / "b") as b:
+        # Build a genuine announcement from a, then swap in a key sealed by someone else.
+        announces: list[bytes] = []
+        async with open_broker(broker_url) as spy:
+            async def keep(delivery):
+                announces.append(delivery.message.body)
+                await delivery.ack()
+            await spy.consume_control(pool, keep)
+            await a.rotate(30)
+            await wait_for(lambda: any(b'epoch_announce' in m for m in announces))
+        genuine = EpochAnnounce.from_bytes(next(m for m in announces if b"epoch_announce" in m))
+        other = Keyring(b._keys, sealed_state_of(tee, b), lambda: int(time.time() * 1000))
+        forged_sealed, _ = other.seal_next(crypto.private_bytes(crypto.generate_private_key()), pool,
+                                           genuine.retire_at_ms)
+        forged = EpochAnnounce(**{**genuine.__dict__, "sealed_key": forged_sealed,
+                                  "statement": genuine.statement})
+        keyring = Keyring(b._keys, sealed_state_of(tee, b), lambda: int(time.time() * 1000))
+        with pytest.raises(MalformedMessage, match="does not vouch"):
+            keyring.open_announce(forged, pool)
