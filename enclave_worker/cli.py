@@ -29,8 +29,10 @@ TEE_CHOICES = ("auto", "sim", "sgx", "tdx", "snp", "nitro")
                    "Required with --tee sim; refused with any other TEE.")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None,
               help="Where sealed pool keys and models live. Default: SIM_DIR/state with --tee sim; on a "
-                   "real TEE a fresh private temporary directory, removed at exit (its sealing key is "
-                   "ephemeral for now, so nothing sealed there survives a restart anyway).")
+                   "real TEE a fresh private temporary directory, removed at exit. On SGX (EGETKEY) and SEV-SNP "
+                   "(firmware-derived key) pass a persistent directory to keep pool keys and models across "
+                   "restarts; TDX and Nitro have no sealing key, so their workers get both from a live pool "
+                   "member at every start.")
 @click.option("--tee", type=click.Choice(TEE_CHOICES), default=None,
               help="Which TEE provides the evidence (each choice is explained above). "
                    "Default: sim when --sim-dir is given, otherwise auto.")
@@ -70,9 +72,19 @@ def worker_command(broker_url, pool, sim_dir, state_dir, tee, metrics_port, rota
       nitro  AWS Nitro Enclave (/dev/nsm): recognised, not supported in this build
 
     \b
-    On a real TEE the sealing key is ephemeral for now (a warning says so at
-    start): pool keys and uploaded models do not survive a restart, so
-    producers attest and upload their models again.
+    Sealing: SGX under Gramine seals with EGETKEY (MRENCLAVE), SEV-SNP with a
+    key the AMD secure processor derives for this launch image
+    (/dev/sev-guest); with a persistent --state-dir pool keys and models
+    survive a restart. TDX and Nitro have no sealing key: a restarted worker
+    gets them again from a live member of its pool; if every worker of the
+    pool stops, the pool is founded anew and producers attest and upload
+    their models again.
+
+    \b
+    Pools: workers on one host or many share a pool when they run exactly the
+    same image on genuine hardware (each admits only its own measurement; see
+    docs/multi-host.md). Exit 3 also means this worker was not admitted.
+    Keys rotate with `enclaveq pool rotate` or --rotate-every.
 
     \b
     Examples:
@@ -121,14 +133,15 @@ def worker_command(broker_url, pool, sim_dir, state_dir, tee, metrics_port, rota
 
 
 def refuse_unopenable_state(state_dir: Path, pool: str) -> None:
-    """On a real TEE the sealing key is ephemeral (issue 4): state sealed by an earlier run can
-    never be opened, so say so plainly instead of failing later with "does not unseal"."""
+    """On TDX and Nitro (and SGX/SNP without their sealing key) the sealing key is ephemeral:
+    state sealed by an earlier run can never be opened, so say so plainly instead of failing
+    later with "does not unseal"."""
     stale = Path(state_dir) / pool / "pool.sealed"
     if stale.exists():
         raise WorkerStartupError(
-            f"{stale} was sealed by an earlier worker; on a real TEE the sealing key is ephemeral for "
-            "now (issue 4), so it cannot be opened again. Remove it (the pool will be founded anew) or "
-            "omit --state-dir to use a fresh temporary directory.")
+            f"{stale} was sealed by an earlier worker; this TEE gives no sealing key that survives a "
+            "restart (TDX and Nitro have none), so it cannot be opened again. Remove it (the worker then "
+            "gets the pool key from a live member, or founds the pool anew) or omit --state-dir.")
 
 
 async def _serve(broker_url, pool, tee, sim_dir, state_dir, metrics_port, rotation, explicit_state_dir=False) -> None:

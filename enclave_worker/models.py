@@ -69,7 +69,10 @@ class ModelStore:
         self.max_model_bytes = max_model_bytes
         self._intra = intra_op_threads
         self._models: dict[str, LoadedModel] = {}
-        self._uploads: dict[tuple[bytes, str], _Upload] = {}
+        # By upload id alone, not by session: after a key rotation the producer seals the rest of
+        # an upload under its new session. A stranger reusing an upload id can only spoil the
+        # upload (the assembled bytes must hash to the model id), never substitute a model.
+        self._uploads: dict[str, _Upload] = {}
         self._lock = threading.Lock()
 
     # -- loading ---------------------------------------------------------------------------
@@ -111,7 +114,7 @@ class ModelStore:
             return [m.info for m in self._models.values()]
 
     # -- chunked upload --------------------------------------------------------------------
-    def add_chunk(self, session_id: bytes, upload_id: str, model_id: str, index: int, count: int,
+    def add_chunk(self, upload_id: str, model_id: str, index: int, count: int,
                   total_size: int, data: bytes) -> tuple[int, bytes | None]:
         """Store one chunk; return (chunks received, whole model bytes once complete)."""
         if total_size > self.max_model_bytes:
@@ -119,7 +122,7 @@ class ModelStore:
                               ErrorCode.OVERSIZED)
         if len(data) > MAX_CHUNK_BYTES:
             raise JobRejected(f"chunk of {len(data)} bytes exceeds {MAX_CHUNK_BYTES}", ErrorCode.OVERSIZED)
-        key = (session_id, upload_id)
+        key = upload_id
         with self._lock:
             upload = self._uploads.get(key)
             if upload is None:

@@ -15,6 +15,8 @@ Rotation (P6): a previous epoch's key stays here only until its retirement time;
 rewrites this file without it (write-then-rename, so the old file's bytes are unlinked, not
 kept beside the new one).
     STATE_DIR/<pool>/models/<model id>.sealed
+    STATE_DIR/<pool>/models/<model id>.manifest   the owner-signed manifest (sealed like the rest)
+    STATE_DIR/<pool>/delete-orders.sealed         msgpack [owner-signed delete orders]
 """
 
 from __future__ import annotations
@@ -120,6 +122,31 @@ class SealedState:
 
     def delete_model(self, model_id: str) -> None:
         (self.dir / "models" / f"{model_id}.sealed").unlink(missing_ok=True)
+        (self.dir / "models" / f"{model_id}.manifest").unlink(missing_ok=True)
+
+    # -- ownership records ------------------------------------------------------------------
+    def save_manifest(self, model_id: str, signed: bytes) -> None:
+        self._write(self.dir / "models" / f"{model_id}.manifest",
+                    self._seal(self._key, signed, self._aad("manifest", model_id)))
+
+    def read_manifest(self, model_id: str) -> bytes | None:
+        path = self.dir / "models" / f"{model_id}.manifest"
+        if not path.exists():
+            return None
+        return self._read(path, self._aad("manifest", model_id), f"manifest of model {model_id}")
+
+    def save_delete_orders(self, orders: list[bytes]) -> None:
+        self._write(self.dir / "delete-orders.sealed",
+                    self._seal(self._key, pack(list(orders)), self._aad("delete-orders")))
+
+    def load_delete_orders(self) -> list[bytes]:
+        path = self.dir / "delete-orders.sealed"
+        if not path.exists():
+            return []
+        orders = unpack(self._read(path, self._aad("delete-orders"), "delete orders"), what="delete orders")
+        if not isinstance(orders, list) or not all(isinstance(o, bytes) for o in orders):
+            raise SealedStateError(f"sealed delete orders at {path} have an unexpected layout")
+        return orders
 
     def read_model(self, model_id: str) -> bytes:
         path = self.dir / "models" / f"{model_id}.sealed"

@@ -30,7 +30,8 @@ from broker_adapters import BrokerAdapter, Delivery, Message, PoolSettings, open
 from broker_adapters.errors import BrokerError, PoolBusy, Unroutable
 from protocol import bodies, crypto
 from protocol.envelope import RequestHeader, peek_request, open_request, seal_result
-from protocol.errors import DecryptionFailed, OversizedMessage, ProtocolError, TensorError
+from protocol.errors import DecryptionFailed, OversizedMessage, ProtocolError, SignatureInvalid, TensorError
+from protocol.ownership import DeleteOrder, ProducerProof
 from protocol.codec import pack, unpack
 from protocol.errors import MalformedMessage
 from protocol.handshake import (MODEL_SYNC_CHUNK_BYTES, Challenge, ControlError, EpochAnnounce, EvidenceResponse,
@@ -42,6 +43,7 @@ from .config import DEFAULT_WORKER_CONFIG, WorkerConfig
 from .errors import JobRejected, SealedStateError, WorkerStartupError
 from .keyring import EpochAhead, EpochRetired, Keyring
 from .metrics import WorkerMetrics
+from .ownership import ModelRegistry
 from .models import ModelStore, run_model
 from .sealed_state import PoolKeys, RetiringKey, SealedState
 
@@ -115,6 +117,13 @@ class _SeenJobs:
 MAX_SEALED_KEYS = 16 * 1024  # a join hands over the current key plus the few still retiring
 
 
+def _order_model_id(signed: bytes) -> str | None:
+    try:
+        return DeleteOrder.verify(signed).model_id
+    except (MalformedMessage, SignatureInvalid):
+        return None
+
+
 class Worker:
     def __init__(self, *, broker_url: str, pool: str, identity: WorkerIdentity, state_dir: Path,
                  config: WorkerConfig = DEFAULT_WORKER_CONFIG, clock: Clock = time.time,
@@ -132,6 +141,8 @@ class Worker:
         self._rng = rng
         self._prefetch = prefetch or max(2 * config.max_jobs_in_flight, 16)
         self._state = SealedState(state_dir, pool, identity.sealing_key, identity.seal, identity.unseal)
+        self._registry: ModelRegistry | None = None
+        self._producer_keys: OrderedDict[tuple[bytes, bytes], bytes] = OrderedDict()
         self._models = ModelStore(max_model_bytes=config.max_model_bytes, intra_op_threads=config.intra_op_threads)
         self._limits = TensorLimits(max_tensor_bytes=config.max_tensor_bytes, max_total_bytes=config.max_message_bytes)
         self._sessions: OrderedDict[tuple[bytes, int, bytes], crypto.SessionSecret] = OrderedDict()
@@ -195,6 +206,7 @@ class Worker:
 
     def _load_sealed_keys(self) -> PoolKeys | None:
         try:
+            self._registry = ModelRegistry(self._state)
             return self._state.load_pool_keys()
         except SealedStateError as exc:
             raise WorkerStartupError(str(exc)) from None
@@ -223,6 +235,9 @@ class Worker:
         self._keyring = Keyring(keys, self._state, self._now_ms, on_erase=self._forget_sessions)
         self.identity_public_key = crypto.public_bytes(crypto.load_private_key(keys.identity_private_key))
         for model_id, data in self._state.iter_models():
+            if not self._registry.load_sealed(model_id):
+                log.warning("sealed model %s has no valid owner manifest; not loaded", model_id)
+                continue
             try:
                 self._models.load(model_id, data)
             except JobRejected as exc:
@@ -515,6 +530,8 @@ class Worker:
         checked before a model is loaded."""
         parts: dict[str, dict[int, bytes]] = {}
         shapes: dict[str, tuple[int, int]] = {}
+        manifests: dict[str, bytes] = {}
+        delete_orders: list[bytes] = []
         loop = asyncio.get_running_loop()
         async with self._inbox("sync") as (address, answers):
             have = tuple(m.model_id for m in self._models.list())
@@ -534,6 +551,7 @@ class Worker:
                     continue
                 deadline = loop.time() + MODEL_WAIT_SECONDS  # a member is sending: keep listening
                 if chunk.count == 0:
+                    delete_orders.extend(chunk.delete_orders)
                     break  # that member's end marker: everything it sent has arrived (one queue, in order)
                 if chunk.epoch != self._keys.epoch:
                     continue
@@ -545,18 +563,31 @@ class Worker:
                     continue
                 parts.setdefault(chunk.model_id, {})[chunk.index] = data
                 shapes[chunk.model_id] = (chunk.count, chunk.total_size)
+                manifests[chunk.model_id] = chunk.manifest
         for model_id, chunks in parts.items():
             count, size = shapes[model_id]
             if len(chunks) != count or self._models.has(model_id):
                 continue
             whole = b"".join(chunks[i] for i in range(count))
             try:
+                # The owner's signature is checked here too: a member cannot make us hold a model
+                # its owner did not sign, nor swap the allow-list.
+                manifest = self._registry.check_upload(model_id, manifests.get(model_id, b""))
                 await asyncio.to_thread(self._models.load, model_id, whole)  # checks SHA-256 == model id
             except JobRejected as exc:
                 log.warning("synced model %s refused: %s", model_id, exc)
                 continue
+            self._registry.record(manifest, manifests[model_id])
             await asyncio.to_thread(self._state.save_model, model_id, whole)
             log.info("model %s synced from a pool member (%d bytes)", model_id, len(whole))
+        for signed in delete_orders:  # deletes this worker missed while it was down
+            model_id = _order_model_id(signed)
+            if model_id and self._models.has(model_id):
+                try:
+                    await self._delete_model(model_id, signed)
+                    log.info("model %s was deleted by its owner while this worker was away: deleted", model_id)
+                except JobRejected:
+                    pass
 
     async def _send_models(self, request: ModelSyncRequest, reply_to: str) -> None:
         have = set(request.have)
@@ -569,6 +600,7 @@ class Worker:
             except SealedStateError as exc:
                 log.warning("cannot send model %s: %s", info.model_id, exc)
                 continue
+            manifest = self._registry.signed_manifest(info.model_id)
             step = MODEL_SYNC_CHUNK_BYTES
             count = max(1, -(-len(data) // step))
             for index in range(count):
@@ -577,9 +609,10 @@ class Worker:
                     self.pool, epoch, info.model_id, index, count, len(data)))
                 await self._broker.publish_reply(reply_to, Message(body=ModelSyncChunk(
                     epoch=epoch, model_id=info.model_id, index=index, count=count, total_size=len(data),
-                    sealed=sealed).to_bytes()))
+                    sealed=sealed, manifest=manifest).to_bytes()))
         await self._broker.publish_reply(reply_to, Message(body=ModelSyncChunk(
-            epoch=epoch, model_id="", index=0, count=0, total_size=0, sealed=b"").to_bytes()))
+            epoch=epoch, model_id="", index=0, count=0, total_size=0, sealed=b"",
+            delete_orders=self._registry.delete_orders()[:512]).to_bytes()))
 
     async def _answer_join(self, request: JoinRequest) -> bytes:
         """Mutual attestation, member's side: admit the joiner only if its evidence satisfies the
@@ -793,10 +826,7 @@ class Worker:
             if header.kind == "model_chunk":
                 return await self._model_chunk(header, plaintext)
             if header.kind == "model_delete":
-                existed = self._models.delete(header.model_id)
-                await asyncio.to_thread(self._state.delete_model, header.model_id)
-                if not existed:
-                    raise JobRejected(f"model {header.model_id} is not loaded on this pool", bodies.ErrorCode.UNKNOWN_MODEL)
+                await self._delete_model(header.model_id, plaintext)
                 return "ok", bodies.ACK, bodies.encode_ack(header.model_id, 0, True)
             if header.kind == "model_list":
                 return "ok", bodies.MODELS, bodies.encode_models(self._models.list())
@@ -818,7 +848,34 @@ class Worker:
             log.exception("internal error on job %s (%s)", header.job_id, type(exc).__name__)
             return self._error(bodies.ErrorCode.INTERNAL, f"internal worker error ({type(exc).__name__})")
 
+    async def _delete_model(self, model_id: str, signed_order: bytes) -> None:
+        order = self._registry.check_delete(model_id, signed_order)
+        self._models.delete(model_id)
+        await asyncio.to_thread(self._state.delete_model, model_id)
+        self._registry.forget(order, signed_order)
+
+    def _producer_key(self, header: RequestHeader) -> bytes | None:
+        """The producer key this session proved (verified once per session and proof)."""
+        if header.producer_proof is None:
+            return None
+        cache_key = (header.session_id, header.producer_proof)
+        key = self._producer_keys.get(cache_key)
+        if key is None:
+            try:
+                proof = ProducerProof.from_bytes(header.producer_proof)
+                proof.verify(pool=self.pool, epoch=header.epoch, session_id=header.session_id,
+                             sealed_session=header.sealed_session)
+            except (SignatureInvalid, MalformedMessage):
+                raise JobRejected("the producer key proof of this session does not verify",
+                                  bodies.ErrorCode.BAD_SIGNATURE) from None
+            key = self._producer_keys[cache_key] = proof.producer_key
+            if len(self._producer_keys) > 10_000:
+                self._producer_keys.popitem(last=False)
+        return key
+
     async def _run_job(self, header: RequestHeader, plaintext: bytes) -> tuple[str, str, bytes]:
+        if self._registry.needs_producer_key(header.model_id):
+            self._registry.require_allowed(header.model_id, self._producer_key(header))
         inputs, outputs = bodies.decode_job(plaintext, self._limits)
         ready = self._model_ready.get(header.model_id)
         if ready is not None and not self._models.has(header.model_id):
@@ -856,14 +913,23 @@ class Worker:
 
     async def _model_chunk(self, header: RequestHeader, plaintext: bytes) -> tuple[str, str, bytes]:
         c = header.chunk
+        if header.content_type != bodies.MODEL_CHUNK:
+            raise JobRejected("model uploads must carry the owner's signed manifest (model-chunk/v1)",
+                              bodies.ErrorCode.BAD_SIGNATURE)
+        signed, data = bodies.decode_model_chunk(plaintext, max_bytes=self.config.max_message_bytes)
+        manifest = self._registry.check_upload(header.model_id, signed)
+        if manifest.size != c.total_size:
+            raise JobRejected("the upload's size differs from the size its owner signed", bodies.ErrorCode.MODEL_INVALID)
         if self._models.has(header.model_id):
+            if manifest != self._registry.manifest(header.model_id):
+                self._registry.record(manifest, signed)  # the owner's newer manifest (e.g. a new allow-list)
             return "ok", bodies.ACK, bodies.encode_ack(header.model_id, c.count, True)
         ready = self._model_ready.setdefault(header.model_id, asyncio.Event())
-        received, whole = self._models.add_chunk(header.session_id, c.upload_id, header.model_id, c.index,
-                                                 c.count, c.total_size, plaintext)
+        received, whole = self._models.add_chunk(c.upload_id, header.model_id, c.index, c.count, c.total_size, data)
         if whole is None:
             return "ok", bodies.ACK, bodies.encode_ack(None, received, False)
         await asyncio.to_thread(self._models.load, header.model_id, whole)
+        self._registry.record(manifest, signed)
         await asyncio.to_thread(self._state.save_model, header.model_id, whole)
         ready.set()
         self._model_ready.pop(header.model_id, None)

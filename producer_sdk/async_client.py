@@ -25,6 +25,8 @@ from broker_adapters.errors import BrokerError, BrokerUnavailable, Unroutable
 from protocol import bodies, crypto
 from protocol.errors import ProtocolError
 from protocol.handshake import ControlError, control_kind
+from protocol.ownership import generate_signing_key, load_signing_key, parse_public_key
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .core import Outcome, ProducerCore, Request
 from .errors import (AttestationFailed, BrokerUnreachable, ClientClosed, EnclaveqError, JobError, JobTimeout,
@@ -68,7 +70,8 @@ class AsyncClient:
     def __init__(self, broker_url: str, pool: str, policy: Any, *, name: str | None = None,
                  timeout: float = 120.0, attest_timeout: float = 10.0, max_in_flight: int = 256,
                  clock: Callable[[], float] = time.time, rng: crypto.Random = os.urandom,
-                 trust: Any = None, collateral: Mapping[str, Any] | None = None) -> None:
+                 trust: Any = None, collateral: Mapping[str, Any] | None = None,
+                 producer_key: Any = None, owner_key: Any = None) -> None:
         self.broker_url = broker_url
         self.pool = pool
         self.policy = load_policy(policy) if isinstance(policy, (str, Path)) else policy
@@ -82,6 +85,10 @@ class AsyncClient:
         # Hardware evidence: pinned roots (default: the vendors'; tests pass fakes) and collateral
         # such as Intel TCB Info (`attestation.intel.collateral.load_collateral`).
         self._verify_options = {k: v for k, v in (("trust", trust), ("collateral", collateral)) if v is not None}
+        # Ed25519 keys (objects or key files from `enclaveq keys generate`). The producer key proves
+        # who runs jobs (models with an allow-list need it); the owner key signs uploads and deletes.
+        self.producer_key = _signing_key(producer_key)
+        self._owner_key = _signing_key(owner_key)
         self._broker = None
         self._sub = None
         self._pending: dict[str, asyncio.Future] = {}
@@ -111,7 +118,8 @@ class AsyncClient:
             await self._broker.connect()
             reply_to = await self._broker.declare_reply_queue(self.name)
             self._core = ProducerCore(pool=self.pool, policy=self.policy, reply_to=reply_to, clock=self._clock,
-                                      rng=self._rng, verify_options=self._verify_options)
+                                      rng=self._rng, verify_options=self._verify_options,
+                                      producer_key=self.producer_key)
             self._sub = await self._broker.consume_replies(self.name, self._on_reply)
         except BrokerUnavailable as exc:
             raise BrokerUnreachable(f"cannot reach the broker at {_redact(self.broker_url)}: {exc}") from None
@@ -230,6 +238,10 @@ class AsyncClient:
             finally:
                 self._pending.pop(request.job_id, None)
             if not isinstance(outcome, _StaleEpoch):
+                if request.model_id is not None and outcome.header.model_id != request.model_id:
+                    # Authenticated by the session key, so only a pool member could get this wrong.
+                    raise JobError(f"the result of job {request.job_id} names model {outcome.header.model_id}, "
+                                   f"not the pinned {request.model_id}", code="model_mismatch", job_id=request.job_id)
                 return outcome
             if self._core.session.epoch <= request.epoch:
                 await self._start_refresh()
@@ -305,12 +317,21 @@ class AsyncClient:
             for task in list(tasks):
                 task.cancel()
 
-    async def upload_model(self, model: bytes | str | Path, *, timeout: float | None = None,
+    async def upload_model(self, model: bytes | str | Path, *, owner_key: Any = None,
+                           allowed_producers: Iterable[Any] | None = None, timeout: float | None = None,
                            progress: Progress | None = None) -> str:
-        """Upload an ONNX model (path or bytes) in sealed chunks; returns its id (SHA-256 hex)."""
+        """Upload an ONNX model (path or bytes) in sealed chunks; returns its id (SHA-256 hex).
+
+        Every chunk carries a manifest signed by ``owner_key`` (default: the client's owner key,
+        else its producer key, else a key made for this client alone -- then only this client can
+        ever delete or replace the model). ``allowed_producers`` (public keys: 32 bytes, hex or
+        key files) restricts who may run it; None lets every producer the pool serves run it."""
         data = Path(model).read_bytes() if isinstance(model, (str, Path)) else bytes(model)
         timeout = timeout or self.timeout
-        model_id, chunks = self._core_or_raise().model_chunks(data, timeout=timeout)
+        allowed = None if allowed_producers is None else [
+            k if isinstance(k, bytes) else parse_public_key(k) for k in allowed_producers]
+        model_id, chunks = self._core_or_raise().model_chunks(
+            data, owner_key=self._owner(owner_key), allowed_producers=allowed, timeout=timeout)
         window = asyncio.Semaphore(4)  # chunks are large: keep a few in flight, not all
         sent, total = 0, len(chunks)
 
@@ -332,10 +353,19 @@ class AsyncClient:
             raise ModelRejected("the worker did not confirm the complete model", job_id=None)
         return model_id
 
-    async def delete_model(self, model_id: str, *, timeout: float | None = None) -> None:
+    def _owner(self, owner_key: Any) -> Any:
+        key = _signing_key(owner_key) or self._owner_key or self.producer_key
+        if key is None:
+            key = self._owner_key = generate_signing_key()
+            log.info("no owner key given: models uploaded by this client are owned by a key made for it alone")
+        return key
+
+    async def delete_model(self, model_id: str, *, owner_key: Any = None, timeout: float | None = None) -> None:
+        """Delete a model from every worker of the pool; the order is signed by its owner's key."""
         timeout = timeout or self.timeout
         core = self._core_or_raise()
-        outcome = await self._request(lambda: core.model_delete(model_id, timeout=timeout), timeout)
+        key = self._owner(owner_key)
+        outcome = await self._request(lambda: core.model_delete(model_id, owner_key=key, timeout=timeout), timeout)
         if not outcome.ok:
             raise outcome.error()
 
@@ -364,6 +394,15 @@ class AsyncClient:
         if self._closed or self._core is None or self._core.session is None:
             raise ClientClosed("the client is closed or not connected")
         return self._core
+
+
+def _signing_key(key: Any) -> Any:
+    """An Ed25519 private key object, or one loaded from a key file path."""
+    if key is None or isinstance(key, Ed25519PrivateKey):
+        return key
+    if isinstance(key, (str, Path)):
+        return load_signing_key(key)
+    raise TypeError("keys must be Ed25519 private keys or paths to key files from `enclaveq keys generate`")
 
 
 def _is_stale_epoch_notice(body: bytes) -> bool:

@@ -19,6 +19,9 @@ import numpy as np
 from attestation.errors import AttestationError
 from enclaveq.durations import DURATION
 
+from protocol.errors import ProtocolError
+from protocol.ownership import load_signing_key, parse_public_key
+
 from .async_client import _redact
 from .client import Client
 from .errors import AttestationFailed, EnclaveqError
@@ -31,18 +34,28 @@ def _connection_options(fn):
     @click.option("--policy", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
                   help="Attestation policy (TOML) the pool's evidence must satisfy.")
     @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait for each result.")
+    @click.option("--producer-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                  help="This producer's key file (`enclaveq keys generate`): proves who sends the jobs, which "
+                       "models restricted to some producers require.")
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args, producer_key=None, **kwargs):
+        click.get_current_context().meta["enclaveq.producer_key"] = producer_key
         return fn(*args, **kwargs)
     return wrapper
 
 
+def _key_option(name: str, help: str):
+    return click.option(name, "owner_key", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                        help=help)
+
+
 def _client(broker_url: str, pool: str, policy: Path, timeout: float) -> Client:
     try:
-        return Client(broker_url, pool, policy, timeout=timeout)
+        return Client(broker_url, pool, policy, timeout=timeout,
+                      producer_key=click.get_current_context().meta.get("enclaveq.producer_key"))
     except AttestationFailed as exc:
         _fail(f"attestation refused for pool {pool!r} at {_redact(broker_url)}:\n{exc}")
-    except (EnclaveqError, AttestationError) as exc:
+    except (EnclaveqError, AttestationError, ProtocolError) as exc:
         _fail(str(exc))
 
 
@@ -103,15 +116,40 @@ def model_group():
 @model_group.command("upload")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_connection_options
-def model_upload(file, broker_url, pool, policy, timeout):
-    """Upload FILE.onnx in sealed chunks; print the model id (SHA-256) alone on the last line."""
+@_key_option("--owner-key", "The model owner's key file (`enclaveq keys generate`): signs the upload. Only this "
+                            "key can later delete the model or replace its manifest.")
+@click.option("--allow-producer", "allowed", multiple=True, metavar="KEY",
+              help="Let only this producer public key (64 hex characters, or a key file) run the model. Repeat "
+                   "for several producers; without it every producer the pool serves may run it.")
+def model_upload(file, broker_url, pool, policy, timeout, owner_key, allowed):
+    """Upload FILE.onnx in sealed chunks; print the model id (SHA-256) alone on the last line.
+
+    \b
+    Every chunk is sealed to the attested pool and carries a manifest signed by
+    --owner-key (model id, size, owner, allowed producers). Workers refuse an
+    upload whose signature does not verify, and a replacement or delete by any
+    other key. Uploading the same model again with the same owner key replaces
+    its allow-list. A progress bar shows the chunks confirmed by the pool.
+
+    \b
+    Example:
+      enclaveq keys generate --out owner.key
+      enclaveq model upload model.onnx --broker amqp://guest:guest@127.0.0.1:5672/ \\
+          --pool demo --policy policy.toml --owner-key owner.key
+    """
+    try:
+        allowed_keys = [parse_public_key(k) for k in allowed] or None
+        key = load_signing_key(owner_key)
+    except ProtocolError as exc:
+        _fail(str(exc), 2)
     with _client(broker_url, pool, policy, timeout) as client, _progress() as bar:
-        task = bar.add_task(f"uploading {file.name}", total=None)
+        size = file.stat().st_size
+        task = bar.add_task(f"uploading {file.name} ({size / 1e6:.1f} MB)", total=None)
 
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
         try:
-            model_id = client.upload_model(file, progress=progress)
+            model_id = client.upload_model(file, owner_key=key, allowed_producers=allowed_keys, progress=progress)
         except EnclaveqError as exc:
             _fail(str(exc))
     click.echo(model_id)
@@ -183,11 +221,20 @@ def model_list(broker_url, pool, policy, timeout, as_json):
 @model_group.command("delete")
 @click.argument("model_id")
 @_connection_options
-def model_delete(model_id, broker_url, pool, policy, timeout):
-    """Delete MODEL_ID from the pool's workers and their sealed storage."""
+@_key_option("--owner-key", "The key file that signed the model's upload: only its owner can delete it.")
+def model_delete(model_id, broker_url, pool, policy, timeout, owner_key):
+    """Delete MODEL_ID from every worker of the pool and from their sealed storage.
+
+    The delete order is signed by --owner-key; workers refuse it from any other key. Workers
+    that are down at the time delete the model when they come back (members hand them the
+    signed order)."""
+    try:
+        key = load_signing_key(owner_key)
+    except ProtocolError as exc:
+        _fail(str(exc), 2)
     with _client(broker_url, pool, policy, timeout) as client:
         try:
-            client.delete_model(model_id)
+            client.delete_model(model_id, owner_key=key)
         except EnclaveqError as exc:
             _fail(str(exc))
     click.echo(f"deleted {model_id}")

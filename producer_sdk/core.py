@@ -23,6 +23,7 @@ from protocol import bodies, crypto
 from protocol.envelope import Chunk, ProducerSession, ResultHeader, peek_result
 from protocol.errors import ProtocolError
 from protocol.handshake import Challenge, ControlError, EvidenceResponse, control_kind
+from protocol.ownership import DeleteOrder, ModelManifest, ProducerProof, public_key_bytes
 
 from .errors import AttestationFailed, JobError, job_error
 
@@ -46,6 +47,7 @@ class Request:
     body: bytes
     deadline_ms: int
     epoch: int  # the pool epoch its session is sealed to
+    model_id: str | None = None  # the model the result must name (pinning)
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,10 @@ class Outcome:
 class ProducerCore:
     def __init__(self, *, pool: str, policy: Any, reply_to: str, clock: Callable[[], float] = time.time,
                  rng: crypto.Random = os.urandom, verifier: Callable[..., Any] = verify_evidence,
-                 verify_options: Mapping[str, Any] | None = None) -> None:
+                 verify_options: Mapping[str, Any] | None = None, producer_key: Any = None) -> None:
         self.pool = pool
+        # Ed25519 key proving who this producer is, for models whose owner keeps an allow-list.
+        self.producer_key = producer_key
         self.policy = policy
         self.reply_to = reply_to
         self._clock = clock
@@ -135,6 +139,10 @@ class ProducerCore:
         self.statement = st
         self.session = ProducerSession(pool=self.pool, epoch=st.epoch, pool_public_key=st.pool_public_key,
                                        rng=self._rng)
+        if self.producer_key is not None:
+            self.session.producer_proof = ProducerProof.create(
+                self.producer_key, pool=self.pool, epoch=st.epoch, session_id=self.session.session_id,
+                sealed_session=self.session.sealed_session).to_bytes()
         self._sessions[self.session.session_id] = self.session
         while len(self._sessions) > KEPT_SESSIONS:
             del self._sessions[next(iter(self._sessions))]
@@ -152,7 +160,7 @@ class ProducerCore:
         header = self.session.header(kind, job_id=job_id, deadline_ms=deadline_ms, reply_to=self.reply_to,
                                      content_type=content_type, model_id=model_id, chunk=chunk)
         return Request(job_id=job_id, kind=kind, body=self.session.seal(header, body), deadline_ms=deadline_ms,
-                       epoch=self.session.epoch)
+                       epoch=self.session.epoch, model_id=model_id)
 
     def job(self, model_id: str, inputs: Mapping[str, Any], *, outputs: Sequence[str] | None = None,
             timeout: float) -> Request:
@@ -160,24 +168,31 @@ class ProducerCore:
         return self._seal("job", bodies.encode_job(arrays, outputs), timeout=timeout, content_type=bodies.TENSORS,
                           model_id=model_id)
 
-    def model_chunks(self, data: bytes, *, timeout: float,
-                     chunk_bytes: int = MODEL_CHUNK_BYTES) -> tuple[str, list[Callable[[], Request]]]:
+    def model_chunks(self, data: bytes, *, owner_key: Any, allowed_producers: Sequence[bytes] | None = None,
+                     timeout: float, chunk_bytes: int = MODEL_CHUNK_BYTES) -> tuple[str, list[Callable[[], Request]]]:
         """The model id and, per chunk, a function sealing it under the current session (called
-        again if the pool rotated away the epoch a first attempt was sealed to)."""
+        again if the pool rotated away the epoch a first attempt was sealed to). Every chunk
+        carries the manifest signed with ``owner_key``."""
         model_id = hashlib.sha256(data).hexdigest()
+        manifest = ModelManifest(model_id=model_id, size=len(data), owner_key=public_key_bytes(owner_key),
+                                 allowed_producers=allowed_producers, issued_at_ms=int(self._clock() * 1000)
+                                 ).sign(owner_key)
         upload_id = uuid.UUID(bytes=self._rng(16)).hex
         count = max(1, -(-len(data) // chunk_bytes))
         view = memoryview(data)
 
         def chunk(i: int) -> Request:
             part = bytes(view[i * chunk_bytes:(i + 1) * chunk_bytes])
-            return self._seal("model_chunk", part, timeout=timeout, content_type=bodies.BYTES, model_id=model_id,
+            return self._seal("model_chunk", bodies.encode_model_chunk(manifest, part), timeout=timeout,
+                              content_type=bodies.MODEL_CHUNK, model_id=model_id,
                               chunk=Chunk(upload_id=upload_id, index=i, count=count, total_size=len(data)))
 
         return model_id, [lambda i=i: chunk(i) for i in range(count)]
 
-    def model_delete(self, model_id: str, *, timeout: float) -> Request:
-        return self._seal("model_delete", b"\x80", timeout=timeout, content_type=bodies.EMPTY, model_id=model_id)
+    def model_delete(self, model_id: str, *, owner_key: Any, timeout: float) -> Request:
+        order = DeleteOrder(model_id=model_id, owner_key=public_key_bytes(owner_key),
+                            issued_at_ms=int(self._clock() * 1000)).sign(owner_key)
+        return self._seal("model_delete", order, timeout=timeout, content_type=bodies.DELETE_ORDER, model_id=model_id)
 
     def model_list(self, *, timeout: float) -> Request:
         return self._seal("model_list", b"\x80", timeout=timeout, content_type=bodies.EMPTY)

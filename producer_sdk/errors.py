@@ -6,12 +6,15 @@
      │    └── NoWorkerAnswered      nobody answered the challenge in time
      ├── JobError                   a worker refused a request; ``code`` is the protocol error code
      │    ├── UnknownModel          the model id is not loaded on the pool
-     │    ├── ModelRejected         an uploaded model is invalid (hash, not ONNX, too large)
+     │    ├── ModelRejected         an uploaded model is invalid (hash, not ONNX, too large,
+     │    │                         bad owner signature, an older manifest or delete order)
      │    ├── BadInput              inputs do not fit the model (names, dtypes, shapes)
      │    ├── Oversized             a message or tensor is above a limit
      │    ├── JobExpired            the deadline passed before a worker ran the job
      │    ├── RequestTampered       the worker could not open the request: modified in transit
      │    ├── RotationRefused       the pool would not rotate (grace above its limit, rotation running)
+     │    ├── NotOwner              only the model's owner may replace or delete it
+     │    ├── NotAllowed            the model's owner did not allow this producer's key
      │    └── WorkerFailure         inference failed, unsupported output, or an internal error
      ├── JobTimeout                 no result arrived before the timeout
      └── ClientClosed               the client was used after close()
@@ -80,6 +83,14 @@ class RotationRefused(JobError):
     code = ErrorCode.ROTATION_REFUSED
 
 
+class NotOwner(JobError):
+    code = ErrorCode.NOT_OWNER
+
+
+class NotAllowed(JobError):
+    code = ErrorCode.NOT_ALLOWED
+
+
 class WorkerFailure(JobError):
     pass
 
@@ -100,6 +111,10 @@ _BY_CODE = {
     ErrorCode.EXPIRED: JobExpired,
     ErrorCode.DOES_NOT_OPEN: RequestTampered,
     ErrorCode.ROTATION_REFUSED: RotationRefused,
+    ErrorCode.NOT_OWNER: NotOwner,
+    ErrorCode.NOT_ALLOWED: NotAllowed,
+    ErrorCode.BAD_SIGNATURE: ModelRejected,
+    ErrorCode.STALE_ORDER: ModelRejected,
 }
 
 

@@ -7,7 +7,9 @@
     empty/v1     msgpack {}
     rotate/v1    msgpack {"grace_seconds": int}                -- pool_rotate requests
     rotated/v1   msgpack {"epoch": int, "retire_at_ms": int}  -- their answer
-    bytes/v1     raw bytes (model chunks)
+    bytes/v1     raw bytes
+    model-chunk/v1  msgpack {"manifest": bin (owner-signed ModelManifest), "data": bin}
+    delete-order/v1 an owner-signed DeleteOrder (protocol.ownership)
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ MODELS = "models/v1"
 ACK = "ack/v1"
 EMPTY = "empty/v1"
 BYTES = "bytes/v1"
+MODEL_CHUNK = "model-chunk/v1"
+DELETE_ORDER = "delete-order/v1"
 ROTATE = "rotate/v1"
 ROTATED = "rotated/v1"
 
@@ -44,6 +48,10 @@ class ErrorCode:
     UNSUPPORTED = "unsupported"
     INTERNAL = "internal"
     ROTATION_REFUSED = "rotation_refused"
+    BAD_SIGNATURE = "bad_signature"      # an upload or delete whose owner signature does not verify
+    NOT_OWNER = "not_owner"              # replace or delete by a key that does not own the model
+    NOT_ALLOWED = "not_allowed"          # the model's owner did not allow this producer's key
+    STALE_ORDER = "stale_order"          # a manifest or delete order older than the one in force
 
 
 def encode_job(inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> bytes:
@@ -158,3 +166,14 @@ def decode_rotated(body: bytes) -> tuple[int, int]:
     if not isinstance(m, dict):
         raise MalformedMessage("rotate answer: expected a map")
     return field(m, "epoch", int, what="rotate answer"), field(m, "retire_at_ms", int, what="rotate answer")
+
+
+def encode_model_chunk(signed_manifest: bytes, data: bytes) -> bytes:
+    return pack({"manifest": signed_manifest, "data": data})
+
+
+def decode_model_chunk(body: bytes, *, max_bytes: int) -> tuple[bytes, bytes]:
+    m = unpack(body, max_bytes=max_bytes, what="model chunk")
+    if not isinstance(m, dict):
+        raise MalformedMessage("model chunk: expected a map")
+    return field(m, "manifest", bytes, what="model chunk"), field(m, "data", bytes, what="model chunk")

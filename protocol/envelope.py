@@ -47,6 +47,9 @@ class RequestHeader:
     content_type: str
     model_id: str | None = None
     chunk: Chunk | None = None
+    # The producer's Ed25519 key and its signature over this session (protocol.ownership.
+    # ProducerProof), when the producer has a key: models with an allow-list require it.
+    producer_proof: bytes | None = None
 
     def to_bytes(self) -> bytes:
         m: dict[str, Any] = {
@@ -59,6 +62,8 @@ class RequestHeader:
         if self.chunk is not None:
             c = self.chunk
             m["ch"] = [c.upload_id, c.index, c.count, c.total_size]
+        if self.producer_proof is not None:
+            m["pp"] = self.producer_proof
         return pack(m)
 
     @classmethod
@@ -81,6 +86,9 @@ class RequestHeader:
                 raise MalformedMessage(f"{w}: invalid chunk position")
             chunk = Chunk(*ch)
         model_id = bounded_str(m, "mid", what=w, max_len=64, optional=True)
+        proof = field(m, "pp", bytes, what=w, optional=True)
+        if proof is not None and len(proof) > 256:
+            raise MalformedMessage(f"{w}: producer proof too large")
         if kind in ("job", "model_chunk", "model_delete") and model_id is None:
             raise MalformedMessage(f"{w}: {kind} needs a model id")
         return cls(
@@ -94,6 +102,7 @@ class RequestHeader:
             content_type=bounded_str(m, "ct", what=w, max_len=64),
             model_id=model_id,
             chunk=chunk,
+            producer_proof=proof,
         )
 
 
@@ -196,6 +205,7 @@ class ProducerSession:
     def __init__(self, *, pool: str, epoch: int, pool_public_key: bytes, rng: crypto.Random = os.urandom,
                  session_key: bytes | None = None, session_id: bytes | None = None,
                  sealed_session: bytes | None = None) -> None:
+        self.producer_proof: bytes | None = None  # set by a producer that has a key
         self.pool = pool
         self.epoch = epoch
         self._rng = rng
@@ -212,7 +222,8 @@ class ProducerSession:
                model_id: str | None = None, chunk: Chunk | None = None) -> RequestHeader:
         return RequestHeader(kind=kind, session_id=self.session_id, epoch=self.epoch,
                              sealed_session=self.sealed_session, job_id=job_id, deadline_ms=deadline_ms,
-                             reply_to=reply_to, content_type=content_type, model_id=model_id, chunk=chunk)
+                             reply_to=reply_to, content_type=content_type, model_id=model_id, chunk=chunk,
+                             producer_proof=self.producer_proof)
 
     def seal(self, header: RequestHeader, body: bytes) -> bytes:
         if header.session_id != self.session_id:

@@ -232,7 +232,12 @@ class ModelSyncRequest:
 
 @dataclass(frozen=True)
 class ModelSyncChunk:
-    """One HPKE-sealed chunk of a model; ``count == 0`` is a member's "nothing to send" marker."""
+    """One HPKE-sealed chunk of a model; ``count == 0`` is a member's "nothing more" marker.
+
+    ``manifest`` is the model owner's signed manifest (every chunk of a model carries it; the
+    receiver verifies the owner's signature itself). The end marker carries ``delete_orders``:
+    the owner-signed deletes the member knows, so a worker that was down when a model was
+    deleted deletes it too."""
 
     epoch: int
     model_id: str
@@ -240,21 +245,29 @@ class ModelSyncChunk:
     count: int
     total_size: int
     sealed: bytes
+    manifest: bytes = b""
+    delete_orders: tuple[bytes, ...] = ()
 
     def to_bytes(self) -> bytes:
         return pack({"v": PROTOCOL_VERSION, "t": "model_sync_chunk", "ep": self.epoch, "mid": self.model_id,
-                     "i": self.index, "n": self.count, "size": self.total_size, "c": self.sealed})
+                     "i": self.index, "n": self.count, "size": self.total_size, "c": self.sealed,
+                     "mf": self.manifest, "del": list(self.delete_orders)})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "ModelSyncChunk":
         w = "model_sync_chunk"
-        m = unpack_map(data, kind=w, max_bytes=MODEL_SYNC_CHUNK_BYTES + 64 * 1024)
+        m = unpack_map(data, kind=w, max_bytes=MODEL_SYNC_CHUNK_BYTES + 1024 * 1024)
         index, count = field(m, "i", int, what=w), field(m, "n", int, what=w)
         size, epoch = field(m, "size", int, what=w), field(m, "ep", int, what=w)
         if min(index, count, size, epoch) < 0 or (count and index >= count):
             raise MalformedMessage(f"{w}: invalid position")
+        orders = m.get("del", [])
+        if not isinstance(orders, list) or not all(isinstance(o, bytes) and len(o) <= 1024 for o in orders):
+            raise MalformedMessage(f"{w}: delete orders must be a list of signed orders")
+        manifest = field(m, "mf", bytes, what=w, optional=True) or b""
         return cls(epoch=epoch, model_id=bounded_str(m, "mid", what=w, max_len=64), index=index, count=count,
-                   total_size=size, sealed=field(m, "c", bytes, what=w))
+                   total_size=size, sealed=field(m, "c", bytes, what=w), manifest=manifest,
+                   delete_orders=tuple(orders))
 
 
 ROTATION_LABEL = b"enclaveq/v1/rotation"

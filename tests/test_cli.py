@@ -89,7 +89,12 @@ def test_attest_exits_non_zero_naming_each_violation(deployment, tmp_path):
 def test_upload_list_run_submit_and_delete_from_the_command_line(deployment, tmp_path):
     model = mlp_model(seed=4)
     (tmp_path / "m.onnx").write_bytes(model)
-    upload = enclaveq("model", "upload", str(tmp_path / "m.onnx"), *conn(deployment))
+    owner, stranger = tmp_path / "owner.key", tmp_path / "stranger.key"
+    enclaveq("keys", "generate", "--out", str(owner))
+    enclaveq("keys", "generate", "--out", str(stranger))
+    unsigned = enclaveq("model", "upload", str(tmp_path / "m.onnx"), *conn(deployment), check=False)
+    assert unsigned.returncode == 2 and "--owner-key" in unsigned.stderr
+    upload = enclaveq("model", "upload", str(tmp_path / "m.onnx"), *conn(deployment), "--owner-key", str(owner))
     model_id = upload.stdout.strip().splitlines()[-1]
     assert len(model_id) == 64
 
@@ -121,7 +126,9 @@ def test_upload_list_run_submit_and_delete_from_the_command_line(deployment, tmp
     with np.load(tmp_path / "results" / "job-007.npz") as out:
         assert np.array_equal(out["logits"], session.run(None, {"x": np.full((2, 4), 7, np.float32), "bias": bias})[0])
 
-    enclaveq("model", "delete", model_id, *conn(deployment))
+    refused = enclaveq("model", "delete", model_id, *conn(deployment), "--owner-key", str(stranger), check=False)
+    assert refused.returncode == 1 and "not_owner" in refused.stderr
+    enclaveq("model", "delete", model_id, *conn(deployment), "--owner-key", str(owner))
     assert model_id not in enclaveq("model", "list", *conn(deployment)).stdout
     missing = enclaveq("run", *conn(deployment), "--model", model_id, "--input", f"x={tmp_path / 'x.npy'}",
                        "--input", f"bias={tmp_path / 'bias.npy'}", "--output", str(tmp_path / "o.npz"), check=False)
@@ -141,3 +148,20 @@ def test_the_demo_runs_the_whole_flow_and_reports_what_it_verified():
     assert "every result equals direct onnxruntime" in out
     assert "none contains the model, a document or a result in clear" in out
     assert "demo complete" in out
+
+
+def test_a_model_restricted_to_one_producer_key_runs_only_for_that_producer(deployment, tmp_path):
+    (tmp_path / "m.onnx").write_bytes(mlp_model(seed=5))
+    for name in ("owner", "alice", "bob"):
+        enclaveq("keys", "generate", "--out", str(tmp_path / f"{name}.key"))
+    alice_public = enclaveq("keys", "show", str(tmp_path / "alice.key")).stdout.split()[0]
+    model_id = enclaveq("model", "upload", str(tmp_path / "m.onnx"), *conn(deployment), "--owner-key",
+                        str(tmp_path / "owner.key"), "--allow-producer", alice_public).stdout.strip().splitlines()[-1]
+    np.save(tmp_path / "x.npy", np.ones((1, 4), np.float32))
+    np.save(tmp_path / "bias.npy", np.zeros(3, np.float32))
+    run = ["run", *conn(deployment), "--model", model_id, "--input", f"x={tmp_path / 'x.npy'}",
+           "--input", f"bias={tmp_path / 'bias.npy'}", "--output", str(tmp_path / "o.npz")]
+    assert enclaveq(*run, "--producer-key", str(tmp_path / "alice.key")).returncode == 0
+    for extra in (["--producer-key", str(tmp_path / "bob.key")], []):
+        refused = enclaveq(*run, *extra, check=False)
+        assert refused.returncode == 1 and "not_allowed" in refused.stderr

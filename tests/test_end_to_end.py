@@ -163,7 +163,7 @@ async def test_a_replayed_job_yields_no_second_result(tee, broker_url, pool):
             await client._sub.cancel()
             client._sub = await client._broker.consume_replies(client.name, counting)
 
-            outcome = await client._request(request, 30)
+            outcome = await client._request(lambda: request, 30)
             assert outcome.ok
             # An attacker re-publishes the captured ciphertext twice.
             async with open_broker(broker_url) as attacker:
@@ -180,7 +180,7 @@ async def test_an_expired_job_is_refused_with_a_typed_error(tee, broker_url, poo
             model_id = await client.upload_model(mlp_model())
             request = client._core.job(model_id, {"x": np.ones((1, 4), np.float32), "bias": np.ones(3, np.float32)},
                                        timeout=-1)
-            outcome = await client._request(request, 30)
+            outcome = await client._request(lambda: request, 30)
             assert isinstance(outcome.error(), JobExpired)
 
 
@@ -194,9 +194,8 @@ async def test_a_tampered_job_is_refused_and_the_worker_keeps_serving(tee, broke
             request = client._core.job(model_id, inputs, timeout=30)
             env = decode_envelope(request.body)
             flipped = env.ciphertext[:-1] + bytes([env.ciphertext[-1] ^ 1])
-            tampered = type(request)(request.job_id, request.kind, encode_envelope(env.header_bytes, env.nonce, flipped),
-                                     request.deadline_ms)
-            outcome = await client._request(tampered, 30)
+            tampered = dataclasses.replace(request, body=encode_envelope(env.header_bytes, env.nonce, flipped))
+            outcome = await client._request(lambda: tampered, 30)
             assert isinstance(outcome.error(), RequestTampered)
             async with open_broker(broker_url) as attacker:
                 await attacker.publish_job(pool, Message(body=b"\x93not an envelope"))

@@ -1,4 +1,4 @@
-"""Several worker processes share one pool over RabbitMQ (issue 4, first part): they join by
+"""Several worker processes share one pool over RabbitMQ (issue 4): they join by
 mutual attestation, get every model, compete for jobs, and survive one of them being SIGKILLed."""
 
 from __future__ import annotations

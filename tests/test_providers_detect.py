@@ -158,7 +158,7 @@ def test_a_real_tee_identity_has_an_ephemeral_sealing_key_and_says_so(tmp_path, 
     assert len(first.sealing_key) == 32 and first.sealing_key != second.sealing_key
     expected = measure_worker(DEFAULT_WORKER_CONFIG.measured())
     assert first.config_digest == expected.config_digest and first.measurement == expected.value
-    assert caplog.text.count("EPHEMERAL SEALING KEY") == 2 and "issue 4" in EPHEMERAL_SEALING_WARNING
+    assert caplog.text.count("EPHEMERAL SEALING KEY") == 2 and "live member" in EPHEMERAL_SEALING_WARNING
     blob = first.seal(first.sealing_key, b"pool key", b"aad")
     assert first.unseal(first.sealing_key, blob, b"aad") == b"pool key"
 
@@ -167,7 +167,7 @@ def test_state_sealed_by_an_earlier_run_is_refused_with_the_reason(tmp_path):
     refuse_unopenable_state(tmp_path, "pool")  # nothing there: fine
     (tmp_path / "pool").mkdir()
     (tmp_path / "pool" / "pool.sealed").write_bytes(b"old")
-    with pytest.raises(WorkerStartupError, match="ephemeral for now"):
+    with pytest.raises(WorkerStartupError, match="no sealing key that survives"):
         refuse_unopenable_state(tmp_path, "pool")
 
 

@@ -69,3 +69,11 @@ def test_without_a_platform_seal_key_the_worker_seals_ephemerally_and_warns(tmp_
     identity = tee_identity("sgx", root=gramine.root, ops=gramine)
     assert identity.persistent_sealing is False
     assert EPHEMERAL_SEALING_WARNING in caplog.text
+
+
+def test_tdx_and_nitro_have_no_platform_sealing_key(tmp_path):
+    from enclave_worker.platform import platform_sealing_key
+
+    for platform in ("tdx", "nitro"):
+        provider = type("Provider", (), {"platform": platform})()
+        assert platform_sealing_key(provider, b"\x01" * 32, root=tmp_path) is None

@@ -7,8 +7,10 @@
     │   │                         the interface belongs to another TEE (``--tee tdx`` on SNP)
     │   └── NoTeeDetected         ``--tee auto`` found no supported TEE at all
     ├── ProviderFailed            the TEE is there but refused: the kernel, Gramine or the
-    │                             quoting service returned an error, the output was empty or
-    │                             did not bind our report data, concurrent writers never let go
+    │   │                         quoting service returned an error, the output was empty or
+    │   │                         did not bind our report data, concurrent writers never let go
+    │   └── EvidenceMismatch      the quote the host's quoting service returned describes
+    │                             another TEE than the local report this TEE made of itself
     └── ProviderNotSupported      recognised, but this build cannot use it (Nitro NSM, EPID,
                                   an unknown configfs-tsm provider, SNP privlevel below floor)
 
@@ -30,6 +32,7 @@ __all__ = [
     "ProviderUnavailable",
     "NoTeeDetected",
     "ProviderFailed",
+    "EvidenceMismatch",
     "ProviderNotSupported",
 ]
 
@@ -48,6 +51,11 @@ class NoTeeDetected(ProviderUnavailable):
 
 class ProviderFailed(ProviderError):
     """The TEE interface exists but refused or returned unusable output."""
+
+
+class EvidenceMismatch(ProviderFailed):
+    """The TEE's evidence (made by the host's quoting service) is not of this TEE: its identity
+    differs from the report the TEE made of itself. Only a host substituting quotes does that."""
 
 
 class ProviderNotSupported(ProviderError):

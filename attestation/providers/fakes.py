@@ -19,12 +19,20 @@ with the right layout, which no verifier accepts), or timing. A provider passing
 followed the ABI as documented; only a run inside a real TDX/SNP guest or Gramine enclave shows
 that the documented ABI is what the kernel does.
 
+Guest devices: :class:`FakeSevGuest` (``/dev/sev-guest``'s SNP_GET_DERIVED_KEY: checks every
+request byte against the ABI and derives a deterministic key from a fake chip secret and the
+selected launch fields, the way the firmware mixes them) and :class:`FakeTdxGuest`
+(``/dev/tdx_guest``'s TDX_CMD_GET_REPORT0: a TDREPORT of a chosen TD). A
+:class:`FakeTsmKernel` given one of them routes the ioctls on that device path to it; Gramine's
+local reports (``my_target_info``/``target_info``/``report``) are part of :class:`FakeGramine`.
+
 Nothing here is used outside tests.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import struct
 import uuid
@@ -34,12 +42,18 @@ from typing import Callable
 
 from .configfs_tsm import TSM_REPORT_DIR
 from .fileops import OsFileOps
-from .gramine import ATTESTATION_DIR
+from .gramine import ATTESTATION_DIR, LOCAL_REPORT_SIZE, TARGET_INFO_SIZE
+from .ioctl import GuestRequestError
+from .snp_derived_key import MSG_VERSION, RESPONSE_SIZE, SEV_GUEST_DEVICE, SNP_GET_DERIVED_KEY
+from .tdx_guest import TDREPORT_SIZE, TDX_CMD_GET_REPORT0, TDX_GUEST_DEVICE
 
 __all__ = [
     "FakeGramine",
+    "FakeSevGuest",
+    "FakeTdxGuest",
     "FakeTsmKernel",
     "cert_table",
+    "fake_tdreport",
     "fake_sgx_quote",
     "fake_snp_report",
     "fake_tdx_quote",
@@ -138,6 +152,8 @@ class FakeTsmKernel:
     drop_inblob_writes: int = 0
     entries_made: list[str] = field(default_factory=list)
     reports_generated: int = 0
+    sev_guest: "FakeSevGuest | None" = None     # /dev/sev-guest (SEV-SNP guests)
+    tdx_guest: "FakeTdxGuest | None" = None     # /dev/tdx_guest (TDX guests)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -237,6 +253,118 @@ class FakeTsmKernel:
             raise OSError(errno.EFBIG, "File too large", str(path))
         return blob
 
+    # guest devices --------------------------------------------------------------------------
+    def ioctl(self, path: Path, request: int, arg: bytes) -> bytes:
+        if self.tdx_guest is not None and path == self.root / TDX_GUEST_DEVICE:
+            return self.tdx_guest.ioctl(path, request, arg)
+        return self._os.ioctl(path, request, arg)
+
+    def guest_request(self, path: Path, request: int, msg_version: int, req: bytes, resp_size: int) -> bytes:
+        if self.sev_guest is not None and path == self.root / SEV_GUEST_DEVICE:
+            return self.sev_guest.guest_request(path, request, msg_version, req, resp_size)
+        return self._os.guest_request(path, request, msg_version, req, resp_size)
+
+
+# -- /dev/sev-guest: SNP_GET_DERIVED_KEY --------------------------------------------------------
+_KEY_REQ = struct.Struct("<IIQIIQ")
+
+
+@dataclass
+class FakeSevGuest:
+    """The SEV-SNP firmware's MSG_KEY_REQ behind ``/dev/sev-guest``, for one launched guest.
+
+    The key is SHA-256 over a fake chip secret, the root key choice, the requested VMPL and,
+    for each GUEST_FIELD_SELECT bit that is set, that field's value for this guest -- so a
+    guest with another measurement (or policy, family or image ID) derives another key exactly
+    when that field is selected, as with the real firmware. Requests are checked like the
+    kernel and firmware check them: wrong ioctl number, message version 0, wrong sizes (errno
+    EINVAL), reserved bits or a VMPL below the guest's current one (firmware status 0x16,
+    INVALID_PARAM, in MSG_KEY_RSP). ``errors`` are raised by successive requests instead:
+    ``(errno, exitinfo2)`` pairs. Every request's bytes are kept in ``requests``.
+    """
+
+    measurement: bytes = bytes(48)
+    policy: int = (1 << 17) | (1 << 16)
+    family_id: bytes = bytes(16)
+    image_id: bytes = bytes(16)
+    guest_svn: int = 0
+    committed_tcb: int = 0
+    current_vmpl: int = 0
+    chip_secret: bytes = b"fake AMD chip"
+    errors: list[tuple[int, int]] = field(default_factory=list)
+    requests: list[bytes] = field(default_factory=list)
+
+    def key(self, root_key_select: int, field_select: int, vmpl: int, guest_svn: int, tcb_version: int) -> bytes:
+        parts = [self.chip_secret, struct.pack("<II", root_key_select, vmpl)]
+        values = (struct.pack("<Q", self.policy), self.image_id, self.family_id, self.measurement,
+                  struct.pack("<I", guest_svn), struct.pack("<Q", tcb_version))
+        for bit, value in enumerate(values):
+            parts.append(value if field_select & (1 << bit) else b"-")
+        return hashlib.sha256(b"|".join(parts)).digest()
+
+    def guest_request(self, path: Path, request: int, msg_version: int, req: bytes, resp_size: int) -> bytes:
+        if request != SNP_GET_DERIVED_KEY:
+            raise GuestRequestError(errno.ENOTTY, os.strerror(errno.ENOTTY), str(path), exitinfo2=0xFF)
+        if msg_version == 0 or len(req) != _KEY_REQ.size or resp_size != RESPONSE_SIZE:
+            raise GuestRequestError(errno.EINVAL, os.strerror(errno.EINVAL), str(path), exitinfo2=0xFF)
+        self.requests.append(bytes(req))
+        if self.errors:
+            code, exitinfo2 = self.errors.pop(0)
+            raise GuestRequestError(code, os.strerror(code), str(path), exitinfo2=exitinfo2)
+        root_key, reserved, fields, vmpl, guest_svn, tcb = _KEY_REQ.unpack(req)
+        status = 0
+        if (reserved or fields >> 6 or root_key > 1 or not self.current_vmpl <= vmpl <= 3
+                or guest_svn > self.guest_svn or tcb > self.committed_tcb or msg_version != MSG_VERSION):
+            status = 0x16
+        key = bytes(32) if status else self.key(root_key, fields, vmpl, guest_svn, tcb)
+        return struct.pack("<I", status) + bytes(28) + key
+
+
+# -- /dev/tdx_guest: TDX_CMD_GET_REPORT0 ---------------------------------------------------------
+_TDINFO_FIELDS = ("td_attributes", "xfam", "mrtd", "mrconfigid", "mrowner", "mrownerconfig",
+                  "rtmr0", "rtmr1", "rtmr2", "rtmr3", "servtd_hash")
+_TDINFO_SIZES = {"td_attributes": 8, "xfam": 8}
+
+
+def fake_tdreport(report_data: bytes, **td: bytes) -> bytes:
+    """A TDREPORT_STRUCT (1024 bytes, unMACed) over ``report_data`` for the TD described by
+    ``td``: any of td_attributes, xfam (8 raw bytes each), mrtd, mrconfigid, mrowner,
+    mrownerconfig, rtmr0..3, servtd_hash (48 bytes each); missing fields are zero."""
+    unknown = set(td) - set(_TDINFO_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown TDINFO fields {sorted(unknown)}")
+    out = bytearray(TDREPORT_SIZE)
+    out[0] = 0x81                                   # REPORTTYPE.TYPE: TDX
+    out[128:192] = report_data
+    offset = 512
+    for name in _TDINFO_FIELDS:
+        size = _TDINFO_SIZES.get(name, 48)
+        value = td.get(name, bytes(size))
+        if len(value) != size:
+            raise ValueError(f"{name} must be {size} bytes")
+        out[offset:offset + size] = value
+        offset += size
+    return bytes(out)
+
+
+@dataclass
+class FakeTdxGuest:
+    """``/dev/tdx_guest`` for a TD whose TDINFO is ``td`` (see :func:`fake_tdreport`);
+    ``errors`` are errnos raised by successive ioctls."""
+
+    td: dict[str, bytes] = field(default_factory=dict)
+    errors: list[int] = field(default_factory=list)
+    reports: int = 0
+
+    def ioctl(self, path: Path, request: int, arg: bytes) -> bytes:
+        if request != TDX_CMD_GET_REPORT0 or len(arg) != 64 + TDREPORT_SIZE:
+            raise OSError(errno.ENOTTY if request != TDX_CMD_GET_REPORT0 else errno.EINVAL, "bad ioctl", str(path))
+        if self.errors:
+            code = self.errors.pop(0)
+            raise OSError(code, os.strerror(code), str(path))
+        self.reports += 1
+        return bytes(arg[:64]) + fake_tdreport(bytes(arg[:64]), **self.td)
+
 
 # -- Gramine --------------------------------------------------------------------------------
 QuoteFn = Callable[[bytes], bytes]
@@ -245,7 +373,10 @@ QuoteFn = Callable[[bytes], bytes]
 @dataclass
 class FakeGramine:
     """Gramine's /dev/attestation under ``root``. ``quote_fn(user_report_data)`` makes the quote;
-    ``quote_errors`` are errnos raised by successive quote reads."""
+    ``quote_errors`` are errnos raised by successive quote reads. ``report_body_fn(report_data)``
+    makes the 384-byte body of the enclave's local report (``report``, for the target written to
+    ``target_info``; the fake appends a zero KEYID and MAC); None: reading ``report`` is refused
+    (EACCES), like a Gramine that cannot produce one."""
 
     root: Path
     attestation_type: str = "dcap"
@@ -253,6 +384,9 @@ class FakeGramine:
     quote_errors: list[int] = field(default_factory=list)
     user_report_data: bytes = bytes(64)
     quotes_made: int = 0
+    report_body_fn: Callable[[bytes], bytes] | None = None
+    my_target_info: bytes = b"\x7e" * TARGET_INFO_SIZE
+    target_info: bytes = bytes(TARGET_INFO_SIZE)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -274,6 +408,11 @@ class FakeGramine:
     def write(self, path: Path, data: bytes) -> None:
         if path.parent != self.dir:
             return self._os.write(path, data)
+        if path.name == "target_info":
+            if len(data) != TARGET_INFO_SIZE:
+                raise OSError(errno.EINVAL, "Invalid argument", str(path))
+            self.target_info = bytes(data)
+            return
         if path.name != "user_report_data":
             raise OSError(errno.EACCES, "Permission denied", str(path))
         if len(data) != 64:
@@ -293,4 +432,11 @@ class FakeGramine:
                 raise OSError(code, os.strerror(code), str(path))
             self.quotes_made += 1
             return self.quote_fn(self.user_report_data)
+        if path.name == "my_target_info":
+            return self.my_target_info
+        if path.name == "report" and self.report_body_fn is not None:
+            if self.target_info != self.my_target_info:
+                raise OSError(errno.EINVAL, "Invalid argument (target_info is not this enclave's)", str(path))
+            report = self.report_body_fn(self.user_report_data) + bytes(LOCAL_REPORT_SIZE - 384)
+            return report
         raise OSError(errno.EACCES, "Permission denied", str(path))

@@ -8,6 +8,12 @@ cannot do that, so the providers go through this small interface instead of ``Pa
 an ordinary directory tree (:mod:`attestation.providers.fakes`) replaces it in tests. Existence
 checks (``Path.is_dir`` / ``Path.exists``) stay plain ``pathlib`` calls on the same tree.
 
+Two ioctls on guest devices go through the same object (:mod:`.ioctl`): ``guest_request`` (an
+SEV-SNP guest request on ``/dev/sev-guest``, e.g. for a derived sealing key) and ``ioctl`` (a
+flat in/out struct, e.g. TDX's ``TDX_CMD_GET_REPORT0`` on ``/dev/tdx_guest``). Callers look them
+up with :func:`device_ops`, so an older fake without them falls back to the real system calls
+(which, under a fake root, find no device).
+
 Every failure is an ``OSError`` with the errno the system (or the fake) gave; the providers turn
 them into :mod:`attestation.providers.errors`.
 """
@@ -17,9 +23,11 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-__all__ = ["FileOps", "OsFileOps"]
+from .ioctl import os_guest_request, os_ioctl
+
+__all__ = ["FileOps", "OsFileOps", "device_ops"]
 
 _CHUNK = 64 * 1024
 
@@ -35,6 +43,14 @@ class FileOps(Protocol):
 
     def write(self, path: Path, data: bytes) -> None:
         """Write ``data`` to an *existing* file from offset 0, then close it."""
+        ...
+
+    def ioctl(self, path: Path, request: int, arg: bytes) -> bytes:
+        """A read-write ioctl with a flat struct argument; returns the struct afterwards."""
+        ...
+
+    def guest_request(self, path: Path, request: int, msg_version: int, req: bytes, resp_size: int) -> bytes:
+        """An SEV-SNP guest request; :class:`~.ioctl.GuestRequestError` on failure."""
         ...
 
 
@@ -76,3 +92,16 @@ class OsFileOps:
                 view = view[written:]
         finally:
             os.close(fd)
+
+    def ioctl(self, path: Path, request: int, arg: bytes) -> bytes:
+        return os_ioctl(path, request, arg)
+
+    def guest_request(self, path: Path, request: int, msg_version: int, req: bytes, resp_size: int) -> bytes:
+        return os_guest_request(path, request, msg_version, req, resp_size)
+
+
+def device_ops(ops: Any) -> Any:
+    """``ops`` if it can make device ioctls, else the real system calls (:class:`OsFileOps`)."""
+    if ops is not None and hasattr(ops, "ioctl") and hasattr(ops, "guest_request"):
+        return ops
+    return OsFileOps()

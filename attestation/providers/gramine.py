@@ -8,6 +8,12 @@ Gramine (gramine-sgx) exposes remote attestation as pseudo-files (Gramine docume
 - ``user_report_data`` (RW, exactly 64 bytes): the report data of the next quote.
 - ``quote`` (RO): reading it makes Gramine ask the Quoting Enclave for an SGX ECDSA quote over
   the current ``user_report_data``.
+- ``my_target_info`` (RO, 512 bytes), ``target_info`` (RW) and ``report`` (RO, 432 bytes): local
+  attestation. Reading ``report`` makes Gramine run EREPORT *inside the enclave* for the target
+  in ``target_info`` over ``user_report_data``; with our own target info that is a report of
+  this enclave about itself (Gramine's CI-Examples/python/scripts/sgx-report.py does exactly
+  this). Its 384-byte body is the one a quote carries, but unlike a quote (which the host's
+  quoting enclave produces) the host cannot substitute it: :meth:`GramineSgxProvider.local_report`.
 
 ``user_report_data`` is one per enclave process, so a lock covers the write and the read: two
 threads asking at once would otherwise get each other's quotes. Gramine's pseudo-files hold no
@@ -28,6 +34,8 @@ __all__ = ["ATTESTATION_DIR", "GramineSgxProvider", "gramine_attestation_type", 
 
 ATTESTATION_DIR = Path("dev/attestation")
 QUOTE_MAX = 64 * 1024   # an SGX quote with its PCK chain is about 5 KiB
+TARGET_INFO_SIZE = 512  # sgx_target_info_t
+LOCAL_REPORT_SIZE = 432  # sgx_report_t: 384-byte body, KEYID (32), MAC (16)
 
 
 def _errno_text(exc: OSError) -> str:
@@ -102,6 +110,29 @@ class GramineSgxProvider:
             raise ProviderFailed("Gramine returned a quote for other report data than ours "
                                  "(another process writing /dev/attestation/user_report_data?)")
         return quote
+
+    def local_report(self, report_data: bytes) -> bytes:
+        """This enclave's own SGX report (EREPORT targeted at itself) over ``report_data``: 432
+        bytes, the 384-byte report body first. :class:`ProviderUnavailable` if this Gramine has
+        no local-report interface, :class:`ProviderFailed` if it refuses."""
+        if not isinstance(report_data, (bytes, bytearray)) or len(report_data) != REPORT_DATA_SIZE:
+            raise ValueError(f"report_data must be exactly {REPORT_DATA_SIZE} bytes")
+        for name in ("my_target_info", "target_info", "report"):
+            if not (self._dir / name).exists():
+                raise ProviderUnavailable(f"{self._dir / name} not found: this Gramine has no local SGX reports")
+        with self._lock:
+            try:
+                target = self._ops.read(self._dir / "my_target_info", TARGET_INFO_SIZE)
+                self._ops.write(self._dir / "target_info", target)
+                self._ops.write(self._dir / "user_report_data", bytes(report_data))
+                report = self._ops.read(self._dir / "report", 4 * LOCAL_REPORT_SIZE)
+            except OSError as exc:
+                raise ProviderFailed(f"Gramine gave no local SGX report ({_errno_text(exc)})") from None
+        if len(report) != LOCAL_REPORT_SIZE:
+            raise ProviderFailed(f"Gramine's local SGX report is {len(report)} bytes, not {LOCAL_REPORT_SIZE}")
+        if report[320:384] != bytes(report_data):
+            raise ProviderFailed("Gramine's local SGX report carries other report data than ours")
+        return report
 
 
 # Gramine derives these with EGETKEY (SEAL_KEY) and exposes them as 16-byte pseudo-files

@@ -1,0 +1,204 @@
+"""Model ownership and access (P7): owner-signed uploads, owner-only replace and delete, producer
+allow-lists, pinned model ids -- every violation answered with a clear, encrypted error."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+import pytest
+
+from enclave_worker.errors import JobRejected
+from enclave_worker.ownership import ModelRegistry
+from enclave_worker.sealed_state import SealedState
+from attestation.sim import sealing
+from producer_sdk import AsyncClient
+from producer_sdk.errors import JobError, ModelRejected, NotAllowed, NotOwner, UnknownModel
+from protocol import bodies
+from protocol.envelope import Chunk
+from protocol.ownership import DeleteOrder, ModelManifest, generate_signing_key, public_key_bytes
+
+from .support import mlp_model, running_worker
+from .test_end_to_end import broker_url, direct, pool, tee  # noqa: F401  (fixtures)
+
+X = {"x": np.ones((2, 4), np.float32), "bias": np.zeros(3, np.float32)}
+
+
+async def test_only_the_owner_can_replace_or_delete_a_model(tee, broker_url, pool):
+    owner, stranger = generate_signing_key(), generate_signing_key()
+    model = mlp_model()
+    async with running_worker(tee, broker_url, pool):
+        async with AsyncClient(broker_url, pool, tee.policy(), owner_key=owner) as client:
+            model_id = await client.upload_model(model)
+            with pytest.raises(NotOwner, match="belongs to another owner"):
+                await client.upload_model(model, owner_key=stranger)
+            with pytest.raises(NotOwner, match="only its owner can delete"):
+                await client.delete_model(model_id, owner_key=stranger)
+            assert np.array_equal((await client.run(model_id, X))["logits"], direct(model, X)["logits"])
+            await client.delete_model(model_id)
+            with pytest.raises(UnknownModel):
+                await client.run(model_id, X)
+
+
+async def test_an_allow_list_admits_exactly_the_listed_producer_keys(tee, broker_url, pool):
+    owner, alice, bob = generate_signing_key(), generate_signing_key(), generate_signing_key()
+    model = mlp_model()
+    async with running_worker(tee, broker_url, pool):
+        async with AsyncClient(broker_url, pool, tee.policy(), owner_key=owner) as uploader:
+            model_id = await uploader.upload_model(model, allowed_producers=[public_key_bytes(alice)])
+            with pytest.raises(NotAllowed, match="no producer key"):
+                await uploader.run(model_id, X)  # the owner is not implicitly allowed
+        async with AsyncClient(broker_url, pool, tee.policy(), producer_key=alice) as a, \
+                AsyncClient(broker_url, pool, tee.policy(), producer_key=bob) as b:
+            assert np.array_equal((await a.run(model_id, X))["label"], direct(model, X)["label"])
+            with pytest.raises(NotAllowed, match=public_key_bytes(bob).hex()):
+                await b.run(model_id, X)
+        # The owner replaces the manifest (same bytes, newer signature): now bob, not alice.
+        async with AsyncClient(broker_url, pool, tee.policy(), owner_key=owner) as uploader:
+            await uploader.upload_model(model, allowed_producers=[public_key_bytes(bob).hex()])
+        async with AsyncClient(broker_url, pool, tee.policy(), producer_key=alice) as a, \
+                AsyncClient(broker_url, pool, tee.policy(), producer_key=bob) as b:
+            await b.run(model_id, X)
+            with pytest.raises(NotAllowed):
+                await a.run(model_id, X)
+
+
+async def test_a_producer_key_proof_from_another_session_does_not_verify(tee, pool):
+    broker_url = f"memory://{pool}"
+    owner, alice = generate_signing_key(), generate_signing_key()
+    async with running_worker(tee, broker_url, pool):
+        async with AsyncClient(broker_url, pool, tee.policy(), owner_key=owner) as uploader:
+            model_id = await uploader.upload_model(mlp_model(), allowed_producers=[public_key_bytes(alice)])
+        async with AsyncClient(broker_url, pool, tee.policy(), producer_key=alice) as a, \
+                AsyncClient(broker_url, pool, tee.policy()) as mallory:
+            # Mallory copies alice's proof into her own session: the proof names alice's session.
+            mallory._core.session.producer_proof = a._core.session.producer_proof
+            with pytest.raises(ModelRejected, match="proof of this session does not verify"):
+                await mallory.run(model_id, X)
+
+
+async def test_an_unsigned_upload_is_refused_with_an_encrypted_error(tee, pool):
+    broker_url = f"memory://{pool}"
+    model = mlp_model()
+    async with running_worker(tee, broker_url, pool):
+        async with AsyncClient(broker_url, pool, tee.policy()) as client:
+            core = client._core
+            model_id = hashlib.sha256(model).hexdigest()
+            outcome = await client._request(lambda: core._seal(
+                "model_chunk", model, timeout=30, content_type=bodies.BYTES, model_id=model_id,
+                chunk=Chunk(upload_id="u1", index=0, count=1, total_size=len(model))), 30)
+            assert not outcome.ok and outcome.error().code == bodies.ErrorCode.BAD_SIGNATURE
+            assert "signed manifest" in outcome.error().args[0]
+            with pytest.raises(UnknownModel):
+                await client.run(model_id, X)
+
+
+async def test_a_result_naming_another_model_is_refused_by_the_producer(tee, pool):
+    broker_url = f"memory://{pool}"
+    async with running_worker(tee, broker_url, pool) as worker:
+        async with AsyncClient(broker_url, pool, tee.policy()) as client:
+            model_id = await client.upload_model(mlp_model())
+            other_id = await client.upload_model(mlp_model(seed=1))
+            real_execute = worker._execute
+
+            async def run_the_other_model(header, plaintext):  # a misbehaving worker
+                return await real_execute(dataclasses.replace(header, model_id=other_id), plaintext)
+
+            worker._execute = run_the_other_model
+            original_reply = worker._reply
+
+            async def reply_naming_other(delivery, header, *args, **kwargs):
+                return await original_reply(delivery, dataclasses.replace(header, model_id=other_id), *args, **kwargs)
+
+            worker._reply = reply_naming_other
+            with pytest.raises(JobError, match="not the pinned"):
+                await client.run(model_id, X)
+
+
+async def test_a_worker_down_during_a_delete_deletes_the_model_when_it_returns(tee, broker_url, pool, tmp_path):
+    owner = generate_signing_key()
+    async with running_worker(tee, broker_url, pool):
+        b = tee.worker(broker_url, pool, state_dir=tmp_path / "b")
+        await b.start()
+        async with AsyncClient(broker_url, pool, tee.policy(), owner_key=owner) as client:
+            model_id = await client.upload_model(mlp_model())
+            assert b._models.has(model_id)
+            await b.stop()
+            await client.delete_model(model_id)
+        b_again = tee.worker(broker_url, pool, state_dir=tmp_path / "b")
+        await b_again.start()
+        try:
+            assert not b_again._models.has(model_id)
+            assert not (tmp_path / "b" / pool / "models" / f"{model_id}.sealed").exists()
+        finally:
+            await b_again.stop()
+
+
+async def test_a_late_joiner_enforces_the_allow_list_it_synced(tee, broker_url, pool, tmp_path):
+    owner, alice, bob = generate_signing_key(), generate_signing_key(), generate_signing_key()
+    async with running_worker(tee, broker_url, pool) as first:
+        async with AsyncClient(broker_url, pool, tee.policy(), owner_key=owner) as uploader:
+            model_id = await uploader.upload_model(mlp_model(), allowed_producers=[public_key_bytes(alice)])
+        async with running_worker(tee, broker_url, pool, state_dir=tmp_path / "late") as late:
+            assert late._registry.manifest(model_id) == first._registry.manifest(model_id)
+            with pytest.raises(JobRejected, match="did not allow"):
+                late._registry.require_allowed(model_id, public_key_bytes(bob))
+
+
+# -- the registry's rules, directly ---------------------------------------------------------------
+@pytest.fixture
+def registry(tmp_path):
+    state = SealedState(tmp_path, "p", b"k" * 32, sealing.seal, sealing.unseal)
+    return ModelRegistry(state), state
+
+
+def signed_manifest(key, model_id="ab" * 32, issued_at_ms=1000, allowed=None) -> tuple[ModelManifest, bytes]:
+    m = ModelManifest(model_id=model_id, size=10, owner_key=public_key_bytes(key), allowed_producers=allowed,
+                      issued_at_ms=issued_at_ms)
+    return m, m.sign(key)
+
+
+def test_an_older_manifest_cannot_replace_a_newer_one(registry):
+    reg, _ = registry
+    owner = generate_signing_key()
+    reg.record(*signed_manifest(owner, issued_at_ms=2000))
+    with pytest.raises(JobRejected, match="older than the one in force") as exc:
+        reg.check_upload("ab" * 32, signed_manifest(owner, issued_at_ms=1000)[1])
+    assert exc.value.code == bodies.ErrorCode.STALE_ORDER
+
+
+def test_a_delete_order_older_than_the_manifest_deletes_nothing(registry):
+    reg, _ = registry
+    owner = generate_signing_key()
+    reg.record(*signed_manifest(owner, issued_at_ms=2000))
+    old_order = DeleteOrder(model_id="ab" * 32, owner_key=public_key_bytes(owner), issued_at_ms=1500).sign(owner)
+    with pytest.raises(JobRejected, match="older than the model's manifest"):
+        reg.check_delete("ab" * 32, old_order)
+
+
+def test_a_replayed_upload_signed_before_its_delete_is_refused_even_after_a_restart(registry):
+    reg, state = registry
+    owner = generate_signing_key()
+    manifest, signed = signed_manifest(owner, issued_at_ms=1000)
+    reg.record(manifest, signed)
+    order = DeleteOrder(model_id="ab" * 32, owner_key=public_key_bytes(owner), issued_at_ms=2000).sign(owner)
+    reg.forget(reg.check_delete("ab" * 32, order), order)
+    restarted = ModelRegistry(state)
+    with pytest.raises(JobRejected, match="deleted this model after signing"):
+        restarted.check_upload("ab" * 32, signed)
+    restarted.check_upload("ab" * 32, signed_manifest(owner, issued_at_ms=3000)[1])  # a new upload is fine
+
+
+def test_tampered_or_foreign_signatures_are_refused_as_bad_signatures(registry):
+    reg, _ = registry
+    owner = generate_signing_key()
+    _, signed = signed_manifest(owner)
+    tampered = signed[:-1] + bytes([signed[-1] ^ 1])
+    for bad in (tampered, signed[:20], b"", DeleteOrder(model_id="ab" * 32, owner_key=public_key_bytes(owner),
+                                                       issued_at_ms=1).sign(owner)):
+        with pytest.raises(JobRejected) as exc:
+            reg.check_upload("ab" * 32, bad)
+        assert exc.value.code == bodies.ErrorCode.BAD_SIGNATURE
+    with pytest.raises(JobRejected, match="another model id"):
+        reg.check_upload("cd" * 32, signed)
