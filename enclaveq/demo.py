@@ -4,8 +4,11 @@ A simulated enclave worker founds a pool; a producer challenges it with a fresh 
 verifies the evidence against a policy pinning the worker's measurement, uploads a real
 pretrained model (Magika's content-type classifier, from its wheel) sealed to the pool, runs
 a batch of confidential documents through it, and checks every result against direct ONNX
-Runtime. A tap on the broker records every byte it carried, and the demo shows that none of
-the model, the documents or the results ever crossed it in clear.
+Runtime. The upload is signed by the model owner's key, and a stranger's delete is refused.
+Then the pool key is rotated: after a one-second grace period the epoch-1 key is erased, and
+the demo checks that nothing in the worker's sealed state opens the batch's session any more.
+A tap on the broker records every byte it carried, and the demo shows that none of the model,
+the documents or the results ever crossed it in clear.
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ from enclave_worker.measurement import measure_worker
 from enclave_worker.platform import sim_identity
 from enclave_worker.worker import Worker
 from producer_sdk import AsyncClient
+from producer_sdk.errors import NotOwner
+from protocol import crypto
+from protocol.envelope import peek_request
+from protocol.errors import DecryptionFailed
+from protocol.ownership import generate_signing_key, public_key_bytes
 
 from .bundled_model import SAMPLE_DOCUMENTS, magika_model
 
@@ -78,10 +86,18 @@ async def run_demo(workdir: Path) -> int:
             _ok("session key drawn by the producer and HPKE-sealed (X25519, HKDF-SHA256, AES-256-GCM) to that key")
 
             started = time.perf_counter()
-            model_id = await client.upload_model(model_bytes)
+            owner = generate_signing_key()
+            model_id = await client.upload_model(model_bytes, owner_key=owner)
             assert model_id == hashlib.sha256(model_bytes).hexdigest()
             _ok(f"model uploaded sealed ({len(model_bytes) / 1e6:.1f} MB, {time.perf_counter() - started:.2f}s); "
-                f"model id = SHA-256 of its bytes = {model_id[:16]}…")
+                f"model id = SHA-256 of its bytes = {model_id[:16]}…, signed by owner key "
+                f"{public_key_bytes(owner).hex()[:16]}…")
+            try:
+                await client.delete_model(model_id, owner_key=generate_signing_key())
+                console.print("[red]a stranger deleted the model[/red]")
+                return 1
+            except NotOwner:
+                _ok("a delete signed by another key is refused (encrypted not_owner error)")
 
             started = time.perf_counter()
             results = {}
@@ -91,6 +107,21 @@ async def run_demo(workdir: Path) -> int:
                 results[result.index] = result.outputs[model.output_name]
             elapsed = time.perf_counter() - started
             _ok(f"{len(inputs)} jobs ran in {elapsed * 1000:.0f} ms; results opened and authenticated")
+
+            # A job of this session exactly as it would cross the broker, kept by an "attacker".
+            captured_job = client._core.job(model_id, inputs[0], timeout=60).body
+            if not _opens_with_sealed_state(worker, captured_job):  # the check below must be able to fail
+                console.print("[red]the sealed state does not hold the current pool key[/red]")
+                return 1
+            epoch, _ = await client.rotate_pool(grace_seconds=1)
+            deadline = time.monotonic() + 10
+            while worker._keys.previous and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if _opens_with_sealed_state(worker, captured_job):
+                console.print("[red]the erased epoch's key is still in the sealed state[/red]")
+                return 1
+            _ok(f"pool key rotated to epoch {epoch}; after a 1 s grace period the epoch-1 key was erased: "
+                "no key in the worker's sealed state opens this batch's session any more")
     finally:
         await worker.stop()
         await tap.close()
@@ -126,6 +157,20 @@ async def run_demo(workdir: Path) -> int:
         "the model, a document or a result in clear")
     console.rule("[bold green]demo complete")
     return 0
+
+
+def _opens_with_sealed_state(worker: Worker, sealed_job: bytes) -> bool:
+    """Whether any pool key in the worker's sealed state (read back from disk) opens the job."""
+    keys = worker._state.load_pool_keys()
+    _, header = peek_request(sealed_job)
+    for raw in [keys.pool_private_key] + [k.private_key for k in keys.previous]:
+        try:
+            crypto.open_session_key(header.sealed_session, crypto.load_private_key(raw), pool=worker.pool,
+                                    epoch=header.epoch, session_id=header.session_id)
+            return True
+        except DecryptionFailed:
+            continue
+    return False
 
 
 def main() -> int:
