@@ -30,34 +30,48 @@ def start(url, pool, tee, tmp_path, name) -> WorkerProcess:
     return WorkerProcess(url, pool, tee.dir, tmp_path / f"{name}.log", "--state-dir", str(tmp_path / name)).wait_ready()
 
 
+async def run_batch(client, model_id, batch, at=None, count=None) -> dict[int, dict]:
+    """Submit ``batch``; call ``at()`` once when ``count`` results are in. Each result must arrive once."""
+    seen: dict[int, dict] = {}
+    async for result in client.submit(model_id, batch, max_in_flight=200):
+        assert result.ok, result.error
+        assert result.index not in seen, f"job {result.index} delivered twice to the producer"
+        seen[result.index] = result.outputs
+        if len(seen) == count:
+            await at()
+    return seen
+
+
+def assert_equal_to_onnxruntime(model: bytes, batch, seen: dict[int, dict]) -> None:
+    assert sorted(seen) == list(range(len(batch)))
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    for index, outputs in seen.items():
+        logits, label = session.run(None, batch[index])
+        assert np.array_equal(outputs["logits"], logits) and np.array_equal(outputs["label"], label)
+
+
 async def test_three_workers_2000_jobs_one_killed_and_replaced_every_result_exactly_once(rabbitmq_url, pool, tmp_path):
     tee = SimTEE(tmp_path)
     model = mlp_model()
     batch = batch_of(2000)
     workers = [await asyncio.to_thread(start, rabbitmq_url, pool, tee, tmp_path, f"w{i}") for i in range(3)]
-    seen: dict[int, dict] = {}
+
+    async def kill_one_and_start_another() -> None:
+        await asyncio.to_thread(workers[1].kill)
+        workers.append(await asyncio.to_thread(start, rabbitmq_url, pool, tee, tmp_path, "w3"))
+
     try:
         logs = [w.log() for w in workers]
         assert "founded pool" in logs[0] and all("joined pool" in log for log in logs[1:])
         async with AsyncClient(rabbitmq_url, pool, tee.policy(), timeout=180) as client:
             model_id = await client.upload_model(model)
-            async for result in client.submit(model_id, batch, max_in_flight=200):
-                assert result.ok, result.error
-                assert result.index not in seen, f"job {result.index} delivered twice to the producer"
-                seen[result.index] = result.outputs
-                if len(seen) == 600:
-                    await asyncio.to_thread(workers[1].kill)
-                    workers.append(await asyncio.to_thread(start, rabbitmq_url, pool, tee, tmp_path, "w3"))
+            seen = await run_batch(client, model_id, batch, kill_one_and_start_another, 600)
     finally:
         for w in workers:
             if w.proc.poll() is None:
                 w.terminate()
             w.close()
-    assert sorted(seen) == list(range(2000))
-    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    for index, outputs in seen.items():
-        logits, label = session.run(None, batch[index])
-        assert np.array_equal(outputs["logits"], logits) and np.array_equal(outputs["label"], label)
+    assert_equal_to_onnxruntime(model, batch, seen)
     assert "joined pool" in workers[3].log() and f"model {model_id} synced" in workers[3].log()
     assert await dead_letters(rabbitmq_url, pool) == 0
 
@@ -87,32 +101,26 @@ async def test_a_rotation_in_the_middle_of_a_batch_loses_nothing(rabbitmq_url, p
     model = mlp_model()
     batch = batch_of(2000)
     workers = [await asyncio.to_thread(start, rabbitmq_url, pool, tee, tmp_path, f"w{i}") for i in range(3)]
-    seen: dict[int, dict] = {}
-    rotation = None
+    rotation: list[asyncio.Task] = []
+
+    async def rotate() -> None:
+        rotation.append(asyncio.create_task(asyncio.to_thread(
+            enclaveq, "pool", "rotate", "--broker", rabbitmq_url, "--pool", pool, "--policy", str(policy_file),
+            "--grace", "1s")))
+
     try:
         async with AsyncClient(rabbitmq_url, pool, tee.policy(), timeout=180) as client:
             model_id = await client.upload_model(model)
-            async for result in client.submit(model_id, batch, max_in_flight=200):
-                assert result.ok, result.error
-                assert result.index not in seen, f"job {result.index} delivered twice to the producer"
-                seen[result.index] = result.outputs
-                if len(seen) == 500:
-                    rotation = asyncio.create_task(asyncio.to_thread(
-                        enclaveq, "pool", "rotate", "--broker", rabbitmq_url, "--pool", pool,
-                        "--policy", str(policy_file), "--grace", "1s"))
+            seen = await run_batch(client, model_id, batch, rotate, 500)
             assert client.statement.epoch == 2
-        rotated = await rotation
+        rotated = await rotation[0]
     finally:
         for w in workers:
             if w.proc.poll() is None:
                 w.terminate()
             w.close()
     assert "rotated from epoch 1 to epoch 2" in rotated.stdout
-    assert sorted(seen) == list(range(2000))
-    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    for index, outputs in seen.items():
-        logits, label = session.run(None, batch[index])
-        assert np.array_equal(outputs["logits"], logits) and np.array_equal(outputs["label"], label)
+    assert_equal_to_onnxruntime(model, batch, seen)
     logs = [w.log() for w in workers]
     assert sum("rotated pool" in log for log in logs) == 1
     assert all("erased the pool key of epoch(s) [1]" in log for log in logs)
