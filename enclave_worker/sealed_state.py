@@ -10,13 +10,14 @@ Layout::
 
     STATE_DIR/<pool>/pool.sealed            msgpack {epoch, pool_private_key, identity_private_key,
                                                      created_ms, previous: [[epoch, key, retire_at_ms]]}
-
-Rotation (P6): a previous epoch's key stays here only until its retirement time; erasing it
-rewrites this file without it (write-then-rename, so the old file's bytes are unlinked, not
-kept beside the new one).
     STATE_DIR/<pool>/models/<model id>.sealed
     STATE_DIR/<pool>/models/<model id>.manifest   the owner-signed manifest (sealed like the rest)
     STATE_DIR/<pool>/delete-orders.sealed         msgpack [owner-signed delete orders]
+
+Rotation (P6): a previous epoch's key stays here only until its retirement time; erasing it
+rewrites the pool file without it (write-then-rename, so the old file's bytes are unlinked, not
+kept beside the new one). The identity key stored here is never one a join response was sealed
+to (see ``Worker._accept_join``), so this file plus recorded traffic cannot recover erased keys.
 """
 
 from __future__ import annotations

@@ -31,18 +31,18 @@ from broker_adapters.errors import BrokerError, PoolBusy, Unroutable
 from protocol import bodies, crypto
 from protocol.envelope import RequestHeader, peek_request, open_request, seal_result
 from protocol.errors import DecryptionFailed, OversizedMessage, ProtocolError, SignatureInvalid, TensorError
-from protocol.ownership import DeleteOrder, ProducerProof
+from protocol.ownership import DeleteOrder, ModelManifest, ProducerProof
 from protocol.codec import pack, unpack
 from protocol.errors import MalformedMessage
-from protocol.handshake import (MODEL_SYNC_CHUNK_BYTES, Challenge, ControlError, EpochAnnounce, EvidenceResponse,
-                                JoinRequest, JoinResponse, ModelSyncChunk, ModelSyncRequest, Statement, control_kind,
-                                join_info, model_sync_info)
+from protocol.handshake import (Challenge, ControlError, EpochAnnounce, EvidenceResponse, JoinRequest, JoinResponse,
+                                ModelSyncChunk, ModelSyncRequest, Statement, control_kind, join_info)
 from protocol.tensors import TensorLimits
 
 from .config import DEFAULT_WORKER_CONFIG, WorkerConfig
 from .errors import JobRejected, SealedStateError, WorkerStartupError
 from .keyring import EpochAhead, EpochRetired, Keyring
 from .metrics import WorkerMetrics
+from .model_sync import SyncCollector, seal_end, seal_model
 from .ownership import ModelRegistry
 from .models import ModelStore, run_model
 from .sealed_state import PoolKeys, RetiringKey, SealedState
@@ -57,6 +57,9 @@ INLINE_INFERENCE_BYTES = 64 * 1024
 ROTATION_LOCK_SECONDS = 10.0  # how long a rotation waits for another member's rotation to finish
 ROTATION_SETTLE_SECONDS = 0.5  # the rotator keeps the lock this long so members see its announcement first
 DEFAULT_ROTATION_GRACE_SECONDS = 300
+# Any producer the pool serves may ask for a rotation (it can send jobs anyway); this bounds how
+# often such requests can force every other producer to re-attest.
+MIN_REQUESTED_ROTATION_SECONDS = 10.0
 
 Clock = Callable[[], float]
 
@@ -261,7 +264,7 @@ class Worker:
                 if keys is not None:
                     return keys
                 if self._lock is not None:
-                    return self._found(crypto.private_bytes(identity))
+                    return self._found()
                 try:
                     self._lock = await self._broker.acquire_pool_lock(self.pool)
                 except PoolBusy:
@@ -344,12 +347,18 @@ class Worker:
         private = sealed.get("pool_private_key")
         if not isinstance(private, bytes) or crypto.public_bytes(crypto.load_private_key(private)) != st.pool_public_key:
             raise MalformedMessage("the sealed pool key is not the key the member attested")
+        # Our measured cap bounds how long a retiring key lives here, whatever the member says.
+        latest_ms = self._now_ms() + self.config.max_rotation_grace_seconds * 1000
         try:
-            previous = tuple(RetiringKey(e, bytes(k), r) for e, k, r in sealed.get("previous", [])
+            previous = tuple(RetiringKey(e, bytes(k), min(r, latest_ms)) for e, k, r in sealed.get("previous", [])
                              if type(e) is int and type(r) is int and e < st.epoch)
         except (TypeError, ValueError):
             raise MalformedMessage("sealed pool keys: malformed retiring keys") from None
-        keys = PoolKeys(epoch=st.epoch, pool_private_key=private, identity_private_key=crypto.private_bytes(identity),
+        # The identity key this response was sealed to is dropped here and never sealed to disk:
+        # otherwise a recorded join response plus a later copy of the sealed state would give
+        # back epoch keys that rotation has erased (P6). The worker attests a fresh identity key.
+        keys = PoolKeys(epoch=st.epoch, pool_private_key=private,
+                        identity_private_key=crypto.private_bytes(crypto.generate_private_key()),
                         created_ms=self._now_ms(), previous=previous).without_retired(self._now_ms())
         log.info("joined pool %r (epoch %d) from member %s after mutual attestation", self.pool, st.epoch,
                  response.worker_id)
@@ -470,7 +479,7 @@ class Worker:
     async def _catch_up_keys(self, keys: PoolKeys) -> PoolKeys:
         """At start with sealed keys: take a live member's newer epoch, if there is one."""
         try:
-            newer = await self._fetch_keys(crypto.load_private_key(keys.identity_private_key))
+            newer = await self._fetch_keys(crypto.generate_private_key())
         except WorkerStartupError as exc:
             log.warning("could not catch up with the pool's members (%s); serving with the sealed keys", exc)
             return keys
@@ -480,6 +489,8 @@ class Worker:
         return keys
 
     async def _fetch_keys(self, identity) -> PoolKeys | None:
+        """Ask members for the current keys, sealed to ``identity``: a fresh key used for this one
+        request only (see :meth:`_accept_join` on why it must never be stored)."""
         async with self._inbox("join") as (address, answers):
             return await self._ask_to_join(identity, address, answers)
 
@@ -493,7 +504,7 @@ class Worker:
 
     async def _fetch_newer_keys(self) -> None:
         try:
-            keys = await self._fetch_keys(crypto.load_private_key(self._keys.identity_private_key))
+            keys = await self._fetch_keys(crypto.generate_private_key())
         except (WorkerStartupError, BrokerError) as exc:
             log.warning("could not catch up with the pool's members: %s", exc)
             return
@@ -525,62 +536,54 @@ class Worker:
     # -- models for every worker ------------------------------------------------------------
     async def _sync_models(self) -> None:
         """Fetch from a live member every model this worker lacks (a late joiner serves models
-        uploaded before it existed; a restarted member catches up on what it missed). Chunks come
-        HPKE-sealed to the pool key, so only a member can open them; the SHA-256 model id is
-        checked before a model is loaded."""
-        parts: dict[str, dict[int, bytes]] = {}
-        shapes: dict[str, tuple[int, int]] = {}
-        manifests: dict[str, bytes] = {}
-        delete_orders: list[bytes] = []
+        uploaded before it existed; a restarted member catches up on what it missed), the newer
+        manifests of models it has (allow-list changes) and the deletes it missed. See
+        :mod:`enclave_worker.model_sync` for what is sealed and checked."""
         loop = asyncio.get_running_loop()
+        nonce = os.urandom(32)
+        collector = SyncCollector(self.pool, self._keys.epoch, nonce, self._keyring.current_private)
         async with self._inbox("sync") as (address, answers):
             have = tuple(m.model_id for m in self._models.list())
             try:
                 await self._broker.publish_control(self.pool, Message(
-                    body=ModelSyncRequest(have=have, worker_id=self.worker_id).to_bytes(), reply_to=address))
+                    body=ModelSyncRequest(have=have, worker_id=self.worker_id, nonce=nonce).to_bytes(),
+                    reply_to=address))
             except Unroutable:
                 return  # no live member: nothing to catch up on
             deadline = loop.time() + JOIN_WAIT_SECONDS
             while (remaining := deadline - loop.time()) > 0:
                 try:
-                    chunk = ModelSyncChunk.from_bytes(await asyncio.wait_for(answers.get(), remaining))
+                    body = await asyncio.wait_for(answers.get(), remaining)
                 except asyncio.TimeoutError:
                     break
-                except ProtocolError as exc:
-                    log.warning("ignoring a malformed model sync message: %s", exc)
+                try:
+                    if collector.add(ModelSyncChunk.from_bytes(body)):
+                        break  # that member's end marker: everything it sent has arrived (one queue, in order)
+                except ProtocolError as exc:  # includes DecryptionFailed
+                    log.warning("ignoring a model sync message that does not open or parse: %s", exc)
                     continue
                 deadline = loop.time() + MODEL_WAIT_SECONDS  # a member is sending: keep listening
-                if chunk.count == 0:
-                    delete_orders.extend(chunk.delete_orders)
-                    break  # that member's end marker: everything it sent has arrived (one queue, in order)
-                if chunk.epoch != self._keys.epoch:
-                    continue
-                try:
-                    data = crypto.hpke_open(chunk.sealed, self._keyring.current_private, model_sync_info(
-                        self.pool, chunk.epoch, chunk.model_id, chunk.index, chunk.count, chunk.total_size))
-                except DecryptionFailed:
-                    log.warning("a model sync chunk for %s does not open; ignored", chunk.model_id)
-                    continue
-                parts.setdefault(chunk.model_id, {})[chunk.index] = data
-                shapes[chunk.model_id] = (chunk.count, chunk.total_size)
-                manifests[chunk.model_id] = chunk.manifest
-        for model_id, chunks in parts.items():
-            count, size = shapes[model_id]
-            if len(chunks) != count or self._models.has(model_id):
+        for model_id, signed, whole in collector.complete():
+            if self._models.has(model_id):
                 continue
-            whole = b"".join(chunks[i] for i in range(count))
             try:
-                # The owner's signature is checked here too: a member cannot make us hold a model
-                # its owner did not sign, nor swap the allow-list.
-                manifest = self._registry.check_upload(model_id, manifests.get(model_id, b""))
+                manifest = self._registry.check_upload(model_id, signed)
                 await asyncio.to_thread(self._models.load, model_id, whole)  # checks SHA-256 == model id
             except JobRejected as exc:
                 log.warning("synced model %s refused: %s", model_id, exc)
                 continue
-            self._registry.record(manifest, manifests[model_id])
+            self._registry.record(manifest, signed)
             await asyncio.to_thread(self._state.save_model, model_id, whole)
             log.info("model %s synced from a pool member (%d bytes)", model_id, len(whole))
-        for signed in delete_orders:  # deletes this worker missed while it was down
+        for signed in collector.updated_manifests:  # allow-list changes made while this worker was away
+            try:
+                manifest = ModelManifest.verify(signed)
+                if self._models.has(manifest.model_id) and manifest != self._registry.manifest(manifest.model_id):
+                    self._registry.record(self._registry.check_upload(manifest.model_id, signed), signed)
+                    log.info("model %s: newer owner manifest synced", manifest.model_id)
+            except (JobRejected, ProtocolError):
+                continue
+        for signed in collector.deletes:  # deletes this worker missed while it was away
             model_id = _order_model_id(signed)
             if model_id and self._models.has(model_id):
                 try:
@@ -591,7 +594,7 @@ class Worker:
 
     async def _send_models(self, request: ModelSyncRequest, reply_to: str) -> None:
         have = set(request.have)
-        epoch = self._keys.epoch
+        epoch, public = self._keys.epoch, self.pool_public_key
         for info in self._models.list():
             if info.model_id in have:
                 continue
@@ -600,19 +603,12 @@ class Worker:
             except SealedStateError as exc:
                 log.warning("cannot send model %s: %s", info.model_id, exc)
                 continue
-            manifest = self._registry.signed_manifest(info.model_id)
-            step = MODEL_SYNC_CHUNK_BYTES
-            count = max(1, -(-len(data) // step))
-            for index in range(count):
-                piece = data[index * step:(index + 1) * step]
-                sealed = crypto.hpke_seal(piece, self.pool_public_key, model_sync_info(
-                    self.pool, epoch, info.model_id, index, count, len(data)))
-                await self._broker.publish_reply(reply_to, Message(body=ModelSyncChunk(
-                    epoch=epoch, model_id=info.model_id, index=index, count=count, total_size=len(data),
-                    sealed=sealed, manifest=manifest).to_bytes()))
-        await self._broker.publish_reply(reply_to, Message(body=ModelSyncChunk(
-            epoch=epoch, model_id="", index=0, count=0, total_size=0, sealed=b"",
-            delete_orders=self._registry.delete_orders()[:512]).to_bytes()))
+            for chunk in seal_model(self.pool, epoch, request.nonce, public, info.model_id, data,
+                                    self._registry.signed_manifest(info.model_id)):
+                await self._broker.publish_reply(reply_to, Message(body=chunk.to_bytes()))
+        manifests = [self._registry.signed_manifest(m) for m in have if self._registry.manifest(m) is not None]
+        end = seal_end(self.pool, epoch, request.nonce, public, manifests, list(self._registry.delete_orders()))
+        await self._broker.publish_reply(reply_to, Message(body=end.to_bytes()))
 
     async def _answer_join(self, request: JoinRequest) -> bytes:
         """Mutual attestation, member's side: admit the joiner only if its evidence satisfies the
@@ -832,6 +828,10 @@ class Worker:
                 return "ok", bodies.MODELS, bodies.encode_models(self._models.list())
             if header.kind == "pool_rotate":
                 grace = bodies.decode_rotate(plaintext)
+                age = self._clock() - self._keys.created_ms / 1000
+                if self._keys.epoch > 1 and age < MIN_REQUESTED_ROTATION_SECONDS:
+                    raise JobRejected(f"the pool key was rotated {age:.1f}s ago; rotations are at least "
+                                      f"{MIN_REQUESTED_ROTATION_SECONDS:g}s apart", bodies.ErrorCode.ROTATION_REFUSED)
                 if grace > self.config.max_rotation_grace_seconds:
                     raise JobRejected(f"a grace period of {grace}s exceeds this pool's measured limit of "
                                       f"{self.config.max_rotation_grace_seconds}s", bodies.ErrorCode.ROTATION_REFUSED)

@@ -212,12 +212,13 @@ class AsyncClient:
                 await self._broker.close()
 
     # -- requests --------------------------------------------------------------------------
-    async def _request(self, make: Callable[[], Request], timeout: float) -> Outcome:
+    async def _request(self, make: Callable[[], Request], timeout: float, *, resend: bool = True) -> Outcome:
         """Send what ``make()`` seals and wait for its result. If workers answer that the epoch it
-        was sealed to is rotated away, re-attest and send a freshly sealed copy (new job id)."""
+        was sealed to is rotated away, re-attest and send a freshly sealed copy (new job id) --
+        unless ``resend`` is False (a request that must not run twice)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        for _ in range(STALE_EPOCH_RETRIES + 1):
+        for _ in range(STALE_EPOCH_RETRIES + 1 if resend else 1):
             if self._closed or self._core is None:
                 raise ClientClosed("the client is closed or not connected")
             request = make()
@@ -383,7 +384,9 @@ class AsyncClient:
         jobs use the new key."""
         timeout = timeout or self.timeout
         core = self._core_or_raise()
-        outcome = await self._request(lambda: core.pool_rotate(grace_seconds, timeout=timeout), timeout)
+        # Never resent on a "stale epoch" notice: those are unauthenticated, and a forged one must
+        # not turn one rotation into two.
+        outcome = await self._request(lambda: core.pool_rotate(grace_seconds, timeout=timeout), timeout, resend=False)
         if not outcome.ok:
             raise outcome.error()
         epoch, retire_at_ms = bodies.decode_rotated(outcome.body)

@@ -7,7 +7,7 @@
      ├── JobError                   a worker refused a request; ``code`` is the protocol error code
      │    ├── UnknownModel          the model id is not loaded on the pool
      │    ├── ModelRejected         an uploaded model is invalid (hash, not ONNX, too large,
-     │    │                         bad owner signature, an older manifest or delete order)
+     │    │                         an older manifest or delete order than the one in force)
      │    ├── BadInput              inputs do not fit the model (names, dtypes, shapes)
      │    ├── Oversized             a message or tensor is above a limit
      │    ├── JobExpired            the deadline passed before a worker ran the job
@@ -15,6 +15,7 @@
      │    ├── RotationRefused       the pool would not rotate (grace above its limit, rotation running)
      │    ├── NotOwner              only the model's owner may replace or delete it
      │    ├── NotAllowed            the model's owner did not allow this producer's key
+     │    ├── BadSignature          an owner signature or producer key proof does not verify
      │    └── WorkerFailure         inference failed, unsupported output, or an internal error
      ├── JobTimeout                 no result arrived before the timeout
      └── ClientClosed               the client was used after close()
@@ -91,6 +92,10 @@ class NotAllowed(JobError):
     code = ErrorCode.NOT_ALLOWED
 
 
+class BadSignature(JobError):
+    code = ErrorCode.BAD_SIGNATURE
+
+
 class WorkerFailure(JobError):
     pass
 
@@ -113,7 +118,7 @@ _BY_CODE = {
     ErrorCode.ROTATION_REFUSED: RotationRefused,
     ErrorCode.NOT_OWNER: NotOwner,
     ErrorCode.NOT_ALLOWED: NotAllowed,
-    ErrorCode.BAD_SIGNATURE: ModelRejected,
+    ErrorCode.BAD_SIGNATURE: BadSignature,
     ErrorCode.STALE_ORDER: ModelRejected,
 }
 

@@ -202,9 +202,11 @@ MODEL_SYNC_LABEL = b"enclaveq/v1/model-sync"
 MODEL_SYNC_CHUNK_BYTES = 4 * 1024 * 1024
 
 
-def model_sync_info(pool: str, epoch: int, model_id: str, index: int, count: int, total_size: int) -> bytes:
-    """HPKE ``info`` of one model chunk a member sends to a (re)starting worker."""
-    return pack([MODEL_SYNC_LABEL, pool, epoch, model_id, index, count, total_size])
+def model_sync_info(pool: str, epoch: int, nonce: bytes, model_id: str, index: int, count: int,
+                    total_size: int) -> bytes:
+    """HPKE ``info`` of one sealed model-sync message: binds the request's fresh nonce, so a
+    message recorded from an earlier sync (e.g. an older manifest) cannot be replayed into this one."""
+    return pack([MODEL_SYNC_LABEL, pool, epoch, nonce, model_id, index, count, total_size])
 
 
 @dataclass(frozen=True)
@@ -216,10 +218,11 @@ class ModelSyncRequest:
 
     have: tuple[str, ...]
     worker_id: str
+    nonce: bytes
 
     def to_bytes(self) -> bytes:
         return pack({"v": PROTOCOL_VERSION, "t": "model_sync_request", "have": list(self.have),
-                     "worker": self.worker_id})
+                     "worker": self.worker_id, "nonce": self.nonce})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "ModelSyncRequest":
@@ -227,17 +230,19 @@ class ModelSyncRequest:
         have = m.get("have")
         if not isinstance(have, list) or not all(isinstance(h, str) and len(h) == 64 for h in have):
             raise MalformedMessage("model_sync_request: have must be a list of model ids")
-        return cls(have=tuple(have), worker_id=bounded_str(m, "worker", what="model_sync_request", max_len=128))
+        return cls(have=tuple(have), worker_id=bounded_str(m, "worker", what="model_sync_request", max_len=128),
+                   nonce=fixed_bytes(m, "nonce", NONCE_BYTES, what="model_sync_request"))
 
 
 @dataclass(frozen=True)
 class ModelSyncChunk:
-    """One HPKE-sealed chunk of a model; ``count == 0`` is a member's "nothing more" marker.
+    """One HPKE-sealed message of a model sync, sealed to the pool key.
 
-    ``manifest`` is the model owner's signed manifest (every chunk of a model carries it; the
-    receiver verifies the owner's signature itself). The end marker carries ``delete_orders``:
-    the owner-signed deletes the member knows, so a worker that was down when a model was
-    deleted deletes it too."""
+    A chunk (``count >= 1``) seals ``[owner-signed manifest, bytes of the model]``; the end
+    marker (``count == 0``) seals ``{"manifests": [...], "deletes": [...]}``: the member's
+    manifests of models the requester already has (allow-list changes it missed) and the
+    owner-signed delete orders it knows (deletes it missed). Everything that names owners or
+    producers is inside the ciphertext."""
 
     epoch: int
     model_id: str
@@ -245,13 +250,10 @@ class ModelSyncChunk:
     count: int
     total_size: int
     sealed: bytes
-    manifest: bytes = b""
-    delete_orders: tuple[bytes, ...] = ()
 
     def to_bytes(self) -> bytes:
         return pack({"v": PROTOCOL_VERSION, "t": "model_sync_chunk", "ep": self.epoch, "mid": self.model_id,
-                     "i": self.index, "n": self.count, "size": self.total_size, "c": self.sealed,
-                     "mf": self.manifest, "del": list(self.delete_orders)})
+                     "i": self.index, "n": self.count, "size": self.total_size, "c": self.sealed})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "ModelSyncChunk":
@@ -261,13 +263,8 @@ class ModelSyncChunk:
         size, epoch = field(m, "size", int, what=w), field(m, "ep", int, what=w)
         if min(index, count, size, epoch) < 0 or (count and index >= count):
             raise MalformedMessage(f"{w}: invalid position")
-        orders = m.get("del", [])
-        if not isinstance(orders, list) or not all(isinstance(o, bytes) and len(o) <= 1024 for o in orders):
-            raise MalformedMessage(f"{w}: delete orders must be a list of signed orders")
-        manifest = field(m, "mf", bytes, what=w, optional=True) or b""
         return cls(epoch=epoch, model_id=bounded_str(m, "mid", what=w, max_len=64), index=index, count=count,
-                   total_size=size, sealed=field(m, "c", bytes, what=w), manifest=manifest,
-                   delete_orders=tuple(orders))
+                   total_size=size, sealed=field(m, "c", bytes, what=w))
 
 
 ROTATION_LABEL = b"enclaveq/v1/rotation"

@@ -14,7 +14,7 @@ from enclave_worker.ownership import ModelRegistry
 from enclave_worker.sealed_state import SealedState
 from attestation.sim import sealing
 from producer_sdk import AsyncClient
-from producer_sdk.errors import JobError, ModelRejected, NotAllowed, NotOwner, UnknownModel
+from producer_sdk.errors import BadSignature, JobError, NotAllowed, NotOwner, UnknownModel
 from protocol import bodies
 from protocol.envelope import Chunk
 from protocol.ownership import DeleteOrder, ModelManifest, generate_signing_key, public_key_bytes
@@ -74,7 +74,7 @@ async def test_a_producer_key_proof_from_another_session_does_not_verify(tee, po
                 AsyncClient(broker_url, pool, tee.policy()) as mallory:
             # Mallory copies alice's proof into her own session: the proof names alice's session.
             mallory._core.session.producer_proof = a._core.session.producer_proof
-            with pytest.raises(ModelRejected, match="proof of this session does not verify"):
+            with pytest.raises(BadSignature, match="proof of this session does not verify"):
                 await mallory.run(model_id, X)
 
 
@@ -202,3 +202,51 @@ def test_tampered_or_foreign_signatures_are_refused_as_bad_signatures(registry):
         assert exc.value.code == bodies.ErrorCode.BAD_SIGNATURE
     with pytest.raises(JobRejected, match="another model id"):
         reg.check_upload("cd" * 32, signed)
+
+
+async def test_an_allow_list_change_reaches_a_worker_that_was_down(tee, broker_url, pool, tmp_path):
+    owner, alice, bob = generate_signing_key(), generate_signing_key(), generate_signing_key()
+    model = mlp_model()
+    async with running_worker(tee, broker_url, pool):
+        b = tee.worker(broker_url, pool, state_dir=tmp_path / "b")
+        await b.start()
+        async with AsyncClient(broker_url, pool, tee.policy(), owner_key=owner) as uploader:
+            model_id = await uploader.upload_model(model, allowed_producers=[public_key_bytes(alice)])
+            await b.stop()
+            await uploader.upload_model(model, allowed_producers=[public_key_bytes(bob)])
+        b_again = tee.worker(broker_url, pool, state_dir=tmp_path / "b")
+        await b_again.start()
+        try:
+            assert b_again._registry.manifest(model_id).allowed_producers == (public_key_bytes(bob),)
+        finally:
+            await b_again.stop()
+
+
+# -- model sync messages ---------------------------------------------------------------------------
+def test_model_sync_messages_hide_owners_and_open_only_in_their_own_sync_session():
+    from enclave_worker.model_sync import SyncCollector, seal_end, seal_model
+    from protocol import crypto
+    from protocol.errors import DecryptionFailed
+
+    pool_key = crypto.generate_private_key()
+    owner = generate_signing_key()
+    data = mlp_model()
+    model_id = hashlib.sha256(data).hexdigest()
+    manifest = ModelManifest(model_id=model_id, size=len(data), owner_key=public_key_bytes(owner),
+                             allowed_producers=None, issued_at_ms=5).sign(owner)
+    nonce, other_nonce = b"n" * 32, b"o" * 32
+    public = crypto.public_bytes(pool_key)
+    chunks = list(seal_model("p", 3, nonce, public, model_id, data, manifest))
+    end = seal_end("p", 3, nonce, public, [manifest], [])
+    for message in chunks + [end]:
+        assert public_key_bytes(owner) not in message.to_bytes()  # owners and allow-lists travel sealed
+    replayed_into = SyncCollector("p", 3, other_nonce, pool_key)
+    with pytest.raises(DecryptionFailed):
+        replayed_into.add(chunks[0])
+    collector = SyncCollector("p", 3, nonce, pool_key)
+    assert [collector.add(c) for c in chunks + [end]] == [False] * len(chunks) + [True]
+    assert list(collector.complete()) == [(model_id, manifest, data)]
+    assert collector.updated_manifests == [manifest]
+    moved = dataclasses.replace(chunks[0], model_id="ab" * 32)  # swapped to another model id
+    with pytest.raises(DecryptionFailed):
+        SyncCollector("p", 3, nonce, pool_key).add(moved)

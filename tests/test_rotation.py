@@ -19,7 +19,7 @@ from producer_sdk.errors import RotationRefused
 from protocol import crypto
 from protocol.envelope import peek_request
 from protocol.errors import DecryptionFailed, MalformedMessage
-from protocol.handshake import EpochAnnounce
+from protocol.handshake import EpochAnnounce, JoinResponse, join_info
 
 from .support import SimTEE, mlp_model, running_worker
 from .test_crash_recovery import batch_of
@@ -182,3 +182,45 @@ async def test_an_announcement_whose_sealed_key_was_swapped_is_refused(tee, pool
         keyring = Keyring(b._keys, sealed_state_of(tee, b), lambda: int(time.time() * 1000))
         with pytest.raises(MalformedMessage, match="does not vouch"):
             keyring.open_announce(forged, pool)
+
+
+async def test_a_recorded_join_response_and_the_joiners_sealed_state_do_not_give_back_an_erased_epoch(
+        tee, pool, tmp_path):
+    """The key a join response is sealed to lives only for that join: the sealed state keeps
+    another identity key, so recording the response and later stealing the state opens nothing."""
+    broker_url = f"memory://{pool}"
+    recorded: list[bytes] = []
+    async with running_worker(tee, broker_url, pool) as member:
+        publish_reply = member._broker.publish_reply
+
+        async def record(address, message):  # the network attacker sees every reply
+            recorded.append(message.body)
+            return await publish_reply(address, message)
+
+        member._broker.publish_reply = record
+        async with running_worker(tee, broker_url, pool, state_dir=tmp_path / "joiner") as joiner:
+            async with AsyncClient(broker_url, pool, tee.policy()) as client:
+                model_id = await client.upload_model(mlp_model())
+                job = client._core.job(model_id, job_inputs(), timeout=60)
+                await client.rotate_pool(grace_seconds=1)
+                await wait_for(lambda: joiner._keys.previous == (), timeout=10)
+            stolen = sealed_state_of(tee, joiner).load_pool_keys()
+    responses = [JoinResponse.from_bytes(body) for body in recorded if b"join_response" in body]
+    assert responses, "the joiner got its keys from a recorded join response"
+    identity = crypto.load_private_key(stolen.identity_private_key)
+    for response in responses:
+        st = response.statement
+        with pytest.raises(DecryptionFailed):
+            crypto.hpke_open(response.sealed_keys, identity,
+                             join_info(pool, st.epoch, st.nonce, crypto.public_bytes(identity)))
+    assert not opens_with_any(job.body, pool, keys_in(sealed_state_of(tee, joiner)))
+
+
+async def test_requested_rotations_are_at_least_ten_seconds_apart_and_a_refusal_rotates_nothing(tee, pool):
+    broker_url = f"memory://{pool}"
+    async with running_worker(tee, broker_url, pool) as worker:
+        async with AsyncClient(broker_url, pool, tee.policy()) as client:
+            await client.rotate_pool(grace_seconds=5)
+            with pytest.raises(RotationRefused, match="rotated .* ago"):
+                await client.rotate_pool(grace_seconds=5)
+            assert worker._keys.epoch == 2
