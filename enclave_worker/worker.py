@@ -161,6 +161,7 @@ class Worker:
         self._keys_changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._catching_up: asyncio.Task | None = None
+        self._admitted_by = ""  # the member whose join answer we took: it sends us the models
         self._draining = False
         self._stopped = False
         self._active = 0
@@ -360,6 +361,7 @@ class Worker:
         keys = PoolKeys(epoch=st.epoch, pool_private_key=private,
                         identity_private_key=crypto.private_bytes(crypto.generate_private_key()),
                         created_ms=self._now_ms(), previous=previous).without_retired(self._now_ms())
+        self._admitted_by = response.worker_id
         log.info("joined pool %r (epoch %d) from member %s after mutual attestation", self.pool, st.epoch,
                  response.worker_id)
         return keys
@@ -546,11 +548,16 @@ class Worker:
             have = tuple(m.model_id for m in self._models.list())
             try:
                 await self._broker.publish_control(self.pool, Message(
-                    body=ModelSyncRequest(have=have, worker_id=self.worker_id, nonce=nonce).to_bytes(),
+                    body=ModelSyncRequest(have=have, worker_id=self.worker_id, nonce=nonce,
+                                      source=self._admitted_by).to_bytes(),
                     reply_to=address))
             except Unroutable:
                 return  # no live member: nothing to catch up on
-            deadline = loop.time() + JOIN_WAIT_SECONDS
+            # Someone consumes the control channel, so a member will answer, if only with its end
+            # marker; before its first message it reads and unseals every model it sends (seconds
+            # for a few hundred MB), so the first wait is as long as any later one.
+            deadline = loop.time() + MODEL_WAIT_SECONDS
+            ended = False
             while (remaining := deadline - loop.time()) > 0:
                 try:
                     body = await asyncio.wait_for(answers.get(), remaining)
@@ -558,11 +565,15 @@ class Worker:
                     break
                 try:
                     if collector.add(ModelSyncChunk.from_bytes(body)):
+                        ended = True
                         break  # that member's end marker: everything it sent has arrived (one queue, in order)
                 except ProtocolError as exc:  # includes DecryptionFailed
                     log.warning("ignoring a model sync message that does not open or parse: %s", exc)
                     continue
                 deadline = loop.time() + MODEL_WAIT_SECONDS  # a member is sending: keep listening
+        if not ended:
+            log.warning("model sync of pool %r ended without a member's end marker after %gs of silence; "
+                        "missing models arrive with the next start", self.pool, MODEL_WAIT_SECONDS)
         for model_id, signed, whole in collector.complete():
             if self._models.has(model_id):
                 continue
@@ -677,8 +688,16 @@ class Worker:
                 reply = (await asyncio.to_thread(self.answer_challenge, challenge)).to_bytes()
             elif kind == "model_sync_request":
                 request = ModelSyncRequest.from_bytes(msg.body)
-                if request.worker_id != self.worker_id and msg.reply_to:
-                    await self._send_models(request, msg.reply_to)
+                # One member answers (the one that admitted the requester, when it says so):
+                # every member sending its full copy would multiply the bytes on the broker.
+                if (request.worker_id != self.worker_id and msg.reply_to
+                        and request.source in ("", self.worker_id)):
+                    try:
+                        await self._send_models(request, msg.reply_to)
+                    except BrokerError as exc:
+                        # The requester is gone (or took another copy): never requeue, which would
+                        # hand the request straight back to us to re-read every model again.
+                        log.info("model sync for worker %s abandoned: %s", request.worker_id, exc)
                 await delivery.ack()
                 return
             elif kind == "epoch_announce":

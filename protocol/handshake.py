@@ -219,10 +219,11 @@ class ModelSyncRequest:
     have: tuple[str, ...]
     worker_id: str
     nonce: bytes
+    source: str = ""  # the member that should answer (the one that admitted us); "" = any member
 
     def to_bytes(self) -> bytes:
         return pack({"v": PROTOCOL_VERSION, "t": "model_sync_request", "have": list(self.have),
-                     "worker": self.worker_id, "nonce": self.nonce})
+                     "worker": self.worker_id, "nonce": self.nonce, "source": self.source})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "ModelSyncRequest":
@@ -231,7 +232,8 @@ class ModelSyncRequest:
         if not isinstance(have, list) or not all(isinstance(h, str) and len(h) == 64 for h in have):
             raise MalformedMessage("model_sync_request: have must be a list of model ids")
         return cls(have=tuple(have), worker_id=bounded_str(m, "worker", what="model_sync_request", max_len=128),
-                   nonce=fixed_bytes(m, "nonce", NONCE_BYTES, what="model_sync_request"))
+                   nonce=fixed_bytes(m, "nonce", NONCE_BYTES, what="model_sync_request"),
+                   source=bounded_str(m, "source", what="model_sync_request", max_len=128, optional=True) or "")
 
 
 @dataclass(frozen=True)
