@@ -12,6 +12,7 @@ import pytest
 
 from broker_adapters import Message, open_broker
 from enclave_worker.config import WorkerConfig
+from enclave_worker.errors import WorkerStartupError
 from enclave_worker.keyring import Keyring
 from enclave_worker.sealed_state import SealedState
 from producer_sdk import AsyncClient
@@ -19,6 +20,7 @@ from producer_sdk.errors import RotationRefused
 from protocol import crypto
 from protocol.envelope import peek_request
 from protocol.errors import DecryptionFailed, MalformedMessage
+from protocol.ownership import generate_signing_key
 from protocol.handshake import EpochAnnounce, JoinResponse, join_info
 
 from .support import SimTEE, mlp_model, running_worker
@@ -224,3 +226,23 @@ async def test_requested_rotations_are_at_least_ten_seconds_apart_and_a_refusal_
             with pytest.raises(RotationRefused, match="rotated .* ago"):
                 await client.rotate_pool(grace_seconds=5)
             assert worker._keys.epoch == 2
+
+
+async def test_a_non_admitted_worker_that_consumed_anyway_could_open_nothing(tee, pool, tmp_path):
+    """A rogue build of a refused worker that ignores the refusal and founds a key of its own:
+    the jobs and model chunks it could take off the broker are sealed to the pool's key."""
+    broker_url = f"memory://{pool}"
+    outsider_tee = SimTEE(tmp_path / "outsider")
+    async with running_worker(tee, broker_url, pool) as member:
+        outsider = outsider_tee.worker(broker_url, pool)
+        with pytest.raises(WorkerStartupError, match="refuses to admit"):
+            await outsider.start()
+        async with AsyncClient(broker_url, pool, tee.policy()) as client:
+            model_id = await client.upload_model(mlp_model())
+            _, chunks = client._core.model_chunks(mlp_model(), owner_key=generate_signing_key(), timeout=60)
+            taken = [client._core.job(model_id, job_inputs(), timeout=60).body, chunks[0]().body]
+        rogue_keys = outsider._found()  # everything it has: its own pool key and identity key
+        assert opens_with_any(taken[0], pool, keys_in(sealed_state_of(tee, member)))  # the member can
+        for sealed in taken:
+            assert not opens_with_any(sealed, pool, [crypto.load_private_key(rogue_keys.pool_private_key),
+                                                     crypto.load_private_key(rogue_keys.identity_private_key)])
