@@ -170,6 +170,7 @@ class AmqpBroker(BrokerAdapter):
         # aio-pika before the reconnect counts as done.
         for lock in list(self._locks.values()):
             await lock.reacquire()
+        self._reconnected()
 
     # -- pools --------------------------------------------------------------------------
     async def declare_pool(self, pool: str, settings: PoolSettings = PoolSettings()) -> None:

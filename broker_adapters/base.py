@@ -19,10 +19,12 @@ Payloads are opaque bytes: adapters never parse them and never log them.
 from __future__ import annotations
 
 import abc
+import asyncio
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Mapping
 
 HeaderValue = str | int | bytes | bool
+_PENDING: set = set()  # reconnect callbacks still running (a task needs a reference to live)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,19 @@ class BrokerAdapter(abc.ABC):
     """Async broker client. Use as ``async with open_broker(url) as broker:``."""
 
     url: str
+
+    def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``callback`` (in a task of its own) each time the adapter has recovered a lost
+        connection. Broadcasts sent while it was down are lost to this adapter's consumers (their
+        queues went with the connection): a worker uses this to catch up."""
+        self.__dict__.setdefault("_reconnect_callbacks", []).append(callback)
+
+    def _reconnected(self) -> None:
+        """Adapters call this once a reconnect is complete (consumers and locks restored)."""
+        for callback in self.__dict__.get("_reconnect_callbacks", []):
+            task = asyncio.get_running_loop().create_task(callback())
+            _PENDING.add(task)
+            task.add_done_callback(_PENDING.discard)
 
     async def __aenter__(self) -> "BrokerAdapter":
         await self.connect()

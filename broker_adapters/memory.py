@@ -535,6 +535,7 @@ class MemoryBroker(BrokerAdapter):
         with state.lock:
             for consumer in consumers:
                 consumer.return_in_flight()
+        self._reconnected()
 
     # -- internals ----------------------------------------------------------------------
     def _pool(self, pool: str) -> _Pool:

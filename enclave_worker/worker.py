@@ -191,6 +191,7 @@ class Worker:
         except BaseException:
             await self._broker.close()
             raise
+        self._broker.on_reconnect(self._after_reconnect)
         self._tasks.append(asyncio.create_task(self._erase_when_due()))
         if self._rotate_every:
             self._tasks.append(asyncio.create_task(self._rotate_periodically()))
@@ -514,6 +515,22 @@ class Worker:
             self._keyring.replace_all(keys)
             self._keys_changed.set()
             log.info("caught up with pool %r: epoch %d", self.pool, keys.epoch)
+
+    async def _after_reconnect(self) -> None:
+        """The broker connection dropped and came back: broadcasts sent meanwhile (uploads,
+        deletes, allow-list changes, epoch announcements) never reached this worker's control
+        queue. Catch up exactly as at a restart: current keys, then a model sync."""
+        if self.identity.join_policy is None or self._stopped:
+            return
+        for attempt in range(3):
+            try:
+                log.info("reconnected to the broker: catching up on what pool %r broadcast meanwhile", self.pool)
+                await self._catch_up()
+                await self._sync_models()
+                return
+            except BrokerError as exc:
+                log.warning("catching up after a reconnect failed (%s); retrying", exc)
+                await asyncio.sleep(1.0 + attempt)
 
     async def _stale_epoch(self, delivery: Delivery, header: RequestHeader) -> None:
         """A job sealed to an erased epoch can never be opened again. Tell its producer, in clear

@@ -324,6 +324,18 @@ async def test_after_a_lost_connection_unsettled_jobs_come_back_and_consumption_
         await sub.cancel()
 
 
+async def test_reconnect_callbacks_run_once_the_connection_is_back(broker, pool):
+    reconnected = asyncio.Event()
+
+    async def callback() -> None:
+        reconnected.set()
+
+    broker.on_reconnect(callback)
+    await lose_connection(broker)
+    await asyncio.wait_for(reconnected.wait(), RECONNECT_TIMEOUT)
+    await asyncio.wait_for(broker.publish_job(pool, job(3)), RECONNECT_TIMEOUT)  # usable again
+
+
 # -- replies -----------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@ allow-lists, pinned model ids -- every violation answered with a clear, encrypte
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 
@@ -250,3 +251,23 @@ def test_model_sync_messages_hide_owners_and_open_only_in_their_own_sync_session
     moved = dataclasses.replace(chunks[0], model_id="ab" * 32)  # swapped to another model id
     with pytest.raises(DecryptionFailed):
         SyncCollector("p", 3, nonce, pool_key).add(moved)
+
+
+async def test_a_worker_that_lost_its_broker_connection_catches_up_on_missed_uploads(tee, pool, tmp_path):
+    broker_url = f"memory://{pool}"
+    owner = generate_signing_key()
+    async with running_worker(tee, broker_url, pool):
+        async with running_worker(tee, broker_url, pool, state_dir=tmp_path / "b") as b:
+            async with AsyncClient(broker_url, pool, tee.policy(), owner_key=owner) as client:
+                old_id = await client.upload_model(mlp_model(seed=2))
+                # b's connection is down: its control queue is gone, so it misses an upload and a delete.
+                await b._subs[0].cancel()
+                model_id = await client.upload_model(mlp_model())
+                await client.delete_model(old_id)
+                b._subs[0] = await b._broker.consume_control(pool, b._on_control)
+                assert not b._models.has(model_id) and b._models.has(old_id)
+                b._broker._reconnected()  # what the adapter does once the connection is back
+                deadline = asyncio.get_running_loop().time() + 10
+                while not b._models.has(model_id) or b._models.has(old_id):
+                    assert asyncio.get_running_loop().time() < deadline, "no catch-up after the reconnect"
+                    await asyncio.sleep(0.05)
