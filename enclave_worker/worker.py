@@ -486,10 +486,22 @@ class Worker:
         except WorkerStartupError as exc:
             log.warning("could not catch up with the pool's members (%s); serving with the sealed keys", exc)
             return keys
-        if newer is not None and newer.epoch > keys.epoch:
-            log.info("pool %r rotated while this worker was down: now at epoch %d", self.pool, newer.epoch)
-            return newer
-        return keys
+        return newer if self._members_keys_win(newer, keys) else keys
+
+    def _members_keys_win(self, theirs: PoolKeys | None, ours: PoolKeys) -> bool:
+        """Whether keys a live member handed over replace ours: a newer epoch (we missed a
+        rotation), or another key for the same epoch -- we founded the pool while cut off from
+        its members (a network partition); producers attest the live members, so theirs win."""
+        if theirs is None or theirs.epoch < ours.epoch:
+            return False
+        if theirs.epoch > ours.epoch:
+            log.info("pool %r rotated while this worker was away: now at epoch %d", self.pool, theirs.epoch)
+            return True
+        if theirs.pool_private_key != ours.pool_private_key:
+            log.warning("pool %r: the live members hold another epoch-%d key than this worker "
+                        "(founded during a partition?); adopting the members' key", self.pool, ours.epoch)
+            return True
+        return False
 
     async def _fetch_keys(self, identity) -> PoolKeys | None:
         """Ask members for the current keys, sealed to ``identity``: a fresh key used for this one
@@ -511,7 +523,7 @@ class Worker:
         except (WorkerStartupError, BrokerError) as exc:
             log.warning("could not catch up with the pool's members: %s", exc)
             return
-        if keys is not None and keys.epoch > self._keys.epoch:
+        if self._members_keys_win(keys, self._keys):
             self._keyring.replace_all(keys)
             self._keys_changed.set()
             log.info("caught up with pool %r: epoch %d", self.pool, keys.epoch)

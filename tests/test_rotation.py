@@ -246,3 +246,13 @@ async def test_a_non_admitted_worker_that_consumed_anyway_could_open_nothing(tee
         for sealed in taken:
             assert not opens_with_any(sealed, pool, [crypto.load_private_key(rogue_keys.pool_private_key),
                                                      crypto.load_private_key(rogue_keys.identity_private_key)])
+
+
+async def test_a_worker_that_founded_alone_during_a_partition_adopts_the_live_pools_key(tee, pool, tmp_path):
+    broker_url = f"memory://{pool}"
+    split = tee.worker(f"memory://{pool}-partition", pool, state_dir=tmp_path / "split")
+    await split.start()  # founds its own epoch-1 key, cut off from the real pool
+    await split.stop()
+    async with running_worker(tee, broker_url, pool) as member:
+        async with running_worker(tee, broker_url, pool, state_dir=tmp_path / "split") as back:
+            assert back._keys.epoch == 1 and back.pool_public_key == member.pool_public_key
