@@ -57,7 +57,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .request_reply import DEFAULT_BROKER, _CpuMeter, _find_broker_pid, _median, _redact, _stop_process
+from .request_reply import (DEFAULT_BROKER, _CpuMeter, _find_broker_pid, _median, _redact, _stop_process,
+                            delete_pool_quietly)
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024
@@ -280,26 +281,12 @@ class Enclaveq:
         return seconds, transfer
 
     async def cleanup(self) -> None:
-        from broker_adapters import open_broker
-
         if self.client is not None:
             with contextlib.suppress(Exception):
                 await self.client.close()
         for proc in self.procs:
             await _stop_process(proc, "worker")
-        broker = open_broker(self.url)
-        try:
-            await broker.connect()
-            with contextlib.suppress(Exception):
-                await broker.delete_pool(self.pool)
-            if self.reply_name:
-                with contextlib.suppress(Exception):
-                    await broker.delete_reply_queue(self.reply_name)
-        except Exception as exc:
-            print(f"could not delete pool {self.pool!r}: {exc}", file=sys.stderr)
-        finally:
-            with contextlib.suppress(Exception):
-                await broker.close()
+        await delete_pool_quietly(self.url, self.pool, self.reply_name)
 
 
 # -- the run --------------------------------------------------------------------------------

@@ -668,8 +668,6 @@ class Enclaveq:
         return time.perf_counter() - started, latencies, errors
 
     async def cleanup(self) -> None:
-        from broker_adapters import open_broker
-
         if self.client is not None:
             await asyncio.sleep(0.1)  # let cancelled jobs of an interrupted batch unwind first
             with contextlib.suppress(Exception):
@@ -677,19 +675,26 @@ class Enclaveq:
         for proc in self.extra_procs:
             await _stop_process(proc, "worker")
         await _stop_process(self.proc, "worker")
-        broker = open_broker(self.url)
-        try:
-            await broker.connect()
+        await delete_pool_quietly(self.url, self.pool, self.reply_name)
+
+
+async def delete_pool_quietly(url: str, pool: str, reply_name: str | None) -> None:
+    """Remove what a benchmark run declared; a failure is reported, never raised."""
+    from broker_adapters import open_broker  # imported late, like every enclaveq import here
+
+    broker = open_broker(url)
+    try:
+        await broker.connect()
+        with contextlib.suppress(Exception):
+            await broker.delete_pool(pool)
+        if reply_name:
             with contextlib.suppress(Exception):
-                await broker.delete_pool(self.pool)
-            if self.reply_name:
-                with contextlib.suppress(Exception):
-                    await broker.delete_reply_queue(self.reply_name)
-        except Exception as exc:
-            print(f"could not delete pool {self.pool!r}: {exc}", file=sys.stderr)
-        finally:
-            with contextlib.suppress(Exception):
-                await broker.close()
+                await broker.delete_reply_queue(reply_name)
+    except Exception as exc:
+        print(f"could not delete pool {pool!r}: {exc}", file=sys.stderr)
+    finally:
+        with contextlib.suppress(Exception):
+            await broker.close()
 
 
 async def _stop_process(proc: subprocess.Popen | None, what: str) -> None:
