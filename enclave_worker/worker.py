@@ -535,6 +535,8 @@ class Worker:
         if self.identity.join_policy is None or self._stopped:
             return
         for attempt in range(3):
+            if self._stopped:
+                return
             try:
                 log.info("reconnected to the broker: catching up on what pool %r broadcast meanwhile", self.pool)
                 await self._catch_up()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from attestation.policy import load_policy
 from broker_adapters import Delivery, Message, open_broker
@@ -26,7 +27,6 @@ from protocol import bodies, crypto
 from protocol.errors import ProtocolError
 from protocol.handshake import ControlError, control_kind
 from protocol.ownership import generate_signing_key, load_signing_key, parse_public_key
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .core import Outcome, ProducerCore, Request
 from .errors import (AttestationFailed, BrokerUnreachable, ClientClosed, EnclaveqError, JobError, JobTimeout,
@@ -196,6 +196,8 @@ class AsyncClient:
         if self._closed:
             return
         self._closed = True
+        if self._refreshing is not None and not self._refreshing.done():
+            self._refreshing.cancel()
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(ClientClosed("the client was closed"))
