@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from .request_reply import (DEFAULT_BROKER, _CpuMeter, _find_broker_pid, _median, _redact, _stop_process,
-                            delete_pool_quietly)
+                            delete_pool_quietly, serve_until_signalled)
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024
@@ -149,13 +149,7 @@ async def _consumer_main(url: str, queue: str, done_queue: str, prefetch: int) -
                 aio_pika.Message(str(len(whole)).encode(), correlation_id=upload), routing_key=done_queue)
 
     await q.consume(on_message, no_ack=False)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print("ready", flush=True)
-    await stop.wait()
-    await conn.close()
+    await serve_until_signalled(conn)
 
 
 class Baseline:

@@ -450,6 +450,11 @@ async def _responder_main(url: str, queue: str, prefetch: int, reply_bytes: int)
         await msg.ack()
 
     await q.consume(on_message, no_ack=False)
+    await serve_until_signalled(conn)
+
+
+async def serve_until_signalled(conn) -> None:
+    """A baseline responder process: say "ready", serve until SIGTERM or SIGINT, disconnect."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
