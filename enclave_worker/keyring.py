@@ -67,9 +67,6 @@ class Keyring:
         if gone := before - set(self._private):
             self._on_erase(gone)
 
-    def holds(self, epoch: int) -> bool:
-        return epoch in self._private
-
     @property
     def epoch(self) -> int:
         return self.keys.epoch

@@ -800,7 +800,7 @@ class Worker:
     def _session_key(self, header: RequestHeader) -> crypto.SessionSecret:
         cache_key = (header.session_id, header.epoch, header.sealed_session)
         key = self._sessions.get(cache_key)
-        if key is not None and self._keyring.holds(header.epoch):
+        if key is not None:  # erasing an epoch also drops its sessions (_forget_sessions)
             self._sessions.move_to_end(cache_key)
             return key
         key = crypto.SessionSecret(crypto.open_session_key(

@@ -24,11 +24,9 @@ from attestation.policy import load_policy
 from broker_adapters import Delivery, Message, open_broker
 from broker_adapters.errors import BrokerError, BrokerUnavailable, Unroutable
 from protocol import bodies, crypto
-from protocol.errors import ProtocolError
-from protocol.handshake import ControlError, control_kind
 from protocol.ownership import generate_signing_key, load_signing_key, parse_public_key
 
-from .core import Outcome, ProducerCore, Request
+from .core import Outcome, ProducerCore, Request, StaleEpochNotice
 from .errors import (AttestationFailed, BrokerUnreachable, ClientClosed, EnclaveqError, JobError, JobTimeout,
                      ModelRejected, NoWorkerAnswered)
 
@@ -40,10 +38,6 @@ Progress = Callable[[int, int], None]
 BROADCAST_KINDS = frozenset({"model_chunk", "model_delete"})
 # How often one request is sealed again after workers said its epoch was rotated away.
 STALE_EPOCH_RETRIES = 3
-
-
-class _StaleEpoch:
-    """A worker's notice that a request's epoch key is erased: re-attest and seal it again."""
 
 
 @dataclass(frozen=True)
@@ -161,18 +155,14 @@ class AsyncClient:
             future = self._pending.get(cid)
             if future is not None and not future.done():
                 future.set_result(msg.body)
-        elif cid in self._pending and _is_stale_epoch_notice(msg.body):
-            # In clear and unauthenticated (the worker no longer has a key to seal with): all it
-            # can make us do is re-attest and seal the request again, at most a few times.
-            future = self._pending[cid]
-            if not future.done():
-                future.set_result(_StaleEpoch())
         else:
             outcome = self._core.open_result(msg.body) if self._core else None
-            if outcome is not None:
-                future = self._pending.get(outcome.job_id)
-                if future is not None and not future.done():
-                    future.set_result(outcome)
+            # A stale-epoch notice names its job only by correlation id; all it can make us do is
+            # re-attest and seal the request again, at most a few times.
+            job_id = cid if isinstance(outcome, StaleEpochNotice) else outcome.job_id if outcome else None
+            future = self._pending.get(job_id) if job_id else None
+            if future is not None and not future.done():
+                future.set_result(outcome)
             if self._core is not None and self._core.newer_epoch is not None:
                 self._start_refresh()  # the pool rotated: pick up its new key for the next jobs
         await delivery.ack()
@@ -240,7 +230,7 @@ class AsyncClient:
                 raise BrokerUnreachable(f"could not publish job {request.job_id}: {exc}") from None
             finally:
                 self._pending.pop(request.job_id, None)
-            if not isinstance(outcome, _StaleEpoch):
+            if not isinstance(outcome, StaleEpochNotice):
                 if request.model_id is not None and outcome.header.model_id != request.model_id:
                     # Authenticated by the session key, so only a pool member could get this wrong.
                     raise JobError(f"the result of job {request.job_id} names model {outcome.header.model_id}, "
@@ -408,15 +398,6 @@ def _signing_key(key: Any) -> Any:
     if isinstance(key, (str, Path)):
         return load_signing_key(key)
     raise TypeError("keys must be Ed25519 private keys or paths to key files from `enclaveq keys generate`")
-
-
-def _is_stale_epoch_notice(body: bytes) -> bool:
-    if len(body) > 4096:
-        return False  # results can be large; a notice never is
-    try:
-        return control_kind(body) == "control_error" and ControlError.from_bytes(body).code == "stale_epoch"
-    except ProtocolError:
-        return False
 
 
 def _redact(url: str) -> str:

@@ -50,6 +50,14 @@ class Request:
     model_id: str | None = None  # the model the result must name (pinning)
 
 
+class StaleEpochNotice:
+    """A worker's clear-text notice that a request's epoch key is erased: re-attest, seal again.
+    Unauthenticated (the worker has no key left to seal with), so it may only trigger that."""
+
+
+STALE_EPOCH_NOTICE = StaleEpochNotice()
+
+
 @dataclass(frozen=True)
 class Outcome:
     """An opened, authenticated result."""
@@ -202,15 +210,16 @@ class ProducerCore:
                           content_type=bodies.ROTATE)
 
     # -- results ---------------------------------------------------------------------------
-    def open_result(self, data: bytes) -> Outcome | None:
+    def open_result(self, data: bytes) -> Outcome | StaleEpochNotice | None:
         """Open a result; None for anything that must be ignored (duplicate, foreign, tampered)."""
         if self.session is None:
             return None
         try:
-            _, peeked = peek_result(data)
-            session = self._sessions.get(peeked.session_id, self.session)
-            header, body = session.open_result(data)
+            sealed, peeked = peek_result(data)
+            header, body = self._sessions.get(peeked.session_id, self.session).open_peeked(sealed, peeked)
         except ProtocolError:
+            if _is_stale_epoch_notice(data):  # checked only for what is not a result
+                return STALE_EPOCH_NOTICE
             # Garbage or a tampered result on our reply queue: never accepted, never fatal.
             self.unopenable += 1
             log.warning("a message on the reply queue does not open; ignored")
@@ -227,3 +236,12 @@ class ProducerCore:
             for key in list(self._done)[: len(self._done) // 2]:
                 del self._done[key]
         return Outcome(job_id=header.job_id, header=header, body=body)
+
+
+def _is_stale_epoch_notice(body: bytes) -> bool:
+    if len(body) > 4096:
+        return False  # a notice is small
+    try:
+        return control_kind(body) == "control_error" and ControlError.from_bytes(body).code == "stale_epoch"
+    except ProtocolError:
+        return False

@@ -234,7 +234,10 @@ class ProducerSession:
         return encode_envelope(header_bytes, nonce, ct)
 
     def open_result(self, data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[ResultHeader, bytes]:
-        sealed, header = peek_result(data, max_bytes=max_bytes)
+        return self.open_peeked(*peek_result(data, max_bytes=max_bytes))
+
+    def open_peeked(self, sealed: Sealed, header: ResultHeader) -> tuple[ResultHeader, bytes]:
+        """Open a result already parsed with :func:`peek_result` (the caller chose the session by it)."""
         if header.session_id != self.session_id:
             raise crypto.DecryptionFailed()
         key = self._secret.key(crypto.KeyPurpose.RESULT, self.session_id, header.job_id)
