@@ -14,7 +14,7 @@ import dataclasses
 import json
 import re
 import sys
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -153,11 +153,11 @@ def verify_command(file, platform, cert_paths, collateral, policy_path, report_d
       enclaveq evidence verify report.bin --platform snp --cert vcek.der --cert ask_ark.pem --json
     """
     try:
-        now = datetime.fromisoformat(at.replace("Z", "+00:00")) if at else datetime.now(timezone.utc)
+        now = datetime.fromisoformat(at.replace("Z", "+00:00")) if at else datetime.now(UTC)
     except ValueError:
         raise click.BadParameter(f"{at!r} is not an ISO 8601 time", param_hint="--at") from None
     if now.tzinfo is None:
-        now = now.replace(tzinfo=timezone.utc)
+        now = now.replace(tzinfo=UTC)
     try:
         expected = bytes.fromhex(report_data) if report_data else None
     except ValueError:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
 
 from cryptography import x509
 
@@ -65,7 +66,7 @@ class PolicySection(Protocol):
     """A platform's policy table, parsed. ``from_table`` raises PolicyError naming `[platform] key`."""
 
     @classmethod
-    def from_table(cls, table: Mapping[str, Any]) -> "PolicySection": ...
+    def from_table(cls, table: Mapping[str, Any]) -> PolicySection: ...
 
     def to_table(self) -> dict[str, Any]: ...
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import Callable
+from collections.abc import Callable
 
 from attestation.claims import Claims
 from attestation.errors import EvidenceMalformed, PolicyViolation, UnsupportedPlatform, Violation

@@ -369,7 +369,7 @@ async def run(args) -> int:
                       f"SHA-256, ONNX Runtime load and sealed store) {ratios['total']:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "argv": sys.argv, "cpus": os.cpu_count(), "python": platform.python_version(),
             "model_bytes": len(data), "workers": args.workers, "results": [r.summary() for r in results],
             "ratios": {k: None if v is None else round(v, 3) for k, v in ratios.items()},

@@ -59,7 +59,8 @@ import uuid
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -901,7 +902,7 @@ async def run(args) -> int:
                 console.print(f"raw profiles copied to {dest}")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "argv": sys.argv, "cpus": os.cpu_count(), "python": platform.python_version(), "model": workload.name,
             "request_bytes": workload.request_bytes, "reply_bytes": workload.reply_bytes,
             "results": [r.summary() for r in results], "ratios": {str(c): round(v, 3) for c, v in ratios.items()},

@@ -15,7 +15,7 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
 
 from rich.console import Console
@@ -61,7 +61,7 @@ def sim_case(runs: int) -> list[float]:
     import logging
     logging.getLogger("enclaveq.attestation").setLevel(logging.ERROR)  # one warning per call otherwise
     with tempfile.TemporaryDirectory() as tmp:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         sim = init_sim_dir(Path(tmp) / "sim", now=now)
         measurement = bytes(32)
         report_data = bytes(64)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from .base import Delivery, Handler, HeaderValue, PoolSettings
@@ -124,7 +124,7 @@ async def run_handler(
     handler: Handler,
     delivery: Delivery,
     log: logging.Logger,
-    on_error: "list[BaseException] | None" = None,
+    on_error: list[BaseException] | None = None,
 ) -> None:
     """Run one handler on one delivery; nack whatever it leaves unsettled.
 

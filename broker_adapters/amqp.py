@@ -33,7 +33,8 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any
+from collections.abc import AsyncIterator
 
 import aio_pika
 import aiormq
@@ -117,7 +118,7 @@ class AmqpBroker(BrokerAdapter):
             )
             self._publish_channel = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
             self._control_channel = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
-        except (*_CONNECTION_LOST, amqp_errors.AMQPError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, *_CONNECTION_LOST, amqp_errors.AMQPError) as exc:
             if self._conn is not None:
                 with contextlib.suppress(Exception):
                     await self._conn.close()
@@ -388,7 +389,7 @@ class AmqpBroker(BrokerAdapter):
             raise Unroutable(missing or unroutable) from None
         except amqp_errors.ChannelClosed as exc:
             raise PublishFailed(f"RabbitMQ closed the channel: {exc}") from exc
-        except (*_CONNECTION_LOST, asyncio.TimeoutError) as exc:
+        except (TimeoutError, *_CONNECTION_LOST) as exc:
             raise BrokerUnavailable(
                 "connection lost while publishing; the message may or may not have been accepted"
             ) from exc
@@ -403,7 +404,7 @@ class AmqpBroker(BrokerAdapter):
         while channel.is_closed:
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise asyncio.TimeoutError
+                raise TimeoutError
             await asyncio.wait_for(channel.ready(), remaining)
             if channel.is_closed:
                 await asyncio.sleep(0.01)
@@ -417,7 +418,7 @@ class AmqpBroker(BrokerAdapter):
         missing: str,
         pool: str | None = None,
         control_exchange: str | None = None,
-    ) -> "_AmqpSubscription":
+    ) -> _AmqpSubscription:
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
         conn = self._live()
@@ -442,7 +443,7 @@ class AmqpBroker(BrokerAdapter):
         except amqp_errors.ChannelNotFoundEntity:
             await _close_quietly(channel)
             raise QueueNotFound(missing) from None
-        except (*_CONNECTION_LOST, asyncio.TimeoutError) as exc:
+        except (TimeoutError, *_CONNECTION_LOST) as exc:
             await _close_quietly(channel)
             raise BrokerUnavailable(f"connection lost while subscribing to {queue_name!r}") from exc
         except amqp_errors.AMQPError as exc:
@@ -522,7 +523,7 @@ def _underlay(incoming: AbstractIncomingMessage) -> Any:
 class _AmqpDelivery(Delivery):
     __slots__ = ("message", "redelivered", "delivery_count", "_incoming", "_settled", "_acks")
 
-    def __init__(self, incoming: AbstractIncomingMessage, acks: "_AckCoalescer | None" = None) -> None:
+    def __init__(self, incoming: AbstractIncomingMessage, acks: _AckCoalescer | None = None) -> None:
         self._incoming = incoming
         self._acks = acks
         self._settled = False

@@ -21,7 +21,7 @@ from __future__ import annotations
 import abc
 import asyncio
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 HeaderValue = str | int | bytes | bool
 _PENDING: set = set()  # reconnect callbacks still running (a task needs a reference to live)
@@ -108,7 +108,7 @@ class BrokerAdapter(abc.ABC):
             _PENDING.add(task)
             task.add_done_callback(_PENDING.discard)
 
-    async def __aenter__(self) -> "BrokerAdapter":
+    async def __aenter__(self) -> BrokerAdapter:
         await self.connect()
         return self
 

@@ -24,7 +24,7 @@ import threading
 import uuid
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Callable
+from collections.abc import Callable
 
 from . import _common as common
 from .base import (
@@ -59,7 +59,7 @@ class _Envelope:
 
 
 class _Queue:
-    def __init__(self, name: str, *, delivery_limit: int | None, dead: "_Queue | None" = None):
+    def __init__(self, name: str, *, delivery_limit: int | None, dead: _Queue | None = None):
         self.name = name
         self.delivery_limit = delivery_limit  # None: unlimited, like RabbitMQ classic queues
         self.dead = dead
@@ -113,7 +113,7 @@ class _State:
                 consumer.detach()
 
     @staticmethod
-    def _next_consumer(queue: _Queue) -> "_Consumer | None":
+    def _next_consumer(queue: _Queue) -> _Consumer | None:
         n = len(queue.consumers)
         if not n:
             return None
@@ -124,7 +124,7 @@ class _State:
                 return consumer
         return None
 
-    def give_back(self, delivery: "_MemoryDelivery") -> None:
+    def give_back(self, delivery: _MemoryDelivery) -> None:
         """A delivery returns unacknowledged (nack, cancel, disconnect): requeue or dead-letter."""
         queue = delivery.consumer.queue
         envelope = delivery.envelope
@@ -147,7 +147,7 @@ class _State:
         headers.setdefault(common.DEAD_QUEUE_HEADER, queue.name)
         self.enqueue(queue.dead, replace(envelope.message, headers=headers))
 
-    def settle(self, delivery: "_MemoryDelivery", outcome: str) -> None:
+    def settle(self, delivery: _MemoryDelivery, outcome: str) -> None:
         if delivery.stale:
             delivery.mark_settled()
             raise BrokerUnavailable(
@@ -186,7 +186,7 @@ def forget_memory_broker(name: str = "default") -> None:
 
 
 class _MemoryDelivery(Delivery):
-    def __init__(self, consumer: "_Consumer", envelope: _Envelope) -> None:
+    def __init__(self, consumer: _Consumer, envelope: _Envelope) -> None:
         self.consumer = consumer
         self.envelope = envelope
         self.message = replace(envelope.message, headers=common.clean_headers(envelope.message.headers))
@@ -220,7 +220,7 @@ class _MemoryDelivery(Delivery):
 class _Consumer(Subscription):
     def __init__(
         self,
-        broker: "MemoryBroker",
+        broker: MemoryBroker,
         queue: _Queue,
         handler: Handler,
         prefetch: int,
@@ -300,7 +300,7 @@ class _Consumer(Subscription):
 
 
 class _MemoryPoolLock(PoolLock):
-    def __init__(self, broker: "MemoryBroker", pool: str, key: str) -> None:
+    def __init__(self, broker: MemoryBroker, pool: str, key: str) -> None:
         self.broker = broker
         self.pool = pool
         self.key = key

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Callable
+from collections.abc import Callable
 
 from protocol import crypto
 from protocol.codec import pack, unpack

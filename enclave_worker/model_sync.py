@@ -13,7 +13,7 @@ sign) and the SHA-256 model id when it loads the bytes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from collections.abc import Iterator
 
 from protocol import crypto
 from protocol.codec import pack, unpack

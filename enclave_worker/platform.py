@@ -41,9 +41,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
+from collections.abc import Callable, Mapping
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -157,7 +158,7 @@ def tee_identity(tee: str, config: WorkerConfig = DEFAULT_WORKER_CONFIG, *, root
     join_policy = None
     if own is not None:
         join_policy = tee_join_policy(own)
-        check_self_admission(own, join_policy, options, now=datetime.fromtimestamp(clock(), timezone.utc))
+        check_self_admission(own, join_policy, options, now=datetime.fromtimestamp(clock(), UTC))
     key = platform_sealing_key(provider, measurement.config_digest, root=root, ops=ops,
                                snp_vmpl=own.vmpl if own is not None else None)
     persistent = key is not None

@@ -26,7 +26,7 @@ import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from protocol.codec import pack, unpack
 
@@ -61,7 +61,7 @@ class PoolKeys:
     def __repr__(self) -> str:  # private keys never reach a log line
         return f"PoolKeys(epoch={self.epoch}, previous={[k.epoch for k in self.previous]})"
 
-    def without_retired(self, now_ms: int) -> "PoolKeys":
+    def without_retired(self, now_ms: int) -> PoolKeys:
         """The same keys minus every previous epoch whose grace period is over."""
         keep = tuple(k for k in self.previous if k.retire_at_ms > now_ms)
         return self if keep == self.previous else replace(self, previous=keep)

@@ -19,9 +19,10 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
+from collections.abc import Callable, Mapping
 
 from attestation.errors import AttestationError
 from attestation.providers.errors import ProviderError
@@ -316,7 +317,7 @@ class Worker:
         while (remaining := deadline - asyncio.get_running_loop().time()) > 0:
             try:
                 body = await asyncio.wait_for(answers.get(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return None
             try:
                 kind = control_kind(body)
@@ -338,7 +339,7 @@ class Worker:
         if st.nonce != nonce or st.pool != self.pool or st.suite != crypto.SUITE_ID:
             raise MalformedMessage("the join response answers another request or pool")
         verify_evidence(response.platform, response.evidence, self.identity.join_policy,
-                        expected_report_data=st.report_data(), now=datetime.fromtimestamp(self._clock(), timezone.utc),
+                        expected_report_data=st.report_data(), now=datetime.fromtimestamp(self._clock(), UTC),
                         **self.identity.join_verify_options)
         identity_public = crypto.public_bytes(identity)
         raw = crypto.hpke_open(response.sealed_keys, identity,
@@ -430,7 +431,7 @@ class Worker:
             # The announcer must satisfy our join policy, exactly like a member handing us keys.
             verify_evidence(announce.platform, announce.evidence, self.identity.join_policy,
                             expected_report_data=announce.statement.report_data(),
-                            now=datetime.fromtimestamp(self._clock(), timezone.utc),
+                            now=datetime.fromtimestamp(self._clock(), UTC),
                             **self.identity.join_verify_options)
             private = self._keyring.open_announce(announce, self.pool)
         except (AttestationError, ProtocolError, ValueError) as exc:
@@ -450,7 +451,7 @@ class Worker:
             timeout = None if due is None else max(0.05, (due - self._now_ms()) / 1000)
             try:
                 await asyncio.wait_for(self._keys_changed.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.erase_retired()
 
     def erase_retired(self) -> list[int]:
@@ -592,7 +593,7 @@ class Worker:
             while (remaining := deadline - loop.time()) > 0:
                 try:
                     body = await asyncio.wait_for(answers.get(), remaining)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
                 try:
                     if collector.add(ModelSyncChunk.from_bytes(body)):
@@ -663,7 +664,7 @@ class Worker:
                 raise MalformedMessage("join request for another pool or suite")
             verify_evidence(request.platform, request.evidence, self.identity.join_policy,
                             expected_report_data=st.report_data(),
-                            now=datetime.fromtimestamp(self._clock(), timezone.utc),
+                            now=datetime.fromtimestamp(self._clock(), UTC),
                             **self.identity.join_verify_options)
         except (AttestationError, ProtocolError) as exc:
             log.warning("refused to admit worker %s to pool %r: %s", request.worker_id, self.pool,
@@ -689,7 +690,7 @@ class Worker:
             task.cancel()
         try:
             await asyncio.wait_for(self._idle.wait(), drain_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("stopping with %d jobs still running; the broker will redeliver them", self._active)
         for sub in reversed(self._subs):
             try:
@@ -933,7 +934,7 @@ class Worker:
             # producer may already have another worker's confirmation): wait for it.
             try:
                 await asyncio.wait_for(ready.wait(), MODEL_WAIT_SECONDS)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         model = self._models.get(header.model_id)
         input_bytes = sum(a.nbytes for a in inputs.values())

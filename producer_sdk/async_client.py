@@ -15,7 +15,8 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterable, Mapping, Sequence
+from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -90,7 +91,7 @@ class AsyncClient:
         self._closed = False
         self._refreshing: asyncio.Task | None = None
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         await self.connect()
         return self
 
@@ -131,7 +132,7 @@ class AsyncClient:
             await self._broker.publish_control(self.pool, Message(body=challenge, correlation_id=correlation_id,
                                                                     reply_to=self._core.reply_to))
             raw = await asyncio.wait_for(future, self.attest_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise NoWorkerAnswered(f"no worker of pool {self.pool!r} answered the attestation challenge within "
                                    f"{self.attest_timeout:g}s; is a worker running on this pool?") from None
         except Unroutable:
@@ -224,7 +225,7 @@ class AsyncClient:
                 else:
                     await self._broker.publish_job(self.pool, message)
                 outcome = await asyncio.wait_for(future, max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise JobTimeout(f"no result for job {request.job_id} within {timeout:g}s") from None
             except BrokerError as exc:
                 raise BrokerUnreachable(f"could not publish job {request.job_id}: {exc}") from None

@@ -12,8 +12,9 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable, Mapping, Sequence
+from datetime import datetime, UTC
+from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -134,7 +135,7 @@ class ProducerCore:
             problems.append(f"statement.suite is {st.suite!r}, expected {crypto.SUITE_ID!r}")
         if problems:
             raise AttestationFailed("; ".join(problems))
-        now = datetime.fromtimestamp(self._clock(), tz=timezone.utc)
+        now = datetime.fromtimestamp(self._clock(), tz=UTC)
         try:
             claims = self._verify(response.platform, response.evidence, self.policy,
                                   expected_report_data=st.report_data(), now=now, **self._verify_options)

@@ -15,7 +15,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -88,7 +89,7 @@ class ErrorBody:
         return pack({"code": self.code, "message": self.message})
 
     @classmethod
-    def from_bytes(cls, body: bytes) -> "ErrorBody":
+    def from_bytes(cls, body: bytes) -> ErrorBody:
         m = unpack(body, max_bytes=16384, what="error body")
         if not isinstance(m, dict):
             raise MalformedMessage("error body: expected a map")

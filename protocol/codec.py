@@ -7,7 +7,8 @@ and anything larger than the caller's limit.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import msgpack
 

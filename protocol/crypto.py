@@ -19,7 +19,7 @@ Why the composition is sound is written out in docs/protocol.md.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, hpke
@@ -116,7 +116,7 @@ class SessionSecret:
         return "SessionSecret(<secret>)"
 
 
-def as_secret(key: "bytes | SessionSecret") -> SessionSecret:
+def as_secret(key: bytes | SessionSecret) -> SessionSecret:
     return key if isinstance(key, SessionSecret) else SessionSecret(key)
 
 

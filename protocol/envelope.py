@@ -67,7 +67,7 @@ class RequestHeader:
         return pack(m)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "RequestHeader":
+    def from_bytes(cls, data: bytes) -> RequestHeader:
         w = "request header"
         m = unpack_map(data, kind=None, max_bytes=8192)
         kind = m.get("t")
@@ -128,7 +128,7 @@ class ResultHeader:
         return pack(m)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "ResultHeader":
+    def from_bytes(cls, data: bytes) -> ResultHeader:
         w = "result header"
         m = unpack_map(data, kind="result", max_bytes=8192)
         status = m.get("st")
@@ -175,12 +175,12 @@ def peek_request(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> 
     return sealed, RequestHeader.from_bytes(sealed.header_bytes)
 
 
-def open_request(sealed: Sealed, header: RequestHeader, session_key: "bytes | crypto.SessionSecret") -> bytes:
+def open_request(sealed: Sealed, header: RequestHeader, session_key: bytes | crypto.SessionSecret) -> bytes:
     key = crypto.as_secret(session_key).key(crypto.KeyPurpose.JOB, header.session_id, header.job_id)
     return crypto.open_(key, sealed.nonce, sealed.ciphertext, sealed.header_bytes)
 
 
-def seal_result(session_key: "bytes | crypto.SessionSecret", request: RequestHeader, status: str, content_type: str, body: bytes,
+def seal_result(session_key: bytes | crypto.SessionSecret, request: RequestHeader, status: str, content_type: str, body: bytes,
                 *, rng: crypto.Random = os.urandom, current_epoch: int | None = None) -> bytes:
     header = ResultHeader(session_id=request.session_id, job_id=request.job_id, status=status,
                           content_type=content_type, model_id=request.model_id, current_epoch=current_epoch)

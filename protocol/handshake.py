@@ -29,7 +29,7 @@ class Challenge:
         return pack({"v": PROTOCOL_VERSION, "t": "challenge", "nonce": self.nonce})
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Challenge":
+    def from_bytes(cls, data: bytes) -> Challenge:
         m = unpack_map(data, kind="challenge", max_bytes=4096)
         return cls(nonce=fixed_bytes(m, "nonce", NONCE_BYTES, what="challenge"))
 
@@ -63,7 +63,7 @@ class Statement:
         }
 
     @classmethod
-    def from_map(cls, m: object) -> "Statement":
+    def from_map(cls, m: object) -> Statement:
         what = "statement"
         if not isinstance(m, dict):
             raise MalformedMessage("statement: expected a map")
@@ -95,7 +95,7 @@ class EvidenceResponse:
         })
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "EvidenceResponse":
+    def from_bytes(cls, data: bytes) -> EvidenceResponse:
         m = unpack_map(data, kind="evidence", max_bytes=MAX_EVIDENCE_BYTES + 4096)
         evidence = field(m, "evidence", bytes, what="evidence")
         if len(evidence) > MAX_EVIDENCE_BYTES:
@@ -119,7 +119,7 @@ class ControlError:
         return pack({"v": PROTOCOL_VERSION, "t": "control_error", "code": self.code, "message": self.message})
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "ControlError":
+    def from_bytes(cls, data: bytes) -> ControlError:
         m = unpack_map(data, kind="control_error", max_bytes=8192)
         return cls(code=bounded_str(m, "code", what="control_error", max_len=64),
                    message=bounded_str(m, "message", what="control_error", max_len=2048))
@@ -160,7 +160,7 @@ class JoinRequest:
                      "evidence": self.evidence, "statement": self.statement.to_map(), "worker": self.worker_id})
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "JoinRequest":
+    def from_bytes(cls, data: bytes) -> JoinRequest:
         m = unpack_map(data, kind="join_request", max_bytes=MAX_EVIDENCE_BYTES + 4096)
         evidence = field(m, "evidence", bytes, what="join_request")
         if len(evidence) > MAX_EVIDENCE_BYTES:
@@ -187,7 +187,7 @@ class JoinResponse:
                      "sealed_keys": self.sealed_keys, "worker": self.worker_id})
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "JoinResponse":
+    def from_bytes(cls, data: bytes) -> JoinResponse:
         m = unpack_map(data, kind="join_response", max_bytes=MAX_EVIDENCE_BYTES + 24 * 1024)
         evidence = field(m, "evidence", bytes, what="join_response")
         sealed = field(m, "sealed_keys", bytes, what="join_response")
@@ -226,7 +226,7 @@ class ModelSyncRequest:
                      "worker": self.worker_id, "nonce": self.nonce, "source": self.source})
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "ModelSyncRequest":
+    def from_bytes(cls, data: bytes) -> ModelSyncRequest:
         m = unpack_map(data, kind="model_sync_request", max_bytes=1024 * 1024)
         have = m.get("have")
         if not isinstance(have, list) or not all(isinstance(h, str) and len(h) == 64 for h in have):
@@ -258,7 +258,7 @@ class ModelSyncChunk:
                      "i": self.index, "n": self.count, "size": self.total_size, "c": self.sealed})
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "ModelSyncChunk":
+    def from_bytes(cls, data: bytes) -> ModelSyncChunk:
         w = "model_sync_chunk"
         m = unpack_map(data, kind=w, max_bytes=MODEL_SYNC_CHUNK_BYTES + 1024 * 1024)
         index, count = field(m, "i", int, what=w), field(m, "n", int, what=w)
@@ -308,7 +308,7 @@ class EpochAnnounce:
                      "worker": self.worker_id})
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "EpochAnnounce":
+    def from_bytes(cls, data: bytes) -> EpochAnnounce:
         w = "epoch_announce"
         m = unpack_map(data, kind=w, max_bytes=MAX_EVIDENCE_BYTES + 8192)
         evidence = field(m, "evidence", bytes, what=w)

@@ -40,7 +40,8 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -305,7 +306,7 @@ class ModelManifest:
         return _signed_form(MANIFEST_KIND, message, key.sign(message))
 
     @classmethod
-    def verify(cls, data: bytes) -> "ModelManifest":
+    def verify(cls, data: bytes) -> ModelManifest:
         """Parse a signed manifest and check it was signed by the owner key it names."""
         items, message, signature = _open_signed(data, kind=MANIFEST_KIND, label=MANIFEST_LABEL, arity=6,
                                                  max_bytes=MAX_MANIFEST_BYTES)
@@ -360,7 +361,7 @@ class DeleteOrder:
         return _signed_form(DELETE_KIND, message, key.sign(message))
 
     @classmethod
-    def verify(cls, data: bytes) -> "DeleteOrder":
+    def verify(cls, data: bytes) -> DeleteOrder:
         """Parse a signed delete order and check it was signed by the owner key it names."""
         items, message, signature = _open_signed(data, kind=DELETE_KIND, label=DELETE_LABEL, arity=4,
                                                  max_bytes=MAX_DELETE_ORDER_BYTES)
@@ -396,7 +397,7 @@ class ProducerProof:
 
     @classmethod
     def create(cls, key: Ed25519PrivateKey, *, pool: str, epoch: int, session_id: bytes,
-               sealed_session: bytes) -> "ProducerProof":
+               sealed_session: bytes) -> ProducerProof:
         producer_key = public_key_bytes(key)
         message = cls.signed_bytes(pool=pool, epoch=epoch, session_id=session_id, sealed_session=sealed_session,
                                    producer_key=producer_key)
@@ -412,7 +413,7 @@ class ProducerProof:
         return pack({"v": PROTOCOL_VERSION, "k": self.producer_key, "s": self.signature})
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "ProducerProof":
+    def from_bytes(cls, data: bytes) -> ProducerProof:
         what = "producer_proof"
         if isinstance(data, (bytes, bytearray, memoryview)) and len(data) > MAX_PRODUCER_PROOF_BYTES:
             raise MalformedMessage(f"{what}: larger than any valid proof")

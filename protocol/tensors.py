@@ -7,7 +7,8 @@ Every numeric dtype onnxruntime runs is supported; the dtype travels by *name* (
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 

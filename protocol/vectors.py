@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import bodies, crypto
-from .envelope import ProducerSession, RequestHeader, peek_request, seal_result
+from .envelope import ProducerSession, peek_request, seal_result
 from .handshake import Statement
 from .tensors import DTYPES
 

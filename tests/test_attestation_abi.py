@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import msgpack
 import pytest
@@ -20,7 +20,7 @@ from attestation.testing.sim import FakeSimAuthority
 
 pytestmark = pytest.mark.filterwarnings("ignore::cryptography.utils.CryptographyDeprecationWarning")
 
-T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 MEASUREMENT = hashlib.sha256(b"worker").digest()
 REPORT_DATA = hashlib.sha512(b"statement").digest()
 
@@ -81,7 +81,7 @@ def test_encoding_a_parsed_evidence_gives_back_the_same_bytes():
 
 
 def test_issued_at_is_exact_to_the_millisecond():
-    when = datetime(2031, 7, 9, 1, 2, 3, 456_000, tzinfo=timezone.utc)
+    when = datetime(2031, 7, 9, 1, 2, 3, 456_000, tzinfo=UTC)
     report = SimReport(MEASUREMENT, False, 0, REPORT_DATA, SimReport.ms_from_datetime(when))
     assert parse_report(encode_report(report)).issued_at == when
 

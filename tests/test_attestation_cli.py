@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import pytest
 from click.testing import CliRunner
@@ -69,7 +69,7 @@ def test_a_policy_from_the_cli_accepts_evidence_from_the_default_worker(runner, 
     out = tmp_path / "policy.toml"
     assert runner.invoke(policy_cli, ["init", "--sim-dir", str(sim_dir), "--out", str(out)]).exit_code == 0
     # The certificates were made with the real clock; verify at a fixed point inside them.
-    now = datetime.now(timezone.utc).replace(microsecond=0)
+    now = datetime.now(UTC).replace(microsecond=0)
     nonce_data = hashlib.sha512(b"nonce").digest()
     worker = SimProvider(sim_dir, measure_worker(DEFAULT_WORKER_CONFIG).value, clock=lambda: now)
 

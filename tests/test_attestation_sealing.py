@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import pytest
 
@@ -11,7 +11,7 @@ from attestation.errors import SimDirError, UnsealError
 from attestation.sim import init_sim_dir
 from attestation.sim.sealing import seal, sealing_key, unseal
 
-T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 MEASUREMENT = hashlib.sha256(b"worker v1").digest()
 UPGRADED = hashlib.sha256(b"worker v2").digest()
 AAD = b"enclaveq/pool-epoch-keys/pool-a"

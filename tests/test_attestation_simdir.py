@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import stat
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import pytest
 from cryptography import x509
@@ -14,7 +14,7 @@ from attestation.errors import SimDirError
 from attestation.sim import SimProvider, init_sim_dir, open_sim_dir
 from attestation.sim.init import ROOT_COMMON_NAME
 
-T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 MEASUREMENT = hashlib.sha256(b"worker").digest()
 FILES = {"root.pem", "attestation-key.pem", "attestation-cert.pem", "platform-secret"}
 

@@ -7,7 +7,7 @@ import asyncio
 import json
 import shutil
 import subprocess
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest

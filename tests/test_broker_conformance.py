@@ -11,7 +11,7 @@ import asyncio
 import shutil
 import subprocess
 from dataclasses import dataclass
-from typing import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 

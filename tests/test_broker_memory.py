@@ -4,7 +4,7 @@ and the settlement rules it enforces the way RabbitMQ would."""
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import pytest
 

@@ -18,7 +18,6 @@ from enclave_worker.errors import WorkerStartupError
 from producer_sdk import AsyncClient, Client
 from producer_sdk.errors import (AttestationFailed, BadInput, JobExpired, NoWorkerAnswered, Oversized,
                                  RequestTampered, UnknownModel)
-from protocol import bodies
 from protocol.envelope import decode_envelope, encode_envelope
 
 from .support import SimTEE, every_dtype_model, mlp_model, running_worker, sample_every_dtype_inputs

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import pytest
 
@@ -14,7 +14,7 @@ from attestation.sim.provider import SimProvider
 from .processes import enclaveq
 from .support import SimTEE
 
-NOW = datetime(2027, 6, 1, 12, 0, tzinfo=timezone.utc)  # inside the fresh sim chain's validity
+NOW = datetime(2027, 6, 1, 12, 0, tzinfo=UTC)  # inside the fresh sim chain's validity
 
 
 @pytest.mark.parametrize("encode, name", [

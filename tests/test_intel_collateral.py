@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 
 import pytest
@@ -34,7 +34,7 @@ from attestation.trust import DEFAULT_TRUST
 
 from .test_intel_pck import vector_quote
 
-UTC = timezone.utc
+UTC = UTC
 NOW = datetime(2026, 11, 27, tzinfo=UTC)
 COLLATERAL = "tdx/go-tdx-guest/collateral"
 # A time inside the validity of the 2023 documents, the 2023 CRLs and the tdx_quote_4 PCK chain.

@@ -3,7 +3,7 @@ Real quotes against the real collateral, and every status through synthetic TCB 
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 
 import pytest
@@ -27,7 +27,7 @@ from attestation.testing.intel_collateral import default_pki, enclave_level, tcb
 
 from .test_intel_pck import vector_quote
 
-UTC = timezone.utc
+UTC = UTC
 NOW = datetime(2026, 11, 27, tzinfo=UTC)
 IN_2023 = datetime(2023, 6, 20, tzinfo=UTC)
 FMSPC = bytes.fromhex("00906ea10000")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -13,7 +13,7 @@ from attestation.intel.fetch import IntelPcsFetcher, fetch_collateral, urllib_ht
 from attestation.intel.pck import PckExtensions
 from attestation.testing.intel_collateral import default_pki, enclave_level, tcb_level
 
-NOW = datetime(2026, 11, 27, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 27, tzinfo=UTC)
 FMSPC = bytes.fromhex("00906ea10000")
 BASE = "https://pcs.example.test"
 

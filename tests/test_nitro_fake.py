@@ -3,7 +3,7 @@ syntactic rule, the envelope, the chain profile, time, CRLs and debug -- without
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 
 import cbor2
 import pytest
@@ -17,7 +17,7 @@ from attestation.nitro.abi import NitroEvidence, parse_evidence
 from attestation.platforms import Platform, Verified
 from attestation.testing.nitro import DEBUG_PCRS, FakeNitro, default_pcrs, make_certificate, sign_es384
 
-NOW = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 pytestmark = pytest.mark.filterwarnings("ignore::cryptography.utils.CryptographyDeprecationWarning")
 
 
@@ -175,7 +175,7 @@ def test_pcr_sizes_32_48_64_accepted(fake):
 
 
 def test_timestamp_limits(fake):
-    assert verify(fake, fake.document(timestamp=1)).issued_at == datetime(1970, 1, 1, 0, 0, 0, 1000, tzinfo=timezone.utc)
+    assert verify(fake, fake.document(timestamp=1)).issued_at == datetime(1970, 1, 1, 0, 0, 0, 1000, tzinfo=UTC)
     with pytest.raises(EvidenceMalformed, match="timestamp"):
         verify(fake, fake.document(timestamp=253_402_300_800_000))
 

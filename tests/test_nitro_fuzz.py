@@ -11,7 +11,7 @@ all, about 6 s (hypothesis' own generation dominates).
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import cbor2
 import pytest
@@ -23,7 +23,7 @@ from attestation.nitro import PLATFORM
 from attestation.nitro.abi import parse_evidence
 from attestation.testing.nitro import FakeNitro
 
-NOW = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 FAKE = FakeNitro(now=NOW, intermediates=2)
 VALID = FAKE.document(user_data=b"u" * 64, nonce=b"n" * 16)
 VALID_PARSED = parse_evidence(VALID)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import pytest
 
@@ -11,7 +11,7 @@ from attestation.nitro import PLATFORM, NitroSection
 from attestation.nitro.validate import violations
 from attestation.testing.nitro import DEBUG_PCRS, FakeNitro, default_pcrs
 
-NOW = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 PCRS = default_pcrs()
 HEX = {i: v.hex() for i, v in PCRS.items()}
 OTHER = "ab" * 48

@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
 
 import cbor2
@@ -100,7 +100,7 @@ def test_verifies_at_its_timestamp_and_matches_expected(vector):
 def test_expired_at_2026_and_valid_inside_leaf_window(vector):
     raw, exp = vector
     with pytest.raises(EvidenceInvalid, match="expired"):
-        _verify(raw, datetime(2026, 11, 27, tzinfo=timezone.utc))
+        _verify(raw, datetime(2026, 11, 27, tzinfo=UTC))
     leaf_start = datetime.fromisoformat(exp["leaf"]["not_before"])
     leaf_end = datetime.fromisoformat(exp["leaf"]["not_after"])
     _verify(raw, leaf_start)

@@ -9,7 +9,7 @@ rewritten length fields, 800 mutations of the PCK chain PEM: 5,900 in all.
 from __future__ import annotations
 
 import struct
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,7 +22,7 @@ from attestation.sgx import PLATFORM
 from attestation.sgx.abi import parse_quote
 from attestation.testing.intel import FakeIntelPki, FakeQuotingEnclave, quote_regions
 
-NOW = datetime(2026, 11, 27, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 27, tzinfo=UTC)
 # Built once at import: hypothesis runs many examples and must not rebuild keys for each.
 PKI = FakeIntelPki(NOW)
 QUOTE = FakeQuotingEnclave(PKI).sgx_quote(report_data=b"\x5a" * 64)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 import types
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import pytest
 
@@ -22,7 +22,7 @@ from attestation.testing.intel import SGX_QE_MRSIGNER, TD_QE_MRSIGNER, FakeIntel
 
 pytest.importorskip("attestation.intel.pck")
 
-NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 PKI = FakeIntelPki(NOW, fmspc=bytes.fromhex("00906ed50000"), pcesvn=13)
 QE = FakeQuotingEnclave(PKI, qe_isvsvn=6)
 
@@ -150,12 +150,12 @@ def _real_collateral(tmp_path, *, tdx: bool, platform_status: str, qe_svn_levels
                              tdx=[3, 0, 5] + [0] * 13 if tdx else None, advisories=("INTEL-SA-00615",)),
               docs.tcb_level("OutOfDate", sgx=[0] * 16, pcesvn=0, tdx=[0] * 16 if tdx else None)]
     tcb_info = signer.tcb_info_document(fmspc=PKI.fmspc, levels=levels, tcb_id="TDX" if tdx else "SGX",
-                                        issue_date=datetime(2026, 11, 20, tzinfo=timezone.utc),
+                                        issue_date=datetime(2026, 11, 20, tzinfo=UTC),
                                         next_update=next_update)
     qe_identity = signer.qe_identity_document(
         levels=[docs.enclave_level(status, svn) for status, svn in qe_svn_levels],
         qe_id="TD_QE" if tdx else "QE", mrsigner=TD_QE_MRSIGNER if tdx else SGX_QE_MRSIGNER,
-        isvprodid=2 if tdx else 1, issue_date=datetime(2026, 11, 20, tzinfo=timezone.utc), next_update=next_update)
+        isvprodid=2 if tdx else 1, issue_date=datetime(2026, 11, 20, tzinfo=UTC), next_update=next_update)
     directory = signer.write_collateral_dir(tmp_path / ("tdx" if tdx else "sgx"), tcb_info=tcb_info,
                                             qe_identity=qe_identity)
     # the quotes' PCK chain and the collateral's TCB Signing chain come from two fake roots
@@ -189,7 +189,7 @@ def test_end_to_end_tdx_with_signed_collateral(tmp_path):
 
 def test_end_to_end_stale_collateral(tmp_path):
     inputs = _real_collateral(tmp_path, tdx=False, platform_status="UpToDate", qe_svn_levels=[("UpToDate", 6)],
-                              next_update=datetime(2026, 11, 21, tzinfo=timezone.utc))
+                              next_update=datetime(2026, 11, 21, tzinfo=UTC))
     v = SGX.verify(QE.sgx_quote(), inputs)
     assert v.report.tcb.collateral_expired is True
     found = SGX.violations(v, SgxPolicy.from_table({"accepted_advisory_ids": ["INTEL-SA-00615"]}), inputs)

@@ -5,7 +5,7 @@ variant with a typed error."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import pytest
 from cryptography import x509
@@ -20,7 +20,7 @@ from attestation.trust import DEFAULT_TRUST, INTEL_SGX_ROOT_CA, TrustAnchors
 pytestmark = pytest.mark.vectors
 
 NAME = "sgx/trustee/occlum_quote.dat"
-INSIDE = datetime(2026, 11, 27, tzinfo=timezone.utc)
+INSIDE = datetime(2026, 11, 27, tzinfo=UTC)
 AT = VerificationInputs(now=INSIDE)
 
 

@@ -6,7 +6,7 @@ binding, product consistency, the KDS fetcher, CRLs, expiry, wrong roots and odd
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 
 import pytest
 from cryptography import x509
@@ -22,7 +22,7 @@ from attestation.snp.kds import AMD_PSS, KdsFetcher, cert_chain_url, cert_info
 from attestation.testing.snp import FakeAmd, amd_name, fake_rsa_key
 from attestation.trust import TrustAnchors
 
-NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 PRODUCTS = ("Milan", "Genoa", "Turin")
 
 

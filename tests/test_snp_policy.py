@@ -6,7 +6,7 @@ the field, the report's value and the expectation; all violations are reported a
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import pytest
 
@@ -18,7 +18,7 @@ from attestation.snp.abi import encode_tcb
 from attestation.testing.snp import FakeAmd
 from attestation.verify import verify_evidence
 
-NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 M = "42" * 48
 M2 = "43" * 48
 H = "11" * 32

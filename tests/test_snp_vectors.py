@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 
 import pytest
@@ -27,7 +27,7 @@ from attestation.trust import DEFAULT_TRUST, TrustAnchors
 
 pytestmark = pytest.mark.vectors
 
-NOW = datetime(2026, 11, 27, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 27, tzinfo=UTC)
 TRUST = DEFAULT_TRUST.with_roots("snp", *SNP_ROOTS)
 REPORTS = ("snp/trustee/test-report.bin", "snp/trustee/az-snp-vtpm/evidence-genoa.snp-report.bin")
 PRODUCT = {"snp/trustee/test-report.bin": "Milan", "snp/trustee/az-snp-vtpm/evidence-genoa.snp-report.bin": "Genoa"}
@@ -206,7 +206,7 @@ def test_the_chain_expires_and_is_not_yet_valid_outside_its_validity(vectors_dir
     not_after = datetime.fromisoformat(entry["vcek"]["not_after"])
     assert PLATFORM.verify(report, _inputs(certs, now=not_after)).claims["version"] == entry["report"]["version"]
     with pytest.raises(EvidenceInvalid, match="expired"):
-        PLATFORM.verify(report, _inputs(certs, now=datetime(2046, 1, 1, tzinfo=timezone.utc)))
+        PLATFORM.verify(report, _inputs(certs, now=datetime(2046, 1, 1, tzinfo=UTC)))
     with pytest.raises(EvidenceInvalid, match="expired"):
         PLATFORM.verify(report, _inputs(certs, now=not_after.replace(year=not_after.year + 1)))
     with pytest.raises(EvidenceInvalid, match="not valid before"):

@@ -9,7 +9,7 @@ v4 and v5 quotes (verified in full), 600 rewritten length / type fields: 5,100 i
 from __future__ import annotations
 
 import struct
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,7 +22,7 @@ from attestation.tdx import PLATFORM
 from attestation.tdx.abi import parse_quote
 from attestation.testing.intel import FakeIntelPki, FakeQuotingEnclave
 
-NOW = datetime(2026, 11, 27, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 27, tzinfo=UTC)
 PKI = FakeIntelPki(NOW)
 QE = FakeQuotingEnclave(PKI)
 QUOTES = {4: QE.tdx_quote(version=4), 5: QE.tdx_quote(version=5, body_type=3)}

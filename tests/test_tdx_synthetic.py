@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 
 import pytest
 
@@ -20,7 +20,7 @@ from attestation.tdx.policy import MEASUREMENT_KEYS
 from attestation.testing.intel import FakeIntelPki, FakeQuotingEnclave
 from attestation.verify import verify_evidence
 
-NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 PKI = FakeIntelPki(NOW)
 QE = FakeQuotingEnclave(PKI)
 AT = VerificationInputs(now=NOW, trust=PKI.trust())

@@ -5,7 +5,7 @@ validity, and refuse every tampered or truncated variant with a typed error."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 
 import pytest
 from cryptography import x509
@@ -20,7 +20,7 @@ from attestation.trust import INTEL_SGX_ROOT_CA, TrustAnchors
 pytestmark = pytest.mark.vectors
 
 FILES = ["tdx/trustee/tdx_quote_4.dat", "tdx/go-tdx-guest/quote_v5_sample.dat"]
-INSIDE = datetime(2026, 11, 27, tzinfo=timezone.utc)
+INSIDE = datetime(2026, 11, 27, tzinfo=UTC)
 AT = VerificationInputs(now=INSIDE)
 BODY_FIELDS = ("tee_tcb_svn", "mrseam", "mrsignerseam", "seam_attributes", "td_attributes", "xfam", "mrtd",
                "mrconfigid", "mrowner", "mrownerconfig", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "report_data")

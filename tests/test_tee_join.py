@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -43,7 +43,7 @@ def amd():
 
 @pytest.fixture(scope="module")
 def intel():
-    pki = FakeIntelPki(datetime.now(timezone.utc))
+    pki = FakeIntelPki(datetime.now(UTC))
     return pki, FakeQuotingEnclave(pki)
 
 
@@ -257,14 +257,14 @@ class FakeNsm:
 
 
 def test_a_nitro_worker_admits_exactly_its_pcr0_to_pcr2_and_never_a_debug_enclave():
-    nitro = FakeNitro(datetime.now(timezone.utc))
+    nitro = FakeNitro(datetime.now(UTC))
     pcrs = default_pcrs()
     own = own_identity(FakeNsm(nitro, pcrs))
     policy = tee_join_policy(own)
     section = policy.section("nitro")
     assert section.pcr0 == (pcrs[0].hex(),) and section.pcr1 == (pcrs[1].hex(),) and section.pcr2 == (pcrs[2].hex(),)
     assert section.debug_allowed is False
-    now, nonce = datetime.now(timezone.utc), b"\x42" * 64
+    now, nonce = datetime.now(UTC), b"\x42" * 64
 
     def judge(peer_pcrs):
         return verify_evidence("nitro", nitro.document(user_data=nonce, pcrs=peer_pcrs), policy,

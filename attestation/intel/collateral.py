@@ -57,9 +57,10 @@ import json
 import re
 import urllib.parse
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -358,7 +359,7 @@ def _date(obj: Mapping[str, Any], key: str, where: str) -> datetime:
         raise EvidenceMalformed(f"{where}.{key} is not an ISO 8601 date-time: {value!r}") from None
     if when.tzinfo is None:
         raise EvidenceMalformed(f"{where}.{key} has no time zone: {value!r}")
-    return when.astimezone(timezone.utc)
+    return when.astimezone(UTC)
 
 
 def _status(obj: Mapping[str, Any], where: str) -> str:

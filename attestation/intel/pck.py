@@ -117,7 +117,7 @@ class DerReader:
             raise EvidenceMalformed(f"DER: {what}: expected tag 0x{tag:02x}, got 0x{got:02x}")
         return start, stop
 
-    def sequence(self, what: str) -> "DerReader":
+    def sequence(self, what: str) -> DerReader:
         start, stop = self.expect(TAG_SEQUENCE, what)
         return DerReader(self.data, start, stop)
 

@@ -22,7 +22,8 @@ Every problem is a :class:`PolicyError` naming ``[platform] key``.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any
+from collections.abc import Iterable, Mapping
 
 from attestation.errors import PolicyError, Violation
 

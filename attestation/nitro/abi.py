@@ -48,10 +48,11 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from functools import lru_cache
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import cbor2
 from cryptography import x509
@@ -103,7 +104,7 @@ OPTIONAL_FIELDS = ("public_key", "user_data", "nonce")
 _KNOWN_FIELDS = frozenset(MANDATORY_FIELDS + OPTIONAL_FIELDS)
 _OPTIONAL_MIN = {"public_key": 1, "user_data": 0, "nonce": 0}
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)

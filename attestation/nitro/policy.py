@@ -31,7 +31,8 @@ naming ``[nitro] <key>``.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from attestation.errors import PolicyError
 
@@ -120,7 +121,7 @@ class NitroSection:
             )
 
     @classmethod
-    def from_table(cls, table: Mapping[str, Any]) -> "NitroSection":
+    def from_table(cls, table: Mapping[str, Any]) -> NitroSection:
         if not isinstance(table, Mapping):
             raise PolicyError(f"policy table [nitro] must be a table, got {_describe(table)}")
         for key in table:

@@ -7,7 +7,7 @@ Fields (``Violation.field``): ``nitro.pcr0`` .. ``nitro.pcr8``, ``nitro.module_i
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from attestation.errors import Violation
 from attestation.nitro.policy import NitroSection

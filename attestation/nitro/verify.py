@@ -35,9 +35,10 @@ the clock-dependent checks (3-5) run on every call.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -60,7 +61,7 @@ PLATFORM_NAME = "nitro"
 # would miss a debug document whose PCR3/PCR4 -- IAM role, instance -- were filled in).
 DEBUG_PCRS = (0, 1, 2)
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _P384_HALF = 48
 
 

@@ -45,7 +45,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from .binding import REPORT_DATA_SIZE, bound_report_data
 from .errors import ProviderFailed, ProviderNotSupported, ProviderUnavailable

@@ -38,7 +38,7 @@ import struct
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from .configfs_tsm import TSM_REPORT_DIR
 from .fileops import OsFileOps
@@ -152,8 +152,8 @@ class FakeTsmKernel:
     drop_inblob_writes: int = 0
     entries_made: list[str] = field(default_factory=list)
     reports_generated: int = 0
-    sev_guest: "FakeSevGuest | None" = None     # /dev/sev-guest (SEV-SNP guests)
-    tdx_guest: "FakeTdxGuest | None" = None     # /dev/tdx_guest (TDX guests)
+    sev_guest: FakeSevGuest | None = None     # /dev/sev-guest (SEV-SNP guests)
+    tdx_guest: FakeTdxGuest | None = None     # /dev/tdx_guest (TDX guests)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)

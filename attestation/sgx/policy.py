@@ -28,7 +28,8 @@ Masks: ``value & mask == expected & mask``; the mask defaults to all ones; see
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from attestation.intel.policy import TableReader
 
@@ -62,7 +63,7 @@ class SgxPolicy:
     allow_expired_collateral: bool = False
 
     @classmethod
-    def from_table(cls, table: Mapping[str, Any]) -> "SgxPolicy":
+    def from_table(cls, table: Mapping[str, Any]) -> SgxPolicy:
         r = TableReader("sgx", table, _KEYS)
         attributes, attributes_mask = r.masked_bytes("attributes", 16)
         xfrm, xfrm_mask = r.masked_bytes("xfrm", 8)

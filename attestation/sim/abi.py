@@ -42,7 +42,7 @@ from __future__ import annotations
 from attestation.chain import signature_is_octet_aligned
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from typing import Any
 
 import msgpack
@@ -83,7 +83,7 @@ MAX_SIGNATURE_BYTES = 256
 MAX_BODY_BYTES = 512
 MAX_EVIDENCE_BYTES = 64 * 1024
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _is_int(value: Any) -> bool:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
 
 from cryptography import x509
@@ -181,10 +181,10 @@ def init_sim_dir(
     if type(days) is not int or days < 1:
         raise ValueError("days must be a positive integer")
     if now is None:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
-    now = now.astimezone(timezone.utc).replace(microsecond=0)  # X.509 times have second precision
+    now = now.astimezone(UTC).replace(microsecond=0)  # X.509 times have second precision
 
     base = Path(path)
     if base.exists() and not base.is_dir():

@@ -13,7 +13,8 @@ Importing this package is cheap and has no dependency on :mod:`attestation.platf
 from __future__ import annotations
 
 import importlib
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from attestation.snp.policy import SnpPolicy
 

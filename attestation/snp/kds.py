@@ -22,7 +22,8 @@ import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Hashable, Mapping, Protocol, TypeVar, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+from collections.abc import Callable, Hashable, Mapping
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature

@@ -32,7 +32,8 @@ their canonical spelling.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from attestation.errors import PolicyError
 from attestation.snp.abi import PRODUCTS

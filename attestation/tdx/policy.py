@@ -27,7 +27,8 @@ them). Shared rules (hex = raw quote bytes, lists, masks, TCB): :mod:`attestatio
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from attestation.intel.policy import TableReader
 
@@ -65,7 +66,7 @@ class TdxPolicy:
     allow_expired_collateral: bool = False
 
     @classmethod
-    def from_table(cls, table: Mapping[str, Any]) -> "TdxPolicy":
+    def from_table(cls, table: Mapping[str, Any]) -> TdxPolicy:
         r = TableReader("tdx", table, _KEYS)
         measurements = {key: r.hex_list(key, 48) for key in MEASUREMENT_KEYS}
         xfam, xfam_mask = r.masked_bytes("xfam", 8)

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
+from collections.abc import Iterable, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -42,13 +43,13 @@ __all__ = [
     "NOT_AFTER",
 ]
 
-NOT_BEFORE = datetime(2024, 1, 1, tzinfo=timezone.utc)
-NOT_AFTER = datetime(2034, 1, 1, tzinfo=timezone.utc)
+NOT_BEFORE = datetime(2024, 1, 1, tzinfo=UTC)
+NOT_AFTER = datetime(2034, 1, 1, tzinfo=UTC)
 SGX_EXT = "1.2.840.113741.1.13.1"
 
 
 def iso(when: datetime) -> str:
-    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ---------------------------------------------------------------- DER writer (SGX Extensions)
@@ -285,7 +286,7 @@ class FakeIntelPki:
                  next_update: datetime | None = None, evaluation_number: int = 17,
                  tdx_module: dict[str, Any] | None = None,
                  tdx_module_identities: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
-        issue = issue_date or datetime(2026, 11, 1, tzinfo=timezone.utc)
+        issue = issue_date or datetime(2026, 11, 1, tzinfo=UTC)
         info: dict[str, Any] = {}
         if version == 3:
             info["id"] = tcb_id
@@ -311,7 +312,7 @@ class FakeIntelPki:
                     attributes: bytes = bytes.fromhex("11000000000000000000000000000000"),
                     attributes_mask: bytes = bytes.fromhex("FBFFFFFFFFFFFFFF0000000000000000"),
                     issue_date: datetime | None = None, next_update: datetime | None = None) -> dict[str, Any]:
-        issue = issue_date or datetime(2026, 11, 1, tzinfo=timezone.utc)
+        issue = issue_date or datetime(2026, 11, 1, tzinfo=UTC)
         return {"id": qe_id, "version": 2, "issueDate": iso(issue),
                 "nextUpdate": iso(next_update or issue + timedelta(days=30)), "tcbEvaluationDataNumber": 17,
                 "miscselect": f"{miscselect:08X}", "miscselectMask": f"{miscselect_mask:08X}",

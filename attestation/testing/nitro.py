@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Any, Iterable, Mapping
+from datetime import datetime, timedelta, UTC
+from typing import Any
+from collections.abc import Iterable, Mapping
 
 import cbor2
 from cryptography import x509
@@ -30,7 +31,7 @@ from attestation.trust import TrustAnchors
 
 __all__ = ["FakeNitro", "DEBUG_PCRS", "default_pcrs", "sign_es384", "make_certificate"]
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ES384_PROTECTED = cbor2.dumps({1: ALG_ES384})
 
 

@@ -18,8 +18,8 @@ import secrets
 import struct
 import threading
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
-from typing import Iterable
+from datetime import datetime, timedelta, UTC
+from collections.abc import Iterable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -179,7 +179,7 @@ class _ProductChain:
 class FakeAmd:
     """Fake ARK/ASK/ASVK for each product, valid from ``now - 30 days`` to ``now + days``."""
 
-    now: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
     days: int = 3650
     products: tuple[str, ...] = PRODUCTS
     _chains: dict[str, _ProductChain] = field(init=False, repr=False)

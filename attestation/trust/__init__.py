@@ -15,7 +15,7 @@ Tests inject their own ``TrustAnchors`` with fake roots (attestation/testing) in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from collections.abc import Mapping
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class TrustAnchors:
     def for_platform(self, platform: str) -> frozenset[bytes]:
         return self.roots.get(platform, frozenset())
 
-    def with_roots(self, platform: str, *fingerprints: bytes) -> "TrustAnchors":
+    def with_roots(self, platform: str, *fingerprints: bytes) -> TrustAnchors:
         merged = dict(self.roots)
         merged[platform] = frozenset(merged.get(platform, frozenset()) | set(fingerprints))
         return TrustAnchors(merged)
