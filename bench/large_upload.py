@@ -53,11 +53,13 @@ import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass
+
+from broker_adapters import redact_url
 from pathlib import Path
 
 import numpy as np
 
-from .request_reply import (DEFAULT_BROKER, _CpuMeter, _find_broker_pid, _median, _redact, _stop_process,
+from .request_reply import (DEFAULT_BROKER, _CpuMeter, _find_broker_pid, _median, _stop_process,
                             delete_pool_quietly, serve_until_signalled)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -324,7 +326,7 @@ async def run(args) -> int:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     built = time.perf_counter()
     data = await asyncio.to_thread(large_model, args.mb)
-    console.print(f"run {run_id}: broker {_redact(args.broker)}, {os.cpu_count()} CPUs, python "
+    console.print(f"run {run_id}: broker {redact_url(args.broker)}, {os.cpu_count()} CPUs, python "
                   f"{platform.python_version()}, load average {os.getloadavg()[0]:.2f}, RabbitMQ node pid "
                   f"{broker_pid or 'not local'}; model {len(data) / MiB:.1f} MiB built in "
                   f"{time.perf_counter() - built:.1f} s")

@@ -64,6 +64,8 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+from broker_adapters import redact_url
+
 DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672/"
 # The worker's own prefetch with the default config: max(2 * max_jobs_in_flight, 16).
 WORKER_PREFETCH = 16
@@ -73,13 +75,6 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # -- small helpers ---------------------------------------------------------------------------
-def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
-
-
 def _proc_cpu(pid: int) -> float | None:
     """User + system CPU seconds of a process (all its threads), from /proc."""
     try:
@@ -827,7 +822,7 @@ async def run(args) -> int:
     main_task = asyncio.current_task()
     with contextlib.suppress(NotImplementedError, RuntimeError):
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
-    console.print(f"run {run_id}: broker {_redact(args.broker)}, {os.cpu_count()} CPUs, python {platform.python_version()}"
+    console.print(f"run {run_id}: broker {redact_url(args.broker)}, {os.cpu_count()} CPUs, python {platform.python_version()}"
                   f", load average {os.getloadavg()[0]:.2f}, RabbitMQ node pid {broker_pid or 'not local'}"
                   + (f", profiling with {profile_tool}" if profile_tool else ""))
     results: list[PhaseResult] = []

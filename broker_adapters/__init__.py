@@ -15,6 +15,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from .base import BrokerAdapter, Delivery, Handler, HeaderValue, Message, PoolLock, PoolSettings, Subscription
+from .urls import redact_url
 from .errors import (
     BrokerError,
     BrokerUnavailable,
@@ -48,6 +49,7 @@ def open_broker(url: str) -> BrokerAdapter:
 
 __all__ = [
     "open_broker",
+    "redact_url",
     "BrokerAdapter",
     "Delivery",
     "Handler",

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import re
 from collections.abc import Iterable, Mapping
-from urllib.parse import urlsplit, urlunsplit
 
 from .base import Delivery, Handler, HeaderValue, PoolSettings
 from .errors import BrokerError, PublishFailed
@@ -107,17 +106,6 @@ def check_size(message_size: int, limit: int, destination: str) -> None:
         raise PublishFailed(
             f"message of {message_size} bytes for {destination} exceeds the limit of {limit} bytes"
         )
-
-
-def redact_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username}:***@{host}" if parts.username else f":***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 async def run_handler(

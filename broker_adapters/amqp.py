@@ -44,6 +44,7 @@ from pamqp.commands import Basic
 from yarl import URL
 
 from . import _common as common
+from .urls import redact_url
 from .base import (
     BrokerAdapter,
     Delivery,
@@ -102,7 +103,7 @@ class AmqpBroker(BrokerAdapter):
         self._settings: dict[str, PoolSettings] = {}
 
     def __repr__(self) -> str:
-        return f"<AmqpBroker {common.redact_url(self.url)} {self.connection_name}>"
+        return f"<AmqpBroker {redact_url(self.url)} {self.connection_name}>"
 
     # -- connection ---------------------------------------------------------------------
     async def connect(self) -> None:
@@ -124,7 +125,7 @@ class AmqpBroker(BrokerAdapter):
                     await self._conn.close()
                 self._conn = None
             raise BrokerUnavailable(
-                f"cannot connect to {common.redact_url(self.url)}: {type(exc).__name__}: {exc}"
+                f"cannot connect to {redact_url(self.url)}: {type(exc).__name__}: {exc}"
             ) from exc
         self._conn.reconnect_callbacks.add(self._on_reconnect)
 

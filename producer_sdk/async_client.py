@@ -22,7 +22,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from attestation.policy import load_policy
-from broker_adapters import Delivery, Message, open_broker
+from broker_adapters import Delivery, Message, open_broker, redact_url
 from broker_adapters.errors import BrokerError, BrokerUnavailable, Unroutable
 from protocol import bodies, crypto
 from protocol.ownership import generate_signing_key, load_signing_key, parse_public_key
@@ -117,7 +117,7 @@ class AsyncClient:
                                       producer_key=self.producer_key)
             self._sub = await self._broker.consume_replies(self.name, self._on_reply)
         except BrokerUnavailable as exc:
-            raise BrokerUnreachable(f"cannot reach the broker at {_redact(self.broker_url)}: {exc}") from None
+            raise BrokerUnreachable(f"cannot reach the broker at {redact_url(self.broker_url)}: {exc}") from None
         try:
             return await self.attest()
         except BaseException:
@@ -399,14 +399,6 @@ def _signing_key(key: Any) -> Any:
     if isinstance(key, (str, Path)):
         return load_signing_key(key)
     raise TypeError("keys must be Ed25519 private keys or paths to key files from `enclaveq keys generate`")
-
-
-def _redact(url: str) -> str:
-    """Broker URLs carry passwords; never print them."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
 
 
 __all__ = ["AsyncClient", "JobResult", "AttestationFailed"]

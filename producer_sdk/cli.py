@@ -22,7 +22,7 @@ from enclaveq.durations import DURATION
 from protocol.errors import ProtocolError
 from protocol.ownership import load_signing_key, parse_public_key
 
-from .async_client import _redact
+from broker_adapters import redact_url
 from .client import Client
 from .errors import AttestationFailed, EnclaveqError
 
@@ -54,7 +54,7 @@ def _client(broker_url: str, pool: str, policy: Path, timeout: float) -> Client:
         return Client(broker_url, pool, policy, timeout=timeout,
                       producer_key=click.get_current_context().meta.get("enclaveq.producer_key"))
     except AttestationFailed as exc:
-        _fail(f"attestation refused for pool {pool!r} at {_redact(broker_url)}:\n{exc}")
+        _fail(f"attestation refused for pool {pool!r} at {redact_url(broker_url)}:\n{exc}")
     except (EnclaveqError, AttestationError, ProtocolError) as exc:
         _fail(str(exc))
 
