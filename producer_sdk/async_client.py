@@ -22,21 +22,24 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from attestation.policy import load_policy
-from broker_adapters import Delivery, Message, open_broker, redact_url
+from attestation.claims import Claims
+from broker_adapters import BrokerAdapter, Delivery, Message, Subscription, open_broker, redact_url
 from broker_adapters.errors import BrokerError, BrokerUnavailable, Unroutable
 from protocol import bodies, crypto
+from protocol.handshake import Statement
+from protocol.routing import Route
 from protocol.ownership import generate_signing_key, load_signing_key, parse_public_key
 
-from .core import Outcome, ProducerCore, Request, StaleEpochNotice
+from .core import AttestationAnswer, Outcome, ProducerCore, Reply, Request
 from .errors import (AttestationFailed, BrokerUnreachable, ClientClosed, EnclaveqError, JobError, JobTimeout,
                      ModelRejected, NoWorkerAnswered)
 
 log = logging.getLogger("enclaveq.producer")
 
 Progress = Callable[[int, int], None]
+# An Ed25519 private key, or the path of a key file made by `enclaveq keys generate`.
+KeyLike = Ed25519PrivateKey | str | os.PathLike[str]
 
-# Requests every worker of the pool must see; each answers, the first answer is taken.
-BROADCAST_KINDS = frozenset({"model_chunk", "model_delete"})
 # How often one request is sealed again after workers said its epoch was rotated away.
 STALE_EPOCH_RETRIES = 3
 
@@ -84,12 +87,12 @@ class AsyncClient:
         # who runs jobs (models with an allow-list need it); the owner key signs uploads and deletes.
         self.producer_key = _signing_key(producer_key)
         self._owner_key = _signing_key(owner_key)
-        self._broker = None
-        self._sub = None
-        self._pending: dict[str, asyncio.Future] = {}
+        self._broker: BrokerAdapter | None = None
+        self._sub: Subscription | None = None
+        self._pending: dict[str, asyncio.Future[Any]] = {}
         self._core: ProducerCore | None = None
         self._closed = False
-        self._refreshing: asyncio.Task | None = None
+        self._refreshing: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> AsyncClient:
         await self.connect()
@@ -99,23 +102,30 @@ class AsyncClient:
         await self.close()
 
     @property
-    def claims(self):
+    def claims(self) -> Claims | None:
+        """What the pool's evidence vouched for, verified against the policy."""
         return self._core.claims if self._core else None
 
     @property
-    def statement(self):
+    def statement(self) -> Statement | None:
+        """The attested statement (pool, epoch, pool key) the current session is sealed to."""
         return self._core.statement if self._core else None
 
+    def _connection(self) -> tuple[BrokerAdapter, ProducerCore]:
+        if self._closed or self._broker is None or self._core is None:
+            raise ClientClosed("the client is closed or not connected")
+        return self._broker, self._core
+
     # -- connection and attestation --------------------------------------------------------
-    async def connect(self) -> Any:
-        self._broker = open_broker(self.broker_url)
+    async def connect(self) -> Claims:
+        self._broker = broker = open_broker(self.broker_url)
         try:
-            await self._broker.connect()
-            reply_to = await self._broker.declare_reply_queue(self.name)
+            await broker.connect()
+            reply_to = await broker.declare_reply_queue(self.name)
             self._core = ProducerCore(pool=self.pool, policy=self.policy, reply_to=reply_to, clock=self._clock,
                                       rng=self._rng, verify_options=self._verify_options,
                                       producer_key=self.producer_key)
-            self._sub = await self._broker.consume_replies(self.name, self._on_reply)
+            self._sub = await broker.consume_replies(self.name, self._on_reply)
         except BrokerUnavailable as exc:
             raise BrokerUnreachable(f"cannot reach the broker at {redact_url(self.broker_url)}: {exc}") from None
         try:
@@ -124,13 +134,14 @@ class AsyncClient:
             await self.close()
             raise
 
-    async def attest(self) -> Any:
+    async def attest(self) -> Claims:
         """Challenge the pool with a fresh nonce and verify its evidence; (re)opens the session."""
-        correlation_id, challenge = self._core.challenge()
+        broker, core = self._connection()
+        correlation_id, challenge = core.challenge()
         future = self._expect(correlation_id)
         try:
-            await self._broker.publish_control(self.pool, Message(body=challenge, correlation_id=correlation_id,
-                                                                    reply_to=self._core.reply_to))
+            await broker.publish_control(self.pool, Message(body=challenge, correlation_id=correlation_id,
+                                                             reply_to=core.reply_to))
             raw = await asyncio.wait_for(future, self.attest_timeout)
         except TimeoutError:
             raise NoWorkerAnswered(f"no worker of pool {self.pool!r} answered the attestation challenge within "
@@ -142,33 +153,29 @@ class AsyncClient:
             raise BrokerUnreachable(f"could not send the challenge: {exc}") from None
         finally:
             self._pending.pop(correlation_id, None)
-        return self._core.accept_evidence(correlation_id, raw)
+        return core.accept_evidence(correlation_id, raw)
 
-    def _expect(self, correlation_id: str) -> asyncio.Future:
+    def _expect(self, correlation_id: str) -> asyncio.Future[Any]:
         future = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = future
         return future
 
     async def _on_reply(self, delivery: Delivery) -> None:
-        msg = delivery.message
-        cid = msg.correlation_id or ""
-        if cid.startswith("att-"):
-            future = self._pending.get(cid)
-            if future is not None and not future.done():
-                future.set_result(msg.body)
-        else:
-            outcome = self._core.open_result(msg.body) if self._core else None
-            # A stale-epoch notice names its job only by correlation id; all it can make us do is
-            # re-attest and seal the request again, at most a few times.
-            job_id = cid if isinstance(outcome, StaleEpochNotice) else outcome.job_id if outcome else None
-            future = self._pending.get(job_id) if job_id else None
-            if future is not None and not future.done():
-                future.set_result(outcome)
-            if self._core is not None and self._core.newer_epoch is not None:
-                self._start_refresh()  # the pool rotated: pick up its new key for the next jobs
+        received = self._core.receive(delivery.message.correlation_id, delivery.message.body) if self._core else None
+        if isinstance(received, AttestationAnswer):
+            self._resolve(received.correlation_id, received.body)
+        elif isinstance(received, Reply):
+            self._resolve(received.job_id, received.outcome)
+        if self._core is not None and self._core.newer_epoch is not None:
+            self._start_refresh()  # the pool rotated: pick up its new key for the next jobs
         await delivery.ack()
 
-    def _start_refresh(self) -> asyncio.Task:
+    def _resolve(self, key: str, value: object) -> None:
+        future = self._pending.get(key)
+        if future is not None and not future.done():
+            future.set_result(value)
+
+    def _start_refresh(self) -> asyncio.Task[None]:
         """One re-attestation at a time; requests sealed meanwhile use the old (still valid) session."""
         if self._refreshing is None or self._refreshing.done():
             self._refreshing = asyncio.create_task(self._refresh())
@@ -177,7 +184,7 @@ class AsyncClient:
     async def _refresh(self) -> None:
         try:
             await self.attest()
-            log.info("pool %r: re-attested, now sealing to epoch %d", self.pool, self._core.session.epoch)
+            log.info("pool %r: re-attested, now sealing to epoch %d", self.pool, self._core_or_raise().epoch)
         except EnclaveqError as exc:
             log.warning("re-attesting pool %r after a key rotation failed: %s", self.pool, exc)
             if self._core is not None:
@@ -212,18 +219,18 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         for _ in range(STALE_EPOCH_RETRIES + 1 if resend else 1):
-            if self._closed or self._core is None:
-                raise ClientClosed("the client is closed or not connected")
+            broker, core = self._connection()
             request = make()
             future = self._expect(request.job_id)
-            message = Message(body=request.body, correlation_id=request.job_id, reply_to=self._core.reply_to,
+            message = Message(body=request.body, correlation_id=request.job_id, reply_to=core.reply_to,
                               message_id=request.job_id)
             try:
-                if request.kind in BROADCAST_KINDS:
-                    # Every worker of the pool must hold every model: uploads and deletes go to all.
-                    await self._broker.publish_control(self.pool, message)
+                if request.route is Route.BROADCAST:
+                    # Every worker of the pool must hold every model: uploads and deletes go to all;
+                    # each answers, the first answer is taken.
+                    await broker.publish_control(self.pool, message)
                 else:
-                    await self._broker.publish_job(self.pool, message)
+                    await broker.publish_job(self.pool, message)
                 outcome = await asyncio.wait_for(future, max(0.0, deadline - loop.time()))
             except TimeoutError:
                 raise JobTimeout(f"no result for job {request.job_id} within {timeout:g}s") from None
@@ -231,13 +238,12 @@ class AsyncClient:
                 raise BrokerUnreachable(f"could not publish job {request.job_id}: {exc}") from None
             finally:
                 self._pending.pop(request.job_id, None)
-            if not isinstance(outcome, StaleEpochNotice):
-                if request.model_id is not None and outcome.header.model_id != request.model_id:
-                    # Authenticated by the session key, so only a pool member could get this wrong.
-                    raise JobError(f"the result of job {request.job_id} names model {outcome.header.model_id}, "
-                                   f"not the pinned {request.model_id}", code="model_mismatch", job_id=request.job_id)
+                core.forget(request.job_id)
+            if isinstance(outcome, JobError):
+                raise outcome
+            if isinstance(outcome, Outcome):
                 return outcome
-            if self._core.session.epoch <= request.epoch:
+            if core.epoch <= request.epoch:
                 await self._start_refresh()
         raise JobError(f"the pool kept refusing the epoch of request {request.job_id} after "
                        f"{STALE_EPOCH_RETRIES} re-attestations", code="stale_epoch", job_id=request.job_id)
@@ -258,9 +264,9 @@ class AsyncClient:
         """
         timeout = timeout or self.timeout
         window = asyncio.Semaphore(max_in_flight or self.max_in_flight)
-        done: asyncio.Queue = asyncio.Queue()
+        done: asyncio.Queue[JobResult | _BatchEnd] = asyncio.Queue()
         core = self._core_or_raise()
-        tasks: set[asyncio.Task] = set()
+        tasks: set[asyncio.Task[None]] = set()
 
         async def one(index: int, inputs: Mapping[str, Any]) -> None:
             job_id = ""
@@ -320,7 +326,8 @@ class AsyncClient:
         else its producer key, else a key made for this client alone -- then only this client can
         ever delete or replace the model). ``allowed_producers`` (public keys: 32 bytes, hex or
         key files) restricts who may run it; None lets every producer the pool serves run it."""
-        data = Path(model).read_bytes() if isinstance(model, (str, Path)) else bytes(model)
+        # A model file can be hundreds of MB: read it off the event loop.
+        data = await asyncio.to_thread(Path(model).read_bytes) if isinstance(model, (str, Path)) else bytes(model)
         timeout = timeout or self.timeout
         allowed = None if allowed_producers is None else [
             k if isinstance(k, bytes) else parse_public_key(k) for k in allowed_producers]
@@ -387,9 +394,10 @@ class AsyncClient:
         return epoch, retire_at_ms
 
     def _core_or_raise(self) -> ProducerCore:
-        if self._closed or self._core is None or self._core.session is None:
+        _, core = self._connection()
+        if core.session is None:
             raise ClientClosed("the client is closed or not connected")
-        return self._core
+        return core
 
 
 def _signing_key(key: Any) -> Any:

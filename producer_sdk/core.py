@@ -1,11 +1,21 @@
-"""The producer's I/O-free core: challenge, verify, seal requests, open and de-duplicate results.
+"""The producer's I/O-free core: challenge, verify, seal requests, decode every reply.
 
-Both ``AsyncClient`` and the synchronous ``Client`` drive this class; it never touches the
-network, the clock or randomness except through what it is given, so tests can pin all three.
+Both ``AsyncClient`` and the synchronous ``Client`` (which drives an ``AsyncClient``) sit on this
+class; it never touches the network, and takes the clock, randomness and the evidence verifier
+as arguments, so tests pin all three. What it owns:
+
+* attestation: the nonces of open challenges, the verified claims and the sessions (the current
+  one and a few earlier ones whose jobs may still be answered);
+* requests: sealing each under the current session, with the broker channel it goes on
+  (:mod:`protocol.routing`) and the model its result must name;
+* replies: :meth:`ProducerCore.receive` turns any message from the reply queue into what the
+  client must do with it -- an attestation answer, an authenticated outcome for a pending
+  request (duplicates dropped, the pinned model checked), a stale-epoch notice, or nothing.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -18,12 +28,16 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from attestation.claims import Claims
 from attestation.errors import AttestationError, PolicyViolation
 from attestation.verify import verify_evidence
 from protocol import bodies, crypto
 from protocol.envelope import Chunk, ProducerSession, ResultHeader, peek_result
 from protocol.errors import ProtocolError
-from protocol.handshake import Challenge, ControlError, EvidenceResponse, control_kind
+from protocol.handshake import Challenge, ControlError, EvidenceResponse, Statement, control_kind
+from protocol.routing import Route, route_for
 from protocol.ownership import DeleteOrder, ModelManifest, ProducerProof, public_key_bytes
 
 from .errors import AttestationFailed, JobError, job_error
@@ -37,17 +51,24 @@ KEPT_SESSIONS = 8  # earlier sessions still open results of jobs sent before a r
 def to_numpy(value: Any) -> np.ndarray:
     """numpy arrays as they are; torch tensors (when torch is installed) via .numpy()."""
     if type(value).__module__.startswith("torch"):
-        return value.detach().cpu().numpy()
+        array: np.ndarray = value.detach().cpu().numpy()
+        return array
     return np.asarray(value)
+
+
+ATTESTATION_PREFIX = "att-"  # correlation ids of challenges; every other reply answers a request
 
 
 @dataclass(frozen=True)
 class Request:
+    """A sealed request, ready to publish on ``route``."""
+
     job_id: str
     kind: str
     body: bytes
     deadline_ms: int
     epoch: int  # the pool epoch its session is sealed to
+    route: Route
     model_id: str | None = None  # the model the result must name (pinning)
 
 
@@ -57,6 +78,23 @@ class StaleEpochNotice:
 
 
 STALE_EPOCH_NOTICE = StaleEpochNotice()
+
+
+@dataclass(frozen=True)
+class AttestationAnswer:
+    """A worker's answer to one of our challenges, to pass to :meth:`ProducerCore.accept_evidence`."""
+
+    correlation_id: str
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What a pending request receives: its authenticated outcome, a stale-epoch notice (re-attest
+    and seal again), or the error an authenticated but unacceptable result amounts to."""
+
+    job_id: str
+    outcome: Outcome | StaleEpochNotice | JobError
 
 
 @dataclass(frozen=True)
@@ -83,8 +121,9 @@ class Outcome:
 
 class ProducerCore:
     def __init__(self, *, pool: str, policy: Any, reply_to: str, clock: Callable[[], float] = time.time,
-                 rng: crypto.Random = os.urandom, verifier: Callable[..., Any] = verify_evidence,
-                 verify_options: Mapping[str, Any] | None = None, producer_key: Any = None) -> None:
+                 rng: crypto.Random = os.urandom, verifier: Callable[..., Claims] = verify_evidence,
+                 verify_options: Mapping[str, Any] | None = None,
+                 producer_key: Ed25519PrivateKey | None = None) -> None:
         self.pool = pool
         # Ed25519 key proving who this producer is, for models whose owner keeps an allow-list.
         self.producer_key = producer_key
@@ -100,20 +139,27 @@ class ProducerCore:
         self._sessions: dict[bytes, ProducerSession] = {}
         # Set when a result says the pool moved to a newer epoch than our session's (rotation).
         self.newer_epoch: int | None = None
-        self.claims = None
-        self.statement = None
+        self.claims: Claims | None = None
+        self.statement: Statement | None = None
         self._done: dict[str, int] = {}
+        # The model each request's result must name, by job id, while it is pending.
+        self._pins: dict[str, str] = {}
         self.duplicates = 0
         self.unopenable = 0
 
     # -- attestation -----------------------------------------------------------------------
     def challenge(self) -> tuple[str, bytes]:
-        correlation_id = "att-" + uuid.UUID(bytes=self._rng(16)).hex
+        correlation_id = ATTESTATION_PREFIX + uuid.UUID(bytes=self._rng(16)).hex
         nonce = self._rng(32)
         self._nonces[correlation_id] = nonce
         return correlation_id, Challenge(nonce=nonce).to_bytes()
 
-    def accept_evidence(self, correlation_id: str, data: bytes):
+    @property
+    def epoch(self) -> int:
+        """The pool epoch new requests are sealed to (0 before the first attestation)."""
+        return self.session.epoch if self.session is not None else 0
+
+    def accept_evidence(self, correlation_id: str, data: bytes) -> Claims:
         """Verify a worker's answer to our challenge; on success, open a session bound to it."""
         nonce = self._nonces.pop(correlation_id, None)
         if nonce is None:
@@ -168,8 +214,14 @@ class ProducerCore:
         deadline_ms = int((self._clock() + timeout) * 1000)
         header = self.session.header(kind, job_id=job_id, deadline_ms=deadline_ms, reply_to=self.reply_to,
                                      content_type=content_type, model_id=model_id, chunk=chunk)
+        if model_id is not None:
+            self._pins[job_id] = model_id
         return Request(job_id=job_id, kind=kind, body=self.session.seal(header, body), deadline_ms=deadline_ms,
-                       epoch=self.session.epoch, model_id=model_id)
+                       epoch=self.session.epoch, route=route_for(kind), model_id=model_id)
+
+    def forget(self, job_id: str) -> None:
+        """The caller stopped waiting for ``job_id`` (timeout, failure to publish, close)."""
+        self._pins.pop(job_id, None)
 
     def job(self, model_id: str, inputs: Mapping[str, Any], *, outputs: Sequence[str] | None = None,
             timeout: float) -> Request:
@@ -177,14 +229,16 @@ class ProducerCore:
         return self._seal("job", bodies.encode_job(arrays, outputs), timeout=timeout, content_type=bodies.TENSORS,
                           model_id=model_id)
 
-    def model_chunks(self, data: bytes, *, owner_key: Any, allowed_producers: Sequence[bytes] | None = None,
+    def model_chunks(self, data: bytes, *, owner_key: Ed25519PrivateKey,
+                     allowed_producers: Sequence[bytes] | None = None,
                      timeout: float, chunk_bytes: int = MODEL_CHUNK_BYTES) -> tuple[str, list[Callable[[], Request]]]:
         """The model id and, per chunk, a function sealing it under the current session (called
         again if the pool rotated away the epoch a first attempt was sealed to). Every chunk
         carries the manifest signed with ``owner_key``."""
         model_id = hashlib.sha256(data).hexdigest()
         manifest = ModelManifest(model_id=model_id, size=len(data), owner_key=public_key_bytes(owner_key),
-                                 allowed_producers=allowed_producers, issued_at_ms=int(self._clock() * 1000)
+                                 allowed_producers=None if allowed_producers is None else tuple(allowed_producers),
+                                 issued_at_ms=int(self._clock() * 1000)
                                  ).sign(owner_key)
         upload_id = uuid.UUID(bytes=self._rng(16)).hex
         count = max(1, -(-len(data) // chunk_bytes))
@@ -196,9 +250,9 @@ class ProducerCore:
                               content_type=bodies.MODEL_CHUNK, model_id=model_id,
                               chunk=Chunk(upload_id=upload_id, index=i, count=count, total_size=len(data)))
 
-        return model_id, [lambda i=i: chunk(i) for i in range(count)]
+        return model_id, [functools.partial(chunk, i) for i in range(count)]
 
-    def model_delete(self, model_id: str, *, owner_key: Any, timeout: float) -> Request:
+    def model_delete(self, model_id: str, *, owner_key: Ed25519PrivateKey, timeout: float) -> Request:
         order = DeleteOrder(model_id=model_id, owner_key=public_key_bytes(owner_key),
                             issued_at_ms=int(self._clock() * 1000)).sign(owner_key)
         return self._seal("model_delete", order, timeout=timeout, content_type=bodies.DELETE_ORDER, model_id=model_id)
@@ -210,7 +264,32 @@ class ProducerCore:
         return self._seal("pool_rotate", bodies.encode_rotate(grace_seconds), timeout=timeout,
                           content_type=bodies.ROTATE)
 
-    # -- results ---------------------------------------------------------------------------
+    # -- replies ---------------------------------------------------------------------------
+    def receive(self, correlation_id: str | None, data: bytes) -> AttestationAnswer | Reply | None:
+        """Decode one message from the reply queue; None for anything to ignore (a duplicate, a
+        foreign or tampered message). Only what opens under one of our sessions, or a notice
+        that can at most make us re-attest, ever reaches a pending request."""
+        cid = correlation_id or ""
+        if cid.startswith(ATTESTATION_PREFIX):
+            return AttestationAnswer(cid, data)
+        outcome = self.open_result(data)
+        if outcome is None:
+            return None
+        if isinstance(outcome, StaleEpochNotice):
+            # The notice names its job only by correlation id; all it can make us do is re-attest
+            # and seal the request again, a bounded number of times.
+            if not cid:
+                return None
+            self._pins.pop(cid, None)
+            return Reply(cid, outcome)
+        pinned = self._pins.pop(outcome.job_id, None)
+        if pinned is not None and outcome.header.model_id != pinned:
+            # Authenticated by the session key, so only a pool member could get this wrong.
+            return Reply(outcome.job_id, JobError(
+                f"the result of job {outcome.job_id} names model {outcome.header.model_id}, not the pinned "
+                f"{pinned}", code="model_mismatch", job_id=outcome.job_id))
+        return Reply(outcome.job_id, outcome)
+
     def open_result(self, data: bytes) -> Outcome | StaleEpochNotice | None:
         """Open a result; None for anything that must be ignored (duplicate, foreign, tampered)."""
         if self.session is None:

@@ -25,6 +25,8 @@ Third-party errors (broker, attestation, protocol) are mapped to these at the SD
 
 from __future__ import annotations
 
+from typing import Any
+
 from protocol.bodies import ErrorCode
 
 
@@ -37,7 +39,7 @@ class BrokerUnreachable(EnclaveqError):
 
 
 class AttestationFailed(EnclaveqError):
-    def __init__(self, message: str, violations: tuple = ()) -> None:
+    def __init__(self, message: str, violations: tuple[Any, ...] = ()) -> None:
         super().__init__(message)
         self.violations = violations
 

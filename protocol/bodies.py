@@ -101,8 +101,8 @@ class ErrorBody:
 class ModelInfo:
     model_id: str
     size: int
-    inputs: tuple[tuple[str, str, tuple], ...]   # (name, onnx type, shape with None/str for dynamic dims)
-    outputs: tuple[tuple[str, str, tuple], ...]
+    inputs: tuple[tuple[str, str, tuple[Any, ...]], ...]   # (name, onnx type, shape with None/str for dynamic dims)
+    outputs: tuple[tuple[str, str, tuple[Any, ...]], ...]
 
 
 def encode_models(models: Sequence[ModelInfo]) -> bytes:
@@ -122,7 +122,7 @@ def decode_models(body: bytes) -> list[ModelInfo]:
     for item in m["models"]:
         if not isinstance(item, dict):
             raise MalformedMessage("model list: entries must be maps")
-        def io(key: str) -> tuple:
+        def io(key: str, item: dict[str, Any] = item) -> tuple[tuple[str, str, tuple[Any, ...]], ...]:
             v = item.get(key)
             if not isinstance(v, list):
                 raise MalformedMessage(f"model list: {key} must be a list")
@@ -152,7 +152,7 @@ def decode_rotate(body: bytes) -> int:
     m = unpack(body, max_bytes=1024, what="rotate request")
     if not isinstance(m, dict):
         raise MalformedMessage("rotate request: expected a map")
-    grace = field(m, "grace_seconds", int, what="rotate request")
+    grace: int = field(m, "grace_seconds", int, what="rotate request")
     if grace < 0:
         raise MalformedMessage("rotate request: negative grace period")
     return grace

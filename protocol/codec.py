@@ -7,7 +7,7 @@ and anything larger than the caller's limit.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, overload
 from collections.abc import Mapping
 
 import msgpack
@@ -75,14 +75,20 @@ def field(m: Mapping[str, Any], name: str, kind: type | tuple[type, ...], *, wha
 
 
 def fixed_bytes(m: Mapping[str, Any], name: str, size: int, *, what: str) -> bytes:
-    value = field(m, name, bytes, what=what)
+    value: bytes = field(m, name, bytes, what=what)
     if len(value) != size:
         raise MalformedMessage(f"{what}: field {name!r} must be {size} bytes, got {len(value)}")
     return value
 
 
+@overload
+def bounded_str(m: Mapping[str, Any], name: str, *, what: str, max_len: int = 256,
+                optional: Literal[False] = False) -> str: ...
+@overload
+def bounded_str(m: Mapping[str, Any], name: str, *, what: str, max_len: int = 256,
+                optional: bool) -> str | None: ...
 def bounded_str(m: Mapping[str, Any], name: str, *, what: str, max_len: int = 256, optional: bool = False) -> str | None:
-    value = field(m, name, str, what=what, optional=optional)
+    value: str | None = field(m, name, str, what=what, optional=optional)
     if value is not None and len(value) > max_len:
         raise MalformedMessage(f"{what}: field {name!r} longer than {max_len} characters")
     return value

@@ -19,9 +19,9 @@ from typing import Any
 
 from . import crypto
 from .codec import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION, bounded_str, field, fixed_bytes, pack, unpack, unpack_map
-from .errors import MalformedMessage
+from .routing import REQUEST_KINDS
+from .errors import DecryptionFailed, MalformedMessage
 
-REQUEST_KINDS = ("job", "model_chunk", "model_delete", "model_list", "pool_rotate")
 RESULT_STATUSES = ("ok", "error")
 MAX_JOB_ID = 128
 MAX_REPLY_TO = 255
@@ -239,7 +239,7 @@ class ProducerSession:
     def open_peeked(self, sealed: Sealed, header: ResultHeader) -> tuple[ResultHeader, bytes]:
         """Open a result already parsed with :func:`peek_result` (the caller chose the session by it)."""
         if header.session_id != self.session_id:
-            raise crypto.DecryptionFailed()
+            raise DecryptionFailed()
         key = self._secret.key(crypto.KeyPurpose.RESULT, self.session_id, header.job_id)
         return header, crypto.open_(key, sealed.nonce, sealed.ciphertext, sealed.header_bytes)
 

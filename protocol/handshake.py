@@ -14,6 +14,8 @@ import hashlib
 from dataclasses import dataclass
 
 from .codec import PROTOCOL_VERSION, bounded_str, field, fixed_bytes, pack, unpack_map
+from typing import Any
+
 from .errors import MalformedMessage
 
 STATEMENT_LABEL = b"enclaveq/v1/attestation-statement"
@@ -55,7 +57,7 @@ class Statement:
     def report_data(self) -> bytes:
         return hashlib.sha512(self.canonical()).digest()
 
-    def to_map(self) -> dict:
+    def to_map(self) -> dict[str, Any]:
         return {
             "pool": self.pool, "epoch": self.epoch, "suite": self.suite,
             "pool_public_key": self.pool_public_key, "worker_identity_key": self.worker_identity_key,
@@ -125,10 +127,18 @@ class ControlError:
                    message=bounded_str(m, "message", what="control_error", max_len=2048))
 
 
-def control_kind(data: bytes) -> str:
-    """The ``t`` of a control message, for dispatch, without trusting anything else in it."""
-    m = unpack_map(data, kind=None, max_bytes=MAX_EVIDENCE_BYTES + 4096)
+# What ``control_kind`` says of a sealed request (uploads and deletes are broadcast on the
+# control channel too): its real type is inside its header, read by ``peek_request``.
+SEALED_REQUEST = "sealed_request"
+
+
+def control_kind(data: bytes, *, max_bytes: int = MAX_EVIDENCE_BYTES + 4096) -> str:
+    """The ``t`` of a control message, for dispatch, without trusting anything else in it;
+    :data:`SEALED_REQUEST` for a sealed request envelope (a map with a header and no ``t``)."""
+    m = unpack_map(data, kind=None, max_bytes=max_bytes)
     kind = m.get("t")
+    if kind is None and "h" in m:
+        return SEALED_REQUEST
     if not isinstance(kind, str):
         raise MalformedMessage("control message without a type")
     return kind

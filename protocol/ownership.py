@@ -158,20 +158,20 @@ def parse_public_key(text_or_path: str | os.PathLike[str]) -> bytes:
     if not path.exists() and isinstance(text_or_path, str):
         raise KeyFileError("expected 64 hex characters or the path of a PEM key file; got neither")
     data = _read_key_file(path)
-    raw = None
+    found: bytes | None = None
     try:
         public = serialization.load_pem_public_key(data)
         if isinstance(public, Ed25519PublicKey):
-            raw = public_key_bytes(public)
+            found = public_key_bytes(public)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         private = _load_pem_private(path, data)
         if private is not None:
-            raw = public_key_bytes(private)
-    if raw is None:
+            found = public_key_bytes(private)
+    if found is None:
         raise KeyFileError(f"{path} is not a PEM Ed25519 public or private key")
-    if _small_order(raw):
+    if _small_order(found):
         raise KeyFileError(f"{path} holds a small-order public key; no one holds its private key")
-    return raw
+    return found
 
 
 def _read_key_file(path: Path) -> bytes:
@@ -247,7 +247,7 @@ def _signed_form(kind: str, message: bytes, signature: bytes) -> bytes:
     return pack({"v": PROTOCOL_VERSION, "t": kind, "m": message, "sig": signature})
 
 
-def _open_signed(data: bytes, *, kind: str, label: bytes, arity: int, max_bytes: int) -> tuple[list, bytes, bytes]:
+def _open_signed(data: bytes, *, kind: str, label: bytes, arity: int, max_bytes: int) -> tuple[list[Any], bytes, bytes]:
     """Parse the signed wire form: (the signed list, the signed bytes, the signature). Not verified."""
     if isinstance(data, (bytes, bytearray, memoryview)) and len(data) > max_bytes:
         raise MalformedMessage(f"{kind}: {len(data)} bytes is larger than any valid {kind}")

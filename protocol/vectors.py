@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ def _fixed(label: str, size: int) -> bytes:
     return hashlib.sha256(label.encode()).digest()[:size]
 
 
-def _rng_from(values: list[bytes]):
+def _rng_from(values: list[bytes]) -> Callable[[int], bytes]:
     queue = list(values)
 
     def rng(n: int) -> bytes:

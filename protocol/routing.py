@@ -1,0 +1,39 @@
+"""Which broker channel each sealed request travels on, decided here once for both sides.
+
+A pool has two channels: the **job queue**, where competing workers each take a share of the
+requests, and the **control channel**, a broadcast that every worker of the pool receives.
+Model uploads and deletes must reach every worker (any of them may later get a job for the
+model), so they are broadcast; everything else is work for one worker. The producer publishes
+by :func:`route_for`; the worker accepts a request only on the channel this table names, so a
+broker that moves a request to the other channel gets it refused, not run by every worker.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from .errors import MalformedMessage
+
+
+class Route(StrEnum):
+    JOBS = "jobs"          # one worker of the pool takes it
+    BROADCAST = "control"  # every worker of the pool gets it
+
+
+_ROUTES: dict[str, Route] = {
+    "job": Route.JOBS,
+    "model_list": Route.JOBS,
+    "pool_rotate": Route.JOBS,
+    "model_chunk": Route.BROADCAST,
+    "model_delete": Route.BROADCAST,
+}
+
+REQUEST_KINDS = frozenset(_ROUTES)
+
+
+def route_for(kind: str) -> Route:
+    """The channel a request of ``kind`` is published on and accepted from."""
+    try:
+        return _ROUTES[kind]
+    except KeyError:
+        raise MalformedMessage(f"request type {kind!r} has no route") from None
