@@ -22,9 +22,12 @@ the statement nonce, the sealed blob and the retirement time.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import replace
 from collections.abc import Callable
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from protocol import crypto
 from protocol.codec import pack, unpack
@@ -46,24 +49,48 @@ class EpochAhead(Exception):
 
 
 class Keyring:
-    def __init__(self, keys: PoolKeys, state: SealedState, now_ms: Callable[[], int],
+    """The pool keys this worker holds. Empty until :meth:`adopt` (a worker learns its keys by
+    founding, joining or unsealing them at start); every change sets :attr:`changed`."""
+
+    def __init__(self, state: SealedState, now_ms: Callable[[], int],
                  on_erase: Callable[[set[int]], None] = lambda epochs: None) -> None:
         self._state = state
         self._now_ms = now_ms
         # Told which epochs disappeared, so the owner drops what it derived from them (session secrets).
         self._on_erase = on_erase
-        self._private: dict[int, object] = {}
-        self.keys = keys
+        self._private: dict[int, X25519PrivateKey] = {}
+        self._keys: PoolKeys | None = None
+        self.public_key = b""
+        self.identity_public_key = b""
+        # Set on every change of keys; the eraser waits on it for the next retirement time.
+        self.changed = asyncio.Event()
+
+    @property
+    def keys(self) -> PoolKeys:
+        if self._keys is None:
+            raise RuntimeError("the worker holds no pool keys yet")
+        return self._keys
+
+    @property
+    def has_keys(self) -> bool:
+        return self._keys is not None
+
+    def adopt(self, keys: PoolKeys) -> None:
+        """Take ``keys`` (founded, handed over by a member, or unsealed), seal them, and drop
+        whatever already retired."""
+        self._state.save_pool_keys(keys)
         self._load(keys)
         self.erase_retired()
 
     def _load(self, keys: PoolKeys) -> None:
         before = set(self._private)
-        self.keys = keys
+        self._keys = keys
         self._private = {keys.epoch: crypto.load_private_key(keys.pool_private_key)}
         for old in keys.previous:
             self._private[old.epoch] = crypto.load_private_key(old.private_key)
         self.public_key = crypto.public_bytes(self._private[keys.epoch])
+        self.identity_public_key = crypto.public_bytes(crypto.load_private_key(keys.identity_private_key))
+        self.changed.set()
         if gone := before - set(self._private):
             self._on_erase(gone)
 
@@ -72,25 +99,19 @@ class Keyring:
         return self.keys.epoch
 
     @property
-    def current_private(self):
+    def current_private(self) -> X25519PrivateKey:
         return self._private[self.keys.epoch]
 
     def epochs(self) -> tuple[int, ...]:
         return tuple(sorted(self._private))
 
-    def private_for(self, epoch: int):
+    def private_for(self, epoch: int) -> X25519PrivateKey:
         key = self._private.get(epoch)
         if key is not None:
             return key
         if epoch > self.keys.epoch:
             raise EpochAhead(epoch)
         raise EpochRetired(epoch)
-
-    def replace_all(self, keys: PoolKeys) -> None:
-        """Adopt keys a member handed over (join or catch-up), then drop whatever already retired."""
-        self._state.save_pool_keys(keys)
-        self._load(keys)
-        self.erase_retired()
 
     # -- rotation -----------------------------------------------------------------------------
     def install(self, epoch: int, private_key: bytes, retire_at_ms: int) -> None:
@@ -118,7 +139,7 @@ class Keyring:
         log.info("erased the pool key of epoch(s) %s: jobs sealed to them can no longer be opened", gone)
         return gone
 
-    def retiring_for_join(self) -> list[list]:
+    def retiring_for_join(self) -> list[list[object]]:
         return [[k.epoch, k.private_key, k.retire_at_ms] for k in self.keys.previous]
 
     # -- announcements --------------------------------------------------------------------------

@@ -100,9 +100,10 @@ def _package_roots(packages: Iterable[str]) -> dict[str, Path]:
     roots = {}
     for name in packages:
         module = importlib.import_module(name)
-        if not getattr(module, "__file__", None):
+        file = getattr(module, "__file__", None)
+        if not file:
             raise RuntimeError(f"package {name!r} has no __file__; cannot measure its code")
-        roots[name] = Path(module.__file__).resolve().parent
+        roots[name] = Path(file).resolve().parent
     return roots
 
 

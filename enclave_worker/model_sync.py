@@ -8,17 +8,35 @@ model bytes together with the owner's signed manifest, and in the end marker the
 manifests for models the requester already holds plus the delete orders it knows. The receiver
 checks the owner's signatures itself (a member cannot make it hold a model its owner did not
 sign) and the SHA-256 model id when it loads the bytes.
+
+:class:`ModelSync` is the worker's side of both ends: :meth:`ModelSync.fetch_missing` (a
+starting, joining or reconnected worker asks) and :meth:`ModelSync.send` (one member answers).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import asyncio
+import logging
+import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from broker_adapters import BrokerAdapter, Message
+from broker_adapters.errors import Unroutable
 from protocol import crypto
 from protocol.codec import pack, unpack
 from protocol.errors import MalformedMessage
-from protocol.handshake import MODEL_SYNC_CHUNK_BYTES, ModelSyncChunk, model_sync_info
+from protocol.errors import ProtocolError
+from protocol.handshake import MODEL_SYNC_CHUNK_BYTES, ModelSyncChunk, ModelSyncRequest, model_sync_info
+
+from .errors import SealedStateError
+from .inbox import open_inbox
+from .keyring import Keyring
+from .model_library import MODEL_WAIT_SECONDS, ModelLibrary
+
+log = logging.getLogger("enclaveq.worker")
 
 MAX_SYNC_RECORDS = 512  # manifests or delete orders in one end marker
 
@@ -48,7 +66,7 @@ class SyncCollector:
     pool: str
     epoch: int
     nonce: bytes
-    private_key: object
+    private_key: X25519PrivateKey
     parts: dict[str, dict[int, bytes]] = field(default_factory=dict)
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
     manifests: dict[str, bytes] = field(default_factory=dict)
@@ -89,3 +107,85 @@ def _blobs(value: object) -> list[bytes]:
     if not isinstance(value, list) or len(value) > MAX_SYNC_RECORDS or not all(isinstance(v, bytes) for v in value):
         raise MalformedMessage("model sync end marker: expected lists of signed records")
     return value
+
+
+class ModelSync:
+    """Brings a worker's models up to date from a member, and answers others' requests."""
+
+    def __init__(self, *, broker: BrokerAdapter, pool: str, worker_id: str, keyring: Keyring,
+                 library: ModelLibrary) -> None:
+        self._broker = broker
+        self._pool = pool
+        self._worker_id = worker_id
+        self._keyring = keyring
+        self._library = library
+
+    async def fetch_missing(self, source: str = "") -> None:
+        """Fetch from a live member every model this worker lacks (a late joiner serves models
+        uploaded before it existed; a restarted member catches up on what it missed), the newer
+        manifests of models it has (allow-list changes) and the deletes it missed. ``source``:
+        the member that admitted this worker, asked to answer alone ("" lets any member answer)."""
+        loop = asyncio.get_running_loop()
+        nonce = os.urandom(32)
+        collector = SyncCollector(self._pool, self._keyring.epoch, nonce, self._keyring.current_private)
+        async with open_inbox(self._broker, "sync") as (address, answers):
+            have = tuple(m.model_id for m in self._library.list())
+            try:
+                await self._broker.publish_control(self._pool, Message(
+                    body=ModelSyncRequest(have=have, worker_id=self._worker_id, nonce=nonce,
+                                          source=source).to_bytes(),
+                    reply_to=address))
+            except Unroutable:
+                return  # no live member: nothing to catch up on
+            # Someone consumes the control channel, so a member will answer, if only with its end
+            # marker; before its first message it reads and unseals every model it sends (seconds
+            # for a few hundred MB), so the first wait is as long as any later one.
+            deadline = loop.time() + MODEL_WAIT_SECONDS
+            ended = False
+            while (remaining := deadline - loop.time()) > 0:
+                try:
+                    body = await asyncio.wait_for(answers.get(), remaining)
+                except TimeoutError:
+                    break
+                try:
+                    if collector.add(ModelSyncChunk.from_bytes(body)):
+                        ended = True
+                        break  # that member's end marker: everything it sent has arrived (one queue, in order)
+                except ProtocolError as exc:  # includes DecryptionFailed
+                    log.warning("ignoring a model sync message that does not open or parse: %s", exc)
+                    continue
+                deadline = loop.time() + MODEL_WAIT_SECONDS  # a member is sending: keep listening
+        if not ended:
+            log.warning("model sync of pool %r ended without a member's end marker after %gs of silence; "
+                        "missing models arrive with the next start", self._pool, MODEL_WAIT_SECONDS)
+        for model_id, signed, whole in collector.complete():
+            await self._library.add_synced(model_id, signed, whole)
+        for signed in collector.updated_manifests:  # allow-list changes made while this worker was away
+            self._library.update_synced_manifest(signed)
+        for signed in collector.deletes:  # deletes this worker missed while it was away
+            await self._library.apply_synced_delete(signed)
+
+    def should_answer(self, request: ModelSyncRequest) -> bool:
+        """One member answers (the one that admitted the requester, when it says so): every
+        member sending its full copy would multiply the bytes on the broker."""
+        return request.worker_id != self._worker_id and request.source in ("", self._worker_id)
+
+    async def send(self, request: ModelSyncRequest, reply_to: str) -> None:
+        """Send the requester every model it lacks, then an end marker with our manifests of the
+        models it has and the delete orders we know, all sealed to the pool key."""
+        have = set(request.have)
+        epoch, public = self._keyring.epoch, self._keyring.public_key
+        for info in self._library.list():
+            if info.model_id in have:
+                continue
+            try:
+                data = await asyncio.to_thread(self._library.read_sealed, info.model_id)
+            except SealedStateError as exc:
+                log.warning("cannot send model %s: %s", info.model_id, exc)
+                continue
+            for chunk in seal_model(self._pool, epoch, request.nonce, public, info.model_id, data,
+                                    self._library.signed_manifest(info.model_id)):
+                await self._broker.publish_reply(reply_to, Message(body=chunk.to_bytes()))
+        manifests = [self._library.signed_manifest(m) for m in have if self._library.manifest(m) is not None]
+        end = seal_end(self._pool, epoch, request.nonce, public, manifests, list(self._library.delete_orders()))
+        await self._broker.publish_reply(reply_to, Message(body=end.to_bytes()))

@@ -61,7 +61,7 @@ from attestation.providers.self_identity import SelfIdentity, self_identity
 from .config import DEFAULT_WORKER_CONFIG, WorkerConfig
 from .errors import WorkerStartupError
 from .measurement import measure_worker
-from .worker import WorkerIdentity
+from .identity import WorkerIdentity
 
 log = logging.getLogger("enclaveq.worker")
 
@@ -162,7 +162,7 @@ def tee_identity(tee: str, config: WorkerConfig = DEFAULT_WORKER_CONFIG, *, root
     key = platform_sealing_key(provider, measurement.config_digest, root=root, ops=ops,
                                snp_vmpl=own.vmpl if own is not None else None)
     persistent = key is not None
-    if not persistent:
+    if key is None:
         log.warning("%s%s", EPHEMERAL_SEALING_WARNING, "" if join_policy is not None else
                     ". This worker cannot join a pool (JOINING UNAVAILABLE above), so for it every restart "
                     "founds the pool anew")

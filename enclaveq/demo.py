@@ -29,6 +29,7 @@ from rich.table import Table
 from attestation.policy import Policy
 from attestation.sim.init import init_sim_dir
 from broker_adapters import open_broker
+from broker_adapters.memory import MemoryBroker
 from enclave_worker.config import DEFAULT_WORKER_CONFIG
 from enclave_worker.measurement import measure_worker
 from enclave_worker.platform import sim_identity
@@ -63,6 +64,7 @@ async def run_demo(workdir: Path) -> int:
         f"{measurement.value.hex()[:16]}… pinned in the policy")
 
     tap = open_broker(url)
+    assert isinstance(tap, MemoryBroker)  # memory:// (only the embedded broker can be tapped)
     await tap.connect()
     captured: list[bytes] = []
     tap.tap(captured.append)
@@ -78,6 +80,8 @@ async def run_demo(workdir: Path) -> int:
     try:
         async with AsyncClient(url, pool, policy, timeout=60) as client:
             claims, st = client.claims, client.statement
+            if claims is None or st is None:
+                raise RuntimeError("the client did not record the pool's attestation")
             _ok(f"attestation verified: platform {claims.platform} (simulated={claims.simulated}), measurement "
                 f"{claims.measurement.hex()[:16]}… allowed, svn {claims.security_version} ≥ "
                 f"{policy.min_security_version}, debug={claims.debug}")
@@ -102,20 +106,26 @@ async def run_demo(workdir: Path) -> int:
             started = time.perf_counter()
             results = {}
             async for result in client.submit(model_id, inputs):
-                if not result.ok:
+                if result.error is not None:
                     raise result.error
+                if result.outputs is None:
+                    raise RuntimeError(f"job {result.index} returned no outputs")
                 results[result.index] = result.outputs[model.output_name]
             elapsed = time.perf_counter() - started
             _ok(f"{len(inputs)} jobs ran in {elapsed * 1000:.0f} ms; results opened and authenticated")
 
             # A job of this session exactly as it would cross the broker, kept by an "attacker".
-            captured_job = client._core.job(model_id, inputs[0], timeout=60).body
+            core = client._core
+            if core is None:
+                raise RuntimeError("the client has no session")
+            captured_job = core.job(model_id, inputs[0], timeout=60).body
             if not _opens_with_sealed_state(worker, captured_job):  # the check below must be able to fail
                 console.print("[red]the sealed state does not hold the current pool key[/red]")
                 return 1
             epoch, _ = await client.rotate_pool(grace_seconds=1)
-            deadline = time.monotonic() + 10
-            while worker._keys.previous and time.monotonic() < deadline:
+            for _ in range(200):  # up to 10 s for every member to erase the epoch-1 key
+                if worker.keys is None or not worker.keys.previous:
+                    break
                 await asyncio.sleep(0.05)
             if _opens_with_sealed_state(worker, captured_job):
                 console.print("[red]the erased epoch's key is still in the sealed state[/red]")
@@ -161,7 +171,9 @@ async def run_demo(workdir: Path) -> int:
 
 def _opens_with_sealed_state(worker: Worker, sealed_job: bytes) -> bool:
     """Whether any pool key in the worker's sealed state (read back from disk) opens the job."""
-    keys = worker._state.load_pool_keys()
+    keys = worker.sealed_state.load_pool_keys()
+    if keys is None:
+        return False
     _, header = peek_request(sealed_job)
     for raw in [keys.pool_private_key] + [k.private_key for k in keys.previous]:
         try:

@@ -1,0 +1,49 @@
+"""The worker's evidence: statements about its current pool key, and the TEE evidence over them.
+
+Everything a worker says about itself goes through here -- answers to producers' challenges,
+join answers to new members, rotation announcements -- so every statement binds the same
+fields: domain, pool, epoch, pool public key, worker identity key, nonce, config digest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from protocol import crypto
+from protocol.handshake import Challenge, EvidenceResponse, Statement
+
+from .identity import WorkerIdentity
+from .keyring import Keyring
+
+
+class Attester:
+    def __init__(self, *, pool: str, identity: WorkerIdentity, worker_id: str, keyring: Keyring) -> None:
+        self._pool = pool
+        self._identity = identity
+        self._worker_id = worker_id
+        self._keyring = keyring
+
+    @property
+    def platform(self) -> str:
+        return self._identity.provider.platform
+
+    def statement(self, nonce: bytes, *, epoch: int | None = None, pool_public_key: bytes | None = None) -> Statement:
+        """A statement about the current key (or, when rotating, about the next one)."""
+        return Statement(pool=self._pool, epoch=self._keyring.epoch if epoch is None else epoch,
+                         suite=crypto.SUITE_ID,
+                         pool_public_key=self._keyring.public_key if pool_public_key is None else pool_public_key,
+                         worker_identity_key=self._keyring.identity_public_key, nonce=nonce,
+                         config_digest=self._identity.config_digest)
+
+    def evidence(self, statement: Statement) -> bytes:
+        """The TEE's evidence over ``statement`` (blocking: a real TEE can take a second)."""
+        return self._identity.provider.evidence(statement.report_data())
+
+    def answer(self, challenge: Challenge) -> EvidenceResponse:
+        statement = self.statement(challenge.nonce)
+        return EvidenceResponse(platform=self.platform, evidence=self.evidence(statement), statement=statement,
+                                worker_id=self._worker_id)
+
+    async def answer_in_thread(self, challenge: Challenge) -> EvidenceResponse:
+        # Off the event loop, which keeps serving jobs meanwhile.
+        return await asyncio.to_thread(self.answer, challenge)

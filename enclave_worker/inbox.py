@@ -1,0 +1,30 @@
+"""Temporary reply queues for worker-to-worker exchanges (joining, catching up, model sync)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+
+from broker_adapters import BrokerAdapter, Delivery
+
+
+@contextlib.asynccontextmanager
+async def open_inbox(broker: BrokerAdapter, purpose: str) -> AsyncIterator[tuple[str, asyncio.Queue[bytes]]]:
+    """A reply queue that lives for one exchange: (its address, a queue of the bodies received).
+    Deleted on exit, so a member's late answer has nowhere to go."""
+    name = f"{purpose}-{uuid.uuid4().hex[:16]}"
+    address = await broker.declare_reply_queue(name)
+    answers: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def collect(delivery: Delivery) -> None:
+        answers.put_nowait(delivery.message.body)
+        await delivery.ack()
+
+    sub = await broker.consume_replies(name, collect)
+    try:
+        yield address, answers
+    finally:
+        await sub.cancel()
+        await broker.delete_reply_queue(name)

@@ -1,0 +1,162 @@
+"""What each kind of opened request does: one handler per kind, in one table.
+
+The worker hands every request that opened, is not a replay and has not expired to
+:meth:`RequestHandlers.execute`, which answers with an :class:`Answer` (status, content type,
+body) to seal back to the producer. Every refusal is a typed error answer -- a worker never
+crashes on a request and never puts payloads in its logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from protocol import bodies
+from protocol.envelope import RequestHeader
+from protocol.errors import MalformedMessage, OversizedMessage, ProtocolError, SignatureInvalid, TensorError
+from protocol.ownership import ProducerProof
+from protocol.tensors import TensorLimits
+
+from .config import WorkerConfig
+from .errors import JobRejected
+from .model_library import ModelLibrary
+from .models import run_model
+from .rotation import Rotation
+
+log = logging.getLogger("enclaveq.worker")
+
+# A model known to answer this fast on an input this small runs on the event loop (see _run_job).
+INLINE_INFERENCE_SECONDS = 0.0005
+INLINE_INFERENCE_BYTES = 64 * 1024
+MAX_CACHED_PROOFS = 10_000
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: str        # "ok" or "error"
+    content_type: str
+    body: bytes
+
+    @classmethod
+    def error(cls, code: str, message: str) -> Answer:
+        return cls("error", bodies.ERROR, bodies.ErrorBody(code=code, message=message).to_bytes())
+
+    @property
+    def code(self) -> str:
+        """"ok", or the error code (for metrics and logs)."""
+        return bodies.ErrorBody.from_bytes(self.body).code if self.status == "error" else "ok"
+
+
+Handler = Callable[[RequestHeader, bytes], Awaitable[Answer]]
+
+
+class RequestHandlers:
+    def __init__(self, *, pool: str, config: WorkerConfig, library: ModelLibrary, rotation: Rotation) -> None:
+        self._pool = pool
+        self._config = config
+        self._library = library
+        self._rotation = rotation
+        self._limits = TensorLimits(max_tensor_bytes=config.max_tensor_bytes, max_total_bytes=config.max_message_bytes)
+        # Verified producer proofs, by what they were verified against.
+        self._producer_keys: OrderedDict[tuple[bytes, bytes], bytes] = OrderedDict()
+        self._handlers: dict[str, Handler] = {
+            "job": self._run_job,
+            "model_chunk": self._model_chunk,
+            "model_delete": self._model_delete,
+            "model_list": self._model_list,
+            "pool_rotate": self._pool_rotate,
+        }
+
+    async def execute(self, header: RequestHeader, plaintext: bytes) -> Answer:
+        handler = self._handlers.get(header.kind)
+        try:
+            if handler is None:
+                raise JobRejected(f"request type {header.kind!r} is not supported", bodies.ErrorCode.UNSUPPORTED)
+            return await handler(header, plaintext)
+        except JobRejected as exc:
+            return Answer.error(exc.code, str(exc))
+        except OversizedMessage as exc:
+            return Answer.error(bodies.ErrorCode.OVERSIZED, str(exc))
+        except ProtocolError as exc:  # malformed body, bad tensor
+            return Answer.error(bodies.ErrorCode.BAD_INPUT, str(exc))
+        except Exception as exc:
+            log.exception("internal error on job %s (%s)", header.job_id, type(exc).__name__)
+            return Answer.error(bodies.ErrorCode.INTERNAL, f"internal worker error ({type(exc).__name__})")
+
+    # -- handlers ------------------------------------------------------------------------------
+    async def _run_job(self, header: RequestHeader, plaintext: bytes) -> Answer:
+        model_id = _model_id(header)
+        if self._library.needs_producer_key(model_id):
+            self._library.require_allowed(model_id, self._producer_key(header))
+        inputs, outputs = bodies.decode_job(plaintext, self._limits)
+        model = await self._library.get(model_id)
+        input_bytes = sum(a.nbytes for a in inputs.values())
+
+        def infer() -> bytes:
+            started = time.perf_counter()
+            result = run_model(model, inputs, outputs)
+            model.record_run(time.perf_counter() - started)
+            try:
+                return bodies.encode_tensors_body(result)
+            except TensorError as exc:
+                raise JobRejected(f"the model produced an output enclaveq cannot carry: {exc}",
+                                  bodies.ErrorCode.UNSUPPORTED) from None
+
+        # A model known to answer in well under a millisecond on a small input runs on the event
+        # loop: handing it to a thread (executor queue, wake-up, GIL hand-offs) costs several times
+        # more CPU than the inference itself. Everything else runs in a thread, which is what
+        # lets a slow model use every core while the loop keeps serving the broker.
+        if model.typical_seconds < INLINE_INFERENCE_SECONDS and input_bytes <= INLINE_INFERENCE_BYTES:
+            body = infer()
+        else:
+            body = await asyncio.to_thread(infer)
+        if len(body) > self._config.max_message_bytes:
+            raise JobRejected(f"result of {len(body)} bytes exceeds {self._config.max_message_bytes}",
+                              bodies.ErrorCode.OVERSIZED)
+        return Answer("ok", bodies.TENSORS, body)
+
+    async def _model_chunk(self, header: RequestHeader, plaintext: bytes) -> Answer:
+        ack = await self._library.receive_chunk(header, plaintext, max_message_bytes=self._config.max_message_bytes)
+        return Answer("ok", bodies.ACK, ack)
+
+    async def _model_delete(self, header: RequestHeader, plaintext: bytes) -> Answer:
+        model_id = _model_id(header)
+        await self._library.delete(model_id, plaintext)
+        return Answer("ok", bodies.ACK, bodies.encode_ack(model_id, 0, True))
+
+    async def _model_list(self, header: RequestHeader, plaintext: bytes) -> Answer:
+        return Answer("ok", bodies.MODELS, bodies.encode_models(self._library.list()))
+
+    async def _pool_rotate(self, header: RequestHeader, plaintext: bytes) -> Answer:
+        epoch, retire_at_ms = await self._rotation.rotate_on_request(bodies.decode_rotate(plaintext))
+        return Answer("ok", bodies.ROTATED, bodies.encode_rotated(epoch, retire_at_ms))
+
+    # -- producer keys -----------------------------------------------------------------------------
+    def _producer_key(self, header: RequestHeader) -> bytes | None:
+        """The producer key this session proved (verified once per session and proof)."""
+        if header.producer_proof is None:
+            return None
+        cache_key = (header.session_id, header.producer_proof)
+        key = self._producer_keys.get(cache_key)
+        if key is None:
+            try:
+                proof = ProducerProof.from_bytes(header.producer_proof)
+                proof.verify(pool=self._pool, epoch=header.epoch, session_id=header.session_id,
+                             sealed_session=header.sealed_session)
+            except (SignatureInvalid, MalformedMessage):
+                raise JobRejected("the producer key proof of this session does not verify",
+                                  bodies.ErrorCode.BAD_SIGNATURE) from None
+            key = self._producer_keys[cache_key] = proof.producer_key
+            if len(self._producer_keys) > MAX_CACHED_PROOFS:
+                self._producer_keys.popitem(last=False)
+        return key
+
+
+def _model_id(header: RequestHeader) -> str:
+    if header.model_id is None:  # the header parser requires one for these kinds
+        raise MalformedMessage(f"{header.kind} without a model id")
+    return header.model_id

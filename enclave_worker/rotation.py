@@ -1,0 +1,191 @@
+"""Pool key rotation (P6): drawing the next epoch, announcing it, taking others' announcements,
+and erasing retired keys on time.
+
+A rotation is serialised by the pool's rotation lock, so two members never mint rival keys for
+one epoch. The new key travels HPKE-sealed to the current epoch's key (exactly the admitted
+members hold it) inside an announcement vouched for by the rotator's evidence; each receiver
+checks that evidence against its own join policy. The previous key keeps opening jobs for the
+grace period -- capped by the measured ``max_rotation_grace_seconds``, whatever anyone asks --
+and is then erased from memory, the session cache and sealed state (by the keyring).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Coroutine
+from typing import Any
+from datetime import UTC, datetime
+
+from attestation.errors import AttestationError
+from attestation.providers.errors import ProviderError
+from attestation.verify import verify_evidence
+from broker_adapters import BrokerAdapter, Message, PoolLock
+from broker_adapters.errors import BrokerError, PoolBusy
+from protocol import bodies, crypto
+from protocol.errors import ProtocolError
+from protocol.handshake import EpochAnnounce
+
+from .attester import Attester
+from .config import WorkerConfig
+from .errors import JobRejected
+from .identity import WorkerIdentity
+from .keyring import Keyring
+
+log = logging.getLogger("enclaveq.worker")
+
+ROTATION_LOCK_SECONDS = 10.0   # how long a rotation waits for another member's rotation to finish
+ROTATION_SETTLE_SECONDS = 0.5  # the rotator keeps the lock this long so members see its announcement first
+DEFAULT_ROTATION_GRACE_SECONDS = 300
+# Any producer the pool serves may ask for a rotation (it can send jobs anyway); this bounds how
+# often such requests can force every other producer to re-attest.
+MIN_REQUESTED_ROTATION_SECONDS = 10.0
+
+
+class Rotation:
+    def __init__(self, *, broker: BrokerAdapter, pool: str, identity: WorkerIdentity, config: WorkerConfig,
+                 worker_id: str, keyring: Keyring, attester: Attester, clock: Callable[[], float],
+                 catch_up: Callable[[], Coroutine[Any, Any, None]], every: float | None = None,
+                 grace: float = DEFAULT_ROTATION_GRACE_SECONDS) -> None:
+        self._broker = broker
+        self._pool = pool
+        self._identity = identity
+        self._config = config
+        self._worker_id = worker_id
+        self._keyring = keyring
+        self._attester = attester
+        self._clock = clock
+        self._catch_up = catch_up  # when an announcement skips an epoch we never saw
+        self._every = every
+        self._grace = grace
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    def start(self) -> None:
+        """Erase retiring keys when due; with ``every``, rotate on schedule too."""
+        self._tasks.append(asyncio.create_task(self._erase_when_due()))
+        if self._every:
+            self._tasks.append(asyncio.create_task(self._rotate_periodically(self._every)))
+
+    def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
+
+    # -- rotating ------------------------------------------------------------------------------
+    async def rotate_on_request(self, grace_seconds: int) -> tuple[int, int]:
+        """A producer's ``pool_rotate``: refused when too soon after the last one or when the
+        grace period exceeds the measured limit."""
+        keys = self._keyring.keys
+        age = self._clock() - keys.created_ms / 1000
+        if keys.epoch > 1 and age < MIN_REQUESTED_ROTATION_SECONDS:
+            raise JobRejected(f"the pool key was rotated {age:.1f}s ago; rotations are at least "
+                              f"{MIN_REQUESTED_ROTATION_SECONDS:g}s apart", bodies.ErrorCode.ROTATION_REFUSED)
+        if grace_seconds > self._config.max_rotation_grace_seconds:
+            raise JobRejected(f"a grace period of {grace_seconds}s exceeds this pool's measured limit of "
+                              f"{self._config.max_rotation_grace_seconds}s", bodies.ErrorCode.ROTATION_REFUSED)
+        return await self.rotate(grace_seconds)
+
+    async def rotate(self, grace_seconds: float, *, only_from_epoch: int | None = None) -> tuple[int, int]:
+        """Draw epoch N+1, make it current here and announce it to every member; epoch N keeps
+        opening jobs for ``grace_seconds``. Returns (epoch, retire_at_ms). ``only_from_epoch``
+        (scheduled rotation) skips it if another member rotated while this one waited."""
+        lock = await self._take_rotation_lock()
+        try:
+            current = self._keyring.epoch
+            if only_from_epoch is not None and current != only_from_epoch:
+                return current, 0
+            new_private = crypto.private_bytes(crypto.generate_private_key())
+            retire_at_ms = self._now_ms() + int(grace_seconds * 1000)
+            sealed, nonce = self._keyring.seal_next(new_private, self._pool, retire_at_ms)
+            epoch = current + 1
+            statement = self._attester.statement(
+                nonce, epoch=epoch, pool_public_key=crypto.public_bytes(crypto.load_private_key(new_private)))
+            evidence = await asyncio.to_thread(self._attester.evidence, statement)
+            announce = EpochAnnounce(platform=self._attester.platform, evidence=evidence, statement=statement,
+                                     previous_epoch=current, retire_at_ms=retire_at_ms, sealed_key=sealed,
+                                     worker_id=self._worker_id)
+            self._keyring.install(epoch, new_private, retire_at_ms)
+            log.info("rotated pool %r to epoch %d; epoch %d is erased in %gs", self._pool, epoch, current,
+                     grace_seconds)
+            if self._identity.can_join:
+                # A member that misses this (broker hiccup) catches up when it first sees a job
+                # sealed to the new epoch: it asks for the keys with a join request.
+                await self._broker.publish_control(self._pool, Message(body=announce.to_bytes()))
+                await asyncio.sleep(ROTATION_SETTLE_SECONDS)
+            return epoch, retire_at_ms
+        finally:
+            await lock.release()
+
+    async def _take_rotation_lock(self) -> PoolLock:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + ROTATION_LOCK_SECONDS
+        while True:
+            try:
+                return await self._broker.acquire_pool_lock(self._pool, purpose="rotation")
+            except PoolBusy:
+                if loop.time() > give_up:
+                    raise JobRejected("another member of the pool is rotating its key; try again",
+                                      bodies.ErrorCode.ROTATION_REFUSED) from None
+                await asyncio.sleep(0.2)
+
+    async def _rotate_periodically(self, every: float) -> None:
+        """``--rotate-every``: rotate when the current epoch is older than the interval. Every member
+        with the option runs this; the rotation lock and ``only_from_epoch`` make one of them win."""
+        while True:
+            keys = self._keyring.keys
+            wait = keys.created_ms / 1000 + every - self._clock()
+            if wait > 0:
+                await asyncio.sleep(min(wait, 5.0))
+                continue
+            await asyncio.sleep(random.uniform(0, min(5.0, every / 10)))
+            if self._keyring.epoch != keys.epoch:
+                continue
+            try:
+                await self.rotate(self._grace, only_from_epoch=keys.epoch)
+            except (BrokerError, JobRejected, ProviderError) as exc:
+                log.warning("automatic rotation of pool %r failed: %s", self._pool, exc)
+                await asyncio.sleep(5.0)
+
+    # -- others' rotations -----------------------------------------------------------------------
+    async def on_announce(self, announce: EpochAnnounce) -> None:
+        """Take another member's new epoch key, if its evidence satisfies our join policy."""
+        current = self._keyring.epoch
+        if announce.worker_id == self._worker_id or announce.statement.epoch <= current:
+            return
+        if not self._identity.can_join:
+            return
+        if announce.previous_epoch != current:
+            log.warning("pool %r moved to epoch %d while this worker is at %d: catching up", self._pool,
+                        announce.statement.epoch, current)
+            self._tasks.append(asyncio.create_task(self._catch_up()))
+            return
+        try:
+            # The announcer must satisfy our join policy, exactly like a member handing us keys.
+            verify_evidence(announce.platform, announce.evidence, self._identity.join_policy,
+                            expected_report_data=announce.statement.report_data(),
+                            now=datetime.fromtimestamp(self._clock(), UTC), **self._identity.join_verify_options)
+            private = self._keyring.open_announce(announce, self._pool)
+        except (AttestationError, ProtocolError, ValueError) as exc:
+            log.warning("ignoring an epoch announcement that does not verify: %s", str(exc).splitlines()[0])
+            return
+        # Our measured limit bounds how long any old key lives here, whatever the announcer's clock says.
+        retire_at_ms = min(announce.retire_at_ms, self._now_ms() + self._config.max_rotation_grace_seconds * 1000)
+        self._keyring.install(announce.statement.epoch, private, retire_at_ms)
+        log.info("pool %r rotated to epoch %d by member %s", self._pool, self._keyring.epoch, announce.worker_id)
+
+    # -- erasure -----------------------------------------------------------------------------------
+    async def _erase_when_due(self) -> None:
+        """Erase each retiring key at its retirement time (P6)."""
+        changed = self._keyring.changed
+        while True:
+            changed.clear()
+            due = self._keyring.next_retirement_ms()
+            timeout = None if due is None else max(0.05, (due - self._now_ms()) / 1000)
+            try:
+                await asyncio.wait_for(changed.wait(), timeout)
+            except TimeoutError:
+                self._keyring.erase_retired()
