@@ -21,7 +21,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from attestation.evidence_cli import decode_evidence, load_certificates
+from attestation.evidence_files import decode_evidence, load_certificates
 from attestation.platforms import VerificationInputs
 from attestation.verify import verify_hardware
 

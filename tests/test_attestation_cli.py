@@ -9,10 +9,10 @@ import pytest
 from click.testing import CliRunner
 
 from attestation import load_policy, verify_evidence
-from attestation.cli import policy_cli, sim_cli
 from attestation.sim import SimProvider, open_sim_dir
 from enclave_worker.config import DEFAULT_WORKER_CONFIG
 from enclave_worker.measurement import measure_worker
+from enclaveq.cli.sim import policy_cli, sim_cli
 
 M1 = "ab" * 32
 M2 = "cd" * 32

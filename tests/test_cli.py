@@ -13,8 +13,21 @@ from broker_adapters import open_broker
 from .processes import WorkerProcess, enclaveq
 from .support import mlp_model
 
+
+@pytest.fixture(autouse=True)
+def enclaveq_home(tmp_path, monkeypatch):
+    """Every command run here (the CLI processes inherit the environment) keeps its default owner
+    key under tmp_path, never in the real ~/.config/enclaveq."""
+    home = tmp_path / "enclaveq-home"
+    monkeypatch.setenv("ENCLAVEQ_HOME", str(home))
+    monkeypatch.delenv("ENCLAVEQ_OWNER_KEY", raising=False)
+    return home
+
+
 COMMANDS = [[], ["demo"], ["sim"], ["sim", "init"], ["policy"], ["policy", "init"], ["worker"], ["attest"],
-            ["model"], ["model", "upload"], ["model", "list"], ["model", "delete"], ["run"], ["submit"]]
+            ["model"], ["model", "upload"], ["model", "list"], ["model", "delete"], ["run"], ["submit"],
+            ["pool"], ["pool", "rotate"], ["keys"], ["keys", "generate"], ["keys", "show"], ["evidence"],
+            ["evidence", "verify"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "enclaveq")
@@ -86,14 +99,16 @@ def test_attest_exits_non_zero_naming_each_violation(deployment, tmp_path):
     assert {"field": "measurement"}.items() <= doc["violations"][0].items() and "ab" * 32 in doc["violations"][0]["expected"]
 
 
-def test_upload_list_run_submit_and_delete_from_the_command_line(deployment, tmp_path):
+def test_upload_list_run_submit_and_delete_from_the_command_line(deployment, tmp_path, enclaveq_home):
     model = mlp_model(seed=4)
     (tmp_path / "m.onnx").write_bytes(model)
     owner, stranger = tmp_path / "owner.key", tmp_path / "stranger.key"
     enclaveq("keys", "generate", "--out", str(owner))
     enclaveq("keys", "generate", "--out", str(stranger))
-    unsigned = enclaveq("model", "upload", str(tmp_path / "m.onnx"), *conn(deployment), check=False)
-    assert unsigned.returncode == 2 and "--owner-key" in unsigned.stderr
+    # No key anywhere: delete names the default key file it looked for and creates nothing.
+    keyless = enclaveq("model", "delete", "00" * 32, *conn(deployment), check=False)
+    default_key = enclaveq_home / "owner.key"
+    assert keyless.returncode == 2 and str(default_key) in keyless.stderr and not default_key.exists()
     upload = enclaveq("model", "upload", str(tmp_path / "m.onnx"), *conn(deployment), "--owner-key", str(owner))
     model_id = upload.stdout.strip().splitlines()[-1]
     assert len(model_id) == 64
@@ -133,6 +148,13 @@ def test_upload_list_run_submit_and_delete_from_the_command_line(deployment, tmp
     missing = enclaveq("run", *conn(deployment), "--model", model_id, "--input", f"x={tmp_path / 'x.npy'}",
                        "--input", f"bias={tmp_path / 'bias.npy'}", "--output", str(tmp_path / "o.npz"), check=False)
     assert missing.returncode == 1 and "unknown_model" in missing.stderr
+
+    # The documented contract: no --owner-key; the default key in $ENCLAVEQ_HOME signs, and deletes.
+    (tmp_path / "m2.onnx").write_bytes(mlp_model(seed=6))
+    keyless_upload = enclaveq("model", "upload", str(tmp_path / "m2.onnx"), *conn(deployment))
+    second_id = keyless_upload.stdout.splitlines()[-1]
+    assert len(second_id) == 64 and str(default_key) in keyless_upload.stderr and default_key.exists()
+    assert enclaveq("model", "delete", second_id, *conn(deployment)).stdout.strip() == f"deleted {second_id}"
 
 
 def test_run_with_a_malformed_input_spec_is_a_usage_error(deployment, tmp_path):

@@ -8,7 +8,7 @@ from datetime import datetime, UTC
 
 import pytest
 
-from attestation.evidence_cli import decode_evidence
+from attestation.evidence_files import decode_evidence
 from attestation.sim.provider import SimProvider
 
 from .processes import enclaveq

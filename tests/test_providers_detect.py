@@ -27,7 +27,7 @@ from attestation.providers.configfs_tsm import TSM_REPORT_DIR
 from attestation.providers.fakes import FakeGramine, FakeTsmKernel
 from attestation.sim.init import init_sim_dir
 from attestation.sim.provider import SimProvider
-from enclave_worker.cli import TEE_CHOICES as CLI_TEE_CHOICES, refuse_unopenable_state
+from enclaveq.cli.worker import TEE_CHOICES as CLI_TEE_CHOICES, refuse_unopenable_state
 from enclave_worker.errors import WorkerStartupError
 from enclave_worker.measurement import measure_worker
 from enclave_worker.config import DEFAULT_WORKER_CONFIG

@@ -2,7 +2,9 @@
 
 Every command attests the pool before it sends anything; every failure is one clear line on
 stderr and a non-zero exit (1: refused or failed, 2: usage). Progress goes to stderr so that
-stdout stays machine-readable (the model id alone on the last line, JSON with --json).
+stdout stays machine-readable (the model id alone on the last line, JSON with --json). The
+commands drive :class:`producer_sdk.Client`; which owner key signs uploads and deletes is
+decided in :mod:`enclaveq.cli.owner_key`.
 """
 
 from __future__ import annotations
@@ -11,23 +13,36 @@ import functools
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 import numpy as np
 
 from attestation.errors import AttestationError
-from enclaveq.durations import DURATION
-
-from protocol.errors import ProtocolError
-from protocol.ownership import load_signing_key, parse_public_key
-
 from broker_adapters import redact_url
-from .client import Client
-from .errors import AttestationFailed, EnclaveqError
+from producer_sdk import Client
+from producer_sdk.errors import AttestationFailed, EnclaveqError
+from protocol.errors import ProtocolError
+from protocol.ownership import parse_public_key
+
+from ..durations import DURATION
+from .owner_key import (
+    DEFAULT_HOME, DEFAULT_KEY_NAME, ENV_HOME, ENV_OWNER_KEY, OwnerKeyError, OwnerKeySource, find_owner_key, load_owner_key,
+)
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from rich.progress import Progress
+
+    from attestation.claims import Claims
+    from protocol.handshake import Statement
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _connection_options(fn):
+def _connection_options(fn: Callable[..., None]) -> Callable[..., None]:
     @click.option("--broker", "broker_url", required=True, metavar="URL",
                   help="Broker URL, e.g. amqp://guest:guest@127.0.0.1:5672/ or memory://NAME.")
     @click.option("--pool", required=True, metavar="NAME", help="Worker pool to use.")
@@ -38,15 +53,31 @@ def _connection_options(fn):
                   help="This producer's key file (`enclaveq keys generate`): proves who sends the jobs, which "
                        "models restricted to some producers require.")
     @functools.wraps(fn)
-    def wrapper(*args, producer_key=None, **kwargs):
+    def wrapper(*args: Any, producer_key: Path | None = None, **kwargs: Any) -> None:
         click.get_current_context().meta["enclaveq.producer_key"] = producer_key
-        return fn(*args, **kwargs)
+        fn(*args, **kwargs)
     return wrapper
 
 
-def _key_option(name: str, help: str):
-    return click.option(name, "owner_key", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                        help=help)
+_KEY_DEFAULT_HELP = (f"Without it: ${ENV_OWNER_KEY} (a key file) if set, else ${ENV_HOME}/{DEFAULT_KEY_NAME} "
+                     f"({ENV_HOME} defaults to {DEFAULT_HOME}).")
+
+
+def _key_option(help: str) -> Callable[[F], F]:
+    return click.option("--owner-key", "owner_key", default=None, metavar="FILE",
+                        type=click.Path(exists=True, dir_okay=False, path_type=Path), help=f"{help} {_KEY_DEFAULT_HELP}")
+
+
+def _owner_key(source: OwnerKeySource, *, create: bool = False) -> Ed25519PrivateKey:
+    """Load (or, for upload, create) the owner key; a missing or unusable key is a usage error (exit 2)."""
+    try:
+        key, created = load_owner_key(source, create=create)
+    except OwnerKeyError as exc:
+        _fail(str(exc), 2)
+    if created:
+        click.echo(f"Created owner key {source.path} (mode 0600): keep it, it is needed to delete or replace "
+                   "this model later.", err=True)
+    return key
 
 
 def _client(broker_url: str, pool: str, policy: Path, timeout: float) -> Client:
@@ -59,12 +90,20 @@ def _client(broker_url: str, pool: str, policy: Path, timeout: float) -> Client:
         _fail(str(exc))
 
 
-def _fail(message: str, code: int = 1):
+def _attested(client: Client) -> tuple[Claims, Statement]:
+    """The verified claims and statement of a client that attested its pool (set by then)."""
+    claims, statement = client.claims, client.statement
+    if claims is None or statement is None:
+        _fail("the pool's attestation was not recorded")
+    return claims, statement
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
 
-def _progress():
+def _progress() -> Progress:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.console import Console
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -74,7 +113,7 @@ def _progress():
 @click.command("attest")
 @_connection_options
 @click.option("--json", "as_json", is_flag=True, help="Print the verified claims as one JSON object.")
-def attest_command(broker_url, pool, policy, timeout, as_json):
+def attest_command(broker_url: str, pool: str, policy: Path, timeout: float, as_json: bool) -> None:
     """Challenge a pool with a fresh nonce and verify its evidence against POLICY.
 
     Exit 0 with the verified claims; exit 1 with every violated policy field, its value and
@@ -92,15 +131,16 @@ def attest_command(broker_url, pool, policy, timeout, as_json):
     except EnclaveqError as exc:
         _fail(str(exc))
     with client:
-        claims, st = client.claims, client.statement
+        claims, st = _attested(client)
+        claims_json = claims.to_json()
         doc = {"verified": True, "pool": pool, "epoch": st.epoch, "suite": st.suite,
                "pool_public_key": st.pool_public_key.hex(), "worker_identity_key": st.worker_identity_key.hex(),
-               "config_digest": st.config_digest.hex(), "claims": claims.to_json()}
+               "config_digest": st.config_digest.hex(), "claims": claims_json}
         if as_json:
             click.echo(json.dumps(doc, indent=2))
             return
         click.echo(f"verified pool {pool!r} (epoch {st.epoch}) against {policy}")
-        for key, value in doc["claims"].items():
+        for key, value in claims_json.items():
             if key != "chain":
                 click.echo(f"  {key:<18} {value}")
         click.echo(f"  {'pool key':<18} {st.pool_public_key.hex()}")
@@ -109,54 +149,70 @@ def attest_command(broker_url, pool, policy, timeout, as_json):
 
 
 @click.group("model")
-def model_group():
+def model_group() -> None:
     """Upload, list and delete models on a pool (bytes travel sealed to the attested pool)."""
 
 
 @model_group.command("upload")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_connection_options
-@_key_option("--owner-key", "The model owner's key file (`enclaveq keys generate`): signs the upload. Only this "
-                            "key can later delete the model or replace its manifest.")
+@_key_option("The model owner's key file: signs the upload. Only this key can later delete the model or "
+             "replace its manifest.")
 @click.option("--allow-producer", "allowed", multiple=True, metavar="KEY",
               help="Let only this producer public key (64 hex characters, or a key file) run the model. Repeat "
                    "for several producers; without it every producer the pool serves may run it.")
-def model_upload(file, broker_url, pool, policy, timeout, owner_key, allowed):
+def model_upload(file: Path, broker_url: str, pool: str, policy: Path, timeout: float, owner_key: Path | None,
+                 allowed: tuple[str, ...]) -> None:
     """Upload FILE.onnx in sealed chunks; print the model id (SHA-256) alone on the last line.
 
     \b
     Every chunk is sealed to the attested pool and carries a manifest signed by
-    --owner-key (model id, size, owner, allowed producers). Workers refuse an
+    the owner key (model id, size, owner, allowed producers). Workers refuse an
     upload whose signature does not verify, and a replacement or delete by any
     other key. Uploading the same model again with the same owner key replaces
     its allow-list. A progress bar shows the chunks confirmed by the pool.
 
     \b
-    Example:
+    The owner key, like ssh's: --owner-key FILE, else $ENCLAVEQ_OWNER_KEY (a key
+    file), else the default $ENCLAVEQ_HOME/owner.key (ENCLAVEQ_HOME defaults to
+    ~/.config/enclaveq). The first upload without a key creates the default
+    (mode 0600, directory 0700) and names it on stderr: keep it, it is the only
+    key that can later delete or replace the model.
+
+    \b
+    Examples:
+      enclaveq model upload model.onnx --broker amqp://guest:guest@127.0.0.1:5672/ \\
+          --pool demo --policy policy.toml        # signed with the default owner key
       enclaveq keys generate --out owner.key
       enclaveq model upload model.onnx --broker amqp://guest:guest@127.0.0.1:5672/ \\
           --pool demo --policy policy.toml --owner-key owner.key
     """
     try:
         allowed_keys = [parse_public_key(k) for k in allowed] or None
-        key = load_signing_key(owner_key)
     except ProtocolError as exc:
         _fail(str(exc), 2)
-    with _client(broker_url, pool, policy, timeout) as client, _progress() as bar:
-        size = file.stat().st_size
-        task = bar.add_task(f"uploading {file.name} ({size / 1e6:.1f} MB)", total=None)
+    source = find_owner_key(owner_key)
+    # An existing key is checked before connecting; the default one is created only once the pool attests.
+    key = None if source.creatable else _owner_key(source)
+    with _client(broker_url, pool, policy, timeout) as client:
+        if key is None:
+            key = _owner_key(source, create=True)
+        with _progress() as bar:
+            size = file.stat().st_size
+            task = bar.add_task(f"uploading {file.name} ({size / 1e6:.1f} MB)", total=None)
 
-        def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-        try:
-            model_id = client.upload_model(file, owner_key=key, allowed_producers=allowed_keys, progress=progress)
-        except EnclaveqError as exc:
-            _fail(str(exc))
+            def progress(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+            try:
+                model_id = client.upload_model(file, owner_key=key, allowed_producers=allowed_keys,
+                                               progress=progress)
+            except EnclaveqError as exc:
+                _fail(str(exc))
     click.echo(model_id)
 
 
 @click.group("pool")
-def pool_group():
+def pool_group() -> None:
     """Operate on a worker pool as a whole (key rotation)."""
 
 
@@ -165,7 +221,7 @@ def pool_group():
 @click.option("--grace", type=DURATION, default="5m", show_default=True,
               help="How long jobs sealed to the current key are still served (e.g. 30s, 5m, 1h). The "
                    "pool's measured configuration caps it (default cap: 1h).")
-def pool_rotate(broker_url, pool, policy, timeout, grace):
+def pool_rotate(broker_url: str, pool: str, policy: Path, timeout: float, grace: float) -> None:
     """Rotate the pool's key: every worker moves to a new epoch key (P6, forward secrecy by epoch).
 
     \b
@@ -188,7 +244,7 @@ def pool_rotate(broker_url, pool, policy, timeout, grace):
           --policy policy.toml --grace 10m
     """
     with _client(broker_url, pool, policy, timeout) as client:
-        before = client.statement.epoch
+        before = _attested(client)[1].epoch
         try:
             epoch, retire_at_ms = client.rotate_pool(grace_seconds=int(grace))
         except EnclaveqError as exc:
@@ -201,7 +257,7 @@ def pool_rotate(broker_url, pool, policy, timeout, grace):
 @model_group.command("list")
 @_connection_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def model_list(broker_url, pool, policy, timeout, as_json):
+def model_list(broker_url: str, pool: str, policy: Path, timeout: float, as_json: bool) -> None:
     """List the models loaded on a pool, with their inputs and outputs."""
     with _client(broker_url, pool, policy, timeout) as client:
         try:
@@ -221,17 +277,29 @@ def model_list(broker_url, pool, policy, timeout, as_json):
 @model_group.command("delete")
 @click.argument("model_id")
 @_connection_options
-@_key_option("--owner-key", "The key file that signed the model's upload: only its owner can delete it.")
-def model_delete(model_id, broker_url, pool, policy, timeout, owner_key):
+@_key_option("The key file that signed the model's upload: only its owner can delete it.")
+def model_delete(model_id: str, broker_url: str, pool: str, policy: Path, timeout: float,
+                 owner_key: Path | None) -> None:
     """Delete MODEL_ID from every worker of the pool and from their sealed storage.
 
-    The delete order is signed by --owner-key; workers refuse it from any other key. Workers
+    The delete order is signed by the owner key; workers refuse it from any other key. Workers
     that are down at the time delete the model when they come back (members hand them the
-    signed order)."""
-    try:
-        key = load_signing_key(owner_key)
-    except ProtocolError as exc:
-        _fail(str(exc), 2)
+    signed order).
+
+    \b
+    The owner key is found as for `model upload`: --owner-key FILE, else
+    $ENCLAVEQ_OWNER_KEY, else the default $ENCLAVEQ_HOME/owner.key. It is never
+    created here: without one the command fails (exit 2) naming the file it
+    looked for.
+
+    \b
+    Examples:
+      enclaveq model delete MODEL_ID --broker amqp://guest:guest@127.0.0.1:5672/ \\
+          --pool demo --policy policy.toml        # the default owner key
+      enclaveq model delete MODEL_ID --broker amqp://guest:guest@127.0.0.1:5672/ \\
+          --pool demo --policy policy.toml --owner-key owner.key
+    """
+    key = _owner_key(find_owner_key(owner_key))
     with _client(broker_url, pool, policy, timeout) as client:
         try:
             client.delete_model(model_id, owner_key=key)
@@ -241,7 +309,7 @@ def model_delete(model_id, broker_url, pool, policy, timeout, owner_key):
 
 
 def _parse_inputs(specs: tuple[str, ...]) -> dict[str, np.ndarray]:
-    inputs = {}
+    inputs: dict[str, np.ndarray] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
@@ -249,7 +317,7 @@ def _parse_inputs(specs: tuple[str, ...]) -> dict[str, np.ndarray]:
         try:
             inputs[name] = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
-            raise click.BadParameter(f"{path}: not a readable .npy file ({exc})", param_hint="--input")
+            raise click.BadParameter(f"{path}: not a readable .npy file ({exc})", param_hint="--input") from None
     return inputs
 
 
@@ -260,7 +328,8 @@ def _parse_inputs(specs: tuple[str, ...]) -> dict[str, np.ndarray]:
               help="A named input tensor; repeat for several inputs.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Where to write the outputs (.npz, one array per output name).")
-def run_command(broker_url, pool, policy, timeout, model_id, input_specs, output):
+def run_command(broker_url: str, pool: str, policy: Path, timeout: float, model_id: str,
+                input_specs: tuple[str, ...], output: Path) -> None:
     """Run one job and write its outputs to an .npz file."""
     inputs = _parse_inputs(input_specs)
     with _client(broker_url, pool, policy, timeout) as client:
@@ -268,7 +337,7 @@ def run_command(broker_url, pool, policy, timeout, model_id, input_specs, output
             outputs = client.run(model_id, inputs)
         except EnclaveqError as exc:
             _fail(str(exc))
-    np.savez(output, **outputs)
+    np.savez(output, **outputs)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
     for name, value in outputs.items():
         click.echo(f"{name}: {value.dtype}{list(value.shape)}")
 
@@ -281,7 +350,8 @@ def run_command(broker_url, pool, policy, timeout, model_id, input_specs, output
 @click.option("--output", "output_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for the results: one .npz per job, with the input's file name.")
 @click.option("--max-in-flight", type=int, default=256, show_default=True, help="Jobs outstanding at once.")
-def submit_command(broker_url, pool, policy, timeout, model_id, inputs_dir, output_dir, max_in_flight):
+def submit_command(broker_url: str, pool: str, policy: Path, timeout: float, model_id: str, inputs_dir: Path,
+                   output_dir: Path, max_in_flight: int) -> None:
     """Run every .npz in a directory as a batch; write one result .npz per job.
 
     Prints a progress bar and a final summary line with jobs, failures and jobs/s; exits 1 if
@@ -292,7 +362,7 @@ def submit_command(broker_url, pool, policy, timeout, model_id, inputs_dir, outp
         _fail(f"no .npz files in {inputs_dir}", 2)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    def batch():
+    def batch() -> Iterator[dict[str, np.ndarray]]:
         for path in files:
             with np.load(path, allow_pickle=False) as data:
                 yield {name: data[name] for name in data.files}
@@ -303,8 +373,8 @@ def submit_command(broker_url, pool, policy, timeout, model_id, inputs_dir, outp
         task = bar.add_task("jobs", total=len(files))
         for result in client.submit(model_id, batch(), max_in_flight=max_in_flight):
             name = files[result.index].name
-            if result.ok:
-                np.savez(output_dir / name, **result.outputs)
+            if result.ok and result.outputs is not None:
+                np.savez(output_dir / name, **result.outputs)  # type: ignore[arg-type]
             else:
                 failures += 1
                 bar.console.print(f"failed: {name}: {result.error}")

@@ -1,8 +1,9 @@
-"""Command-line groups for attestation: ``sim`` (simulation directories) and ``policy``.
+"""`enclaveq sim init` and `enclaveq policy init`: simulation directories and development policies.
 
 The main ``enclaveq`` command registers :data:`sim_cli` and :data:`policy_cli`; this module
 only turns arguments into calls of :mod:`attestation.sim.init` and :mod:`attestation.policy`
-and errors into clear one-line messages (exit status 1), never tracebacks.
+(and, for the default measurement, :mod:`enclave_worker.measurement`) and errors into clear
+one-line messages (exit status 1), never tracebacks.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def policy_init(
     except SimDirError as exc:
         raise click.ClickException(str(exc)) from None
     if not measurements:
-        # Imported here: the attestation package itself does not depend on the worker.
+        # Imported here: loading the worker's code to measure it is slow, and only this default needs it.
         from enclave_worker.config import DEFAULT_WORKER_CONFIG
         from enclave_worker.measurement import measure_worker
 

@@ -1,4 +1,4 @@
-"""`enclaveq worker`: run an enclave worker until SIGTERM or SIGINT."""
+"""`enclaveq worker`: run an enclave worker (enclave_worker.Worker) until SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import click
 
-from enclaveq.durations import DURATION
+from enclave_worker.config import DEFAULT_WORKER_CONFIG
+from enclave_worker.errors import WorkerStartupError
 
-from .config import DEFAULT_WORKER_CONFIG
-from .errors import WorkerStartupError
+from ..durations import DURATION
 
 EXIT_REFUSED = 3
 # The same choices as attestation.providers.TEE_CHOICES (kept literal: importing attestation is slow).
@@ -47,8 +48,9 @@ TEE_CHOICES = ("auto", "sim", "sgx", "tdx", "snp", "nitro")
               help="Print this worker's measurement (hex) and exit: pin it in a policy. "
                    "Simulation only: on a real TEE the hardware reports the measurement.")
 @click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
-def worker_command(broker_url, pool, sim_dir, state_dir, tee, metrics_port, rotate_every, rotation_grace,
-                   print_measurement, log_level):
+def worker_command(broker_url: str | None, pool: str | None, sim_dir: Path | None, state_dir: Path | None,
+                   tee: str | None, metrics_port: int | None, rotate_every: float | None, rotation_grace: float,
+                   print_measurement: bool, log_level: str) -> None:
     """Run an enclave worker for one pool, inside a TEE or in the clearly labelled simulation.
 
     The worker answers attestation challenges with fresh evidence binding its pool key and the
@@ -91,7 +93,7 @@ def worker_command(broker_url, pool, sim_dir, state_dir, tee, metrics_port, rota
       enclaveq worker --broker amqp://guest:guest@127.0.0.1:5672/ --pool demo --sim-dir ./sim
       enclaveq worker --broker amqp://guest:guest@10.0.0.5:5672/ --pool demo --tee auto
     """
-    from .measurement import measure_worker
+    from enclave_worker.measurement import measure_worker
 
     config = DEFAULT_WORKER_CONFIG
     if tee is None:
@@ -119,7 +121,7 @@ def worker_command(broker_url, pool, sim_dir, state_dir, tee, metrics_port, rota
     rotation = {"rotate_every": rotate_every, "rotation_grace": rotation_grace}
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        if tee == "sim":
+        if sim_dir is not None:  # --tee sim (checked above)
             asyncio.run(_serve(broker_url, pool, tee, sim_dir, state_dir or sim_dir / "state", metrics_port, rotation))
         elif state_dir is not None:
             asyncio.run(_serve(broker_url, pool, tee, None, state_dir, metrics_port, rotation,
@@ -144,13 +146,14 @@ def refuse_unopenable_state(state_dir: Path, pool: str) -> None:
             "gets the pool key from a live member, or founds the pool anew) or omit --state-dir.")
 
 
-async def _serve(broker_url, pool, tee, sim_dir, state_dir, metrics_port, rotation, explicit_state_dir=False) -> None:
-    from .platform import sim_identity, tee_identity
-    from .worker import Worker
+async def _serve(broker_url: str, pool: str, tee: str, sim_dir: Path | None, state_dir: Path, metrics_port: int | None,
+                 rotation: dict[str, Any], explicit_state_dir: bool = False) -> None:
+    from enclave_worker.platform import sim_identity, tee_identity
+    from enclave_worker.worker import Worker
 
     # Every WorkerConfig field is measured: the worker runs exactly the configuration it attests.
     config = DEFAULT_WORKER_CONFIG
-    if tee == "sim":
+    if sim_dir is not None:  # --tee sim
         identity = sim_identity(sim_dir, config)
     else:
         identity = tee_identity(tee, config)

@@ -1,4 +1,16 @@
-"""The `enclaveq` command: one group gathering each package's commands."""
+"""The `enclaveq` command: the application layer over the library packages.
+
+Every command lives here, not in the libraries (attestation, broker_adapters, enclave_worker,
+producer_sdk, protocol import nothing from enclaveq):
+
+  __init__.py   the `cli` group, `enclaveq demo`, and `main` (the console entry point)
+  sim.py        `enclaveq sim init`, `enclaveq policy init`
+  worker.py     `enclaveq worker`
+  producer.py   `enclaveq attest`, `model upload|list|delete`, `run`, `submit`, `pool rotate`
+  owner_key.py  which owner key `model upload|delete` use: --owner-key, $ENCLAVEQ_OWNER_KEY or the default file
+  keys.py       `enclaveq keys generate|show`
+  evidence.py   `enclaveq evidence verify`
+"""
 
 from __future__ import annotations
 
@@ -6,11 +18,13 @@ import sys
 
 import click
 
-from attestation.cli import policy_cli as policy_group, sim_cli as sim_group
-from attestation.evidence_cli import evidence_group
-from enclave_worker.cli import worker_command
-from producer_sdk.cli import attest_command, model_group, pool_group, run_command, submit_command
-from producer_sdk.keys_cli import keys_group
+from .evidence import evidence_group
+from .keys import keys_group
+from .producer import attest_command, model_group, pool_group, run_command, submit_command
+from .sim import policy_cli, sim_cli
+from .worker import worker_command
+
+__all__ = ["cli", "main"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,13 +47,13 @@ def cli() -> None:
 @cli.command("demo")
 def demo_command() -> None:
     """Run the whole confidential flow in one process (memory broker, simulated TEE, real model)."""
-    from .demo import main as demo_main
+    from ..demo import main as demo_main
 
     sys.exit(demo_main())
 
 
-cli.add_command(sim_group)
-cli.add_command(policy_group)
+cli.add_command(sim_cli)
+cli.add_command(policy_cli)
 cli.add_command(evidence_group)
 cli.add_command(worker_command)
 cli.add_command(attest_command)

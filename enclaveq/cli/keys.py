@@ -22,9 +22,11 @@ def keys_group() -> None:
     """Create and inspect Ed25519 keys for model ownership.
 
     An owner key signs a model's manifest at upload (`model upload --owner-key FILE`); only
-    its holder can delete the model. A producer key identifies a producer
-    (`--producer-key FILE`), so an owner can restrict a model to the producers it names by
-    their public key (64 hex characters).
+    its holder can delete the model. Without --owner-key (or $ENCLAVEQ_OWNER_KEY), `model
+    upload` uses, and on first use creates, the default $ENCLAVEQ_HOME/owner.key
+    (ENCLAVEQ_HOME defaults to ~/.config/enclaveq); generate keys here to keep one per
+    project or role. A producer key identifies a producer (`--producer-key FILE`), so an owner
+    can restrict a model to the producers it names by their public key (64 hex characters).
 
     \b
     Examples:

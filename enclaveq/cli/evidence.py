@@ -1,18 +1,15 @@
 """`enclaveq evidence verify`: check a piece of TEE evidence offline, as a human or a script would.
 
-Owns reading the evidence file (raw bytes, base64 or hex, detected), loading extra certificates
-and collateral, running the same front door the producer uses, and printing the result as text
-or as one JSON object. Exit codes: 0 verified (and the policy, if given, holds), 1 invalid,
-expired or violating, 2 usage error.
+Reads the evidence file (raw bytes, base64 or hex, detected), extra certificates and collateral
+through :mod:`attestation.evidence_files`, runs the same front door the producer uses, and
+prints the result as text or as one JSON object. Exit codes: 0 verified (and the policy, if
+given, holds), 1 invalid, expired or violating, 2 usage error.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import json
-import re
 import sys
 from datetime import datetime, UTC
 from pathlib import Path
@@ -21,77 +18,35 @@ from typing import Any
 import click
 from cryptography import x509
 
-from .claims import Claims
-from .errors import AttestationError, EvidenceInvalid, EvidenceMalformed, PolicyError, PolicyViolation
-from .policy import Policy, load_policy
-from .registry import ALL_PLATFORMS
+from attestation.claims import Claims
+from attestation.errors import AttestationError, EvidenceInvalid, EvidenceMalformed, PolicyError, PolicyViolation
+from attestation.evidence_files import decode_evidence, load_certificates as _load_certificate_files, load_collateral
+from attestation.policy import Policy, load_policy
+from attestation.registry import ALL_PLATFORMS
+
+__all__ = ["evidence_group", "decode_evidence", "load_certificates", "load_collateral", "run_verify"]
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
-_HEX = re.compile(rb"^[0-9a-fA-F]+$")
-_B64 = re.compile(rb"^[A-Za-z0-9+/=_-]+$")
-
-
-def decode_evidence(raw: bytes) -> tuple[bytes, str]:
-    """Raw bytes, hex text or base64 text -> (bytes, which). Text is tried hex first: every hex
-    string is also valid base64, never the other way round."""
-    text = b"".join(raw.split())
-    if text and len(text) % 2 == 0 and _HEX.match(text):
-        return binascii.unhexlify(text), "hex"
-    if text and _B64.match(text) and len(text) >= 16:
-        try:
-            padded = text + b"=" * (-len(text) % 4)
-            altchars = b"-_" if (b"-" in text or b"_" in text) else None
-            return base64.b64decode(padded, altchars=altchars, validate=True), "base64"
-        except (binascii.Error, ValueError):
-            pass
-    return raw, "raw"
 
 
 def load_certificates(paths: tuple[Path, ...]) -> tuple[x509.Certificate, ...]:
-    """DER or PEM certificate files (several certificates per PEM). Genuine AMD VCEKs have serial
-    number 0, which cryptography loads with a deprecation warning; the SNP loader silences just
-    that warning (the certificate is authenticated by its signature, not its serial)."""
-    from .snp.kds import load_certificates as load_any
-
-    certs: list[x509.Certificate] = []
-    for path in paths:
-        try:
-            certs.extend(load_any(path.read_bytes().rstrip(b"\x00")))
-        except EvidenceMalformed:
-            raise click.BadParameter(f"{path}: not a DER or PEM certificate", param_hint="--cert") from None
-    return tuple(certs)
-
-
-def load_collateral(platform: str, directory: Path | None, now: datetime) -> dict[str, Any]:
-    """Collateral a platform reads from a directory: Intel TCB Info / QE Identity / CRLs, or CRLs."""
-    if directory is None:
-        return {}
-    if platform in ("sgx", "tdx"):
-        from .intel.collateral import load_collateral as load_intel
-        from .trust import DEFAULT_TRUST
-
-        intel = load_intel(directory, now=now, trust=DEFAULT_TRUST)
-        return {"intel": intel, "crls": tuple(intel.crls)}
-    crls = []
-    for path in sorted(directory.iterdir()):
-        if path.suffix.lower() in (".crl", ".der", ".pem"):
-            data = path.read_bytes()
-            try:
-                crls.append(x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data))
-            except ValueError:
-                continue  # not a CRL (a certificate, say): other loaders take it
-    return {"crls": tuple(crls)}
+    """:func:`attestation.evidence_files.load_certificates`, a bad file being a usage error (--cert)."""
+    try:
+        return _load_certificate_files(paths)
+    except EvidenceMalformed as exc:
+        raise click.BadParameter(str(exc), param_hint="--cert") from None
 
 
 def _error(code: str, field: str | None, message: str) -> dict[str, Any]:
     return {"code": code, "field": field, "message": message}
 
 
-def run_verify(evidence: bytes, platform: str, *, certs: tuple, collateral: dict, policy: Policy | None,
-               report_data: bytes | None, now: datetime) -> tuple[Claims | None, list[dict[str, Any]]]:
+def run_verify(evidence: bytes, platform: str, *, certs: tuple[x509.Certificate, ...], collateral: dict[str, Any],
+               policy: Policy | None, report_data: bytes | None,
+               now: datetime) -> tuple[Claims | None, list[dict[str, Any]]]:
     """Verify and (if a policy is given) validate; return the claims and every error found."""
-    from .verify import claims_of, verify_evidence, verify_hardware
-    from .platforms import VerificationInputs
+    from attestation.platforms import VerificationInputs
+    from attestation.verify import claims_of, verify_evidence, verify_hardware
 
     try:
         if policy is not None:
@@ -139,7 +94,8 @@ def evidence_group() -> None:
 @click.option("--report-data", metavar="HEX", help="Check that the evidence binds exactly these report data bytes.")
 @click.option("--at", "at", metavar="ISO8601", help="Verification time (default: now). Certificates are checked at it.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def verify_command(file, platform, cert_paths, collateral, policy_path, report_data, at, as_json):
+def verify_command(file: Path, platform: str, cert_paths: tuple[Path, ...], collateral: Path | None,
+                   policy_path: Path | None, report_data: str | None, at: str | None, as_json: bool) -> None:
     """Verify one piece of evidence: signatures, certificate chain to the pinned vendor root,
     revocation and TCB when collateral is given, then the policy if one is given.
 
