@@ -375,7 +375,7 @@ def _cprofile_report(path: Path, top: int):
     total = sum(v[2] for v in stats.stats.values()) or 1e-9  # sum of self times
     rows = []
     by_area: dict[str, float] = defaultdict(float)
-    for (filename, line, func), (cc, nc, tt, ct, callers) in stats.stats.items():
+    for (filename, line, func), (_cc, nc, tt, ct, _callers) in stats.stats.items():
         key = f"{func} ({_short(filename)}:{line})" if filename != "~" else func
         by_area[_area(key if filename == "~" else filename + " " + func)] += tt
         rows.append((key, 100 * tt / total, 100 * ct / total, nc))

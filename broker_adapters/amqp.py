@@ -178,7 +178,7 @@ class AmqpBroker(BrokerAdapter):
     async def declare_pool(self, pool: str, settings: PoolSettings = PoolSettings()) -> None:
         common.check_name("pool", pool)
         common.check_settings(settings)
-        jobs_arguments = {
+        jobs_arguments: dict[str, Any] = {
             "x-queue-type": "quorum",
             # RabbitMQ 3.10 counts *returns* against x-delivery-limit, so a message is
             # delivered up to x-delivery-limit + 1 times; the contract counts deliveries.
@@ -481,7 +481,7 @@ class _AckCoalescer:
         self._flush_scheduled = False
 
     def delivered(self, incoming: AbstractIncomingMessage) -> None:
-        self._outstanding.setdefault(_underlay(incoming), set()).add(incoming.delivery_tag)
+        self._outstanding.setdefault(_underlay(incoming), set()).add(_tag(incoming))
 
     def settled_elsewhere(self, incoming: AbstractIncomingMessage) -> None:
         """nack/reject went out directly: the delivery no longer holds back multiple acks."""
@@ -490,7 +490,7 @@ class _AckCoalescer:
     def ack(self, incoming: AbstractIncomingMessage) -> None:
         channel = _underlay(incoming)
         self._outstanding.get(channel, set()).discard(incoming.delivery_tag)
-        self._pending.setdefault(channel, {})[incoming.delivery_tag] = incoming
+        self._pending.setdefault(channel, {})[_tag(incoming)] = incoming
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.flush()))
@@ -512,6 +512,13 @@ class _AckCoalescer:
                 log.debug("acks lost with their channel; the broker will redeliver", exc_info=True)
             if channel.is_closed:
                 self._outstanding.pop(channel, None)
+
+
+def _tag(incoming: AbstractIncomingMessage) -> int:
+    """A consumed delivery always has a tag (only basic.get-less messages lack one)."""
+    tag = incoming.delivery_tag
+    assert tag is not None
+    return tag
 
 
 def _underlay(incoming: AbstractIncomingMessage) -> Any:

@@ -6,8 +6,9 @@ broker offers:
 
 - the pool's **job queue**: competing consumers, manual acks, at-least-once delivery,
   a bounded delivery count after which a message is dead-lettered;
-- the pool's **control channel**: broadcast to every live worker of the pool
-  (attestation challenges and, later, key exchange);
+- the pool's **control channel**: broadcast to every live worker of the pool (attestation
+  challenges, joins, rotation announcements, model sync requests, and the sealed model uploads
+  and deletes that every worker must see -- ``protocol.routing`` says which requests go here);
 - **reply queues**: durable, one per producer, addressed by an opaque string that a
   producer puts in ``Message.reply_to`` (AMQP: a queue name; MQTT: a response topic);
 - the pool's **dead letters**: where messages go after ``Delivery.reject()`` or after the
@@ -76,7 +77,9 @@ class Subscription(abc.ABC):
 
 
 class PoolLock(abc.ABC):
-    """Held by the one worker allowed to consume a pool (until pool sharing exists)."""
+    """An exclusive, named lock on a pool, held until released or until its holder's connection
+    dies: the founder of a pool (or its only worker, without a join policy) holds one for its
+    lifetime; a rotation holds the ``rotation`` one while it mints the next epoch."""
 
     @abc.abstractmethod
     async def release(self) -> None: ...

@@ -230,7 +230,7 @@ class _Consumer(Subscription):
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
         self.broker = broker
-        self.state = broker._state
+        self.state = broker._live()
         self.queue = queue
         self.handler = handler
         self.prefetch = prefetch
@@ -307,6 +307,8 @@ class _MemoryPoolLock(PoolLock):
 
     async def release(self) -> None:
         state = self.broker._state
+        if state is None:  # the adapter never connected or was closed: nothing is held
+            return
         with state.lock:
             if state.pool_locks.get(self.key) is self:
                 del state.pool_locks[self.key]
