@@ -1,10 +1,12 @@
 """Attestation: turn a worker's evidence into trusted claims, or a typed, explained refusal.
 
 Front door: :func:`verify_evidence` (parse -> verify -> validate, for any platform), judged
-against a :class:`Policy` loaded with :func:`load_policy`. Platforms live in subpackages with an
-``abi`` (bytes <-> dataclasses), a ``verify`` (signatures, chains) and, where needed, a
-``validate`` module; ``sim`` is the clearly labelled simulation (no confidentiality), the real
-TEEs follow. Errors: :mod:`attestation.errors`.
+against a :class:`Policy` loaded with :func:`load_policy`. The hardware TEEs live in
+subpackages (``sgx``, ``tdx`` with the shared ``intel``, ``snp``, ``nitro``), each with an
+``abi`` (bytes <-> dataclasses), a ``verify`` (signatures, chains), a ``policy`` (its table) and
+a ``validate`` module, under the contract of :mod:`attestation.platforms`; ``sim`` is the
+clearly labelled simulation (no confidentiality). Pinned vendor roots: :mod:`attestation.trust`.
+Errors: :mod:`attestation.errors`.
 """
 
 from attestation.claims import CertSummary, Claims

@@ -15,11 +15,16 @@ from collections.abc import Iterable, Sequence
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from .claims import CertSummary
 from .errors import EvidenceInvalid
 
 __all__ = ["der_sha256", "verify_chain", "check_crl", "subject", "signature_is_octet_aligned"]
+
+# Issuer keys whose CRL signatures are checked. Every vendor CA here (Intel, AMD, AWS) is RSA or
+# ECDSA; key-agreement keys (X25519, X448, ML-KEM) cannot sign, and DSA is deprecated.
+_SIGNING_KEYS = (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)
 
 
 def der_sha256(cert: x509.Certificate) -> bytes:
@@ -80,7 +85,8 @@ def check_crl(cert: x509.Certificate, issuer: x509.Certificate, crls: Sequence[x
         if crl.issuer != issuer.subject:
             continue
         try:
-            valid = crl.is_signature_valid(issuer.public_key())
+            key = issuer.public_key()
+            valid = isinstance(key, _SIGNING_KEYS) and crl.is_signature_valid(key)
         except (TypeError, ValueError, UnsupportedAlgorithm):
             valid = False
         if not valid:

@@ -1,16 +1,25 @@
-"""The contract every TEE platform implements, and what verification may use besides the evidence.
+"""The contract every hardware TEE platform implements, and what verification may use besides the evidence.
 
-A platform (``attestation/<name>/``) provides:
+A hardware platform is a package ``attestation/<name>/`` (``sgx``, ``tdx``, ``snp``, ``nitro``):
 
 - ``abi``      bytes -> frozen dataclasses, no judgement; every malformed input is ``EvidenceMalformed``;
-- ``verify``   signatures, certificate chains to pinned roots, CRLs, collateral -> ``Verified``;
+- ``verify``   signatures, certificate chains to pinned roots, CRLs, collateral -> :class:`Verified`;
                every authenticity failure is ``EvidenceInvalid``;
 - ``policy``   its TOML table (``[sgx]``, ``[tdx]``, ``[snp]``, ``[nitro]``) -> a frozen section;
-- ``validate`` a section against ``Verified`` -> every ``Violation`` at once.
+- ``validate`` a section against :class:`Verified` -> every ``Violation`` at once;
 
-and registers a ``Platform`` object in ``attestation/verify.py``. The front door adds the checks
-common to all platforms (report data binding, evidence age where the evidence carries a time,
-the generic measurement allow-list) and raises one ``PolicyViolation`` listing everything.
+and its ``__init__`` exposes ``PLATFORM``, a :class:`Platform` (all four build it as a
+:class:`PlatformFunctions` from their ``verify`` and ``validate`` functions). Nothing registers
+itself: :mod:`attestation.registry` names the platforms and imports ``attestation.<name>`` when
+one is first asked for. :func:`attestation.verify.verify_evidence` calls ``PLATFORM.verify``, adds
+the checks common to all platforms (:mod:`attestation.validate`: report data binding, evidence
+age where the evidence carries a signed time, and for a platform without its own table in the
+policy the generic measurement allow-list), adds ``PLATFORM.violations`` when the policy has the
+platform's table, and raises one ``PolicyViolation`` listing everything.
+
+The simulation (``attestation/sim``) is not a :class:`Platform`: the front door authenticates it
+against the policy's pinned simulation root and judges its :class:`~attestation.claims.Claims`
+with the common checks only.
 """
 
 from __future__ import annotations
@@ -72,8 +81,13 @@ class PolicySection(Protocol):
 
 
 class Platform(Protocol):
-    name: str
-    section: type  # its PolicySection class
+    """What ``attestation.<name>.PLATFORM`` provides (read-only attributes, so frozen dataclasses fit)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def section(self) -> type[PolicySection]: ...
 
     def verify(self, evidence: bytes, inputs: VerificationInputs) -> Verified: ...
 
@@ -85,7 +99,7 @@ class PlatformFunctions:
     """A ``Platform`` made of a platform's module-level functions (what most platforms need)."""
 
     name: str
-    section: type
+    section: type[PolicySection]
     verify: Callable[[bytes, VerificationInputs], Verified]
     violations: Callable[[Verified, Any, VerificationInputs], Sequence[Violation]]
 

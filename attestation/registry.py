@@ -7,15 +7,18 @@ policy loader and the verifier share one list without importing every verifier u
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .errors import UnsupportedPlatform
+
+if TYPE_CHECKING:  # only for the annotation: the registry itself imports no platform code
+    from .platforms import Platform
 
 HARDWARE_PLATFORMS: tuple[str, ...] = ("sgx", "tdx", "snp", "nitro")
 ALL_PLATFORMS: tuple[str, ...] = ("sim",) + HARDWARE_PLATFORMS
 
 
-def platform(name: str) -> Any:
+def platform(name: str) -> Platform:
     """The ``Platform`` object of a hardware platform (``attestation.<name>.PLATFORM``)."""
     if name not in HARDWARE_PLATFORMS:
         raise UnsupportedPlatform(str(name), ALL_PLATFORMS)
@@ -23,7 +26,7 @@ def platform(name: str) -> Any:
         module = importlib.import_module(f"attestation.{name}")
     except ModuleNotFoundError as exc:  # pragma: no cover - a broken installation
         raise UnsupportedPlatform(str(name), ALL_PLATFORMS) from exc
-    plat = getattr(module, "PLATFORM", None)
+    plat: Platform | None = getattr(module, "PLATFORM", None)
     if plat is None:
         raise UnsupportedPlatform(str(name), ALL_PLATFORMS)
     return plat

@@ -1,13 +1,24 @@
-"""Policy validation: judge authentic :class:`Claims` against a :class:`Policy`, reporting all.
+"""The policy checks common to every platform: judge authentic :class:`Claims` against a
+:class:`Policy`, reporting every failure at once.
 
-Runs only after a platform verifier has established that the claims come from authentic
-evidence. Every check runs; the failures are collected and raised together as one
-:class:`PolicyViolation`, each :class:`Violation` naming the field, the value the evidence has,
-and what the policy expects (the go-sev-guest ``validate`` habit). Nothing here reads a clock:
-``now`` is passed in.
+Runs only after the evidence has been authenticated (by :mod:`attestation.sim.verify` or a
+platform's ``verify``). :func:`claim_violations` returns the failures of these checks:
 
-Platform-specific checks (SNP TCB parts, SGX attributes, Nitro PCRs...) will be added by their
-platforms' ``validate`` modules, feeding the same violation list.
+- simulated evidence is refused unless the policy sets ``[simulation] allow = true``;
+- evidence of a platform that has no table of its own in the policy (and simulated evidence) is
+  judged by the generic ``measurements`` allow-list, ``min_security_version`` and
+  ``debug_allowed``; a hardware platform with neither its table nor any measurement is refused.
+  A platform *with* its table (``[sgx]``, ``[tdx]``, ``[snp]``, ``[nitro]``) skips these: its own
+  ``validate`` module judges it by that table, and :mod:`attestation.verify` adds those
+  violations to the same list;
+- evidence that carries a signed time (Nitro, simulation) must be no older than
+  ``max_evidence_age_seconds`` and no further in the future than ``max_clock_skew_seconds``;
+- the report data must equal the value the verifier expects (bound to its nonce); when the
+  verifier expects none, the policy must not set ``nonce_required``.
+
+:func:`validate_claims` raises them together as one :class:`PolicyViolation`. Each
+:class:`Violation` names the field, the value the evidence has and what the policy expects.
+Nothing here reads a clock: ``now`` is passed in.
 """
 
 from __future__ import annotations

@@ -1,21 +1,31 @@
 """The front door: ``verify_evidence(platform, evidence, policy, ...)`` -> :class:`Claims`.
 
 Every caller (producer SDK, pool join, CLI) verifies evidence through :func:`verify_evidence`,
-whatever the platform. Each platform plugs in one function that parses its evidence (its
-``abi``) and checks authenticity against the trust anchors the policy names (its ``verify``),
-returning :class:`Claims`; the shared :mod:`attestation.validate` then judges the claims
-against the policy and reports every violation at once. The clock is never read here: ``now``
-is an argument, so tests pin it and run offline.
+whatever the platform:
+
+- simulated evidence (``"sim"``) is parsed and authenticated here, against the simulation root
+  the policy pins, then judged by the common checks of :mod:`attestation.validate`;
+- hardware evidence goes to its platform's ``PLATFORM`` (found by :mod:`attestation.registry`):
+  ``verify`` parses and authenticates it against the trust anchors into a
+  :class:`~attestation.platforms.Verified`; the common checks then run on its platform-neutral
+  :class:`Claims` (:func:`claims_of`) and, when the policy has the platform's table, the
+  platform's own ``violations`` against that table. Every violation is raised at once.
+
+:func:`verify_hardware` parses and authenticates without judging (the CLI's no-policy mode, the
+benchmarks). The clock is never read here: ``now`` is an argument, so tests pin it and run offline.
 
 Acceptance of simulated evidence is logged as a WARNING on the ``enclaveq.attestation`` logger
-every single time (P8): simulation is never accepted silently.
+every single time: simulation is never accepted silently.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from datetime import datetime
-from collections.abc import Callable
+from typing import Any
+
+from cryptography import x509
 
 from attestation.claims import Claims
 from attestation.errors import EvidenceMalformed, PolicyViolation, UnsupportedPlatform, Violation
@@ -31,9 +41,6 @@ from attestation.trust import DEFAULT_TRUST, TrustAnchors
 __all__ = ["SUPPORTED_PLATFORMS", "claims_of", "verify_evidence", "verify_hardware"]
 
 logger = logging.getLogger("enclaveq.attestation")
-
-# parse + authenticate: (evidence bytes, policy, now) -> Claims
-PlatformVerifier = Callable[[bytes, Policy, datetime], Claims]
 
 
 def _verify_sim(evidence: bytes, policy: Policy, now: datetime) -> Claims:
@@ -56,7 +63,6 @@ def _verify_sim(evidence: bytes, policy: Policy, now: datetime) -> Claims:
     return sim_verify.verify_sim_evidence(parsed, trusted_root_sha256=root, now=now)
 
 
-_PLATFORMS: dict[str, PlatformVerifier] = {"sim": _verify_sim}
 SUPPORTED_PLATFORMS: tuple[str, ...] = ALL_PLATFORMS
 
 
@@ -83,8 +89,8 @@ def verify_evidence(
     *,
     expected_report_data: bytes | None,
     now: datetime,
-    certs: tuple = (),
-    collateral: dict | None = None,
+    certs: Sequence[x509.Certificate] = (),
+    collateral: Mapping[str, Any] | None = None,
     trust: TrustAnchors | None = None,
 ) -> Claims:
     """Parse, authenticate and validate ``evidence``; return its claims if the policy accepts it.

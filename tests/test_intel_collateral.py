@@ -29,10 +29,11 @@ from attestation.intel.collateral import (
     verify_qe_identity,
     verify_tcb_info,
 )
-from attestation.testing.intel_collateral import FakeIntelPki, default_pki, enclave_level, tcb_level
+from attestation.testing.intel import FakeIntelPki, default_pki
+from attestation.testing.intel_collateral import enclave_level, qe_identity, tcb_info, tcb_level
 from attestation.trust import DEFAULT_TRUST
 
-from .test_intel_pck import vector_quote
+from .intel_vectors import vector_quote
 
 UTC = UTC
 NOW = datetime(2026, 11, 27, tzinfo=UTC)
@@ -271,7 +272,7 @@ def test_synthetic_tcb_info_verifies() -> None:
 
 def test_whitespace_inside_the_signed_value_is_signed() -> None:
     pki = default_pki()
-    body = pki.sign_document("tcbInfo", pki.tcb_info(levels=_sgx_levels()), indent=True)
+    body = pki.sign_document("tcbInfo", tcb_info(levels=_sgx_levels(), issue_date=NOW), indent=True)
     assert b"\n  " in body
     verify_tcb_info(body, pki.issuer_chain(), now=NOW, trust=pki.trust())
     with pytest.raises(EvidenceInvalid, match="signature does not verify"):
@@ -297,7 +298,7 @@ def test_every_single_byte_change_fails() -> None:
 
 
 def test_wrong_signing_key_or_chain_fails() -> None:
-    pki, other = default_pki(), FakeIntelPki()
+    pki, other = default_pki(), FakeIntelPki(NOW)
     body = pki.tcb_info_document(levels=_sgx_levels())
     # Another PKI's chain (its root pinned): the signature does not verify with its signing key.
     with pytest.raises(EvidenceInvalid, match="signature does not verify"):
@@ -317,19 +318,19 @@ def test_wrong_signing_key_or_chain_fails() -> None:
 def test_signer_must_be_the_tcb_signing_certificate() -> None:
     """A PCK key also chains to the Intel root; it must not be able to sign TCB Info."""
     pki = default_pki()
-    pck_key, pck_leaf = pki.pck_leaf()
-    forged = pki.tcb_info_document(levels=_sgx_levels(), key=pck_key)
+    forged = pki.tcb_info_document(levels=_sgx_levels(), key=pki.leaf_key)
     with pytest.raises(EvidenceInvalid, match="not 'Intel SGX TCB Signing'"):
-        verify_tcb_info(forged, [pck_leaf, pki.pck_ca, pki.root], now=NOW, trust=pki.trust())
+        verify_tcb_info(forged, [pki.leaf, pki.ca, pki.root], now=NOW, trust=pki.trust())
     # A certificate named "Intel SGX TCB Signing" but issued by the PCK CA (not by the root).
-    key, cert = pki.issue("Intel SGX TCB Signing", issuer="pck_ca")
+    key, cert = pki.issue("Intel SGX TCB Signing", issuer="ca")
     forged = pki.tcb_info_document(levels=_sgx_levels(), key=key)
     with pytest.raises(EvidenceInvalid, match="no root certificate"):
-        verify_tcb_info(forged, [cert, pki.pck_ca, pki.root], now=NOW, trust=pki.trust())
+        verify_tcb_info(forged, [cert, pki.ca, pki.root], now=NOW, trust=pki.trust())
 
 
 def test_signing_certificate_validity_is_checked_at_now() -> None:
-    pki = FakeIntelPki(not_before=datetime(2020, 1, 1, tzinfo=UTC), not_after=datetime(2025, 5, 21, tzinfo=UTC))
+    pki = FakeIntelPki(datetime(2024, 1, 1, tzinfo=UTC), signing_not_before=datetime(2020, 1, 1, tzinfo=UTC),
+                       signing_not_after=datetime(2025, 5, 21, tzinfo=UTC))
     body = pki.tcb_info_document(levels=_sgx_levels(), issue_date=datetime(2024, 1, 1, tzinfo=UTC))
     with pytest.raises(EvidenceInvalid, match="expired"):
         verify_tcb_info(body, pki.issuer_chain(), now=NOW, trust=pki.trust())
@@ -341,12 +342,13 @@ def test_signing_certificate_validity_is_checked_at_now() -> None:
 def test_issuer_pool_with_extra_certificates() -> None:
     """A directory's certificate pool may hold an expired predecessor of the signing certificate
     (same key) and a look-alike root: the pair that verifies at ``now`` is used."""
-    pki, other = default_pki(), FakeIntelPki()
+    pki, other = default_pki(), FakeIntelPki(NOW)
     _, expired = pki.issue("Intel SGX TCB Signing", key=pki.signing_key,
                            not_before=datetime(2018, 1, 1, tzinfo=UTC), not_after=datetime(2019, 1, 1, tzinfo=UTC))
     body = pki.tcb_info_document(levels=_sgx_levels())
     pool = [other.root, expired, other.signing, pki.root, pki.signing]
-    assert verify_tcb_info(body, pool, now=NOW, trust=pki.trust()).signer_chain[0].not_after.year == 2034
+    assert verify_tcb_info(body, pool, now=NOW, trust=pki.trust()).signer_chain[0].not_after == \
+        pki.signing.not_valid_after_utc
     with pytest.raises(EvidenceInvalid, match="expired"):
         verify_tcb_info(body, [expired, pki.root], now=NOW, trust=pki.trust())
 
@@ -354,7 +356,7 @@ def test_issuer_pool_with_extra_certificates() -> None:
 def test_revoked_signing_certificate_fails() -> None:
     pki = default_pki()
     body = pki.tcb_info_document(levels=_sgx_levels())
-    root_crl = pki.crl([pki.signing.serial_number], issuer="root")
+    root_crl = pki.crl(issuer="root", revoked=[pki.signing])
     with pytest.raises(EvidenceInvalid, match="revoked"):
         verify_tcb_info(body, pki.issuer_chain(), now=NOW, trust=pki.trust(), crls=[root_crl])
 
@@ -364,7 +366,7 @@ def test_revoked_signing_certificate_fails() -> None:
 
 def _mutated_info(**changes) -> bytes:
     pki = default_pki()
-    info = pki.tcb_info(levels=_sgx_levels())
+    info = tcb_info(levels=_sgx_levels(), issue_date=NOW)
     for path, value in changes.items():
         target = info
         keys = path.split("__")
@@ -425,7 +427,7 @@ def test_qe_identity_v1_and_unknown_id_rejected() -> None:
     with pytest.raises(EvidenceMalformed, match="version 1"):
         parse_qe_identity(b'{"qeIdentity":{"version":1},"signature":"00"}')
     pki = default_pki()
-    ident = pki.qe_identity(levels=[enclave_level("UpToDate", 1)])
+    ident = qe_identity(levels=[enclave_level("UpToDate", 1)], issue_date=NOW)
     ident["id"] = "PCE"
     with pytest.raises(EvidenceMalformed, match="not QE, QVE or TD_QE"):
         parse_qe_identity(pki.sign_document("enclaveIdentity", ident))
@@ -444,7 +446,7 @@ def test_json_member_spans_handles_escapes_and_nesting() -> None:
 
 def test_load_collateral_directory(tmp_path: Path) -> None:
     pki = default_pki()
-    crl = pki.crl([12345])
+    crl = pki.crl(revoked=[12345])
     pki.write_collateral_dir(
         tmp_path,
         tcb_info=pki.tcb_info_document(fmspc=bytes.fromhex("00906ea10000"), levels=_sgx_levels()),
@@ -472,7 +474,7 @@ def test_load_collateral_pcs_style_names_and_formats(tmp_path: Path) -> None:
     (tmp_path / "qe.json").write_bytes(pki.qe_identity_document(
         levels=[enclave_level("UpToDate", 8)], embed_chain="SGX-Enclave-Identity-Issuer-Chain"))
     (tmp_path / "TCB-Info-Issuer-Chain.txt").write_text(pki.issuer_chain_header())
-    (tmp_path / "pck.crl").write_bytes(pki.crl([7]).public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "pck.crl").write_bytes(pki.crl(revoked=[7]).public_bytes(serialization.Encoding.PEM))
     (tmp_path / "root_crl_hex").write_text(pki.crl(issuer="root").public_bytes(serialization.Encoding.DER).hex())
     coll = load_collateral(tmp_path, now=NOW, trust=pki.trust())
     assert sorted(i.fmspc.hex() for i in coll.tcb_infos) == ["00906ea10000", "50806f000000"]
@@ -511,7 +513,7 @@ def test_load_collateral_errors(tmp_path: Path) -> None:
 def test_load_collateral_applies_root_crl_to_signing_cert(tmp_path: Path) -> None:
     pki = default_pki()
     pki.write_collateral_dir(tmp_path, tcb_info=pki.tcb_info_document(levels=_sgx_levels()),
-                             crls=[pki.crl([pki.signing.serial_number], issuer="root")])
+                             crls=[pki.crl(issuer="root", revoked=[pki.signing])])
     with pytest.raises(EvidenceInvalid, match="revoked"):
         load_collateral(tmp_path, now=NOW, trust=pki.trust())
 
@@ -521,21 +523,21 @@ def test_load_collateral_applies_root_crl_to_signing_cert(tmp_path: Path) -> Non
 
 def test_crl_listing_the_pck_serial_fails_the_chain() -> None:
     pki = default_pki()
-    _, leaf = pki.pck_leaf(serial=0x5EED)
-    chain = [leaf, pki.pck_ca, pki.root]
+    leaf = pki.issue_leaf(serial=0x5EED)
+    chain = [leaf, pki.ca, pki.root]
     roots = pki.trust().for_platform("sgx")
-    verify_chain(chain, now=NOW, trusted_roots=roots, crls=[pki.crl([1, 2, 3]), pki.crl(issuer="root")])
+    verify_chain(chain, now=NOW, trusted_roots=roots, crls=[pki.crl(revoked=[1, 2, 3]), pki.crl(issuer="root")])
     with pytest.raises(EvidenceInvalid, match="revoked"):
-        verify_chain(chain, now=NOW, trusted_roots=roots, crls=[pki.crl([1, 0x5EED])])
+        verify_chain(chain, now=NOW, trusted_roots=roots, crls=[pki.crl(revoked=[1, 0x5EED])])
     # The PCK CA revoked by the root CRL.
     with pytest.raises(EvidenceInvalid, match="revoked"):
-        verify_chain(chain, now=NOW, trusted_roots=roots, crls=[pki.crl([pki.pck_ca.serial_number], issuer="root")])
+        verify_chain(chain, now=NOW, trusted_roots=roots, crls=[pki.crl(issuer="root", revoked=[pki.ca])])
     # A CRL that names the PCK CA as issuer but is signed by someone else is an error, not ignored.
-    other = FakeIntelPki()
+    other = FakeIntelPki(NOW)
     with pytest.raises(EvidenceInvalid, match="not signed by it"):
-        verify_chain(chain, now=NOW, trusted_roots=roots, crls=[other.crl([])])
+        verify_chain(chain, now=NOW, trusted_roots=roots, crls=[other.crl()])
     # The CRL file round trip (DER, PEM, hex) keeps it effective.
-    crl = pki.crl([0x5EED])
+    crl = pki.crl(revoked=[0x5EED])
     for data in (crl.public_bytes(serialization.Encoding.DER), crl.public_bytes(serialization.Encoding.PEM),
                  crl.public_bytes(serialization.Encoding.DER).hex().encode()):
         with pytest.raises(EvidenceInvalid, match="revoked"):
@@ -609,7 +611,7 @@ json_values = st.recursive(
 def test_fuzz_field_values(data) -> None:
     """Replace one field anywhere in a valid TCB Info with an arbitrary JSON value."""
     pki = default_pki()
-    info = pki.tcb_info(fmspc=bytes(6), tcb_id="TDX", levels=[
+    info = tcb_info(fmspc=bytes(6), tcb_id="TDX", issue_date=NOW, levels=[
         tcb_level("UpToDate", sgx=[1] * 16, pcesvn=1, tdx=[1] * 16, advisories=["A"])],
         tdx_module_identities=[{"id": "TDX_01", "mrsigner": "00" * 48, "attributes": "00" * 8,
                                 "attributesMask": "FF" * 8, "tcbLevels": [enclave_level("UpToDate", 1)]}])

@@ -10,7 +10,6 @@ import pytest
 
 from attestation.errors import EvidenceInvalid, EvidenceMalformed
 from attestation.intel.collateral import (
-    TCB_STATUSES,
     IntelCollateral,
     TcbResult,
     converge_tcb_status,
@@ -23,9 +22,11 @@ from attestation.intel.collateral import (
     verify_tcb_info,
 )
 from attestation.intel.pck import PckExtensions, parse_pck_extensions
-from attestation.testing.intel_collateral import default_pki, enclave_level, tcb_level, tdx_module_identity
+from attestation.intel.tcb_status import TCB_STATUSES
+from attestation.testing.intel import default_pki
+from attestation.testing.intel_collateral import enclave_level, tcb_level, tdx_module_identity
 
-from .test_intel_pck import vector_quote
+from .intel_vectors import vector_quote
 
 UTC = UTC
 NOW = datetime(2026, 11, 27, tzinfo=UTC)

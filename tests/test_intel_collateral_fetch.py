@@ -11,7 +11,8 @@ from attestation.errors import EvidenceInvalid, EvidenceMalformed
 from attestation.intel.collateral import evaluate_qe_identity, evaluate_sgx_tcb
 from attestation.intel.fetch import IntelPcsFetcher, fetch_collateral, urllib_http_get
 from attestation.intel.pck import PckExtensions
-from attestation.testing.intel_collateral import default_pki, enclave_level, tcb_level
+from attestation.testing.intel import default_pki
+from attestation.testing.intel_collateral import enclave_level, tcb_level
 
 NOW = datetime(2026, 11, 27, tzinfo=UTC)
 FMSPC = bytes.fromhex("00906ea10000")
@@ -35,7 +36,7 @@ class FakePcs:
                 200, {"SGX-Enclave-Identity-Issuer-Chain": header},
                 self.pki.qe_identity_document(levels=[enclave_level("UpToDate", 8)])),
             f"{BASE}/sgx/certification/v4/pckcrl?ca=platform&encoding=der": (
-                200, {"SGX-PCK-CRL-Issuer-Chain": header}, self.pki.crl([99]).public_bytes(der)),
+                200, {"SGX-PCK-CRL-Issuer-Chain": header}, self.pki.crl(revoked=[99]).public_bytes(der)),
             "https://root.example.test/IntelSGXRootCA.der": (200, {}, self.pki.crl(issuer="root").public_bytes(der)),
         }
 

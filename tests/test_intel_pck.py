@@ -5,8 +5,7 @@ EvidenceMalformed may escape)."""
 from __future__ import annotations
 
 import json
-import struct
-from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -16,66 +15,9 @@ from hypothesis import strategies as st
 
 from attestation.errors import EvidenceMalformed
 from attestation.intel.pck import PckExtensions, parse_pck_extensions, parse_sgx_extensions
-from attestation.testing.intel_collateral import default_pki, encode_sgx_extensions
+from attestation.testing.intel import default_pki, sgx_extensions_der
 
-# ------------------------------------------------------------------ vector quotes (shared helpers)
-
-
-@dataclass(frozen=True)
-class VectorQuote:
-    """The parts of a vector quote the collateral tests need, cut at the PROCEDURES.md offsets."""
-
-    name: str
-    chain: tuple[x509.Certificate, ...]   # PCK leaf, PCK CA, root
-    tee_tcb_svn: bytes | None             # TDX only
-    mrsignerseam: bytes | None
-    seam_attributes: bytes | None
-    qe_report: bytes                      # 384-byte QE report body
-
-
-def _u16(data: bytes, at: int) -> int:
-    return struct.unpack_from("<H", data, at)[0]
-
-
-def _u32(data: bytes, at: int) -> int:
-    return struct.unpack_from("<I", data, at)[0]
-
-
-def vector_quote(vectors_dir: Path, relative: str) -> VectorQuote:
-    quote = (vectors_dir / relative).read_bytes()
-    version = _u16(quote, 0)
-    tee = body = None
-    if version == 3:                                   # SGX, PROCEDURES A.1
-        sig = 0x1B4
-        qe_report = quote[sig + 128: sig + 512]
-        auth = _u16(quote, sig + 576)
-        cert_type, size = _u16(quote, sig + 578 + auth), _u32(quote, sig + 580 + auth)
-        pem = quote[sig + 584 + auth: sig + 584 + auth + size]
-    else:                                              # TDX v4 / v5, PROCEDURES B.1 / B.2
-        if version == 4:
-            body, sig = 0x30, 0x27C
-        else:
-            body_size = _u32(quote, 0x32)
-            body, sig = 0x36, 0x36 + body_size + 4
-        tee = quote[body: body + 16]
-        assert _u16(quote, sig + 128) == 6
-        qe_report = quote[sig + 134: sig + 518]
-        auth = _u16(quote, sig + 582)
-        cert_type, size = _u16(quote, sig + 584 + auth), _u32(quote, sig + 586 + auth)
-        pem = quote[sig + 590 + auth: sig + 590 + auth + size]
-    assert cert_type == 5
-    chain = tuple(x509.load_pem_x509_certificates(pem.rstrip(b"\x00")))
-    return VectorQuote(
-        name=relative, chain=chain, tee_tcb_svn=tee,
-        mrsignerseam=quote[body + 0x40: body + 0x70] if body is not None else None,
-        seam_attributes=quote[body + 0x70: body + 0x78] if body is not None else None,
-        qe_report=qe_report,
-    )
-
-
-VECTOR_QUOTES = ["sgx/trustee/occlum_quote.dat", "tdx/trustee/tdx_quote_4.dat",
-                 "tdx/go-tdx-guest/quote_v5_sample.dat"]
-
+from .intel_vectors import VECTOR_QUOTES, vector_quote
 
 # ------------------------------------------------------------------ real PCK certificates
 
@@ -122,8 +64,8 @@ def test_non_pck_certificates_have_no_sgx_extensions(vectors_dir: Path, relative
 def test_synthetic_roundtrip_through_certificate() -> None:
     pki = default_pki()
     comps = tuple(range(16, 32))
-    _, leaf = pki.pck_leaf(fmspc=bytes.fromhex("00906ea10000"), tcb_components=comps, pcesvn=0x1234,
-                           pce_id=b"\x00\x01", sgx_type=2)
+    leaf = pki.issue_leaf(extensions=sgx_extensions_der(fmspc=bytes.fromhex("00906ea10000"), tcb_components=comps,
+                                                        pcesvn=0x1234, pce_id=b"\x00\x01", sgx_type=2))
     ext = parse_pck_extensions(leaf)
     assert ext == PckExtensions(fmspc=bytes.fromhex("00906ea10000"), pce_id=b"\x00\x01", cpusvn=bytes(comps),
                                 pcesvn=0x1234, tcb_components=comps, sgx_type=2, ppid=bytes(range(16)))
@@ -135,7 +77,7 @@ def test_synthetic_roundtrip_through_certificate() -> None:
        cpusvn=st.binary(min_size=16, max_size=16), sgx_type=st.one_of(st.none(), st.integers(0, 2)),
        config=st.one_of(st.none(), st.dictionaries(st.sampled_from([1, 2, 3]), st.booleans())))
 def test_roundtrip_property(comps, pcesvn, fmspc, pce_id, cpusvn, sgx_type, config) -> None:
-    der = encode_sgx_extensions(fmspc=fmspc, tcb_components=comps, pcesvn=pcesvn, cpusvn=cpusvn, pce_id=pce_id,
+    der = sgx_extensions_der(fmspc=fmspc, tcb_components=comps, pcesvn=pcesvn, cpusvn=cpusvn, pce_id=pce_id,
                                 sgx_type=sgx_type, configuration=config)
     ext = parse_sgx_extensions(der)
     assert (ext.fmspc, ext.pce_id, ext.cpusvn, ext.pcesvn, ext.tcb_components, ext.sgx_type) == (
@@ -146,7 +88,7 @@ def test_roundtrip_property(comps, pcesvn, fmspc, pce_id, cpusvn, sgx_type, conf
 
 
 def _good() -> bytes:
-    return encode_sgx_extensions(fmspc=bytes(6), tcb_components=[1] * 16, pcesvn=5)
+    return sgx_extensions_der(fmspc=bytes(6), tcb_components=[1] * 16, pcesvn=5)
 
 
 def _entry(oid_der: bytes, value: bytes) -> bytes:
@@ -223,7 +165,7 @@ def test_field_errors(kwargs, message) -> None:
     args = {"fmspc": bytes(6), "tcb_components": [1] * 16, "pcesvn": 5}
     args.update(kwargs)
     with pytest.raises(EvidenceMalformed, match=message):
-        parse_sgx_extensions(encode_sgx_extensions(**args))
+        parse_sgx_extensions(sgx_extensions_der(**args))
 
 
 def test_non_minimal_integer_rejected() -> None:
@@ -237,7 +179,7 @@ def test_non_minimal_integer_rejected() -> None:
 
 
 def test_certificate_with_garbage_extension_value() -> None:
-    _, leaf = default_pki().pck_leaf(extension_der=b"\x30\x03\x02\x01")
+    leaf = default_pki().issue_leaf(extensions=b"\x30\x03\x02\x01")
     with pytest.raises(EvidenceMalformed):
         parse_pck_extensions(leaf)
 
@@ -259,7 +201,7 @@ def test_fuzz_arbitrary_bytes(data: bytes) -> None:
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None)
 @given(st.data())
 def test_fuzz_mutated_valid_encoding(data) -> None:
-    der = bytearray(encode_sgx_extensions(fmspc=bytes(6), tcb_components=[3] * 16, pcesvn=7, sgx_type=1,
+    der = bytearray(sgx_extensions_der(fmspc=bytes(6), tcb_components=[3] * 16, pcesvn=7, sgx_type=1,
                                           platform_instance_id=bytes(16), configuration={1: True, 2: False}))
     for _ in range(data.draw(st.integers(1, 4))):
         op = data.draw(st.sampled_from(["flip", "cut", "insert", "delete"]))
@@ -286,7 +228,7 @@ def test_fuzz_mutated_certificate(data) -> None:
     parser either reads or refuses with EvidenceMalformed."""
     from cryptography.hazmat.primitives import serialization
 
-    _, leaf = _fuzz_leaf()
+    leaf = _fuzz_leaf()
     der = bytearray(leaf.public_bytes(serialization.Encoding.DER))
     ext_at = der.find(bytes.fromhex("2a864886f84d010d01"))
     for _ in range(data.draw(st.integers(1, 3))):
@@ -302,10 +244,7 @@ def test_fuzz_mutated_certificate(data) -> None:
         pass
 
 
-_LEAF: list = []
-
-
-def _fuzz_leaf():
-    if not _LEAF:
-        _LEAF.append(default_pki().pck_leaf(fmspc=bytes.fromhex("00606a000000"), tcb_components=[4] * 16, pcesvn=11))
-    return _LEAF[0]
+@lru_cache(maxsize=1)
+def _fuzz_leaf() -> x509.Certificate:
+    return default_pki().issue_leaf(extensions=sgx_extensions_der(fmspc=bytes.fromhex("00606a000000"),
+                                                                  tcb_components=[4] * 16, pcesvn=11))

@@ -12,15 +12,14 @@ import pytest
 
 import attestation.intel
 from attestation.errors import EvidenceInvalid
-from attestation.intel.collateral import TcbResult, converge_tcb_status
+from attestation.intel.collateral import TcbResult, converge_tcb_status, load_collateral
 from attestation.platforms import VerificationInputs
 from attestation.sgx import PLATFORM as SGX
 from attestation.sgx import SgxPolicy
 from attestation.tdx import PLATFORM as TDX
 from attestation.tdx import TdxPolicy
 from attestation.testing.intel import SGX_QE_MRSIGNER, TD_QE_MRSIGNER, FakeIntelPki, FakeQuotingEnclave
-
-pytest.importorskip("attestation.intel.pck")
+from attestation.testing.intel_collateral import enclave_level, tcb_level
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 PKI = FakeIntelPki(NOW, fmspc=bytes.fromhex("00906ed50000"), pcesvn=13)
@@ -139,30 +138,23 @@ def test_convergence_follows_intel_qvl(platform_status, qe_status, expected):
     assert converge_tcb_status(Result(platform_status), Result(qe_status)).status == expected
 
 
-# ---- end to end with the real collateral module: quotes from attestation.testing.intel, TCB Info
-# and QE Identity signed by attestation.testing.intel_collateral's fake TCB Signing key.
+# ---- end to end with the real collateral module: quotes, TCB Info and QE Identity all signed
+# under the one fake Intel root of PKI.
 
 def _real_collateral(tmp_path, *, tdx: bool, platform_status: str, qe_svn_levels, next_update=None):
-    collateral = pytest.importorskip("attestation.intel.collateral")
-    docs = pytest.importorskip("attestation.testing.intel_collateral")
-    signer = docs.default_pki()
-    levels = [docs.tcb_level(platform_status, sgx=PKI.tcb_components, pcesvn=PKI.pcesvn,
-                             tdx=[3, 0, 5] + [0] * 13 if tdx else None, advisories=("INTEL-SA-00615",)),
-              docs.tcb_level("OutOfDate", sgx=[0] * 16, pcesvn=0, tdx=[0] * 16 if tdx else None)]
-    tcb_info = signer.tcb_info_document(fmspc=PKI.fmspc, levels=levels, tcb_id="TDX" if tdx else "SGX",
-                                        issue_date=datetime(2026, 11, 20, tzinfo=UTC),
-                                        next_update=next_update)
-    qe_identity = signer.qe_identity_document(
-        levels=[docs.enclave_level(status, svn) for status, svn in qe_svn_levels],
+    levels = [tcb_level(platform_status, sgx=PKI.tcb_components, pcesvn=PKI.pcesvn,
+                        tdx=[3, 0, 5] + [0] * 13 if tdx else None, advisories=("INTEL-SA-00615",)),
+              tcb_level("OutOfDate", sgx=[0] * 16, pcesvn=0, tdx=[0] * 16 if tdx else None)]
+    tcb_info = PKI.tcb_info_document(fmspc=PKI.fmspc, levels=levels, tcb_id="TDX" if tdx else "SGX",
+                                     issue_date=datetime(2026, 11, 20, tzinfo=UTC), next_update=next_update)
+    qe_identity = PKI.qe_identity_document(
+        levels=[enclave_level(status, svn) for status, svn in qe_svn_levels],
         qe_id="TD_QE" if tdx else "QE", mrsigner=TD_QE_MRSIGNER if tdx else SGX_QE_MRSIGNER,
         isvprodid=2 if tdx else 1, issue_date=datetime(2026, 11, 20, tzinfo=UTC), next_update=next_update)
-    directory = signer.write_collateral_dir(tmp_path / ("tdx" if tdx else "sgx"), tcb_info=tcb_info,
-                                            qe_identity=qe_identity)
-    # the quotes' PCK chain and the collateral's TCB Signing chain come from two fake roots
-    trust = PKI.trust().with_roots("sgx", *signer.trust().for_platform("sgx"))
-    trust = trust.with_roots("tdx", *signer.trust().for_platform("tdx"))
-    coll = collateral.load_collateral(directory, now=NOW, trust=trust)
-    return VerificationInputs(now=NOW, trust=trust, collateral={"intel": coll, "crls": tuple(coll.crls)})
+    directory = PKI.write_collateral_dir(tmp_path / ("tdx" if tdx else "sgx"), tcb_info=tcb_info,
+                                         qe_identity=qe_identity)
+    coll = load_collateral(directory, now=NOW, trust=PKI.trust())
+    return VerificationInputs(now=NOW, trust=PKI.trust(), collateral={"intel": coll, "crls": tuple(coll.crls)})
 
 
 def test_end_to_end_sgx_with_signed_collateral(tmp_path):

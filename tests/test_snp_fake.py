@@ -16,11 +16,12 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from attestation.errors import AttestationError, EvidenceInvalid, EvidenceMalformed
 from attestation.platforms import VerificationInputs
-from attestation.snp import PLATFORM, SNP_ROOTS, clear_caches
+from attestation.snp import PLATFORM, clear_caches
 from attestation.snp.abi import encode_tcb
 from attestation.snp.kds import AMD_PSS, KdsFetcher, cert_chain_url, cert_info
 from attestation.testing.snp import FakeAmd, amd_name, fake_rsa_key
 from attestation.trust import TrustAnchors
+from attestation.trust.amd import SNP_ROOTS
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 PRODUCTS = ("Milan", "Genoa", "Turin")

@@ -19,11 +19,11 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from attestation.errors import AttestationError, EvidenceInvalid, EvidenceMalformed
 from attestation.platforms import VerificationInputs
-from attestation.snp import PLATFORM, SNP_ROOTS, clear_caches, load_certificates, parse_report
+from attestation.snp import PLATFORM, clear_caches, load_certificates, parse_report
 from attestation.snp.abi import decode_tcb
 from attestation.snp.kds import cert_info, endorsement_extensions
-from attestation.snp.trust import ARK_FINGERPRINTS
 from attestation.trust import DEFAULT_TRUST, TrustAnchors
+from attestation.trust.amd import ARK_FINGERPRINTS, SNP_ROOTS
 
 pytestmark = pytest.mark.vectors
 

@@ -9,13 +9,17 @@ from datetime import datetime, timedelta, UTC
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from attestation.errors import EvidenceInvalid, EvidenceMalformed
+from attestation.intel.pck import parse_pck_extensions
 from attestation.platforms import VerificationInputs
 from attestation.tdx import PLATFORM
 from attestation.tdx.abi import parse_quote
 from attestation.testing.intel import FakeIntelPki, mutation_failures, quote_regions
 from attestation.trust import INTEL_SGX_ROOT_CA, TrustAnchors
+
+from .intel_vectors import AlsoRevokes
 
 pytestmark = pytest.mark.vectors
 
@@ -104,9 +108,9 @@ def test_verifies_and_claims_equal_expected(case):
     assert [(c.subject, c.not_before.isoformat(), c.not_after.isoformat()) for c in v.chain] == [
         (e["subject"], e["not_before"], e["not_after"]) for e in expected["pck_chain"]["chain"]]
     assert v.chain[-1].sha256 == INTEL_SGX_ROOT_CA
-    pck = pytest.importorskip("attestation.intel.pck")
     leaf = v.report.quote.signature_data.certification.pck_chain.certs[0]
-    assert pck.parse_pck_extensions(leaf).fmspc.hex() == expected["pck_fmspc"]
+    assert parse_pck_extensions(leaf).fmspc.hex() == expected["pck_fmspc"]
+    assert v.report.pck_extensions.fmspc.hex() == expected["pck_fmspc"]
 
 
 def test_every_single_byte_change_is_refused(case):
@@ -159,11 +163,27 @@ def test_wrong_root_fails(case):
 
 
 def test_real_crls_are_checked(case, vectors_dir):
+    """Intel's PCK CRL and root CRL are applied to the quote's chain: they are issued by its
+    Platform CA and root (so they are not skipped as foreign), they do not revoke it, a CRL in
+    the Platform CA's name that the Platform CA did not sign is refused, and the PCK CRL listing
+    the quote's PCK certificate makes verification fail."""
     _, quote, _ = case
     coll = vectors_dir / "tdx/go-tdx-guest/collateral"
-    crls = [x509.load_der_x509_crl((coll / "pckcrl").read_bytes()),
-            x509.load_der_x509_crl((coll / "rootcrl.der").read_bytes())]
-    PLATFORM.verify(quote, VerificationInputs(now=INSIDE, collateral={"crls": crls}))
+    pck_crl = x509.load_der_x509_crl((coll / "pckcrl").read_bytes())
+    root_crl = x509.load_der_x509_crl((coll / "rootcrl.der").read_bytes())
+    leaf, platform_ca, root = parse_quote(quote).signature_data.certification.pck_chain.certs
+    assert pck_crl.issuer == platform_ca.subject and pck_crl.is_signature_valid(platform_ca.public_key())
+    assert root_crl.issuer == root.subject and root_crl.is_signature_valid(root.public_key())
+    PLATFORM.verify(quote, VerificationInputs(now=INSIDE, collateral={"crls": [pck_crl, root_crl]}))
+
+    forged = (x509.CertificateRevocationListBuilder().issuer_name(pck_crl.issuer)
+              .last_update(INSIDE).next_update(INSIDE).sign(FakeIntelPki(INSIDE).ca_key, hashes.SHA256()))
+    with pytest.raises(EvidenceInvalid, match="CRL claiming issuer .*Intel SGX PCK Platform CA.* is not signed by it"):
+        PLATFORM.verify(quote, VerificationInputs(now=INSIDE, collateral={"crls": [forged, root_crl]}))
+
+    revoking = AlsoRevokes(pck_crl, leaf.serial_number)
+    with pytest.raises(EvidenceInvalid, match=f"Intel SGX PCK Certificate.*serial {leaf.serial_number:x}.* is revoked"):
+        PLATFORM.verify(quote, VerificationInputs(now=INSIDE, collateral={"crls": [revoking, root_crl]}))
 
 
 def test_sgx_quote_is_refused_with_a_hint(vectors_dir):

@@ -1,9 +1,9 @@
 """Intel DCAP quote pieces shared by SGX (quote v3) and TDX (quotes v4 and v5): bytes <-> frozen
 dataclasses, and no judgement.
 
-Layouts follow the Intel DCAP quote library specifications ([INTEL-SGX-QL] Appendix A for v3,
-[INTEL-TDX-QL] Appendix A for v4/v5; summarised with absolute offsets in the shared vectors'
-``PROCEDURES.md`` sections A.1, B.1 and B.2). All integers are little-endian.
+Layouts follow the Intel DCAP quote library specifications (*SGX DCAP ECDSA Quote Library API*,
+Appendix A, for v3; *TDX DCAP Quoting Library API*, Appendix A, for v4/v5; the absolute offsets
+are in :mod:`attestation.sgx.abi` and :mod:`attestation.tdx.abi`). All integers are little-endian.
 
 What lives here:
 
@@ -216,7 +216,7 @@ class ReportBody:
 
     @property
     def debug(self) -> bool:
-        """ATTRIBUTES.FLAGS bit 1 (DEBUG) [INTEL-SDM]."""
+        """ATTRIBUTES.FLAGS bit 1 (DEBUG; Intel SDM Vol. 3D, SGX data structures)."""
         return bool(self.attributes_flags & 0x2)
 
     def encode(self) -> bytes:
@@ -273,7 +273,7 @@ class TdReportBody:
 
     @property
     def debug(self) -> bool:
-        """TD_ATTRIBUTES bit 0 (TUD.DEBUG) [INTEL-TDX-ABI]."""
+        """TD_ATTRIBUTES bit 0 (TUD.DEBUG; Intel TDX Module ABI Specification)."""
         return bool(self.td_attributes[0] & 0x1)
 
     def encode(self) -> bytes:

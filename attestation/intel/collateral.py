@@ -1,6 +1,6 @@
 """Intel DCAP collateral: TCB Info, QE Identity, CRLs — parsing, signature checks, TCB status evaluation.
 
-Source: [INTEL-PCS] (*Intel SGX and Intel TDX Provisioning Certification Service for ECDSA
+Source: Intel PCS (*Intel SGX and Intel TDX Provisioning Certification Service for ECDSA
 Attestation*, API v4): the TCB Info and Enclave Identity JSON and the TCB evaluation rules.
 
 Signatures
@@ -74,9 +74,9 @@ from ..claims import CertSummary
 from ..errors import EvidenceInvalid, EvidenceMalformed
 from ..trust import DEFAULT_TRUST, TrustAnchors
 from .pck import PckExtensions
+from .tcb_status import TCB_STATUSES
 
 __all__ = [
-    "TCB_STATUSES",
     "TcbLevel",
     "EnclaveTcbLevel",
     "TdxModuleIdentity",
@@ -100,15 +100,6 @@ __all__ = [
     "TCB_SIGNING_CN",
 ]
 
-TCB_STATUSES = (
-    "UpToDate",
-    "SWHardeningNeeded",
-    "ConfigurationNeeded",
-    "ConfigurationAndSWHardeningNeeded",
-    "OutOfDate",
-    "OutOfDateConfigurationNeeded",
-    "Revoked",
-)
 TCB_SIGNING_CN = "Intel SGX TCB Signing"
 MAX_DOCUMENT = 4 * 1024 * 1024
 MAX_FILE = 16 * 1024 * 1024
@@ -536,18 +527,24 @@ def _decode_chain_text(data: bytes) -> bytes:
 
 def load_issuer_chain(data: bytes | str | Sequence[x509.Certificate]) -> tuple[x509.Certificate, ...]:
     """Certificates from PEM text, URL-encoded PEM (the PCS header value) or a list of certificates."""
-    if isinstance(data, (list, tuple)):
-        if not all(isinstance(c, x509.Certificate) for c in data):
+    if isinstance(data, str):
+        raw = data.encode("utf-8")
+    elif isinstance(data, (bytes, bytearray, memoryview)):
+        raw = bytes(data)
+    else:
+        certs = tuple(data)
+        if not all(isinstance(c, x509.Certificate) for c in certs):
             raise EvidenceMalformed("issuer chain: not a list of certificates")
-        return tuple(data)
-    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        return certs
+    if raw[:1] == b"\x30":
+        # One DER certificate. Tried on the bytes as given: it is binary, and the text clean-up
+        # below (strip, URL-decode) would corrupt one that happens to end in a whitespace byte.
+        try:
+            return (x509.load_der_x509_certificate(raw),)
+        except ValueError:
+            pass
     text = _decode_chain_text(raw)
     if b"-----BEGIN CERTIFICATE-----" not in text:
-        if text[:1] == b"\x30":
-            try:
-                return (x509.load_der_x509_certificate(text),)
-            except ValueError:
-                pass
         raise EvidenceMalformed("issuer chain: no PEM certificate found")
     try:
         return tuple(x509.load_pem_x509_certificates(text.rstrip(b"\x00")))
@@ -858,12 +855,12 @@ def _select_tcb_info(coll: IntelCollateral, pck: PckExtensions, kind: str) -> Tc
 
 
 def _sgx_level_matches(level: TcbLevel, pck: PckExtensions) -> bool:
-    return (all(p >= l for p, l in zip(pck.tcb_components, level.sgx_components))
+    return (all(have >= need for have, need in zip(pck.tcb_components, level.sgx_components))
             and pck.pcesvn >= level.pcesvn)
 
 
 def evaluate_sgx_tcb(coll: IntelCollateral, pck: PckExtensions, now: datetime) -> TcbResult:
-    """The SGX platform TCB status of the PCK certificate's platform [INTEL-PCS]: the first TCB level
+    """The SGX platform TCB status of the PCK certificate's platform (Intel PCS): the first TCB level
     whose 16 SGX component SVNs and PCESVN are all ≤ the PCK certificate's."""
     info = _select_tcb_info(coll, pck, "SGX")
     expired, notes = _freshness(info, f"TCB Info (FMSPC {info.fmspc.hex()})", now)
@@ -908,7 +905,7 @@ def _earliest(*dates: str | None) -> str | None:
 
 def evaluate_tdx_tcb(coll: IntelCollateral, pck: PckExtensions, tee_tcb_svn: bytes, now: datetime, *,
                      mrsignerseam: bytes | None = None, seam_attributes: bytes | None = None) -> TcbResult:
-    """The TDX platform TCB status [INTEL-PCS, TCB Info v3 "TDX"], see the module docstring.
+    """The TDX platform TCB status (Intel PCS, TCB Info v3 "TDX"), see the module docstring.
 
     Pass ``mrsignerseam`` (48 bytes) and ``seam_attributes`` (8 bytes) from the TD report to have
     the TDX module identity checked too (a mismatch is ``EvidenceInvalid``).

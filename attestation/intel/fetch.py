@@ -10,7 +10,7 @@ What comes back is *unverified* bytes plus the issuer chain from the response he
 :func:`fetch_collateral` verifies everything (same functions as files from a directory) before
 returning an :class:`~attestation.intel.collateral.IntelCollateral`.
 
-Endpoints [INTEL-PCS] (``{kind}`` is ``sgx`` or ``tdx``):
+Endpoints of Intel PCS API v4 (``{kind}`` is ``sgx`` or ``tdx``):
 
 - ``GET {base}/{kind}/certification/v4/tcb?fmspc=<hex>`` → TCB Info, header ``TCB-Info-Issuer-Chain``
 - ``GET {base}/{kind}/certification/v4/qe/identity`` → QE / TD_QE identity, header

@@ -1,6 +1,6 @@
 """The SGX Extensions of an Intel PCK certificate: FMSPC, PCE-ID, TCB component SVNs, PCESVN, CPUSVN.
 
-[INTEL-PCK] (*Intel SGX PCK Certificate and CRL Profile Specification*) puts everything the TCB
+Intel's *SGX PCK Certificate and CRL Profile Specification* puts everything the TCB
 evaluation needs into one non-critical X.509 extension, OID ``1.2.840.113741.1.13.1``, whose value
 is a DER ``SEQUENCE OF SEQUENCE { OID, value }``::
 
@@ -259,7 +259,13 @@ def _parse_sgx_extensions(der: bytes) -> PckExtensions:
     outer = DerReader(der)
     top = outer.sequence("SGX Extensions")
     outer.finish("SGX Extensions")
-    fields: dict[str, object] = {}
+    ppid: bytes | None = None
+    tcb: tuple[tuple[int, ...], int, bytes] | None = None
+    pce_id: bytes | None = None
+    fmspc: bytes | None = None
+    sgx_type: int | None = None
+    platform_instance_id: bytes | None = None
+    config: dict[str, bool] = {}
     seen: set[str] = set()
     while not top.at_end():
         item = top.sequence("SGX extension entry")
@@ -269,36 +275,38 @@ def _parse_sgx_extensions(der: bytes) -> PckExtensions:
         seen.add(oid)
         arc = oid[len(_ROOT) + 1:] if oid.startswith(_ROOT + ".") else ""
         if arc == "1":
-            fields["ppid"] = _octets(item, 16, "PPID")
+            ppid = _octets(item, 16, "PPID")
         elif arc == "2":
-            fields["tcb"] = _parse_tcb(item.sequence("TCB"))
+            tcb = _parse_tcb(item.sequence("TCB"))
         elif arc == "3":
-            fields["pce_id"] = _octets(item, 2, "PCE-ID")
+            pce_id = _octets(item, 2, "PCE-ID")
         elif arc == "4":
-            fields["fmspc"] = _octets(item, 6, "FMSPC")
+            fmspc = _octets(item, 6, "FMSPC")
         elif arc == "5":
-            fields["sgx_type"] = _svn(item.integer("SGX Type", TAG_ENUMERATED), 255, "SGX Type")
+            sgx_type = _svn(item.integer("SGX Type", TAG_ENUMERATED), 255, "SGX Type")
         elif arc == "6":
-            fields["platform_instance_id"] = _octets(item, 16, "PlatformInstanceID")
+            platform_instance_id = _octets(item, 16, "PlatformInstanceID")
         elif arc == "7":
-            fields["configuration"] = _parse_configuration(item.sequence("Configuration"))
+            config = _parse_configuration(item.sequence("Configuration"))
         else:
             item.pos = item.end
         item.finish(f"SGX extension entry {oid}")
-    for required, name in (("tcb", "TCB"), ("pce_id", "PCE-ID"), ("fmspc", "FMSPC")):
-        if required not in fields:
-            raise EvidenceMalformed(f"SGX extension: {name} missing")
-    components, pcesvn, cpusvn = fields["tcb"]  # type: ignore[misc]
-    config: dict[str, bool] = fields.get("configuration", {})  # type: ignore[assignment]
+    if tcb is None:
+        raise EvidenceMalformed("SGX extension: TCB missing")
+    if pce_id is None:
+        raise EvidenceMalformed("SGX extension: PCE-ID missing")
+    if fmspc is None:
+        raise EvidenceMalformed("SGX extension: FMSPC missing")
+    components, pcesvn, cpusvn = tcb
     return PckExtensions(
-        fmspc=fields["fmspc"],  # type: ignore[arg-type]
-        pce_id=fields["pce_id"],  # type: ignore[arg-type]
+        fmspc=fmspc,
+        pce_id=pce_id,
         cpusvn=cpusvn,
         pcesvn=pcesvn,
         tcb_components=components,
-        sgx_type=fields.get("sgx_type"),  # type: ignore[arg-type]
-        ppid=fields.get("ppid"),  # type: ignore[arg-type]
-        platform_instance_id=fields.get("platform_instance_id"),  # type: ignore[arg-type]
+        sgx_type=sgx_type,
+        ppid=ppid,
+        platform_instance_id=platform_instance_id,
         dynamic_platform=config.get("dynamic_platform"),
         cached_keys=config.get("cached_keys"),
         smt_enabled=config.get("smt_enabled"),

@@ -22,28 +22,19 @@ Every problem is a :class:`PolicyError` naming ``[platform] key``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, overload
 from collections.abc import Iterable, Mapping
 
 from attestation.errors import PolicyError, Violation
+from attestation.intel.tcb_status import TCB_STATUSES
 
 __all__ = [
-    "TCB_STATUSES",
     "TableReader",
     "masked_violation",
     "one_of",
     "tcb_violations",
 ]
 
-TCB_STATUSES = (
-    "UpToDate",
-    "SWHardeningNeeded",
-    "ConfigurationNeeded",
-    "ConfigurationAndSWHardeningNeeded",
-    "OutOfDate",
-    "OutOfDateConfigurationNeeded",
-    "Revoked",
-)
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 
@@ -76,9 +67,16 @@ class TableReader:
             raise self.fail(key, f"must be true or false, got {_describe(value)}")
         return value
 
+    @overload
+    def integer(self, key: str, default: int, *, maximum: int) -> int: ...
+
+    @overload
+    def integer(self, key: str, default: None, *, maximum: int) -> int | None: ...
+
     def integer(self, key: str, default: int | None, *, maximum: int) -> int | None:
+        """``key`` as an integer in 0..maximum; absent: ``default`` (None only if that is the default)."""
         value = self.table.get(key, default)
-        if value is None:
+        if value is None and default is None:
             return None
         if type(value) is not int:
             raise self.fail(key, f"must be an integer, got {_describe(value)}")

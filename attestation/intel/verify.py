@@ -1,5 +1,5 @@
-"""Authenticity checks shared by SGX and TDX quotes ([INTEL-SGX-QL], [INTEL-TDX-QL]; the
-vectors' ``PROCEDURES.md`` A.2 and B.3).
+"""Authenticity checks shared by SGX and TDX quotes (Intel's *SGX DCAP ECDSA Quote Library API* and
+*TDX DCAP Quoting Library API*).
 
 :func:`verify_ecdsa_quote` runs, in this order, and stops at the first failure
 (:class:`EvidenceInvalid` unless the bytes are unusable, then :class:`EvidenceMalformed`):
@@ -17,9 +17,9 @@ vectors' ``PROCEDURES.md`` A.2 and B.3).
 6. the **QE report signature**: ECDSA P-256 / SHA-256 by the PCK leaf key over the 384-byte QE
    report, and that QE report's MRSIGNER is Intel's (SGX QE3 or TD QE, :data:`INTEL_QE_MRSIGNERS`)
    and its DEBUG attribute is clear -- a baseline QE identity check that holds even without
-   collateral (beyond PROCEDURES A.2/B.3, which leave QE identity to the collateral step);
+   collateral (beyond the quote libraries' own checks, which leave QE identity to the collateral step);
 7. the PCK leaf's SGX extensions (FMSPC, TCB components, PCESVN, CPUSVN) through
-   :func:`attestation.intel.pck.parse_pck_extensions` when that module is installed;
+   :func:`attestation.intel.pck.parse_pck_extensions`;
 8. TCB judgement only when the caller passed Intel collateral (``inputs.collateral["intel"]``):
    :func:`evaluate_tcb` -> a :class:`TcbOutcome` (status converged with the QE identity's,
    advisory IDs, whether the collateral was stale). Without collateral no TCB status is computed
@@ -60,6 +60,7 @@ from .abi import (
     QuoteHeader,
     ReportBody,
 )
+from .pck import PckExtensions, parse_pck_extensions
 
 __all__ = [
     "INTEL_QE_MRSIGNERS",
@@ -94,11 +95,11 @@ class IntelVerification:
     chain: tuple[CertSummary, ...]
     pck_leaf: x509.Certificate
     pck_ca: str                        # "platform" or "processor"
-    pck_extensions: Any = None         # attestation.intel.pck.PckExtensions, or None if unavailable
+    pck_extensions: PckExtensions
 
     @property
-    def fmspc(self) -> bytes | None:
-        return None if self.pck_extensions is None else bytes(self.pck_extensions.fmspc)
+    def fmspc(self) -> bytes:
+        return bytes(self.pck_extensions.fmspc)
 
 
 @lru_cache(maxsize=1024)
@@ -135,20 +136,10 @@ def _common_name(cert: x509.Certificate) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _pck_extensions(leaf: x509.Certificate, leaf_der: bytes) -> Any:
-    """Parse the PCK leaf's SGX extensions with attestation.intel.pck, if that module exists."""
-    return _pck_extensions_cached(leaf_der, leaf)
-
-
 @lru_cache(maxsize=256)
-def _pck_extensions_cached(leaf_der: bytes, leaf: x509.Certificate) -> Any:
-    # Keyed by the leaf's DER (x509.Certificate also hashes and compares by its DER).
-    try:
-        from attestation.intel.pck import parse_pck_extensions
-    except ModuleNotFoundError as exc:
-        if exc.name in ("attestation.intel.pck",):
-            return None
-        raise
+def _pck_extensions(leaf_der: bytes, leaf: x509.Certificate) -> PckExtensions:
+    """The PCK leaf's SGX extensions, cached by the leaf's DER (a worker sends the same leaf with
+    every quote; x509.Certificate also hashes and compares by its DER)."""
     try:
         return parse_pck_extensions(leaf)
     except AttestationError:
@@ -224,8 +215,8 @@ def verify_ecdsa_quote(
     if qe.debug:
         raise EvidenceInvalid("QE report has ATTRIBUTES.DEBUG set: a debug Quoting Enclave vouches for nothing")
 
-    # 7. PCK extensions (FMSPC ...), if the parser is installed
-    return IntelVerification(summaries, leaf, pck_ca, _pck_extensions(leaf, cert_data.pck_chain.ders[0]))
+    # 7. PCK extensions (FMSPC ...)
+    return IntelVerification(summaries, leaf, pck_ca, _pck_extensions(cert_data.pck_chain.ders[0], leaf))
 
 
 def _safe_subject(cert: x509.Certificate) -> str:
@@ -257,7 +248,7 @@ class VerifiedQuote:
 
     quote: Any                          # attestation.sgx.abi.SgxQuote or attestation.tdx.abi.TdxQuote
     pck_ca: str                         # "platform" or "processor"
-    pck_extensions: Any = None          # attestation.intel.pck.PckExtensions, None if not installed
+    pck_extensions: PckExtensions
     tcb: TcbOutcome | None = None       # None: no collateral was given, no TCB judgement
 
 
@@ -277,13 +268,15 @@ def evaluate_tcb(
     qe_report: ReportBody,
     td_body: Any = None,
 ) -> TcbOutcome | None:
-    """The TCB judgement from Intel collateral, or None when no collateral was given (or the
-    collateral / PCK modules are not installed). Collateral problems (bad signature, wrong FMSPC,
-    QE identity mismatch) raise what attestation.intel.collateral raises (EvidenceInvalid /
-    EvidenceMalformed). ``td_body`` (a TdReportBody) is required for TDX."""
+    """The TCB judgement from Intel collateral, or None when no collateral was given. Collateral
+    problems (bad signature, wrong FMSPC, QE identity mismatch) raise what
+    attestation.intel.collateral raises (EvidenceInvalid / EvidenceMalformed). ``td_body`` (a
+    TdReportBody) is required for TDX."""
     coll = inputs.collateral.get("intel")
-    if coll is None or verification.pck_extensions is None:
+    if coll is None:
         return None
+    # Looked up at call time, not imported at the top: the wiring tests (tests/test_sgx_tcb.py)
+    # substitute a recording fake for this module to see exactly what verification passes it.
     from attestation.intel import collateral as collateral_mod
 
     pck = verification.pck_extensions

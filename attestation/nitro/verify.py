@@ -6,7 +6,7 @@ report data and evidence age: the front door). Every failure is :class:`Evidence
 naming the first problem; unparseable bytes are :class:`EvidenceMalformed` (from the abi).
 Nothing else escapes :func:`verify_evidence`: third-party exceptions are mapped here.
 
-Checks, in order ([AWS-NSM] ``attestation_process.md`` §3.2.3, RFC 9052 §4.4):
+Checks, in order (AWS ``aws-nitro-enclaves-nsm-api`` ``docs/attestation_process.md`` §3.2.3, RFC 9052 §4.4):
 
 1. chain ``certificate, cabundle[n-1], ..., cabundle[0]`` (the bundle is root first, the chain
    is leaf first) through :func:`attestation.chain.verify_chain`: ``cabundle[0]`` hashes to a
@@ -88,7 +88,7 @@ def _extensions(cert: x509.Certificate, role: str) -> x509.Extensions:
 
 
 def _check_profile(certs: Sequence[x509.Certificate]) -> ec.EllipticCurvePublicKey:
-    """The certificate profile of [AWS-NSM] §3.2.3.2-3; returns the leaf's P-384 key."""
+    """The certificate profile of AWS ``attestation_process.md`` §3.2.3.2-3; returns the leaf's P-384 key."""
     for index, cert in enumerate(certs):
         role = _role(index, len(certs))
         exts = _extensions(cert, role)

@@ -241,6 +241,8 @@ class FakeTsmKernel:
             if self.outblob_errors:
                 code = self.outblob_errors.pop(0)
                 raise OSError(code, os.strerror(code), str(path))
+            if self.provider is None:  # entries exist only while a provider is registered
+                raise OSError(errno.ENXIO, "No such device or address", str(path))
             entry.outblob, entry.auxblob = self.report_new(self.provider, entry.inblob, entry.privlevel)
             entry.read_generation = entry.write_generation
             self.reports_generated += 1

@@ -181,7 +181,7 @@ def _nitro(provider: Any, report_data: bytes) -> SelfIdentity:
     if not any(key in table for key in ("pcr0", "pcr1", "pcr2")):
         raise ProviderFailed("this enclave's own Nitro attestation document has no PCR0-2")
     table["debug_allowed"] = False
-    details = {key: table[key][0] for key in ("pcr0", "pcr1", "pcr2") if key in table}
+    details: dict[str, str] = {key: table[key][0] for key in ("pcr0", "pcr1", "pcr2") if key in table}
     return SelfIdentity("nitro", table, evidence, report_data, is_debug(doc.pcrs),
                         "the Nitro attestation document (NSM)", details=details)
 

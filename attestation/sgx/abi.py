@@ -1,6 +1,6 @@
 """Intel SGX DCAP ECDSA quote, version 3: bytes -> :class:`SgxQuote`, and no judgement.
 
-Layout ([INTEL-SGX-QL] Appendix A; vectors' ``PROCEDURES.md`` A.1)::
+Layout (Intel *SGX DCAP ECDSA Quote Library API*, Appendix A)::
 
     0x000  48   header: version 3, att_key_type 2, reserved (0), qe_svn, pce_svn, qe_vendor_id, user_data
     0x030  384  ISV enclave report body

@@ -12,8 +12,8 @@ CRL and/or the PCK Platform/Processor CA CRL) and ``"intel"`` (an
 
 ``Verified.claims`` (names fixed by the ``evidence verify --json`` contract): ``mrenclave
 mrsigner isvprodid isvsvn attributes_flags attributes_xfrm miscselect cpusvn config_svn
-report_data qe_svn pce_svn fmspc`` (bytes stay bytes; ``fmspc`` is None when the PCK extension
-parser is not installed). ``measurement`` = MRENCLAVE, ``debug`` = ATTRIBUTES.FLAGS bit 1,
+report_data qe_svn pce_svn fmspc`` (bytes stay bytes; ``fmspc`` is read from the PCK
+certificate). ``measurement`` = MRENCLAVE, ``debug`` = ATTRIBUTES.FLAGS bit 1,
 ``security_version`` = ISVSVN, ``report`` = an :class:`~attestation.intel.verify.VerifiedQuote`
 (the parsed :class:`~attestation.sgx.abi.SgxQuote`, the PCK CA kind and extensions, and the TCB
 outcome with ``collateral_expired``).
@@ -21,8 +21,10 @@ outcome with ``collateral_expired``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import MappingProxyType
 
+from attestation.claims import CertSummary
 from attestation.intel.verify import TcbOutcome, VerifiedQuote, evaluate_tcb, verify_ecdsa_quote
 from attestation.platforms import VerificationInputs, Verified
 
@@ -43,8 +45,8 @@ def verify_quote(evidence: bytes, inputs: VerificationInputs) -> Verified:
     return verified_from(quote, chain=result.chain, fmspc=result.fmspc, tcb=tcb, report=report)
 
 
-def verified_from(quote: SgxQuote, *, chain=(), fmspc: bytes | None = None, tcb: TcbOutcome | None = None,
-                  report: VerifiedQuote | None = None) -> Verified:
+def verified_from(quote: SgxQuote, *, chain: Sequence[CertSummary], fmspc: bytes, tcb: TcbOutcome | None,
+                  report: VerifiedQuote) -> Verified:
     body = quote.body
     claims = {
         "mrenclave": body.mrenclave,
@@ -72,5 +74,5 @@ def verified_from(quote: SgxQuote, *, chain=(), fmspc: bytes | None = None, tcb:
         security_version=body.isvsvn,
         tcb_status=None if tcb is None else tcb.status,
         advisory_ids=() if tcb is None else tuple(tcb.advisory_ids),
-        report=report or VerifiedQuote(quote, "unknown"),
+        report=report,
     )

@@ -11,8 +11,9 @@ Same directory and measurement -> same key (sealed storage survives a restart); 
 measurement -> an unrelated key (a changed worker cannot read its predecessor's secrets).
 
 :func:`seal` / :func:`unseal` are a Fernet-style recipe with fixed choices: AES-256-GCM, a fresh
-random 96-bit nonce per call (never derived, see DESIGN §4.7), caller-supplied associated data
-that names what the blob is for. Blob layout: ``version (1 byte, 0x01) || nonce (12) ||
+random 96-bit nonce per call (never derived or counted: a counter would live in state the host
+can roll back, and one repeated nonce under the same key breaks AES-GCM), caller-supplied
+associated data that names what the blob is for. Blob layout: ``version (1 byte, 0x01) || nonce (12) ||
 ciphertext || tag (16)``; the version byte is also authenticated (it is part of the AAD).
 Every failure to open is the same opaque :class:`UnsealError`.
 

@@ -339,6 +339,7 @@ def parse_report(data: Any) -> AttestationReport:
     if vmpl > 3:
         raise EvidenceMalformed(f"SEV-SNP report VMPL is {vmpl}; VMPLs are 0..3")
 
+    cpuid: tuple[int | None, int | None, int | None]
     if version >= 3:
         cpuid = (rep[0x188], rep[0x189], rep[0x18A])
         _mbz(rep, 0x18B, 0x1A0, "reserved field after CPUID")
@@ -347,6 +348,7 @@ def parse_report(data: Any) -> AttestationReport:
         _mbz(rep, 0x188, 0x1A0, "reserved field (version 2)")
     _mbz(rep, 0x1EB, 0x1EC, "reserved byte after CURRENT_MAJOR")
     _mbz(rep, 0x1EF, 0x1F0, "reserved byte after COMMITTED_MAJOR")
+    mit: tuple[int | None, int | None]
     if version >= 4:
         mit = (_u64(rep, 0x1F8), _u64(rep, 0x200))
         _mbz(rep, 0x208, SIGNED_SIZE, "reserved field")

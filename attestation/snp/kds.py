@@ -240,6 +240,7 @@ class EndorsementExtensions:
     def tcb(self, product: str) -> TcbParts:
         """The TCB the certificate was issued for, laid out for ``product`` (reserved SPLs included)."""
         spl = self.spl
+        reserved: tuple[int, ...]
         if product == "Turin":
             reserved = (spl.get(5, 0), spl.get(6, 0), spl.get(7, 0))
             parts = {"fmc": spl.get(SPL_FMC, 0)}

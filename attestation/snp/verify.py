@@ -54,6 +54,7 @@ from attestation.chain import verify_chain
 from attestation.claims import CertSummary
 from attestation.errors import AttestationError, EvidenceInvalid, EvidenceMalformed
 from attestation.platforms import VerificationInputs, Verified
+from attestation.snp import kds
 from attestation.snp.abi import (
     PRODUCTS,
     REPORT_SIZE,
@@ -73,7 +74,7 @@ from attestation.snp.kds import (
     vcek_url,
     verify_amd_signature,
 )
-from attestation.snp.trust import PRODUCT_OF_ARK
+from attestation.trust.amd import PRODUCT_OF_ARK
 
 __all__ = ["PLATFORM_NAME", "CLAIM_KEYS", "SnpEvidence", "verify_report", "clear_caches"]
 
@@ -110,8 +111,6 @@ _CHAIN_CACHE: BoundedCache[tuple, _ChainResult] = BoundedCache(64)
 
 def clear_caches() -> None:
     """Forget cached chain results and certificate classifications (tests, key rotation)."""
-    from attestation.snp import kds
-
     _CHAIN_CACHE.clear()
     kds._INFO_CACHE.clear()
 

@@ -1,6 +1,6 @@
 """Intel TDX quotes, versions 4 and 5: bytes -> :class:`TdxQuote`, and no judgement.
 
-Layouts ([INTEL-TDX-QL] Appendix A; vectors' ``PROCEDURES.md`` B.1, B.2)::
+Layouts (Intel *TDX DCAP Quoting Library API*, Appendix A)::
 
     v4: 0x000 header (48; version 4, att_key_type 2, tee_type 0x81)
         0x030 TD quote body, TDX 1.0 (584)

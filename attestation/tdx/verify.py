@@ -21,8 +21,10 @@ TDX TCB evaluation also gets MRSIGNERSEAM and SEAM_ATTRIBUTES, so the TDX module
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import MappingProxyType
 
+from attestation.claims import CertSummary
 from attestation.intel.verify import TcbOutcome, VerifiedQuote, evaluate_tcb, verify_ecdsa_quote
 from attestation.platforms import VerificationInputs, Verified
 
@@ -43,8 +45,8 @@ def verify_quote(evidence: bytes, inputs: VerificationInputs) -> Verified:
     return verified_from(quote, chain=result.chain, tcb=tcb, report=report)
 
 
-def verified_from(quote: TdxQuote, *, chain=(), tcb: TcbOutcome | None = None,
-                  report: VerifiedQuote | None = None) -> Verified:
+def verified_from(quote: TdxQuote, *, chain: Sequence[CertSummary], tcb: TcbOutcome | None,
+                  report: VerifiedQuote) -> Verified:
     body = quote.body
     claims = {
         "version": quote.version,
@@ -73,5 +75,5 @@ def verified_from(quote: TdxQuote, *, chain=(), tcb: TcbOutcome | None = None,
         security_version=0,
         tcb_status=None if tcb is None else tcb.status,
         advisory_ids=() if tcb is None else tuple(tcb.advisory_ids),
-        report=report or VerifiedQuote(quote, "unknown"),
+        report=report,
     )

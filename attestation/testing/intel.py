@@ -1,12 +1,19 @@
-"""Fake Intel signers for tests: a whole PCK PKI in memory and a Quoting Enclave that signs
-SGX v3 and TDX v4/v5 quotes with chosen fields. Never used by production paths.
+"""Fake Intel signers for tests: one PKI that issues every Intel certificate, CRL and collateral
+signature, and a Quoting Enclave that signs SGX v3 and TDX v4/v5 quotes with chosen fields.
+Never used by production paths.
 
-- :class:`FakeIntelPki`: a fake "Intel SGX Root CA" -> "Intel SGX PCK Platform CA" (or
-  "Processor CA", ``processor=True``) -> "Intel SGX PCK Certificate" whose leaf carries the SGX
-  Extensions (OID 1.2.840.113741.1.13.1: PPID, TCB component SVNs, PCESVN, CPUSVN, PCE-ID, FMSPC,
-  SGX type and, for Platform CA leaves, platform instance ID and configuration) encoded as
-  [INTEL-PCK] describes. Validity windows are chosen per certificate; :meth:`FakeIntelPki.crl`
-  signs CRLs; :meth:`FakeIntelPki.trust` gives the ``TrustAnchors`` that pin the fake root.
+- :class:`FakeIntelPki`: a fake "Intel SGX Root CA" with, under it, the "Intel SGX TCB Signing"
+  certificate (signs TCB Info and QE Identity) and the "Intel SGX PCK Platform CA" (or "Processor
+  CA", ``processor=True``) that issues the "Intel SGX PCK Certificate" leaf. The leaf carries the
+  SGX Extensions (OID 1.2.840.113741.1.13.1: PPID, TCB component SVNs, PCESVN, CPUSVN, PCE-ID,
+  FMSPC, SGX type and, for Platform CA leaves, platform instance ID and configuration) encoded
+  as Intel's PCK Certificate and CRL Profile Specification describes (:func:`sgx_extensions_der`).
+  Every certificate's validity window is chosen around the PKI's ``now``; :meth:`~FakeIntelPki.crl`
+  signs CRLs, :meth:`~FakeIntelPki.tcb_info_document` and :meth:`~FakeIntelPki.qe_identity_document`
+  sign collateral (contents from :mod:`attestation.testing.intel_collateral`), and
+  :meth:`~FakeIntelPki.trust` gives the ``TrustAnchors`` that pin the fake root. Subjects use
+  Intel's common names (verifiers check them) under a fake organisation, so they can never be
+  mistaken for Intel's in a log.
 - :class:`FakeQuotingEnclave`: an attestation key and a QE report bound to it, signed by the PCK
   leaf key; :meth:`~FakeQuotingEnclave.sgx_quote` and :meth:`~FakeQuotingEnclave.tdx_quote` sign
   quotes whose report body fields are keyword arguments, with knobs to break each signature.
@@ -18,10 +25,14 @@ layout the parsers read.
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
-from collections.abc import Sequence
+from urllib.parse import quote as url_quote
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -41,18 +52,21 @@ from attestation.intel.abi import (
     ReportBody,
     TdReportBody,
 )
+from attestation.testing.intel_collateral import qe_identity, tcb_info
 from attestation.trust import TrustAnchors
 
 __all__ = [
+    "DEFAULT_NOW",
     "SGX_EXTENSIONS_OID",
     "SGX_QE_MRSIGNER",
     "TD_QE_MRSIGNER",
     "FakeIntelPki",
-    "QuoteRegions",
-    "quote_regions",
-    "mutation_failures",
     "FakeQuotingEnclave",
+    "QuoteRegions",
+    "default_pki",
     "intel_name",
+    "mutation_failures",
+    "quote_regions",
     "sgx_extensions_der",
     "sgx_report_body",
     "td_report_body",
@@ -62,13 +76,16 @@ SGX_EXTENSIONS_OID = "1.2.840.113741.1.13.1"
 # Intel's production QE identities (from the vectors): SGX QE and TD QE MRSIGNER.
 SGX_QE_MRSIGNER = bytes.fromhex("8c4f5775d796503e96137f77c68a829a0056ac8ded70140b081b094490c57bff")
 TD_QE_MRSIGNER = bytes.fromhex("dc9e2a7c6f948f17474e34a7fc43ed030f7c1563f1babddf6340c82e0e54a8c5")
+# The moment :func:`default_pki` is built around (the project's tests verify at this date).
+DEFAULT_NOW = datetime(2026, 11, 27, tzinfo=UTC)
 
 
 # --------------------------------------------------------------------------------------------
-# A tiny DER encoder: just what the SGX Extensions need.
+# A tiny DER writer: just what the SGX Extensions need. It writes whatever it is given (a
+# negative SVN, 15 components, no SGX type), so tests can also build malformed extensions.
 
 
-def _len(n: int) -> bytes:
+def _der_length(n: int) -> bytes:
     if n < 0x80:
         return bytes([n])
     digits = n.to_bytes((n.bit_length() + 7) // 8, "big")
@@ -76,13 +93,13 @@ def _len(n: int) -> bytes:
 
 
 def _tlv(tag: int, body: bytes) -> bytes:
-    return bytes([tag]) + _len(len(body)) + body
+    return bytes([tag]) + _der_length(len(body)) + body
 
 
 def _oid(dotted: str) -> bytes:
     arcs = [int(a) for a in dotted.split(".")]
-    out = bytearray([40 * arcs[0] + arcs[1]])
-    for arc in arcs[2:]:
+    out = bytearray()
+    for arc in [40 * arcs[0] + arcs[1], *arcs[2:]]:
         chunk = [arc & 0x7F]
         arc >>= 7
         while arc:
@@ -92,9 +109,9 @@ def _oid(dotted: str) -> bytes:
     return _tlv(0x06, bytes(out))
 
 
-def _int(value: int) -> bytes:
-    body = value.to_bytes(max(1, (value.bit_length() + 8) // 8), "big")  # minimal, non-negative
-    return _tlv(0x02, body)
+def _int(value: int, tag: int = 0x02) -> bytes:
+    """A minimal two's complement INTEGER (or, with ``tag=0x0A``, ENUMERATED)."""
+    return _tlv(tag, value.to_bytes(max(1, (value.bit_length() + 8) // 8), "big", signed=True))
 
 
 def _seq(*items: bytes) -> bytes:
@@ -108,19 +125,24 @@ def _entry(suffix: str, value: bytes) -> bytes:
 def sgx_extensions_der(
     *,
     fmspc: bytes,
-    pce_id: bytes,
-    cpusvn: bytes,
-    pcesvn: int,
     tcb_components: Sequence[int],
-    ppid: bytes = bytes(16),
-    sgx_type: int = 0,
+    pcesvn: int,
+    cpusvn: bytes | None = None,
+    pce_id: bytes = b"\x00\x00",
+    ppid: bytes = bytes(range(16)),
+    sgx_type: int | None = 0,
     platform_instance_id: bytes | None = None,
-    configuration: tuple[bool, bool, bool] | None = None,
+    configuration: Mapping[int, bool] | None = None,
 ) -> bytes:
-    """The DER value of the SGX Extensions extension, in Intel's order and encodings."""
-    if len(tcb_components) != 16:
-        raise ValueError("tcb_components must have 16 SVNs")
-    tcb = [_entry(f"2.{i + 1}", _int(svn)) for i, svn in enumerate(tcb_components)]
+    """The DER value of the SGX Extensions extension, in Intel's order and encodings.
+
+    ``cpusvn`` defaults to the component SVNs (as Intel issues them); ``sgx_type=None`` leaves the
+    SGX type out; ``configuration`` maps 1 (dynamicPlatform), 2 (cachedKeys), 3 (SMTEnabled) to
+    their flags, and only the keys given are written."""
+    components = list(tcb_components)
+    if cpusvn is None:
+        cpusvn = bytes([c & 0xFF for c in components] + [0] * 16)[:16]
+    tcb = [_entry(f"2.{i + 1}", _int(svn)) for i, svn in enumerate(components)]
     tcb.append(_entry("2.17", _int(pcesvn)))
     tcb.append(_entry("2.18", _tlv(0x04, cpusvn)))
     items = [
@@ -128,12 +150,13 @@ def sgx_extensions_der(
         _entry("2", _seq(*tcb)),
         _entry("3", _tlv(0x04, pce_id)),
         _entry("4", _tlv(0x04, fmspc)),
-        _entry("5", _tlv(0x0A, bytes([sgx_type]))),
     ]
+    if sgx_type is not None:
+        items.append(_entry("5", _int(sgx_type, 0x0A)))
     if platform_instance_id is not None:
         items.append(_entry("6", _tlv(0x04, platform_instance_id)))
     if configuration is not None:
-        flags = [_entry(f"7.{i + 1}", _tlv(0x01, b"\xff" if on else b"\x00")) for i, on in enumerate(configuration)]
+        flags = [_entry(f"7.{k}", _tlv(0x01, b"\xff" if on else b"\x00")) for k, on in sorted(configuration.items())]
         items.append(_entry("7", _seq(*flags)))
     return _seq(*items)
 
@@ -143,35 +166,36 @@ def sgx_extensions_der(
 
 
 def intel_name(common_name: str) -> x509.Name:
-    """A subject like Intel's: CN first in the encoding (so RFC 4514 prints ``C=US,...,CN=...``)."""
+    """A subject laid out like Intel's, CN first in the encoding (so RFC 4514 prints
+    ``C=US,...,CN=...``), under an organisation that says it is fake."""
     return x509.Name([
         x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Intel Corporation"),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "enclaveq FAKE Intel (tests only)"),
         x509.NameAttribute(NameOID.LOCALITY_NAME, "Santa Clara"),
         x509.NameAttribute(NameOID.STATE_OR_PROVINCE_NAME, "CA"),
         x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
     ])
 
 
-def _key_usage(*, sign: bool, ca: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(digital_signature=sign, content_commitment=sign and not ca, key_encipherment=False,
+def _key_usage(*, ca: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(digital_signature=True, content_commitment=not ca, key_encipherment=False,
                          data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
                          encipher_only=False, decipher_only=False)
 
 
 def _certificate(subject: x509.Name, issuer: x509.Name, public_key: Any, signing_key: Any, *,
                  not_before: datetime, not_after: datetime, ca: bool, path_length: int | None,
-                 extensions: Sequence[x509.ExtensionType] = ()) -> x509.Certificate:
+                 serial: int | None = None, extensions: Sequence[x509.ExtensionType] = ()) -> x509.Certificate:
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(issuer)
         .public_key(public_key)
-        .serial_number(x509.random_serial_number())
+        .serial_number(serial if serial is not None else x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
-        .add_extension(_key_usage(sign=True, ca=ca), critical=True)
+        .add_extension(_key_usage(ca=ca), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
     )
     for ext in extensions:
@@ -179,12 +203,31 @@ def _certificate(subject: x509.Name, issuer: x509.Name, public_key: Any, signing
     return builder.sign(signing_key, hashes.SHA256())
 
 
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _raw_signature(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
+    r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+def _compact(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+_DAY = timedelta(days=1)
+
+
 @dataclass
 class FakeIntelPki:
-    """Fake root -> Platform (or Processor) CA -> PCK leaf with SGX Extensions, valid around ``now``.
+    """Root -> TCB Signing; root -> Platform (or Processor) CA -> PCK leaf with SGX Extensions.
+    All ECDSA P-256, all valid around ``now``.
 
     Every ``*_not_before`` / ``*_not_after`` defaults to a window around ``now`` (root: ten years,
-    CA: five, leaf: one)."""
+    TCB Signing and CA: five, leaf: one). The leaf's SGX Extensions carry ``fmspc``, ``pce_id``,
+    ``cpusvn``, ``pcesvn`` and ``tcb_components`` (default: the CPUSVN bytes, as Intel issues
+    them)."""
 
     now: datetime
     processor: bool = False
@@ -192,32 +235,37 @@ class FakeIntelPki:
     pce_id: bytes = b"\x00\x00"
     cpusvn: bytes = bytes([4, 4, 3, 3, 255, 255, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
     pcesvn: int = 11
-    tcb_components: tuple[int, ...] | None = None   # default: the CPUSVN bytes, as Intel issues them
+    tcb_components: Sequence[int] = ()
     root_not_before: datetime | None = None
     root_not_after: datetime | None = None
+    signing_not_before: datetime | None = None
+    signing_not_after: datetime | None = None
     ca_not_before: datetime | None = None
     ca_not_after: datetime | None = None
     leaf_not_before: datetime | None = None
     leaf_not_after: datetime | None = None
     root_key: ec.EllipticCurvePrivateKey = field(init=False, repr=False)
+    signing_key: ec.EllipticCurvePrivateKey = field(init=False, repr=False)
     ca_key: ec.EllipticCurvePrivateKey = field(init=False, repr=False)
     leaf_key: ec.EllipticCurvePrivateKey = field(init=False, repr=False)
     root: x509.Certificate = field(init=False, repr=False)
+    signing: x509.Certificate = field(init=False, repr=False)
     ca: x509.Certificate = field(init=False, repr=False)
     leaf: x509.Certificate = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.tcb_components is None:
-            self.tcb_components = tuple(self.cpusvn)
-        day = timedelta(days=1)
-        self.root_key = ec.generate_private_key(ec.SECP256R1())
-        self.ca_key = ec.generate_private_key(ec.SECP256R1())
-        self.leaf_key = ec.generate_private_key(ec.SECP256R1())
+        # An empty component list is never a valid TCB, so it safely means "not chosen".
+        self.tcb_components = tuple(self.tcb_components or self.cpusvn)
+        self.root_key, self.signing_key, self.ca_key, self.leaf_key = (_new_key() for _ in range(4))
         root_name = intel_name("Intel SGX Root CA")
         self.root = _certificate(
             root_name, root_name, self.root_key.public_key(), self.root_key,
-            not_before=self.root_not_before or self.now - 365 * day,
-            not_after=self.root_not_after or self.now + 3650 * day, ca=True, path_length=1)
+            not_before=self.root_not_before or self.now - 365 * _DAY,
+            not_after=self.root_not_after or self.now + 3650 * _DAY, ca=True, path_length=1)
+        self.signing = _certificate(
+            intel_name("Intel SGX TCB Signing"), root_name, self.signing_key.public_key(), self.root_key,
+            not_before=self.signing_not_before or self.now - 180 * _DAY,
+            not_after=self.signing_not_after or self.now + 1825 * _DAY, ca=False, path_length=None)
         self.ca = self.issue_ca()
         self.leaf = self.issue_leaf()
 
@@ -225,66 +273,159 @@ class FakeIntelPki:
     def ca_name(self) -> str:
         return "Intel SGX PCK Processor CA" if self.processor else "Intel SGX PCK Platform CA"
 
-    def issue_ca(self, **overrides: Any) -> x509.Certificate:
-        day = timedelta(days=1)
+    @property
+    def root_sha256(self) -> bytes:
+        return self.root.fingerprint(hashes.SHA256())
+
+    def trust(self) -> TrustAnchors:
+        """Trust anchors that pin this fake root for both sgx and tdx (and nothing else)."""
+        return TrustAnchors({"sgx": frozenset({self.root_sha256}), "tdx": frozenset({self.root_sha256})})
+
+    # -- certificates
+
+    def issue_ca(self, *, name: str | None = None, signing_key: Any = None) -> x509.Certificate:
+        """The PCK CA certificate for ``ca_key`` (the default one, or with another name / signer)."""
         return _certificate(
-            intel_name(overrides.get("name", self.ca_name)), self.root.subject, self.ca_key.public_key(),
-            overrides.get("signing_key", self.root_key),
-            not_before=self.ca_not_before or self.now - 180 * day,
-            not_after=self.ca_not_after or self.now + 1825 * day, ca=True, path_length=0)
+            intel_name(name or self.ca_name), self.root.subject, self.ca_key.public_key(), signing_key or self.root_key,
+            not_before=self.ca_not_before or self.now - 180 * _DAY,
+            not_after=self.ca_not_after or self.now + 1825 * _DAY, ca=True, path_length=0)
 
     def issue_leaf(self, *, extensions: bytes | None = None, name: str = "Intel SGX PCK Certificate",
-                   signing_key: Any = None, public_key: Any = None) -> x509.Certificate:
-        """A PCK leaf (the default one, or with other SGX Extensions DER / name / signer / key)."""
-        day = timedelta(days=1)
+                   signing_key: Any = None, public_key: Any = None, serial: int | None = None) -> x509.Certificate:
+        """A PCK leaf issued by the CA: the default one, or with other SGX Extensions DER (e.g. from
+        :func:`sgx_extensions_der`), name, signer, public key or serial number."""
         if extensions is None:
             extensions = sgx_extensions_der(
                 fmspc=self.fmspc, pce_id=self.pce_id, cpusvn=self.cpusvn, pcesvn=self.pcesvn,
                 tcb_components=self.tcb_components, ppid=hashlib.sha256(b"fake ppid").digest()[:16],
                 sgx_type=0 if self.processor else 1,
                 platform_instance_id=None if self.processor else bytes(range(16)),
-                configuration=None if self.processor else (True, True, True),
+                configuration=None if self.processor else {1: True, 2: True, 3: True},
             )
         return _certificate(
-            intel_name(name), self.ca.subject, public_key or self.leaf_key.public_key(),
-            signing_key or self.ca_key,
-            not_before=self.leaf_not_before or self.now - 30 * day,
-            not_after=self.leaf_not_after or self.now + 365 * day, ca=False, path_length=None,
+            intel_name(name), self.ca.subject, public_key or self.leaf_key.public_key(), signing_key or self.ca_key,
+            not_before=self.leaf_not_before or self.now - 30 * _DAY,
+            not_after=self.leaf_not_after or self.now + 365 * _DAY, ca=False, path_length=None, serial=serial,
             extensions=[x509.UnrecognizedExtension(x509.ObjectIdentifier(SGX_EXTENSIONS_OID), extensions)])
+
+    def issue(self, common_name: str, *, issuer: str = "root", ca: bool = False, not_before: datetime | None = None,
+              not_after: datetime | None = None,
+              key: ec.EllipticCurvePrivateKey | None = None) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        """Any other certificate (and its key: ``key`` or a new one) under the root
+        (``issuer="root"``) or the PCK CA (``"ca"``), valid from ``now`` - 30 days for a year
+        unless told otherwise."""
+        parent, parent_key = self._issuer(issuer)
+        key = key or _new_key()
+        cert = _certificate(intel_name(common_name), parent.subject, key.public_key(), parent_key,
+                            not_before=not_before or self.now - 30 * _DAY, not_after=not_after or self.now + 365 * _DAY,
+                            ca=ca, path_length=0 if ca else None)
+        return key, cert
+
+    def _issuer(self, which: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        if which == "root":
+            return self.root, self.root_key
+        if which == "ca":
+            return self.ca, self.ca_key
+        raise ValueError(f"issuer must be 'root' or 'ca', not {which!r}")
+
+    # -- chains
 
     @property
     def chain(self) -> tuple[x509.Certificate, x509.Certificate, x509.Certificate]:
+        """The PCK chain, leaf first."""
         return (self.leaf, self.ca, self.root)
-
-    @property
-    def root_sha256(self) -> bytes:
-        return self.root.fingerprint(hashes.SHA256())
 
     def pem_chain(self, certs: Sequence[x509.Certificate] | None = None, *, nul: int = 0) -> bytes:
         """Certification data type 5: PEM leaf, CA, root (optionally NUL-terminated, as in TDX)."""
         pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (certs or self.chain))
         return pem + b"\x00" * nul
 
-    def trust(self) -> TrustAnchors:
-        """Trust anchors that pin this fake root for both sgx and tdx (and nothing else)."""
-        return TrustAnchors({"sgx": frozenset({self.root_sha256}), "tdx": frozenset({self.root_sha256})})
+    def issuer_chain(self) -> list[x509.Certificate]:
+        """The collateral issuer chain: TCB Signing, root."""
+        return [self.signing, self.root]
 
-    def crl(self, *, issuer: str = "ca", revoked: Sequence[x509.Certificate] = (),
+    def issuer_chain_pem(self) -> bytes:
+        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.issuer_chain())
+
+    def issuer_chain_header(self) -> str:
+        """The issuer chain as PCS sends it in the ``TCB-Info-Issuer-Chain`` header (URL-encoded PEM)."""
+        return url_quote(self.issuer_chain_pem().decode("ascii"), safe="")
+
+    # -- CRLs
+
+    def crl(self, *, issuer: str = "ca", revoked: Iterable[x509.Certificate | int] = (),
             last_update: datetime | None = None, next_update: datetime | None = None,
             signing_key: Any = None) -> x509.CertificateRevocationList:
-        """A CRL by the CA (``issuer="ca"``, the PCK CRL) or the root (``"root"``) revoking ``revoked``."""
-        issuer_cert, key = (self.ca, self.ca_key) if issuer == "ca" else (self.root, self.root_key)
+        """A CRL by the PCK CA (``issuer="ca"``, the PCK CRL) or the root (``"root"``) revoking
+        ``revoked`` (certificates or bare serial numbers), valid from ``now`` - 1 day for 30 days
+        unless told otherwise; ``signing_key`` forges the signature."""
+        issuer_cert, key = self._issuer(issuer)
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(issuer_cert.subject)
-            .last_update(last_update or self.now - timedelta(days=1))
-            .next_update(next_update or self.now + timedelta(days=30))
+            .last_update(last_update or self.now - _DAY)
+            .next_update(next_update or self.now + 30 * _DAY)
         )
-        for cert in revoked:
+        for item in revoked:
+            serial = item if isinstance(item, int) else item.serial_number
             builder = builder.add_revoked_certificate(
-                x509.RevokedCertificateBuilder().serial_number(cert.serial_number)
+                x509.RevokedCertificateBuilder().serial_number(serial)
                 .revocation_date(self.now - timedelta(hours=1)).build())
         return builder.sign(signing_key or key, hashes.SHA256())
+
+    # -- signed collateral
+
+    def sign_document(self, member: str, value: Any, *, key: ec.EllipticCurvePrivateKey | None = None,
+                      embed_chain: str | None = None, indent: bool = False) -> bytes:
+        """``{"<member>": <value>, "signature": "<hex r||s>"}`` signed (by the TCB Signing key unless
+        ``key``) over the exact bytes of the value, as PCS serves TCB Info and QE Identity.
+
+        ``embed_chain`` adds a top-level string member with that name holding the URL-encoded issuer
+        chain (e.g. "TCB-Info-Issuer-Chain"). ``indent`` lays the value out over several lines,
+        to show that whitespace inside the signed span is part of what is signed.
+        """
+        raw = json.dumps(value, indent=2).encode() if indent else _compact(value)
+        signature = _raw_signature(key or self.signing_key, raw)
+        body = b'{"' + member.encode() + b'":' + raw + b',"signature":"' + signature.hex().encode() + b'"'
+        if embed_chain:
+            body += b"," + _compact(embed_chain) + b":" + _compact(self.issuer_chain_header())
+        return body + b"}"
+
+    def tcb_info_document(self, *, key: ec.EllipticCurvePrivateKey | None = None, embed_chain: str | None = None,
+                          **fields: Any) -> bytes:
+        """A signed TCB Info response body; ``fields`` go to
+        :func:`attestation.testing.intel_collateral.tcb_info` (``issue_date`` defaults to ``now``)."""
+        fields.setdefault("issue_date", self.now)
+        return self.sign_document("tcbInfo", tcb_info(**fields), key=key, embed_chain=embed_chain)
+
+    def qe_identity_document(self, *, key: ec.EllipticCurvePrivateKey | None = None, embed_chain: str | None = None,
+                             **fields: Any) -> bytes:
+        """A signed QE Identity response body; ``fields`` go to
+        :func:`attestation.testing.intel_collateral.qe_identity` (``issue_date`` defaults to ``now``)."""
+        fields.setdefault("issue_date", self.now)
+        return self.sign_document("enclaveIdentity", qe_identity(**fields), key=key, embed_chain=embed_chain)
+
+    def write_collateral_dir(self, directory: Path, *, tcb_info: bytes | None = None,
+                             qe_identity: bytes | None = None, chain: bool = True,
+                             crls: Sequence[x509.CertificateRevocationList] = ()) -> Path:
+        """Lay out a collateral directory with the documented file names."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if tcb_info is not None:
+            (directory / "tcb_info.json").write_bytes(tcb_info)
+        if qe_identity is not None:
+            (directory / "qe_identity.json").write_bytes(qe_identity)
+        if chain:
+            (directory / "tcb_signing_chain.pem").write_bytes(self.issuer_chain_pem())
+        for i, crl in enumerate(crls):
+            (directory / f"crl{i}.der").write_bytes(crl.public_bytes(serialization.Encoding.DER))
+        return directory
+
+
+@lru_cache(maxsize=1)
+def default_pki() -> FakeIntelPki:
+    """One shared fake PKI around :data:`DEFAULT_NOW` (key generation once per process)."""
+    return FakeIntelPki(DEFAULT_NOW)
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,11 +469,6 @@ def td_report_body(body_type: int = 2, **fields: Any) -> TdReportBody:
         raise ValueError("body_type must be 2 or 3")
     defaults.update(fields)
     return TdReportBody(**defaults)
-
-
-def _raw_signature(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
-    r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
-    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
 
 def _raw_public(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -433,7 +569,6 @@ def _placeholder_signature() -> EcdsaSignatureData:
     qe = sgx_report_body()
     return EcdsaSignatureData(bytes(64), bytes(64), qe.encode(), qe, bytes(64), b"",
                               CertificationData(CERT_PCK_CHAIN, b""), True)
-
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,19 +3,28 @@
 Only fingerprints are pinned, never certificate files: the root certificate itself arrives with
 the evidence (Intel's PCK chain and Nitro's cabundle carry it) or with the user's collateral
 (AMD's ARK/ASK, from `--cert` or a collateral directory), and is accepted only if it hashes to a
-pinned value and signs itself. The values are public facts published by each vendor:
+pinned value and signs itself. One module per vendor holds its values and their provenance:
 
-- Intel SGX Root CA (also the root of TDX quotes): Intel PCS, "Intel SGX Root CA" certificate.
-- AMD ARK per product line (Milan, Genoa, Turin): AMD KDS `/vcek/v1/<product>/cert_chain`.
-- AWS Nitro Enclaves Root-G1: the AWS Nitro Enclaves User Guide, "Verifying the root of trust".
+- :mod:`attestation.trust.intel`: Intel SGX Root CA (the root of SGX and of TDX quotes);
+- :mod:`attestation.trust.amd`: AMD ARK per product line (Milan, Genoa, Turin);
+- :mod:`attestation.trust.aws`: AWS Nitro Enclaves Root-G1.
 
-Tests inject their own ``TrustAnchors`` with fake roots (attestation/testing) instead of these.
+This package owns :class:`TrustAnchors` and :data:`DEFAULT_TRUST`; it imports nothing from the
+platform packages, so any of them may import it. Tests inject their own ``TrustAnchors`` with
+fake roots (attestation/testing) instead of these.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from attestation.trust.amd import ARK_FINGERPRINTS as AMD_ARKS
+from attestation.trust.amd import SNP_ROOTS
+from attestation.trust.aws import AWS_NITRO_ROOT_G1
+from attestation.trust.intel import INTEL_SGX_ROOT_CA
+
+__all__ = ["AMD_ARKS", "AWS_NITRO_ROOT_G1", "DEFAULT_TRUST", "INTEL_SGX_ROOT_CA", "SNP_ROOTS", "TrustAnchors"]
 
 
 @dataclass(frozen=True)
@@ -32,11 +41,6 @@ class TrustAnchors:
         merged[platform] = frozenset(merged.get(platform, frozenset()) | set(fingerprints))
         return TrustAnchors(merged)
 
-
-INTEL_SGX_ROOT_CA = bytes.fromhex("44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3")
-AWS_NITRO_ROOT_G1 = bytes.fromhex("641a0321a3e244efe456463195d606317ed7cdcc3c1756e09893f3c68f79bb5b")
-# AMD ARKs per product line (Milan, Genoa, Turin); provenance in attestation/snp/trust.py.
-from attestation.snp.trust import ARK_FINGERPRINTS as AMD_ARKS, SNP_ROOTS  # noqa: E402
 
 DEFAULT_TRUST = TrustAnchors({
     "sgx": frozenset({INTEL_SGX_ROOT_CA}),

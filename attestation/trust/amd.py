@@ -33,5 +33,5 @@ ARK_FINGERPRINTS: dict[str, bytes] = {"Milan": ARK_MILAN, "Genoa": ARK_GENOA, "T
 # Fingerprint -> product line: a genuine AMD ARK names the only product it may certify.
 PRODUCT_OF_ARK: dict[bytes, str] = {fp: product for product, fp in ARK_FINGERPRINTS.items()}
 
-# What attestation.trust.DEFAULT_TRUST should hold for "snp".
+# Every pinned ARK: what the default trust anchors accept for "snp".
 SNP_ROOTS: frozenset[bytes] = frozenset(ARK_FINGERPRINTS.values())
