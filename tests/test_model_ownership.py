@@ -3,7 +3,6 @@ allow-lists, pinned model ids -- every violation answered with a clear, encrypte
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import hashlib
 
@@ -20,8 +19,7 @@ from protocol import bodies
 from protocol.envelope import Chunk
 from protocol.ownership import DeleteOrder, ModelManifest, generate_signing_key, public_key_bytes
 
-from .support import mlp_model, running_worker
-from .test_end_to_end import broker_url, direct, pool, tee  # noqa: F401  (fixtures)
+from .support import mlp_model, run_directly, running_worker, wait_until
 
 X = {"x": np.ones((2, 4), np.float32), "bias": np.zeros(3, np.float32)}
 
@@ -36,7 +34,7 @@ async def test_only_the_owner_can_replace_or_delete_a_model(tee, broker_url, poo
                 await client.upload_model(model, owner_key=stranger)
             with pytest.raises(NotOwner, match="only its owner can delete"):
                 await client.delete_model(model_id, owner_key=stranger)
-            assert np.array_equal((await client.run(model_id, X))["logits"], direct(model, X)["logits"])
+            assert np.array_equal((await client.run(model_id, X))["logits"], run_directly(model, X)["logits"])
             await client.delete_model(model_id)
             with pytest.raises(UnknownModel):
                 await client.run(model_id, X)
@@ -52,7 +50,7 @@ async def test_an_allow_list_admits_exactly_the_listed_producer_keys(tee, broker
                 await uploader.run(model_id, X)  # the owner is not implicitly allowed
         async with AsyncClient(broker_url, pool, tee.policy(), producer_key=alice) as a, \
                 AsyncClient(broker_url, pool, tee.policy(), producer_key=bob) as b:
-            assert np.array_equal((await a.run(model_id, X))["label"], direct(model, X)["label"])
+            assert np.array_equal((await a.run(model_id, X))["label"], run_directly(model, X)["label"])
             with pytest.raises(NotAllowed, match=public_key_bytes(bob).hex()):
                 await b.run(model_id, X)
         # The owner replaces the manifest (same bytes, newer signature): now bob, not alice.
@@ -65,25 +63,23 @@ async def test_an_allow_list_admits_exactly_the_listed_producer_keys(tee, broker
                 await a.run(model_id, X)
 
 
-async def test_a_producer_key_proof_from_another_session_does_not_verify(tee, pool):
-    broker_url = f"memory://{pool}"
+async def test_a_producer_key_proof_from_another_session_does_not_verify(tee, memory_url, pool):
     owner, alice = generate_signing_key(), generate_signing_key()
-    async with running_worker(tee, broker_url, pool):
-        async with AsyncClient(broker_url, pool, tee.policy(), owner_key=owner) as uploader:
+    async with running_worker(tee, memory_url, pool):
+        async with AsyncClient(memory_url, pool, tee.policy(), owner_key=owner) as uploader:
             model_id = await uploader.upload_model(mlp_model(), allowed_producers=[public_key_bytes(alice)])
-        async with AsyncClient(broker_url, pool, tee.policy(), producer_key=alice) as a, \
-                AsyncClient(broker_url, pool, tee.policy()) as mallory:
+        async with AsyncClient(memory_url, pool, tee.policy(), producer_key=alice) as a, \
+                AsyncClient(memory_url, pool, tee.policy()) as mallory:
             # Mallory copies alice's proof into her own session: the proof names alice's session.
             mallory._core.session.producer_proof = a._core.session.producer_proof
             with pytest.raises(BadSignature, match="proof of this session does not verify"):
                 await mallory.run(model_id, X)
 
 
-async def test_an_unsigned_upload_is_refused_with_an_encrypted_error(tee, pool):
-    broker_url = f"memory://{pool}"
+async def test_an_unsigned_upload_is_refused_with_an_encrypted_error(tee, memory_url, pool):
     model = mlp_model()
-    async with running_worker(tee, broker_url, pool):
-        async with AsyncClient(broker_url, pool, tee.policy()) as client:
+    async with running_worker(tee, memory_url, pool):
+        async with AsyncClient(memory_url, pool, tee.policy()) as client:
             core = client._core
             model_id = hashlib.sha256(model).hexdigest()
             outcome = await client._request(lambda: core._seal(
@@ -95,18 +91,17 @@ async def test_an_unsigned_upload_is_refused_with_an_encrypted_error(tee, pool):
                 await client.run(model_id, X)
 
 
-async def test_a_result_naming_another_model_is_refused_by_the_producer(tee, pool):
-    broker_url = f"memory://{pool}"
-    async with running_worker(tee, broker_url, pool) as worker:
-        async with AsyncClient(broker_url, pool, tee.policy()) as client:
+async def test_a_result_naming_another_model_is_refused_by_the_producer(tee, memory_url, pool):
+    async with running_worker(tee, memory_url, pool) as worker:
+        async with AsyncClient(memory_url, pool, tee.policy()) as client:
             model_id = await client.upload_model(mlp_model())
             other_id = await client.upload_model(mlp_model(seed=1))
-            real_execute = worker._execute
+            real_execute = worker._handlers.execute
 
             async def run_the_other_model(header, plaintext):  # a misbehaving worker
                 return await real_execute(dataclasses.replace(header, model_id=other_id), plaintext)
 
-            worker._execute = run_the_other_model
+            worker._handlers.execute = run_the_other_model
             original_reply = worker._reply
 
             async def reply_naming_other(delivery, header, *args, **kwargs):
@@ -124,13 +119,13 @@ async def test_a_worker_down_during_a_delete_deletes_the_model_when_it_returns(t
         await b.start()
         async with AsyncClient(broker_url, pool, tee.policy(), owner_key=owner) as client:
             model_id = await client.upload_model(mlp_model())
-            assert b._models.has(model_id)
+            assert b.models.has(model_id)
             await b.stop()
             await client.delete_model(model_id)
         b_again = tee.worker(broker_url, pool, state_dir=tmp_path / "b")
         await b_again.start()
         try:
-            assert not b_again._models.has(model_id)
+            assert not b_again.models.has(model_id)
             assert not (tmp_path / "b" / pool / "models" / f"{model_id}.sealed").exists()
         finally:
             await b_again.stop()
@@ -142,9 +137,9 @@ async def test_a_late_joiner_enforces_the_allow_list_it_synced(tee, broker_url, 
         async with AsyncClient(broker_url, pool, tee.policy(), owner_key=owner) as uploader:
             model_id = await uploader.upload_model(mlp_model(), allowed_producers=[public_key_bytes(alice)])
         async with running_worker(tee, broker_url, pool, state_dir=tmp_path / "late") as late:
-            assert late._registry.manifest(model_id) == first._registry.manifest(model_id)
+            assert late.models.manifest(model_id) == first.models.manifest(model_id)
             with pytest.raises(JobRejected, match="did not allow"):
-                late._registry.require_allowed(model_id, public_key_bytes(bob))
+                late.models.require_allowed(model_id, public_key_bytes(bob))
 
 
 # -- the registry's rules, directly ---------------------------------------------------------------
@@ -218,7 +213,7 @@ async def test_an_allow_list_change_reaches_a_worker_that_was_down(tee, broker_u
         b_again = tee.worker(broker_url, pool, state_dir=tmp_path / "b")
         await b_again.start()
         try:
-            assert b_again._registry.manifest(model_id).allowed_producers == (public_key_bytes(bob),)
+            assert b_again.models.manifest(model_id).allowed_producers == (public_key_bytes(bob),)
         finally:
             await b_again.stop()
 
@@ -253,21 +248,18 @@ def test_model_sync_messages_hide_owners_and_open_only_in_their_own_sync_session
         SyncCollector("p", 3, nonce, pool_key).add(moved)
 
 
-async def test_a_worker_that_lost_its_broker_connection_catches_up_on_missed_uploads(tee, pool, tmp_path):
-    broker_url = f"memory://{pool}"
+async def test_a_worker_that_lost_its_broker_connection_catches_up_on_missed_uploads(tee, memory_url, pool, tmp_path):
     owner = generate_signing_key()
-    async with running_worker(tee, broker_url, pool):
-        async with running_worker(tee, broker_url, pool, state_dir=tmp_path / "b") as b:
-            async with AsyncClient(broker_url, pool, tee.policy(), owner_key=owner) as client:
+    async with running_worker(tee, memory_url, pool):
+        async with running_worker(tee, memory_url, pool, state_dir=tmp_path / "b") as b:
+            async with AsyncClient(memory_url, pool, tee.policy(), owner_key=owner) as client:
                 old_id = await client.upload_model(mlp_model(seed=2))
                 # b's connection is down: its control queue is gone, so it misses an upload and a delete.
                 await b._subs[0].cancel()
                 model_id = await client.upload_model(mlp_model())
                 await client.delete_model(old_id)
                 b._subs[0] = await b._broker.consume_control(pool, b._on_control)
-                assert not b._models.has(model_id) and b._models.has(old_id)
+                assert not b.models.has(model_id) and b.models.has(old_id)
                 b._broker._reconnected()  # what the adapter does once the connection is back
-                deadline = asyncio.get_running_loop().time() + 10
-                while not b._models.has(model_id) or b._models.has(old_id):
-                    assert asyncio.get_running_loop().time() < deadline, "no catch-up after the reconnect"
-                    await asyncio.sleep(0.05)
+                await wait_until(lambda: b.models.has(model_id) and not b.models.has(old_id),
+                                 "the worker catches up on the upload and the delete it missed after the reconnect")
