@@ -92,7 +92,7 @@ class Membership:
         return sealed or self._new_pool_keys()
 
     def _new_pool_keys(self) -> PoolKeys:
-        log.info("founding pool %r: a new epoch-1 pool key", self._pool)
+        log.info("founded pool %r: a new epoch-1 pool key", self._pool)
         return PoolKeys(epoch=1, pool_private_key=crypto.private_bytes(crypto.generate_private_key()),
                         identity_private_key=crypto.private_bytes(crypto.generate_private_key()),
                         created_ms=self._now_ms())

@@ -1,15 +1,26 @@
-"""Shared fixtures: which real brokers and vectors are available, and how to treat their absence.
+"""Shared fixtures: which real brokers and vectors are available, how to treat their absence, and
+the pools, brokers and simulated TEEs the tests run on.
 
-Without ENCLAVEQ_REQUIRE_BROKERS / ENCLAVEQ_VECTORS a missing RabbitMQ, Mosquitto or vector
-folder skips the tests that need it, with the reason. With them (as `.ci/run` sets) the same
-absence is a failure, so CI can never go green by skipping.
+Without ENCLAVEQ_REQUIRE_BROKERS / ENCLAVEQ_VECTORS a missing RabbitMQ, Mosquitto, rabbitmqctl or
+vector folder skips the tests that need it, with the reason. With them (as `.ci/run` sets) the
+same absence is a failure, so CI can never go green by skipping.
+
+A test is marked ``rabbitmq``, ``mosquitto`` or ``vectors`` by asking for the fixture that needs
+it (``-m rabbitmq`` selects them; nobody decorates tests by hand). The fixtures import the code
+under test only when they run, so a package that is broken for a moment fails the tests that use
+it, not the collection of the whole suite.
+
+Plain helpers (timeouts, waiting for an event, batches, direct onnxruntime runs) live in
+``tests/support.py``; worker processes in ``tests/processes.py``.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +28,21 @@ import pytest
 RABBITMQ_URL = os.environ.get("ENCLAVEQ_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 MOSQUITTO_URL = os.environ.get("ENCLAVEQ_MQTT_URL", "mqtt://127.0.0.1:1883/")
 REQUIRE_BROKERS = os.environ.get("ENCLAVEQ_REQUIRE_BROKERS") == "1"
+
+# The fixture a test asks for -> the marker it gets.
+MARKER_OF_FIXTURE = {"rabbitmq_url": "rabbitmq", "rabbitmqctl": "rabbitmq", "mosquitto_url": "mosquitto",
+                     "vectors_dir": "vectors"}
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Mark each test by the fixtures it needs, at collection, so that ``-m`` can select on them.
+
+    The fixtures add the same marker when they run (for tests that ask for them dynamically);
+    selection happens before any fixture runs, hence this hook. ``broker_url``'s RabbitMQ half
+    carries its marker in its parameter."""
+    for fixture in getattr(item, "fixturenames", ()):
+        if fixture in MARKER_OF_FIXTURE:
+            item.add_marker(MARKER_OF_FIXTURE[fixture])
 
 
 def _listening(host: str, port: int) -> bool:
@@ -27,28 +53,51 @@ def _listening(host: str, port: int) -> bool:
         return False
 
 
-def _need(available: bool, what: str) -> None:
+def _need(available: bool, what: str, problem: str = "not reachable") -> None:
     if available:
         return
     if REQUIRE_BROKERS:
-        pytest.fail(f"{what} is required (ENCLAVEQ_REQUIRE_BROKERS=1) but not reachable")
-    pytest.skip(f"{what} not reachable; set ENCLAVEQ_REQUIRE_BROKERS=1 to make this a failure")
+        pytest.fail(f"{what} is required (ENCLAVEQ_REQUIRE_BROKERS=1) but {problem}")
+    pytest.skip(f"{what} {problem}; set ENCLAVEQ_REQUIRE_BROKERS=1 to make this a failure")
+
+
+# -- what the machine provides ----------------------------------------------------------------
 
 
 @pytest.fixture
-def rabbitmq_url() -> str:
+async def rabbitmq_url(request: pytest.FixtureRequest, unique_name: str) -> AsyncIterator[str]:
+    """The RabbitMQ broker. Afterwards the pool named ``unique_name`` (the ``pool`` fixture) is
+    deleted from it, whatever the test declared, so the shared broker keeps no leftovers."""
+    request.node.add_marker("rabbitmq")
     _need(_listening("127.0.0.1", 5672), "RabbitMQ on 127.0.0.1:5672")
-    return RABBITMQ_URL
+    yield RABBITMQ_URL
+    from broker_adapters import open_broker
+
+    async with open_broker(RABBITMQ_URL) as broker:
+        await broker.delete_pool(unique_name)
 
 
 @pytest.fixture
-def mosquitto_url() -> str:
+def rabbitmqctl(request: pytest.FixtureRequest):
+    """The local RabbitMQ node's `rabbitmqctl` (topology listings, closing connections, tracing)."""
+    request.node.add_marker("rabbitmq")
+    path = shutil.which("rabbitmqctl")
+    _need(path is not None, "rabbitmqctl", "not installed")
+    from .support import Rabbitmqctl
+
+    return Rabbitmqctl(path)
+
+
+@pytest.fixture
+def mosquitto_url(request: pytest.FixtureRequest) -> str:
+    request.node.add_marker("mosquitto")
     _need(_listening("127.0.0.1", 1883), "Mosquitto on 127.0.0.1:1883")
     return MOSQUITTO_URL
 
 
 @pytest.fixture
-def vectors_dir() -> Path:
+def vectors_dir(request: pytest.FixtureRequest) -> Path:
+    request.node.add_marker("vectors")
     configured = os.environ.get("ENCLAVEQ_VECTORS")
     path = Path(configured) if configured else Path(__file__).resolve().parents[1] / ".." / "shared" / "vectors"
     if path.is_dir():
@@ -58,7 +107,68 @@ def vectors_dir() -> Path:
     pytest.skip("attestation vectors not found; set ENCLAVEQ_VECTORS=../shared/vectors")
 
 
+# -- brokers and pools -------------------------------------------------------------------------
+
+
 @pytest.fixture
 def unique_name() -> str:
     """A pool or queue name no other test run (or CI run on the same brokers) will use."""
     return f"t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def pool(unique_name: str) -> str:
+    """The name of the test's own pool (deleted from RabbitMQ afterwards, by ``rabbitmq_url``)."""
+    return unique_name
+
+
+@pytest.fixture
+def memory_url(unique_name: str) -> Iterator[str]:
+    """An in-process broker of the test's own, forgotten afterwards."""
+    yield f"memory://{unique_name}"
+    from broker_adapters.memory import forget_memory_broker
+
+    forget_memory_broker(unique_name)
+
+
+@pytest.fixture(params=["memory", pytest.param("amqp", marks=pytest.mark.rabbitmq)])
+def broker_url(request: pytest.FixtureRequest) -> str:
+    """Runs the test twice: on the in-process broker and on RabbitMQ."""
+    return request.getfixturevalue("memory_url" if request.param == "memory" else "rabbitmq_url")
+
+
+@pytest.fixture
+def lose_connection(request: pytest.FixtureRequest):
+    """``await lose_connection(broker)`` drops the adapter's connection the way the network would,
+    and lets it recover. On RabbitMQ the broker closes it through rabbitmqctl, which a test that
+    runs on RabbitMQ therefore needs."""
+    from .support import lose_connection
+
+    callspec = getattr(request.node, "callspec", None)
+    on_rabbitmq = "rabbitmq_url" in request.fixturenames or (
+        callspec is not None and callspec.params.get("broker_url") == "amqp")
+    rabbitmqctl = request.getfixturevalue("rabbitmqctl") if on_rabbitmq else None
+
+    async def lose(broker) -> None:
+        await lose_connection(broker, rabbitmqctl)
+
+    return lose
+
+
+# -- trusted execution environments ------------------------------------------------------------
+
+
+@pytest.fixture
+def tee(tmp_path: Path):
+    """A simulated TEE, and a policy that trusts it and pins the current worker."""
+    from .support import SimTEE
+
+    return SimTEE(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def amd():
+    """A fake AMD key hierarchy (ARK, ASK, VCEK) that signs real-format SEV-SNP reports."""
+    from attestation.testing.snp import FakeAmd
+
+    return FakeAmd()

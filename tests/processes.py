@@ -45,6 +45,17 @@ class WorkerProcess:
             time.sleep(0.05)
         raise AssertionError(f"worker not ready after {timeout}s:\n{self.log()}")
 
+    def wait_for_log(self, text: str, timeout: float = 60) -> None:
+        """Return once ``text`` is in the worker's log; fail if the worker exits or ``timeout`` passes first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            exited = self.proc.poll() is not None  # before reading: an exited worker's log is complete
+            if text in self.log():
+                return
+            if exited or time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not in the worker log after {timeout}s:\n{self.log()[-4000:]}")
+            time.sleep(0.1)
+
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(30)

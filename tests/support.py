@@ -1,15 +1,28 @@
-"""Test building blocks: tiny ONNX models made with onnx.helper, simulated TEEs, in-process workers."""
+"""Test building blocks: tiny ONNX models made with onnx.helper, direct onnxruntime runs, simulated
+TEEs, in-process workers, waiting for events, and reaching into the brokers.
+
+Plain functions and classes only; the fixtures that use them are in ``tests/conftest.py``.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from attestation.policy import Policy
+from broker_adapters import BrokerAdapter, open_broker
+from broker_adapters.amqp import AmqpBroker
+from broker_adapters.memory import MemoryBroker
 from attestation.sim.init import init_sim_dir
 from enclave_worker.config import DEFAULT_WORKER_CONFIG
 from enclave_worker.measurement import measure_worker
@@ -64,6 +77,19 @@ def mlp_model(seed: int = 0) -> bytes:
     return _serialize(graph)
 
 
+def batch_of(n: int) -> list[dict[str, np.ndarray]]:
+    """``n`` inputs for ``mlp_model``, always the same ones."""
+    rng = np.random.default_rng(11)
+    return [{"x": rng.standard_normal((2, 4)).astype(np.float32), "bias": rng.standard_normal(3).astype(np.float32)}
+            for _ in range(n)]
+
+
+def run_directly(model: bytes, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What the model computes when onnxruntime runs it here, outside any worker: output name -> value."""
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, inputs)))
+
+
 def sample_every_dtype_inputs(rows: int = 2, cols: int = 3, seed: int = 1) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     out = {}
@@ -106,3 +132,71 @@ async def running_worker(tee: SimTEE, broker_url: str, pool: str, **kwargs):
         yield worker
     finally:
         await worker.stop()
+
+
+# -- waiting for events ---------------------------------------------------------------------------
+
+# How long a broker gets to deliver what a test waits for.
+TIMEOUT = 5.0
+# A RabbitMQ reconnect takes the adapter's reconnect interval (1 s) plus the restore.
+RECONNECT_TIMEOUT = 15.0
+
+
+async def wait_until(condition: Callable[[], bool], what: str = "the condition", timeout: float = 30.0) -> None:
+    """Return as soon as ``condition()`` holds; fail, naming ``what``, if it does not within ``timeout``
+    seconds. The timeout is generous on purpose: it only bounds a failure, and a fast machine never waits it."""
+    give_up = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < give_up, f"{what}: not reached within {timeout:g} s"
+        await asyncio.sleep(0.05)
+
+
+# -- reaching into the brokers ----------------------------------------------------------------------
+
+
+async def dead_letters(url: str, pool: str) -> int:
+    """How many jobs of ``pool`` were dead-lettered (counted by draining its dead-letter queue briefly)."""
+    seen = []
+
+    async def count(delivery):
+        seen.append(delivery)
+        await delivery.nack()
+    async with open_broker(url) as broker:
+        sub = await broker.consume_dead_letters(pool, count)
+        await asyncio.sleep(0.5)
+        await sub.cancel()
+    return len(seen)
+
+
+class Rabbitmqctl:
+    """The local RabbitMQ node's control tool, run quietly with a timeout (blocking: use it from a thread)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __call__(self, *args: str, timeout: float = 60) -> str:
+        return subprocess.run([self.path, "-q", *args], check=True, capture_output=True, text=True,
+                              timeout=timeout).stdout
+
+    def json(self, *args: str) -> list[dict]:
+        return json.loads(self(*args, "--formatter", "json"))
+
+    async def close_connection(self, connection_name: str, reason: str) -> None:
+        """Close the client connection named ``connection_name`` from the broker's side."""
+        # Tab-separated, one connection per line; the JSON formatter's pids are not accepted back.
+        listing = await asyncio.to_thread(self, "list_connections", "--no-table-headers", "pid", "client_properties")
+        matches = [line.split("\t", 1)[0] for line in listing.splitlines() if connection_name in line]
+        assert len(matches) == 1, f"connection {connection_name} not found on the broker"
+        await asyncio.to_thread(self, "close_connection", matches[0], reason)
+
+
+async def lose_connection(broker: BrokerAdapter, rabbitmqctl: Rabbitmqctl | None = None) -> None:
+    """Drop the adapter's connection the way the network would, and let it recover."""
+    if isinstance(broker, MemoryBroker):
+        await broker.simulate_disconnect()
+    elif isinstance(broker, AmqpBroker):
+        if rabbitmqctl is None:
+            raise ValueError("closing a RabbitMQ connection server side takes rabbitmqctl")
+        await rabbitmqctl.close_connection(broker.connection_name, "test: simulated network loss")
+    else:  # pragma: no cover - a new adapter must say how to lose its connection
+        raise NotImplementedError(type(broker).__name__)

@@ -4,9 +4,6 @@ connection failures, and keeping the pool lock across a reconnect."""
 from __future__ import annotations
 
 import asyncio
-import json
-import shutil
-import subprocess
 from collections.abc import AsyncIterator
 
 import aio_pika
@@ -23,9 +20,8 @@ from broker_adapters import (
     open_broker,
 )
 from broker_adapters.amqp import AmqpBroker
-from tests.test_broker_conformance import RECONNECT_TIMEOUT, TIMEOUT, lose_connection
 
-pytestmark = pytest.mark.rabbitmq
+from .support import RECONNECT_TIMEOUT, TIMEOUT, wait_until
 
 
 @pytest.fixture
@@ -35,34 +31,21 @@ async def broker(rabbitmq_url: str) -> AsyncIterator[AmqpBroker]:
         yield adapter
 
 
-def _rabbitmqctl_json(*args: str) -> list[dict]:
-    if shutil.which("rabbitmqctl") is None:
-        pytest.skip("rabbitmqctl not available")
-    out = subprocess.run(
-        ["rabbitmqctl", "-q", *args, "--formatter", "json"],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    ).stdout
-    return json.loads(out)
-
-
 async def test_a_pool_is_a_quorum_queue_with_explicit_limits_and_an_at_least_once_dead_letter_route(
-    broker, unique_name
+    broker, unique_name, rabbitmqctl
 ):
     await broker.declare_pool(unique_name, PoolSettings(delivery_limit=4))
     try:
         queues = {
             q["name"]: q
             for q in await asyncio.to_thread(
-                _rabbitmqctl_json, "list_queues", "name", "type", "durable", "arguments"
+                rabbitmqctl.json, "list_queues", "name", "type", "durable", "arguments"
             )
             if q["name"].startswith(f"enclaveq.{unique_name}.")
         }
         exchanges = {
             e["name"]: e["type"]
-            for e in await asyncio.to_thread(_rabbitmqctl_json, "list_exchanges", "name", "type")
+            for e in await asyncio.to_thread(rabbitmqctl.json, "list_exchanges", "name", "type")
             if e["name"].startswith(f"enclaveq.{unique_name}.")
         }
         jobs = queues[f"enclaveq.{unique_name}.jobs"]
@@ -85,7 +68,7 @@ async def test_a_pool_is_a_quorum_queue_with_explicit_limits_and_an_at_least_onc
 
     leftovers = [
         q["name"]
-        for q in await asyncio.to_thread(_rabbitmqctl_json, "list_queues", "name")
+        for q in await asyncio.to_thread(rabbitmqctl.json, "list_queues", "name")
         if q["name"].startswith(f"enclaveq.{unique_name}.")
     ]
     assert leftovers == []
@@ -148,15 +131,12 @@ async def test_an_unreachable_broker_is_broker_unavailable_without_the_password(
     assert "127.0.0.1:1" in str(failed.value)
 
 
-async def test_the_pool_lock_is_taken_back_after_a_reconnect(broker, rabbitmq_url, unique_name):
+async def test_the_pool_lock_is_taken_back_after_a_reconnect(broker, rabbitmq_url, unique_name, lose_connection):
     lock = await broker.acquire_pool_lock(unique_name)
     try:
         await lose_connection(broker)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + RECONNECT_TIMEOUT
-        while lock.generation < 2:  # type: ignore[attr-defined]
-            assert loop.time() < deadline, "the adapter did not re-declare its lock after reconnecting"
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: lock.generation >= 2,  # type: ignore[attr-defined]
+                         "the adapter re-declares its lock after reconnecting", RECONNECT_TIMEOUT)
         async with open_broker(rabbitmq_url) as rival:
             with pytest.raises(PoolBusy):
                 await rival.acquire_pool_lock(unique_name)

@@ -8,10 +8,8 @@ Everything a test declares is deleted in fixture teardown, so shared brokers kee
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -27,25 +25,14 @@ from broker_adapters import (
     Unroutable,
     open_broker,
 )
-from broker_adapters.amqp import AmqpBroker
-from broker_adapters.memory import MemoryBroker, forget_memory_broker
 
-TIMEOUT = 5.0
-# A RabbitMQ reconnect takes the adapter's reconnect interval (1 s) plus the restore.
-RECONNECT_TIMEOUT = 15.0
+from .support import RECONNECT_TIMEOUT, TIMEOUT
+
 DELIVERY_LIMIT = 3
 
 
 # -- fixtures ----------------------------------------------------------------------------
-
-
-@pytest.fixture(params=["memory", "amqp"])
-def broker_url(request: pytest.FixtureRequest, unique_name: str) -> Iterator[str]:
-    if request.param == "memory":
-        yield f"memory://{unique_name}"
-        forget_memory_broker(unique_name)
-    else:
-        yield request.getfixturevalue("rabbitmq_url")
+# `broker_url` (the in-process broker, then RabbitMQ), `pool` and `lose_connection` come from conftest.py.
 
 
 @pytest.fixture
@@ -55,12 +42,13 @@ async def broker(broker_url: str) -> AsyncIterator[BrokerAdapter]:
 
 
 @pytest.fixture
-async def pool(broker: BrokerAdapter, unique_name: str) -> AsyncIterator[str]:
-    await broker.declare_pool(unique_name, PoolSettings(delivery_limit=DELIVERY_LIMIT))
+async def declared_pool(broker: BrokerAdapter, pool: str) -> AsyncIterator[str]:
+    """The test's pool, declared with a delivery limit of ``DELIVERY_LIMIT``."""
+    await broker.declare_pool(pool, PoolSettings(delivery_limit=DELIVERY_LIMIT))
     try:
-        yield unique_name
+        yield pool
     finally:
-        await broker.delete_pool(unique_name)
+        await broker.delete_pool(pool)
 
 
 @pytest.fixture
@@ -127,47 +115,19 @@ def job(n: int = 1, **fields: object) -> Message:
     return Message(body=f"ciphertext-{n}".encode(), message_id=f"job-{n}", **fields)
 
 
-async def lose_connection(broker: BrokerAdapter) -> None:
-    """Drop the adapter's connection the way the network would, and let it recover."""
-    if isinstance(broker, MemoryBroker):
-        await broker.simulate_disconnect()
-    elif isinstance(broker, AmqpBroker):
-        await _close_server_side(broker.connection_name)
-    else:  # pragma: no cover - a new adapter must say how to lose its connection
-        raise NotImplementedError(type(broker).__name__)
-
-
-async def _close_server_side(connection_name: str) -> None:
-    if shutil.which("rabbitmqctl") is None:
-        pytest.skip("rabbitmqctl not available to close the connection server side")
-
-    def run(*args: str) -> str:
-        return subprocess.run(
-            ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=30
-        ).stdout
-
-    # Tab-separated, one connection per line; the JSON formatter's pids are not accepted back.
-    listing = await asyncio.to_thread(
-        run, "list_connections", "--no-table-headers", "pid", "client_properties"
-    )
-    matches = [line.split("\t", 1)[0] for line in listing.splitlines() if connection_name in line]
-    assert len(matches) == 1, f"connection {connection_name} not found on the broker"
-    await asyncio.to_thread(run, "close_connection", matches[0], "conformance test: simulated network loss")
-
-
 # -- jobs --------------------------------------------------------------------------------
 
 
-async def test_a_published_job_is_consumed_with_all_its_fields_and_acked_once(broker, pool):
+async def test_a_published_job_is_consumed_with_all_its_fields_and_acked_once(broker, declared_pool):
     seen = Recorder("ack")
-    sub = await broker.consume_jobs(pool, seen)
+    sub = await broker.consume_jobs(declared_pool, seen)
     sent = job(
         correlation_id="corr-1",
         reply_to="enclaveq.reply.somebody",
         headers={"kind": "infer", "attempt": 1, "nonce": b"\x00\xff", "urgent": True},
     )
     try:
-        await broker.publish_job(pool, sent)
+        await broker.publish_job(declared_pool, sent)
         got = await seen.next()
         assert got.message == sent
         assert (got.redelivered, got.delivery_count) == (False, 1)
@@ -176,11 +136,11 @@ async def test_a_published_job_is_consumed_with_all_its_fields_and_acked_once(br
         await sub.cancel()
 
 
-async def test_a_nacked_job_comes_back_flagged_redelivered_with_a_growing_count(broker, pool):
+async def test_a_nacked_job_comes_back_flagged_redelivered_with_a_growing_count(broker, declared_pool):
     seen = Recorder("nack", "ack")
-    sub = await broker.consume_jobs(pool, seen)
+    sub = await broker.consume_jobs(declared_pool, seen)
     try:
-        await broker.publish_job(pool, job())
+        await broker.publish_job(declared_pool, job())
         first, second = await seen.next(), await seen.next()
         assert (first.redelivered, first.delivery_count) == (False, 1)
         assert (second.redelivered, second.delivery_count) == (True, 2)
@@ -190,11 +150,11 @@ async def test_a_nacked_job_comes_back_flagged_redelivered_with_a_growing_count(
         await sub.cancel()
 
 
-async def test_a_job_nacked_up_to_the_delivery_limit_is_dead_lettered(broker, pool):
+async def test_a_job_nacked_up_to_the_delivery_limit_is_dead_lettered(broker, declared_pool):
     seen, dead = Recorder("nack"), Recorder("ack")
-    subs = [await broker.consume_jobs(pool, seen), await broker.consume_dead_letters(pool, dead)]
+    subs = [await broker.consume_jobs(declared_pool, seen), await broker.consume_dead_letters(declared_pool, dead)]
     try:
-        await broker.publish_job(pool, job())
+        await broker.publish_job(declared_pool, job())
         counts = [(await seen.next()).delivery_count for _ in range(DELIVERY_LIMIT)]
         assert counts == [1, 2, 3]
         letter = await dead.next()
@@ -206,11 +166,11 @@ async def test_a_job_nacked_up_to_the_delivery_limit_is_dead_lettered(broker, po
             await sub.cancel()
 
 
-async def test_a_rejected_job_is_dead_lettered_at_once(broker, pool):
+async def test_a_rejected_job_is_dead_lettered_at_once(broker, declared_pool):
     seen, dead = Recorder("reject"), Recorder("ack")
-    subs = [await broker.consume_jobs(pool, seen), await broker.consume_dead_letters(pool, dead)]
+    subs = [await broker.consume_jobs(declared_pool, seen), await broker.consume_dead_letters(declared_pool, dead)]
     try:
-        await broker.publish_job(pool, job(headers={"kind": "infer"}))
+        await broker.publish_job(declared_pool, job(headers={"kind": "infer"}))
         await seen.next()
         letter = await dead.next()
         assert letter.message.message_id == "job-1"
@@ -223,11 +183,11 @@ async def test_a_rejected_job_is_dead_lettered_at_once(broker, pool):
 
 
 @pytest.mark.parametrize("misbehaviour", ["raise", "forget"])
-async def test_a_job_whose_handler_raises_or_forgets_to_settle_is_redelivered(broker, pool, misbehaviour):
+async def test_a_job_whose_handler_raises_or_forgets_to_settle_is_redelivered(broker, declared_pool, misbehaviour):
     seen = Recorder(misbehaviour, "ack")
-    sub = await broker.consume_jobs(pool, seen)
+    sub = await broker.consume_jobs(declared_pool, seen)
     try:
-        await broker.publish_job(pool, job())
+        await broker.publish_job(declared_pool, job())
         await seen.next()
         again = await seen.next()
         assert (again.redelivered, again.delivery_count) == (True, 2)
@@ -236,20 +196,20 @@ async def test_a_job_whose_handler_raises_or_forgets_to_settle_is_redelivered(br
         await sub.cancel()
 
 
-async def test_a_job_published_without_a_message_id_gets_one(broker, pool):
+async def test_a_job_published_without_a_message_id_gets_one(broker, declared_pool):
     seen = Recorder("ack")
-    sub = await broker.consume_jobs(pool, seen)
+    sub = await broker.consume_jobs(declared_pool, seen)
     try:
-        await broker.publish_job(pool, Message(body=b"anonymous"))
+        await broker.publish_job(declared_pool, Message(body=b"anonymous"))
         assert (await seen.next()).message.message_id
     finally:
         await sub.cancel()
 
 
-async def test_redeclaring_a_pool_is_idempotent_but_its_delivery_limit_cannot_change(broker, pool):
-    await broker.declare_pool(pool, PoolSettings(delivery_limit=DELIVERY_LIMIT))
+async def test_redeclaring_a_pool_is_idempotent_but_its_delivery_limit_cannot_change(broker, declared_pool):
+    await broker.declare_pool(declared_pool, PoolSettings(delivery_limit=DELIVERY_LIMIT))
     with pytest.raises(BrokerError):
-        await broker.declare_pool(pool, PoolSettings(delivery_limit=DELIVERY_LIMIT + 1))
+        await broker.declare_pool(declared_pool, PoolSettings(delivery_limit=DELIVERY_LIMIT + 1))
 
 
 async def test_a_job_for_an_undeclared_pool_is_unroutable(broker, unique_name):
@@ -262,8 +222,7 @@ async def test_consuming_an_undeclared_pool_fails_clearly(broker, unique_name):
         await broker.consume_jobs(f"{unique_name}-nowhere", Recorder())
 
 
-async def test_an_oversized_job_is_refused_before_it_reaches_the_queue(broker, unique_name):
-    pool = unique_name
+async def test_an_oversized_job_is_refused_before_it_reaches_the_queue(broker, pool):
     await broker.declare_pool(pool, PoolSettings(delivery_limit=DELIVERY_LIMIT, max_message_bytes=1024))
     try:
         payload = b"SECRET" * 200
@@ -275,27 +234,27 @@ async def test_an_oversized_job_is_refused_before_it_reaches_the_queue(broker, u
         await broker.delete_pool(pool)
 
 
-async def test_a_consumer_never_holds_more_unsettled_jobs_than_its_prefetch(broker, pool):
+async def test_a_consumer_never_holds_more_unsettled_jobs_than_its_prefetch(broker, declared_pool):
     seen = Recorder("hold")
-    sub = await broker.consume_jobs(pool, seen, prefetch=2)
+    sub = await broker.consume_jobs(declared_pool, seen, prefetch=2)
     try:
         for n in range(4):
-            await broker.publish_job(pool, job(n))
+            await broker.publish_job(declared_pool, job(n))
         await seen.next(), await seen.next()
         await seen.nothing_more()
     finally:
         await sub.cancel()
 
 
-async def test_cancelling_a_subscription_returns_its_unsettled_jobs_to_the_queue(broker, pool):
+async def test_cancelling_a_subscription_returns_its_unsettled_jobs_to_the_queue(broker, declared_pool):
     holder = Recorder("hold")
-    sub = await broker.consume_jobs(pool, holder)
-    await broker.publish_job(pool, job())
+    sub = await broker.consume_jobs(declared_pool, holder)
+    await broker.publish_job(declared_pool, job())
     await holder.next()
     await sub.cancel()
 
     successor = Recorder("ack")
-    sub = await broker.consume_jobs(pool, successor)
+    sub = await broker.consume_jobs(declared_pool, successor)
     try:
         again = await successor.next()
         assert again.message.message_id == "job-1"
@@ -304,11 +263,12 @@ async def test_cancelling_a_subscription_returns_its_unsettled_jobs_to_the_queue
         await sub.cancel()
 
 
-async def test_after_a_lost_connection_unsettled_jobs_come_back_and_consumption_resumes(broker, pool):
+async def test_after_a_lost_connection_unsettled_jobs_come_back_and_consumption_resumes(broker, declared_pool,
+                                                                                      lose_connection):
     seen = Recorder("hold", "ack")
-    sub = await broker.consume_jobs(pool, seen)
+    sub = await broker.consume_jobs(declared_pool, seen)
     try:
-        await broker.publish_job(pool, job(1))
+        await broker.publish_job(declared_pool, job(1))
         first = await seen.next()
         assert not first.redelivered
 
@@ -317,14 +277,14 @@ async def test_after_a_lost_connection_unsettled_jobs_come_back_and_consumption_
         again = await seen.next(timeout=RECONNECT_TIMEOUT)
         assert again.message.message_id == "job-1"
         assert (again.redelivered, again.delivery_count) == (True, 2)
-        await asyncio.wait_for(broker.publish_job(pool, job(2)), RECONNECT_TIMEOUT)
+        await asyncio.wait_for(broker.publish_job(declared_pool, job(2)), RECONNECT_TIMEOUT)
         fresh = await seen.next()
         assert (fresh.message.message_id, fresh.redelivered) == ("job-2", False)
     finally:
         await sub.cancel()
 
 
-async def test_reconnect_callbacks_run_once_the_connection_is_back(broker, pool):
+async def test_reconnect_callbacks_run_once_the_connection_is_back(broker, declared_pool, lose_connection):
     reconnected = asyncio.Event()
 
     async def callback() -> None:
@@ -333,7 +293,7 @@ async def test_reconnect_callbacks_run_once_the_connection_is_back(broker, pool)
     broker.on_reconnect(callback)
     await lose_connection(broker)
     await asyncio.wait_for(reconnected.wait(), RECONNECT_TIMEOUT)
-    await asyncio.wait_for(broker.publish_job(pool, job(3)), RECONNECT_TIMEOUT)  # usable again
+    await asyncio.wait_for(broker.publish_job(declared_pool, job(3)), RECONNECT_TIMEOUT)  # usable again
 
 
 # -- replies -----------------------------------------------------------------------------
@@ -357,7 +317,7 @@ async def test_a_reply_to_a_missing_reply_queue_is_unroutable(broker, unique_nam
         await broker.publish_reply(f"enclaveq.reply.{unique_name}-gone", Message(body=b"result"))
 
 
-async def test_the_reply_address_round_trips_through_a_job(broker, pool, replies):
+async def test_the_reply_address_round_trips_through_a_job(broker, declared_pool, replies):
     """What a worker does: reply to whatever ``reply_to`` the producer put on the job."""
     address = await broker.declare_reply_queue(replies)
 
@@ -369,9 +329,9 @@ async def test_the_reply_address_round_trips_through_a_job(broker, pool, replies
         await delivery.ack()
 
     got = Recorder("ack")
-    subs = [await broker.consume_jobs(pool, worker), await broker.consume_replies(replies, got)]
+    subs = [await broker.consume_jobs(declared_pool, worker), await broker.consume_replies(replies, got)]
     try:
-        await broker.publish_job(pool, job(correlation_id="c-7", reply_to=address))
+        await broker.publish_job(declared_pool, job(correlation_id="c-7", reply_to=address))
         reply = await got.next()
         assert (reply.message.correlation_id, reply.message.body) == ("c-7", b"out")
     finally:
@@ -382,12 +342,13 @@ async def test_the_reply_address_round_trips_through_a_job(broker, pool, replies
 # -- control -----------------------------------------------------------------------------
 
 
-async def test_a_control_message_reaches_every_worker_of_the_pool(broker, broker_url, pool):
+async def test_a_control_message_reaches_every_worker_of_the_pool(broker, broker_url, declared_pool):
     async with open_broker(broker_url) as other_worker:
         first, second = Recorder("ack"), Recorder("ack")
-        subs = [await broker.consume_control(pool, first), await other_worker.consume_control(pool, second)]
+        subs = [await broker.consume_control(declared_pool, first),
+                await other_worker.consume_control(declared_pool, second)]
         try:
-            await broker.publish_control(pool, Message(body=b"challenge", correlation_id="att-1"))
+            await broker.publish_control(declared_pool, Message(body=b"challenge", correlation_id="att-1"))
             for seen in (first, second):
                 got = await seen.next()
                 assert (got.message.body, got.message.correlation_id) == (b"challenge", "att-1")
@@ -397,9 +358,9 @@ async def test_a_control_message_reaches_every_worker_of_the_pool(broker, broker
                 await sub.cancel()
 
 
-async def test_a_control_message_with_no_worker_listening_is_unroutable(broker, pool):
+async def test_a_control_message_with_no_worker_listening_is_unroutable(broker, declared_pool):
     with pytest.raises(Unroutable):
-        await broker.publish_control(pool, Message(body=b"challenge"))
+        await broker.publish_control(declared_pool, Message(body=b"challenge"))
 
 
 async def test_a_control_message_for_an_undeclared_pool_is_unroutable_every_time(broker, unique_name):
@@ -411,20 +372,20 @@ async def test_a_control_message_for_an_undeclared_pool_is_unroutable_every_time
 # -- pool lock ---------------------------------------------------------------------------
 
 
-async def test_a_second_worker_cannot_take_a_held_pool_lock_until_it_is_released(broker, broker_url, pool):
-    lock = await broker.acquire_pool_lock(pool)
+async def test_a_second_worker_cannot_take_a_held_pool_lock_until_it_is_released(broker, broker_url, declared_pool):
+    lock = await broker.acquire_pool_lock(declared_pool)
     async with open_broker(broker_url) as other_worker:
         with pytest.raises(PoolBusy):
-            await other_worker.acquire_pool_lock(pool)
+            await other_worker.acquire_pool_lock(declared_pool)
         with pytest.raises(PoolBusy):
-            await broker.acquire_pool_lock(pool)
+            await broker.acquire_pool_lock(declared_pool)
         await lock.release()
-        again = await other_worker.acquire_pool_lock(pool)
+        again = await other_worker.acquire_pool_lock(declared_pool)
         await again.release()
 
 
-async def test_closing_an_adapter_frees_its_pool_lock(broker, broker_url, pool):
+async def test_closing_an_adapter_frees_its_pool_lock(broker, broker_url, declared_pool):
     async with open_broker(broker_url) as departing:
-        await departing.acquire_pool_lock(pool)
-    lock = await asyncio.wait_for(broker.acquire_pool_lock(pool), TIMEOUT)
+        await departing.acquire_pool_lock(declared_pool)
+    lock = await asyncio.wait_for(broker.acquire_pool_lock(declared_pool), TIMEOUT)
     await lock.release()

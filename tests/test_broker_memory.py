@@ -20,22 +20,22 @@ from broker_adapters import (
 from broker_adapters.amqp import AmqpBroker
 from broker_adapters.memory import MemoryBroker, forget_memory_broker
 
-TIMEOUT = 5.0
+from .support import TIMEOUT
 
 
 @pytest.fixture
-async def broker(unique_name: str) -> AsyncIterator[MemoryBroker]:
-    async with open_broker(f"memory://{unique_name}") as adapter:
+async def broker(memory_url: str) -> AsyncIterator[MemoryBroker]:
+    async with open_broker(memory_url) as adapter:
         assert isinstance(adapter, MemoryBroker)
         yield adapter
-    forget_memory_broker(unique_name)
 
 
 @pytest.fixture
-async def pool(broker: MemoryBroker, unique_name: str) -> AsyncIterator[str]:
-    await broker.declare_pool(unique_name, PoolSettings(delivery_limit=2))
-    yield unique_name
-    await broker.delete_pool(unique_name)
+async def declared_pool(broker: MemoryBroker, pool: str) -> AsyncIterator[str]:
+    """The test's pool, declared with a delivery limit of 2."""
+    await broker.declare_pool(pool, PoolSettings(delivery_limit=2))
+    yield pool
+    await broker.delete_pool(pool)
 
 
 # -- open_broker -------------------------------------------------------------------------
@@ -73,7 +73,7 @@ async def test_adapters_share_state_by_memory_name_only(unique_name):
 # -- join --------------------------------------------------------------------------------
 
 
-async def test_join_returns_once_every_job_is_settled(broker, pool):
+async def test_join_returns_once_every_job_is_settled(broker, declared_pool):
     done: list[bytes] = []
 
     async def handler(delivery: Delivery) -> None:
@@ -81,15 +81,15 @@ async def test_join_returns_once_every_job_is_settled(broker, pool):
         done.append(delivery.message.body)
         await delivery.ack()
 
-    sub = await broker.consume_jobs(pool, handler, prefetch=3)
+    sub = await broker.consume_jobs(declared_pool, handler, prefetch=3)
     for n in range(10):
-        await broker.publish_job(pool, Message(body=b"%d" % n))
-    await broker.join(pool, timeout=TIMEOUT)
+        await broker.publish_job(declared_pool, Message(body=b"%d" % n))
+    await broker.join(declared_pool, timeout=TIMEOUT)
     assert sorted(done) == sorted(b"%d" % n for n in range(10))
     await sub.cancel()
 
 
-async def test_join_reraises_what_a_handler_raised(broker, pool):
+async def test_join_reraises_what_a_handler_raised(broker, declared_pool):
     async def handler(delivery: Delivery) -> None:
         raise ValueError("model exploded")
 
@@ -99,25 +99,26 @@ async def test_join_reraises_what_a_handler_raised(broker, pool):
         dead.append(delivery.message)
         await delivery.ack()
 
-    subs = [await broker.consume_jobs(pool, handler), await broker.consume_dead_letters(pool, dead_letters)]
-    await broker.publish_job(pool, Message(body=b"x"))
+    subs = [await broker.consume_jobs(declared_pool, handler),
+            await broker.consume_dead_letters(declared_pool, dead_letters)]
+    await broker.publish_job(declared_pool, Message(body=b"x"))
     with pytest.raises(ValueError, match="model exploded"):
-        await broker.join(pool, timeout=TIMEOUT)
+        await broker.join(declared_pool, timeout=TIMEOUT)
     assert len(dead) == 1  # two deliveries, then the limit
     for sub in subs:
         await sub.cancel()
 
 
-async def test_join_times_out_when_nobody_consumes(broker, pool):
-    await broker.publish_job(pool, Message(body=b"x"))
+async def test_join_times_out_when_nobody_consumes(broker, declared_pool):
+    await broker.publish_job(declared_pool, Message(body=b"x"))
     with pytest.raises(TimeoutError):
-        await broker.join(pool, timeout=0.05)
+        await broker.join(declared_pool, timeout=0.05)
 
 
 # -- settlement --------------------------------------------------------------------------
 
 
-async def test_a_delivery_settles_once(broker, pool):
+async def test_a_delivery_settles_once(broker, declared_pool):
     outcome: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
 
     async def handler(delivery: Delivery) -> None:
@@ -129,13 +130,13 @@ async def test_a_delivery_settles_once(broker, pool):
         else:
             outcome.set_result(None)
 
-    sub = await broker.consume_jobs(pool, handler)
-    await broker.publish_job(pool, Message(body=b"x"))
+    sub = await broker.consume_jobs(declared_pool, handler)
+    await broker.publish_job(declared_pool, Message(body=b"x"))
     assert isinstance(await asyncio.wait_for(outcome, TIMEOUT), BrokerError)
     await sub.cancel()
 
 
-async def test_settling_a_delivery_from_before_a_disconnect_fails_and_it_comes_back(broker, pool):
+async def test_settling_a_delivery_from_before_a_disconnect_fails_and_it_comes_back(broker, declared_pool):
     deliveries: asyncio.Queue[Delivery] = asyncio.Queue()
 
     async def handler(delivery: Delivery) -> None:
@@ -145,15 +146,15 @@ async def test_settling_a_delivery_from_before_a_disconnect_fails_and_it_comes_b
         else:
             await asyncio.Event().wait()
 
-    sub = await broker.consume_jobs(pool, handler)
-    await broker.publish_job(pool, Message(body=b"x"))
+    sub = await broker.consume_jobs(declared_pool, handler)
+    await broker.publish_job(declared_pool, Message(body=b"x"))
     before = await asyncio.wait_for(deliveries.get(), TIMEOUT)
     await broker.simulate_disconnect()
     with pytest.raises(BrokerUnavailable):
         await before.ack()
     after = await asyncio.wait_for(deliveries.get(), TIMEOUT)
     assert after.redelivered and after.delivery_count == 2
-    await broker.join(pool, timeout=TIMEOUT)
+    await broker.join(declared_pool, timeout=TIMEOUT)
     await sub.cancel()
 
 
@@ -169,7 +170,7 @@ async def test_a_closed_adapter_refuses_to_work(unique_name):
 # -- across event loops ------------------------------------------------------------------
 
 
-async def test_a_sync_client_on_another_threads_loop_round_trips_with_a_worker_on_this_loop(broker, pool):
+async def test_a_sync_client_on_another_threads_loop_round_trips_with_a_worker_on_this_loop(broker, declared_pool):
     """The demo's shape: worker on the main loop, the sync producer's loop in a thread."""
 
     async def worker(delivery: Delivery) -> None:
@@ -179,26 +180,26 @@ async def test_a_sync_client_on_another_threads_loop_round_trips_with_a_worker_o
         )
         await delivery.ack()
 
-    sub = await broker.consume_jobs(pool, worker)
+    sub = await broker.consume_jobs(declared_pool, worker)
 
     def sync_client() -> list[tuple[str | None, bytes]]:
         async def main() -> list[tuple[str | None, bytes]]:
             async with open_broker(broker.url) as producer:
-                address = await producer.declare_reply_queue(f"{pool}-client")
+                address = await producer.declare_reply_queue(f"{declared_pool}-client")
                 got: asyncio.Queue[Message] = asyncio.Queue()
 
                 async def on_reply(delivery: Delivery) -> None:
                     got.put_nowait(delivery.message)
                     await delivery.ack()
 
-                replies = await producer.consume_replies(f"{pool}-client", on_reply)
+                replies = await producer.consume_replies(f"{declared_pool}-client", on_reply)
                 for n in range(20):
                     await producer.publish_job(
-                        pool, Message(body=b"job-%d" % n, correlation_id=str(n), reply_to=address)
+                        declared_pool, Message(body=b"job-%d" % n, correlation_id=str(n), reply_to=address)
                     )
                 out = [await asyncio.wait_for(got.get(), TIMEOUT) for _ in range(20)]
                 await replies.cancel()
-                await producer.delete_reply_queue(f"{pool}-client")
+                await producer.delete_reply_queue(f"{declared_pool}-client")
                 return [(m.correlation_id, m.body) for m in out]
 
         return asyncio.run(main())

@@ -12,26 +12,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from broker_adapters import open_broker
 from producer_sdk import AsyncClient
 
 from .processes import WorkerProcess
-from .support import SimTEE, mlp_model
+from .support import batch_of, dead_letters, mlp_model
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-async def pool(rabbitmq_url, unique_name):
-    yield unique_name
-    async with open_broker(rabbitmq_url) as broker:
-        await broker.delete_pool(unique_name)
-
-
-def batch_of(n: int) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(11)
-    return [{"x": rng.standard_normal((2, 4)).astype(np.float32), "bias": rng.standard_normal(3).astype(np.float32)}
-            for _ in range(n)]
 
 
 async def run_batch_with_interruption(rabbitmq_url, pool, tee, tmp_path, *, jobs: int, interrupt_at: int, interrupt):
@@ -66,29 +52,14 @@ async def run_batch_with_interruption(rabbitmq_url, pool, tee, tmp_path, *, jobs
     return worker, duplicates
 
 
-async def dead_letters(url: str, pool: str) -> int:
-    seen = []
-
-    async def count(delivery):
-        seen.append(delivery)
-        await delivery.nack()
-    async with open_broker(url) as broker:
-        sub = await broker.consume_dead_letters(pool, count)
-        await asyncio.sleep(0.5)
-        await sub.cancel()
-    return len(seen)
-
-
-async def test_a_worker_killed_mid_batch_and_restarted_loses_no_job(rabbitmq_url, pool, tmp_path):
-    tee = SimTEE(tmp_path)
+async def test_a_worker_killed_mid_batch_and_restarted_loses_no_job(rabbitmq_url, pool, tee, tmp_path):
     worker, duplicates = await run_batch_with_interruption(
         rabbitmq_url, pool, tee, tmp_path, jobs=1000, interrupt_at=300, interrupt=WorkerProcess.kill)
     assert worker.proc.returncode == -9
     assert duplicates >= 0  # reported, never surfaced: the producer yielded each job exactly once
 
 
-async def test_sigterm_finishes_in_flight_jobs_returns_the_rest_and_exits_zero(rabbitmq_url, pool, tmp_path):
-    tee = SimTEE(tmp_path)
+async def test_sigterm_finishes_in_flight_jobs_returns_the_rest_and_exits_zero(rabbitmq_url, pool, tee, tmp_path):
     worker, _ = await run_batch_with_interruption(
         rabbitmq_url, pool, tee, tmp_path, jobs=400, interrupt_at=100, interrupt=WorkerProcess.terminate)
     assert worker.proc.returncode == 0, worker.log()

@@ -42,11 +42,6 @@ class FakeSnpProvider:
                                          (ARK_GUID, der(fake.ark))])
 
 
-@pytest.fixture(scope="module")
-def amd():
-    return FakeAmd()
-
-
 def snp_policy(measurement: bytes):
     return policy_from_toml(f'[snp]\nmeasurement = ["{measurement.hex()}"]\n')
 
@@ -65,15 +60,10 @@ def client(url, pool, policy, amd) -> AsyncClient:
     return AsyncClient(url, pool, policy, timeout=30, trust=amd.trust())
 
 
-@pytest.fixture
-def url(unique_name):
-    return f"memory://{unique_name}"
-
-
-async def test_a_producer_runs_jobs_on_a_worker_whose_snp_evidence_meets_its_policy(amd, tmp_path, url, unique_name):
-    worker = await start_worker(amd, tmp_path, url, unique_name)
+async def test_a_producer_runs_jobs_on_a_worker_whose_snp_evidence_meets_its_policy(amd, tmp_path, memory_url, pool):
+    worker = await start_worker(amd, tmp_path, memory_url, pool)
     try:
-        async with client(url, unique_name, snp_policy(MEASUREMENT), amd) as producer:
+        async with client(memory_url, pool, snp_policy(MEASUREMENT), amd) as producer:
             claims = producer.claims
             assert claims.platform == "snp" and not claims.simulated and claims.measurement == MEASUREMENT
             assert claims.details["product"] == "Genoa" and claims.details["signing_key"] == "vcek"
@@ -84,20 +74,20 @@ async def test_a_producer_runs_jobs_on_a_worker_whose_snp_evidence_meets_its_pol
         await worker.stop()
 
 
-async def test_a_worker_with_another_measurement_is_refused_naming_the_field(amd, tmp_path, url, unique_name):
-    worker = await start_worker(amd, tmp_path, url, unique_name, measurement=bytes.fromhex("66" * 48))
+async def test_a_worker_with_another_measurement_is_refused_naming_the_field(amd, tmp_path, memory_url, pool):
+    worker = await start_worker(amd, tmp_path, memory_url, pool, measurement=bytes.fromhex("66" * 48))
     try:
         with pytest.raises(AttestationFailed) as refused:
-            await client(url, unique_name, snp_policy(MEASUREMENT), amd).connect()
+            await client(memory_url, pool, snp_policy(MEASUREMENT), amd).connect()
         assert "snp.measurement" in {v.field for v in refused.value.violations}
     finally:
         await worker.stop()
 
 
-async def test_real_amd_roots_refuse_evidence_signed_by_another_chain(amd, tmp_path, url, unique_name):
-    worker = await start_worker(amd, tmp_path, url, unique_name)
+async def test_real_amd_roots_refuse_evidence_signed_by_another_chain(amd, tmp_path, memory_url, pool):
+    worker = await start_worker(amd, tmp_path, memory_url, pool)
     try:
         with pytest.raises(AttestationFailed, match="not valid|pinned|root"):
-            await AsyncClient(url, unique_name, snp_policy(MEASUREMENT)).connect()
+            await AsyncClient(memory_url, pool, snp_policy(MEASUREMENT)).connect()
     finally:
         await worker.stop()

@@ -23,12 +23,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from broker_adapters import open_broker
 from producer_sdk import AsyncClient
 
 from .processes import WorkerProcess, enclaveq
 
-pytestmark = [pytest.mark.slow, pytest.mark.rabbitmq]
+pytestmark = pytest.mark.slow
 
 MiB = 1024 * 1024
 ROWS, DIM, OUT = 19200, 4096, 8  # the table alone is ROWS * DIM * 4 bytes = 300 MiB
@@ -73,21 +72,6 @@ def jobs_served(port: int) -> float:
 def peak_rss_mib(worker: WorkerProcess) -> float:
     status = Path(f"/proc/{worker.proc.pid}/status").read_text()
     return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)) / 1024
-
-
-def wait_for_log(worker: WorkerProcess, text: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in worker.log():
-        if worker.proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"{text!r} not in the worker log after {timeout}s:\n{worker.log()[-4000:]}")
-        time.sleep(0.1)
-
-
-@pytest.fixture
-async def pool(rabbitmq_url, unique_name):
-    yield unique_name
-    async with open_broker(rabbitmq_url) as broker:
-        await broker.delete_pool(unique_name)
 
 
 async def test_a_300_mib_model_uploads_with_the_cli_to_two_workers_and_syncs_to_a_late_third(
@@ -155,7 +139,7 @@ async def test_a_300_mib_model_uploads_with_the_cli_to_two_workers_and_syncs_to_
         assert "uploading large.onnx" in upload.stderr and f"{chunks}/{chunks}" in upload.stderr, upload.stderr
         # The upload returns on the first worker's confirmation; each worker stores it on its own.
         for name in ("w0", "w1"):
-            await asyncio.to_thread(wait_for_log, workers[name], f"model {model_id} stored ({size} bytes)")
+            await asyncio.to_thread(workers[name].wait_for_log, f"model {model_id} stored ({size} bytes)")
         lap("both workers stored it")
 
         # -- both workers serve it: jobs until each one's metrics count some ----------------------

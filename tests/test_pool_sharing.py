@@ -4,26 +4,18 @@ mutual attestation, get every model, compete for jobs, and survive one of them b
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from broker_adapters import open_broker
 from producer_sdk import AsyncClient
 
 from .processes import WorkerProcess, enclaveq
-from .support import SimTEE, mlp_model
-from .test_crash_recovery import batch_of, dead_letters
+from .support import SimTEE, batch_of, dead_letters, mlp_model, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-async def pool(rabbitmq_url, unique_name):
-    yield unique_name
-    async with open_broker(rabbitmq_url) as broker:
-        await broker.delete_pool(unique_name)
 
 
 def start(url, pool, tee, tmp_path, name) -> WorkerProcess:
@@ -50,8 +42,8 @@ def assert_equal_to_onnxruntime(model: bytes, batch, seen: dict[int, dict]) -> N
         assert np.array_equal(outputs["logits"], logits) and np.array_equal(outputs["label"], label)
 
 
-async def test_three_workers_2000_jobs_one_killed_and_replaced_every_result_exactly_once(rabbitmq_url, pool, tmp_path):
-    tee = SimTEE(tmp_path)
+async def test_three_workers_2000_jobs_one_killed_and_replaced_every_result_exactly_once(rabbitmq_url, pool, tee,
+                                                                                         tmp_path):
     model = mlp_model()
     batch = batch_of(2000)
     workers = [await asyncio.to_thread(start, rabbitmq_url, pool, tee, tmp_path, f"w{i}") for i in range(3)]
@@ -91,35 +83,60 @@ async def test_a_worker_of_another_measurement_is_refused_and_consumes_nothing(r
         member.close()
 
 
-async def test_a_rotation_in_the_middle_of_a_batch_loses_nothing(rabbitmq_url, pool, tmp_path):
-    """Three worker processes, 2,000 jobs, `enclaveq pool rotate --grace 1s` at 500 results: jobs
-    sealed to the old epoch are served or (after the grace period) sent again under the new key;
-    every result arrives exactly once and equals direct onnxruntime."""
-    tee = SimTEE(tmp_path)
+class RotationMidBatch:
+    """Hands a batch to ``submit`` job by job, and rotates the pool in the middle of it.
+
+    ``submit`` keeps sending while results are read, so a fast machine could finish the whole
+    batch before `enclaveq pool rotate` (a new process) is done. Here the batch does not go on
+    without it: taking job ``start_at`` starts the rotation in a thread, and job ``done_by`` is
+    not handed over before the rotation has returned. That wait blocks the event loop for the
+    seconds the rotation takes; meanwhile the jobs in flight go on at the workers and their
+    results wait in the reply queue."""
+
+    def __init__(self, batch, rotate, *, start_at: int, done_by: int) -> None:
+        self.batch, self.rotate, self.start_at, self.done_by = batch, rotate, start_at, done_by
+        self.result = None
+
+    def __iter__(self):
+        with ThreadPoolExecutor(1) as thread:
+            for index, inputs in enumerate(self.batch):
+                if index == self.start_at:
+                    rotation = thread.submit(self.rotate)
+                if index == self.done_by:
+                    self.result = rotation.result(timeout=120)
+                yield inputs
+
+
+async def test_a_rotation_in_the_middle_of_a_batch_loses_nothing(rabbitmq_url, pool, tee, tmp_path):
+    """Three worker processes, 2,000 jobs, `enclaveq pool rotate --grace 1s` once 500 results are
+    in (job 700 of at most 200 in flight): jobs sealed to the old epoch are served or (after the
+    grace period) sent again under the new key; every result arrives exactly once and equals
+    direct onnxruntime. Every member erases epoch 1."""
     policy_file = tmp_path / "policy.toml"
     await asyncio.to_thread(enclaveq, "policy", "init", "--sim-dir", str(tee.dir), "--out", str(policy_file))
     model = mlp_model()
     batch = batch_of(2000)
     workers = [await asyncio.to_thread(start, rabbitmq_url, pool, tee, tmp_path, f"w{i}") for i in range(3)]
-    rotation: list[asyncio.Task] = []
 
-    async def rotate() -> None:
-        rotation.append(asyncio.create_task(asyncio.to_thread(
-            enclaveq, "pool", "rotate", "--broker", rabbitmq_url, "--pool", pool, "--policy", str(policy_file),
-            "--grace", "1s")))
+    def rotate():
+        return enclaveq("pool", "rotate", "--broker", rabbitmq_url, "--pool", pool, "--policy", str(policy_file),
+                        "--grace", "1s")
 
+    mid_batch = RotationMidBatch(batch, rotate, start_at=700, done_by=1000)
     try:
         async with AsyncClient(rabbitmq_url, pool, tee.policy(), timeout=180) as client:
             model_id = await client.upload_model(model)
-            seen = await run_batch(client, model_id, batch, rotate, 500)
-            assert client.statement.epoch == 2
-        rotated = await rotation[0]
+            seen = await run_batch(client, model_id, mid_batch)
+            await wait_until(lambda: client.statement.epoch == 2, "the producer follows the pool to epoch 2")
+        # Each member erases epoch 1 when its grace period ends, which the batch may well beat.
+        for w in workers:
+            await asyncio.to_thread(w.wait_for_log, "erased the pool key of epoch(s) [1]", 60)
     finally:
         for w in workers:
             if w.proc.poll() is None:
                 w.terminate()
             w.close()
-    assert "rotated from epoch 1 to epoch 2" in rotated.stdout
+    assert "rotated from epoch 1 to epoch 2" in mid_batch.result.stdout
     assert_equal_to_onnxruntime(model, batch, seen)
     logs = [w.log() for w in workers]
     assert sum("rotated pool" in log for log in logs) == 1

@@ -1,4 +1,6 @@
-"""The wire protocol: published vectors, tensors of every dtype, and tamper resistance (P1, P3, P4, P9)."""
+"""The wire protocol: published vectors, tensors of every dtype, and tamper resistance -- only
+ciphertext on the wire (P1), any change fails to open (P3), results only for their producer (P4),
+malformed input is a typed error (P9)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""P1 / P10 on a real broker: everything RabbitMQ carries is ciphertext.
+"""P1 / P10 on a real broker: models, inputs, outputs and error messages cross RabbitMQ only as
+ciphertext.
 
 RabbitMQ's firehose tracer (`rabbitmqctl trace_on`) copies every message published and
 delivered in the vhost to the `amq.rabbitmq.trace` exchange. The test binds a queue to it,
@@ -10,31 +11,21 @@ the outputs. A canary published in clear proves the capture works.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 
 import aio_pika
 import numpy as np
 import pytest
 
-from broker_adapters import Message, open_broker
+from broker_adapters import Message
 from producer_sdk import AsyncClient
 from producer_sdk.errors import BadInput
 
-from .conftest import REQUIRE_BROKERS
-from .support import SimTEE, mlp_model, running_worker
-
-
-def rabbitmqctl(*args: str) -> None:
-    if shutil.which("rabbitmqctl") is None:
-        if REQUIRE_BROKERS:
-            pytest.fail("rabbitmqctl is required to switch on the firehose tracer")
-        pytest.skip("rabbitmqctl not installed")
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+from .support import mlp_model, running_worker, wait_until
 
 
 @pytest.fixture
-async def firehose(rabbitmq_url):
+async def firehose(rabbitmq_url, rabbitmqctl):
+    """Every body and header RabbitMQ carries while the test runs, copied by its firehose tracer."""
     captured: list[bytes] = []
     connection = await aio_pika.connect(rabbitmq_url)
     channel = await connection.channel()
@@ -47,11 +38,11 @@ async def firehose(rabbitmq_url):
             captured.append(repr(value).encode())
         await message.ack()
     await queue.consume(keep)
-    rabbitmqctl("trace_on")
+    await asyncio.to_thread(rabbitmqctl, "trace_on")
     try:
         yield captured
     finally:
-        rabbitmqctl("trace_off")
+        await asyncio.to_thread(rabbitmqctl, "trace_off")
         await connection.close()
 
 
@@ -61,28 +52,25 @@ def windows(data: bytes, size: int = 24) -> list[bytes]:
     return [data[i:i + size] for i in range(0, max(1, len(data) - size + 1), step)]
 
 
-async def test_rabbitmq_carries_no_plaintext_model_input_output_or_error(rabbitmq_url, unique_name, tmp_path, firehose):
-    tee = SimTEE(tmp_path)
-    pool = unique_name
+async def test_rabbitmq_carries_no_plaintext_model_input_output_or_error(rabbitmq_url, pool, tee, firehose):
     model = mlp_model(seed=5)
     rng = np.random.default_rng(99)
     inputs = [{"x": rng.standard_normal((8, 4)).astype(np.float32), "bias": rng.standard_normal(3).astype(np.float32)}
               for _ in range(5)]
     outputs = []
-    try:
-        async with running_worker(tee, rabbitmq_url, pool):
-            async with AsyncClient(rabbitmq_url, pool, tee.policy(), timeout=30) as client:
-                model_id = await client.upload_model(model)
-                async for result in client.submit(model_id, inputs):
-                    outputs.append(result.outputs)
-                with pytest.raises(BadInput) as refused:
-                    await client.run(model_id, {"x": inputs[0]["x"]})
-                canary = b"CANARY-plaintext-" + rng.bytes(16)
-                await client._broker.publish_reply(client._core.reply_to, Message(body=canary))
-                await asyncio.sleep(1.5)  # let the tracer's copies arrive
-    finally:
-        async with open_broker(rabbitmq_url) as broker:
-            await broker.delete_pool(pool)
+    async with running_worker(tee, rabbitmq_url, pool):
+        async with AsyncClient(rabbitmq_url, pool, tee.policy(), timeout=30) as client:
+            model_id = await client.upload_model(model)
+            async for result in client.submit(model_id, inputs):
+                outputs.append(result.outputs)
+            with pytest.raises(BadInput) as refused:
+                await client.run(model_id, {"x": inputs[0]["x"]})
+            # Published last, in clear: the tracer copies messages as RabbitMQ routes and delivers
+            # them, so once the canary's copy is in, the copies of the whole flow above are too.
+            canary = b"CANARY-plaintext-" + rng.bytes(16)
+            await client._broker.publish_reply(client._core.reply_to, Message(body=canary))
+            await wait_until(lambda: any(canary in body for body in firehose),
+                             "the firehose capture saw nothing: the test would prove nothing")
 
     carried = b"\n".join(firehose)
     assert canary in carried, "the firehose capture saw nothing: the test would prove nothing"

@@ -37,19 +37,9 @@ def h(label: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def amd():
-    return FakeAmd()
-
-
-@pytest.fixture(scope="module")
 def intel():
     pki = FakeIntelPki(datetime.now(UTC))
     return pki, FakeQuotingEnclave(pki)
-
-
-@pytest.fixture
-def url(unique_name):
-    return f"memory://{unique_name}"
 
 
 def refused(exc_info) -> str:
@@ -58,30 +48,31 @@ def refused(exc_info) -> str:
     return text
 
 
-class Pool:
+class Workers:
     """Starts workers on one pool and stops them all at the end."""
 
-    def __init__(self, url: str, name: str, tmp_path) -> None:
-        self.url, self.name, self.tmp_path = url, name, tmp_path
-        self.workers: list[Worker] = []
+    def __init__(self, url: str, pool: str, tmp_path) -> None:
+        self.url, self.pool, self.tmp_path = url, pool, tmp_path
+        self.started: list[Worker] = []
 
     async def start(self, identity, label: str) -> Worker:
-        worker = Worker(broker_url=self.url, pool=self.name, identity=identity,
+        worker = Worker(broker_url=self.url, pool=self.pool, identity=identity,
                         state_dir=self.tmp_path / f"state-{label}", worker_id=label)
         await worker.start()
-        self.workers.append(worker)
+        self.started.append(worker)
         return worker
 
     async def stop(self) -> None:
-        for worker in reversed(self.workers):
+        for worker in reversed(self.started):
             await worker.stop()
 
 
 @pytest.fixture
-async def pool(url, unique_name, tmp_path):
-    p = Pool(url, unique_name, tmp_path)
-    yield p
-    await p.stop()
+async def workers(memory_url, pool, tmp_path):
+    """Workers on the test's pool of the in-process broker, started one by one by the test."""
+    started = Workers(memory_url, pool, tmp_path)
+    yield started
+    await started.stop()
 
 
 # -- SEV-SNP ------------------------------------------------------------------------------------
@@ -110,29 +101,29 @@ def test_an_snp_worker_pins_exactly_its_own_launch_identity(amd, tmp_path):
     assert identity.join_policy.measurements == () and identity.join_verify_options == {"trust": amd.trust()}
 
 
-async def test_snp_workers_of_one_image_share_the_pool_and_another_image_is_refused(amd, tmp_path, pool):
-    first = await pool.start(snp_identity(amd, tmp_path, "a"), "a")
-    second = await pool.start(snp_identity(amd, tmp_path, "b"), "b")
+async def test_snp_workers_of_one_image_share_the_pool_and_another_image_is_refused(amd, tmp_path, workers):
+    first = await workers.start(snp_identity(amd, tmp_path, "a"), "a")
+    second = await workers.start(snp_identity(amd, tmp_path, "b"), "b")
     assert second.pool_public_key == first.pool_public_key
     with pytest.raises(WorkerStartupError) as exc:
-        await pool.start(snp_identity(amd, tmp_path, "c", measurement=OTHER), "c")
+        await workers.start(snp_identity(amd, tmp_path, "c", measurement=OTHER), "c")
     assert "snp.measurement" in refused(exc)
 
 
-async def test_a_debug_snp_guest_of_the_same_image_is_refused(amd, tmp_path, pool):
-    await pool.start(snp_identity(amd, tmp_path, "a"), "a")
+async def test_a_debug_snp_guest_of_the_same_image_is_refused(amd, tmp_path, workers):
+    await workers.start(snp_identity(amd, tmp_path, "a"), "a")
     with pytest.raises(WorkerStartupError) as exc:
-        await pool.start(snp_identity(amd, tmp_path, "dbg", policy=DEBUG_POLICY), "dbg")
+        await workers.start(snp_identity(amd, tmp_path, "dbg", policy=DEBUG_POLICY), "dbg")
     assert "snp.policy.debug" in refused(exc)
 
 
-async def test_a_joiner_signed_by_an_untrusted_amd_chain_is_refused(amd, tmp_path, pool):
-    await pool.start(snp_identity(amd, tmp_path, "a"), "a")
+async def test_a_joiner_signed_by_an_untrusted_amd_chain_is_refused(amd, tmp_path, workers):
+    await workers.start(snp_identity(amd, tmp_path, "a"), "a")
     rogue = FakeAmd()  # another (fake) AMD root: same shape, not pinned by the member
     kernel = snp_kernel(rogue, tmp_path / "tee-rogue", MEASUREMENT)
     identity = tee_identity("snp", root=kernel.root, ops=kernel, join_verify_options={"trust": rogue.trust()})
     with pytest.raises(WorkerStartupError) as exc:
-        await pool.start(identity, "rogue")
+        await workers.start(identity, "rogue")
     refused(exc)
 
 
@@ -175,22 +166,22 @@ def test_a_tdx_worker_pins_its_td_measurements_from_its_tdreport(intel, tmp_path
     assert section.td_attributes == TD["td_attributes"] and section.debug_allowed is False
 
 
-async def test_tdx_workers_of_one_image_share_the_pool_and_another_td_is_refused(intel, tmp_path, pool):
-    first = await pool.start(tdx_identity(intel, tmp_path, "a"), "a")
-    second = await pool.start(tdx_identity(intel, tmp_path, "b"), "b")
+async def test_tdx_workers_of_one_image_share_the_pool_and_another_td_is_refused(intel, tmp_path, workers):
+    first = await workers.start(tdx_identity(intel, tmp_path, "a"), "a")
+    second = await workers.start(tdx_identity(intel, tmp_path, "b"), "b")
     assert second.pool_public_key == first.pool_public_key
     with pytest.raises(WorkerStartupError) as exc:
-        await pool.start(tdx_identity(intel, tmp_path, "c", td={**TD, "rtmr2": h("another command line")}), "c")
+        await workers.start(tdx_identity(intel, tmp_path, "c", td={**TD, "rtmr2": h("another command line")}), "c")
     assert "tdx.rtmr2" in refused(exc)
 
 
-async def test_a_restarted_tdx_worker_gets_the_pool_key_again_from_a_live_member(intel, tmp_path, pool):
+async def test_a_restarted_tdx_worker_gets_the_pool_key_again_from_a_live_member(intel, tmp_path, workers):
     # TDX has no sealing key: a restart loses what the worker sealed, and a live member hands it back.
-    first = await pool.start(tdx_identity(intel, tmp_path, "a"), "a")
-    second = await pool.start(tdx_identity(intel, tmp_path, "b"), "b")
+    first = await workers.start(tdx_identity(intel, tmp_path, "a"), "a")
+    second = await workers.start(tdx_identity(intel, tmp_path, "b"), "b")
     assert not second.identity.persistent_sealing
     await second.stop()
-    restarted = await pool.start(tdx_identity(intel, tmp_path, "b2"), "b2")  # fresh key, fresh state dir
+    restarted = await workers.start(tdx_identity(intel, tmp_path, "b2"), "b2")  # fresh key, fresh state dir
     assert restarted.pool_public_key == first.pool_public_key
 
 
@@ -228,15 +219,15 @@ def test_an_sgx_worker_pins_mrenclave_mrsigner_and_product(intel, tmp_path):
     assert section.isvprodid == (7,) and section.min_isvsvn == 3 and section.debug_allowed is False
 
 
-async def test_sgx_workers_of_one_enclave_share_the_pool_others_and_debug_copies_are_refused(intel, tmp_path, pool):
-    first = await pool.start(sgx_identity(intel, tmp_path, "a"), "a")
-    second = await pool.start(sgx_identity(intel, tmp_path, "b"), "b")
+async def test_sgx_workers_of_one_enclave_share_the_pool_others_and_debug_copies_are_refused(intel, tmp_path, workers):
+    first = await workers.start(sgx_identity(intel, tmp_path, "a"), "a")
+    second = await workers.start(sgx_identity(intel, tmp_path, "b"), "b")
     assert second.pool_public_key == first.pool_public_key
     with pytest.raises(WorkerStartupError) as exc:
-        await pool.start(sgx_identity(intel, tmp_path, "c", {**ENCLAVE, "mrenclave": bytes(32)}), "c")
+        await workers.start(sgx_identity(intel, tmp_path, "c", {**ENCLAVE, "mrenclave": bytes(32)}), "c")
     assert "sgx.mrenclave" in refused(exc)
     with pytest.raises(WorkerStartupError) as exc:
-        await pool.start(sgx_identity(intel, tmp_path, "dbg", {**ENCLAVE, "attributes_flags": 0x07}), "dbg")
+        await workers.start(sgx_identity(intel, tmp_path, "dbg", {**ENCLAVE, "attributes_flags": 0x07}), "dbg")
     assert "sgx.debug" in refused(exc)
 
 
