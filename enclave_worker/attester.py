@@ -12,37 +12,35 @@ import asyncio
 from protocol import crypto
 from protocol.handshake import Challenge, EvidenceResponse, Statement
 
-from .identity import WorkerIdentity
+from .context import WorkerContext
 from .keyring import Keyring
 
 
 class Attester:
-    def __init__(self, *, pool: str, identity: WorkerIdentity, worker_id: str, keyring: Keyring) -> None:
-        self._pool = pool
-        self._identity = identity
-        self._worker_id = worker_id
+    def __init__(self, ctx: WorkerContext, *, keyring: Keyring) -> None:
+        self._ctx = ctx
         self._keyring = keyring
 
     @property
     def platform(self) -> str:
-        return self._identity.provider.platform
+        return self._ctx.identity.provider.platform
 
     def statement(self, nonce: bytes, *, epoch: int | None = None, pool_public_key: bytes | None = None) -> Statement:
         """A statement about the current key (or, when rotating, about the next one)."""
-        return Statement(pool=self._pool, epoch=self._keyring.epoch if epoch is None else epoch,
+        return Statement(pool=self._ctx.pool, epoch=self._keyring.epoch if epoch is None else epoch,
                          suite=crypto.SUITE_ID,
                          pool_public_key=self._keyring.public_key if pool_public_key is None else pool_public_key,
                          worker_identity_key=self._keyring.identity_public_key, nonce=nonce,
-                         config_digest=self._identity.config_digest)
+                         config_digest=self._ctx.identity.config_digest)
 
     def evidence(self, statement: Statement) -> bytes:
         """The TEE's evidence over ``statement`` (blocking: a real TEE can take a second)."""
-        return self._identity.provider.evidence(statement.report_data())
+        return self._ctx.identity.provider.evidence(statement.report_data())
 
     def answer(self, challenge: Challenge) -> EvidenceResponse:
         statement = self.statement(challenge.nonce)
         return EvidenceResponse(platform=self.platform, evidence=self.evidence(statement), statement=statement,
-                                worker_id=self._worker_id)
+                                worker_id=self._ctx.worker_id)
 
     async def answer_in_thread(self, challenge: Challenge) -> EvidenceResponse:
         # Off the event loop, which keeps serving jobs meanwhile.

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from broker_adapters import BrokerAdapter, Message
+from broker_adapters import Message
 from broker_adapters.errors import Unroutable
 from protocol import crypto
 from protocol.codec import pack, unpack
@@ -31,6 +31,7 @@ from protocol.errors import MalformedMessage
 from protocol.errors import ProtocolError
 from protocol.handshake import MODEL_SYNC_CHUNK_BYTES, ModelSyncChunk, ModelSyncRequest, model_sync_info
 
+from .context import WorkerContext
 from .errors import SealedStateError
 from .inbox import open_inbox
 from .keyring import Keyring
@@ -112,11 +113,8 @@ def _blobs(value: object) -> list[bytes]:
 class ModelSync:
     """Brings a worker's models up to date from a member, and answers others' requests."""
 
-    def __init__(self, *, broker: BrokerAdapter, pool: str, worker_id: str, keyring: Keyring,
-                 library: ModelLibrary) -> None:
-        self._broker = broker
-        self._pool = pool
-        self._worker_id = worker_id
+    def __init__(self, ctx: WorkerContext, *, keyring: Keyring, library: ModelLibrary) -> None:
+        self._ctx = ctx
         self._keyring = keyring
         self._library = library
 
@@ -127,12 +125,12 @@ class ModelSync:
         the member that admitted this worker, asked to answer alone ("" lets any member answer)."""
         loop = asyncio.get_running_loop()
         nonce = os.urandom(32)
-        collector = SyncCollector(self._pool, self._keyring.epoch, nonce, self._keyring.current_private)
-        async with open_inbox(self._broker, "sync") as (address, answers):
+        collector = SyncCollector(self._ctx.pool, self._keyring.epoch, nonce, self._keyring.current_private)
+        async with open_inbox(self._ctx.broker, "sync") as (address, answers):
             have = tuple(m.model_id for m in self._library.list())
             try:
-                await self._broker.publish_control(self._pool, Message(
-                    body=ModelSyncRequest(have=have, worker_id=self._worker_id, nonce=nonce,
+                await self._ctx.broker.publish_control(self._ctx.pool, Message(
+                    body=ModelSyncRequest(have=have, worker_id=self._ctx.worker_id, nonce=nonce,
                                           source=source).to_bytes(),
                     reply_to=address))
             except Unroutable:
@@ -157,7 +155,7 @@ class ModelSync:
                 deadline = loop.time() + MODEL_WAIT_SECONDS  # a member is sending: keep listening
         if not ended:
             log.warning("model sync of pool %r ended without a member's end marker after %gs of silence; "
-                        "missing models arrive with the next start", self._pool, MODEL_WAIT_SECONDS)
+                        "missing models arrive with the next start", self._ctx.pool, MODEL_WAIT_SECONDS)
         for model_id, signed, whole in collector.complete():
             await self._library.add_synced(model_id, signed, whole)
         for signed in collector.updated_manifests:  # allow-list changes made while this worker was away
@@ -168,7 +166,7 @@ class ModelSync:
     def should_answer(self, request: ModelSyncRequest) -> bool:
         """One member answers (the one that admitted the requester, when it says so): every
         member sending its full copy would multiply the bytes on the broker."""
-        return request.worker_id != self._worker_id and request.source in ("", self._worker_id)
+        return request.worker_id != self._ctx.worker_id and request.source in ("", self._ctx.worker_id)
 
     async def send(self, request: ModelSyncRequest, reply_to: str) -> None:
         """Send the requester every model it lacks, then an end marker with our manifests of the
@@ -183,9 +181,9 @@ class ModelSync:
             except SealedStateError as exc:
                 log.warning("cannot send model %s: %s", info.model_id, exc)
                 continue
-            for chunk in seal_model(self._pool, epoch, request.nonce, public, info.model_id, data,
+            for chunk in seal_model(self._ctx.pool, epoch, request.nonce, public, info.model_id, data,
                                     self._library.signed_manifest(info.model_id)):
-                await self._broker.publish_reply(reply_to, Message(body=chunk.to_bytes()))
+                await self._ctx.broker.publish_reply(reply_to, Message(body=chunk.to_bytes()))
         manifests = [self._library.signed_manifest(m) for m in have if self._library.manifest(m) is not None]
-        end = seal_end(self._pool, epoch, request.nonce, public, manifests, list(self._library.delete_orders()))
-        await self._broker.publish_reply(reply_to, Message(body=end.to_bytes()))
+        end = seal_end(self._ctx.pool, epoch, request.nonce, public, manifests, list(self._library.delete_orders()))
+        await self._ctx.broker.publish_reply(reply_to, Message(body=end.to_bytes()))

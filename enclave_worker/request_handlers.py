@@ -21,7 +21,7 @@ from protocol.errors import MalformedMessage, OversizedMessage, ProtocolError, S
 from protocol.ownership import ProducerProof
 from protocol.tensors import TensorLimits
 
-from .config import WorkerConfig
+from .context import WorkerContext
 from .errors import JobRejected
 from .model_library import ModelLibrary
 from .models import run_model
@@ -55,12 +55,12 @@ Handler = Callable[[RequestHeader, bytes], Awaitable[Answer]]
 
 
 class RequestHandlers:
-    def __init__(self, *, pool: str, config: WorkerConfig, library: ModelLibrary, rotation: Rotation) -> None:
-        self._pool = pool
-        self._config = config
+    def __init__(self, ctx: WorkerContext, *, library: ModelLibrary, rotation: Rotation) -> None:
+        self._ctx = ctx
         self._library = library
         self._rotation = rotation
-        self._limits = TensorLimits(max_tensor_bytes=config.max_tensor_bytes, max_total_bytes=config.max_message_bytes)
+        self._limits = TensorLimits(max_tensor_bytes=ctx.config.max_tensor_bytes,
+                                   max_total_bytes=ctx.config.max_message_bytes)
         # Verified producer proofs, by what they were verified against.
         self._producer_keys: OrderedDict[tuple[bytes, bytes], bytes] = OrderedDict()
         self._handlers: dict[str, Handler] = {
@@ -114,13 +114,13 @@ class RequestHandlers:
             body = infer()
         else:
             body = await asyncio.to_thread(infer)
-        if len(body) > self._config.max_message_bytes:
-            raise JobRejected(f"result of {len(body)} bytes exceeds {self._config.max_message_bytes}",
+        if len(body) > self._ctx.config.max_message_bytes:
+            raise JobRejected(f"result of {len(body)} bytes exceeds {self._ctx.config.max_message_bytes}",
                               bodies.ErrorCode.OVERSIZED)
         return Answer("ok", bodies.TENSORS, body)
 
     async def _model_chunk(self, header: RequestHeader, plaintext: bytes) -> Answer:
-        ack = await self._library.receive_chunk(header, plaintext, max_message_bytes=self._config.max_message_bytes)
+        ack = await self._library.receive_chunk(header, plaintext, max_message_bytes=self._ctx.config.max_message_bytes)
         return Answer("ok", bodies.ACK, ack)
 
     async def _model_delete(self, header: RequestHeader, plaintext: bytes) -> Answer:
@@ -145,7 +145,7 @@ class RequestHandlers:
         if key is None:
             try:
                 proof = ProducerProof.from_bytes(header.producer_proof)
-                proof.verify(pool=self._pool, epoch=header.epoch, session_id=header.session_id,
+                proof.verify(pool=self._ctx.pool, epoch=header.epoch, session_id=header.session_id,
                              sealed_session=header.sealed_session)
             except (SignatureInvalid, MalformedMessage):
                 raise JobRejected("the producer key proof of this session does not verify",

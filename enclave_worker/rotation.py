@@ -21,16 +21,15 @@ from datetime import UTC, datetime
 from attestation.errors import AttestationError
 from attestation.providers.errors import ProviderError
 from attestation.verify import verify_evidence
-from broker_adapters import BrokerAdapter, Message, PoolLock
+from broker_adapters import Message, PoolLock
 from broker_adapters.errors import BrokerError, PoolBusy
 from protocol import bodies, crypto
 from protocol.errors import ProtocolError
 from protocol.handshake import EpochAnnounce
 
+from .context import WorkerContext
 from .attester import Attester
-from .config import WorkerConfig
 from .errors import JobRejected
-from .identity import WorkerIdentity
 from .keyring import Keyring
 
 log = logging.getLogger("enclaveq.worker")
@@ -44,25 +43,16 @@ MIN_REQUESTED_ROTATION_SECONDS = 10.0
 
 
 class Rotation:
-    def __init__(self, *, broker: BrokerAdapter, pool: str, identity: WorkerIdentity, config: WorkerConfig,
-                 worker_id: str, keyring: Keyring, attester: Attester, clock: Callable[[], float],
+    def __init__(self, ctx: WorkerContext, *, keyring: Keyring, attester: Attester,
                  catch_up: Callable[[], Coroutine[Any, Any, None]], every: float | None = None,
                  grace: float = DEFAULT_ROTATION_GRACE_SECONDS) -> None:
-        self._broker = broker
-        self._pool = pool
-        self._identity = identity
-        self._config = config
-        self._worker_id = worker_id
+        self._ctx = ctx
         self._keyring = keyring
         self._attester = attester
-        self._clock = clock
         self._catch_up = catch_up  # when an announcement skips an epoch we never saw
         self._every = every
         self._grace = grace
         self._tasks: list[asyncio.Task[None]] = []
-
-    def _now_ms(self) -> int:
-        return int(self._clock() * 1000)
 
     def start(self) -> None:
         """Erase retiring keys when due; with ``every``, rotate on schedule too."""
@@ -80,13 +70,13 @@ class Rotation:
         """A producer's ``pool_rotate``: refused when too soon after the last one or when the
         grace period exceeds the measured limit."""
         keys = self._keyring.keys
-        age = self._clock() - keys.created_ms / 1000
+        age = self._ctx.clock() - keys.created_ms / 1000
         if keys.epoch > 1 and age < MIN_REQUESTED_ROTATION_SECONDS:
             raise JobRejected(f"the pool key was rotated {age:.1f}s ago; rotations are at least "
                               f"{MIN_REQUESTED_ROTATION_SECONDS:g}s apart", bodies.ErrorCode.ROTATION_REFUSED)
-        if grace_seconds > self._config.max_rotation_grace_seconds:
+        if grace_seconds > self._ctx.config.max_rotation_grace_seconds:
             raise JobRejected(f"a grace period of {grace_seconds}s exceeds this pool's measured limit of "
-                              f"{self._config.max_rotation_grace_seconds}s", bodies.ErrorCode.ROTATION_REFUSED)
+                              f"{self._ctx.config.max_rotation_grace_seconds}s", bodies.ErrorCode.ROTATION_REFUSED)
         return await self.rotate(grace_seconds)
 
     async def rotate(self, grace_seconds: float, *, only_from_epoch: int | None = None) -> tuple[int, int]:
@@ -99,22 +89,22 @@ class Rotation:
             if only_from_epoch is not None and current != only_from_epoch:
                 return current, 0
             new_private = crypto.private_bytes(crypto.generate_private_key())
-            retire_at_ms = self._now_ms() + int(grace_seconds * 1000)
-            sealed, nonce = self._keyring.seal_next(new_private, self._pool, retire_at_ms)
+            retire_at_ms = self._ctx.now_ms() + int(grace_seconds * 1000)
+            sealed, nonce = self._keyring.seal_next(new_private, self._ctx.pool, retire_at_ms)
             epoch = current + 1
             statement = self._attester.statement(
                 nonce, epoch=epoch, pool_public_key=crypto.public_bytes(crypto.load_private_key(new_private)))
             evidence = await asyncio.to_thread(self._attester.evidence, statement)
             announce = EpochAnnounce(platform=self._attester.platform, evidence=evidence, statement=statement,
                                      previous_epoch=current, retire_at_ms=retire_at_ms, sealed_key=sealed,
-                                     worker_id=self._worker_id)
+                                     worker_id=self._ctx.worker_id)
             self._keyring.install(epoch, new_private, retire_at_ms)
-            log.info("rotated pool %r to epoch %d; epoch %d is erased in %gs", self._pool, epoch, current,
+            log.info("rotated pool %r to epoch %d; epoch %d is erased in %gs", self._ctx.pool, epoch, current,
                      grace_seconds)
-            if self._identity.can_join:
+            if self._ctx.identity.can_join:
                 # A member that misses this (broker hiccup) catches up when it first sees a job
                 # sealed to the new epoch: it asks for the keys with a join request.
-                await self._broker.publish_control(self._pool, Message(body=announce.to_bytes()))
+                await self._ctx.broker.publish_control(self._ctx.pool, Message(body=announce.to_bytes()))
                 await asyncio.sleep(ROTATION_SETTLE_SECONDS)
             return epoch, retire_at_ms
         finally:
@@ -125,7 +115,7 @@ class Rotation:
         give_up = loop.time() + ROTATION_LOCK_SECONDS
         while True:
             try:
-                return await self._broker.acquire_pool_lock(self._pool, purpose="rotation")
+                return await self._ctx.broker.acquire_pool_lock(self._ctx.pool, purpose="rotation")
             except PoolBusy:
                 if loop.time() > give_up:
                     raise JobRejected("another member of the pool is rotating its key; try again",
@@ -137,7 +127,7 @@ class Rotation:
         with the option runs this; the rotation lock and ``only_from_epoch`` make one of them win."""
         while True:
             keys = self._keyring.keys
-            wait = keys.created_ms / 1000 + every - self._clock()
+            wait = keys.created_ms / 1000 + every - self._ctx.clock()
             if wait > 0:
                 await asyncio.sleep(min(wait, 5.0))
                 continue
@@ -147,35 +137,35 @@ class Rotation:
             try:
                 await self.rotate(self._grace, only_from_epoch=keys.epoch)
             except (BrokerError, JobRejected, ProviderError) as exc:
-                log.warning("automatic rotation of pool %r failed: %s", self._pool, exc)
+                log.warning("automatic rotation of pool %r failed: %s", self._ctx.pool, exc)
                 await asyncio.sleep(5.0)
 
     # -- others' rotations -----------------------------------------------------------------------
     async def on_announce(self, announce: EpochAnnounce) -> None:
         """Take another member's new epoch key, if its evidence satisfies our join policy."""
         current = self._keyring.epoch
-        if announce.worker_id == self._worker_id or announce.statement.epoch <= current:
+        if announce.worker_id == self._ctx.worker_id or announce.statement.epoch <= current:
             return
-        if not self._identity.can_join:
+        if not self._ctx.identity.can_join:
             return
         if announce.previous_epoch != current:
-            log.warning("pool %r moved to epoch %d while this worker is at %d: catching up", self._pool,
+            log.warning("pool %r moved to epoch %d while this worker is at %d: catching up", self._ctx.pool,
                         announce.statement.epoch, current)
             self._tasks.append(asyncio.create_task(self._catch_up()))
             return
         try:
             # The announcer must satisfy our join policy, exactly like a member handing us keys.
-            verify_evidence(announce.platform, announce.evidence, self._identity.join_policy,
+            verify_evidence(announce.platform, announce.evidence, self._ctx.identity.join_policy,
                             expected_report_data=announce.statement.report_data(),
-                            now=datetime.fromtimestamp(self._clock(), UTC), **self._identity.join_verify_options)
-            private = self._keyring.open_announce(announce, self._pool)
+                            now=datetime.fromtimestamp(self._ctx.clock(), UTC), **self._ctx.identity.join_verify_options)
+            private = self._keyring.open_announce(announce, self._ctx.pool)
         except (AttestationError, ProtocolError, ValueError) as exc:
             log.warning("ignoring an epoch announcement that does not verify: %s", str(exc).splitlines()[0])
             return
         # Our measured limit bounds how long any old key lives here, whatever the announcer's clock says.
-        retire_at_ms = min(announce.retire_at_ms, self._now_ms() + self._config.max_rotation_grace_seconds * 1000)
+        retire_at_ms = min(announce.retire_at_ms, self._ctx.now_ms() + self._ctx.config.max_rotation_grace_seconds * 1000)
         self._keyring.install(announce.statement.epoch, private, retire_at_ms)
-        log.info("pool %r rotated to epoch %d by member %s", self._pool, self._keyring.epoch, announce.worker_id)
+        log.info("pool %r rotated to epoch %d by member %s", self._ctx.pool, self._keyring.epoch, announce.worker_id)
 
     # -- erasure -----------------------------------------------------------------------------------
     async def _erase_when_due(self) -> None:
@@ -184,7 +174,7 @@ class Rotation:
         while True:
             changed.clear()
             due = self._keyring.next_retirement_ms()
-            timeout = None if due is None else max(0.05, (due - self._now_ms()) / 1000)
+            timeout = None if due is None else max(0.05, (due - self._ctx.now_ms()) / 1000)
             try:
                 await asyncio.wait_for(changed.wait(), timeout)
             except TimeoutError:

@@ -43,6 +43,7 @@ from protocol.routing import Route, route_for
 
 from .attester import Attester
 from .config import DEFAULT_WORKER_CONFIG, WorkerConfig
+from .context import WorkerContext
 from .errors import SealedStateError, WorkerStartupError
 from .identity import EvidenceProvider, WorkerIdentity
 from .keyring import EpochAhead, EpochRetired, Keyring
@@ -73,22 +74,19 @@ class Worker:
         self.identity = identity
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.metrics = metrics or WorkerMetrics()
-        self._clock = clock
         self._rng = rng
         self._prefetch = prefetch or max(2 * config.max_jobs_in_flight, 16)
         self._broker: BrokerAdapter = open_broker(broker_url)
+        ctx = self._ctx = WorkerContext(broker=self._broker, pool=pool, worker_id=self.worker_id, identity=identity,
+                                        config=config, clock=clock)
         self.sealed_state = SealedState(state_dir, pool, identity.sealing_key, identity.seal, identity.unseal)
         self._sessions = SessionCache(pool)
         self._seen = SeenJobs()
-        self.keyring = Keyring(self.sealed_state, self._now_ms, on_erase=self._sessions.forget_epochs)
-        self._attester = Attester(pool=pool, identity=identity, worker_id=self.worker_id, keyring=self.keyring)
-        self._membership = Membership(broker=self._broker, pool=pool, identity=identity, config=config,
-                                      worker_id=self.worker_id, keyring=self.keyring, attester=self._attester,
-                                      clock=clock)
-        self._rotation = Rotation(broker=self._broker, pool=pool, identity=identity, config=config,
-                                  worker_id=self.worker_id, keyring=self.keyring, attester=self._attester,
-                                  clock=clock, catch_up=self._membership.catch_up, every=rotate_every,
-                                  grace=rotation_grace)
+        self.keyring = Keyring(self.sealed_state, ctx.now_ms, on_erase=self._sessions.forget_epochs)
+        self._attester = Attester(ctx, keyring=self.keyring)
+        self._membership = Membership(ctx, keyring=self.keyring, attester=self._attester)
+        self._rotation = Rotation(ctx, keyring=self.keyring, attester=self._attester,
+                                  catch_up=self._membership.catch_up, every=rotate_every, grace=rotation_grace)
         self.models: ModelLibrary | None = None  # opened at start: it reads sealed state
         self._model_sync: ModelSync | None = None
         self._handlers: RequestHandlers | None = None
@@ -142,9 +140,6 @@ class Worker:
     def erase_retired(self) -> list[int]:
         return self.keyring.erase_retired()
 
-    def _now_ms(self) -> int:
-        return int(self._clock() * 1000)
-
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         try:
@@ -159,10 +154,8 @@ class Worker:
             self.keyring.adopt(await self._membership.obtain_keys(sealed))
             models.load_sealed()
             self.models = models
-            self._model_sync = ModelSync(broker=self._broker, pool=self.pool, worker_id=self.worker_id,
-                                         keyring=self.keyring, library=models)
-            self._handlers = RequestHandlers(pool=self.pool, config=self.config, library=models,
-                                             rotation=self._rotation)
+            self._model_sync = ModelSync(self._ctx, keyring=self.keyring, library=models)
+            self._handlers = RequestHandlers(self._ctx, library=models, rotation=self._rotation)
             if self.identity.can_join:
                 await self._model_sync.fetch_missing(self._membership.admitted_by)
             self._subs.append(await self._broker.consume_control(self.pool, self._on_control))
@@ -275,7 +268,7 @@ class Worker:
                 delivery, "session", f"job {header.job_id}: session sealed to epoch {header.epoch} does not open "
                 f"with this pool's epoch-{self.keyring.epoch} key")
         replay_key = (header.session_id, header.job_id)
-        now_ms = self._now_ms()
+        now_ms = self._ctx.now_ms()
         try:
             plaintext = open_request(sealed, header, session_key)
         except DecryptionFailed:

@@ -25,9 +25,7 @@ Errors a producer sees::
     KeyFileError                   a key file is missing, unreadable or not an Ed25519 key
 """
 
-from __future__ import annotations
-
-from importlib.metadata import PackageNotFoundError, version
+from importlib import metadata as _metadata
 
 from attestation.claims import Claims
 from attestation.errors import PolicyError
@@ -58,8 +56,8 @@ from protocol.errors import KeyFileError
 from protocol.ownership import generate_signing_key, load_signing_key, parse_public_key, public_key_bytes, save_signing_key
 
 try:
-    __version__ = version("enclaveq")
-except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = _metadata.version("enclaveq")
+except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0"
 
 __all__ = [
