@@ -16,6 +16,7 @@ The parts, each owning its own state:
 * :class:`~enclave_worker.model_library.ModelLibrary` -- models, owner manifests, sealed copies;
 * :class:`~enclave_worker.model_sync.ModelSync` -- models to and from other members;
 * :class:`~enclave_worker.request_handlers.RequestHandlers` -- what each request kind does;
+* :class:`~enclave_worker.control.ControlChannel` -- what each control-channel message does;
 * :class:`~enclave_worker.sessions.SessionCache` / ``SeenJobs`` -- per-session secrets, replays;
 * :class:`~enclave_worker.attester.Attester` -- statements and evidence about this worker.
 """
@@ -28,21 +29,20 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 
-from attestation.providers.errors import ProviderError
 from broker_adapters import BrokerAdapter, Delivery, Message, PoolSettings, Subscription, open_broker
 from broker_adapters.errors import BrokerError, Unroutable
 from protocol import bodies, crypto
 from protocol.envelope import RequestHeader, open_request, peek_request, seal_result
 from protocol.errors import DecryptionFailed, ProtocolError
-from protocol.handshake import (SEALED_REQUEST, Challenge, ControlError, EpochAnnounce, EvidenceResponse,
-                                JoinRequest, ModelSyncRequest, Statement, control_kind)
+from protocol.handshake import Challenge, ControlError, EvidenceResponse, Statement
 from protocol.routing import Route, route_for
 
 from .attester import Attester
 from .config import DEFAULT_WORKER_CONFIG, WorkerConfig
+from .control import ControlChannel
 from .context import WorkerContext
 from .errors import SealedStateError, WorkerStartupError
 from .identity import EvidenceProvider, WorkerIdentity
@@ -59,7 +59,6 @@ from .sessions import SeenJobs, SessionCache
 log = logging.getLogger("enclaveq.worker")
 
 Clock = Callable[[], float]
-ControlHandler = Callable[[Delivery], Awaitable[bytes | None]]
 
 
 class Worker:
@@ -90,13 +89,8 @@ class Worker:
         self.models: ModelLibrary | None = None  # opened at start: it reads sealed state
         self._model_sync: ModelSync | None = None
         self._handlers: RequestHandlers | None = None
-        self._control: dict[str, ControlHandler] = {
-            SEALED_REQUEST: self._broadcast_request,
-            "challenge": self._answer_challenge,
-            "join_request": self._answer_join,
-            "model_sync_request": self._answer_model_sync,
-            "epoch_announce": self._take_epoch_announce,
-        }
+        self._control = ControlChannel(ctx, attester=self._attester, membership=self._membership,
+                                       rotation=self._rotation, serve_broadcast=self._serve_broadcast)
         self._subs: list[Subscription] = []
         self._slots = asyncio.Semaphore(config.max_jobs_in_flight)
         self._draining = False
@@ -156,9 +150,10 @@ class Worker:
             self.models = models
             self._model_sync = ModelSync(self._ctx, keyring=self.keyring, library=models)
             self._handlers = RequestHandlers(self._ctx, library=models, rotation=self._rotation)
+            self._control.serve_model_sync(self._model_sync)
             if self.identity.can_join:
                 await self._model_sync.fetch_missing(self._membership.admitted_by)
-            self._subs.append(await self._broker.consume_control(self.pool, self._on_control))
+            self._subs.append(await self._broker.consume_control(self.pool, self._control.on_message))
             self._subs.append(await self._broker.consume_jobs(self.pool, self._on_job, prefetch=self._prefetch))
         except BaseException:
             await self._membership.release()
@@ -210,6 +205,11 @@ class Worker:
     # -- jobs -------------------------------------------------------------------------------------
     async def _on_job(self, delivery: Delivery) -> None:
         await self._serve(delivery, Route.JOBS)
+
+    async def _serve_broadcast(self, delivery: Delivery) -> None:
+        # Model uploads and deletes are broadcast so that every worker of the pool gets them;
+        # they are sealed requests like any job, answered on the producer's reply queue.
+        await self._serve(delivery, Route.BROADCAST)
 
     async def _serve(self, delivery: Delivery, route: Route) -> None:
         if self._draining:
@@ -332,66 +332,6 @@ class Worker:
             await delivery.nack()
             return
         await delivery.ack()
-
-    # -- control channel -----------------------------------------------------------------------
-    async def _on_control(self, delivery: Delivery) -> None:
-        """Dispatch a control-channel message by its declared type; answer it when it asks."""
-        msg = delivery.message
-        try:
-            kind = control_kind(msg.body, max_bytes=self.config.max_message_bytes)
-            handler = self._control.get(kind)
-            if handler is None:
-                await delivery.ack()  # other workers' or future control traffic
-                return
-            reply = await handler(delivery)
-        except ProtocolError as exc:
-            reply = ControlError(code="malformed", message=str(exc)).to_bytes()
-        except ProviderError as exc:
-            # The TEE would not produce evidence (device busy, kernel error): say so to the
-            # producer, whose connect then fails clearly, instead of redelivering forever.
-            log.error("could not obtain evidence from the TEE: %s", exc)
-            reply = ControlError(code="evidence_unavailable", message=str(exc)).to_bytes()
-        if delivery.settled:
-            return
-        if reply is not None and msg.reply_to:
-            try:
-                await self._broker.publish_reply(msg.reply_to, Message(body=reply, correlation_id=msg.correlation_id))
-            except BrokerError as exc:
-                log.warning("could not answer a control message: %s", exc)
-        await delivery.ack()
-
-    async def _broadcast_request(self, delivery: Delivery) -> bytes | None:
-        # Model uploads and deletes are broadcast so that every worker of the pool gets them;
-        # they are sealed requests like any job, answered on the producer's reply queue.
-        await self._serve(delivery, Route.BROADCAST)
-        return None
-
-    async def _answer_challenge(self, delivery: Delivery) -> bytes:
-        # A real TEE can take a second to produce a quote: keep the event loop serving jobs.
-        challenge = Challenge.from_bytes(delivery.message.body)
-        return (await self._attester.answer_in_thread(challenge)).to_bytes()
-
-    async def _answer_join(self, delivery: Delivery) -> bytes | None:
-        request = JoinRequest.from_bytes(delivery.message.body)
-        if request.worker_id == self.worker_id:
-            return None  # our own broadcast
-        return await self._membership.answer_join(request)
-
-    async def _answer_model_sync(self, delivery: Delivery) -> bytes | None:
-        request = ModelSyncRequest.from_bytes(delivery.message.body)
-        reply_to = delivery.message.reply_to
-        if reply_to and self._model_sync is not None and self._model_sync.should_answer(request):
-            try:
-                await self._model_sync.send(request, reply_to)
-            except BrokerError as exc:
-                # The requester is gone (or took another copy): never requeue, which would hand
-                # the request straight back to us to re-read every model again.
-                log.info("model sync for worker %s abandoned: %s", request.worker_id, exc)
-        return None
-
-    async def _take_epoch_announce(self, delivery: Delivery) -> bytes | None:
-        await self._rotation.on_announce(EpochAnnounce.from_bytes(delivery.message.body))
-        return None
 
 
 __all__ = ["Worker", "WorkerIdentity", "EvidenceProvider"]

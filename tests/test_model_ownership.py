@@ -258,7 +258,7 @@ async def test_a_worker_that_lost_its_broker_connection_catches_up_on_missed_upl
                 await b._subs[0].cancel()
                 model_id = await client.upload_model(mlp_model())
                 await client.delete_model(old_id)
-                b._subs[0] = await b._broker.consume_control(pool, b._on_control)
+                b._subs[0] = await b._broker.consume_control(pool, b._control.on_message)
                 assert not b.models.has(model_id) and b.models.has(old_id)
                 b._broker._reconnected()  # what the adapter does once the connection is back
                 await wait_until(lambda: b.models.has(model_id) and not b.models.has(old_id),
