@@ -97,6 +97,10 @@ class BrokerAdapter(abc.ABC):
     """Async broker client. Use as ``async with open_broker(url) as broker:``."""
 
     url: str
+    # The longest a publish waits for the broker's confirm before raising ``PublishTimeout``: a
+    # broker that takes a frame and never confirms it must not hang its publisher. Callers with a
+    # deadline of their own (the SDK's ``timeout``) cancel a publish sooner.
+    confirm_timeout: float = 30.0
 
     def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run ``callback`` (in a task of its own) each time the adapter has recovered a lost
@@ -143,7 +147,8 @@ class BrokerAdapter(abc.ABC):
     @abc.abstractmethod
     async def publish_job(self, pool: str, message: Message) -> None:
         """Publish to the job queue; returns once the broker has confirmed it.
-        Raises ``Unroutable`` if no queue took it, ``PublishFailed`` if the broker refused."""
+        Raises ``Unroutable`` if no queue took it, ``PublishFailed`` if the broker refused,
+        ``PublishTimeout`` if it did not confirm within ``confirm_timeout``. Safe to cancel."""
 
     @abc.abstractmethod
     async def consume_jobs(self, pool: str, handler: Handler, *, prefetch: int = 16) -> Subscription: ...

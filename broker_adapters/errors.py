@@ -4,6 +4,7 @@
 
     BrokerError                   anything the broker layer reports
      ├── BrokerUnavailable        cannot connect, or the connection went away mid-operation
+     │    └── PublishTimeout      the broker took a message and did not confirm it in time
      ├── PublishFailed            the broker refused a message (nack, or over a size limit)
      │    └── Unroutable          a mandatory publish found no queue (undeclared pool, missing
      │                            reply queue, no live control consumer)
@@ -31,6 +32,12 @@ class BrokerUnavailable(BrokerError):
     not necessarily the message. Retrying can therefore duplicate it (at-least-once)."""
 
 
+class PublishTimeout(BrokerUnavailable):
+    """The broker took the message but did not confirm it within the adapter's
+    ``confirm_timeout``. Like any ``BrokerUnavailable`` publish, it may or may not have been
+    accepted: retrying can duplicate it."""
+
+
 class PublishFailed(BrokerError):
     """The broker refused the message (negative confirm) or it exceeds the size limit."""
 
@@ -55,6 +62,7 @@ __all__ = [
     "BrokerError",
     "BrokerUnavailable",
     "PublishFailed",
+    "PublishTimeout",
     "Unroutable",
     "PoolBusy",
     "QueueNotFound",

@@ -1,4 +1,9 @@
-"""Temporary reply queues for worker-to-worker exchanges (joining, catching up, model sync)."""
+"""Temporary reply queues for worker-to-worker exchanges (joining, catching up, model sync).
+
+Anyone on the broker can publish to an inbox it has seen named in a request, so what an inbox
+holds is bounded: beyond :data:`MAX_WAITING` unread messages, more are acknowledged and dropped
+(a genuine answer lost that way is asked for again by the next join round or sync).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,10 @@ from collections.abc import AsyncIterator
 
 from broker_adapters import BrokerAdapter, Delivery
 
+# Unread messages an inbox keeps: a join round takes the first answer that verifies, a model sync
+# processes each message as it comes, so honest traffic never comes near this.
+MAX_WAITING = 256
+
 
 @contextlib.asynccontextmanager
 async def open_inbox(broker: BrokerAdapter, purpose: str) -> AsyncIterator[tuple[str, asyncio.Queue[bytes]]]:
@@ -16,10 +25,11 @@ async def open_inbox(broker: BrokerAdapter, purpose: str) -> AsyncIterator[tuple
     Deleted on exit, so a member's late answer has nowhere to go."""
     name = f"{purpose}-{uuid.uuid4().hex[:16]}"
     address = await broker.declare_reply_queue(name)
-    answers: asyncio.Queue[bytes] = asyncio.Queue()
+    answers: asyncio.Queue[bytes] = asyncio.Queue(MAX_WAITING)
 
     async def collect(delivery: Delivery) -> None:
-        answers.put_nowait(delivery.message.body)
+        if not answers.full():
+            answers.put_nowait(delivery.message.body)
         await delivery.ack()
 
     sub = await broker.consume_replies(name, collect)

@@ -163,7 +163,19 @@ class Keyring:
                                rotation_info(pool, st.epoch, announce.previous_epoch, announce.retire_at_ms))
         m = unpack(raw, max_bytes=1024, what="rotated pool key")
         private = m.get("pool_private_key") if isinstance(m, dict) else None
-        if (not isinstance(m, dict) or m.get("epoch") != st.epoch or not isinstance(private, bytes)
-                or crypto.public_bytes(crypto.load_private_key(private)) != st.pool_public_key):
+        if (not isinstance(m, dict) or type(m.get("epoch")) is not int or m.get("epoch") != st.epoch
+                or crypto.public_bytes(parse_private_key(private, "epoch announcement")) != st.pool_public_key):
             raise MalformedMessage("epoch announcement: the sealed key is not the key the statement attests")
+        assert isinstance(private, bytes)  # parse_private_key checked it
         return private
+
+
+def parse_private_key(raw: object, what: str) -> X25519PrivateKey:
+    """An X25519 private key from bytes someone else sent (sealed to us, but by whom is another
+    question): anything but 32 bytes is a MalformedMessage, never a ValueError."""
+    if not isinstance(raw, bytes) or len(raw) != crypto.PUBLIC_KEY_BYTES:
+        raise MalformedMessage(f"{what}: a private key must be {crypto.PUBLIC_KEY_BYTES} bytes")
+    try:
+        return crypto.load_private_key(raw)
+    except ValueError:
+        raise MalformedMessage(f"{what}: not an X25519 private key") from None

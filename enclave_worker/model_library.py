@@ -5,12 +5,22 @@ One owner for four things that must move together: the loaded ONNX Runtime sessi
 (:class:`~enclave_worker.ownership.ModelRegistry`), the sealed copies on disk, and the models
 still arriving (chunk by chunk, or by sync) that a job may wait for. A model is served only once
 its bytes hash to its id, its owner's manifest verifies, and its sealed copy is written.
+
+Models still arriving: a job for a model that is not here yet but whose upload is in progress
+on this worker waits for it (at most ``MODEL_WAIT_SECONDS``). It waits only while an upload of
+that model is actually in progress or loading: an upload that fails or expires
+(:mod:`enclave_worker.uploads` bounds and expires them) releases its waiters at once, and they
+get ``unknown_model``. So the map of arriving models holds at most one entry per incomplete
+upload plus one per model being loaded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
+import time
+from collections.abc import Callable, Iterable
 
 from protocol import bodies
 from protocol.bodies import ModelInfo
@@ -20,8 +30,9 @@ from protocol.ownership import DeleteOrder, ModelManifest
 
 from .errors import JobRejected
 from .models import LoadedModel, ModelStore
-from .ownership import ModelRegistry
+from .ownership import CatalogVersion, ModelRegistry
 from .sealed_state import SealedState
+from .uploads import Uploads
 
 log = logging.getLogger("enclaveq.worker")
 
@@ -29,18 +40,59 @@ MODEL_WAIT_SECONDS = 30.0  # a job may wait this long for a model still arriving
 
 
 class ModelLibrary:
-    def __init__(self, state: SealedState, *, max_model_bytes: int, intra_op_threads: int) -> None:
+    def __init__(self, state: SealedState, *, max_model_bytes: int, intra_op_threads: int,
+                 clock: Callable[[], float] = time.time) -> None:
         self._state = state
         self._store = ModelStore(max_model_bytes=max_model_bytes, intra_op_threads=intra_op_threads)
         self._registry = ModelRegistry(state)
+        self.uploads = Uploads(max_model_bytes=max_model_bytes, clock=clock)
+        # Models with an upload in progress or loading here, and how many are loading.
         self._arriving: dict[str, asyncio.Event] = {}
+        self._loading: dict[str, int] = {}
+        self._waiting = 0  # jobs waiting for an arriving model
 
     # -- reading ---------------------------------------------------------------------------
+    @property
+    def catalog_version(self) -> CatalogVersion:
+        """The version of the owners' records held here (members compare it in a model sync)."""
+        return self._registry.version
+
+    def remember_deletes(self, signed_orders: Iterable[bytes]) -> int:
+        """Keep owner-signed delete orders even for models never held here, so a replayed upload
+        signed before the delete is refused on this worker too."""
+        return self._registry.remember_deletes(signed_orders)
+
     def has(self, model_id: str) -> bool:
         return self._store.has(model_id)
 
     def list(self) -> list[ModelInfo]:
         return self._store.list()
+
+    def list_for(self, producer_key: Callable[[], bytes | None]) -> builtins.list[ModelInfo]:
+        """The models a producer may see (``model_list``): every model without an allow-list,
+        and an allow-listed one only if the key its session proved is on the list or is the
+        owner's. ``producer_key`` is asked only when an allow-listed model is held, so a session
+        without allow-listed models around never pays for a proof check."""
+        asked, key = False, None
+
+        def may_see(info: ModelInfo) -> bool:
+            nonlocal asked, key
+            manifest = self._registry.manifest(info.model_id)
+            if manifest is None or manifest.allowed_producers is None:
+                return True
+            if not asked:
+                asked, key = True, producer_key()
+            return key is not None and (manifest.allows(key) or key == manifest.owner_key)
+
+        return [info for info in self._store.list() if may_see(info)]
+
+    def arriving_count(self) -> int:
+        """How many models are still arriving here (bounded; tests check it)."""
+        return len(self._arriving)
+
+    def waiting_count(self) -> int:
+        """How many jobs are waiting for a model still arriving here."""
+        return self._waiting
 
     def manifest(self, model_id: str) -> ModelManifest | None:
         return self._registry.manifest(model_id)
@@ -64,13 +116,18 @@ class ModelLibrary:
 
     async def get(self, model_id: str) -> LoadedModel:
         """The loaded model, waiting a while if it is still arriving on this worker (uploads
-        reach every worker, and the producer may already hold another worker's confirmation)."""
+        reach every worker, and the producer may already hold another worker's confirmation).
+        Check the allow-list *after* this returns: a model that arrives while a job waits comes
+        with its manifest, which the job's producer must satisfy."""
         arriving = self._arriving.get(model_id)
         if arriving is not None and not self._store.has(model_id):
+            self._waiting += 1
             try:
                 await asyncio.wait_for(arriving.wait(), MODEL_WAIT_SECONDS)
             except TimeoutError:
                 pass
+            finally:
+                self._waiting -= 1
         return self._store.get(model_id)
 
     # -- changing ----------------------------------------------------------------------------
@@ -100,17 +157,43 @@ class ModelLibrary:
             if manifest != self._registry.manifest(model_id):
                 self._registry.record(manifest, signed)  # the owner's newer manifest (e.g. a new allow-list)
             return bodies.encode_ack(model_id, c.count, True)
-        arriving = self._arriving.setdefault(model_id, asyncio.Event())
-        received, whole = self._store.add_chunk(c.upload_id, model_id, c.index, c.count, c.total_size, data)
+        self.expire_uploads()
+        try:
+            received, whole = self.uploads.add(c.upload_id, model_id, c.index, c.count, c.total_size, data)
+        except JobRejected:
+            self._release(model_id)  # the chunk may have ended its upload (assembled to the wrong size)
+            raise
+        self._arriving.setdefault(model_id, asyncio.Event())
         if whole is None:
             return bodies.encode_ack(None, received, False)
-        await asyncio.to_thread(self._store.load, model_id, whole)
-        self._registry.record(manifest, signed)
-        await asyncio.to_thread(self._state.save_model, model_id, whole)
-        arriving.set()
-        self._arriving.pop(model_id, None)
+        self._loading[model_id] = self._loading.get(model_id, 0) + 1
+        try:
+            loaded = await asyncio.to_thread(self._store.open, model_id, whole)
+            # The manifest (its allow-list) is in force before any job can get the model.
+            self._registry.record(manifest, signed)
+            self._store.add(loaded)
+            await asyncio.to_thread(self._state.save_model, model_id, whole)
+        finally:
+            self._loading[model_id] -= 1
+            if not self._loading[model_id]:
+                del self._loading[model_id]
+            self._release(model_id)
         log.info("model %s stored (%d bytes)", model_id, len(whole))
         return bodies.encode_ack(model_id, received, True)
+
+    def expire_uploads(self) -> None:
+        """Drop uploads idle for too long (by the worker's clock) and release their waiters."""
+        for model_id in self.uploads.expire():
+            log.info("an incomplete upload of model %s expired", model_id)
+            self._release(model_id)
+
+    def _release(self, model_id: str) -> None:
+        """Wake the jobs waiting for ``model_id`` once nothing more can bring it: it is here, or
+        no upload of it is in progress or loading any more."""
+        if self._store.has(model_id) or not (self.uploads.arriving(model_id) or self._loading.get(model_id)):
+            arriving = self._arriving.pop(model_id, None)
+            if arriving is not None:
+                arriving.set()
 
     async def delete(self, model_id: str, signed_order: bytes) -> None:
         """Delete on the owner's signed order (raises ``not_owner`` / ``stale_order`` otherwise)."""
@@ -125,11 +208,13 @@ class ModelLibrary:
             return
         try:
             manifest = self._registry.check_upload(model_id, signed_manifest)
-            await asyncio.to_thread(self._store.load, model_id, data)  # checks SHA-256 == model id
+            loaded = await asyncio.to_thread(self._store.open, model_id, data)  # checks SHA-256 == model id
         except JobRejected as exc:
             log.warning("synced model %s refused: %s", model_id, exc)
             return
-        self._registry.record(manifest, signed_manifest)
+        self._registry.record(manifest, signed_manifest)  # in force before any job can get the model
+        self._store.add(loaded)
+        self._release(model_id)  # jobs waiting for an upload of it need not wait any longer
         await asyncio.to_thread(self._state.save_model, model_id, data)
         log.info("model %s synced from a pool member (%d bytes)", model_id, len(data))
 

@@ -1,9 +1,9 @@
-"""Models held by a worker: chunked uploads, hash check, ONNX Runtime sessions, input checks.
+"""Models held by a worker: hash check, ONNX Runtime sessions, input checks.
 
 A model's id is the SHA-256 of its plaintext ONNX bytes, so a producer that pins an id knows
-exactly which weights ran. Uploads arrive as chunks in any order (redelivery reorders them);
-a model becomes visible only once every chunk is present, the hash matches and ONNX Runtime
-has loaded it.
+exactly which weights ran. Uploads arrive as chunks in any order (redelivery reorders them;
+:mod:`enclave_worker.uploads` assembles them); a model becomes visible only once every chunk
+is present, the hash matches and ONNX Runtime has loaded it.
 """
 
 from __future__ import annotations
@@ -20,20 +20,6 @@ from protocol.bodies import ErrorCode, ModelInfo
 from protocol.tensors import ONNX_TYPES
 
 from .errors import InputRejected, JobRejected, ModelRejected
-
-MAX_CHUNK_BYTES = 8 * 1024 * 1024
-
-
-@dataclass
-class _Upload:
-    model_id: str
-    count: int
-    total_size: int
-    chunks: dict[int, bytes] = field(default_factory=dict)
-
-    @property
-    def received(self) -> int:
-        return len(self.chunks)
 
 
 @dataclass
@@ -69,14 +55,16 @@ class ModelStore:
         self.max_model_bytes = max_model_bytes
         self._intra = intra_op_threads
         self._models: dict[str, LoadedModel] = {}
-        # By upload id alone, not by session: after a key rotation the producer seals the rest of
-        # an upload under its new session. A stranger reusing an upload id can only spoil the
-        # upload (the assembled bytes must hash to the model id), never substitute a model.
-        self._uploads: dict[str, _Upload] = {}
         self._lock = threading.Lock()
 
     # -- loading ---------------------------------------------------------------------------
     def load(self, model_id: str, data: bytes) -> LoadedModel:
+        """:meth:`open` and :meth:`add` at once (for models whose manifest is already in force)."""
+        return self.add(self.open(model_id, data))
+
+    def open(self, model_id: str, data: bytes) -> LoadedModel:
+        """Check the hash and load the model into ONNX Runtime, without serving it yet: its
+        owner's manifest must be in force before any job can get it (see :meth:`add`)."""
         if model_id_of(data) != model_id:
             raise ModelRejected("model bytes do not hash to the declared model id")
         opts = ort.SessionOptions()
@@ -89,9 +77,12 @@ class ModelStore:
             raise ModelRejected(f"ONNX Runtime could not load the model ({type(exc).__name__})") from None
         info = ModelInfo(model_id=model_id, size=len(data), inputs=_signature(session.get_inputs()),
                          outputs=_signature(session.get_outputs()))
-        loaded = LoadedModel(info=info, session=session)
+        return LoadedModel(info=info, session=session)
+
+    def add(self, loaded: LoadedModel) -> LoadedModel:
+        """Serve ``loaded`` from now on."""
         with self._lock:
-            self._models[model_id] = loaded
+            self._models[loaded.info.model_id] = loaded
         return loaded
 
     def has(self, model_id: str) -> bool:
@@ -112,31 +103,6 @@ class ModelStore:
     def list(self) -> list[ModelInfo]:
         with self._lock:
             return [m.info for m in self._models.values()]
-
-    # -- chunked upload --------------------------------------------------------------------
-    def add_chunk(self, upload_id: str, model_id: str, index: int, count: int,
-                  total_size: int, data: bytes) -> tuple[int, bytes | None]:
-        """Store one chunk; return (chunks received, whole model bytes once complete)."""
-        if total_size > self.max_model_bytes:
-            raise JobRejected(f"model of {total_size} bytes exceeds the worker limit of {self.max_model_bytes}",
-                              ErrorCode.OVERSIZED)
-        if len(data) > MAX_CHUNK_BYTES:
-            raise JobRejected(f"chunk of {len(data)} bytes exceeds {MAX_CHUNK_BYTES}", ErrorCode.OVERSIZED)
-        key = upload_id
-        with self._lock:
-            upload = self._uploads.get(key)
-            if upload is None:
-                upload = self._uploads[key] = _Upload(model_id=model_id, count=count, total_size=total_size)
-            if (upload.model_id, upload.count, upload.total_size) != (model_id, count, total_size):
-                raise ModelRejected("chunk disagrees with the upload it belongs to")
-            upload.chunks[index] = data  # a redelivered chunk simply overwrites itself
-            if upload.received < upload.count:
-                return upload.received, None
-            del self._uploads[key]
-        whole = b"".join(upload.chunks[i] for i in range(upload.count))
-        if len(whole) != total_size:
-            raise ModelRejected(f"model assembled to {len(whole)} bytes, declared {total_size}")
-        return upload.count, whole
 
 
 def check_inputs(model: LoadedModel, inputs: Mapping[str, np.ndarray], outputs: list[str] | None) -> None:

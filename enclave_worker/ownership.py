@@ -16,13 +16,24 @@ Rules, all checked inside the worker (the broker and host only ever see them sea
 
 The owner's key is a model-level authority, independent of attestation: attestation says the
 pool is genuine, the signature says this model's owner wanted this.
+
+The catalog's version (:attr:`ModelRegistry.version`, :class:`CatalogVersion`) summarises the
+manifests and delete orders in force without any new storage: the newest owner-signed
+``issued_at_ms`` among them, how many there are, and a digest of them all. Members compare
+versions in every model sync, so a worker whose sealed state was rolled back (a copy of its
+state directory put back) learns it is behind, and takes the newer signed records it lacks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
 
 from protocol import bodies
+from protocol.codec import pack
 from protocol.errors import MalformedMessage, SignatureInvalid
 from protocol.ownership import DeleteOrder, ModelManifest
 
@@ -43,11 +54,51 @@ def _verified(parse, signed: bytes, what: str):
         raise JobRejected(f"malformed {what}: {exc}", bodies.ErrorCode.BAD_SIGNATURE) from None
 
 
+@dataclass(frozen=True)
+class CatalogVersion:
+    """What a worker's model catalog is at: the newest owner-signed issue time among its
+    manifests and delete orders, how many it holds, and a SHA-256 over all of them.
+
+    Legitimate changes only ever add newer signed records (an upload adds a manifest, an
+    allow-list change replaces one with a newer, a delete turns a manifest into a newer order),
+    so a catalog restored from an older copy has an older ``newest_ms`` or fewer ``records``
+    than its live peers. Owners' clocks set ``newest_ms``, so this orders catalogs, it does not
+    date them; the digest tells equal catalogs from different ones with the same numbers."""
+
+    newest_ms: int
+    records: int
+    digest: bytes
+
+    def compare(self, other: CatalogVersion) -> Literal["same", "newer", "older", "diverged"]:
+        """How this catalog stands to ``other``'s."""
+        if self.digest == other.digest:
+            return "same"
+        mine, theirs = (self.newest_ms, self.records), (other.newest_ms, other.records)
+        if mine == theirs:
+            return "diverged"
+        return "newer" if mine > theirs else "older"
+
+    def to_wire(self) -> list[object]:
+        return [self.newest_ms, self.records, self.digest]
+
+    @classmethod
+    def from_wire(cls, value: object) -> CatalogVersion:
+        if (not isinstance(value, list) or len(value) != 3 or type(value[0]) is not int
+                or type(value[1]) is not int or not isinstance(value[2], bytes) or len(value[2]) != 32
+                or value[0] < 0 or value[1] < 0):
+            raise MalformedMessage("catalog version: expected [newest_ms, records, 32-byte digest]")
+        return cls(newest_ms=value[0], records=value[1], digest=value[2])
+
+    def __str__(self) -> str:
+        return f"{self.newest_ms}/{self.records}/{self.digest[:4].hex()}"
+
+
 class ModelRegistry:
     def __init__(self, state: SealedState) -> None:
         self._state = state
         self._manifests: dict[str, tuple[ModelManifest, bytes]] = {}
         self._deleted: dict[str, tuple[DeleteOrder, bytes]] = {}
+        self._version: CatalogVersion | None = None  # computed on demand, dropped on every change
         for signed in state.load_delete_orders():
             try:
                 order = DeleteOrder.verify(signed)
@@ -71,6 +122,7 @@ class ModelRegistry:
         if manifest.model_id != model_id:
             return False
         self._manifests[model_id] = (manifest, signed)
+        self._version = None
         return True
 
     def manifest(self, model_id: str) -> ModelManifest | None:
@@ -101,6 +153,7 @@ class ModelRegistry:
     def record(self, manifest: ModelManifest, signed: bytes) -> None:
         self._state.save_manifest(manifest.model_id, signed)
         self._manifests[manifest.model_id] = (manifest, signed)
+        self._version = None
 
     # -- deletes -------------------------------------------------------------------------------
     def check_delete(self, model_id: str, signed: bytes) -> DeleteOrder:
@@ -121,12 +174,53 @@ class ModelRegistry:
     def forget(self, order: DeleteOrder, signed: bytes) -> None:
         self._manifests.pop(order.model_id, None)
         self._deleted[order.model_id] = (order, signed)
+        self._save_delete_orders()
+
+    def _save_delete_orders(self) -> None:
         newest = sorted(self._deleted.values(), key=lambda e: e[0].issued_at_ms, reverse=True)[:MAX_DELETE_ORDERS]
         self._deleted = {o.model_id: (o, s) for o, s in newest}
         self._state.save_delete_orders([s for _, s in newest])
+        self._version = None
+
+    def remember_deletes(self, signed_orders: Iterable[bytes]) -> int:
+        """Keep owner-signed delete orders a member sent, also for models this worker never held:
+        they refuse a replayed upload signed before the delete (a worker that joined after it
+        would otherwise take it), and keep the catalogs of members comparable. An order is kept
+        if it verifies, is newer than the one held for that model, and names the owner of the
+        manifest held (if any). Deleting a held model is :meth:`check_delete`'s business.
+        Returns how many were kept; sealed state is written once."""
+        kept = 0
+        for signed in signed_orders:
+            try:
+                order = DeleteOrder.verify(signed)
+            except (MalformedMessage, SignatureInvalid):
+                continue
+            held = self._deleted.get(order.model_id)
+            current = self.manifest(order.model_id)
+            if held is not None and held[0].issued_at_ms >= order.issued_at_ms:
+                continue
+            if current is not None and current.owner_key != order.owner_key:
+                continue
+            self._deleted[order.model_id] = (order, signed)
+            kept += 1
+        if kept:
+            self._save_delete_orders()
+        return kept
 
     def delete_orders(self) -> tuple[bytes, ...]:
         return tuple(s for _, s in self._deleted.values())
+
+    # -- version ---------------------------------------------------------------------------------
+    @property
+    def version(self) -> CatalogVersion:
+        """The catalog's version (see :class:`CatalogVersion`), for members to compare."""
+        if self._version is None:
+            records = [s for _, s in self._manifests.values()] + [s for _, s in self._deleted.values()]
+            newest = max([m.issued_at_ms for m, _ in self._manifests.values()]
+                         + [o.issued_at_ms for o, _ in self._deleted.values()], default=0)
+            self._version = CatalogVersion(newest_ms=newest, records=len(records),
+                                           digest=hashlib.sha256(pack(sorted(records))).digest())
+        return self._version
 
     # -- jobs ----------------------------------------------------------------------------------
     def require_allowed(self, model_id: str, producer_key: bytes | None) -> None:

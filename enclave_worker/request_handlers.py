@@ -11,14 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from protocol import bodies
 from protocol.envelope import RequestHeader
-from protocol.errors import MalformedMessage, OversizedMessage, ProtocolError, SignatureInvalid, TensorError
-from protocol.ownership import ProducerProof
+from protocol.errors import MalformedMessage, OversizedMessage, ProtocolError, TensorError
 from protocol.tensors import TensorLimits
 
 from .context import WorkerContext
@@ -26,13 +24,13 @@ from .errors import JobRejected
 from .model_library import ModelLibrary
 from .models import run_model
 from .rotation import Rotation
+from .sessions import OpenedSession, SessionCache
 
 log = logging.getLogger("enclaveq.worker")
 
 # A model known to answer this fast on an input this small runs on the event loop (see _run_job).
 INLINE_INFERENCE_SECONDS = 0.0005
 INLINE_INFERENCE_BYTES = 64 * 1024
-MAX_CACHED_PROOFS = 10_000
 
 
 @dataclass(frozen=True)
@@ -55,14 +53,16 @@ Handler = Callable[[RequestHeader, bytes], Awaitable[Answer]]
 
 
 class RequestHandlers:
-    def __init__(self, ctx: WorkerContext, *, library: ModelLibrary, rotation: Rotation) -> None:
+    def __init__(self, ctx: WorkerContext, *, library: ModelLibrary, rotation: Rotation,
+                 sessions: SessionCache) -> None:
         self._ctx = ctx
         self._library = library
         self._rotation = rotation
+        # The sessions the worker opened: the producer key a session proved is kept (and
+        # verified) only inside the exact sealed session it was proved for (see sessions.py).
+        self._sessions = sessions
         self._limits = TensorLimits(max_tensor_bytes=ctx.config.max_tensor_bytes,
                                    max_total_bytes=ctx.config.max_message_bytes)
-        # Verified producer proofs, by what they were verified against.
-        self._producer_keys: OrderedDict[tuple[bytes, bytes], bytes] = OrderedDict()
         self._handlers: dict[str, Handler] = {
             "job": self._run_job,
             "model_chunk": self._model_chunk,
@@ -90,10 +90,12 @@ class RequestHandlers:
     # -- handlers ------------------------------------------------------------------------------
     async def _run_job(self, header: RequestHeader, plaintext: bytes) -> Answer:
         model_id = _model_id(header)
-        if self._library.needs_producer_key(model_id):
-            self._library.require_allowed(model_id, self._producer_key(header))
-        inputs, outputs = bodies.decode_job(plaintext, self._limits)
+        session = self._sessions.get(header)  # taken before get() may wait: the cache may evict it meanwhile
         model = await self._library.get(model_id)
+        # Checked once the model is here: one still arriving when the job came has no manifest yet.
+        if self._library.needs_producer_key(model_id):
+            self._library.require_allowed(model_id, self._producer_key(header, session))
+        inputs, outputs = bodies.decode_job(plaintext, self._limits)
         input_bytes = sum(a.nbytes for a in inputs.values())
 
         def infer() -> bytes:
@@ -129,31 +131,28 @@ class RequestHandlers:
         return Answer("ok", bodies.ACK, bodies.encode_ack(model_id, 0, True))
 
     async def _model_list(self, header: RequestHeader, plaintext: bytes) -> Answer:
-        return Answer("ok", bodies.MODELS, bodies.encode_models(self._library.list()))
+        # Allow-listed models (their input/output signatures) only for producers that may run them.
+        visible = self._library.list_for(lambda: self._producer_key(header, self._sessions.get(header)))
+        return Answer("ok", bodies.MODELS, bodies.encode_models(visible))
 
     async def _pool_rotate(self, header: RequestHeader, plaintext: bytes) -> Answer:
-        epoch, retire_at_ms = await self._rotation.rotate_on_request(bodies.decode_rotate(plaintext))
+        # Rotate only if the pool is still at the epoch this request was sealed to: a request
+        # replayed (or broadcast) to every member then rotates the pool once, not once per member.
+        epoch, retire_at_ms = await self._rotation.rotate_on_request(bodies.decode_rotate(plaintext),
+                                                                     from_epoch=header.epoch)
         return Answer("ok", bodies.ROTATED, bodies.encode_rotated(epoch, retire_at_ms))
 
     # -- producer keys -----------------------------------------------------------------------------
-    def _producer_key(self, header: RequestHeader) -> bytes | None:
-        """The producer key this session proved (verified once per session and proof)."""
+    def _producer_key(self, header: RequestHeader, session: OpenedSession | None) -> bytes | None:
+        """The producer key that ``header``'s own sealed session proved (verified once per
+        session, against exactly that sealed session and epoch). ``session`` is the one the
+        worker opened for this request, taken from the cache before the handler yielded."""
         if header.producer_proof is None:
             return None
-        cache_key = (header.session_id, header.producer_proof)
-        key = self._producer_keys.get(cache_key)
-        if key is None:
-            try:
-                proof = ProducerProof.from_bytes(header.producer_proof)
-                proof.verify(pool=self._ctx.pool, epoch=header.epoch, session_id=header.session_id,
-                             sealed_session=header.sealed_session)
-            except (SignatureInvalid, MalformedMessage):
-                raise JobRejected("the producer key proof of this session does not verify",
-                                  bodies.ErrorCode.BAD_SIGNATURE) from None
-            key = self._producer_keys[cache_key] = proof.producer_key
-            if len(self._producer_keys) > MAX_CACHED_PROOFS:
-                self._producer_keys.popitem(last=False)
-        return key
+        if session is None:  # cannot happen: the worker opened it just before, without yielding
+            raise JobRejected("this request's session is not open on this worker; send it again",
+                              bodies.ErrorCode.NOT_ALLOWED)
+        return session.producer_key(header.producer_proof)
 
 
 def _model_id(header: RequestHeader) -> str:

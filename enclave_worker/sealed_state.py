@@ -1,4 +1,5 @@
-"""The worker's sealed state on disk: the pool's epoch keys and the uploaded models.
+"""The worker's sealed state on disk: the pool's epoch keys, the uploaded models, and the jobs
+it already answered.
 
 Everything written here is AEAD-sealed under the platform sealing key (simulation: derived
 inside the worker from the sim directory's platform secret and the worker's measurement), with
@@ -13,6 +14,8 @@ Layout::
     STATE_DIR/<pool>/models/<model id>.sealed
     STATE_DIR/<pool>/models/<model id>.manifest   the owner-signed manifest (sealed like the rest)
     STATE_DIR/<pool>/delete-orders.sealed         msgpack [owner-signed delete orders]
+    STATE_DIR/<pool>/seen/<writer>-<n>.sealed     records (deadline ms, key length, job key): jobs already
+                                                  answered (enclave_worker.replay_guard), one segment per flush
 
 Rotation (P6): a previous epoch's key stays here only until its retirement time; erasing it
 rewrites the pool file without it (write-then-rename, so the old file's bytes are unlinked, not
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 from collections.abc import Callable, Iterator
@@ -36,6 +40,7 @@ Seal = Callable[[bytes, bytes, bytes], bytes]
 Unseal = Callable[[bytes, bytes, bytes], bytes]
 
 _MODEL_ID = re.compile(r"^[0-9a-f]{64}$")
+_SEGMENT = re.compile(r"^[0-9a-f]{8}-[0-9]{12}$")  # writer id, then its segment number
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,30 @@ class PoolKeys:
         """The same keys minus every previous epoch whose grace period is over."""
         keep = tuple(k for k in self.previous if k.retire_at_ms > now_ms)
         return self if keep == self.previous else replace(self, previous=keep)
+
+
+# A replay-guard segment is a run of records: 8-byte deadline (ms), 2-byte key length, key.
+# Not msgpack: a segment may hold hundreds of thousands of entries, and this form costs one
+# bytes object per entry to write and to read.
+_SEEN_RECORD = struct.Struct(">QH")
+
+
+def _encode_seen(entries: list[tuple[bytes, int]]) -> bytes:
+    pack_record = _SEEN_RECORD.pack
+    return b"".join(pack_record(deadline, len(key)) + key for key, deadline in entries)
+
+
+def _decode_seen(raw: bytes) -> list[tuple[bytes, int]]:
+    entries = []
+    unpack_record, size, pos, end = _SEEN_RECORD.unpack_from, _SEEN_RECORD.size, 0, len(raw)
+    while pos < end:
+        deadline, length = unpack_record(raw, pos)
+        pos += size
+        if pos + length > end:
+            raise ValueError("truncated record")
+        entries.append((raw[pos:pos + length], deadline))
+        pos += length
+    return entries
 
 
 class SealedState:
@@ -148,6 +177,39 @@ class SealedState:
         if not isinstance(orders, list) or not all(isinstance(o, bytes) for o in orders):
             raise SealedStateError(f"sealed delete orders at {path} have an unexpected layout")
         return orders
+
+    # -- jobs already answered (replay_guard) --------------------------------------------------
+    def save_seen_segment(self, name: str, entries: list[tuple[bytes, int]]) -> None:
+        if not _SEGMENT.match(name):
+            raise ValueError(f"not a replay-guard segment name: {name!r}")
+        self._write(self.dir / "seen" / f"{name}.sealed",
+                    self._seal(self._key, _encode_seen(entries), self._aad("seen-jobs", name)))
+
+    def delete_seen_segment(self, name: str) -> None:
+        if _SEGMENT.match(name):
+            (self.dir / "seen" / f"{name}.sealed").unlink(missing_ok=True)
+
+    def iter_seen_segments(self) -> Iterator[tuple[str, list[tuple[bytes, int]] | None]]:
+        """Every segment, as (name, entries); entries None for one that does not unseal or parse
+        (sealed under another key: a TEE whose sealing key does not survive a restart)."""
+        folder = self.dir / "seen"
+        if not folder.is_dir():
+            return
+        for path in sorted(folder.glob("*.sealed")):
+            name = path.name.removesuffix(".sealed")
+            if not _SEGMENT.match(name):
+                continue
+            try:
+                entries = _decode_seen(self._read(path, self._aad("seen-jobs", name), "replay-guard segment"))
+            except SealedStateError:
+                if not path.exists():  # merged and deleted by another worker sharing this directory
+                    continue
+                yield name, None
+                continue
+            except (struct.error, ValueError):
+                yield name, None
+                continue
+            yield name, entries
 
     def read_model(self, model_id: str) -> bytes:
         path = self.dir / "models" / f"{model_id}.sealed"

@@ -4,9 +4,11 @@ own the pool's state.
 One job's life: peek the cleartext header -> check it came on the channel its kind travels on
 -> open the sealed session (cached) -> open the body with the header as associated data ->
 refuse expired or replayed jobs -> run it (``request_handlers``) -> seal the result -> publish
-it and wait for the broker's confirm -> only then ack the job. A crash anywhere before the ack
-means the broker redelivers the job; the producer drops the duplicate result if the first one
-had already gone out. Nothing in this module logs payloads.
+it and wait for the broker's confirm -> only then ack the job, and remember it as answered
+until its deadline (``replay_guard``, sealed to disk about once a second and at stop, so a
+restart does not forget it). A crash anywhere before the ack means the broker redelivers the
+job, and it runs again (it was never remembered); the producer drops the duplicate result if
+the first one had already gone out. Nothing in this module logs payloads.
 
 The parts, each owning its own state:
 
@@ -17,7 +19,8 @@ The parts, each owning its own state:
 * :class:`~enclave_worker.model_sync.ModelSync` -- models to and from other members;
 * :class:`~enclave_worker.request_handlers.RequestHandlers` -- what each request kind does;
 * :class:`~enclave_worker.control.ControlChannel` -- what each control-channel message does;
-* :class:`~enclave_worker.sessions.SessionCache` / ``SeenJobs`` -- per-session secrets, replays;
+* :class:`~enclave_worker.sessions.SessionCache` -- opened sessions: secrets, proved producer keys;
+* :class:`~enclave_worker.replay_guard.SeenJobs` / ``SeenJournal`` -- jobs already answered;
 * :class:`~enclave_worker.attester.Attester` -- statements and evidence about this worker.
 """
 
@@ -53,12 +56,16 @@ from .model_library import ModelLibrary
 from .model_sync import ModelSync
 from .request_handlers import Answer, RequestHandlers
 from .rotation import DEFAULT_ROTATION_GRACE_SECONDS, Rotation
+from .replay_guard import SeenJobs, SeenJournal, job_key
 from .sealed_state import PoolKeys, SealedState
-from .sessions import SeenJobs, SessionCache
+from .sessions import SessionCache
 
 log = logging.getLogger("enclaveq.worker")
 
 Clock = Callable[[], float]
+
+# How often the worker seals newly answered jobs and expires idle uploads.
+HOUSEKEEPING_SECONDS = 1.0
 
 
 class Worker:
@@ -81,6 +88,7 @@ class Worker:
         self.sealed_state = SealedState(state_dir, pool, identity.sealing_key, identity.seal, identity.unseal)
         self._sessions = SessionCache(pool)
         self._seen = SeenJobs()
+        self._journal = SeenJournal(self.sealed_state)
         self.keyring = Keyring(self.sealed_state, ctx.now_ms, on_erase=self._sessions.forget_epochs)
         self._attester = Attester(ctx, keyring=self.keyring)
         self._membership = Membership(ctx, keyring=self.keyring, attester=self._attester)
@@ -98,6 +106,8 @@ class Worker:
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._stopping = asyncio.Event()
+        self._housekeeper: asyncio.Task[None] | None = None
 
     # -- what others may look at ---------------------------------------------------------------
     @property
@@ -121,6 +131,10 @@ class Worker:
     def cached_session_epochs(self) -> set[int]:
         return self._sessions.epochs()
 
+    def remembered_jobs(self) -> int:
+        """How many answered jobs this worker refuses to run again (bounded; tests check it)."""
+        return len(self._seen)
+
     def statement(self, nonce: bytes) -> Statement:
         return self._attester.statement(nonce)
 
@@ -138,10 +152,12 @@ class Worker:
     async def start(self) -> None:
         try:
             models = ModelLibrary(self.sealed_state, max_model_bytes=self.config.max_model_bytes,
-                                  intra_op_threads=self.config.intra_op_threads)
+                                  intra_op_threads=self.config.intra_op_threads, clock=self._ctx.clock)
             sealed = self.sealed_state.load_pool_keys()
         except SealedStateError as exc:
             raise WorkerStartupError(str(exc)) from None
+        # The jobs answered before a restart (or by a worker sharing this state directory).
+        self._seen.restore(await asyncio.to_thread(self._journal.load, self._ctx.now_ms()), self._ctx.now_ms())
         await self._broker.connect()
         try:
             await self._broker.declare_pool(self.pool, PoolSettings(max_message_bytes=self.config.max_message_bytes))
@@ -149,7 +165,8 @@ class Worker:
             models.load_sealed()
             self.models = models
             self._model_sync = ModelSync(self._ctx, keyring=self.keyring, library=models)
-            self._handlers = RequestHandlers(self._ctx, library=models, rotation=self._rotation)
+            self._handlers = RequestHandlers(self._ctx, library=models, rotation=self._rotation,
+                                             sessions=self._sessions)
             self._control.serve_model_sync(self._model_sync)
             if self.identity.can_join:
                 await self._model_sync.fetch_missing(self._membership.admitted_by)
@@ -161,6 +178,7 @@ class Worker:
             raise
         self._broker.on_reconnect(self._after_reconnect)
         self._rotation.start()
+        self._housekeeper = asyncio.create_task(self._housekeeping())
         log.info("worker %s serving pool %r (epoch %d, %d models)", self.worker_id, self.pool,
                  self.keyring.epoch, len(models.list()))
 
@@ -181,6 +199,9 @@ class Worker:
             except Exception:  # best effort: closing the connection cancels it anyway
                 pass
         self._subs.clear()
+        self._stopping.set()
+        if self._housekeeper is not None:
+            await self._housekeeper  # its last round seals the jobs answered until now
         await self._membership.release()
         await self._broker.close()
 
@@ -201,6 +222,34 @@ class Worker:
             except BrokerError as exc:
                 log.warning("catching up after a reconnect failed (%s); retrying", exc)
                 await asyncio.sleep(1.0 + attempt)
+
+    async def _housekeeping(self) -> None:
+        """About once a second: seal the jobs answered since the last round (so that a restart
+        still refuses their replays), and drop uploads idle for too long. A last round at stop."""
+        while True:
+            try:
+                await asyncio.wait_for(self._stopping.wait(), HOUSEKEEPING_SECONDS)
+            except TimeoutError:
+                pass
+            try:
+                if self.models is not None:
+                    self.models.expire_uploads()
+                await self._seal_answered()
+            except Exception:  # a bug here must not end the rounds, nor make stop() fail
+                log.exception("a housekeeping round failed")
+            if self._stopping.is_set():
+                return
+
+    async def _seal_answered(self) -> None:
+        fresh = self._seen.take_fresh()
+        if not fresh and not self._journal.segments:
+            return
+        try:
+            # Off the event loop: sealing and fsync. Costs O(jobs answered since the last round).
+            await asyncio.to_thread(self._journal.flush, fresh, self._ctx.now_ms())
+        except (OSError, SealedStateError) as exc:
+            self._seen.give_back_fresh(fresh)
+            log.warning("could not seal the answered jobs (%s); retrying", exc)
 
     # -- jobs -------------------------------------------------------------------------------------
     async def _on_job(self, delivery: Delivery) -> None:
@@ -248,17 +297,24 @@ class Worker:
             # moved there (a broadcast job would run on every worker): refuse it unopened.
             return await self._dead_letter(delivery, "misrouted",
                                            f"job {header.job_id}: a {header.kind} request arrived on the {route} channel")
+        caught_up = False
         try:
             try:
-                session_key = self._sessions.secret_for(header, self.keyring)
+                session_key = self._sessions.open(header, self.keyring).secret
             except EpochAhead:
-                # We missed a rotation: fetch the current keys from a member, then try again.
-                await self._membership.catch_up()
-                session_key = self._sessions.secret_for(header, self.keyring)
+                # We missed a rotation: fetch the current keys from a member, then try again. The
+                # epoch is an unauthenticated claim, so the catch-ups it may start are budgeted.
+                caught_up = await self._membership.catch_up(join_in_flight=False)
+                session_key = self._sessions.open(header, self.keyring).secret
         except EpochAhead:
             log.warning("job %s is sealed to epoch %d, newer than ours (%d); handing it back", header.job_id,
                         header.epoch, self.keyring.epoch)
-            await asyncio.sleep(0.5)
+            self.metrics.requests.labels(header.kind, "epoch_ahead").inc()
+            if caught_up:
+                # The members had nothing newer just now: give them a moment before the next try.
+                # Only the job that started a catch-up waits (a few per catch-up budget); others go
+                # back at once, so a flood of jobs claiming a future epoch cannot hold the slots.
+                await asyncio.sleep(0.5)
             await delivery.nack()
             return
         except EpochRetired:
@@ -267,27 +323,34 @@ class Worker:
             return await self._dead_letter(
                 delivery, "session", f"job {header.job_id}: session sealed to epoch {header.epoch} does not open "
                 f"with this pool's epoch-{self.keyring.epoch} key")
-        replay_key = (header.session_id, header.job_id)
+        replay_key = job_key(header.session_id, header.job_id)
         now_ms = self._ctx.now_ms()
         try:
             plaintext = open_request(sealed, header, session_key)
         except DecryptionFailed:
             answer = Answer.error(bodies.ErrorCode.DOES_NOT_OPEN, "the request does not open: it was modified after sealing")
             return await self._reply(delivery, header, session_key, answer)
+        if self._seen.running(replay_key):
+            await self._seen.wait_while_running(replay_key)
         if self._seen.contains(replay_key):
-            # Already answered: a redelivery after a lost ack, or a replay. Never answer twice.
+            # Already answered: a redelivery after a lost ack, or a replay, possibly recorded
+            # before this worker restarted. Never run it twice.
             log.info("job %s already answered; dropping the duplicate", header.job_id)
             self.metrics.requests.labels(header.kind, "duplicate").inc()
             await delivery.ack()
             return
-        if header.deadline_ms < now_ms:
-            answer = Answer.error(bodies.ErrorCode.EXPIRED, "the job's deadline passed before it ran")
-        else:
-            assert self._handlers is not None  # consuming starts after start() built them
-            answer = await self._handlers.execute(header, plaintext)
-        await self._reply(delivery, header, session_key, answer)
-        if delivery.settled:
-            self._seen.add(replay_key, header.deadline_ms, now_ms)
+        self._seen.start(replay_key)
+        try:
+            if header.deadline_ms < now_ms:
+                answer = Answer.error(bodies.ErrorCode.EXPIRED, "the job's deadline passed before it ran")
+            else:
+                assert self._handlers is not None  # consuming starts after start() built them
+                answer = await self._handlers.execute(header, plaintext)
+            await self._reply(delivery, header, session_key, answer)
+        finally:
+            # Remembered only once its answer went out: a job whose result was never published
+            # (nacked, or the worker stopped or died first) runs again when it is redelivered.
+            self._seen.finish(replay_key, header.deadline_ms, now_ms, answered=delivery.settled)
 
     async def _reply(self, delivery: Delivery, header: RequestHeader, session_key: crypto.SessionSecret,
                      answer: Answer) -> None:

@@ -17,7 +17,7 @@ packages (``attestation``, ``broker_adapters``, ``enclave_worker``, ``producer_s
 Errors a producer sees::
 
     EnclaveqError                  every error the SDK raises (see producer_sdk.errors for the tree)
-     ├── BrokerUnreachable, AttestationFailed (└── NoWorkerAnswered), JobTimeout, ClientClosed
+     ├── BrokerUnreachable, AttestationFailed (└── NoWorkerAnswered, EpochRollback), JobTimeout, ClientClosed
      └── JobError (code = the worker's error code)
           └── UnknownModel, ModelRejected, BadInput, Oversized, JobExpired, RequestTampered,
               RotationRefused, NotOwner, NotAllowed, BadSignature, WorkerFailure
@@ -38,6 +38,7 @@ from producer_sdk.errors import (
     BrokerUnreachable,
     ClientClosed,
     EnclaveqError,
+    EpochRollback,
     JobError,
     JobExpired,
     JobTimeout,
@@ -82,6 +83,7 @@ __all__ = [
     "BrokerUnreachable",
     "AttestationFailed",
     "NoWorkerAnswered",
+    "EpochRollback",
     "JobError",
     "UnknownModel",
     "ModelRejected",

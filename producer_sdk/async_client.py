@@ -31,6 +31,7 @@ from protocol.routing import Route
 from protocol.ownership import generate_signing_key, load_signing_key, parse_public_key
 
 from .core import AttestationAnswer, Outcome, ProducerCore, Reply, Request
+from .epochs import EpochState, marks_for
 from .errors import (AttestationFailed, BrokerUnreachable, ClientClosed, EnclaveqError, JobError, JobTimeout,
                      ModelRejected, NoWorkerAnswered)
 
@@ -42,6 +43,13 @@ KeyLike = Ed25519PrivateKey | str | os.PathLike[str]
 
 # How often one request is sealed again after workers said its epoch was rotated away.
 STALE_EPOCH_RETRIES = 3
+# The most close() waits for a broker that stopped answering (per step), whatever ``timeout`` is.
+CLOSE_TIMEOUT = 10.0
+# After an answer to a challenge was refused, how long another answer still has to verify before
+# the refusal is reported. Genuine workers answer within milliseconds of each other, so a forged
+# answer that arrives first does not fail connect(); a misconfigured policy still fails in about
+# a second rather than after the whole ``attest_timeout``.
+REFUSAL_GRACE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -65,11 +73,21 @@ class JobResult:
 
 
 class AsyncClient:
+    """The producer SDK on asyncio (``Client`` is its synchronous twin).
+
+    ``timeout`` bounds each request from publishing to its result; ``attest_timeout`` bounds an
+    attestation, from sending the challenge to the first answer that verifies. ``epoch_state``
+    says where the newest epoch seen per pool is remembered, so that no older one is accepted
+    even after a restart (P13): None, the default, is ``$ENCLAVEQ_HOME/epochs.json`` (memory only
+    on ``memory://`` brokers, whose pools die with the process), a path names another file, and
+    False keeps it in this client's memory only. See :mod:`producer_sdk.epochs`.
+    """
+
     def __init__(self, broker_url: str, pool: str, policy: Any, *, name: str | None = None,
                  timeout: float = 120.0, attest_timeout: float = 10.0, max_in_flight: int = 256,
                  clock: Callable[[], float] = time.time, rng: crypto.Random = os.urandom,
                  trust: Any = None, collateral: Mapping[str, Any] | None = None,
-                 producer_key: Any = None, owner_key: Any = None) -> None:
+                 producer_key: Any = None, owner_key: Any = None, epoch_state: EpochState = None) -> None:
         self.broker_url = broker_url
         self.pool = pool
         self.policy = load_policy(policy) if isinstance(policy, (str, Path)) else policy
@@ -87,9 +105,14 @@ class AsyncClient:
         # who runs jobs (models with an allow-list need it); the owner key signs uploads and deletes.
         self.producer_key = _signing_key(producer_key)
         self._owner_key = _signing_key(owner_key)
+        # The newest epoch seen per pool (P13): None keeps it in $ENCLAVEQ_HOME/epochs.json (memory
+        # only on memory:// brokers), a path in that file, False in this client's memory only.
+        self._epochs = marks_for(epoch_state, broker_url)
         self._broker: BrokerAdapter | None = None
         self._sub: Subscription | None = None
         self._pending: dict[str, asyncio.Future[Any]] = {}
+        # Per open challenge, the timer that reports a refusal if no other answer verifies in time.
+        self._refusal_timers: dict[str, asyncio.TimerHandle] = {}
         self._core: ProducerCore | None = None
         self._closed = False
         self._refreshing: asyncio.Task[None] | None = None
@@ -118,32 +141,54 @@ class AsyncClient:
 
     # -- connection and attestation --------------------------------------------------------
     async def connect(self) -> Claims:
+        """Open the reply queue and attest the pool. Setting up is bounded by ``timeout``, the
+        attestation (sending the challenge included) by ``attest_timeout``."""
         self._broker = broker = open_broker(self.broker_url)
         try:
-            await broker.connect()
-            reply_to = await broker.declare_reply_queue(self.name)
-            self._core = ProducerCore(pool=self.pool, policy=self.policy, reply_to=reply_to, clock=self._clock,
-                                      rng=self._rng, verify_options=self._verify_options,
-                                      producer_key=self.producer_key)
-            self._sub = await broker.consume_replies(self.name, self._on_reply)
-        except BrokerUnavailable as exc:
-            raise BrokerUnreachable(f"cannot reach the broker at {redact_url(self.broker_url)}: {exc}") from None
-        try:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await broker.connect()
+                    reply_to = await broker.declare_reply_queue(self.name)
+                    self._core = ProducerCore(pool=self.pool, policy=self.policy, reply_to=reply_to,
+                                              clock=self._clock, rng=self._rng, verify_options=self._verify_options,
+                                              producer_key=self.producer_key, epochs=self._epochs)
+                    self._sub = await broker.consume_replies(self.name, self._on_reply)
+            except TimeoutError:
+                raise BrokerUnreachable(f"the broker at {redact_url(self.broker_url)} did not answer within "
+                                        f"{self.timeout:g}s") from None
+            except BrokerUnavailable as exc:
+                raise BrokerUnreachable(f"cannot reach the broker at {redact_url(self.broker_url)}: {exc}") from None
             return await self.attest()
         except BaseException:
             await self.close()
             raise
 
     async def attest(self) -> Claims:
-        """Challenge the pool with a fresh nonce and verify its evidence; (re)opens the session."""
+        """Challenge the pool with a fresh nonce and verify its evidence; (re)opens the session.
+
+        The first answer that verifies is taken: anyone on the broker can answer a challenge, so a
+        refused answer only matters if none verifies within :data:`REFUSAL_GRACE_SECONDS` after it
+        (or the challenge spent its verification budget, ``MAX_VERIFICATIONS_PER_CHALLENGE``) --
+        then the most informative refusal is raised: a genuine worker's policy violation, say,
+        over garbage."""
         broker, core = self._connection()
         correlation_id, challenge = core.challenge()
-        future = self._expect(correlation_id)
+        verified = self._expect(correlation_id)
+        sent = False
         try:
-            await broker.publish_control(self.pool, Message(body=challenge, correlation_id=correlation_id,
-                                                             reply_to=core.reply_to))
-            raw = await asyncio.wait_for(future, self.attest_timeout)
+            async with asyncio.timeout(self.attest_timeout):
+                await broker.publish_control(self.pool, Message(body=challenge, correlation_id=correlation_id,
+                                                                 reply_to=core.reply_to))
+                sent = True
+                claims: Claims = await verified
+                return claims
         except TimeoutError:
+            refusal = core.close_challenge(correlation_id)
+            if refusal is not None:
+                raise refusal from None
+            if not sent:
+                raise NoWorkerAnswered(f"the broker did not confirm the attestation challenge for pool {self.pool!r} "
+                                       f"within {self.attest_timeout:g}s") from None
             raise NoWorkerAnswered(f"no worker of pool {self.pool!r} answered the attestation challenge within "
                                    f"{self.attest_timeout:g}s; is a worker running on this pool?") from None
         except Unroutable:
@@ -153,7 +198,36 @@ class AsyncClient:
             raise BrokerUnreachable(f"could not send the challenge: {exc}") from None
         finally:
             self._pending.pop(correlation_id, None)
-        return core.accept_evidence(correlation_id, raw)
+            core.close_challenge(correlation_id)
+            timer = self._refusal_timers.pop(correlation_id, None)
+            if timer is not None:
+                timer.cancel()
+
+    def _take_answer(self, core: ProducerCore, answer: AttestationAnswer) -> None:
+        """Verify an answer to a challenge someone is waiting on; settle the wait once one
+        verifies, or once the challenge spent its verification budget."""
+        waiting = self._pending.get(answer.correlation_id)
+        if waiting is None or waiting.done():
+            return  # a late answer, a second genuine one, or a forgery: nobody asked
+        try:
+            claims = core.accept_evidence(answer.correlation_id, answer.body, keep_open=True)
+        except AttestationFailed as exc:
+            log.info("pool %r: an answer to our attestation challenge was refused, waiting for another: %s",
+                     self.pool, str(exc).splitlines()[0][:200])
+            if not core.challenge_open(answer.correlation_id):
+                waiting.set_exception(core.close_challenge(answer.correlation_id) or exc)
+            elif answer.correlation_id not in self._refusal_timers:
+                self._refusal_timers[answer.correlation_id] = asyncio.get_running_loop().call_later(
+                    REFUSAL_GRACE_SECONDS, self._settle_refused, core, answer.correlation_id, exc)
+            return
+        waiting.set_result(claims)
+
+    def _settle_refused(self, core: ProducerCore, correlation_id: str, first: AttestationFailed) -> None:
+        """No answer verified within the grace after a refusal: report the most informative one."""
+        self._refusal_timers.pop(correlation_id, None)
+        waiting = self._pending.get(correlation_id)
+        if waiting is not None and not waiting.done():
+            waiting.set_exception(core.close_challenge(correlation_id) or first)
 
     def _expect(self, correlation_id: str) -> asyncio.Future[Any]:
         future = asyncio.get_running_loop().create_future()
@@ -162,8 +236,8 @@ class AsyncClient:
 
     async def _on_reply(self, delivery: Delivery) -> None:
         received = self._core.receive(delivery.message.correlation_id, delivery.message.body) if self._core else None
-        if isinstance(received, AttestationAnswer):
-            self._resolve(received.correlation_id, received.body)
+        if isinstance(received, AttestationAnswer) and self._core is not None:
+            self._take_answer(self._core, received)
         elif isinstance(received, Reply):
             self._resolve(received.job_id, received.outcome)
         if self._core is not None and self._core.newer_epoch is not None:
@@ -191,6 +265,8 @@ class AsyncClient:
                 self._core.newer_epoch = None  # don't retry on every result; a stale notice retries
 
     async def close(self) -> None:
+        """Stop consuming and drop an ephemeral reply queue; bounded by ``timeout`` (and
+        :data:`CLOSE_TIMEOUT`) even if the broker stops answering."""
         if self._closed:
             return
         self._closed = True
@@ -201,38 +277,51 @@ class AsyncClient:
                 future.set_exception(ClientClosed("the client was closed"))
                 future.exception()  # nobody may be waiting any more: don't log it as unretrieved
         if self._broker is not None:
+            limit = min(self.timeout, CLOSE_TIMEOUT)
             try:
-                if self._sub is not None:
-                    await self._sub.cancel()
-                if self._ephemeral:
-                    await self._broker.delete_reply_queue(self.name)
-            except BrokerError:
+                async with asyncio.timeout(limit):
+                    if self._sub is not None:
+                        await self._sub.cancel()
+                    if self._ephemeral:
+                        await self._broker.delete_reply_queue(self.name)
+            except (BrokerError, TimeoutError):
                 pass
             finally:
-                await self._broker.close()
+                try:
+                    async with asyncio.timeout(limit):
+                        await self._broker.close()
+                except TimeoutError:
+                    log.warning("the broker at %s did not close the connection within %gs; abandoned",
+                                redact_url(self.broker_url), limit)
 
     # -- requests --------------------------------------------------------------------------
     async def _request(self, make: Callable[[], Request], timeout: float, *, resend: bool = True) -> Outcome:
         """Send what ``make()`` seals and wait for its result. If workers answer that the epoch it
         was sealed to is rotated away, re-attest and send a freshly sealed copy (new job id) --
         unless ``resend`` is False (a request that must not run twice)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        # One deadline for the whole request: publishing (a broker may take a frame and never
+        # confirm it), waiting for the result, and any re-attestation in between.
+        deadline = asyncio.get_running_loop().time() + timeout
         for _ in range(STALE_EPOCH_RETRIES + 1 if resend else 1):
             broker, core = self._connection()
             request = make()
             future = self._expect(request.job_id)
             message = Message(body=request.body, correlation_id=request.job_id, reply_to=core.reply_to,
                               message_id=request.job_id)
+            sent = False
             try:
-                if request.route is Route.BROADCAST:
-                    # Every worker of the pool must hold every model: uploads and deletes go to all;
-                    # each answers, the first answer is taken.
-                    await broker.publish_control(self.pool, message)
-                else:
-                    await broker.publish_job(self.pool, message)
-                outcome = await asyncio.wait_for(future, max(0.0, deadline - loop.time()))
+                async with asyncio.timeout_at(deadline):
+                    if request.route is Route.BROADCAST:
+                        # Every worker of the pool must hold every model: uploads and deletes go to all;
+                        # each answers, the first answer is taken.
+                        await broker.publish_control(self.pool, message)
+                    else:
+                        await broker.publish_job(self.pool, message)
+                    sent = True
+                    outcome = await future
             except TimeoutError:
+                if not sent:
+                    raise JobTimeout(f"the broker did not confirm job {request.job_id} within {timeout:g}s") from None
                 raise JobTimeout(f"no result for job {request.job_id} within {timeout:g}s") from None
             except BrokerError as exc:
                 raise BrokerUnreachable(f"could not publish job {request.job_id}: {exc}") from None
@@ -244,7 +333,13 @@ class AsyncClient:
             if isinstance(outcome, Outcome):
                 return outcome
             if core.epoch <= request.epoch:
-                await self._start_refresh()
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        # Shielded: other requests may be waiting on the same re-attestation.
+                        await asyncio.shield(self._start_refresh())
+                except TimeoutError:
+                    raise JobTimeout(f"no result for job {request.job_id} within {timeout:g}s (re-attesting the "
+                                     f"pool after a key rotation)") from None
         raise JobError(f"the pool kept refusing the epoch of request {request.job_id} after "
                        f"{STALE_EPOCH_RETRIES} re-attestations", code="stale_epoch", job_id=request.job_id)
 

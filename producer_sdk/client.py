@@ -21,6 +21,7 @@ from protocol import bodies, crypto
 from protocol.handshake import Statement
 
 from .async_client import AsyncClient, JobResult, KeyLike, Progress
+from .epochs import EpochState
 
 T = TypeVar("T")
 _DONE = object()
@@ -38,13 +39,15 @@ class Client:
                  name: str | None = None, timeout: float = 120.0, attest_timeout: float = 10.0,
                  max_in_flight: int = 256, clock: Callable[[], float] = time.time,
                  rng: crypto.Random = os.urandom, trust: Any = None, collateral: Mapping[str, Any] | None = None,
-                 producer_key: KeyLike | None = None, owner_key: KeyLike | None = None) -> None:
+                 producer_key: KeyLike | None = None, owner_key: KeyLike | None = None,
+                 epoch_state: EpochState = None) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="enclaveq-client", daemon=True)
         self._thread.start()
         self._async = AsyncClient(broker_url, pool, policy, name=name, timeout=timeout,
                                   attest_timeout=attest_timeout, max_in_flight=max_in_flight, clock=clock, rng=rng,
-                                  trust=trust, collateral=collateral, producer_key=producer_key, owner_key=owner_key)
+                                  trust=trust, collateral=collateral, producer_key=producer_key, owner_key=owner_key,
+                                  epoch_state=epoch_state)
         try:
             self._call(self._async.connect())
         except BaseException:

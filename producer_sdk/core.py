@@ -4,8 +4,12 @@ Both ``AsyncClient`` and the synchronous ``Client`` (which drives an ``AsyncClie
 class; it never touches the network, and takes the clock, randomness and the evidence verifier
 as arguments, so tests pin all three. What it owns:
 
-* attestation: the nonces of open challenges, the verified claims and the sessions (the current
-  one and a few earlier ones whose jobs may still be answered);
+* attestation: the open challenges (each takes answers until one verifies -- anyone who sees a
+  nonce can answer it -- with a bounded verification budget, keeping only its most informative
+  refusal), the verified claims and the sessions (the current one and a few earlier ones whose
+  jobs may still be answered);
+* the newest pool epoch seen (:mod:`.epochs`, P13): a statement below it is refused even when
+  its evidence verifies, so no request is ever sealed to a key the pool rotated away from;
 * requests: sealing each under the current session, with the broker channel it goes on
   (:mod:`protocol.routing`) and the model its result must name;
 * replies: :meth:`ProducerCore.receive` turns any message from the reply queue into what the
@@ -40,12 +44,19 @@ from protocol.handshake import Challenge, ControlError, EvidenceResponse, Statem
 from protocol.routing import Route, route_for
 from protocol.ownership import DeleteOrder, ModelManifest, ProducerProof, public_key_bytes
 
-from .errors import AttestationFailed, JobError, job_error
+from .epochs import EpochMark, EpochMarks
+from .errors import AttestationFailed, EpochRollback, JobError, job_error
 
 log = logging.getLogger("enclaveq.producer")
 
 MODEL_CHUNK_BYTES = 4 * 1024 * 1024
 KEPT_SESSIONS = 8  # earlier sessions still open results of jobs sent before a re-attestation
+# Answers a challenge runs the evidence verifier on before it closes. Anyone who sees the nonce
+# (the broker does) can answer as often as they like, and each such answer costs a verification;
+# answers refused before that (malformed, another nonce, a clear-text refusal) cost no more than
+# receiving them, so they are not counted and cannot close the challenge.
+MAX_VERIFICATIONS_PER_CHALLENGE = 16
+MAX_OPEN_CHALLENGES = 8  # a backstop: clients close every challenge they open
 
 
 def to_numpy(value: Any) -> np.ndarray:
@@ -119,11 +130,55 @@ class Outcome:
         return bodies.decode_tensors_body(self.body)
 
 
+# How much a refused answer tells the user; the most informative one is reported if none verifies.
+_MALFORMED, _WORKER_REFUSED, _MISMATCHED, _INVALID, _POLICY, _ROLLED_BACK = range(6)
+
+
+class _Refusal(Exception):
+    def __init__(self, rank: int, error: AttestationFailed) -> None:
+        self.rank = rank
+        self.error = error
+
+
+class _OpenChallenge:
+    """A challenge still taking answers: its nonce, how many answers were refused, the best refusal."""
+
+    __slots__ = ("nonce", "verifications", "refusal", "_rank")
+
+    def __init__(self, nonce: bytes) -> None:
+        self.nonce = nonce
+        self.verifications = 0  # refused answers that cost an evidence verification
+        self.refusal: AttestationFailed | None = None
+        self._rank = -1
+
+    @property
+    def spent(self) -> bool:
+        return self.verifications >= MAX_VERIFICATIONS_PER_CHALLENGE
+
+    def refused(self, refusal: _Refusal) -> None:
+        if refusal.rank >= _INVALID:
+            self.verifications += 1
+        if refusal.rank > self._rank:  # ties keep the first
+            self.refusal, self._rank = refusal.error, refusal.rank
+
+
+def _rollback(pool: str, epoch: int, mark: EpochMark) -> EpochRollback:
+    where = (f"remembered in {mark.file}" if mark.file is not None else "seen by this client")
+    forget = (f" If pool {pool!r} was deliberately deleted and created again under the same name, forget the old "
+              f"pool's epoch: remove the key {pool!r} from {mark.file}, or call "
+              f"producer_sdk.epochs.forget_pool({pool!r}, {str(mark.file)!r})." if mark.file is not None else "")
+    return EpochRollback(
+        f"pool {pool!r} attested epoch {epoch}, older than epoch {mark.epoch} which this producer already used "
+        f"({where}): a worker that missed a key rotation, or whose sealed state was rolled back, answered; "
+        f"refusing to seal to the older key.{forget}",
+        epoch=epoch, newest=mark.epoch, state_file=str(mark.file) if mark.file is not None else None)
+
+
 class ProducerCore:
     def __init__(self, *, pool: str, policy: Any, reply_to: str, clock: Callable[[], float] = time.time,
                  rng: crypto.Random = os.urandom, verifier: Callable[..., Claims] = verify_evidence,
                  verify_options: Mapping[str, Any] | None = None,
-                 producer_key: Ed25519PrivateKey | None = None) -> None:
+                 producer_key: Ed25519PrivateKey | None = None, epochs: EpochMarks | None = None) -> None:
         self.pool = pool
         # Ed25519 key proving who this producer is, for models whose owner keeps an allow-list.
         self.producer_key = producer_key
@@ -134,7 +189,9 @@ class ProducerCore:
         self._verify = verifier
         # Extra inputs for hardware evidence: trust anchors (tests inject fake roots) and collateral.
         self._verify_options = dict(verify_options or {})
-        self._nonces: dict[str, bytes] = {}
+        self._challenges: dict[str, _OpenChallenge] = {}
+        # The newest epoch seen for the pool (P13): no statement below it is ever accepted.
+        self._epochs = epochs if epochs is not None else EpochMarks()
         self.session: ProducerSession | None = None
         self._sessions: dict[bytes, ProducerSession] = {}
         # Set when a result says the pool moved to a newer epoch than our session's (rotation).
@@ -151,47 +208,48 @@ class ProducerCore:
     def challenge(self) -> tuple[str, bytes]:
         correlation_id = ATTESTATION_PREFIX + uuid.UUID(bytes=self._rng(16)).hex
         nonce = self._rng(32)
-        self._nonces[correlation_id] = nonce
+        self._challenges[correlation_id] = _OpenChallenge(nonce)
+        while len(self._challenges) > MAX_OPEN_CHALLENGES:  # a caller that never closes its challenges
+            del self._challenges[next(iter(self._challenges))]
         return correlation_id, Challenge(nonce=nonce).to_bytes()
+
+    def challenge_open(self, correlation_id: str) -> bool:
+        """Whether ``correlation_id`` still takes answers (none verified, the verification budget not spent)."""
+        challenge = self._challenges.get(correlation_id)
+        return challenge is not None and not challenge.spent
+
+    def close_challenge(self, correlation_id: str) -> AttestationFailed | None:
+        """Stop taking answers to ``correlation_id``; the most informative refusal of an answer
+        to it, if any was refused (None: nobody answered)."""
+        challenge = self._challenges.pop(correlation_id, None)
+        return challenge.refusal if challenge is not None else None
 
     @property
     def epoch(self) -> int:
         """The pool epoch new requests are sealed to (0 before the first attestation)."""
         return self.session.epoch if self.session is not None else 0
 
-    def accept_evidence(self, correlation_id: str, data: bytes) -> Claims:
-        """Verify a worker's answer to our challenge; on success, open a session bound to it."""
-        nonce = self._nonces.pop(correlation_id, None)
-        if nonce is None:
+    def accept_evidence(self, correlation_id: str, data: bytes, *, keep_open: bool = False) -> Claims:
+        """Verify a worker's answer to our challenge; on success, open a session bound to it.
+
+        The broker can answer a challenge too (it sees the nonce), so one refused answer proves
+        nothing about the pool. With ``keep_open`` the challenge keeps taking answers until one
+        verifies, running the verifier on at most :data:`MAX_VERIFICATIONS_PER_CHALLENGE` of them --
+        what ``AsyncClient`` does. Without it the challenge is spent by this one answer."""
+        challenge = self._challenges.get(correlation_id)
+        if challenge is None or challenge.spent:
             raise AttestationFailed("evidence answers no challenge of ours (replayed or unsolicited)")
+        if not keep_open:
+            del self._challenges[correlation_id]
         try:
-            if control_kind(data) == "control_error":
-                err = ControlError.from_bytes(data)
-                raise AttestationFailed(f"worker refused the challenge: {err.code}: {err.message}")
-            response = EvidenceResponse.from_bytes(data)
-        except ProtocolError as exc:
-            raise AttestationFailed(f"malformed attestation response: {exc}") from None
-        st = response.statement
-        problems = []
-        if st.nonce != nonce:
-            problems.append("statement.nonce does not equal the nonce of this challenge (a replayed answer)")
-        if st.pool != self.pool:
-            problems.append(f"statement.pool is {st.pool!r}, expected {self.pool!r}")
-        if st.suite != crypto.SUITE_ID:
-            problems.append(f"statement.suite is {st.suite!r}, expected {crypto.SUITE_ID!r}")
-        if problems:
-            raise AttestationFailed("; ".join(problems))
-        now = datetime.fromtimestamp(self._clock(), tz=UTC)
-        try:
-            claims = self._verify(response.platform, response.evidence, self.policy,
-                                  expected_report_data=st.report_data(), now=now, **self._verify_options)
-        except PolicyViolation as exc:
-            raise AttestationFailed(f"the pool's evidence violates the policy:\n{exc}",
-                                    violations=tuple(exc.violations)) from None
-        except AttestationError as exc:
-            raise AttestationFailed(f"the pool's evidence is not valid: {exc}") from None
+            claims, st = self._verify_answer(challenge.nonce, data)
+        except _Refusal as refusal:
+            challenge.refused(refusal)
+            raise refusal.error from None
+        self._challenges.pop(correlation_id, None)
         self.claims = claims
         self.statement = st
+        self._epochs.observe(self.pool, st.epoch)
         self.session = ProducerSession(pool=self.pool, epoch=st.epoch, pool_public_key=st.pool_public_key,
                                        rng=self._rng)
         if self.producer_key is not None:
@@ -204,6 +262,47 @@ class ProducerCore:
         if self.newer_epoch is not None and self.newer_epoch <= st.epoch:
             self.newer_epoch = None
         return claims
+
+    def _verify_answer(self, nonce: bytes, data: bytes) -> tuple[Claims, Statement]:
+        """The verified claims and statement of one answer, or a :class:`_Refusal` ranked by how
+        much it tells the user (a garbled message least, genuine evidence of an old epoch most)."""
+        try:
+            if control_kind(data) == "control_error":
+                err = ControlError.from_bytes(data)
+                raise _Refusal(_WORKER_REFUSED,
+                               AttestationFailed(f"worker refused the challenge: {err.code}: {err.message}"))
+            response = EvidenceResponse.from_bytes(data)
+        except ProtocolError as exc:
+            raise _Refusal(_MALFORMED, AttestationFailed(f"malformed attestation response: {exc}")) from None
+        st = response.statement
+        problems = []
+        if st.nonce != nonce:
+            problems.append("statement.nonce does not equal the nonce of this challenge (a replayed answer)")
+        if st.pool != self.pool:
+            problems.append(f"statement.pool is {st.pool!r}, expected {self.pool!r}")
+        if st.suite != crypto.SUITE_ID:
+            problems.append(f"statement.suite is {st.suite!r}, expected {crypto.SUITE_ID!r}")
+        if problems:
+            raise _Refusal(_MISMATCHED, AttestationFailed("; ".join(problems)))
+        now = datetime.fromtimestamp(self._clock(), tz=UTC)
+        try:
+            claims = self._verify(response.platform, response.evidence, self.policy,
+                                  expected_report_data=st.report_data(), now=now, **self._verify_options)
+        except PolicyViolation as exc:
+            raise _Refusal(_POLICY, AttestationFailed(f"the pool's evidence violates the policy:\n{exc}",
+                                                      violations=tuple(exc.violations))) from None
+        except AttestationError as exc:
+            raise _Refusal(_INVALID, AttestationFailed(f"the pool's evidence is not valid: {exc}")) from None
+        except Exception as exc:  # attacker-written bytes must never escape as anything but a refusal
+            log.debug("evidence verification raised", exc_info=True)
+            raise _Refusal(_INVALID, AttestationFailed(
+                f"the pool's evidence could not be verified ({type(exc).__name__})")) from None
+        # Only now is the statement's epoch vouched for by a TEE: never seal to an older one than
+        # we have seen (a worker that missed a rotation, or a rolled-back one).
+        mark = self._epochs.newest(self.pool)
+        if mark is not None and st.epoch < mark.epoch:
+            raise _Refusal(_ROLLED_BACK, _rollback(self.pool, st.epoch, mark))
+        return claims, st
 
     # -- requests --------------------------------------------------------------------------
     def _seal(self, kind: str, body: bytes, *, timeout: float, content_type: str, model_id: str | None = None,
@@ -306,6 +405,8 @@ class ProducerCore:
             return None
         if header.current_epoch is not None and header.current_epoch > self.session.epoch:
             self.newer_epoch = max(header.current_epoch, self.newer_epoch or 0)
+            # Authenticated by the session key: a pool member says the pool moved on.
+            self._epochs.observe(self.pool, header.current_epoch)
         if header.job_id in self._done:
             self.duplicates += 1
             return None

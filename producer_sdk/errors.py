@@ -3,7 +3,9 @@
     EnclaveqError
      ├── BrokerUnreachable          the broker cannot be reached or refused us
      ├── AttestationFailed          the pool's evidence does not satisfy the policy (or is malformed)
-     │    └── NoWorkerAnswered      nobody answered the challenge in time
+     │    ├── NoWorkerAnswered      nobody answered the challenge in time
+     │    └── EpochRollback         the pool attested an older epoch than this producer already
+     │                              used (a lagging or rolled-back worker; or a re-created pool)
      ├── JobError                   a worker refused a request; ``code`` is the protocol error code
      │    ├── UnknownModel          the model id is not loaded on the pool
      │    ├── ModelRejected         an uploaded model is invalid (hash, not ONNX, too large,
@@ -46,6 +48,18 @@ class AttestationFailed(EnclaveqError):
 
 class NoWorkerAnswered(AttestationFailed):
     pass
+
+
+class EpochRollback(AttestationFailed):
+    """Genuine evidence, but for an epoch older than one this producer already used (P13).
+    ``epoch`` is what was attested, ``newest`` the epoch already seen, ``state_file`` where that
+    was remembered (None: seen by this client)."""
+
+    def __init__(self, message: str, *, epoch: int, newest: int, state_file: str | None = None) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+        self.newest = newest
+        self.state_file = state_file
 
 
 class JobError(EnclaveqError):

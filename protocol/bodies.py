@@ -22,7 +22,7 @@ import numpy as np
 
 from .codec import bounded_str, field, pack, unpack
 from .errors import MalformedMessage
-from .tensors import TensorLimits, decode_tensors, encode_tensors
+from .tensors import MAX_NAME_LEN, MAX_RANK, MAX_TENSORS, TensorLimits, decode_tensors, encode_tensors
 
 TENSORS = "tensors/v1"
 ERROR = "error/v1"
@@ -34,6 +34,25 @@ MODEL_CHUNK = "model-chunk/v1"
 DELETE_ORDER = "delete-order/v1"
 ROTATE = "rotate/v1"
 ROTATED = "rotated/v1"
+
+
+# Structural limits of each body (see protocol.limits). Bodies are decoded only once their
+# envelope opened, but anyone who attested the pool can open a session and seal a job, so the
+# worker's limits fit the exact shape; the producer's (result bodies) are authenticated by its
+# session key, which only the producer and the pool's workers hold.
+# A tensor is [name, dtype, shape, data] with at most MAX_RANK dimensions: 5 + MAX_RANK objects.
+_TENSOR_ITEMS = 5 + MAX_RANK
+# {"tensors": [...], "outputs": [names] | nil}, nested map > list > tensor > shape: the map, its
+# 2 keys and 2 lists, MAX_TENSORS tensors and as many output names.
+JOB_BODY_ITEMS = 1 + 2 + 2 + MAX_TENSORS * _TENSOR_ITEMS + MAX_TENSORS
+# {"tensors": [...]}: the map, its key, the list and the tensors.
+TENSORS_BODY_ITEMS = 1 + 1 + 1 + MAX_TENSORS * _TENSOR_ITEMS
+# A flat map of a few scalar fields (error, ack, rotate, rotated, model chunk).
+_FLAT_FIELDS = 8
+FLAT_BODY_ITEMS = 1 + 2 * _FLAT_FIELDS
+# models/v1 from a pool member: map > list > model map > inputs list > [name, type, shape] > shape.
+MODEL_LIST_ITEMS = 1 << 19
+MODEL_LIST_CONTAINER_LEN = 1 << 16
 
 
 class ErrorCode:
@@ -60,7 +79,8 @@ def encode_job(inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) 
 
 
 def decode_job(body: bytes, limits: TensorLimits = TensorLimits()) -> tuple[dict[str, np.ndarray], list[str] | None]:
-    m = unpack(body, max_bytes=limits.max_total_bytes + 1024 * 1024, what="job body")
+    m = unpack(body, max_bytes=limits.max_total_bytes + 1024 * 1024, what="job body", max_depth=4,
+               max_items=JOB_BODY_ITEMS, max_container_len=MAX_TENSORS, max_str_len=4 * MAX_NAME_LEN)
     if not isinstance(m, dict):
         raise MalformedMessage("job body: expected a map")
     outputs = m.get("outputs")
@@ -74,7 +94,8 @@ def encode_tensors_body(tensors: Mapping[str, Any]) -> bytes:
 
 
 def decode_tensors_body(body: bytes, limits: TensorLimits = TensorLimits()) -> dict[str, np.ndarray]:
-    m = unpack(body, max_bytes=limits.max_total_bytes + 1024 * 1024, what="result body")
+    m = unpack(body, max_bytes=limits.max_total_bytes + 1024 * 1024, what="result body", max_depth=4,
+               max_items=TENSORS_BODY_ITEMS, max_container_len=MAX_TENSORS, max_str_len=4 * MAX_NAME_LEN)
     if not isinstance(m, dict):
         raise MalformedMessage("result body: expected a map")
     return decode_tensors(m.get("tensors"), limits)
@@ -90,7 +111,7 @@ class ErrorBody:
 
     @classmethod
     def from_bytes(cls, body: bytes) -> ErrorBody:
-        m = unpack(body, max_bytes=16384, what="error body")
+        m = unpack(body, max_bytes=16384, what="error body", max_depth=1, max_items=FLAT_BODY_ITEMS)
         if not isinstance(m, dict):
             raise MalformedMessage("error body: expected a map")
         return cls(code=bounded_str(m, "code", what="error body", max_len=64),
@@ -115,7 +136,8 @@ def encode_models(models: Sequence[ModelInfo]) -> bytes:
 
 
 def decode_models(body: bytes) -> list[ModelInfo]:
-    m = unpack(body, max_bytes=4 * 1024 * 1024, what="model list")
+    m = unpack(body, max_bytes=4 * 1024 * 1024, what="model list", max_depth=6, max_items=MODEL_LIST_ITEMS,
+               max_container_len=MODEL_LIST_CONTAINER_LEN)
     if not isinstance(m, dict) or not isinstance(m.get("models"), list):
         raise MalformedMessage("model list: expected a map with a list")
     out = []
@@ -124,8 +146,9 @@ def decode_models(body: bytes) -> list[ModelInfo]:
             raise MalformedMessage("model list: entries must be maps")
         def io(key: str, item: dict[str, Any] = item) -> tuple[tuple[str, str, tuple[Any, ...]], ...]:
             v = item.get(key)
-            if not isinstance(v, list):
-                raise MalformedMessage(f"model list: {key} must be a list")
+            if not isinstance(v, list) or not all(
+                    isinstance(e, list) and len(e) == 3 and isinstance(e[2], list) for e in v):
+                raise MalformedMessage(f"model list: {key} must be a list of [name, type, shape]")
             return tuple((str(n), str(t), tuple(s)) for n, t, s in v)
         out.append(ModelInfo(model_id=bounded_str(item, "id", what="model list", max_len=64),
                              size=field(item, "size", int, what="model list"),
@@ -138,7 +161,7 @@ def encode_ack(model_id: str | None, received: int, complete: bool) -> bytes:
 
 
 def decode_ack(body: bytes) -> dict[str, Any]:
-    m = unpack(body, max_bytes=4096, what="ack")
+    m = unpack(body, max_bytes=4096, what="ack", max_depth=1, max_items=FLAT_BODY_ITEMS)
     if not isinstance(m, dict):
         raise MalformedMessage("ack: expected a map")
     return m
@@ -149,7 +172,7 @@ def encode_rotate(grace_seconds: int) -> bytes:
 
 
 def decode_rotate(body: bytes) -> int:
-    m = unpack(body, max_bytes=1024, what="rotate request")
+    m = unpack(body, max_bytes=1024, what="rotate request", max_depth=1, max_items=FLAT_BODY_ITEMS)
     if not isinstance(m, dict):
         raise MalformedMessage("rotate request: expected a map")
     grace: int = field(m, "grace_seconds", int, what="rotate request")
@@ -163,7 +186,7 @@ def encode_rotated(epoch: int, retire_at_ms: int) -> bytes:
 
 
 def decode_rotated(body: bytes) -> tuple[int, int]:
-    m = unpack(body, max_bytes=1024, what="rotate answer")
+    m = unpack(body, max_bytes=1024, what="rotate answer", max_depth=1, max_items=FLAT_BODY_ITEMS)
     if not isinstance(m, dict):
         raise MalformedMessage("rotate answer: expected a map")
     return field(m, "epoch", int, what="rotate answer"), field(m, "retire_at_ms", int, what="rotate answer")
@@ -174,7 +197,7 @@ def encode_model_chunk(signed_manifest: bytes, data: bytes) -> bytes:
 
 
 def decode_model_chunk(body: bytes, *, max_bytes: int) -> tuple[bytes, bytes]:
-    m = unpack(body, max_bytes=max_bytes, what="model chunk")
+    m = unpack(body, max_bytes=max_bytes, what="model chunk", max_depth=1, max_items=FLAT_BODY_ITEMS)
     if not isinstance(m, dict):
         raise MalformedMessage("model chunk: expected a map")
     return field(m, "manifest", bytes, what="model chunk"), field(m, "data", bytes, what="model chunk")

@@ -2,7 +2,9 @@
 
 One place decides how bytes become Python values, so that every parser in the package refuses
 the same things the same way: non-msgpack bytes, trailing garbage, maps with non-string keys,
-and anything larger than the caller's limit.
+and anything larger than the caller's limits -- in bytes, and in structure (depth, number of
+objects, container and string lengths; see :mod:`protocol.limits`), checked before msgpack
+allocates anything.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Mapping
 import msgpack
 
 from .errors import MalformedMessage, OversizedMessage, UnsupportedVersion
+from .limits import CLEAR_MAX_DEPTH, CLEAR_MAX_ITEMS, CLEAR_MAX_STR_LEN, CONTENT_MAX_DEPTH, CONTENT_MAX_ITEMS, check_structure
 
 PROTOCOL_VERSION = 1
 
@@ -26,28 +29,55 @@ def pack(value: Any) -> bytes:
     return msgpack.packb(value, use_bin_type=True)
 
 
-def unpack(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, what: str = "message") -> Any:
-    if not isinstance(data, (bytes, bytearray, memoryview)):
+def unpack(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, what: str = "message",
+           max_depth: int = CONTENT_MAX_DEPTH, max_items: int = CONTENT_MAX_ITEMS,
+           max_container_len: int | None = None, max_str_len: int | None = None) -> Any:
+    """Decode one msgpack value, refusing it *before* anything is built if it is larger than
+    ``max_bytes`` or beyond the structural limits (see :mod:`protocol.limits`, which says why
+    that bounds CPU and memory). ``max_container_len`` defaults to ``max_items`` and
+    ``max_str_len`` to ``max_bytes``. The defaults suit sealed content; every parser of bytes
+    an attacker can write passes limits that fit its own message."""
+    if isinstance(data, memoryview):
+        data = data.tobytes()
+    if not isinstance(data, (bytes, bytearray)):
         raise MalformedMessage(f"{what}: expected bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
         raise OversizedMessage(f"{what}: {len(data)} bytes exceeds the limit of {max_bytes}")
+    container_len = max_items if max_container_len is None else max_container_len
+    str_len = max_bytes if max_str_len is None else max_str_len
+    check_structure(data, max_depth=max_depth, max_items=max_items, max_container_len=container_len,
+                    max_str_len=str_len, what=what)
     try:
         return msgpack.unpackb(
             data,
             raw=False,
             strict_map_key=True,
             use_list=True,
+            # Already enforced by check_structure; repeated so msgpack refuses too if they ever disagree.
+            max_str_len=str_len,
+            max_bin_len=max_bytes,
+            max_array_len=container_len,
+            max_map_len=container_len,
+            max_ext_len=0,
         )
     except msgpack.ExtraData:
         raise MalformedMessage(f"{what}: trailing bytes after the message") from None
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
+        # e.g. a map key that is not a string, or a string that is not UTF-8.
         raise MalformedMessage(f"{what}: not valid msgpack ({type(exc).__name__})") from None
 
 
-def unpack_map(data: bytes, *, kind: str | None, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict[str, Any]:
-    """Decode a versioned message map and check its version and (optionally) its type tag."""
-    what = kind or "message"
-    value = unpack(data, max_bytes=max_bytes, what=what)
+def unpack_map(data: bytes, *, kind: str | None, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+               max_depth: int = CLEAR_MAX_DEPTH, max_items: int = CLEAR_MAX_ITEMS,
+               max_container_len: int | None = None, max_str_len: int | None = CLEAR_MAX_STR_LEN,
+               what: str | None = None) -> dict[str, Any]:
+    """Decode a versioned message map and check its version and (optionally) its type tag.
+
+    The structural defaults fit every clear-text message (see :mod:`protocol.limits`): a
+    message with a longer list or a deeper shape must pass its own, explicit limits."""
+    what = what or kind or "message"
+    value = unpack(data, max_bytes=max_bytes, what=what, max_depth=max_depth, max_items=max_items,
+                   max_container_len=max_container_len, max_str_len=max_str_len)
     if not isinstance(value, dict):
         raise MalformedMessage(f"{what}: expected a map")
     version = value.get("v")

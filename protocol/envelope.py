@@ -26,6 +26,21 @@ RESULT_STATUSES = ("ok", "error")
 MAX_JOB_ID = 128
 MAX_REPLY_TO = 255
 
+# Structural limits of the clear parts, read before anything is authenticated (see
+# protocol.limits). Each fits its exact shape: the peek that runs on every job, and on every
+# result a producer receives, builds a few dozen objects at most, whatever the broker sends.
+# An envelope is a map of 4 entries whose values are scalars: 1 + 4 keys + 4 values, the keys
+# one-letter strings.
+ENVELOPE_ITEMS = 9
+ENVELOPE_STR_BYTES = 8
+# Headers are maps of at most 12 (request) or 8 (result) fields today; room for 16 keeps a few
+# optional fields to come. Only a request header nests anything: the 4-element chunk position.
+# The parsers bound strings in characters; 4 UTF-8 bytes each for the longest (reply_to, job id).
+MAX_HEADER_BYTES = 8192
+MAX_HEADER_FIELDS = 16
+REQUEST_HEADER_ITEMS = 1 + 2 * MAX_HEADER_FIELDS + 4
+RESULT_HEADER_ITEMS = 1 + 2 * MAX_HEADER_FIELDS
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -69,9 +84,10 @@ class RequestHeader:
     @classmethod
     def from_bytes(cls, data: bytes) -> RequestHeader:
         w = "request header"
-        m = unpack_map(data, kind=None, max_bytes=8192)
+        m = unpack_map(data, kind=None, max_bytes=MAX_HEADER_BYTES, max_depth=2, max_items=REQUEST_HEADER_ITEMS,
+                       max_container_len=MAX_HEADER_FIELDS, max_str_len=4 * (MAX_REPLY_TO + 1), what=w)
         kind = m.get("t")
-        if kind not in REQUEST_KINDS:
+        if not isinstance(kind, str) or kind not in REQUEST_KINDS:  # a list or map is not hashable
             raise MalformedMessage(f"{w}: unknown request type")
         epoch = field(m, "ep", int, what=w)
         deadline = field(m, "dl", int, what=w)
@@ -130,7 +146,8 @@ class ResultHeader:
     @classmethod
     def from_bytes(cls, data: bytes) -> ResultHeader:
         w = "result header"
-        m = unpack_map(data, kind="result", max_bytes=8192)
+        m = unpack_map(data, kind="result", max_bytes=MAX_HEADER_BYTES, max_depth=1, max_items=RESULT_HEADER_ITEMS,
+                       max_container_len=MAX_HEADER_FIELDS, max_str_len=4 * MAX_JOB_ID, what=w)
         status = m.get("st")
         if status not in RESULT_STATUSES:
             raise MalformedMessage(f"{w}: unknown status")
@@ -161,7 +178,8 @@ def encode_envelope(header_bytes: bytes, nonce: bytes, ciphertext: bytes) -> byt
 
 
 def decode_envelope(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Sealed:
-    m = unpack_map(data, kind=None, max_bytes=max_bytes)
+    m = unpack_map(data, kind=None, max_bytes=max_bytes, max_depth=1, max_items=ENVELOPE_ITEMS,
+                   max_str_len=ENVELOPE_STR_BYTES, what="envelope")
     return Sealed(
         header_bytes=field(m, "h", bytes, what="envelope"),
         nonce=fixed_bytes(m, "n", crypto.NONCE_BYTES, what="envelope"),

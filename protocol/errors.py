@@ -3,7 +3,8 @@
     ProtocolError
      ├── MalformedMessage        bytes that are not a well-formed message of the expected kind
      │    └── UnsupportedVersion a well-formed message of a version this code does not speak
-     ├── OversizedMessage        a message, tensor or chunk above the configured limit
+     ├── OversizedMessage        a message, tensor or chunk above the configured limit, in bytes
+     │                           or in structure (nesting, object count, container or string length)
      ├── TensorError             a tensor that cannot be represented (dtype, shape, byte count)
      ├── DecryptionFailed        "this ciphertext does not open" -- deliberately opaque
      ├── SignatureInvalid        a well-formed signed message whose signature does not verify
@@ -30,7 +31,9 @@ class UnsupportedVersion(MalformedMessage):
 
 
 class OversizedMessage(ProtocolError):
-    """A message, tensor or chunk is larger than the limit in force."""
+    """A message, tensor or chunk is larger than the limit in force: in bytes, or in structure
+    (nested deeper, or holding more objects or longer containers or strings, than its kind
+    allows; see protocol.limits)."""
 
 
 class TensorError(ProtocolError):

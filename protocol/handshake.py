@@ -6,17 +6,25 @@ worker identity key, the producer's nonce and the worker's config digest). A ver
 recomputes the report data from the statement it received and finds it equal to the value
 inside verified evidence knows that a measured worker produced exactly that statement, in
 answer to exactly that nonce.
+
+Model-sync messages are the exception: they pass between members only, so they are
+authenticated with keys derived from the epoch's pool private key, which only members hold
+(:func:`member_mac_key`, :func:`model_sync_key`; the argument is in
+:mod:`enclave_worker.model_sync`).
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-
-from .codec import PROTOCOL_VERSION, bounded_str, field, fixed_bytes, pack, unpack_map
 from typing import Any
 
-from .errors import MalformedMessage
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, hmac
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .codec import PROTOCOL_VERSION, bounded_str, field, fixed_bytes, pack, unpack_map
+from .errors import MalformedMessage, SignatureInvalid
 
 STATEMENT_LABEL = b"enclaveq/v1/attestation-statement"
 NONCE_BYTES = 32
@@ -134,8 +142,13 @@ SEALED_REQUEST = "sealed_request"
 
 def control_kind(data: bytes, *, max_bytes: int = MAX_EVIDENCE_BYTES + 4096) -> str:
     """The ``t`` of a control message, for dispatch, without trusting anything else in it;
-    :data:`SEALED_REQUEST` for a sealed request envelope (a map with a header and no ``t``)."""
-    m = unpack_map(data, kind=None, max_bytes=max_bytes)
+    :data:`SEALED_REQUEST` for a sealed request envelope (a map with a header and no ``t``).
+
+    The structural limits are the clear-text defaults, except that one list may be as long as a
+    :class:`ModelSyncRequest`'s list of held models (the longest clear control message); each
+    kind's parser then applies its own."""
+    m = unpack_map(data, kind=None, max_bytes=max_bytes, max_items=_SYNC_REQUEST_MAX_ITEMS,
+                   max_container_len=MAX_SYNC_HAVE)
     kind = m.get("t")
     if kind is None and "h" in m:
         return SEALED_REQUEST
@@ -209,52 +222,128 @@ class JoinResponse:
 
 
 MODEL_SYNC_LABEL = b"enclaveq/v1/model-sync"
+MODEL_SYNC_REQUEST_LABEL = b"enclaveq/v1/model-sync-request"
+MEMBER_MAC_LABEL = b"enclaveq/v1/member-mac"
 MODEL_SYNC_CHUNK_BYTES = 4 * 1024 * 1024
+MEMBER_MAC_BYTES = 32
+# Model ids a sync request may list as held. A worker holding more lists only this many; the
+# member then sends some it already has, which it skips (a pool of that many models is far
+# beyond what a worker loads today). Bounds what every member decodes before the MAC check.
+MAX_SYNC_HAVE = 1024
+_SYNC_REQUEST_MAX_BYTES = MAX_SYNC_HAVE * (64 + 2) + 4096
+_SYNC_REQUEST_MAX_ITEMS = MAX_SYNC_HAVE + 32  # the list's ids, plus the map's 10 keys and values
+
+
+def _hkdf(pool_private_key: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(pool_private_key)
+
+
+def member_mac_key(pool_private_key: bytes, pool: str, epoch: int) -> bytes:
+    """The key members authenticate worker-to-worker requests with:
+    HKDF-SHA256(IKM = the epoch's raw X25519 pool private key, salt = none,
+    info = msgpack([MEMBER_MAC_LABEL, pool, epoch]), L = 32). Only admitted members hold the
+    IKM, so only they can derive it (see :mod:`enclave_worker.model_sync` for the argument)."""
+    return _hkdf(pool_private_key, pack([MEMBER_MAC_LABEL, pool, epoch]))
+
+
+def model_sync_key(pool_private_key: bytes, pool: str, epoch: int, nonce: bytes) -> bytes:
+    """The AES-256-GCM key of one sync's messages: HKDF-SHA256(IKM = the epoch's pool private
+    key, salt = none, info = msgpack([MODEL_SYNC_LABEL, pool, epoch, requester's nonce]), L = 32).
+    Only members can derive it, so a message that opens under it was written by a member, for
+    this sync."""
+    return _hkdf(pool_private_key, pack([MODEL_SYNC_LABEL, pool, epoch, nonce]))
 
 
 def model_sync_info(pool: str, epoch: int, nonce: bytes, model_id: str, index: int, count: int,
                     total_size: int) -> bytes:
-    """HPKE ``info`` of one sealed model-sync message: binds the request's fresh nonce, so a
-    message recorded from an earlier sync (e.g. an older manifest) cannot be replayed into this one."""
+    """Associated data of one sealed model-sync message: binds the request's fresh nonce and the
+    message's position, so nothing is moved between syncs, models or positions."""
     return pack([MODEL_SYNC_LABEL, pool, epoch, nonce, model_id, index, count, total_size])
 
 
 @dataclass(frozen=True)
 class ModelSyncRequest:
-    """A worker that just joined (or restarted) lists the models it has; members send the rest.
+    """A worker that just joined (or restarted, or reconnected) lists the models it has; a member
+    sends the rest.
 
-    Anyone could send this, so members seal every chunk to the *pool* key with HPKE: only a
-    worker that holds the epoch key -- an admitted member -- can open what comes back."""
+    Answering costs a member a read, an unseal and a re-seal of every model the requester lacks,
+    so only a member may ask: ``mac`` is HMAC-SHA256 under :func:`member_mac_key` of ``epoch``
+    over :meth:`signed_bytes` (pool, epoch, nonce, worker, have, source, issue time and the
+    reply queue), checked before anything is read. ``issued_at_ms`` and ``nonce`` let the member
+    refuse stale and replayed requests."""
 
     have: tuple[str, ...]
     worker_id: str
     nonce: bytes
+    epoch: int
+    issued_at_ms: int
+    mac: bytes
     source: str = ""  # the member that should answer (the one that admitted us); "" = any member
+
+    @staticmethod
+    def signed_bytes(*, pool: str, epoch: int, nonce: bytes, worker_id: str, have: tuple[str, ...], source: str,
+                     issued_at_ms: int, reply_to: str) -> bytes:
+        return pack([MODEL_SYNC_REQUEST_LABEL, pool, epoch, nonce, worker_id, list(have), source, issued_at_ms,
+                     reply_to])
+
+    @classmethod
+    def create(cls, mac_key: bytes, *, pool: str, epoch: int, nonce: bytes, worker_id: str, have: tuple[str, ...],
+               source: str, issued_at_ms: int, reply_to: str) -> ModelSyncRequest:
+        """A request authenticated with ``mac_key`` (:func:`member_mac_key` of ``epoch``)."""
+        h = hmac.HMAC(mac_key, hashes.SHA256())
+        h.update(cls.signed_bytes(pool=pool, epoch=epoch, nonce=nonce, worker_id=worker_id, have=have,
+                                  source=source, issued_at_ms=issued_at_ms, reply_to=reply_to))
+        return cls(have=have, worker_id=worker_id, nonce=nonce, epoch=epoch, issued_at_ms=issued_at_ms,
+                   mac=h.finalize(), source=source)
+
+    def verify(self, mac_key: bytes, *, pool: str, reply_to: str) -> None:
+        """Raise ``SignatureInvalid`` unless a holder of ``mac_key`` made this request for ``pool``
+        with replies to ``reply_to`` (constant-time comparison)."""
+        h = hmac.HMAC(mac_key, hashes.SHA256())
+        h.update(self.signed_bytes(pool=pool, epoch=self.epoch, nonce=self.nonce, worker_id=self.worker_id,
+                                   have=self.have, source=self.source, issued_at_ms=self.issued_at_ms,
+                                   reply_to=reply_to))
+        try:
+            h.verify(self.mac)
+        except InvalidSignature:
+            raise SignatureInvalid("model_sync_request: not authenticated by a pool member") from None
 
     def to_bytes(self) -> bytes:
         return pack({"v": PROTOCOL_VERSION, "t": "model_sync_request", "have": list(self.have),
-                     "worker": self.worker_id, "nonce": self.nonce, "source": self.source})
+                     "worker": self.worker_id, "nonce": self.nonce, "source": self.source, "ep": self.epoch,
+                     "ts": self.issued_at_ms, "mac": self.mac})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ModelSyncRequest:
-        m = unpack_map(data, kind="model_sync_request", max_bytes=1024 * 1024)
+        w = "model_sync_request"
+        # The one clear control message with a long list: explicit structural limits that fit it.
+        m = unpack_map(data, kind=w, max_bytes=_SYNC_REQUEST_MAX_BYTES, max_depth=2,
+                       max_items=_SYNC_REQUEST_MAX_ITEMS, max_container_len=MAX_SYNC_HAVE)
         have = m.get("have")
         if not isinstance(have, list) or not all(isinstance(h, str) and len(h) == 64 for h in have):
-            raise MalformedMessage("model_sync_request: have must be a list of model ids")
-        return cls(have=tuple(have), worker_id=bounded_str(m, "worker", what="model_sync_request", max_len=128),
-                   nonce=fixed_bytes(m, "nonce", NONCE_BYTES, what="model_sync_request"),
-                   source=bounded_str(m, "source", what="model_sync_request", max_len=128, optional=True) or "")
+            raise MalformedMessage(f"{w}: have must be a list of model ids")
+        epoch, issued = field(m, "ep", int, what=w), field(m, "ts", int, what=w)
+        if epoch < 1 or issued < 0:
+            raise MalformedMessage(f"{w}: invalid epoch or time")
+        return cls(have=tuple(have), worker_id=bounded_str(m, "worker", what=w, max_len=128),
+                   nonce=fixed_bytes(m, "nonce", NONCE_BYTES, what=w), epoch=epoch, issued_at_ms=issued,
+                   mac=fixed_bytes(m, "mac", MEMBER_MAC_BYTES, what=w),
+                   source=bounded_str(m, "source", what=w, max_len=128, optional=True) or "")
 
 
 @dataclass(frozen=True)
 class ModelSyncChunk:
-    """One HPKE-sealed message of a model sync, sealed to the pool key.
+    """One sealed message of a model sync: AES-256-GCM under :func:`model_sync_key` (so it
+    opens only for members, and only a member can have written it), with
+    :func:`model_sync_info` as associated data; ``sealed`` is the 12-byte GCM nonce followed by
+    the ciphertext.
 
     A chunk (``count >= 1``) seals ``[owner-signed manifest, bytes of the model]``; the end
-    marker (``count == 0``) seals ``{"manifests": [...], "deletes": [...]}``: the member's
-    manifests of models the requester already has (allow-list changes it missed) and the
-    owner-signed delete orders it knows (deletes it missed). Everything that names owners or
-    producers is inside the ciphertext."""
+    marker (``count == 0``) seals ``{"manifests": [...], "deletes": [...], "version": [...],
+    "worker": ...}``: the member's manifests of models the requester already has (allow-list
+    changes it missed), the owner-signed delete orders it knows (deletes it missed), the
+    version of its model catalog and its worker id. Everything that names owners or producers
+    is inside the ciphertext."""
 
     epoch: int
     model_id: str

@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .codec import PROTOCOL_VERSION, field, fixed_bytes, pack, unpack, unpack_map
-from .errors import KeyFileError, MalformedMessage, SignatureInvalid
+from .errors import KeyFileError, MalformedMessage, OversizedMessage, SignatureInvalid
 
 MANIFEST_LABEL = b"enclaveq/v1/model-manifest"
 DELETE_LABEL = b"enclaveq/v1/model-delete"
@@ -247,16 +247,26 @@ def _signed_form(kind: str, message: bytes, signature: bytes) -> bytes:
     return pack({"v": PROTOCOL_VERSION, "t": kind, "m": message, "sig": signature})
 
 
-def _open_signed(data: bytes, *, kind: str, label: bytes, arity: int, max_bytes: int) -> tuple[list[Any], bytes, bytes]:
-    """Parse the signed wire form: (the signed list, the signed bytes, the signature). Not verified."""
+def _open_signed(data: bytes, *, kind: str, label: bytes, arity: int, max_bytes: int,
+                 max_list_len: int = 0) -> tuple[list[Any], bytes, bytes]:
+    """Parse the signed wire form: (the signed list, the signed bytes, the signature). Not verified.
+
+    The signed list holds ``arity`` elements, one of which may be a list of at most
+    ``max_list_len`` scalars (a manifest's allow-list); anything bigger or deeper is refused
+    before it is built. Every refusal is a ``MalformedMessage``: nothing else has this shape."""
     if isinstance(data, (bytes, bytearray, memoryview)) and len(data) > max_bytes:
         raise MalformedMessage(f"{kind}: {len(data)} bytes is larger than any valid {kind}")
-    m = unpack_map(data, kind=kind, max_bytes=max_bytes)
-    message = field(m, "m", bytes, what=kind)
-    signature = fixed_bytes(m, "sig", SIGNATURE_BYTES, what=kind)
-    if set(m) != {"v", "t", "m", "sig"}:
-        raise MalformedMessage(f"{kind}: unexpected fields")
-    items = unpack(message, max_bytes=max_bytes, what=kind)
+    try:
+        # {"v", "t", "m", "sig"}: 1 map + 4 keys + 4 scalar values.
+        m = unpack_map(data, kind=kind, max_bytes=max_bytes, max_depth=1, max_items=9)
+        message = field(m, "m", bytes, what=kind)
+        signature = fixed_bytes(m, "sig", SIGNATURE_BYTES, what=kind)
+        if set(m) != {"v", "t", "m", "sig"}:
+            raise MalformedMessage(f"{kind}: unexpected fields")
+        items = unpack(message, max_bytes=max_bytes, what=kind, max_depth=2 if max_list_len else 1,
+                       max_items=1 + arity + max_list_len, max_container_len=max(arity, max_list_len))
+    except OversizedMessage as exc:
+        raise MalformedMessage(str(exc)) from None
     if not isinstance(items, list) or len(items) != arity:
         raise MalformedMessage(f"{kind}: signed part must be a list of {arity} elements")
     if items[0] != label:
@@ -309,7 +319,7 @@ class ModelManifest:
     def verify(cls, data: bytes) -> ModelManifest:
         """Parse a signed manifest and check it was signed by the owner key it names."""
         items, message, signature = _open_signed(data, kind=MANIFEST_KIND, label=MANIFEST_LABEL, arity=6,
-                                                 max_bytes=MAX_MANIFEST_BYTES)
+                                                 max_bytes=MAX_MANIFEST_BYTES, max_list_len=MAX_ALLOWED_PRODUCERS)
         allowed = items[4]
         if allowed is not None and not isinstance(allowed, list):
             raise MalformedMessage(f"{MANIFEST_KIND}: allowed_producers must be a list or nil")
@@ -417,7 +427,12 @@ class ProducerProof:
         what = "producer_proof"
         if isinstance(data, (bytes, bytearray, memoryview)) and len(data) > MAX_PRODUCER_PROOF_BYTES:
             raise MalformedMessage(f"{what}: larger than any valid proof")
-        m = unpack_map(data, kind=None, max_bytes=MAX_PRODUCER_PROOF_BYTES)
+        try:
+            # {"v", "k", "s"}: 1 map + 3 keys + 3 scalar values.
+            m = unpack_map(data, kind=None, max_bytes=MAX_PRODUCER_PROOF_BYTES, max_depth=1, max_items=7,
+                           what=what)
+        except OversizedMessage as exc:  # callers treat every bad proof as malformed
+            raise MalformedMessage(str(exc)) from None
         if set(m) != {"v", "k", "s"}:
             raise MalformedMessage(f"{what}: expected exactly the fields v, k, s")
         return cls(producer_key=fixed_bytes(m, "k", PUBLIC_KEY_BYTES, what=what),

@@ -61,6 +61,15 @@ def _need(available: bool, what: str, problem: str = "not reachable") -> None:
     pytest.skip(f"{what} {problem}; set ENCLAVEQ_REQUIRE_BROKERS=1 to make this a failure")
 
 
+@pytest.fixture(autouse=True)
+def enclaveq_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """$ENCLAVEQ_HOME in tmp_path for every test: no test reads or writes the real ~/.config/enclaveq
+    (the default owner key, the producer's remembered pool epochs). Tests that need it ask for it."""
+    home = tmp_path / "enclaveq-home"
+    monkeypatch.setenv("ENCLAVEQ_HOME", str(home))
+    return home
+
+
 # -- what the machine provides ----------------------------------------------------------------
 
 

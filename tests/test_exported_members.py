@@ -17,7 +17,7 @@ LIBRARIES = ("attestation", "broker_adapters", "enclave_worker", "producer_sdk",
 DOCUMENTED = {
     "Client", "AsyncClient", "JobResult", "ModelInfo", "Claims", "Policy", "load_policy",
     "generate_signing_key", "load_signing_key", "save_signing_key", "public_key_bytes", "parse_public_key",
-    "EnclaveqError", "AttestationFailed", "JobError", "JobTimeout", "PolicyError", "KeyFileError",
+    "EnclaveqError", "AttestationFailed", "EpochRollback", "JobError", "JobTimeout", "PolicyError", "KeyFileError",
 }
 
 

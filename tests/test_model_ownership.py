@@ -221,6 +221,7 @@ async def test_an_allow_list_change_reaches_a_worker_that_was_down(tee, broker_u
 # -- model sync messages ---------------------------------------------------------------------------
 def test_model_sync_messages_hide_owners_and_open_only_in_their_own_sync_session():
     from enclave_worker.model_sync import SyncCollector, seal_end, seal_model
+    from enclave_worker.ownership import CatalogVersion
     from protocol import crypto
     from protocol.errors import DecryptionFailed
 
@@ -231,9 +232,8 @@ def test_model_sync_messages_hide_owners_and_open_only_in_their_own_sync_session
     manifest = ModelManifest(model_id=model_id, size=len(data), owner_key=public_key_bytes(owner),
                              allowed_producers=None, issued_at_ms=5).sign(owner)
     nonce, other_nonce = b"n" * 32, b"o" * 32
-    public = crypto.public_bytes(pool_key)
-    chunks = list(seal_model("p", 3, nonce, public, model_id, data, manifest))
-    end = seal_end("p", 3, nonce, public, [manifest], [])
+    chunks = list(seal_model("p", 3, nonce, pool_key, model_id, data, manifest))
+    end = seal_end("p", 3, nonce, pool_key, [manifest], [], version=CatalogVersion(5, 1, bytes(32)), worker_id="m")
     for message in chunks + [end]:
         assert public_key_bytes(owner) not in message.to_bytes()  # owners and allow-lists travel sealed
     replayed_into = SyncCollector("p", 3, other_nonce, pool_key)

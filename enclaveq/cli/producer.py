@@ -23,7 +23,8 @@ import numpy as np
 from attestation.errors import AttestationError
 from broker_adapters import redact_url
 from producer_sdk import Client
-from producer_sdk.errors import AttestationFailed, EnclaveqError
+from producer_sdk.epochs import forget_pool
+from producer_sdk.errors import AttestationFailed, EnclaveqError, EpochRollback
 from protocol.errors import ProtocolError
 from protocol.ownership import parse_public_key
 
@@ -85,9 +86,15 @@ def _client(broker_url: str, pool: str, policy: Path, timeout: float) -> Client:
         return Client(broker_url, pool, policy, timeout=timeout,
                       producer_key=click.get_current_context().meta.get("enclaveq.producer_key"))
     except AttestationFailed as exc:
-        _fail(f"attestation refused for pool {pool!r} at {redact_url(broker_url)}:\n{exc}")
+        _fail(f"attestation refused for pool {pool!r} at {redact_url(broker_url)}:\n{exc}{_rollback_hint(exc)}")
     except (EnclaveqError, AttestationError, ProtocolError) as exc:
         _fail(str(exc))
+
+
+def _rollback_hint(exc: AttestationFailed) -> str:
+    if not isinstance(exc, EpochRollback) or exc.state_file is None:
+        return ""
+    return "\nFrom the command line: `enclaveq attest --forget-epoch` with the same --broker, --pool and --policy."
 
 
 def _attested(client: Client) -> tuple[Claims, Statement]:
@@ -113,12 +120,23 @@ def _progress() -> Progress:
 @click.command("attest")
 @_connection_options
 @click.option("--json", "as_json", is_flag=True, help="Print the verified claims as one JSON object.")
-def attest_command(broker_url: str, pool: str, policy: Path, timeout: float, as_json: bool) -> None:
+@click.option("--forget-epoch", is_flag=True,
+              help="First forget the newest epoch of --pool this machine remembers (in $ENCLAVEQ_HOME/epochs.json). "
+                   "Only for a pool deliberately deleted and created again under the same name: otherwise an "
+                   "older epoch means a worker missed a rotation or its sealed state was rolled back.")
+def attest_command(broker_url: str, pool: str, policy: Path, timeout: float, as_json: bool,
+                   forget_epoch: bool) -> None:
     """Challenge a pool with a fresh nonce and verify its evidence against POLICY.
 
     Exit 0 with the verified claims; exit 1 with every violated policy field, its value and
-    the expectation.
+    the expectation. The newest epoch seen for each pool is remembered: an older one is refused.
     """
+    if forget_epoch:
+        try:
+            if forget_pool(pool):
+                click.echo(f"forgot the remembered epoch of pool {pool!r}", err=True)
+        except OSError as exc:
+            _fail(f"cannot forget the remembered epoch of pool {pool!r}: {exc}")
     try:
         client = Client(broker_url, pool, policy, timeout=timeout)
     except AttestationFailed as exc:
@@ -127,7 +145,7 @@ def attest_command(broker_url: str, pool: str, policy: Path, timeout: float, as_
                                    "violations": [{"field": v.field, "value": v.value, "expected": v.expected}
                                                   for v in exc.violations]}, indent=2))
             sys.exit(1)
-        _fail(str(exc))
+        _fail(str(exc) + _rollback_hint(exc))
     except EnclaveqError as exc:
         _fail(str(exc))
     with client:

@@ -1,0 +1,93 @@
+"""What unauthenticated messages may make a worker do: rate budgets and bounded memories.
+
+Anyone who can publish to the broker can send a worker challenges, join requests and epoch
+announcements. Each costs the worker real work -- TEE evidence, a verification of someone's
+evidence, a round of join requests to every member -- so each kind of work that such a message
+can trigger draws on a :class:`TokenBucket`: at most ``burst`` at once and ``rate`` per second
+sustained, whatever arrives. What the worker remembers about such messages (nonces it answered,
+announcements it checked) lives in a :class:`BoundedMemory`, which forgets the oldest entry
+first, so no flood grows the worker's memory.
+
+Clocks are injected (monotonic seconds), so tests move time by hand.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+Clock = Callable[[], float]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class OverBudget(Exception):
+    """A budget is spent: the message that asked for the work is refused (cheaply) or dropped."""
+
+
+class TokenBucket:
+    """At most ``burst`` takes at once, refilled at ``rate`` per second.
+
+    A clock that goes backwards refills nothing (it never adds tokens, nor takes any away)."""
+
+    def __init__(self, *, rate: float, burst: int, clock: Clock = time.monotonic) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("a token bucket needs a positive rate and a burst of at least 1")
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._tokens = float(burst)
+        self._last = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        elapsed = now - self._last
+        self._last = now
+        if elapsed > 0:
+            self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate)
+
+    def available(self) -> bool:
+        """Whether :meth:`try_take` would succeed now (takes nothing)."""
+        self._refill()
+        return self._tokens >= 1.0
+
+    def try_take(self) -> bool:
+        """Take one token if there is one."""
+        self._refill()
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+    def take(self, what: str) -> None:
+        """Take one token or raise :class:`OverBudget` naming ``what`` was refused."""
+        if not self.try_take():
+            raise OverBudget(f"{what}: more than {self.burst} at once or {self.rate:g} per second")
+
+
+class BoundedMemory(Generic[K, V]):
+    """A dict of at most ``size`` entries; adding one more forgets the oldest."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError("a bounded memory holds at least one entry")
+        self.size = size
+        self._entries: OrderedDict[K, V] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def get(self, key: K) -> V | None:
+        return self._entries.get(key)
+
+    def put(self, key: K, value: V) -> None:
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
