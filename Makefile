@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint install bench bench-verify fuzz clean
+.PHONY: demo test lint install bench bench-verify bench-hostile fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ bench: $(STAMP)
 
 bench-verify: $(STAMP)
 	$(BIN)/python -m bench.verify_evidence $(BENCH_ARGS)
+
+bench-hostile: $(STAMP)
+	$(BIN)/python -m bench.hostile $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

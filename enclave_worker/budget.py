@@ -13,6 +13,7 @@ Clocks are injected (monotonic seconds), so tests move time by hand.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -91,3 +92,33 @@ class BoundedMemory(Generic[K, V]):
         self._entries.move_to_end(key)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
+
+
+class QuietLog:
+    """Log lines that anyone can cause by sending messages (a dead-lettered request, a job claiming
+    a future epoch, a replay) within a budget, so a flood cannot fill the worker's disk with
+    logs; what was left out is counted and said in the next line that is written."""
+
+    def __init__(self, logger: logging.Logger, *, rate: float = 2.0, burst: int = 20,
+                 clock: Clock = time.monotonic) -> None:
+        self._log = logger
+        self._budget = TokenBucket(rate=rate, burst=burst, clock=clock)
+        self.suppressed = 0
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        if not self._log.isEnabledFor(level):
+            return
+        if not self._budget.try_take():
+            self.suppressed += 1
+            return
+        if self.suppressed:
+            msg += " (and %d similar lines left out)"
+            args = (*args, self.suppressed)
+            self.suppressed = 0
+        self._log.log(level, msg, *args)
+
+    def warning(self, msg: str, *args: object) -> None:
+        self.log(logging.WARNING, msg, *args)
+
+    def info(self, msg: str, *args: object) -> None:
+        self.log(logging.INFO, msg, *args)

@@ -44,6 +44,7 @@ from protocol.handshake import Challenge, ControlError, EvidenceResponse, Statem
 from protocol.routing import Route, route_for
 
 from .attester import Attester
+from .budget import QuietLog
 from .config import DEFAULT_WORKER_CONFIG, WorkerConfig
 from .control import ControlChannel
 from .context import WorkerContext
@@ -61,6 +62,8 @@ from .sealed_state import PoolKeys, SealedState
 from .sessions import SessionCache
 
 log = logging.getLogger("enclaveq.worker")
+# Lines that anyone can cause by publishing a request (see budget.QuietLog): budgeted.
+noisy = QuietLog(log)
 
 Clock = Callable[[], float]
 
@@ -307,7 +310,7 @@ class Worker:
                 caught_up = await self._membership.catch_up(join_in_flight=False)
                 session_key = self._sessions.open(header, self.keyring).secret
         except EpochAhead:
-            log.warning("job %s is sealed to epoch %d, newer than ours (%d); handing it back", header.job_id,
+            noisy.warning("job %s is sealed to epoch %d, newer than ours (%d); handing it back", header.job_id,
                         header.epoch, self.keyring.epoch)
             self.metrics.requests.labels(header.kind, "epoch_ahead").inc()
             if caught_up:
@@ -335,7 +338,7 @@ class Worker:
         if self._seen.contains(replay_key):
             # Already answered: a redelivery after a lost ack, or a replay, possibly recorded
             # before this worker restarted. Never run it twice.
-            log.info("job %s already answered; dropping the duplicate", header.job_id)
+            noisy.info("job %s already answered; dropping the duplicate", header.job_id)
             self.metrics.requests.labels(header.kind, "duplicate").inc()
             await delivery.ack()
             return
@@ -372,7 +375,7 @@ class Worker:
         await delivery.ack()
 
     async def _dead_letter(self, delivery: Delivery, reason: str, detail: str) -> None:
-        log.warning("dead-lettering a request: %s", detail)
+        noisy.warning("dead-lettering a request: %s", detail)
         self.metrics.dead_lettered.labels(reason).inc()
         await delivery.reject()
 
@@ -380,7 +383,7 @@ class Worker:
         """A job sealed to an erased epoch can never be opened again. Tell its producer, in clear
         (there is no key left to seal with, and the notice holds nothing secret), so the SDK
         re-attests and sends it again; then drop it."""
-        log.info("job %s is sealed to retired epoch %d; asking its producer to re-attest", header.job_id,
+        noisy.info("job %s is sealed to retired epoch %d; asking its producer to re-attest", header.job_id,
                  header.epoch)
         self.metrics.requests.labels(header.kind, "stale_epoch").inc()
         notice = ControlError(code="stale_epoch", message=f"epoch {header.epoch} of pool {self.pool!r} is retired; "

@@ -50,6 +50,8 @@ CLOSE_TIMEOUT = 10.0
 # answer that arrives first does not fail connect(); a misconfigured policy still fails in about
 # a second rather than after the whole ``attest_timeout``.
 REFUSAL_GRACE_SECONDS = 1.0
+# First wait before challenging again workers that answered "busy" (doubling, at most 2 s).
+BUSY_BACKOFF_SECONDS = 0.25
 
 
 @dataclass(frozen=True)
@@ -170,13 +172,28 @@ class AsyncClient:
         refused answer only matters if none verifies within :data:`REFUSAL_GRACE_SECONDS` after it
         (or the challenge spent its verification budget, ``MAX_VERIFICATIONS_PER_CHALLENGE``) --
         then the most informative refusal is raised: a genuine worker's policy violation, say,
-        over garbage."""
+        over garbage. Workers that answered ``busy`` (over their evidence budget: someone floods
+        the pool with challenges) are challenged again, with backoff, until ``attest_timeout``."""
+        deadline = asyncio.get_running_loop().time() + self.attest_timeout
+        backoff = BUSY_BACKOFF_SECONDS
+        while True:
+            try:
+                return await self._attest_once(deadline)
+            except AttestationFailed as exc:
+                if not exc.busy or asyncio.get_running_loop().time() + backoff >= deadline:
+                    raise
+                log.info("pool %r: the workers are busy answering challenges; asking again in %gs", self.pool,
+                         backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(2 * backoff, 2.0)
+
+    async def _attest_once(self, deadline: float) -> Claims:
         broker, core = self._connection()
         correlation_id, challenge = core.challenge()
         verified = self._expect(correlation_id)
         sent = False
         try:
-            async with asyncio.timeout(self.attest_timeout):
+            async with asyncio.timeout_at(deadline):
                 await broker.publish_control(self.pool, Message(body=challenge, correlation_id=correlation_id,
                                                                  reply_to=core.reply_to))
                 sent = True

@@ -270,7 +270,8 @@ class ProducerCore:
             if control_kind(data) == "control_error":
                 err = ControlError.from_bytes(data)
                 raise _Refusal(_WORKER_REFUSED,
-                               AttestationFailed(f"worker refused the challenge: {err.code}: {err.message}"))
+                               AttestationFailed(f"worker refused the challenge: {err.code}: {err.message}",
+                                                 busy=err.code == "busy"))
             response = EvidenceResponse.from_bytes(data)
         except ProtocolError as exc:
             raise _Refusal(_MALFORMED, AttestationFailed(f"malformed attestation response: {exc}")) from None

@@ -41,9 +41,13 @@ class BrokerUnreachable(EnclaveqError):
 
 
 class AttestationFailed(EnclaveqError):
-    def __init__(self, message: str, violations: tuple[Any, ...] = ()) -> None:
+    """``violations``: every policy violation of genuine evidence; ``busy``: the workers were
+    over their evidence budget (a flood of challenges), so trying again later may succeed."""
+
+    def __init__(self, message: str, violations: tuple[Any, ...] = (), *, busy: bool = False) -> None:
         super().__init__(message)
         self.violations = violations
+        self.busy = busy
 
 
 class NoWorkerAnswered(AttestationFailed):

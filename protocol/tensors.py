@@ -82,8 +82,8 @@ def decode_tensors(wire: Any, limits: TensorLimits = TensorLimits()) -> dict[str
             raise MalformedMessage("tensor: invalid name")
         if name in out:
             raise TensorError(f"tensor {name!r} appears twice")
-        if dname not in DTYPES:
-            raise TensorError(f"tensor {name!r}: dtype {dname!r} is not supported")
+        if not isinstance(dname, str) or dname not in DTYPES:  # a list or map is not even hashable
+            raise TensorError(f"tensor {name!r}: dtype {str(dname)[:32]!r} is not supported")
         if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(
             isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in shape
         ):
@@ -101,7 +101,10 @@ def decode_tensors(wire: Any, limits: TensorLimits = TensorLimits()) -> dict[str
             count *= d
         if count * dtype.itemsize != len(data):
             raise TensorError(f"tensor {name!r}: shape {shape} of {dname} needs {count * dtype.itemsize} bytes, got {len(data)}")
-        array = np.frombuffer(data, dtype=dtype).reshape(shape)
+        try:
+            array = np.frombuffer(data, dtype=dtype).reshape(shape)
+        except ValueError:  # e.g. a zero-size tensor whose dimensions numpy cannot index
+            raise TensorError(f"tensor {name!r}: numpy cannot hold a tensor of shape {shape}") from None
         # Native byte order for onnxruntime on big-endian hosts; a no-op on little-endian ones.
         if not array.dtype.isnative:
             array = array.astype(array.dtype.newbyteorder("="))

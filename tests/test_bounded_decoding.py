@@ -270,10 +270,8 @@ def test_a_request_header_whose_type_is_not_a_string_is_malformed(kind):
         RequestHeader.from_bytes(pack({"v": 1, "t": kind}))
 
 
-# Found by tests/test_fuzz_network_parsers.py; the fix belongs in protocol/tensors.py (decode_tensors:
-# `not isinstance(dname, str) or dname not in DTYPES`, and a ValueError from reshape as a TensorError),
-# outside this change. A worker answers these with an "internal" error and a logged traceback.
-@pytest.mark.xfail(strict=True, raises=(TypeError, ValueError), reason="needs the protocol/tensors.py fix")
+# Found by tests/test_fuzz_network_parsers.py: before the fix a worker answered these with an
+# "internal" error and a logged traceback.
 @pytest.mark.parametrize("tensor", [["x", [], [1], b"\0" * 4], ["x", "float32", [2**61, 0], b""]],
                          ids=["unhashable dtype", "zero-size tensor of impossible dimensions"])
 def test_a_tensor_of_an_unhashable_dtype_or_an_impossible_shape_is_a_typed_error(tensor):

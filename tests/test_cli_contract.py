@@ -43,7 +43,7 @@ DOCUMENTED: dict[tuple[str, ...], frozenset[str]] = {
     ("policy", "init"): frozenset({"--sim-dir", "--out", "--measurement", "--allow-debug", "--max-age", "--force"}),
     ("worker",): frozenset({"--broker", "--pool", "--sim-dir", "--state-dir", "--tee", "--metrics-port",
                             "--rotate-every", "--rotation-grace", "--print-measurement", "--log-level"}),
-    ("attest",): CONNECTION | {"--json"},
+    ("attest",): CONNECTION | {"--json", "--forget-epoch"},
     ("model", "upload"): CONNECTION | {"--owner-key", "--allow-producer"},
     ("model", "list"): CONNECTION | {"--json"},
     ("model", "delete"): CONNECTION | {"--owner-key"},

@@ -20,7 +20,7 @@ import pytest
 from broker_adapters import Message, open_broker
 from enclave_worker import membership as membership_module
 from enclave_worker.attester import EVIDENCE_BURST, EVIDENCE_PER_SECOND
-from enclave_worker.budget import BoundedMemory, TokenBucket
+from enclave_worker.budget import BoundedMemory, QuietLog, TokenBucket
 from enclave_worker.errors import WorkerStartupError
 from enclave_worker.platform import sim_identity
 from enclave_worker.rotation import MAX_REMEMBERED_ANNOUNCEMENTS
@@ -171,6 +171,20 @@ def test_a_token_bucket_allows_its_burst_then_its_rate_and_a_clock_going_back_ad
     assert not bucket.try_take()
     clock.now += 3600  # a long quiet spell refills the burst, never more
     assert sum(bucket.try_take() for _ in range(100)) == 32
+
+
+def test_lines_a_flood_can_cause_are_logged_within_a_budget_and_the_rest_are_counted(caplog):
+    now = [0.0]
+    quiet = QuietLog(logging.getLogger("enclaveq.test-quiet"), rate=1.0, burst=3, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="enclaveq.test-quiet"):
+        for i in range(1000):
+            quiet.warning("dead-lettering request %d", i)
+        assert len(caplog.records) == 3 and quiet.suppressed == 997
+        now[0] += 1.0
+        quiet.warning("dead-lettering request %d", 1000)
+    assert len(caplog.records) == 4
+    assert caplog.records[-1].getMessage() == "dead-lettering request 1000 (and 997 similar lines left out)"
+    assert quiet.suppressed == 0
 
 
 def test_a_bounded_memory_forgets_the_oldest_entry_first():

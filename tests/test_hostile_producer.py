@@ -317,6 +317,26 @@ async def test_a_policy_the_pool_violates_fails_soon_after_the_refusal_not_at_th
     assert "measurement" in {v.field for v in refused.value.violations}
 
 
+async def test_workers_busy_with_a_flood_of_challenges_are_asked_again_until_they_answer(tee, memory_url, pool):
+    from enclave_worker.budget import TokenBucket
+
+    async with running_worker(tee, memory_url, pool) as worker:
+        # A flood just spent this worker's evidence budget: it answers "busy" until a token is back.
+        worker._attester.evidence_budget = budget = TokenBucket(rate=2.0, burst=1)
+        assert budget.try_take()
+        answers: list[str] = []
+        real_answer = worker._attester.answer_in_thread
+
+        async def counted(challenge):
+            answers.append("busy" if not budget.available() else "evidence")
+            return await real_answer(challenge)
+
+        worker._attester.answer_in_thread = counted
+        async with AsyncClient(memory_url, pool, tee.policy(), attest_timeout=30) as client:
+            assert client.claims is not None
+    assert answers[0] == "busy" and answers[-1] == "evidence"
+
+
 async def test_a_flood_of_cheap_forgeries_costs_no_verification_and_the_genuine_answer_still_wins(
         tee, memory_url, pool, monkeypatch):
     async with running_worker(tee, memory_url, pool):
