@@ -103,13 +103,15 @@ class QuietLog:
                  clock: Clock = time.monotonic) -> None:
         self._log = logger
         self._budget = TokenBucket(rate=rate, burst=burst, clock=clock)
-        self.suppressed = 0
+        self.suppressed = 0  # since the last line written
+        self.suppressed_total = 0
 
     def log(self, level: int, msg: str, *args: object) -> None:
         if not self._log.isEnabledFor(level):
             return
         if not self._budget.try_take():
             self.suppressed += 1
+            self.suppressed_total += 1
             return
         if self.suppressed:
             msg += " (and %d similar lines left out)"

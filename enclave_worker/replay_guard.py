@@ -5,8 +5,8 @@ deadlines, bounded in memory, and sealed to disk so that a restart does not forg
   (never before: a job whose worker died before publishing must run when it is redelivered)
   until its deadline; after the deadline the worker refuses it as expired anyway. A min-heap by
   deadline prunes expired entries in O(log n) per job. The set holds at most ``max_entries``;
-  beyond that the entries that expire *soonest* go first, which keeps the total time any
-  forgotten job stays replayable as short as it can be. A copy that arrives while the job is
+  beyond that the entries answered longest ago go first (not the ones expiring soonest, which a
+  flood of jobs with far deadlines could exploit to push out everyone else's). A copy that arrives while the job is
   still running waits for that run's outcome (:meth:`SeenJobs.wait_while_running`).
 * :class:`SeenJournal` -- on disk, in the worker's sealed state. Every flush (the worker flushes
   about once a second when something changed, in a thread) seals the entries added since the
@@ -60,7 +60,7 @@ class SeenJobs:
     def __init__(self, max_entries: int = MAX_SEEN_JOBS) -> None:
         self._max = max_entries
         self._deadlines: dict[JobKey, int] = {}
-        self._by_deadline: list[tuple[int, JobKey]] = []  # a heap, one entry per key in _deadlines
+        self._by_deadline: list[tuple[int, JobKey]] = []  # a heap by deadline (may hold evicted keys)
         self._fresh: list[tuple[JobKey, int]] = []  # added since the journal last took them
         # Jobs being run right now, each with an event once another copy waits for its outcome.
         self._running: dict[JobKey, asyncio.Event | None] = {}
@@ -110,11 +110,19 @@ class SeenJobs:
 
     def _prune(self, now_ms: int) -> None:
         heap, deadlines = self._by_deadline, self._deadlines
-        while heap and (heap[0][0] < now_ms or len(deadlines) > self._max):
+        while heap and heap[0][0] < now_ms:
             deadline, key = heapq.heappop(heap)
-            if deadline >= now_ms:
-                self.evicted += 1
-            del deadlines[key]
+            if deadlines.get(key) == deadline:  # not already evicted
+                del deadlines[key]
+        while len(deadlines) > self._max:
+            # Over the cap, the entry answered *longest ago* goes (dicts keep insertion order), not
+            # the one expiring soonest: a producer that sends a flood of jobs with far deadlines
+            # must then keep outpacing the worker itself to push out anyone else's recent entry.
+            del deadlines[next(iter(deadlines))]
+            self.evicted += 1
+        if len(heap) > 2 * self._max:  # heap entries of evicted keys: drop them all at once
+            self._by_deadline = [(d, k) for k, d in deadlines.items()]
+            heapq.heapify(self._by_deadline)
 
     # -- for the journal ----------------------------------------------------------------------
     def take_fresh(self) -> list[tuple[JobKey, int]]:

@@ -102,6 +102,7 @@ class Worker:
         self._handlers: RequestHandlers | None = None
         self._control = ControlChannel(ctx, attester=self._attester, membership=self._membership,
                                        rotation=self._rotation, serve_broadcast=self._serve_broadcast)
+        self.metrics.watch_refusals(self._refusals)
         self._subs: list[Subscription] = []
         self._slots = asyncio.Semaphore(config.max_jobs_in_flight)
         self._draining = False
@@ -133,6 +134,17 @@ class Worker:
 
     def cached_session_epochs(self) -> set[int]:
         return self._sessions.epochs()
+
+    def _refusals(self) -> dict[str, float]:
+        """What hostile or stale traffic this worker turned away, by reason (for the metrics)."""
+        counts: dict[str, float] = {
+            "control_oversized": self._control.dropped_oversized,
+            "replay_entries_evicted": self._seen.evicted,
+            "log_lines_left_out": noisy.suppressed_total,
+        }
+        if self._model_sync is not None:
+            counts.update({f"model_sync_{reason}": n for reason, n in self._model_sync.refused.items()})
+        return counts
 
     def remembered_jobs(self) -> int:
         """How many answered jobs this worker refuses to run again (bounded; tests check it)."""

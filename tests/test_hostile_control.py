@@ -423,6 +423,9 @@ async def test_an_oversized_control_message_that_is_no_sealed_request_is_dropped
                                                      reply_to=inbox.address))
         await wait_until(lambda: len(inbox.bodies) >= 1, "the challenge is answered")
         assert inbox.kinds() == ["evidence"]
+    # Operators see the flood in the metrics, not in the logs.
+    assert worker.metrics.registry.get_sample_value("enclaveq_worker_refused_messages_total",
+                                                    {"reason": "control_oversized"}) == 2
 
 
 async def test_an_upload_whose_chunks_are_larger_than_any_clear_message_still_reaches_every_worker(workers,

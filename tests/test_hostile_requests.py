@@ -322,12 +322,22 @@ def test_the_replay_set_forgets_jobs_at_their_deadline_and_holds_at_most_its_lim
     seen = SeenJobs(max_entries=3)
     for i, deadline in enumerate((500, 300, 400, 600)):
         seen.add(job_key(b"s" * 16, f"j{i}"), deadline, now_ms=100)
-    # Over the limit, the entry expiring soonest went first (it is replayable for the shortest time).
-    assert len(seen) == 3 and not seen.contains(job_key(b"s" * 16, "j1")) and seen.evicted == 1
-    seen.add(job_key(b"s" * 16, "j4"), 1000, now_ms=450)  # j2 (400) has expired
-    assert len(seen) == 3 and not seen.contains(job_key(b"s" * 16, "j2"))
+    # Over the limit, the entry answered longest ago went first.
+    assert len(seen) == 3 and not seen.contains(job_key(b"s" * 16, "j0")) and seen.evicted == 1
+    seen.add(job_key(b"s" * 16, "j4"), 1000, now_ms=450)  # j1 (300) and j2 (400) have expired
+    assert len(seen) == 2 and seen.contains(job_key(b"s" * 16, "j3")) and seen.contains(job_key(b"s" * 16, "j4"))
     seen.add(job_key(b"s" * 16, "j5"), 10, now_ms=450)  # already expired: refused as such, not remembered
     assert not seen.contains(job_key(b"s" * 16, "j5"))
+
+
+def test_a_replay_set_filled_with_far_deadlines_still_remembers_the_next_job():
+    seen = SeenJobs(max_entries=100)
+    for i in range(1000):  # an attacker's own jobs, with deadlines a century away, fill the set
+        seen.add(job_key(b"a" * 16, f"a{i}"), 2**62, now_ms=0)
+    victim = job_key(b"v" * 16, "victim")
+    seen.add(victim, 100_000, now_ms=1)  # a job with the SDK's short deadline, answered next
+    assert seen.contains(victim)  # only 100 jobs answered after it would push it out
+    assert len(seen) == 100 and len(seen._by_deadline) <= 200  # bounded, stale heap entries included
 
 
 def test_the_replay_journal_seals_segments_deletes_expired_ones_and_merges_many(tmp_path):
