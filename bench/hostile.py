@@ -98,7 +98,7 @@ import numpy as np
 
 from broker_adapters import redact_url
 
-from .request_reply import (DEFAULT_BROKER, _find_broker_pid, _machine_busy, _proc_cpu,
+from .request_reply import (run_cleaning_up, DEFAULT_BROKER, _find_broker_pid, _machine_busy, _proc_cpu,
                             _self_cpu, _stop_process, delete_pool_quietly, tiny_model)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1027,11 +1027,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seconds <= 0 or args.in_flight < 1 or args.idle_jobs < 1 or args.pre_idle_jobs < 1 \
             or args.probe_rate <= 0 or (args.rate is not None and args.rate <= 0):
         parser.error("--seconds, --in-flight, --idle-jobs, --pre-idle-jobs, --probe-rate and --rate must be positive")
-    try:
-        return asyncio.run(run(args))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("interrupted; queues and processes were cleaned up", file=sys.stderr)
-        return 130
+    return run_cleaning_up(run(args))
 
 
 if __name__ == "__main__":

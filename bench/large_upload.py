@@ -59,7 +59,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .request_reply import (DEFAULT_BROKER, _CpuMeter, _find_broker_pid, _median, _stop_process,
+from .request_reply import (run_cleaning_up, DEFAULT_BROKER, _CpuMeter, _find_broker_pid, _median, _stop_process,
                             delete_pool_quietly, serve_until_signalled)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -402,11 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.mb < 1 or args.repeat < 1 or args.workers < 1 or args.window < 1:
         parser.error("--mb, --repeat, --workers and --window must be positive")
-    try:
-        return asyncio.run(run(args))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("interrupted; queues and processes were cleaned up", file=sys.stderr)
-        return 130
+    return run_cleaning_up(run(args))
 
 
 if __name__ == "__main__":

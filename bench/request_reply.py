@@ -60,7 +60,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterator, Mapping
+from collections.abc import Coroutine, Iterator, Mapping
 
 import numpy as np
 
@@ -905,6 +905,15 @@ async def run(args) -> int:
     return 0
 
 
+def run_cleaning_up(main_coroutine: Coroutine[Any, Any, int]) -> int:
+    """A bench's exit code; Ctrl-C exits 130 after the bench's own clean-up (queues, processes)."""
+    try:
+        return asyncio.run(main_coroutine)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted; queues and processes were cleaned up", file=sys.stderr)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.request_reply", description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=2000, help="timed jobs per system and concurrency (default 2000)")
@@ -941,11 +950,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.jobs < 1 or args.warmup < 0 or args.repeat < 1:
         parser.error("--jobs and --repeat must be positive and --warmup non-negative")
-    try:
-        return asyncio.run(run(args))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("interrupted; queues and processes were cleaned up", file=sys.stderr)
-        return 130
+    return run_cleaning_up(run(args))
 
 
 if __name__ == "__main__":
