@@ -243,6 +243,12 @@ class ProducerCore:
             del self._challenges[correlation_id]
         try:
             claims, st = self._verify_answer(challenge.nonce, data)
+            try:
+                session = ProducerSession(pool=self.pool, epoch=st.epoch, pool_public_key=st.pool_public_key,
+                                          rng=self._rng)
+            except ValueError:  # e.g. a small-order X25519 point: no shared secret can come of it
+                raise _Refusal(_INVALID, AttestationFailed(
+                    "the attested pool public key is not a usable X25519 key")) from None
         except _Refusal as refusal:
             challenge.refused(refusal)
             raise refusal.error from None
@@ -250,8 +256,7 @@ class ProducerCore:
         self.claims = claims
         self.statement = st
         self._epochs.observe(self.pool, st.epoch)
-        self.session = ProducerSession(pool=self.pool, epoch=st.epoch, pool_public_key=st.pool_public_key,
-                                       rng=self._rng)
+        self.session = session
         if self.producer_key is not None:
             self.session.producer_proof = ProducerProof.create(
                 self.producer_key, pool=self.pool, epoch=st.epoch, session_id=self.session.session_id,

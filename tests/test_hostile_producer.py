@@ -254,6 +254,24 @@ def strangers_answer(other: SimTEE, pool: str, nonce: bytes) -> EvidenceResponse
                             statement=statement, worker_id="stranger")
 
 
+def test_genuine_evidence_for_an_unusable_pool_key_is_a_refusal_not_a_crash(tee, pool):
+    from producer_sdk.core import ProducerCore
+
+    # Only a TEE the policy trusts can vouch for it (a worker bug, or a compromised measurement):
+    # a small-order X25519 point, with which no shared secret can be computed.
+    core = ProducerCore(pool=pool, policy=tee.policy(), reply_to="r", epochs=marks_for(False, "memory://x"))
+    correlation_id, _ = core.challenge()
+    nonce = core._challenges[correlation_id].nonce
+    identity = sim_identity(tee.dir)
+    statement = Statement(pool=pool, epoch=1, suite=crypto.SUITE_ID, pool_public_key=bytes(32),
+                          worker_identity_key=bytes(32), nonce=nonce, config_digest=identity.config_digest)
+    answer = EvidenceResponse(platform=identity.provider.platform, worker_id="w", statement=statement,
+                              evidence=identity.provider.evidence(statement.report_data()))
+    with pytest.raises(AttestationFailed, match="not a usable X25519 key"):
+        core.accept_evidence(correlation_id, answer.to_bytes(), keep_open=True)
+    assert core.session is None and core.challenge_open(correlation_id)  # another answer may still verify
+
+
 def forgeries(tmp_path: Path, pool: str) -> dict[str, Forge]:
     other = SimTEE(tmp_path / "other-tee")
 
