@@ -39,12 +39,12 @@ class TokenBucket:
             raise ValueError("a token bucket needs a positive rate and a burst of at least 1")
         self.rate = rate
         self.burst = burst
-        self._clock = clock
+        self.clock = clock
         self._tokens = float(burst)
         self._last = clock()
 
     def _refill(self) -> None:
-        now = self._clock()
+        now = self.clock()
         elapsed = now - self._last
         self._last = now
         if elapsed > 0:
@@ -106,6 +106,11 @@ class QuietLog:
         self.suppressed = 0  # since the last line written
         self.suppressed_total = 0
 
+    def reset(self) -> None:
+        """Start with a full budget (each test starts as a fresh worker process would)."""
+        self._budget = TokenBucket(rate=self._budget.rate, burst=self._budget.burst, clock=self._budget.clock)
+        self.suppressed = 0
+
     def log(self, level: int, msg: str, *args: object) -> None:
         if not self._log.isEnabledFor(level):
             return
@@ -124,3 +129,8 @@ class QuietLog:
 
     def info(self, msg: str, *args: object) -> None:
         self.log(logging.INFO, msg, *args)
+
+
+# The worker's lines that anyone can cause by publishing a message (a dead-lettered request, an
+# announcement or a join request that does not verify...): one budget for all of them.
+noisy = QuietLog(logging.getLogger("enclaveq.worker"))

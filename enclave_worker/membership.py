@@ -47,7 +47,7 @@ from protocol.handshake import (Challenge, ControlError, JoinRequest, JoinRespon
                                 join_info)
 
 from .attester import Attester
-from .budget import BoundedMemory, OverBudget, TokenBucket
+from .budget import BoundedMemory, OverBudget, TokenBucket, noisy
 from .context import WorkerContext
 from .errors import WorkerStartupError
 from .inbox import open_inbox
@@ -270,7 +270,7 @@ class Membership:
                     error = ControlError.from_bytes(body)
                     if error.code == "not_admitted":
                         refusal = error.message
-                        log.warning("pool %r: a refusal to admit this worker (unauthenticated; still listening): %s",
+                        noisy.warning("pool %r: a refusal to admit this worker (unauthenticated; still listening): %s",
                                     self._ctx.pool, error.message.splitlines()[0] if error.message else "")
                 elif kind == "join_response":
                     response = JoinResponse.from_bytes(body)
@@ -279,7 +279,7 @@ class Membership:
                         raise MalformedMessage("the join response answers another request")
                     return JoinRound(keys=self._accept_join_response(response, response.statement.nonce, answered))
             except (ProtocolError, AttestationError) as exc:
-                log.warning("ignoring a join response that does not verify: %s", str(exc).splitlines()[0])
+                noisy.warning("ignoring a join response that does not verify: %s", str(exc).splitlines()[0])
         return JoinRound(refusal=refusal)
 
     def _accept_join_response(self, response: JoinResponse, nonce: bytes, identity: X25519PrivateKey) -> PoolKeys:
@@ -325,7 +325,7 @@ class Membership:
                 raise MalformedMessage("join request for another pool or suite")
             self._attester.verify_peer(request.platform, request.evidence, st)
         except (AttestationError, ProtocolError) as exc:
-            log.warning("refused to admit worker %s to pool %r: %s", request.worker_id, self._ctx.pool,
+            noisy.warning("refused to admit worker %s to pool %r: %s", request.worker_id, self._ctx.pool,
                         str(exc).splitlines()[0])
             # Cut to what a ControlError may carry: a refusal the joiner cannot parse would read as
             # "nobody answered", and a refused worker would go on to found a rival pool.

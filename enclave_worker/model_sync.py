@@ -86,6 +86,7 @@ from protocol.errors import MalformedMessage, ProtocolError, SignatureInvalid
 from protocol.handshake import (MAX_SYNC_HAVE, MODEL_SYNC_CHUNK_BYTES, ModelSyncChunk, ModelSyncRequest,
                                 member_mac_key, model_sync_info, model_sync_key)
 
+from .budget import noisy
 from .context import WorkerContext
 from .errors import SealedStateError
 from .inbox import open_inbox
@@ -352,7 +353,7 @@ class ModelSync:
                         ended = True
                         break  # that member's end marker: everything it sent has arrived (one queue, in order)
                 except ProtocolError as exc:  # includes DecryptionFailed: not a member's message for this sync
-                    log.warning("ignoring a model sync message that does not open or parse: %s", exc)
+                    noisy.warning("ignoring a model sync message that does not open or parse: %s", exc)
                     continue
                 deadline = loop.time() + MODEL_WAIT_SECONDS  # a member is sending: keep listening
         if not ended:

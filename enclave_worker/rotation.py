@@ -28,7 +28,7 @@ from protocol.errors import MalformedMessage, ProtocolError
 from protocol.handshake import EpochAnnounce, rotation_nonce
 
 from .attester import Attester
-from .budget import BoundedMemory, OverBudget
+from .budget import BoundedMemory, OverBudget, noisy
 from .context import WorkerContext
 from .errors import JobRejected
 from .keyring import Keyring
@@ -207,7 +207,7 @@ class Rotation:
                 log.debug("pool %r: an epoch announcement left unchecked (too many to check)", self._ctx.pool)
                 return
             except (AttestationError, ProtocolError) as exc:
-                log.warning("ignoring an epoch announcement that does not verify: %s", str(exc).splitlines()[0])
+                noisy.warning("ignoring an epoch announcement that does not verify: %s", str(exc).splitlines()[0])
                 verdict = False
             self._announcements.put(digest, verdict)
         if not verdict:
@@ -218,7 +218,7 @@ class Rotation:
         try:
             private = self._keyring.open_announce(announce, self._ctx.pool)
         except ProtocolError as exc:
-            log.warning("ignoring an epoch announcement whose key does not open: %s", str(exc).splitlines()[0])
+            noisy.warning("ignoring an epoch announcement whose key does not open: %s", str(exc).splitlines()[0])
             self._announcements.put(digest, False)
             return
         # Our measured limit bounds how long any old key lives here, whatever the announcer's clock says.

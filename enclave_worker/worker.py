@@ -44,7 +44,7 @@ from protocol.handshake import Challenge, ControlError, EvidenceResponse, Statem
 from protocol.routing import Route, route_for
 
 from .attester import Attester
-from .budget import QuietLog
+from .budget import noisy
 from .config import DEFAULT_WORKER_CONFIG, WorkerConfig
 from .control import ControlChannel
 from .context import WorkerContext
@@ -62,8 +62,6 @@ from .sealed_state import PoolKeys, SealedState
 from .sessions import SessionCache
 
 log = logging.getLogger("enclaveq.worker")
-# Lines that anyone can cause by publishing a request (see budget.QuietLog): budgeted.
-noisy = QuietLog(log)
 
 Clock = Callable[[], float]
 
@@ -371,7 +369,7 @@ class Worker:
                      answer: Answer) -> None:
         code = answer.code
         if code != "ok":
-            log.info("request %s (%s) refused: %s", header.job_id, header.kind, code)
+            noisy.info("request %s (%s) refused: %s", header.job_id, header.kind, code)
         self.metrics.requests.labels(header.kind, code).inc()
         result = seal_result(session_key, header, answer.status, answer.content_type, answer.body, rng=self._rng,
                              current_epoch=self.keyring.epoch)

@@ -70,6 +70,15 @@ def enclaveq_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
+@pytest.fixture(autouse=True)
+def fresh_log_budget() -> None:
+    """Each test starts with the worker's full budget of flood-caused log lines, as a new worker
+    process would: one test's flood must not silence the line another test looks for."""
+    from enclave_worker.budget import noisy
+
+    noisy.reset()
+
+
 # -- what the machine provides ----------------------------------------------------------------
 
 
