@@ -159,7 +159,8 @@ class ModelLibrary:
             return bodies.encode_ack(model_id, c.count, True)
         self.expire_uploads()
         try:
-            received, whole = self.uploads.add(c.upload_id, model_id, c.index, c.count, c.total_size, data)
+            received, whole = self.uploads.add((c.upload_id, manifest.owner_key), model_id, c.index, c.count,
+                                               c.total_size, data)
         except JobRejected:
             self._release(model_id)  # the chunk may have ended its upload (assembled to the wrong size)
             raise

@@ -11,17 +11,19 @@ worker, so each incomplete upload holds memory on every worker of the pool. What
   empty or tiny chunks cannot multiply entries;
 * an upload that received no chunk for ``IDLE_SECONDS`` (by the worker's clock) is dropped.
 
-A chunk beyond these bounds is refused with a typed error and changes nothing. Keyed by upload
-id alone, not by session: after a key rotation the producer seals the rest of an upload under
-its new session. A stranger reusing an upload id can only spoil the upload (the assembled
-bytes must hash to the model id), never substitute a model.
+A chunk beyond these bounds is refused with a typed error and changes nothing. Keyed by the
+upload id (clear in every chunk's header) *and the owner key of the chunk's verified manifest*,
+not by session: after a key rotation the producer seals the rest of an upload under its new
+session, but every chunk carries the same owner-signed manifest. A stranger who copies an
+upload id from the broker signs her chunks with her own key, so they fill an upload of their
+own instead of spoiling the owner's (and the assembled bytes must hash to the model id anyway).
 
 Used from the event loop only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from protocol.bodies import ErrorCode
@@ -61,7 +63,7 @@ class Uploads:
         self.max_uploads = max_uploads
         self.idle_seconds = idle_seconds
         self._clock = clock
-        self._uploads: dict[str, _Upload] = {}
+        self._uploads: dict[Hashable, _Upload] = {}
         self._held = 0
 
     def __len__(self) -> int:
@@ -75,7 +77,7 @@ class Uploads:
         """Whether an incomplete upload of ``model_id`` is in progress here."""
         return any(u.model_id == model_id for u in self._uploads.values())
 
-    def add(self, upload_id: str, model_id: str, index: int, count: int, total_size: int,
+    def add(self, upload_id: Hashable, model_id: str, index: int, count: int, total_size: int,
             data: bytes) -> tuple[int, bytes | None]:
         """Store one chunk; return (chunks received, the whole model's bytes once complete).
         Raises a JobRejected (typed) for a chunk beyond the bounds; nothing is kept then."""
@@ -121,7 +123,7 @@ class Uploads:
         idle = [uid for uid, u in self._uploads.items() if u.touched < cutoff]
         return [self._drop(uid).model_id for uid in idle]
 
-    def _drop(self, upload_id: str) -> _Upload:
+    def _drop(self, upload_id: Hashable) -> _Upload:
         upload = self._uploads.pop(upload_id)
         self._held -= upload.held
         return upload

@@ -227,6 +227,36 @@ async def test_an_idle_upload_expires_by_the_worker_clock_and_releases_the_jobs_
             assert len(worker.models.uploads) == 0 and worker.models.arriving_count() == 0
 
 
+async def test_a_stranger_who_copies_an_upload_id_cannot_spoil_the_owners_upload(tee, memory_url, pool):
+    from protocol.envelope import peek_request
+
+    data = mlp_model()
+    async with running_worker(tee, memory_url, pool) as worker:
+        async with AsyncClient(memory_url, pool, tee.policy(), timeout=10) as owner, \
+                AsyncClient(memory_url, pool, tee.policy(), timeout=10) as mallory:
+            model_id, chunks = owner._core.model_chunks(data, owner_key=generate_signing_key(), timeout=10,
+                                                        chunk_bytes=len(data) // 3 + 1)
+            assert len(chunks) == 3
+            first = chunks[0]()
+            # The upload id and position are clear in every chunk's header: the broker sees them.
+            position = peek_request(first.body)[1].chunk
+            await owner._request(lambda: first, 10)
+            await owner._request(chunks[1], 10)
+            # Mallory fills the missing last chunk first, with garbage, under a manifest of her own.
+            her_key = generate_signing_key()
+            manifest = ModelManifest(model_id=model_id, size=len(data), owner_key=public_key_bytes(her_key),
+                                     allowed_producers=None, issued_at_ms=int(time.time() * 1000)).sign(her_key)
+            garbage = bytes(len(data) - 2 * (len(data) // 3 + 1))
+            forged = mallory._core._seal("model_chunk", bodies.encode_model_chunk(manifest, garbage), timeout=10,
+                                         content_type=bodies.MODEL_CHUNK, model_id=model_id,
+                                         chunk=Chunk(upload_id=position.upload_id, index=2, count=3,
+                                                     total_size=len(data)))
+            await mallory._request(lambda: forged, 10)
+            outcome = await owner._request(chunks[2], 10)
+            assert bodies.decode_ack(outcome.body)["complete"]
+            assert worker.models.has(model_id)
+
+
 def test_uploads_are_bounded_in_bytes_and_expire_when_idle():
     now = [1000.0]
     uploads = Uploads(max_model_bytes=1024 * 1024, max_bytes=256 * 1024, clock=lambda: now[0])
