@@ -135,6 +135,27 @@ async def test_a_member_that_was_down_during_a_rotation_catches_up_when_it_resta
             assert b_again.keys.epoch == 2 and b_again.pool_public_key == a.pool_public_key
 
 
+async def test_a_member_restored_from_a_copy_of_its_state_drops_the_erased_key_when_a_live_member_answers(
+        tee, memory_url, pool, tmp_path):
+    import shutil
+
+    async with running_worker(tee, memory_url, pool) as a:
+        b = tee.worker(memory_url, pool, state_dir=tmp_path / "b")
+        await b.start()
+        await b.stop()
+        shutil.copytree(tmp_path / "b", tmp_path / "copy")  # the operator keeps a copy (epoch 1)
+        async with AsyncClient(memory_url, pool, tee.policy()) as client:
+            await client.rotate_pool(grace_seconds=0)  # epoch 1 erased at once
+        await wait_until(lambda: a.keys.previous == (), "the live member erased epoch 1")
+        shutil.rmtree(tmp_path / "b")
+        shutil.copytree(tmp_path / "copy", tmp_path / "b")  # ... and puts it back
+        async with running_worker(tee, memory_url, pool, state_dir=tmp_path / "b") as restored:
+            # The live member's newer keys replace the restored ones entirely: the erased epoch is
+            # neither served nor sealed to disk again.
+            assert restored.keyring.epochs() == (2,) and restored.pool_public_key == a.pool_public_key
+            assert [k.epoch for k in restored.sealed_state.load_pool_keys().previous] == []
+
+
 async def test_members_rotate_on_their_own_with_rotate_every(tee, broker_url, pool, tmp_path):
     async with running_worker(tee, broker_url, pool, rotate_every=1.0, rotation_grace=5) as a, \
             running_worker(tee, broker_url, pool, state_dir=tmp_path / "b", rotate_every=1.0, rotation_grace=5) as b:
