@@ -30,6 +30,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protocol.errors import KeyFileError
+from producer_sdk.epochs import DEFAULT_HOME, ENV_HOME, enclaveq_home
 from protocol.ownership import generate_signing_key, load_signing_key, save_signing_key
 
 __all__ = [
@@ -37,9 +38,7 @@ __all__ = [
     "default_owner_key_path", "enclaveq_home", "find_owner_key", "load_owner_key",
 ]
 
-ENV_HOME = "ENCLAVEQ_HOME"
 ENV_OWNER_KEY = "ENCLAVEQ_OWNER_KEY"
-DEFAULT_HOME = "~/.config/enclaveq"
 DEFAULT_KEY_NAME = "owner.key"
 
 FLAG, ENV, DEFAULT = "--owner-key", ENV_OWNER_KEY, "default"
@@ -67,11 +66,6 @@ class OwnerKeySource:
         if self.origin == ENV:
             return f"{self.path} (from ${ENV_OWNER_KEY})"
         return f"{self.path} (the default owner key; ${ENV_HOME}/{DEFAULT_KEY_NAME})"
-
-
-def enclaveq_home() -> Path:
-    """``$ENCLAVEQ_HOME``, or ``~/.config/enclaveq`` when it is unset or empty."""
-    return Path(os.environ.get(ENV_HOME) or DEFAULT_HOME).expanduser()
 
 
 def default_owner_key_path() -> Path:
