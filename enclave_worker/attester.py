@@ -46,8 +46,10 @@ class Attester:
                  verify_budget: TokenBucket | None = None) -> None:
         self._ctx = ctx
         self._keyring = keyring
-        self.evidence_budget = evidence_budget or TokenBucket(rate=EVIDENCE_PER_SECOND, burst=EVIDENCE_BURST)
-        self.verify_budget = verify_budget or TokenBucket(rate=VERIFY_PER_SECOND, burst=VERIFY_BURST)
+        self.evidence_budget = evidence_budget or TokenBucket(rate=EVIDENCE_PER_SECOND, burst=EVIDENCE_BURST,
+                                                             clock=ctx.monotonic)
+        self.verify_budget = verify_budget or TokenBucket(rate=VERIFY_PER_SECOND, burst=VERIFY_BURST,
+                                                         clock=ctx.monotonic)
         # One answer at a time in a thread: the TEE serialises quotes anyway, and a burst of
         # answers must not fill the default executor that inference runs in too.
         self._one_at_a_time = asyncio.Semaphore(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,7 +15,8 @@ from .identity import WorkerIdentity
 @dataclass(frozen=True)
 class WorkerContext:
     """The broker, the pool, this worker's id, platform identity and measured configuration,
-    and the clock (injected, so tests pin time)."""
+    and the clocks (injected, so tests pin time): ``clock`` is wall time (deadlines, evidence
+    ages), ``monotonic`` paces the budgets of what unauthenticated messages may trigger."""
 
     broker: BrokerAdapter
     pool: str
@@ -22,6 +24,7 @@ class WorkerContext:
     identity: WorkerIdentity
     config: WorkerConfig
     clock: Callable[[], float]
+    monotonic: Callable[[], float] = time.monotonic
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)

@@ -30,8 +30,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -86,12 +84,10 @@ class JoinRound:
 
 
 class Membership:
-    def __init__(self, ctx: WorkerContext, *, keyring: Keyring, attester: Attester,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, ctx: WorkerContext, *, keyring: Keyring, attester: Attester) -> None:
         self._ctx = ctx
         self._keyring = keyring
         self._attester = attester
-        self._monotonic = monotonic
         self._pool_lock: PoolLock | None = None  # held by a founder or a lone worker while it lives
         self._catching_up: asyncio.Task[None] | None = None
         self._catch_up_budget: TokenBucket | None = None  # made on first use: the interval is read then
@@ -190,7 +186,7 @@ class Membership:
         if self._catching_up is None or self._catching_up.done():
             if self._catch_up_budget is None:
                 self._catch_up_budget = TokenBucket(rate=1 / CATCH_UP_MIN_INTERVAL_SECONDS, burst=CATCH_UP_BURST,
-                                                    clock=self._monotonic)
+                                                    clock=self._ctx.monotonic)
             if not self._catch_up_budget.try_take():
                 return False
             self.catch_ups += 1

@@ -75,7 +75,8 @@ class Worker:
                  rng: crypto.Random = os.urandom, worker_id: str | None = None,
                  metrics: WorkerMetrics | None = None, prefetch: int | None = None,
                  rotate_every: float | None = None,
-                 rotation_grace: float = DEFAULT_ROTATION_GRACE_SECONDS) -> None:
+                 rotation_grace: float = DEFAULT_ROTATION_GRACE_SECONDS,
+                 monotonic: Clock = time.monotonic) -> None:
         self.pool = pool
         self.config = config
         self.identity = identity
@@ -85,7 +86,7 @@ class Worker:
         self._prefetch = prefetch or max(2 * config.max_jobs_in_flight, 16)
         self._broker: BrokerAdapter = open_broker(broker_url)
         ctx = self._ctx = WorkerContext(broker=self._broker, pool=pool, worker_id=self.worker_id, identity=identity,
-                                        config=config, clock=clock)
+                                        config=config, clock=clock, monotonic=monotonic)
         self.sealed_state = SealedState(state_dir, pool, identity.sealing_key, identity.seal, identity.unseal)
         self._sessions = SessionCache(pool)
         self._seen = SeenJobs()

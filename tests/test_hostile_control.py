@@ -196,9 +196,8 @@ def test_a_bounded_memory_forgets_the_oldest_entry_first():
 
 async def test_a_flood_of_challenges_gets_evidence_within_the_budget_and_busy_answers_beyond_it(workers, memory_url,
                                                                                                  pool):
-    worker = await workers.start("a")
     clock = FakeClock()
-    worker._attester.evidence_budget = TokenBucket(rate=EVIDENCE_PER_SECOND, burst=EVIDENCE_BURST, clock=clock)
+    await workers.start("a", monotonic=clock)  # the evidence budget runs on it
     before = workers.evidence()
     async with open_broker(memory_url) as attacker:
         inbox = await open_inbox(attacker)
@@ -391,9 +390,8 @@ def catching_up(worker: Worker) -> bool:
 
 async def test_catch_ups_come_in_a_burst_of_two_at_most_then_one_per_interval(workers, monkeypatch):
     monkeypatch.setattr(membership_module, "JOIN_WAIT_SECONDS", 0.1)  # a lone worker: nobody answers
-    worker = await workers.start("a")
     clock = FakeClock()
-    worker._membership._monotonic = clock
+    worker = await workers.start("a", monotonic=clock)  # the catch-up budget runs on it
     for _ in range(5):
         await worker._membership.catch_up()
     assert worker._membership.catch_ups == membership_module.CATCH_UP_BURST == 2
