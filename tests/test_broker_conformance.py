@@ -1,7 +1,9 @@
 """One conformance suite, run against every broker adapter.
 
 Each test reads as a sentence about the broker contract in ``broker_adapters/base.py`` and runs
-unchanged against the in-process broker and RabbitMQ (MQTT joins when its adapter exists).
+unchanged against the in-process broker, RabbitMQ and Mosquitto. The MQTT adapter is a first cut
+(issue 10): the sentences it does not meet yet are marked ``xfail(strict=True)`` for MQTT only,
+with the reason, so that one passing unexpectedly is noticed (docs/mqtt-plan.md).
 Everything a test declares is deleted in fixture teardown, so shared brokers keep no leftovers.
 """
 
@@ -32,12 +34,41 @@ DELIVERY_LIMIT = 3
 
 
 # -- fixtures ----------------------------------------------------------------------------
-# `broker_url` (the in-process broker, then RabbitMQ), `pool` and `lose_connection` come from conftest.py.
+# `pool` and `lose_connection` come from conftest.py.
+
+
+@pytest.fixture(params=["memory", pytest.param("amqp", marks=pytest.mark.rabbitmq),
+                        pytest.param("mqtt", marks=pytest.mark.mosquitto)])
+def broker_url(request: pytest.FixtureRequest) -> str:
+    """conftest's `broker_url` (the in-process broker, then RabbitMQ), plus Mosquitto."""
+    names = {"memory": "memory_url", "amqp": "rabbitmq_url", "mqtt": "mosquitto_url"}
+    return str(request.getfixturevalue(names[request.param]))
+
+
+def adapter_for(url: str) -> BrokerAdapter:
+    # open_broker does not hand out the MQTT first cut yet (issue 10): build it here.
+    if url.startswith("mqtt"):
+        from broker_adapters.mqtt import MqttBroker
+
+        return MqttBroker(url)
+    return open_broker(url)
+
+
+def not_on_mqtt_yet(reason: str) -> pytest.MarkDecorator:
+    """Mark a sentence the MQTT first cut does not meet yet; strict, so fixing it is noticed."""
+    return pytest.mark.mqtt_gap(reason)
+
+
+@pytest.fixture(autouse=True)
+def _mqtt_gaps(request: pytest.FixtureRequest) -> None:
+    gap = request.node.get_closest_marker("mqtt_gap")
+    if gap is not None and "[mqtt" in request.node.name:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=f"MQTT first cut: {gap.args[0]}"))
 
 
 @pytest.fixture
 async def broker(broker_url: str) -> AsyncIterator[BrokerAdapter]:
-    async with open_broker(broker_url) as adapter:
+    async with adapter_for(broker_url) as adapter:
         yield adapter
 
 
@@ -196,6 +227,22 @@ async def test_a_job_whose_handler_raises_or_forgets_to_settle_is_redelivered(br
         await sub.cancel()
 
 
+async def test_a_dead_letter_waits_until_someone_consumes_it(broker, declared_pool):
+    seen = Recorder("reject")
+    sub = await broker.consume_jobs(declared_pool, seen)
+    try:
+        await broker.publish_job(declared_pool, job())
+        await seen.next()
+    finally:
+        await sub.cancel()
+    dead = Recorder("ack")
+    sub = await broker.consume_dead_letters(declared_pool, dead)
+    try:
+        assert (await dead.next()).message.message_id == "job-1"
+    finally:
+        await sub.cancel()
+
+
 async def test_a_job_published_without_a_message_id_gets_one(broker, declared_pool):
     seen = Recorder("ack")
     sub = await broker.consume_jobs(declared_pool, seen)
@@ -222,6 +269,7 @@ async def test_consuming_an_undeclared_pool_fails_clearly(broker, unique_name):
         await broker.consume_jobs(f"{unique_name}-nowhere", Recorder())
 
 
+@not_on_mqtt_yet("a job published before any worker subscribed has nowhere to wait (no subscriber, no queue)")
 async def test_an_oversized_job_is_refused_before_it_reaches_the_queue(broker, pool):
     await broker.declare_pool(pool, PoolSettings(delivery_limit=DELIVERY_LIMIT, max_message_bytes=1024))
     try:
@@ -246,6 +294,7 @@ async def test_a_consumer_never_holds_more_unsettled_jobs_than_its_prefetch(brok
         await sub.cancel()
 
 
+@not_on_mqtt_yet("Mosquitto keeps a shared subscription's jobs in the cancelled consumer's session")
 async def test_cancelling_a_subscription_returns_its_unsettled_jobs_to_the_queue(broker, declared_pool):
     holder = Recorder("hold")
     sub = await broker.consume_jobs(declared_pool, holder)
@@ -263,6 +312,7 @@ async def test_cancelling_a_subscription_returns_its_unsettled_jobs_to_the_queue
         await sub.cancel()
 
 
+@not_on_mqtt_yet("tests/support.lose_connection cannot cut an MQTT connection yet")
 async def test_after_a_lost_connection_unsettled_jobs_come_back_and_consumption_resumes(broker, declared_pool,
                                                                                       lose_connection):
     seen = Recorder("hold", "ack")
@@ -284,6 +334,7 @@ async def test_after_a_lost_connection_unsettled_jobs_come_back_and_consumption_
         await sub.cancel()
 
 
+@not_on_mqtt_yet("tests/support.lose_connection cannot cut an MQTT connection yet")
 async def test_reconnect_callbacks_run_once_the_connection_is_back(broker, declared_pool, lose_connection):
     reconnected = asyncio.Event()
 
@@ -308,6 +359,17 @@ async def test_replies_reach_the_reply_queue_with_their_correlation_id(broker, r
         await broker.publish_reply(address, Message(body=b"result-b", correlation_id="job-b"))
         got = {(s.message.correlation_id, s.message.body) for s in [await seen.next(), await seen.next()]}
         assert got == {("job-a", b"result-a"), ("job-b", b"result-b")}
+    finally:
+        await sub.cancel()
+
+
+async def test_a_reply_published_before_its_consumer_starts_is_kept(broker, replies):
+    address = await broker.declare_reply_queue(replies)
+    await broker.publish_reply(address, Message(body=b"early", correlation_id="job-e"))
+    seen = Recorder("ack")
+    sub = await broker.consume_replies(replies, seen)
+    try:
+        assert (await seen.next()).message.correlation_id == "job-e"
     finally:
         await sub.cancel()
 
@@ -343,7 +405,7 @@ async def test_the_reply_address_round_trips_through_a_job(broker, declared_pool
 
 
 async def test_a_control_message_reaches_every_worker_of_the_pool(broker, broker_url, declared_pool):
-    async with open_broker(broker_url) as other_worker:
+    async with adapter_for(broker_url) as other_worker:
         first, second = Recorder("ack"), Recorder("ack")
         subs = [await broker.consume_control(declared_pool, first),
                 await other_worker.consume_control(declared_pool, second)]
@@ -374,7 +436,7 @@ async def test_a_control_message_for_an_undeclared_pool_is_unroutable_every_time
 
 async def test_a_second_worker_cannot_take_a_held_pool_lock_until_it_is_released(broker, broker_url, declared_pool):
     lock = await broker.acquire_pool_lock(declared_pool)
-    async with open_broker(broker_url) as other_worker:
+    async with adapter_for(broker_url) as other_worker:
         with pytest.raises(PoolBusy):
             await other_worker.acquire_pool_lock(declared_pool)
         with pytest.raises(PoolBusy):
@@ -385,7 +447,7 @@ async def test_a_second_worker_cannot_take_a_held_pool_lock_until_it_is_released
 
 
 async def test_closing_an_adapter_frees_its_pool_lock(broker, broker_url, declared_pool):
-    async with open_broker(broker_url) as departing:
+    async with adapter_for(broker_url) as departing:
         await departing.acquire_pool_lock(declared_pool)
     lock = await asyncio.wait_for(broker.acquire_pool_lock(declared_pool), TIMEOUT)
     await lock.release()
