@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint install bench bench-verify bench-hostile fuzz clean
+.PHONY: demo test lint install bench bench-mqtt bench-verify bench-hostile fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ fuzz: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.request_reply $(BENCH_ARGS)
+
+# enclaveq over MQTT 5 (Mosquitto) against plain aiomqtt request/reply, QoS 1 both ways.
+MQTT_BROKER ?= mqtt://127.0.0.1:1883/
+bench-mqtt: $(STAMP)
+	$(BIN)/python -m bench.request_reply --broker $(MQTT_BROKER) $(BENCH_ARGS)
 
 bench-verify: $(STAMP)
 	$(BIN)/python -m bench.verify_evidence $(BENCH_ARGS)

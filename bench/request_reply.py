@@ -1,4 +1,5 @@
-"""Request/reply throughput: enclaveq over RabbitMQ against plain aio-pika, in one run.
+"""Request/reply throughput: enclaveq over RabbitMQ against plain aio-pika, or over Mosquitto
+against plain aiomqtt, in one run.
 
     python -m bench.request_reply [--jobs N] [--broker URL] [--concurrency C[,C...]]
                                   [--model tiny|magika] [--profile] [--json PATH]
@@ -16,6 +17,17 @@ baseline
     dead-lettering, reject-publish) are those enclaveq's AMQP adapter declares. These are
     exactly the delivery guarantees enclaveq gives.
 
+baseline with an ``mqtt://`` URL (``bench/mqtt_baseline.py``)
+    plain aiomqtt over MQTT 5, QoS 1 both ways, no crypto, no inference. A responder process
+    takes requests through a shared subscription with a persistent session and Receive Maximum
+    16, publishes a reply of the size of an enclaveq result to the request's response topic
+    with its correlation data and awaits the PUBACK. aiomqtt acknowledges every incoming
+    message on receipt (it has no manual acks), before the reply: an advantage over enclaveq,
+    whose worker acks after its result's PUBACK. The client publishes requests of the size of
+    an enclaveq request at QoS 1 (awaiting each PUBACK) and reads replies from its own topic
+    with a persistent session. The enclaveq phase then runs over the same Mosquitto (worker
+    started with ``--broker mqtt://...``).
+
 enclaveq
     one real worker started with the CLI (``enclaveq sim init``, ``enclaveq policy init``,
     ``enclaveq worker``) and the producer ``AsyncClient.submit`` with ``max_in_flight=C``; the
@@ -23,8 +35,9 @@ enclaveq
 
 For each system: a warm-up batch (not timed), then ``N`` timed jobs. Reported: jobs/s, p50 and
 p99 latency (from sealing/publishing a request to having its result in hand), the CPU time per
-job of the client, of the answering process and of the RabbitMQ node (when it runs on this
-machine), the cores other programs took meanwhile, and the ratio enclaveq/baseline jobs/s.
+job of the client, of the answering process and of the broker (the RabbitMQ node, or the
+Mosquitto process listening on the URL's port, when it runs on this machine), the cores other
+programs took meanwhile, and the ratio enclaveq/baseline jobs/s.
 ``--repeat R`` runs R rounds, alternating which system goes first; the table then shows
 medians and the ratio is the median of the per-round ratios (each round's two phases run back
 to back, which cancels most of a busy machine's drift).
@@ -34,8 +47,9 @@ py-spy when it is installed (every thread, low overhead) or cProfile otherwise (
 only), and prints the top functions and a breakdown by area. Profiled runs are slower: use
 their numbers for "where", never for "how fast".
 
-Every queue, exchange and pool the run declares has a unique name and is deleted at the end,
-also after Ctrl-C; the worker and the responder are stopped with SIGTERM.
+Every queue, exchange, topic, session and pool the run declares has a unique name and is
+deleted (MQTT sessions: ended) at the end, also after Ctrl-C; the worker and the responder are
+stopped with SIGTERM.
 """
 
 from __future__ import annotations
@@ -51,6 +65,7 @@ import platform
 import pstats
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -100,6 +115,55 @@ def _find_broker_pid() -> int | None:
     return None
 
 
+def _is_mqtt(url: str) -> bool:
+    return url.split(":", 1)[0].lower() in ("mqtt", "mqtts")
+
+
+def _find_listener_pid(host: str, port: int) -> int | None:
+    """The local process listening on ``host:port`` (the Mosquitto a URL names), if any.
+
+    Matched by port and by socket inode, not by name: the tests' private Mosquittos listen on
+    other ports of the same machine."""
+    try:
+        wanted = {str(info[4][0]) for info in socket.getaddrinfo(host, port, socket.AF_INET)}
+        for address in wanted:
+            with socket.socket() as probe:
+                probe.bind((address, 0))  # fails for an address of another machine
+    except (OSError, UnicodeError):
+        return None
+    wanted_raw = {socket.inet_aton(a) for a in wanted}
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != "0A":  # 0A: LISTEN
+                continue
+            address, _, port_hex = fields[1].partition(":")
+            if int(port_hex, 16) != port:
+                continue
+            if table.endswith("tcp") and address != "00000000":
+                # /proc/net/tcp holds the IPv4 address as a little-endian hex word.
+                if bytes.fromhex(address)[::-1] not in wanted_raw:
+                    continue
+            inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            for fd in (entry / "fd").iterdir():
+                if os.readlink(fd) in inodes:
+                    return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
 def _self_cpu() -> float:
     t = os.times()
     return t.user + t.system
@@ -143,8 +207,8 @@ class PhaseResult:
         out = {k: v for k, v in asdict(self).items() if k != "latencies_ms"}
         out.update(jobs_per_s=round(self.jobs_per_s, 1), p50_ms=round(self.pct(50), 2), p99_ms=round(self.pct(99), 2),
                    other_cores=None if self.other_cores is None else round(self.other_cores, 2),
-                   cpu_ms_per_job={w: (None if self.cpu_ms_per_job(w) is None else round(self.cpu_ms_per_job(w), 3))
-                                   for w in ("client", "server", "broker")})
+                   cpu_ms_per_job={w: (None if v is None else round(v, 3))
+                                   for w in ("client", "server", "broker") for v in [self.cpu_ms_per_job(w)]})
         return out
 
 
@@ -169,7 +233,8 @@ class _CpuMeter:
     def _servers(self) -> float | None:
         """CPU of every answering process together (several enclaveq workers share one pool)."""
         values = [_proc_cpu(pid) for pid in self.server_pids]
-        return None if not values or None in values else sum(values)
+        known = [v for v in values if v is not None]
+        return None if not values or len(known) < len(values) else sum(known)
 
     def read(self) -> tuple[float | None, ...]:
         return (_self_cpu(), self._servers(), _proc_cpu(self.broker_pid) if self.broker_pid else None,
@@ -296,8 +361,10 @@ class Profiler:
 
     async def start(self) -> None:
         if self.tool == "py-spy":
+            spy = _pyspy()
+            assert spy is not None, "run() checks that py-spy is installed"
             self._spy = subprocess.Popen(
-                [_pyspy(), "record", "--pid", str(self.pid), "--rate", "250", "--format", "raw", "--nonblocking",
+                [spy, "record", "--pid", str(self.pid), "--rate", "250", "--format", "raw", "--nonblocking",
                  "--output", str(self.out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
             await asyncio.sleep(0.5)  # let it attach before the phase starts
         elif self.own:
@@ -343,6 +410,7 @@ _AREAS = [
     ("enclaveq broker adapter", ("broker_adapters/",)),
     ("metrics (prometheus_client)", ("prometheus_client",)),
     ("AMQP client (aio-pika/aiormq/pamqp)", ("aio_pika", "aiormq", "pamqp", "yarl", "multidict")),
+    ("MQTT client (aiomqtt/paho)", ("aiomqtt", "paho/")),
     ("threads (to_thread, executor)", ("concurrent/futures", "threading.py", "to_thread", "threads.py")),
     ("socket I/O", ("sock_send", "sock_recv", "'send' of", "'recv' of", "_SelectorSocketTransport",
                     "selector_events", "sslproto", "transports")),
@@ -372,10 +440,11 @@ def _short(path_func: str) -> str:
 
 def _cprofile_report(path: Path, top: int):
     stats = pstats.Stats(str(path))
-    total = sum(v[2] for v in stats.stats.values()) or 1e-9  # sum of self times
+    raw = stats.stats  # type: ignore[attr-defined]  # not in typeshed's pstats.Stats
+    total = sum(v[2] for v in raw.values()) or 1e-9  # sum of self times
     rows = []
     by_area: dict[str, float] = defaultdict(float)
-    for (filename, line, func), (_cc, nc, tt, ct, _callers) in stats.stats.items():
+    for (filename, line, func), (_cc, nc, tt, ct, _callers) in raw.items():
         key = f"{func} ({_short(filename)}:{line})" if filename != "~" else func
         by_area[_area(key if filename == "~" else filename + " " + func)] += tt
         rows.append((key, 100 * tt / total, 100 * ct / total, nc))
@@ -442,7 +511,7 @@ async def _responder_main(url: str, queue: str, prefetch: int, reply_bytes: int)
         await exchange.publish(
             aio_pika.Message(reply_body, correlation_id=msg.correlation_id,
                              delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-            routing_key=msg.reply_to, mandatory=True)
+            routing_key=msg.reply_to or "", mandatory=True)
         await msg.ack()
 
     await q.consume(on_message, no_ack=False)
@@ -460,6 +529,21 @@ async def serve_until_signalled(conn) -> None:
     await conn.close()
 
 
+async def _start_responder(module: str, args: list[str], tmp: Path, profile_tool: str | None) -> subprocess.Popen:
+    """Run a baseline responder (``python -m module args``) and wait for its "ready" line."""
+    if profile_tool == "cprofile":
+        cmd = [sys.executable, "-c", _CPROFILE_WRAPPER, str(tmp / "responder"), module, "x", *args]
+    else:
+        cmd = [sys.executable, "-m", module, *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(tmp / "responder.log", "wb"),
+                            start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent))
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
+    if b"ready" not in line:
+        raise RuntimeError("the baseline responder did not start:\n" + (tmp / "responder.log").read_text())
+    return proc
+
+
 class Baseline:
     def __init__(self, url: str, run_id: str, workload: Workload, tmp: Path, profile_tool: str | None,
                  plain_queues: bool = False) -> None:
@@ -470,10 +554,11 @@ class Baseline:
         self.dead_queue = f"bench.{run_id}.dead"
         self.dlx = f"bench.{run_id}.dlx"
         self.proc: subprocess.Popen | None = None
-        self._conn = None
+        self._conn: Any = None
         self._pending: dict[str, asyncio.Future] = {}
         self._body = os.urandom(workload.request_bytes)
-        self._consume = None
+        self._publish: Any = None
+        self._consume: Any = None
 
     async def start(self) -> None:
         import aio_pika
@@ -500,15 +585,7 @@ class Baseline:
         await admin.close()
         args = ["--_responder", "--broker", self.url, "--_queue", self.jobs_queue,
                 "--_prefetch", str(WORKER_PREFETCH), "--_reply-bytes", str(self.workload.reply_bytes)]
-        if self.profile_tool == "cprofile":
-            cmd = [sys.executable, "-c", _CPROFILE_WRAPPER, str(self.tmp / "responder"), "bench.request_reply", "x", *args]
-        else:
-            cmd = [sys.executable, "-m", "bench.request_reply", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(self.tmp / "responder.log", "wb"),
-                                     start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent))
-        line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), 30)
-        if b"ready" not in line:
-            raise RuntimeError("the baseline responder did not start:\n" + (self.tmp / "responder.log").read_text())
+        self.proc = await _start_responder("bench.request_reply", args, self.tmp, self.profile_tool)
         self._publish = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
         self._consume = await self._conn.channel(publisher_confirms=False)
         await self._consume.set_qos(prefetch_count=CLIENT_REPLY_PREFETCH)
@@ -570,6 +647,39 @@ class Baseline:
                 await self._conn.close()
 
 
+class MqttBaseline:
+    """The baseline over MQTT 5: plain aiomqtt, QoS 1 both ways (bench/mqtt_baseline.py)."""
+
+    def __init__(self, url: str, run_id: str, workload: Workload, tmp: Path, profile_tool: str | None) -> None:
+        self.url, self.run_id, self.workload, self.tmp, self.profile_tool = url, run_id, workload, tmp, profile_tool
+        self.proc: subprocess.Popen | None = None
+        self._client: Any = None
+
+    async def start(self) -> None:
+        from bench.mqtt_baseline import BaselineClient
+
+        args = ["--_responder", "--broker", self.url, "--_run-id", self.run_id,
+                "--_prefetch", str(WORKER_PREFETCH), "--_reply-bytes", str(self.workload.reply_bytes)]
+        self.proc = await _start_responder("bench.mqtt_baseline", args, self.tmp, self.profile_tool)
+        self._client = BaselineClient(self.url, self.run_id, self.workload.request_bytes, CLIENT_REPLY_PREFETCH)
+        await self._client.connect()
+
+    async def batch(self, n: int, concurrency: int) -> tuple[float, list[float], int]:
+        return await self._client.batch(n, concurrency)
+
+    async def cleanup(self) -> None:
+        from bench.mqtt_baseline import end_sessions
+
+        await _stop_process(self.proc, "baseline responder")
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.close()
+        try:
+            await end_sessions(self.url, self.run_id)  # after the responder: ending a live session kicks it
+        except Exception as exc:
+            print(f"could not end the baseline's MQTT sessions: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
 # -- enclaveq ---------------------------------------------------------------------------------
 class _Stamped(Mapping):
     """One job's inputs; notes when the SDK starts sealing them (after its window admitted the
@@ -614,7 +724,7 @@ class Enclaveq:
         self.sim_dir = tmp / "sim"
         self.policy = tmp / "policy.toml"
         self.proc: subprocess.Popen | None = None
-        self.client = None
+        self.client: Any = None
         self.model_id: str | None = None
         self.reply_name: str | None = None
 
@@ -771,7 +881,8 @@ def _table(results: list[PhaseResult], workload: Workload, args):
     from rich.table import Table
 
     rounds = max((r.round for r in results), default=0) + 1
-    title = (f"request/reply over RabbitMQ: {args.jobs} timed jobs (+{args.warmup} warm-up) per phase"
+    over = ("Mosquitto (MQTT 5, QoS 1; baseline plain aiomqtt)" if _is_mqtt(args.broker) else "RabbitMQ")
+    title = (f"request/reply over {over}: {args.jobs} timed jobs (+{args.warmup} warm-up) per phase"
              + (f", median of {rounds} rounds" if rounds > 1 else "")
              + f"; model {workload.name}; request {workload.request_bytes} B, reply {workload.reply_bytes} B")
     table = Table(title=title, title_justify="left")
@@ -817,23 +928,37 @@ async def run(args) -> int:
             sys.exit("py-spy is not installed: `.venv/bin/pip install py-spy`, or use --profiler cprofile")
     run_id = uuid.uuid4().hex[:10]
     workload = make_workload(args.model)
-    broker_pid = _find_broker_pid()
+    mqtt = _is_mqtt(args.broker)
+    if mqtt:
+        from broker_adapters.mqtt_url import parse_mqtt_url
+
+        endpoint = parse_mqtt_url(args.broker)
+        broker_pid = _find_listener_pid(endpoint.host, endpoint.port)
+    else:
+        broker_pid = _find_broker_pid()
     # A SIGTERM (e.g. from `timeout`) cleans up like Ctrl-C does.
     main_task = asyncio.current_task()
+    assert main_task is not None
     with contextlib.suppress(NotImplementedError, RuntimeError):
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     console.print(f"run {run_id}: broker {redact_url(args.broker)}, {os.cpu_count()} CPUs, python {platform.python_version()}"
-                  f", load average {os.getloadavg()[0]:.2f}, RabbitMQ node pid {broker_pid or 'not local'}"
+                  f", load average {os.getloadavg()[0]:.2f}, {'Mosquitto' if mqtt else 'RabbitMQ node'} pid "
+                  f"{broker_pid or 'not local'}"
                   + (f", profiling with {profile_tool}" if profile_tool else ""))
     results: list[PhaseResult] = []
     profiles: list[Profiler] = []
     with tempfile.TemporaryDirectory(prefix="enclaveq-bench-") as tmpname:
         tmp = Path(tmpname)
-        baseline = Baseline(args.broker, run_id, workload, tmp, profile_tool, args.baseline_plain_queues)
+        baseline: Baseline | MqttBaseline
+        if mqtt:
+            baseline = MqttBaseline(args.broker, run_id, workload, tmp, profile_tool)
+        else:
+            baseline = Baseline(args.broker, run_id, workload, tmp, profile_tool, args.baseline_plain_queues)
         enclaveq = Enclaveq(args.broker, run_id, workload, tmp, profile_tool, workers=args.workers)
         try:
             await baseline.start()
             await enclaveq.start()
+            assert baseline.proc is not None and enclaveq.proc is not None and enclaveq.model_id is not None
             console.print(f"baseline responder pid {baseline.proc.pid}, enclaveq worker pid {enclaveq.proc.pid} "
                           f"(pool {enclaveq.pool}, model {enclaveq.model_id[:12]}…)")
             systems = {"baseline": (baseline, baseline.proc.pid), "enclaveq": (enclaveq, enclaveq.proc.pid)}
@@ -878,8 +1003,8 @@ async def run(args) -> int:
                 t.add_column("function")
                 t.add_column("self %", justify="right")
                 t.add_column("incl %", justify="right")
-                for key, s, c in rows:
-                    t.add_row(key[:110], f"{s:.1f}", f"{c:.1f}")
+                for key, self_pct, incl_pct in rows:
+                    t.add_row(key[:110], f"{self_pct:.1f}", f"{incl_pct:.1f}")
                 console.print(t)
                 a = Table(title=f"{p.label}: time by area", title_justify="left")
                 a.add_column("area")
@@ -919,7 +1044,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2000, help="timed jobs per system and concurrency (default 2000)")
     parser.add_argument("--warmup", type=int, default=200, help="untimed warm-up jobs before each phase (default 200)")
     parser.add_argument("--broker", default=os.environ.get("ENCLAVEQ_BROKER", DEFAULT_BROKER),
-                        help="AMQP URL (default amqp://guest:guest@127.0.0.1:5672/)")
+                        help="AMQP URL (default amqp://guest:guest@127.0.0.1:5672/), or an mqtt:// URL "
+                             "(e.g. mqtt://127.0.0.1:1883/) to compare against plain aiomqtt over MQTT 5")
     parser.add_argument("--concurrency", default="16,64",
                         help="requests in flight; a comma-separated list runs each (default 16,64)")
     parser.add_argument("--model", choices=("tiny", "magika"), default="tiny")
@@ -950,6 +1076,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.jobs < 1 or args.warmup < 0 or args.repeat < 1:
         parser.error("--jobs and --repeat must be positive and --warmup non-negative")
+    if args.baseline_plain_queues and _is_mqtt(args.broker):
+        parser.error("--baseline-plain-queues applies to the AMQP baseline only")
     return run_cleaning_up(run(args))
 
 

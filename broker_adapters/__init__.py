@@ -7,7 +7,7 @@
 
 Schemes: ``memory://NAME`` (in-process, shared by every adapter opened with the same NAME in
 this process, across event loops; ``memory://`` is NAME "default"), ``amqp://`` and
-``amqps://`` (RabbitMQ 3.10+). ``mqtt://`` is reserved for the adapter that comes next.
+``amqps://`` (RabbitMQ 3.10+), ``mqtt://`` and ``mqtts://`` (MQTT 5, written against Mosquitto 2.0).
 """
 
 from __future__ import annotations
@@ -41,10 +41,12 @@ def open_broker(url: str) -> BrokerAdapter:
 
         return AmqpBroker(url)
     if scheme in ("mqtt", "mqtts"):
-        raise UnsupportedBrokerURL("MQTT adapter comes next; use amqp:// or memory:// for now")
+        from .mqtt import MqttBroker
+
+        return MqttBroker(url)
     # Only the scheme: the rest of a URL may hold a password.
     raise UnsupportedBrokerURL(
-        f"unsupported broker URL scheme {scheme or '(none)'!r}: expected memory://, amqp:// or amqps://"
+        f"unsupported broker URL scheme {scheme or '(none)'!r}: expected memory://, amqp://, amqps://, mqtt:// or mqtts://"
     )
 
 

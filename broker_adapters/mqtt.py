@@ -28,14 +28,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import logging
-import ssl
+import socket
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -53,6 +53,7 @@ from .errors import (
     QueueNotFound,
     Unroutable,
 )
+from .mqtt_url import parse_mqtt_url
 from .urls import redact_url
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,16 @@ _HEADER_PREFIX = "h:"
 # Broker redeliveries (DUP after a reconnect) seen per consumer, by message id; bounded.
 _DUP_MEMORY = 10_000
 _REPLY_SIZE_LIMIT = PoolSettings().max_message_bytes
+# Room for the fixed header, topic and properties of a PUBLISH beside its payload.
+_PACKET_OVERHEAD = 4096
+_SESSION_TAKEN_OVER = 0x8E
+# A job session's retained record: its worker is connected, or it was left behind for adoption.
+_LIVE, _LEFT = b"live", b"left"
+# Retained records read at once (a pool's sessions, a lock's claims); more is a hostile broker.
+_MAX_RETAINED = 4096
+# Pool lock claims (retained on ``<lock>/<client id>``): being decided, or held.
+_CLAIMING, _HELD = b"claiming", b"held"
+_LOCK_TRIES = 5
 
 
 # -- names --------------------------------------------------------------------------------
@@ -96,6 +107,27 @@ def lock_topic(pool: str, purpose: str = "") -> str:
 
 def reply_topic(name: str) -> str:
     return f"{common.PREFIX}/reply/{name}"
+
+
+def reply_session(name: str) -> str:
+    return f"{common.PREFIX}-reply-{name}"
+
+
+def dead_session(pool: str) -> str:
+    return f"{common.PREFIX}-dead-{pool}"
+
+
+def job_session_prefix(pool: str) -> str:
+    """Client ids of a pool's job sessions start with this (and only theirs are ever adopted)."""
+    return f"{common.PREFIX}-job-{pool}-"
+
+
+def sessions_topic(pool: str, client_id: str) -> str:
+    return f"{common.PREFIX}/{pool}/sessions/{client_id}"
+
+
+def sessions_filter(pool: str) -> str:
+    return f"{common.PREFIX}/{pool}/sessions/+"
 
 
 # -- message <-> MQTT properties ----------------------------------------------------------
@@ -170,10 +202,15 @@ def _parse(msg: paho.MQTTMessage) -> tuple[Message, int]:
 
 # -- one connection ------------------------------------------------------------------------
 class _Conn:
-    """One MQTT 5 connection with manual acks, reconnected under the same client id.
+    """One MQTT 5 connection with manual, in-order acks, reconnected by its supervisor.
 
     A persistent session (``session_expiry`` > 0, ``clean_start=False`` on reconnect) makes
-    Mosquitto redeliver unacknowledged QoS 1 messages, DUP-flagged, after a reconnect."""
+    Mosquitto resend unacknowledged QoS 1 messages, DUP-flagged, after a reconnect.
+
+    Acknowledgements leave in the order the PUBLISHes arrived (MQTT 5 §4.6, MQTT-4.6.0-2): a
+    settled delivery's PUBACK waits until every earlier delivery of the connection is settled.
+    Handlers finish out of order; the broker must still see ordered PUBACKs, and holding a
+    PUBACK back only keeps a Receive Maximum slot busy a little longer."""
 
     def __init__(
         self,
@@ -185,7 +222,8 @@ class _Conn:
         receive_maximum: int | None = None,
         subscriptions: Sequence[str] = (),
         on_message: Callable[[_Conn, paho.MQTTMessage], None] | None = None,
-        will: aiomqtt.Will | None = None,
+        will: Callable[[str], aiomqtt.Will] | None = None,
+        reconnect: bool = True,
     ) -> None:
         self.broker = broker
         self.client_id = client_id
@@ -195,15 +233,25 @@ class _Conn:
         self.subscriptions = list(subscriptions)
         self.on_message = on_message
         self.will = will
+        self.reconnect = reconnect
+        # Called (in a task) after every reconnect, before the adapter's on_reconnect callbacks.
+        self.on_reconnected: Callable[[], Any] | None = None
         self.generation = 0
         self.client: aiomqtt.Client | None = None
+        self.session_present = False
+        self.max_packet = _MQTT_MAX_PACKET
+        self.disconnect_reason: int | None = None
+        self.lost = asyncio.Event()  # set while disconnected (until the next connect)
+        self.up = asyncio.Event()  # set while connected
+        self._order: OrderedDict[int, bool] = OrderedDict()  # mid -> settled, in arrival order
         self._pending: dict[int, asyncio.Future[int]] = {}
         self._supervisor: asyncio.Task | None = None
         self._closing = False
 
     async def open(self) -> None:
         await self._connect(self.clean_start)
-        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+        if self.reconnect:
+            self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
 
     async def _connect(self, clean_start: bool) -> None:
         props = Properties(PacketTypes.CONNECT)
@@ -214,28 +262,75 @@ class _Conn:
         client = aiomqtt.Client(
             b.host, b.port, username=b.username, password=b.password, identifier=self.client_id,
             protocol=aiomqtt.ProtocolVersion.V5, clean_start=clean_start, properties=props,
-            tls_context=b.tls_context, timeout=b.connect_timeout, will=self.will,
+            tls_context=b.tls_context, timeout=b.connect_timeout,
+            will=self.will(self.client_id) if self.will is not None else None,
         )
         raw = client._client  # noqa: SLF001 - the only way to manual acks in aiomqtt 2.5
         raw.manual_ack_set(True)
         raw.on_message = self._on_message
         raw.on_publish = self._on_publish
+        aiomqtt_on_connect: Any = raw.on_connect
+        aiomqtt_on_disconnect: Any = raw.on_disconnect
+
+        def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, properties: Any = None) -> None:
+            # What the CONNACK says: whether our session was there, and the broker's packet limit.
+            self.session_present = bool(getattr(flags, "session_present", False))
+            self.max_packet = int(getattr(properties, "MaximumPacketSize", _MQTT_MAX_PACKET) or _MQTT_MAX_PACKET)
+            aiomqtt_on_connect(c, userdata, flags, reason, properties)
+
+        # aiomqtt 2.5 ignores a disconnect before the CONNACK and waits out its timeout; a TLS 1.3
+        # broker refuses a (missing) client certificate only after the handshake, i.e. exactly then.
+        socket_errors: list[str] = []
+        raw.on_log = lambda _c, _u, _level, text: socket_errors.append(text) if "socket" in text else None
+
+        def on_disconnect(c: Any, userdata: Any, flags: Any, reason: Any, properties: Any = None) -> None:
+            self.disconnect_reason = int(getattr(reason, "value", reason or 0))
+            if not client._connected.done():  # noqa: SLF001
+                client._connected.set_exception(aiomqtt.MqttError(  # noqa: SLF001
+                    f"connection closed before the CONNACK: {socket_errors[-1] if socket_errors else reason}"))
+            aiomqtt_on_disconnect(c, userdata, flags, reason, properties)
+
+        raw.on_connect, raw.on_disconnect = on_connect, on_disconnect
+        self._order.clear()  # the mids of the last connection are the broker's to resend
+        self.disconnect_reason = None
         try:
             await client.__aenter__()
             # Set before subscribing: retained and queued messages arrive right after the SUBACK.
             self.client = client
             self.generation += 1
+            self.lost.clear()
+            self.up.set()
             for topic in self.subscriptions:
-                granted = await client.subscribe(topic, qos=1)
-                if any(getattr(code, "value", code) >= 0x80 for code in granted):
-                    raise BrokerError(f"broker refused the subscription to {topic!r}")
+                await self.subscribe(topic)
         except aiomqtt.MqttError as exc:
+            self.client = None
+            with contextlib.suppress(Exception):
+                await client.__aexit__(None, None, None)
             raise BrokerUnavailable(
-                f"cannot connect to {redact_url(b.url)}: {type(exc).__name__}: {exc}"
-            ) from exc
+                f"cannot connect to {redact_url(b.url)}: {_reason(exc)}"
+            ) from None
+
+    async def subscribe(self, topic: str) -> None:
+        assert self.client is not None
+        granted = await self.client.subscribe(topic, qos=1)
+        if any(getattr(code, "value", code) >= 0x80 for code in granted):
+            raise BrokerError(f"broker refused the subscription to {topic!r}")
+
+    async def unsubscribe(self, topic: str) -> None:
+        if self.client is not None:
+            await self.client.unsubscribe(topic)
 
     def _on_message(self, _client: Any, _userdata: Any, msg: paho.MQTTMessage) -> None:
-        if self.on_message is None or msg.qos != 1:
+        if msg.qos != 1:
+            return  # we subscribe at QoS 1: anything else is not ours to settle
+        if msg.mid in self._order:
+            # A second PUBLISH under an unsettled packet id: a protocol violation. Not delivered
+            # twice; the first one's settlement answers both.
+            log.warning("MQTT broker reused packet id %d before it was acknowledged; ignored", msg.mid)
+            return
+        self._order[msg.mid] = False
+        if self.on_message is None:
+            self.settle(msg.mid, self.generation)
             return
         self.on_message(self, msg)
 
@@ -252,19 +347,41 @@ class _Conn:
                 await asyncio.shield(client._disconnected)  # noqa: SLF001
             if self._closing:
                 return
-            log.warning("MQTT connection %s lost; reconnecting", self.client_id)
+            self.lost.set()
+            self.up.clear()
+            self.client = None
+            self.broker._conn_lost(self)
             self._fail_pending()
             with contextlib.suppress(Exception):
                 await client.__aexit__(None, None, None)
+            clean = self.session_expiry == 0
+            if self.disconnect_reason == _SESSION_TAKEN_OVER:
+                if self.will is None:
+                    # A fixed-name session (a reply queue, dead letters) another consumer took:
+                    # reconnecting would take it back and forth forever. This consumer stops.
+                    log.error("MQTT session %s was taken over by another consumer; this one stops", self.client_id)
+                    return
+                # A job session adopted by another worker while we were cut off: it drains what
+                # was queued for us. We go on under a new session of our own.
+                self.client_id = f"{self.client_id.rsplit('-', 1)[0]}-{uuid.uuid4().hex[:12]}"
+                clean = True
+            log.warning("MQTT connection %s lost; reconnecting", self.client_id)
             while not self._closing:
                 await asyncio.sleep(self.broker.reconnect_interval)
                 try:
                     # The session (and its unacked deliveries) is resumed, not restarted.
-                    await self._connect(clean_start=self.session_expiry == 0)
+                    await self._connect(clean_start=clean)
                     break
                 except BrokerError:
                     continue
-            self.broker._conn_reconnected(self)
+            if self._closing:
+                return
+            if self.on_reconnected is not None:
+                try:
+                    await self.on_reconnected()
+                except BrokerError as exc:
+                    log.warning("MQTT connection %s: recovery step failed: %s", self.client_id, exc)
+            self.broker._conn_back(self)
 
     def _fail_pending(self) -> None:
         pending, self._pending = self._pending, {}
@@ -272,17 +389,31 @@ class _Conn:
             if not future.done():
                 future.set_exception(BrokerUnavailable("MQTT connection lost before the PUBACK"))
 
-    def ack(self, mid: int, generation: int) -> None:
+    def settle(self, mid: int, generation: int) -> None:
+        """Mark a delivery settled and send every PUBACK that is now due, in arrival order."""
         if generation != self.generation or self.client is None:
             # The mid belongs to a dead connection; the broker resends the message (DUP).
             raise BrokerUnavailable("the connection this delivery arrived on was lost; the broker redelivers it")
-        self.client._client.ack(mid, 1)  # noqa: SLF001
+        if mid in self._order:
+            self._order[mid] = True
+        raw = self.client._client  # noqa: SLF001
+        while self._order:
+            first, done = next(iter(self._order.items()))
+            if not done:
+                break
+            del self._order[first]
+            raw.ack(first, 1)
 
     async def publish(self, topic: str, payload: bytes, props: Properties | None, *, retain: bool = False) -> int:
         """Publish at QoS 1 and return the PUBACK's reason code."""
         client = self.client
+        if client is None and self._supervisor is not None and not self._closing:
+            # Down, and being re-established: wait for it (bounded), as AMQP's robust channel does.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.up.wait(), self.broker.confirm_timeout)
+            client = self.client
         if client is None:
-            raise BrokerUnavailable("MQTT adapter is not connected")
+            raise BrokerUnavailable("the MQTT connection is down")
         info = client._client.publish(topic, payload, qos=1, retain=retain, properties=props)  # noqa: SLF001
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise BrokerUnavailable(f"MQTT publish failed: {paho.error_string(info.rc)}")
@@ -314,6 +445,21 @@ class _Conn:
         with contextlib.suppress(Exception):
             await client.__aexit__(None, None, None)
 
+    def drop(self) -> None:
+        """Shut the socket down as a failing network would (fault tests): the supervisor reconnects."""
+        client = self.client
+        sock: Any = client._client.socket() if client is not None else None  # noqa: SLF001
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+def _reason(exc: BaseException) -> str:
+    """One line for a connection failure: paho's reason text, never a repr of an object."""
+    rc = getattr(exc, "rc", None)
+    text = str(getattr(rc, "getName", lambda: "")() or "") if rc is not None else ""
+    return text or str(exc) or type(exc).__name__
+
 
 # -- deliveries and subscriptions -----------------------------------------------------------
 class _MqttDelivery(Delivery):
@@ -342,17 +488,17 @@ class _MqttDelivery(Delivery):
 
     async def ack(self) -> None:
         self._claim()
-        self.conn.ack(self.mid, self.generation)
+        self.conn.settle(self.mid, self.generation)
 
     async def nack(self) -> None:
         self._claim()
-        await self.sub.give_back(self)
-        self.conn.ack(self.mid, self.generation)
+        await self.sub.give_back(self._raw, self.delivery_count)
+        self.conn.settle(self.mid, self.generation)
 
     async def reject(self) -> None:
         self._claim()
         await self.sub.dead_letter(self._raw, "rejected")
-        self.conn.ack(self.mid, self.generation)
+        self.conn.settle(self.mid, self.generation)
 
 
 class _MqttSubscription(Subscription):
@@ -376,15 +522,21 @@ class _MqttSubscription(Subscription):
         self._dups: OrderedDict[str, int] = OrderedDict()
         self.active = True
         self.handler_errors: list[BaseException] = []
+        self.adopter: _Adopter | None = None
 
     def on_message(self, conn: _Conn, msg: paho.MQTTMessage) -> None:
+        if self.adopter is not None and msg.topic != self.topic:
+            # A job session's record on ``sessions/+``: possibly one left behind to adopt.
+            self.adopter.notice(msg.topic, bytes(msg.payload), conn.client_id)
+            conn.settle(msg.mid, conn.generation)
+            return
         if not self.active:
-            return  # not acked: the session redelivers it (or it goes with the session)
+            return  # not acked: the session redelivers it (or whoever adopts the session does)
         message, attempt = _parse(msg)
         count = attempt
         if msg.dup and message.message_id is not None:
             # A broker redelivery after a reconnect: the attempt property did not move, so
-            # count it here (per consumer, bounded: see docs/mqtt-plan.md).
+            # count it here (per consumer, bounded: see docs/architecture.md).
             seen = self._dups.pop(message.message_id, 0) + 1
             self._dups[message.message_id] = seen
             if len(self._dups) > _DUP_MEMORY:
@@ -401,18 +553,23 @@ class _MqttSubscription(Subscription):
             # Over the limit through broker redeliveries: dead-letter without running it.
             delivery._claim()
             await self.dead_letter(delivery._raw, "delivery_limit")
-            delivery.conn.ack(delivery.mid, delivery.generation)
+            delivery.conn.settle(delivery.mid, delivery.generation)
             return
         await common.run_handler(self.handler, delivery, log, self.handler_errors)
 
-    async def give_back(self, delivery: _MqttDelivery) -> None:
+    async def give_back(self, message: Message, count: int) -> None:
+        """Return a message for another delivery (MQTT has no nack): republish it with its
+        attempt number raised, or dead-letter it at the limit."""
         if self.kind == "control":
             return
-        if delivery.delivery_count >= self.limit:
+        if count >= self.limit:
             if self.kind == "jobs":
-                await self.dead_letter(delivery._raw, "delivery_limit")
-            return  # dead letters and replies have nowhere further to go: dropped (logged)
-        await self.broker._publish_checked(self.topic, delivery._raw, attempt=delivery.delivery_count + 1)
+                await self.dead_letter(message, "delivery_limit")
+            else:  # dead letters and replies have nowhere further to go
+                log.warning("dropping a %s message after %d deliveries: message_id=%s",
+                            self.kind, count, message.message_id)
+            return
+        await self.broker._publish_checked(self.topic, message, attempt=count + 1)
 
     async def dead_letter(self, message: Message, reason: str) -> None:
         if self.kind != "jobs" or self.pool is None:
@@ -428,29 +585,134 @@ class _MqttSubscription(Subscription):
         self.active = False
         self.broker._subscriptions.discard(self)
         conn = self.conn
-        if conn is not None and conn.client is not None and self.kind in ("jobs", "control"):
-            # Stop the broker assigning us more; what it already queued for us is the gap
-            # docs/mqtt-plan.md describes (shared subscriptions assign to sessions).
+        if conn is not None and conn.client is not None and self.kind == "control":
             with contextlib.suppress(Exception):
-                await conn.client.unsubscribe(self.topic if self.kind == "control" else jobs_filter(self.pool or ""))
+                await conn.unsubscribe(self.topic)
         # Running handlers give their deliveries back (republish + ack) as they unwind.
         await common.stop_tasks(self.tasks)
-        if conn is not None:
-            await conn.close(end_session=self.kind in ("jobs", "control"))
+        if self.adopter is not None:
+            await self.adopter.stop()
+        if conn is None:
+            return
+        if self.kind == "jobs" and self.pool is not None:
+            # The session stays in the share group and keeps this worker's share of the jobs
+            # (a pool with no worker online holds its jobs this way); it is marked left behind
+            # so that a live worker of the pool, or the next one to start, adopts and drains it.
+            with contextlib.suppress(BrokerError):
+                await conn.publish(sessions_topic(self.pool, conn.client_id), _LEFT, None, retain=True)
+            await conn.close()
+        else:
+            await conn.close(end_session=self.kind == "control")
+
+
+class _Adopter:
+    """Adopts the job sessions of a pool that their workers left behind, one at a time.
+
+    Mosquitto assigns a shared subscription's messages to *sessions*, offline ones included, and
+    never hands an offline session's queue to another member. So every job session announces
+    itself retained on ``sessions/<client id>`` (``live``) with a will that turns it into
+    ``left`` when its connection dies; a worker that stops marks it ``left`` itself. Every job
+    consumer of the pool watches ``sessions/+`` and, for each ``left`` session, connects under
+    that client id (resuming the session and its unacked deliveries), unsubscribes it from the
+    share group, republishes every job it holds to the jobs topic (a DUP-flagged one, in flight
+    when its worker died, counts as a delivery) and acks it, until an echo of its own probe shows
+    the session empty; then it ends the session. A crash in between duplicates a job, never loses
+    one. The notices are attacker-writable: at most ``MAX_PENDING`` wait, one adoption runs at a
+    time, and an adoption costs one connection and the messages that session really holds."""
+
+    MAX_PENDING = 64
+
+    def __init__(self, broker: MqttBroker, sub: _MqttSubscription, pool: str) -> None:
+        self.broker = broker
+        self.sub = sub
+        self.pool = pool
+        self._pending: OrderedDict[str, None] = OrderedDict()
+        self._wake = asyncio.Event()
+        self.idle = asyncio.Event()  # nothing pending, no adoption running
+        self.idle.set()
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self.adopted = 0
+
+    def notice(self, topic: str, payload: bytes, own_id: str) -> None:
+        client_id = topic.rsplit("/", 1)[-1]
+        if payload != _LEFT or client_id == own_id or not client_id.startswith(job_session_prefix(self.pool)):
+            self._pending.pop(client_id, None)  # back to live (or cleared): nothing to adopt
+            return
+        if client_id not in self._pending and len(self._pending) >= self.MAX_PENDING:
+            return  # picked up again from the retained record after the next reconnect
+        self._pending[client_id] = None
+        self.idle.clear()
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                client_id, _ = self._pending.popitem(last=False)
+                try:
+                    moved = await self.broker._drain_session(self.pool, client_id, self.sub.limit)
+                    self.adopted += 1
+                    if moved:
+                        log.info("pool %r: adopted a left-behind job session and requeued %d job(s)", self.pool, moved)
+                except BrokerError as exc:
+                    log.warning("pool %r: could not adopt a left-behind job session: %s", self.pool, exc)
+            self.idle.set()
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._task
 
 
 class _MqttPoolLock(PoolLock):
-    def __init__(self, broker: MqttBroker, topic: str, conn: _Conn) -> None:
+    """A claim on ``<lock topic>/<client id>``, retained, cleared by the holder's will.
+
+    Acquiring publishes the claim, then reads every claim on the lock: a contender wins only if
+    its own claim is the only one (and marks it held), and otherwise withdraws: ``PoolBusy`` at
+    once if another claim is held, a retry after a random pause if it was only contention.
+    Mosquitto applies retained publishes one at a time, so of two contenders the later reader
+    sees the earlier claim: at most one wins. The claim lives as long as the holder's
+    connection: if it drops, the will clears it; after a reconnect the holder claims again and,
+    if a rival took the lock meanwhile, knows it has lost it (like AMQP's exclusive queue)."""
+
+    def __init__(self, broker: MqttBroker, pool: str, name: str, conn: _Conn) -> None:
         self.broker = broker
-        self.topic = topic
+        self.pool = pool
+        self.name = name
         self.conn = conn
+        self.claim = f"{name}/{conn.client_id}"
+
+    async def take(self) -> bool:
+        """Claim the lock; True if ours. Contention without a holder (two claims, neither held)
+        makes both withdraw and retry after a random pause, a few times, so that two contenders
+        in lockstep do not lose to each other forever."""
+        for attempt in range(_LOCK_TRIES):
+            await self.conn.publish(self.claim, _CLAIMING, None, retain=True)
+            claims = await self.broker._read_retained(f"{self.name}/+")
+            if set(claims) == {self.claim}:
+                await self.conn.publish(self.claim, _HELD, None, retain=True)
+                return True
+            with contextlib.suppress(BrokerError):
+                await self.conn.publish(self.claim, b"", None, retain=True)
+            if any(value == _HELD for topic, value in claims.items() if topic != self.claim):
+                return False  # held by someone: busy at once
+            await asyncio.sleep(random.uniform(0.02, 0.2) * (attempt + 1))
+        return False
+
+    async def retake(self) -> None:
+        if self.conn.client_id not in self.claim:  # renamed after a takeover: a new claim topic
+            self.claim = f"{self.name}/{self.conn.client_id}"
+        if not await self.take():
+            self.broker._locks.pop(self.name, None)
+            log.error("pool %r: lock lost to another worker while reconnecting", self.pool)
 
     async def release(self) -> None:
-        if self.broker._locks.pop(self.topic, None) is None:
-            return
+        if self.broker._locks.get(self.name) is self:
+            del self.broker._locks[self.name]
         with contextlib.suppress(BrokerError):
-            await self.conn.publish(self.topic, b"", None, retain=True)  # clears the retained holder
-        await self.conn.close(end_session=True)
+            await self.conn.publish(self.claim, b"", None, retain=True)
+        await self.conn.close()
 
 
 # -- the adapter ---------------------------------------------------------------------------
@@ -468,19 +730,16 @@ class MqttBroker(BrokerAdapter):
             if confirm_timeout <= 0:
                 raise ValueError("confirm_timeout must be positive")
             self.confirm_timeout = confirm_timeout
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts"):
-            raise ValueError("MqttBroker takes mqtt:// or mqtts:// URLs")
-        self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
-        self.username = unquote(parts.username) if parts.username else None
-        self.password = unquote(parts.password) if parts.password else None
-        self.tls_context = ssl.create_default_context() if parts.scheme == "mqtts" else None
+        endpoint = parse_mqtt_url(url)
+        self.host, self.port = endpoint.host, endpoint.port
+        self.username, self.password = endpoint.username, endpoint.password
+        self.tls_context = endpoint.ssl_context()
         self.client_prefix = f"enclaveq-{uuid.uuid4().hex[:12]}"
         self._publisher: _Conn | None = None
         self._subscriptions: set[_MqttSubscription] = set()
         self._locks: dict[str, _MqttPoolLock] = {}
         self._settings: dict[str, PoolSettings] = {}
+        self._down: set[_Conn] = set()
 
     def __repr__(self) -> str:
         return f"<MqttBroker {redact_url(self.url)} {self.client_prefix}>"
@@ -503,96 +762,188 @@ class MqttBroker(BrokerAdapter):
                 await lock.release()
         await conn.close()
 
+    def drop_connections(self) -> None:
+        """Cut every connection of this adapter as a network failure would (for fault tests);
+        each reconnects by itself and ``on_reconnect`` callbacks run once all are back."""
+        for conn in self._connections():
+            conn.drop()
+
+    def _connections(self) -> list[_Conn]:
+        conns = [self._publisher] if self._publisher is not None else []
+        conns += [sub.conn for sub in self._subscriptions if sub.conn is not None]
+        conns += [lock.conn for lock in self._locks.values()]
+        return conns
+
     def _live(self) -> _Conn:
         if self._publisher is None:
             raise BrokerUnavailable("MQTT adapter is not connected")
         return self._publisher
 
-    def _conn_reconnected(self, conn: _Conn) -> None:
-        if conn is self._publisher:
+    def _conn_lost(self, conn: _Conn) -> None:
+        self._down.add(conn)
+
+    def _conn_back(self, conn: _Conn) -> None:
+        # One outage cuts every connection at once: the callbacks run once they are all back.
+        self._down.discard(conn)
+        self._down &= set(self._connections())
+        if not self._down:
             self._reconnected()
 
     async def _publish_checked(self, topic: str, message: Message, *, attempt: int = 1,
                                what: str | None = None) -> None:
-        code = await self._live().publish(topic, message.body, _properties(message, attempt))
+        conn = self._live()
+        props = _properties(message, attempt)
+        # The CONNACK's Maximum Packet Size: a bigger PUBLISH would cost us the connection.
+        if len(message.body) + _PACKET_OVERHEAD > conn.max_packet:
+            raise PublishFailed(
+                f"message of {len(message.body)} bytes for {what or repr(topic)} exceeds the broker's "
+                f"maximum packet size of {conn.max_packet} bytes")
+        code = await conn.publish(topic, message.body, props)
         if code == _NO_MATCHING_SUBSCRIBERS:
             raise Unroutable(f"no subscriber takes {what or repr(topic)}")
         if code >= 0x80:
             raise PublishFailed(f"broker refused a publish to {what or repr(topic)} (reason 0x{code:02x})")
 
-    async def _session(self, client_id: str, topic: str, *, end: bool) -> None:
-        """Create (subscribe, keep) or end a persistent session that holds ``topic``'s messages."""
+    async def _session(self, client_id: str, topic: str | None, *, end: bool) -> bool:
+        """Create (subscribe, keep) or end a persistent session that holds ``topic``'s messages.
+        Returns whether the session was there before."""
         conn = _Conn(self, client_id, session_expiry=0 if end else self.session_expiry,
-                     clean_start=end, subscriptions=() if end else [topic])
+                     subscriptions=[topic] if topic and not end else [], reconnect=False)
         await conn._connect(clean_start=end)
+        present = conn.session_present
         await conn.close(end_session=end)
+        return present
 
-    async def _read_retained(self, topic: str) -> bytes | None:
-        """The retained message on ``topic``, if any. Mosquitto sends retained messages right
-        after the SUBACK on the same connection, so an echo of our own probe publish that
-        arrives after subscribing means nothing retained is still on its way."""
-        got: list[bytes] = []
+    async def _read_retained(self, topic: str) -> dict[str, bytes]:
+        """The retained messages on ``topic`` (a filter), by topic. Mosquitto sends retained
+        messages right after the SUBACK on the same connection, so an echo of our own probe
+        publish that arrives after subscribing means nothing retained is still on its way."""
+        got: dict[str, bytes] = {}
         probe = f"{common.PREFIX}/_probe/{uuid.uuid4().hex}"
         echoed = asyncio.Event()
 
         def on_message(conn: _Conn, msg: paho.MQTTMessage) -> None:
             if msg.topic == probe:
                 echoed.set()
-            elif msg.retain and msg.payload:
-                got.append(bytes(msg.payload))
-            conn.ack(msg.mid, conn.generation)
+            elif msg.retain and msg.payload and len(got) < _MAX_RETAINED:
+                got[msg.topic] = bytes(msg.payload)
+            conn.settle(msg.mid, conn.generation)
 
         conn = _Conn(self, f"{self.client_prefix}-r{uuid.uuid4().hex[:8]}", subscriptions=[topic, probe],
-                     on_message=on_message)
+                     on_message=on_message, reconnect=False)
         await conn._connect(clean_start=True)
         try:
             await conn.publish(probe, b"", None)
             await asyncio.wait_for(echoed.wait(), self.confirm_timeout)
+        except TimeoutError:
+            raise BrokerUnavailable(f"the broker did not echo a probe within {self.confirm_timeout} s") from None
         finally:
             await conn.close()
-        return got[-1] if got else None
+        return got
+
+    async def _drain_session(self, pool: str, client_id: str, limit: int) -> int:
+        """Adopt a left-behind job session (see ``_Adopter``); returns how many jobs it held."""
+        queue: asyncio.Queue[paho.MQTTMessage] = asyncio.Queue()
+        probe = f"{common.PREFIX}/_probe/{uuid.uuid4().hex}"
+        conn = _Conn(self, client_id, session_expiry=self.session_expiry,
+                     on_message=lambda _c, msg: queue.put_nowait(msg), reconnect=False, receive_maximum=64)
+        await conn._connect(clean_start=False)
+        moved = 0
+        complete = False
+        try:
+            if conn.session_present:
+                await conn.unsubscribe(jobs_filter(pool))
+                await conn.unsubscribe(sessions_filter(pool))
+                await conn.subscribe(probe)
+                if await conn.publish(probe, b"", None) >= 0x80:
+                    raise BrokerError("the broker refused the adoption probe")
+                while True:
+                    get = asyncio.ensure_future(queue.get())
+                    lost = asyncio.ensure_future(conn.lost.wait())
+                    done, _ = await asyncio.wait({get, lost}, timeout=self.confirm_timeout,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    lost.cancel()
+                    if get not in done:
+                        get.cancel()
+                        raise BrokerUnavailable("adoption stopped: connection lost or no echo")
+                    msg = get.result()
+                    if msg.topic == probe:
+                        break
+                    if msg.topic == jobs_topic(pool):
+                        message, attempt = _parse(msg)
+                        count = attempt + (1 if msg.dup else 0)
+                        if count > limit:
+                            headers = {**message.headers, common.DEAD_REASON_HEADER: "delivery_limit",
+                                       common.DEAD_QUEUE_HEADER: common.jobs_queue(pool)}
+                            await self._publish_checked(dead_topic(pool), replace(message, headers=headers))
+                        else:
+                            await self._publish_checked(jobs_topic(pool), message, attempt=count)
+                        moved += 1
+                    conn.settle(msg.mid, conn.generation)
+            complete = True
+        finally:
+            # Only a drained session ends; otherwise it stays, still marked left, for a retry.
+            await conn.close(end_session=complete)
+        if complete:
+            with contextlib.suppress(BrokerError):
+                await self._live().publish(sessions_topic(pool, client_id), b"", None, retain=True)
+        return moved
 
     # -- pools --------------------------------------------------------------------------
     async def declare_pool(self, pool: str, settings: PoolSettings = PoolSettings()) -> None:
         common.check_name("pool", pool)
         common.check_settings(settings)
         meta = json.dumps({"delivery_limit": settings.delivery_limit}).encode()
-        existing = await self._read_retained(meta_topic(pool))
+        existing = (await self._read_retained(meta_topic(pool))).get(meta_topic(pool))
         if existing is not None and existing != meta:
             # Attacker-written bytes: compared, never parsed or echoed.
             raise BrokerError(f"pool {pool!r} already exists with different settings")
         if existing is None:
+            await self._session(dead_session(pool), dead_topic(pool), end=False)
+            # A first job session, left behind from the start: it holds the jobs published before
+            # any worker subscribed, and the first worker adopts it.
+            seed = f"{job_session_prefix(pool)}seed"
+            await self._session(seed, jobs_filter(pool), end=False)
+            await self._live().publish(sessions_topic(pool, seed), _LEFT, None, retain=True)
             await self._live().publish(meta_topic(pool), meta, None, retain=True)
-            await self._session(f"{common.PREFIX}-dead-{pool}", dead_topic(pool), end=False)
         self._settings[pool] = settings
 
     async def delete_pool(self, pool: str) -> None:
         for sub in list(self._subscriptions):
             if sub.pool == pool:
                 await sub.cancel()
-        for topic, lock in list(self._locks.items()):
-            if topic.startswith(f"{common.PREFIX}/{pool}/"):
+        for lock in list(self._locks.values()):
+            if lock.pool == pool:
                 await lock.release()
-        await self._live().publish(meta_topic(pool), b"", None, retain=True)
-        await self._session(f"{common.PREFIX}-dead-{pool}", dead_topic(pool), end=True)
+        prefix = f"{common.PREFIX}/{pool}/"
+        for topic in await self._read_retained(f"{prefix}#"):
+            if topic.startswith(f"{prefix}sessions/"):
+                client_id = topic.rsplit("/", 1)[-1]
+                if client_id.startswith(job_session_prefix(pool)):
+                    await self._session(client_id, None, end=True)
+            await self._live().publish(topic, b"", None, retain=True)
+        await self._session(dead_session(pool), None, end=True)
         self._settings.pop(pool, None)
 
     async def acquire_pool_lock(self, pool: str, *, purpose: str = "") -> PoolLock:
-        """BEST EFFORT (see docs/mqtt-plan.md): a retained holder record, cleared by the
-        holder's will if its connection dies. Two acquirers racing can both win."""
         common.check_name("pool", pool)
-        topic = lock_topic(pool, purpose)
-        if topic in self._locks or await self._read_retained(topic) is not None:
-            raise PoolBusy(f"pool {pool!r}'s {purpose or 'founder'} lock is held by another worker")
-        will = aiomqtt.Will(topic, b"", qos=1, retain=True)
-        conn = _Conn(self, f"{self.client_prefix}-lock-{uuid.uuid4().hex[:8]}", will=will)
+        name = lock_topic(pool, purpose)
+        if name in self._locks:
+            raise PoolBusy(f"this adapter already holds pool {pool!r}'s {purpose or 'founder'} lock")
+        conn = _Conn(self, f"{self.client_prefix}-lock-{uuid.uuid4().hex[:8]}",
+                     will=lambda client_id: aiomqtt.Will(f"{name}/{client_id}", b"", qos=1, retain=True))
         await conn.open()
-        holder = conn.client_id.encode()
-        await conn.publish(topic, holder, None, retain=True)
-        if await self._read_retained(topic) != holder:
+        lock = _MqttPoolLock(self, pool, name, conn)
+        try:
+            won = await lock.take()
+        except BaseException:
             await conn.close()
-            raise PoolBusy(f"pool {pool!r}'s {purpose or 'founder'} lock was taken by another worker")
-        lock = self._locks[topic] = _MqttPoolLock(self, topic, conn)
+            raise
+        if not won:
+            await conn.close()
+            raise PoolBusy(f"pool {pool!r}'s {purpose or 'founder'} lock is held by another worker")
+        conn.on_reconnected = lock.retake
+        self._locks[name] = lock
         return lock
 
     # -- jobs ---------------------------------------------------------------------------
@@ -605,12 +956,41 @@ class MqttBroker(BrokerAdapter):
     async def consume_jobs(self, pool: str, handler: Handler, *, prefetch: int = 16) -> Subscription:
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
-        if pool not in self._settings and await self._read_retained(meta_topic(pool)) is None:
+        common.check_name("pool", pool)
+        if pool not in self._settings and not await self._read_retained(meta_topic(pool)):
             raise QueueNotFound(f"pool {pool!r} is not declared")
         limit = self._settings.get(pool, PoolSettings()).delivery_limit
         sub = _MqttSubscription(self, "jobs", jobs_topic(pool), handler, pool=pool, limit=limit)
-        return await self._start(sub, f"{self.client_prefix}-jobs-{uuid.uuid4().hex[:8]}", jobs_filter(pool),
-                                 session_expiry=self.session_expiry, receive_maximum=prefetch)
+        client_id = f"{job_session_prefix(pool)}{uuid.uuid4().hex[:12]}"
+        conn = _Conn(self, client_id, session_expiry=self.session_expiry, clean_start=True,
+                     receive_maximum=prefetch, subscriptions=[jobs_filter(pool)], on_message=sub.on_message,
+                     will=lambda cid: aiomqtt.Will(sessions_topic(pool, cid), _LEFT, qos=1, retain=True))
+
+        async def announce() -> None:
+            # Live first, then watch the others: our own record never reads as left behind.
+            await conn.publish(sessions_topic(pool, conn.client_id), _LIVE, None, retain=True)
+            await conn.subscribe(sessions_filter(pool))
+
+        conn.on_reconnected = announce
+        sub.conn = conn
+        sub.adopter = _Adopter(self, sub, pool)
+        self._live()
+        try:
+            await conn.open()
+            await announce()
+            # Adopt what is already left behind before returning (the pool's seed session, a
+            # crashed worker's): the jobs it holds come first, and a consumer that starts finds
+            # the pool's backlog in its own queue. Bounded: the rest carries on in the background.
+            for topic, record in (await self._read_retained(sessions_filter(pool))).items():
+                sub.adopter.notice(topic, record, conn.client_id)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(sub.adopter.idle.wait(), self.confirm_timeout)
+        except BaseException:
+            await sub.adopter.stop()
+            await conn.close(end_session=True)
+            raise
+        self._subscriptions.add(sub)
+        return sub
 
     # -- control -----------------------------------------------------------------------
     async def publish_control(self, pool: str, message: Message) -> None:
@@ -626,14 +1006,14 @@ class MqttBroker(BrokerAdapter):
     # -- replies -----------------------------------------------------------------------
     async def declare_reply_queue(self, name: str) -> str:
         common.check_name("reply queue", name)
-        await self._session(f"{common.PREFIX}-reply-{name}", reply_topic(name), end=False)
+        await self._session(reply_session(name), reply_topic(name), end=False)
         return reply_topic(name)
 
     async def delete_reply_queue(self, name: str) -> None:
         for sub in list(self._subscriptions):
             if sub.kind == "replies" and sub.topic == reply_topic(name):
                 await sub.cancel()
-        await self._session(f"{common.PREFIX}-reply-{name}", reply_topic(name), end=True)
+        await self._session(reply_session(name), None, end=True)
 
     async def publish_reply(self, address: str, message: Message) -> None:
         common.check_size(len(message.body), _REPLY_SIZE_LIMIT, f"reply address {address!r}")
@@ -648,26 +1028,30 @@ class MqttBroker(BrokerAdapter):
         sub = _MqttSubscription(self, "replies", reply_topic(name), handler, pool=None,
                                 limit=common.REPLY_DELIVERY_LIMIT)
         # The declared session: joining it takes over what queued while nobody listened.
-        return await self._start(sub, f"{common.PREFIX}-reply-{name}", None,
-                                 session_expiry=self.session_expiry, receive_maximum=prefetch)
+        return await self._start(sub, reply_session(name), None, session_expiry=self.session_expiry,
+                                 receive_maximum=prefetch, missing=f"reply queue {name!r} is not declared")
 
     # -- dead letters ------------------------------------------------------------------
     async def consume_dead_letters(self, pool: str, handler: Handler) -> Subscription:
         common.check_name("pool", pool)
         sub = _MqttSubscription(self, "dead", dead_topic(pool), handler, pool=pool, limit=common.DEAD_DELIVERY_LIMIT)
-        return await self._start(sub, f"{common.PREFIX}-dead-{pool}", None,
-                                 session_expiry=self.session_expiry, receive_maximum=16)
+        return await self._start(sub, dead_session(pool), None, session_expiry=self.session_expiry,
+                                 receive_maximum=16, missing=f"pool {pool!r} is not declared")
 
     # -- internals ----------------------------------------------------------------------
     async def _start(self, sub: _MqttSubscription, client_id: str, topic: str | None, *,
-                     session_expiry: int, receive_maximum: int) -> Subscription:
+                     session_expiry: int, receive_maximum: int, missing: str = "") -> Subscription:
         self._live()
-        persistent_existing = topic is None  # joins a session declare_* created
-        conn = _Conn(self, client_id, session_expiry=session_expiry, clean_start=not persistent_existing,
+        joins_existing = topic is None  # joins a session declare_* created
+        conn = _Conn(self, client_id, session_expiry=session_expiry, clean_start=not joins_existing,
                      receive_maximum=receive_maximum, subscriptions=[topic] if topic else [],
                      on_message=sub.on_message)
         sub.conn = conn
         await conn.open()
+        if joins_existing and not conn.session_present:
+            # Nobody declared it: the session we just created is empty; end it again.
+            await conn.close(end_session=True)
+            raise QueueNotFound(missing)
         self._subscriptions.add(sub)
         return sub
 

@@ -22,8 +22,12 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from .mosquitto import PrivateMosquitto
 
 RABBITMQ_URL = os.environ.get("ENCLAVEQ_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 MOSQUITTO_URL = os.environ.get("ENCLAVEQ_MQTT_URL", "mqtt://127.0.0.1:1883/")
@@ -31,6 +35,7 @@ REQUIRE_BROKERS = os.environ.get("ENCLAVEQ_REQUIRE_BROKERS") == "1"
 
 # The fixture a test asks for -> the marker it gets.
 MARKER_OF_FIXTURE = {"rabbitmq_url": "rabbitmq", "rabbitmqctl": "rabbitmq", "mosquitto_url": "mosquitto",
+                     "tls_mosquitto": "mosquitto", "private_mosquitto": "mosquitto",
                      "vectors_dir": "vectors"}
 
 
@@ -107,10 +112,26 @@ def rabbitmqctl(request: pytest.FixtureRequest):
 
 
 @pytest.fixture
-def mosquitto_url(request: pytest.FixtureRequest) -> str:
+async def mosquitto_url(request: pytest.FixtureRequest, unique_name: str) -> AsyncIterator[str]:
+    """The Mosquitto broker. Afterwards the pool named ``unique_name`` is deleted from it (its
+    retained records and persistent sessions), so the shared broker keeps no leftovers."""
     request.node.add_marker("mosquitto")
     _need(_listening("127.0.0.1", 1883), "Mosquitto on 127.0.0.1:1883")
-    return MOSQUITTO_URL
+    yield MOSQUITTO_URL
+    from broker_adapters import open_broker
+
+    async with open_broker(MOSQUITTO_URL) as broker:
+        await broker.delete_pool(unique_name)
+
+
+@pytest.fixture
+def private_mosquitto(tmp_path: Path) -> Iterator[PrivateMosquitto]:
+    """A Mosquitto of the test's own (own port, config and persistence), for tests that restart it."""
+    from .mosquitto import PrivateMosquitto
+
+    broker = PrivateMosquitto(tmp_path / "mosquitto").start()
+    yield broker
+    broker.stop()
 
 
 @pytest.fixture
@@ -149,10 +170,12 @@ def memory_url(unique_name: str) -> Iterator[str]:
     forget_memory_broker(unique_name)
 
 
-@pytest.fixture(params=["memory", pytest.param("amqp", marks=pytest.mark.rabbitmq)])
+@pytest.fixture(params=["memory", pytest.param("amqp", marks=pytest.mark.rabbitmq),
+                        pytest.param("mqtt", marks=pytest.mark.mosquitto)])
 def broker_url(request: pytest.FixtureRequest) -> str:
-    """Runs the test twice: on the in-process broker and on RabbitMQ."""
-    return request.getfixturevalue("memory_url" if request.param == "memory" else "rabbitmq_url")
+    """Runs the test three times: on the in-process broker, on RabbitMQ and on Mosquitto."""
+    names = {"memory": "memory_url", "amqp": "rabbitmq_url", "mqtt": "mosquitto_url"}
+    return str(request.getfixturevalue(names[request.param]))
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from attestation.policy import Policy
 from broker_adapters import BrokerAdapter, open_broker
 from broker_adapters.amqp import AmqpBroker
 from broker_adapters.memory import MemoryBroker
+from broker_adapters.mqtt import MqttBroker
 from attestation.sim.init import init_sim_dir
 from enclave_worker.config import DEFAULT_WORKER_CONFIG
 from enclave_worker.measurement import measure_worker
@@ -198,5 +199,7 @@ async def lose_connection(broker: BrokerAdapter, rabbitmqctl: Rabbitmqctl | None
         if rabbitmqctl is None:
             raise ValueError("closing a RabbitMQ connection server side takes rabbitmqctl")
         await rabbitmqctl.close_connection(broker.connection_name, "test: simulated network loss")
+    elif isinstance(broker, MqttBroker):
+        broker.drop_connections()
     else:  # pragma: no cover - a new adapter must say how to lose its connection
         raise NotImplementedError(type(broker).__name__)

@@ -1,9 +1,7 @@
 """One conformance suite, run against every broker adapter.
 
 Each test reads as a sentence about the broker contract in ``broker_adapters/base.py`` and runs
-unchanged against the in-process broker, RabbitMQ and Mosquitto. The MQTT adapter is a first cut
-(issue 10): the sentences it does not meet yet are marked ``xfail(strict=True)`` for MQTT only,
-with the reason, so that one passing unexpectedly is noticed (docs/mqtt-plan.md).
+unchanged against the in-process broker, RabbitMQ and Mosquitto.
 Everything a test declares is deleted in fixture teardown, so shared brokers keep no leftovers.
 """
 
@@ -37,33 +35,8 @@ DELIVERY_LIMIT = 3
 # `pool` and `lose_connection` come from conftest.py.
 
 
-@pytest.fixture(params=["memory", pytest.param("amqp", marks=pytest.mark.rabbitmq),
-                        pytest.param("mqtt", marks=pytest.mark.mosquitto)])
-def broker_url(request: pytest.FixtureRequest) -> str:
-    """conftest's `broker_url` (the in-process broker, then RabbitMQ), plus Mosquitto."""
-    names = {"memory": "memory_url", "amqp": "rabbitmq_url", "mqtt": "mosquitto_url"}
-    return str(request.getfixturevalue(names[request.param]))
-
-
 def adapter_for(url: str) -> BrokerAdapter:
-    # open_broker does not hand out the MQTT first cut yet (issue 10): build it here.
-    if url.startswith("mqtt"):
-        from broker_adapters.mqtt import MqttBroker
-
-        return MqttBroker(url)
     return open_broker(url)
-
-
-def not_on_mqtt_yet(reason: str) -> pytest.MarkDecorator:
-    """Mark a sentence the MQTT first cut does not meet yet; strict, so fixing it is noticed."""
-    return pytest.mark.mqtt_gap(reason)
-
-
-@pytest.fixture(autouse=True)
-def _mqtt_gaps(request: pytest.FixtureRequest) -> None:
-    gap = request.node.get_closest_marker("mqtt_gap")
-    if gap is not None and "[mqtt" in request.node.name:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=f"MQTT first cut: {gap.args[0]}"))
 
 
 @pytest.fixture
@@ -269,7 +242,6 @@ async def test_consuming_an_undeclared_pool_fails_clearly(broker, unique_name):
         await broker.consume_jobs(f"{unique_name}-nowhere", Recorder())
 
 
-@not_on_mqtt_yet("a job published before any worker subscribed has nowhere to wait (no subscriber, no queue)")
 async def test_an_oversized_job_is_refused_before_it_reaches_the_queue(broker, pool):
     await broker.declare_pool(pool, PoolSettings(delivery_limit=DELIVERY_LIMIT, max_message_bytes=1024))
     try:
@@ -294,7 +266,6 @@ async def test_a_consumer_never_holds_more_unsettled_jobs_than_its_prefetch(brok
         await sub.cancel()
 
 
-@not_on_mqtt_yet("Mosquitto keeps a shared subscription's jobs in the cancelled consumer's session")
 async def test_cancelling_a_subscription_returns_its_unsettled_jobs_to_the_queue(broker, declared_pool):
     holder = Recorder("hold")
     sub = await broker.consume_jobs(declared_pool, holder)
@@ -312,7 +283,6 @@ async def test_cancelling_a_subscription_returns_its_unsettled_jobs_to_the_queue
         await sub.cancel()
 
 
-@not_on_mqtt_yet("tests/support.lose_connection cannot cut an MQTT connection yet")
 async def test_after_a_lost_connection_unsettled_jobs_come_back_and_consumption_resumes(broker, declared_pool,
                                                                                       lose_connection):
     seen = Recorder("hold", "ack")
@@ -334,7 +304,6 @@ async def test_after_a_lost_connection_unsettled_jobs_come_back_and_consumption_
         await sub.cancel()
 
 
-@not_on_mqtt_yet("tests/support.lose_connection cannot cut an MQTT connection yet")
 async def test_reconnect_callbacks_run_once_the_connection_is_back(broker, declared_pool, lose_connection):
     reconnected = asyncio.Event()
 

@@ -48,9 +48,11 @@ def test_open_broker_picks_the_adapter_by_scheme():
     assert isinstance(open_broker("amqps://guest:guest@127.0.0.1/"), AmqpBroker)
 
 
-def test_mqtt_is_announced_but_not_yet_supported():
-    with pytest.raises(UnsupportedBrokerURL, match="MQTT adapter comes next"):
-        open_broker("mqtt://127.0.0.1:1883/")
+def test_mqtt_urls_pick_the_mqtt_adapter():
+    from broker_adapters.mqtt import MqttBroker
+
+    assert isinstance(open_broker("mqtt://127.0.0.1:1883/"), MqttBroker)
+    assert isinstance(open_broker("mqtts://user:pass@127.0.0.1:8883/"), MqttBroker)
 
 
 def test_an_unknown_scheme_is_refused_without_echoing_the_url():

@@ -1,7 +1,8 @@
 """Workers that die or stop mid-batch lose nothing, and the producer sees each result once (P5).
 
-The worker runs as a real process over RabbitMQ, so SIGKILL leaves unacknowledged jobs
-exactly where a crashed enclave would leave them.
+The worker runs as a real process, over RabbitMQ and over Mosquitto (MQTT 5), so SIGKILL leaves
+unacknowledged jobs exactly where a crashed enclave would leave them: in the quorum queue, or in
+the dead worker's persistent MQTT session.
 """
 
 from __future__ import annotations
@@ -19,15 +20,29 @@ from .support import batch_of, dead_letters, mlp_model
 
 pytestmark = pytest.mark.slow
 
+# Bounds each job from publishing to its result. A job waits behind at most `max_in_flight`
+# others plus a worker restart (seconds): a minute only bounds a failure, e.g. a job stranded
+# in a dead worker's session.
+JOB_TIMEOUT = 60.0
 
-async def run_batch_with_interruption(rabbitmq_url, pool, tee, tmp_path, *, jobs: int, interrupt_at: int, interrupt):
+
+@pytest.fixture(params=[pytest.param("amqp", marks=pytest.mark.rabbitmq),
+                        pytest.param("mqtt", marks=pytest.mark.mosquitto)])
+def process_broker_url(request: pytest.FixtureRequest) -> str:
+    """RabbitMQ, then Mosquitto: the brokers a worker *process* can reach (conftest's
+    ``broker_url`` also has memory://, which lives in this process only)."""
+    names = {"amqp": "rabbitmq_url", "mqtt": "mosquitto_url"}
+    return str(request.getfixturevalue(names[request.param]))
+
+
+async def run_batch_with_interruption(broker_url, pool, tee, tmp_path, *, jobs: int, interrupt_at: int, interrupt):
     model = mlp_model()
     batch = batch_of(jobs)
-    worker = await asyncio.to_thread(WorkerProcess(rabbitmq_url, pool, tee.dir, tmp_path / "w1.log").wait_ready)
+    worker = await asyncio.to_thread(WorkerProcess(broker_url, pool, tee.dir, tmp_path / "w1.log").wait_ready)
     replacement = None
     seen: dict[int, dict] = {}
     try:
-        async with AsyncClient(rabbitmq_url, pool, tee.policy(), timeout=180) as client:
+        async with AsyncClient(broker_url, pool, tee.policy(), timeout=JOB_TIMEOUT) as client:
             model_id = await client.upload_model(model)
             async for result in client.submit(model_id, batch, max_in_flight=200):
                 assert result.ok, result.error
@@ -36,7 +51,7 @@ async def run_batch_with_interruption(rabbitmq_url, pool, tee, tmp_path, *, jobs
                 if len(seen) == interrupt_at:
                     await asyncio.to_thread(interrupt, worker)
                     replacement = await asyncio.to_thread(
-                        WorkerProcess(rabbitmq_url, pool, tee.dir, tmp_path / "w2.log").wait_ready)
+                        WorkerProcess(broker_url, pool, tee.dir, tmp_path / "w2.log").wait_ready)
             duplicates = client._core.duplicates
     finally:
         worker.close()
@@ -48,19 +63,20 @@ async def run_batch_with_interruption(rabbitmq_url, pool, tee, tmp_path, *, jobs
     for index, outputs in seen.items():
         logits, label = session.run(None, batch[index])
         assert np.array_equal(outputs["logits"], logits) and np.array_equal(outputs["label"], label)
-    assert await dead_letters(rabbitmq_url, pool) == 0, "a job was dead-lettered instead of redelivered"
+    assert await dead_letters(broker_url, pool) == 0, "a job was dead-lettered instead of redelivered"
     return worker, duplicates
 
 
-async def test_a_worker_killed_mid_batch_and_restarted_loses_no_job(rabbitmq_url, pool, tee, tmp_path):
+async def test_a_worker_killed_mid_batch_and_restarted_loses_no_job(process_broker_url, pool, tee, tmp_path):
     worker, duplicates = await run_batch_with_interruption(
-        rabbitmq_url, pool, tee, tmp_path, jobs=1000, interrupt_at=300, interrupt=WorkerProcess.kill)
+        process_broker_url, pool, tee, tmp_path, jobs=1000, interrupt_at=300, interrupt=WorkerProcess.kill)
     assert worker.proc.returncode == -9
     assert duplicates >= 0  # reported, never surfaced: the producer yielded each job exactly once
 
 
-async def test_sigterm_finishes_in_flight_jobs_returns_the_rest_and_exits_zero(rabbitmq_url, pool, tee, tmp_path):
+async def test_sigterm_finishes_in_flight_jobs_returns_the_rest_and_exits_zero(process_broker_url, pool, tee,
+                                                                               tmp_path):
     worker, _ = await run_batch_with_interruption(
-        rabbitmq_url, pool, tee, tmp_path, jobs=400, interrupt_at=100, interrupt=WorkerProcess.terminate)
+        process_broker_url, pool, tee, tmp_path, jobs=400, interrupt_at=100, interrupt=WorkerProcess.terminate)
     assert worker.proc.returncode == 0, worker.log()
     assert "stopping: finishing in-flight jobs" in worker.log()

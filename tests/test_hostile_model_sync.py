@@ -5,6 +5,7 @@ state directory was put back from an older copy catches up with a live member an
 from __future__ import annotations
 
 import asyncio
+import re
 import dataclasses
 import hashlib
 import logging
@@ -37,7 +38,8 @@ from protocol.ownership import ModelManifest, generate_signing_key, public_key_b
 from .support import TIMEOUT, mlp_model, running_worker, wait_until
 
 X = {"x": np.ones((2, 4), np.float32), "bias": np.zeros(3, np.float32)}
-PREFIX = "enclaveq.reply."  # broker_adapters._common.reply_queue: the address of a reply queue
+# The address of reply queue NAME: enclaveq.reply.NAME on AMQP, enclaveq/reply/NAME on MQTT.
+REPLY_ADDRESS = re.compile(r"enclaveq[./]reply[./](?P<name>.+)")
 
 
 # -- helpers: an attacker's view of the broker, and counting what a member does --------------------
@@ -178,7 +180,7 @@ async def test_a_replayed_genuine_request_is_served_once_however_often_it_is_rep
         assert len(recorded) == 1 and counted.reads == 1 and member._model_sync.syncs_sent == 1
         request = recorded[0]
         # The attacker takes the requester's queue name (it was deleted after the sync) and replays.
-        async with ReplyQueue(broker_attacker, request.reply_to.removeprefix(PREFIX)) as loot:
+        async with ReplyQueue(broker_attacker, REPLY_ADDRESS.fullmatch(request.reply_to)["name"]) as loot:
             for _ in range(100):
                 await broker_attacker.publish_control(pool, Message(body=request.body, reply_to=request.reply_to))
             await wait_until(lambda: counted.handled == 101, "the member handled every replay", timeout=TIMEOUT)

@@ -45,7 +45,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _connection_options(fn: Callable[..., None]) -> Callable[..., None]:
     @click.option("--broker", "broker_url", required=True, metavar="URL",
-                  help="Broker URL, e.g. amqp://guest:guest@127.0.0.1:5672/ or memory://NAME.")
+                  help="Broker URL, e.g. amqp://guest:guest@127.0.0.1:5672/, mqtt://127.0.0.1:1883/ or memory://NAME.")
     @click.option("--pool", required=True, metavar="NAME", help="Worker pool to use.")
     @click.option("--policy", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
                   help="Attestation policy (TOML) the pool's evidence must satisfy.")

@@ -1,0 +1,165 @@
+"""P1 / P10 on MQTT: models, inputs, outputs and error messages cross Mosquitto only as ciphertext.
+
+A spy -- a plain aiomqtt client, MQTT 5, its own client id, clean session -- subscribes to `#` at
+QoS 1 for the whole flow. `#` matches every publish to a non-`$` topic, including the jobs topic
+the workers consume through `$share/...`, the control channel, the reply topics and the dead
+letters. The test runs a whole flow (attest, upload a model, a batch, an error, a key rotation
+and a job under the new key) and searches every captured payload, topic name and MQTT 5
+property value (user properties, correlation data, response topic) for the plaintext bytes of
+the model, the inputs, the outputs and the error message. A canary published in clear proves
+the capture works.
+
+The broker is a private Mosquitto: a `#` subscriber on the shared one would see other tests'
+traffic, and would make every publish there routable (no more "no matching subscribers"), which
+changes what the workers of tests running alongside observe. The private broker, and every
+session and retained message of the pool, goes when the test ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import aiomqtt
+import numpy as np
+import pytest
+from paho.mqtt.properties import Properties
+
+from broker_adapters import Message
+from producer_sdk import AsyncClient
+from producer_sdk.errors import BadInput
+
+from .support import mlp_model, running_worker, wait_until
+
+@dataclass
+class Captured:
+    """One PUBLISH as the spy received it: the topic and every value it carried, as bytes."""
+
+    topic: str
+    payload: bytes
+    properties: list[bytes] = field(default_factory=list)
+
+    def values(self) -> list[bytes]:
+        return [self.topic.encode(), self.payload, *self.properties]
+
+
+def property_values(properties: Properties | None) -> list[bytes]:
+    """Every MQTT 5 property value of a PUBLISH, whatever its name: strings UTF-8 encoded, binary
+    data as is, each user property's key and value on its own."""
+    if properties is None:
+        return []
+    values: list[bytes] = []
+    for name in properties.names:
+        attribute = name.replace(" ", "")
+        if not hasattr(properties, attribute):
+            continue
+        value = getattr(properties, attribute)
+        pairs = value if attribute == "UserProperty" else [value]
+        for item in pairs:
+            for part in item if isinstance(item, tuple) else (item,):
+                values.append(part if isinstance(part, bytes) else str(part).encode())
+    return values
+
+
+class Spy:
+    """A clean-session MQTT 5 client subscribed to `#` at QoS 1, keeping what it receives."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.client = aiomqtt.Client(host, port, identifier=f"spy-{uuid.uuid4().hex}",
+                                     protocol=aiomqtt.ProtocolVersion.V5, clean_start=True)
+        self.captured: list[Captured] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.client.__aenter__()
+        # QoS 1: the broker keeps each message for the spy until the spy's client acknowledges it.
+        await self.client.subscribe("#", qos=1)
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for message in self.client.messages:
+            payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+            self.captured.append(Captured(message.topic.value, payload, property_values(message.properties)))
+
+    def saw(self, predicate: Callable[[Captured], bool]) -> bool:
+        return any(predicate(c) for c in self.captured)
+
+    async def stop(self) -> None:
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self.client.unsubscribe("#")
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        await self.client.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def spy(private_mosquitto) -> AsyncIterator[Spy]:
+    spy = Spy("127.0.0.1", private_mosquitto.port)
+    await spy.start()
+    try:
+        yield spy
+    finally:
+        await spy.stop()
+
+
+def windows(data: bytes, size: int = 24) -> list[bytes]:
+    """Overlapping slices: a leak of any part of ``data`` longer than ``size`` is caught."""
+    step = max(1, size // 2)
+    return [data[i:i + size] for i in range(0, max(1, len(data) - size + 1), step)]
+
+
+async def test_mqtt_carries_no_plaintext_model_input_output_or_error(private_mosquitto, pool, tee, spy):
+    url = private_mosquitto.url
+    model = mlp_model(seed=5)
+    rng = np.random.default_rng(99)
+    inputs = [{"x": rng.standard_normal((8, 4)).astype(np.float32), "bias": rng.standard_normal(3).astype(np.float32)}
+              for _ in range(6)]
+    outputs: list[dict[str, np.ndarray]] = []
+    # Slow start (about 30 s): the founder asks the control channel for models, the spy's `#`
+    # matches that topic, so the publish is routable and the founder waits out the model sync.
+    async with running_worker(tee, url, pool) as worker:
+        async with AsyncClient(url, pool, tee.policy(), timeout=60) as client:
+            model_id = await client.upload_model(model)
+            async for result in client.submit(model_id, inputs[:5]):
+                assert result.outputs is not None, result.error
+                outputs.append(result.outputs)
+            with pytest.raises(BadInput) as refused:
+                await client.run(model_id, {"x": inputs[0]["x"]})
+            # The new epoch key travels to the members on the control channel; a job sealed to it follows.
+            epoch, _ = await client.rotate_pool(grace_seconds=60)
+            assert epoch == 2 and worker.keyring.epoch == 2
+            outputs.append(await client.run(model_id, inputs[5]))
+            assert client.statement is not None and client.statement.epoch == 2
+            # Published last, in clear. Mosquitto queues a publish to every matching subscriber as
+            # it routes it, so the spy had every reply above queued before the client got it, and
+            # the canary after them: once the canary is in, the whole flow is.
+            canary = b"CANARY-plaintext-" + rng.bytes(16)
+            broker, core = client._broker, client._core
+            assert broker is not None and core is not None
+            await broker.publish_reply(core.reply_to, Message(body=canary))
+            await wait_until(lambda: spy.saw(lambda c: c.payload == canary),
+                             "the spy saw no canary: the test would prove nothing")
+
+    captured = list(spy.captured)
+    carried = b"\n".join(value for c in captured for value in c.values())
+    topics = {c.topic for c in captured}
+    # What the workers consume through `$share/...` and the control channel reached the spy too.
+    assert {f"enclaveq/{pool}/jobs", f"enclaveq/{pool}/control"} <= topics
+    assert sum(c.topic == f"enclaveq/{pool}/jobs" for c in captured) >= 7
+    assert any(c.properties for c in captured), "no MQTT 5 property captured: the test would prove nothing"
+    secrets = {"model": model, "error message": str(refused.value).split(": ", 1)[1].encode()}
+    for i, job in enumerate(inputs):
+        for name, value in job.items():
+            secrets[f"input {i} {name}"] = value.tobytes()
+    for i, output in enumerate(outputs):
+        secrets[f"output {i} logits"] = output["logits"].tobytes()
+    for what, data in secrets.items():
+        for window in windows(data):
+            # Hex too: the adapter writes bytes headers into user properties as hex text.
+            for form in (window, window.hex().encode()):
+                assert form not in carried, f"plaintext of the {what} crossed Mosquitto"
