@@ -1,23 +1,27 @@
-"""The MQTT 5 adapter (aiomqtt 2.5 over paho-mqtt 2.2), written against Mosquitto 2.0. FIRST CUT.
+"""The MQTT 5 adapter (aiomqtt 2.5 over paho-mqtt 2.2), written against Mosquitto 2.0.
 
-It owns the MQTT mapping of the broker contract (docs/mqtt-plan.md has the design and its gaps):
+It owns the MQTT mapping of the broker contract; docs/architecture.md ("MQTT 5") has the design
+and what MQTT cannot give:
 
 - jobs of pool ``P``: topic ``enclaveq/P/jobs``, consumed through the shared subscription
   ``$share/enclaveq-P/enclaveq/P/jobs`` at QoS 1; each subscription is its own MQTT connection
-  and session, so that its prefetch is the session's Receive Maximum;
+  and persistent session, so that its prefetch is the session's Receive Maximum; a session left
+  behind by a worker that stopped or died is adopted by another consumer (``_Adopter``);
 - control: topic ``enclaveq/P/control``, a plain (non-shared) QoS 1 subscription per consumer;
 - dead letters: topic ``enclaveq/P/dead``, held by the persistent session
   ``enclaveq-dead-P`` that ``declare_pool`` creates, so dead letters queue with nobody online;
 - replies: topic ``enclaveq/reply/NAME``, held by the persistent session ``enclaveq-reply-NAME``
   that ``declare_reply_queue`` creates; ``correlation_id`` travels as MQTT correlation data,
-  ``reply_to`` as the response topic.
+  ``reply_to`` as the response topic;
+- pool locks: retained claims, cleared by their holder's will (``_MqttPoolLock``).
 
-Acknowledgement is manual: aiomqtt does not expose it, so each connection switches its paho
-client (``aiomqtt.Client._client``) to ``manual_ack_set(True)`` before connecting and sends
-the PUBACK with ``paho.ack(mid, 1)`` when the handler settles. MQTT has no nack and no delivery
-counter: ``nack`` republishes the message with its ``enclaveq-attempt`` user property
-incremented (or dead-letters it at the pool's delivery limit), waits for the broker's PUBACK,
-then acks the original; ``reject`` does the same towards the dead-letter topic.
+Acknowledgement is manual and in arrival order: aiomqtt does not expose it, so each connection
+switches its paho client (``aiomqtt.Client._client``) to ``manual_ack_set(True)`` before
+connecting and sends the PUBACK with ``paho.ack(mid, 1)`` once the handler and every earlier
+delivery have settled. MQTT has no nack and no delivery counter: ``nack`` republishes the
+message with its ``enclaveq-attempt`` user property incremented (or dead-letters it at the
+pool's delivery limit), waits for the broker's PUBACK, then acks the original; ``reject`` does
+the same towards the dead-letter topic.
 
 Publishes are QoS 1 and wait for the PUBACK; reason code 0x10 (No matching subscribers) means
 ``Unroutable``. Every paho/aiomqtt failure is mapped to ``errors`` here; bodies are never logged.
