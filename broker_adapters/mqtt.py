@@ -170,7 +170,9 @@ def _properties(message: Message, attempt: int) -> Properties:
         props.CorrelationData = message.correlation_id.encode()
     if message.reply_to is not None:
         props.ResponseTopic = message.reply_to
-    user = [(_ID_PROPERTY, message.message_id or uuid.uuid4().hex), (_ATTEMPT_PROPERTY, str(attempt))]
+    user = [(_ID_PROPERTY, message.message_id or uuid.uuid4().hex)]
+    if attempt > 1:  # absent means 1: one property less to encode and parse per first delivery
+        user.append((_ATTEMPT_PROPERTY, str(attempt)))
     user += [(_HEADER_PREFIX + key, _encode_header(value)) for key, value in message.headers.items()]
     props.UserProperty = user
     return props

@@ -315,8 +315,9 @@ async def test_hostile_messages_on_the_job_queue_and_the_control_channel_cost_th
                 tracemalloc.stop()
             # Over AMQP, the copies the client makes of two 15 MiB messages while publishing and
             # receiving them (3.5x one message, measured; 0.02x in memory). Without the limits each
-            # peek built more than 1 GiB of empty lists.
-            assert peak < 6 * len(big)
+            # peek built more than 1 GiB of empty lists. Over MQTT, paho also reassembles each packet
+            # in a growing buffer before copying it into the message (6.2x measured at worst).
+            assert peak < (8 if broker_url.startswith("mqtt") else 6) * len(big)
             out = await client.run(model_id, X)
             assert set(out) == {"logits", "label"}
 
