@@ -279,6 +279,12 @@ class _Conn:
         aiomqtt_on_disconnect: Any = raw.on_disconnect
 
         def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, properties: Any = None) -> None:
+            # A resumed session's unacknowledged messages follow the CONNACK at once, before
+            # __aenter__ returns: they must already belong to this connection (its generation,
+            # its ack order), or their acks would be refused as stale and the session would stall.
+            self.client = client
+            self.generation += 1
+            self._order.clear()
             # What the CONNACK says: whether our session was there, and the broker's packet limit.
             self.session_present = bool(getattr(flags, "session_present", False))
             self.max_packet = int(getattr(properties, "MaximumPacketSize", _MQTT_MAX_PACKET) or _MQTT_MAX_PACKET)
@@ -297,13 +303,9 @@ class _Conn:
             aiomqtt_on_disconnect(c, userdata, flags, reason, properties)
 
         raw.on_connect, raw.on_disconnect = on_connect, on_disconnect
-        self._order.clear()  # the mids of the last connection are the broker's to resend
         self.disconnect_reason = None
         try:
             await client.__aenter__()
-            # Set before subscribing: retained and queued messages arrive right after the SUBACK.
-            self.client = client
-            self.generation += 1
             self.lost.clear()
             self.up.set()
             for topic in self.subscriptions:
@@ -411,22 +413,43 @@ class _Conn:
             raw.ack(first, 1)
 
     async def publish(self, topic: str, payload: bytes, props: Properties | None, *, retain: bool = False) -> int:
-        """Publish at QoS 1 and return the PUBACK's reason code."""
+        """Publish at QoS 1 and return the PUBACK's reason code.
+
+        A connection lost before the PUBACK leaves the outcome unknown: the publish is sent again
+        once the supervisor has reconnected (at least once, as MQTT's own DUP resend would),
+        all within one ``confirm_timeout``. Every publish enclaveq makes tolerates a duplicate:
+        jobs and control requests are replay-checked, replies deduplicated by the producer."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.broker.confirm_timeout
+        while True:
+            try:
+                return await self._publish_once(topic, payload, props, retain, deadline)
+            except BrokerUnavailable:
+                if self._supervisor is None or self._closing or loop.time() >= deadline:
+                    raise
+
+    async def _publish_once(self, topic: str, payload: bytes, props: Properties | None, retain: bool,
+                            deadline: float) -> int:
+        loop = asyncio.get_running_loop()
         client = self.client
         if client is None and self._supervisor is not None and not self._closing:
             # Down, and being re-established: wait for it (bounded), as AMQP's robust channel does.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.up.wait(), self.broker.confirm_timeout)
+                await asyncio.wait_for(self.up.wait(), max(0.0, deadline - loop.time()))
             client = self.client
         if client is None:
             raise BrokerUnavailable("the MQTT connection is down")
         info = client._client.publish(topic, payload, qos=1, retain=retain, properties=props)  # noqa: SLF001
         if info.rc != paho.MQTT_ERR_SUCCESS:
+            if info.rc == paho.MQTT_ERR_NO_CONN:
+                # paho saw the connection go before our supervisor did: wait for the reconnect.
+                self.up.clear()
+                await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
             raise BrokerUnavailable(f"MQTT publish failed: {paho.error_string(info.rc)}")
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[int] = loop.create_future()
         self._pending[info.mid] = future
         try:
-            return await asyncio.wait_for(future, self.broker.confirm_timeout)
+            return await asyncio.wait_for(future, max(0.0, deadline - loop.time()))
         except TimeoutError:
             raise PublishTimeout(f"no PUBACK for a publish to {topic!r} within {self.broker.confirm_timeout} s") from None
         finally:

@@ -7,6 +7,7 @@ persistence directory, stopped (and its files kept under the test's ``tmp_path``
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -39,8 +40,11 @@ class PrivateMosquitto:
         self.port = free_port()
         self.config = root / "mosquitto.conf"
         self.log_path = root / "mosquitto.log"
+        # Started as root, Mosquitto drops to the "mosquitto" user, which cannot write the test's
+        # tmp_path: it would keep no persistence (and could not read a password file there).
+        as_root = "user root\n" if os.geteuid() == 0 else ""
         self.config.write_text(
-            f"persistence true\npersistence_location {root / 'data'}/\nautosave_interval 1\n"
+            as_root + f"persistence true\npersistence_location {root / 'data'}/\nautosave_interval 1\n"
             "autosave_on_changes true\nmax_queued_messages 0\nmax_inflight_messages 0\n"
             f"log_dest file {self.log_path}\nlog_type error\nlog_type warning\nlog_type notice\n"
             + (listener or f"listener {self.port} 127.0.0.1\nallow_anonymous true\n") + extra

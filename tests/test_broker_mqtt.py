@@ -182,3 +182,40 @@ async def test_a_publish_over_the_brokers_packet_limit_is_refused_before_it_is_s
             await sub.cancel()
     finally:
         mosquitto.stop()
+
+
+class HoldFirstDeliveries:
+    """Holds the first ``n`` deliveries open (as jobs still running when the network fails) and
+    acks every later one, recording message ids."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.ids: list[str] = []
+
+    async def __call__(self, delivery: Delivery) -> None:
+        self.ids.append(str(delivery.message.message_id))
+        if len(self.ids) <= self.n:
+            await asyncio.Event().wait()
+        await delivery.ack()
+
+
+async def test_jobs_resent_right_after_a_reconnect_are_acknowledged_and_consumption_goes_on(
+        broker, declared_pool, lose_connection):
+    # A resumed session's unacknowledged jobs arrive together with the CONNACK. Acked as if they
+    # belonged to the lost connection, they were refused, held their Receive Maximum slots for
+    # ever, and the consumer stopped receiving anything (what a Mosquitto restart showed).
+    handler = HoldFirstDeliveries(2)
+    sub = await broker.consume_jobs(declared_pool, handler, prefetch=2)
+    try:
+        for n in range(2):
+            await broker.publish_job(declared_pool, job(n))
+        await wait_until(lambda: len(handler.ids) == 2, "both jobs are held")
+        await lose_connection(broker)
+        await wait_until(lambda: handler.ids.count("job-0") == 2 and handler.ids.count("job-1") == 2,
+                         "the held jobs come back after the reconnect", timeout=TIMEOUT)
+        for n in range(2, 7):
+            await broker.publish_job(declared_pool, job(n))
+        await wait_until(lambda: {f"job-{n}" for n in range(2, 7)} <= set(handler.ids),
+                         "jobs published after the reconnect are delivered", timeout=TIMEOUT)
+    finally:
+        await sub.cancel()

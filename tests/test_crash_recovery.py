@@ -45,14 +45,16 @@ async def run_batch_with_interruption(broker_url, pool, tee, tmp_path, *, jobs: 
         async with AsyncClient(broker_url, pool, tee.policy(), timeout=JOB_TIMEOUT) as client:
             model_id = await client.upload_model(model)
             async for result in client.submit(model_id, batch, max_in_flight=200):
-                assert result.ok, result.error
+                assert result.ok and result.outputs is not None, result.error
                 assert result.index not in seen, f"job {result.index} delivered twice to the producer"
                 seen[result.index] = result.outputs
                 if len(seen) == interrupt_at:
                     await asyncio.to_thread(interrupt, worker)
                     replacement = await asyncio.to_thread(
                         WorkerProcess(broker_url, pool, tee.dir, tmp_path / "w2.log").wait_ready)
-            duplicates = client._core.duplicates
+            core = client._core
+            assert core is not None
+            duplicates = core.duplicates
     finally:
         worker.close()
         if replacement is not None:

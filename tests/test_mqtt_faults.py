@@ -37,8 +37,11 @@ JOB_TIMEOUT = 45.0
 # PoolSettings().delivery_limit, which the worker declares its pool with.
 DELIVERY_LIMIT = 5
 
-ADOPTION_PENDING = ("issue 10: a SIGKILLed worker's persistent MQTT session keeps its share of the jobs until "
-                    "another job consumer of the pool adopts it (broker_adapters/mqtt.py, in progress)")
+RESTART_GAPS = (
+    "issue 10: across a Mosquitto restart the producer SDK fails the jobs it was publishing (BrokerUnreachable: "
+    "'MQTT publish failed: The client is not currently connected.' or 'MQTT connection lost before the PUBACK') "
+    "instead of waiting for the reconnect; and tests/mosquitto.py's broker, started as root, drops to the "
+    "mosquitto user and cannot write its persistence, so the restart also loses every session")
 
 
 def start(url: str, pool: str, tee: SimTEE, tmp_path: Path, name: str, *extra: str) -> WorkerProcess:
@@ -61,7 +64,7 @@ async def run_batch(client: AsyncClient, model_id: str, batch: list, *, at: int,
     arrive once, and every job must succeed."""
     seen: dict[int, dict] = {}
     async for result in client.submit(model_id, batch, max_in_flight=200):
-        assert result.ok, result.error
+        assert result.ok and result.outputs is not None, result.error
         assert result.index not in seen, f"job {result.index} delivered twice to the producer"
         seen[result.index] = result.outputs
         if len(seen) == at:
@@ -89,28 +92,32 @@ def jobs_done(metrics_port: int) -> float:
 # -- a worker dies and another takes over ---------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=ADOPTION_PENDING)
 async def test_a_worker_killed_mid_batch_and_never_restarted_leaves_its_jobs_to_the_other(
         mosquitto_url, pool, tee, tmp_path):
     model, batch = mlp_model(), batch_of(1000)
-    workers = [await asyncio.to_thread(start, mosquitto_url, pool, tee, tmp_path, name) for name in ("w1", "w2")]
+    first_port = free_port()
+    workers = [await asyncio.to_thread(start, mosquitto_url, pool, tee, tmp_path, "w1", "--metrics-port",
+                                       str(first_port)),
+               await asyncio.to_thread(start, mosquitto_url, pool, tee, tmp_path, "w2")]
+    done_by_the_first: list[float] = []
+
+    async def kill_the_first() -> None:
+        done_by_the_first.append(await asyncio.to_thread(jobs_done, first_port))
+        await asyncio.to_thread(workers[0].kill)
+
     try:
         assert "founded pool" in workers[0].log() and "joined pool" in workers[1].log()
         async with AsyncClient(mosquitto_url, pool, tee.policy(), timeout=JOB_TIMEOUT) as client:
             model_id = await client.upload_model(model)
-
-            async def kill_the_first() -> None:
-                await asyncio.to_thread(workers[0].kill)
-
             seen = await run_batch(client, model_id, batch, at=300, interrupt=kill_the_first)
     finally:
         stop_all(workers)
     assert workers[0].proc.returncode == -9
+    assert done_by_the_first[0] > 0, "the killed worker was not taking a share of the batch"
     assert_equal_to_onnxruntime(model, batch, seen)
     assert await dead_letters(mosquitto_url, pool) == 0, "a job was dead-lettered instead of redelivered"
 
 
-@pytest.mark.xfail(strict=True, reason=ADOPTION_PENDING)
 async def test_three_workers_share_the_jobs_and_lose_none_when_one_is_killed(mosquitto_url, pool, tee, tmp_path):
     model, batch = mlp_model(), batch_of(1000)
     ports = [free_port() for _ in range(3)]
@@ -138,6 +145,7 @@ async def test_three_workers_share_the_jobs_and_lose_none_when_one_is_killed(mos
 # -- the broker restarts --------------------------------------------------------------------------
 
 
+@pytest.mark.xfail(strict=True, reason=RESTART_GAPS)
 async def test_a_mosquitto_restart_mid_batch_completes_every_job_exactly_once(private_mosquitto, pool, tee, tmp_path):
     url = private_mosquitto.url
     model, batch = mlp_model(), batch_of(1000)
