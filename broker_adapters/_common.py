@@ -73,6 +73,81 @@ def lock_queue(pool: str, purpose: str = "") -> str:
     return f"{PREFIX}.{pool}.{purpose}-lock" if purpose else f"{PREFIX}.{pool}.lock"
 
 
+# No "." inside a level: AMQP's topic exchanges separate levels with it, so a "." would change
+# what a filter matches once mapped (``amqp_binding_key``).
+_TOPIC_LEVEL = re.compile(r"[A-Za-z0-9_:=@-]{1,128}")
+
+
+def check_topic(kind: str, topic: str, *, wildcards: bool) -> str:
+    """A topic (``wildcards=False``) or topic filter in MQTT syntax, restricted to what maps onto
+    AMQP binding keys unchanged: levels of ``A-Z a-z 0-9 _ : = @ -``; ``+`` a whole level; ``#``
+    only as the last level. At most 16 levels and 512 characters."""
+    levels = topic.split("/") if isinstance(topic, str) and len(topic) <= 512 else []
+    ok = 1 <= len(levels) <= 16
+    for i, level in enumerate(levels):
+        if wildcards and (level == "+" or (level == "#" and i == len(levels) - 1)):
+            continue
+        if not _TOPIC_LEVEL.fullmatch(level):
+            ok = False
+    if ok and any(filters_overlap(topic, internal) for internal in _INTERNAL_TOPICS):
+        raise ValueError(f"{kind} {topic!r} could match enclaveq's own topics (enclaveq/<pool>/jobs, "
+                         "enclaveq/reply/..., ...): choose another")
+    if not ok:
+        what = "topic filter" if wildcards else "topic (no wildcards)"
+        raise ValueError(f"invalid {kind} {what} {topic!r}: levels of A-Z a-z 0-9 _ : = @ - separated by '/'"
+                         + (", '+' for one level, '#' last" if wildcards else ""))
+    return topic
+
+
+# The shapes of the topics the MQTT adapter uses itself: no pipeline topic may overlap them.
+_INTERNAL_TOPICS = tuple(f"{PREFIX}/{rest}" for rest in (
+    "_probe/#", "_inbox/#", "reply/#", "+/jobs", "+/control", "+/dead", "+/meta", "+/sessions/#",
+    "+/streams/#", "+/founder-lock/#", "+/rotation-lock/#"))
+
+
+def filters_overlap(a: str, b: str) -> bool:
+    """Whether some topic matches both MQTT filters."""
+    x, y = a.split("/"), b.split("/")
+    for i in range(max(len(x), len(y))):
+        p = x[i] if i < len(x) else None
+        q = y[i] if i < len(y) else None
+        if p == "#" or q == "#":
+            return True
+        if p is None or q is None:
+            return False
+        if p != "+" and q != "+" and p != q:
+            return False
+    return True
+
+
+def amqp_binding_key(topic: str) -> str:
+    """The AMQP topic-exchange key of an MQTT topic or filter."""
+    return ".".join("*" if level == "+" else level for level in topic.split("/"))
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT matching of a topic against a filter (both checked with ``check_topic``)."""
+    f, t = topic_filter.split("/"), topic.split("/")
+    for i, level in enumerate(f):
+        if level == "#":
+            return True
+        if i >= len(t) or (level != "+" and level != t[i]):
+            return False
+    return len(f) == len(t)
+
+
+def stream_queue(pool: str, stream: str) -> str:
+    return f"{PREFIX}.{pool}.stream.{stream}"
+
+
+def inbox_queue(name: str) -> str:
+    return f"{PREFIX}.inbox.{name}"
+
+
+EVENTS_EXCHANGE = f"{PREFIX}.events"
+RESULTS_EXCHANGE = f"{PREFIX}.results"
+
+
 def reply_queue(name: str) -> str:
     return f"{PREFIX}.reply.{name}"
 

@@ -12,7 +12,14 @@ broker offers:
 - **reply queues**: durable, one per producer, addressed by an opaque string that a
   producer puts in ``Message.reply_to`` (AMQP: a queue name; MQTT: a response topic);
 - the pool's **dead letters**: where messages go after ``Delivery.reject()`` or after the
-  delivery limit.
+  delivery limit;
+- **event streams** (pipelines): a durable competing-consumer queue of a pool that receives every
+  event published on a topic matching its filter (devices publish to topics, not to pools);
+- **inboxes** (pipeline results): a recipient's durable queue that receives every result
+  published on a topic matching its filter, also while the recipient is offline.
+
+Topics and filters use MQTT syntax everywhere (``/`` separates levels, ``+`` matches one level,
+``#`` the rest); the AMQP adapter maps them onto topic exchanges (``/`` -> ``.``, ``+`` -> ``*``).
 
 Payloads are opaque bytes: adapters never parse them and never log them.
 """
@@ -179,3 +186,42 @@ class BrokerAdapter(abc.ABC):
     # -- dead letters ------------------------------------------------------------------
     @abc.abstractmethod
     async def consume_dead_letters(self, pool: str, handler: Handler) -> Subscription: ...
+
+    # -- event streams (pipelines) -----------------------------------------------------
+    async def declare_stream(self, pool: str, stream: str, topic_filter: str,
+                             settings: PoolSettings = PoolSettings()) -> None:
+        """Idempotently create stream ``stream`` of ``pool``: a durable queue, shared by the pool's
+        workers (competing consumers, acks, the delivery limit, the pool's dead letters), that
+        receives every event published on a topic matching ``topic_filter``. The pool must be
+        declared. Declaring it again with another filter raises ``BrokerError``."""
+        raise NotImplementedError(f"{type(self).__name__}: event streams and inboxes come next (issue 11)")
+
+    async def delete_stream(self, pool: str, stream: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__}: event streams and inboxes come next (issue 11)")
+
+    async def consume_stream(self, pool: str, stream: str, handler: Handler, *, prefetch: int = 16) -> Subscription:
+        """Like ``consume_jobs``; ``QueueNotFound`` if the stream is not declared."""
+        raise NotImplementedError(f"{type(self).__name__}: event streams and inboxes come next (issue 11)")
+
+    async def publish_event(self, topic: str, message: Message) -> None:
+        """Publish an event on ``topic`` (no wildcards); returns once confirmed. ``Unroutable`` if
+        no stream takes it."""
+        raise NotImplementedError(f"{type(self).__name__}: event streams and inboxes come next (issue 11)")
+
+    # -- inboxes (pipeline results) ----------------------------------------------------
+    async def declare_inbox(self, name: str, topic_filter: str) -> None:
+        """Idempotently create inbox ``name``: a durable queue that receives every result
+        published on a topic matching ``topic_filter``, whether or not anyone consumes it."""
+        raise NotImplementedError(f"{type(self).__name__}: event streams and inboxes come next (issue 11)")
+
+    async def delete_inbox(self, name: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__}: event streams and inboxes come next (issue 11)")
+
+    async def consume_inbox(self, name: str, handler: Handler, *, prefetch: int = 256) -> Subscription:
+        """Consume inbox ``name`` (one consumer at a time); ``QueueNotFound`` if not declared."""
+        raise NotImplementedError(f"{type(self).__name__}: event streams and inboxes come next (issue 11)")
+
+    async def publish_result(self, topic: str, message: Message) -> None:
+        """Publish a result on ``topic`` (no wildcards); returns once confirmed. ``Unroutable`` if
+        no inbox takes it."""
+        raise NotImplementedError(f"{type(self).__name__}: event streams and inboxes come next (issue 11)")

@@ -38,7 +38,7 @@ import socket
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiomqtt
@@ -88,10 +88,6 @@ def jobs_topic(pool: str) -> str:
     return f"{common.PREFIX}/{pool}/jobs"
 
 
-def jobs_filter(pool: str) -> str:
-    return f"$share/{common.PREFIX}-{pool}/{jobs_topic(pool)}"
-
-
 def control_topic(pool: str) -> str:
     return f"{common.PREFIX}/{pool}/control"
 
@@ -121,9 +117,62 @@ def dead_session(pool: str) -> str:
     return f"{common.PREFIX}-dead-{pool}"
 
 
-def job_session_prefix(pool: str) -> str:
-    """Client ids of a pool's job sessions start with this (and only theirs are ever adopted)."""
-    return f"{common.PREFIX}-job-{pool}-"
+def inbox_session(name: str) -> str:
+    return f"{common.PREFIX}-inbox-{name}"
+
+
+def inbox_requeue_topic(name: str) -> str:
+    return f"{common.PREFIX}/_inbox/{name}/requeue"
+
+
+def inbox_meta_topic(name: str) -> str:
+    return f"{common.PREFIX}/_inbox/{name}/meta"
+
+
+def stream_meta_topic(pool: str, stream: str) -> str:
+    return f"{common.PREFIX}/{pool}/streams/{stream}/meta"
+
+
+@dataclass(frozen=True)
+class SharedQueue:
+    """A competing-consumer queue built from a shared subscription: the pool's job queue
+    (``stream`` None) or one of its event streams. Its sessions' client ids start with
+    ``client_prefix`` ("~" cannot occur in pool or stream names, so prefixes never overlap), and
+    what is given back (nack, adoption) goes to ``requeue_topic``, which reaches this queue only:
+    republishing an event to its own topic would hand a copy to every other stream matching it."""
+
+    pool: str
+    stream: str | None
+    topic_filter: str
+
+    @property
+    def requeue_topic(self) -> str:
+        if self.stream is None:
+            return jobs_topic(self.pool)
+        return f"{common.PREFIX}/{self.pool}/streams/{self.stream}/requeue"
+
+    @property
+    def share_filters(self) -> list[str]:
+        group = f"{common.PREFIX}-{self.pool}" + (f"~{self.stream}" if self.stream is not None else "")
+        topics = [self.topic_filter] if self.topic_filter == self.requeue_topic else [self.topic_filter,
+                                                                                     self.requeue_topic]
+        return [f"$share/{group}/{topic}" for topic in topics]
+
+    @property
+    def client_prefix(self) -> str:
+        return f"{common.PREFIX}~{self.pool}~" + ("jobs" if self.stream is None else f"s.{self.stream}") + "~"
+
+    @property
+    def dead_queue_name(self) -> str:
+        """The queue named in a dead letter's ``x-first-death-queue`` (the AMQP names)."""
+        return common.jobs_queue(self.pool) if self.stream is None else common.stream_queue(self.pool, self.stream)
+
+    def owns(self, topic: str) -> bool:
+        return topic == self.requeue_topic or common.topic_matches(self.topic_filter, topic)
+
+
+def jobs_queue(pool: str) -> SharedQueue:
+    return SharedQueue(pool, None, jobs_topic(pool))
 
 
 def sessions_topic(pool: str, client_id: str) -> str:
@@ -538,10 +587,11 @@ class _MqttSubscription(Subscription):
     (broadcast: nack only acks, the message was this consumer's copy)."""
 
     def __init__(self, broker: MqttBroker, kind: str, topic: str, handler: Handler, *,
-                 pool: str | None, limit: int) -> None:
+                 pool: str | None, limit: int, queue: SharedQueue | None = None) -> None:
         self.broker = broker
         self.kind = kind
-        self.topic = topic
+        self.topic = topic  # where a nack republishes (a reply topic, an inbox's requeue topic)
+        self.queue = queue  # jobs and streams: a shared queue
         self.pool = pool
         self.handler = handler
         self.limit = limit
@@ -554,8 +604,9 @@ class _MqttSubscription(Subscription):
         self.adopter: _Adopter | None = None
 
     def on_message(self, conn: _Conn, msg: paho.MQTTMessage) -> None:
-        if self.adopter is not None and msg.topic != self.topic:
-            # A job session's record on ``sessions/+``: possibly one left behind to adopt.
+        if self.adopter is not None and self.pool is not None and msg.topic.startswith(
+                sessions_topic(self.pool, "")):
+            # A queue session's record on ``sessions/+``: possibly one left behind to adopt.
             self.adopter.notice(msg.topic, bytes(msg.payload), conn.client_id)
             conn.settle(msg.mid, conn.generation)
             return
@@ -578,7 +629,7 @@ class _MqttSubscription(Subscription):
         task.add_done_callback(self.tasks.discard)
 
     async def _run(self, delivery: _MqttDelivery) -> None:
-        if self.kind == "jobs" and delivery.delivery_count > self.limit:
+        if self.queue is not None and delivery.delivery_count > self.limit:
             # Over the limit through broker redeliveries: dead-letter without running it.
             delivery._claim()
             await self.dead_letter(delivery._raw, "delivery_limit")
@@ -592,21 +643,19 @@ class _MqttSubscription(Subscription):
         if self.kind == "control":
             return
         if count >= self.limit:
-            if self.kind == "jobs":
+            if self.queue is not None:
                 await self.dead_letter(message, "delivery_limit")
-            else:  # dead letters and replies have nowhere further to go
+            else:  # dead letters, replies and results have nowhere further to go
                 log.warning("dropping a %s message after %d deliveries: message_id=%s",
                             self.kind, count, message.message_id)
             return
-        await self.broker._publish_checked(self.topic, message, attempt=count + 1)
+        topic = self.queue.requeue_topic if self.queue is not None else self.topic
+        await self.broker._publish_checked(topic, message, attempt=count + 1)
 
     async def dead_letter(self, message: Message, reason: str) -> None:
-        if self.kind != "jobs" or self.pool is None:
+        if self.queue is None:
             return
-        headers = dict(message.headers)
-        headers.setdefault(common.DEAD_REASON_HEADER, reason)
-        headers.setdefault(common.DEAD_QUEUE_HEADER, common.jobs_queue(self.pool))
-        await self.broker._publish_checked(dead_topic(self.pool), replace(message, headers=headers), attempt=1)
+        await self.broker._dead_letter(self.queue, message, reason)
 
     async def cancel(self) -> None:
         if not self.active:
@@ -623,7 +672,7 @@ class _MqttSubscription(Subscription):
             await self.adopter.stop()
         if conn is None:
             return
-        if self.kind == "jobs" and self.pool is not None:
+        if self.queue is not None and self.pool is not None:
             # The session stays in the share group and keeps this worker's share of the jobs
             # (a pool with no worker online holds its jobs this way); it is marked left behind
             # so that a live worker of the pool, or the next one to start, adopts and drains it.
@@ -651,10 +700,11 @@ class _Adopter:
 
     MAX_PENDING = 64
 
-    def __init__(self, broker: MqttBroker, sub: _MqttSubscription, pool: str) -> None:
+    def __init__(self, broker: MqttBroker, sub: _MqttSubscription, queue: SharedQueue) -> None:
         self.broker = broker
         self.sub = sub
-        self.pool = pool
+        self.queue = queue
+        self.pool = queue.pool
         self._pending: OrderedDict[str, None] = OrderedDict()
         self._wake = asyncio.Event()
         self.idle = asyncio.Event()  # nothing pending, no adoption running
@@ -664,7 +714,7 @@ class _Adopter:
 
     def notice(self, topic: str, payload: bytes, own_id: str) -> None:
         client_id = topic.rsplit("/", 1)[-1]
-        if payload != _LEFT or client_id == own_id or not client_id.startswith(job_session_prefix(self.pool)):
+        if payload != _LEFT or client_id == own_id or not client_id.startswith(self.queue.client_prefix):
             self._pending.pop(client_id, None)  # back to live (or cleared): nothing to adopt
             return
         if client_id not in self._pending and len(self._pending) >= self.MAX_PENDING:
@@ -680,7 +730,7 @@ class _Adopter:
             while self._pending:
                 client_id, _ = self._pending.popitem(last=False)
                 try:
-                    moved = await self.broker._drain_session(self.pool, client_id, self.sub.limit)
+                    moved = await self.broker._drain_session(self.queue, client_id, self.sub.limit)
                     self.adopted += 1
                     if moved:
                         log.info("pool %r: adopted a left-behind job session and requeued %d job(s)", self.pool, moved)
@@ -870,24 +920,49 @@ class MqttBroker(BrokerAdapter):
             await conn.close()
         return got
 
-    async def _drain_session(self, pool: str, client_id: str, limit: int) -> int:
-        """Adopt a left-behind job session (see ``_Adopter``); returns how many jobs it held."""
-        queue: asyncio.Queue[paho.MQTTMessage] = asyncio.Queue()
+    async def _dead_letter(self, queue: SharedQueue, message: Message, reason: str) -> None:
+        headers = dict(message.headers)
+        headers.setdefault(common.DEAD_REASON_HEADER, reason)
+        headers.setdefault(common.DEAD_QUEUE_HEADER, queue.dead_queue_name)
+        await self._publish_checked(dead_topic(queue.pool), replace(message, headers=headers), attempt=1)
+
+    async def _seed(self, queue: SharedQueue) -> None:
+        """A first session of ``queue``, left behind from the start: it holds what is published
+        before any consumer subscribed, and the first consumer adopts it."""
+        seed = f"{queue.client_prefix}seed"
+        conn = _Conn(self, seed, session_expiry=self.session_expiry, subscriptions=queue.share_filters,
+                     reconnect=False)
+        await conn._connect(clean_start=False)
+        await conn.close()
+        await self._live().publish(sessions_topic(queue.pool, seed), _LEFT, None, retain=True)
+
+    async def _end_sessions(self, pool: str, prefix: str) -> None:
+        """End every recorded session of ``pool`` whose client id starts with ``prefix``."""
+        for topic in await self._read_retained(sessions_filter(pool)):
+            client_id = topic.rsplit("/", 1)[-1]
+            if client_id.startswith(prefix):
+                await self._session(client_id, None, end=True)
+                await self._live().publish(topic, b"", None, retain=True)
+
+    async def _drain_session(self, queue: SharedQueue, client_id: str, limit: int) -> int:
+        """Adopt a left-behind session of ``queue`` (see ``_Adopter``); returns how many messages it held."""
+        received: asyncio.Queue[paho.MQTTMessage] = asyncio.Queue()
         probe = f"{common.PREFIX}/_probe/{uuid.uuid4().hex}"
         conn = _Conn(self, client_id, session_expiry=self.session_expiry,
-                     on_message=lambda _c, msg: queue.put_nowait(msg), reconnect=False, receive_maximum=64)
+                     on_message=lambda _c, msg: received.put_nowait(msg), reconnect=False, receive_maximum=64)
         await conn._connect(clean_start=False)
         moved = 0
         complete = False
         try:
             if conn.session_present:
-                await conn.unsubscribe(jobs_filter(pool))
-                await conn.unsubscribe(sessions_filter(pool))
+                for share_filter in queue.share_filters:
+                    await conn.unsubscribe(share_filter)
+                await conn.unsubscribe(sessions_filter(queue.pool))
                 await conn.subscribe(probe)
                 if await conn.publish(probe, b"", None) >= 0x80:
                     raise BrokerError("the broker refused the adoption probe")
                 while True:
-                    get = asyncio.ensure_future(queue.get())
+                    get = asyncio.ensure_future(received.get())
                     lost = asyncio.ensure_future(conn.lost.wait())
                     done, _ = await asyncio.wait({get, lost}, timeout=self.confirm_timeout,
                                                  return_when=asyncio.FIRST_COMPLETED)
@@ -898,15 +973,13 @@ class MqttBroker(BrokerAdapter):
                     msg = get.result()
                     if msg.topic == probe:
                         break
-                    if msg.topic == jobs_topic(pool):
+                    if queue.owns(msg.topic):
                         message, attempt = _parse(msg)
                         count = attempt + (1 if msg.dup else 0)
                         if count > limit:
-                            headers = {**message.headers, common.DEAD_REASON_HEADER: "delivery_limit",
-                                       common.DEAD_QUEUE_HEADER: common.jobs_queue(pool)}
-                            await self._publish_checked(dead_topic(pool), replace(message, headers=headers))
+                            await self._dead_letter(queue, message, "delivery_limit")
                         else:
-                            await self._publish_checked(jobs_topic(pool), message, attempt=count)
+                            await self._publish_checked(queue.requeue_topic, message, attempt=count)
                         moved += 1
                     conn.settle(msg.mid, conn.generation)
             complete = True
@@ -915,7 +988,7 @@ class MqttBroker(BrokerAdapter):
             await conn.close(end_session=complete)
         if complete:
             with contextlib.suppress(BrokerError):
-                await self._live().publish(sessions_topic(pool, client_id), b"", None, retain=True)
+                await self._live().publish(sessions_topic(queue.pool, client_id), b"", None, retain=True)
         return moved
 
     # -- pools --------------------------------------------------------------------------
@@ -929,11 +1002,7 @@ class MqttBroker(BrokerAdapter):
             raise BrokerError(f"pool {pool!r} already exists with different settings")
         if existing is None:
             await self._session(dead_session(pool), dead_topic(pool), end=False)
-            # A first job session, left behind from the start: it holds the jobs published before
-            # any worker subscribed, and the first worker adopts it.
-            seed = f"{job_session_prefix(pool)}seed"
-            await self._session(seed, jobs_filter(pool), end=False)
-            await self._live().publish(sessions_topic(pool, seed), _LEFT, None, retain=True)
+            await self._seed(jobs_queue(pool))
             await self._live().publish(meta_topic(pool), meta, None, retain=True)
         self._settings[pool] = settings
 
@@ -944,12 +1013,8 @@ class MqttBroker(BrokerAdapter):
         for lock in list(self._locks.values()):
             if lock.pool == pool:
                 await lock.release()
-        prefix = f"{common.PREFIX}/{pool}/"
-        for topic in await self._read_retained(f"{prefix}#"):
-            if topic.startswith(f"{prefix}sessions/"):
-                client_id = topic.rsplit("/", 1)[-1]
-                if client_id.startswith(job_session_prefix(pool)):
-                    await self._session(client_id, None, end=True)
+        await self._end_sessions(pool, f"{common.PREFIX}~{pool}~")
+        for topic in await self._read_retained(f"{common.PREFIX}/{pool}/#"):
             await self._live().publish(topic, b"", None, retain=True)
         await self._session(dead_session(pool), None, end=True)
         self._settings.pop(pool, None)
@@ -989,10 +1054,17 @@ class MqttBroker(BrokerAdapter):
         if pool not in self._settings and not await self._read_retained(meta_topic(pool)):
             raise QueueNotFound(f"pool {pool!r} is not declared")
         limit = self._settings.get(pool, PoolSettings()).delivery_limit
-        sub = _MqttSubscription(self, "jobs", jobs_topic(pool), handler, pool=pool, limit=limit)
-        client_id = f"{job_session_prefix(pool)}{uuid.uuid4().hex[:12]}"
+        return await self._consume_queue(jobs_queue(pool), "jobs", handler, prefetch=prefetch, limit=limit)
+
+    async def _consume_queue(self, queue: SharedQueue, kind: str, handler: Handler, *, prefetch: int,
+                             limit: int) -> Subscription:
+        """A consumer of a shared queue: its own persistent session in the share group, announced
+        on the pool's session records, adopting the sessions others left behind."""
+        pool = queue.pool
+        sub = _MqttSubscription(self, kind, queue.requeue_topic, handler, pool=pool, limit=limit, queue=queue)
+        client_id = f"{queue.client_prefix}{uuid.uuid4().hex[:12]}"
         conn = _Conn(self, client_id, session_expiry=self.session_expiry, clean_start=True,
-                     receive_maximum=prefetch, subscriptions=[jobs_filter(pool)], on_message=sub.on_message,
+                     receive_maximum=prefetch, subscriptions=queue.share_filters, on_message=sub.on_message,
                      will=lambda cid: aiomqtt.Will(sessions_topic(pool, cid), _LEFT, qos=1, retain=True))
 
         async def announce() -> None:
@@ -1002,14 +1074,14 @@ class MqttBroker(BrokerAdapter):
 
         conn.on_reconnected = announce
         sub.conn = conn
-        sub.adopter = _Adopter(self, sub, pool)
+        sub.adopter = _Adopter(self, sub, queue)
         self._live()
         try:
             await conn.open()
             await announce()
-            # Adopt what is already left behind before returning (the pool's seed session, a
-            # crashed worker's): the jobs it holds come first, and a consumer that starts finds
-            # the pool's backlog in its own queue. Bounded: the rest carries on in the background.
+            # Adopt what is already left behind before returning (the queue's seed session, a
+            # crashed worker's): what it holds comes first, and a consumer that starts finds the
+            # queue's backlog in its own session. Bounded: the rest carries on in the background.
             for topic, record in (await self._read_retained(sessions_filter(pool))).items():
                 sub.adopter.notice(topic, record, conn.client_id)
             with contextlib.suppress(TimeoutError):
@@ -1020,6 +1092,100 @@ class MqttBroker(BrokerAdapter):
             raise
         self._subscriptions.add(sub)
         return sub
+
+    # -- event streams -------------------------------------------------------------------
+    async def _stream_meta(self, pool: str, stream: str) -> dict[str, Any] | None:
+        raw = (await self._read_retained(stream_meta_topic(pool, stream))).get(stream_meta_topic(pool, stream))
+        if raw is None:
+            return None
+        try:
+            meta = json.loads(raw)
+            # Broker-written: used only if it has exactly the shape we write.
+            if (isinstance(meta, dict) and isinstance(meta.get("filter"), str)
+                    and isinstance(meta.get("delivery_limit"), int) and 1 <= meta["delivery_limit"] <= 1000):
+                common.check_topic("stream", meta["filter"], wildcards=True)
+                return meta
+        except (ValueError, UnicodeDecodeError):
+            pass
+        raise BrokerError(f"stream {stream!r} of pool {pool!r} has an unreadable record on the broker")
+
+    async def declare_stream(self, pool: str, stream: str, topic_filter: str,
+                             settings: PoolSettings = PoolSettings()) -> None:
+        common.check_name("pool", pool)
+        common.check_name("stream", stream)
+        common.check_topic("stream", topic_filter, wildcards=True)
+        common.check_settings(settings)
+        if not await self._read_retained(meta_topic(pool)):
+            raise QueueNotFound(f"pool {pool!r} is not declared")
+        wanted = {"filter": topic_filter, "delivery_limit": settings.delivery_limit}
+        existing = await self._stream_meta(pool, stream)
+        if existing is not None and existing != wanted:
+            raise BrokerError(f"stream {stream!r} of pool {pool!r} already exists with another filter or limit")
+        if existing is None:
+            await self._seed(SharedQueue(pool, stream, topic_filter))
+            await self._live().publish(stream_meta_topic(pool, stream), json.dumps(wanted).encode(), None,
+                                       retain=True)
+
+    async def delete_stream(self, pool: str, stream: str) -> None:
+        common.check_name("pool", pool)
+        common.check_name("stream", stream)
+        for sub in list(self._subscriptions):
+            if sub.queue is not None and sub.queue.pool == pool and sub.queue.stream == stream:
+                await sub.cancel()
+        await self._end_sessions(pool, f"{common.PREFIX}~{pool}~s.{stream}~")
+        await self._live().publish(stream_meta_topic(pool, stream), b"", None, retain=True)
+
+    async def consume_stream(self, pool: str, stream: str, handler: Handler, *, prefetch: int = 16) -> Subscription:
+        if prefetch < 1:
+            raise ValueError("prefetch must be at least 1")
+        common.check_name("pool", pool)
+        common.check_name("stream", stream)
+        meta = await self._stream_meta(pool, stream)
+        if meta is None:
+            raise QueueNotFound(f"stream {stream!r} of pool {pool!r} is not declared")
+        queue = SharedQueue(pool, stream, meta["filter"])
+        return await self._consume_queue(queue, "stream", handler, prefetch=prefetch, limit=meta["delivery_limit"])
+
+    async def publish_event(self, topic: str, message: Message) -> None:
+        common.check_topic("event", topic, wildcards=False)
+        common.check_size(len(message.body), PoolSettings().max_message_bytes, f"topic {topic!r}")
+        common.check_headers(message.headers)
+        await self._publish_checked(topic, message, what=f"event topic {topic!r}")
+
+    # -- inboxes -------------------------------------------------------------------------
+    async def declare_inbox(self, name: str, topic_filter: str) -> None:
+        common.check_name("inbox", name)
+        common.check_topic("inbox", topic_filter, wildcards=True)
+        existing = (await self._read_retained(inbox_meta_topic(name))).get(inbox_meta_topic(name))
+        if existing is not None and existing != topic_filter.encode():
+            raise BrokerError(f"inbox {name!r} already exists with another filter")
+        conn = _Conn(self, inbox_session(name), session_expiry=self.session_expiry,
+                     subscriptions=[topic_filter, inbox_requeue_topic(name)], reconnect=False)
+        await conn._connect(clean_start=False)
+        await conn.close()
+        if existing is None:
+            await self._live().publish(inbox_meta_topic(name), topic_filter.encode(), None, retain=True)
+
+    async def delete_inbox(self, name: str) -> None:
+        common.check_name("inbox", name)
+        for sub in list(self._subscriptions):
+            if sub.kind == "inbox" and sub.topic == inbox_requeue_topic(name):
+                await sub.cancel()
+        await self._session(inbox_session(name), None, end=True)
+        await self._live().publish(inbox_meta_topic(name), b"", None, retain=True)
+
+    async def consume_inbox(self, name: str, handler: Handler, *, prefetch: int = 256) -> Subscription:
+        common.check_name("inbox", name)
+        sub = _MqttSubscription(self, "inbox", inbox_requeue_topic(name), handler, pool=None,
+                                limit=common.REPLY_DELIVERY_LIMIT)
+        return await self._start(sub, inbox_session(name), None, session_expiry=self.session_expiry,
+                                 receive_maximum=prefetch, missing=f"inbox {name!r} is not declared")
+
+    async def publish_result(self, topic: str, message: Message) -> None:
+        common.check_topic("result", topic, wildcards=False)
+        common.check_size(len(message.body), _REPLY_SIZE_LIMIT, f"topic {topic!r}")
+        common.check_headers(message.headers)
+        await self._publish_checked(topic, message, what=f"result topic {topic!r}")
 
     # -- control -----------------------------------------------------------------------
     async def publish_control(self, pool: str, message: Message) -> None:

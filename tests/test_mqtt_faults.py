@@ -37,11 +37,11 @@ JOB_TIMEOUT = 45.0
 # PoolSettings().delivery_limit, which the worker declares its pool with.
 DELIVERY_LIMIT = 5
 
-RESTART_GAPS = (
-    "issue 10: across a Mosquitto restart the producer SDK fails the jobs it was publishing (BrokerUnreachable: "
-    "'MQTT publish failed: The client is not currently connected.' or 'MQTT connection lost before the PUBACK') "
-    "instead of waiting for the reconnect; and tests/mosquitto.py's broker, started as root, drops to the "
-    "mosquitto user and cannot write its persistence, so the restart also loses every session")
+# Not strict: the race below loses about one run in six; the rest pass.
+RESTART_RACE = (
+    "issue 10: Mosquitto 2.0.11 does not restore shared subscriptions from persistence, so until the worker's "
+    "job connection has re-subscribed, a job the producer publishes gets 'No matching subscribers' and the SDK "
+    "fails it (BrokerUnreachable: no subscriber takes pool ...'s jobs) instead of retrying")
 
 
 def start(url: str, pool: str, tee: SimTEE, tmp_path: Path, name: str, *extra: str) -> WorkerProcess:
@@ -145,7 +145,7 @@ async def test_three_workers_share_the_jobs_and_lose_none_when_one_is_killed(mos
 # -- the broker restarts --------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=RESTART_GAPS)
+@pytest.mark.xfail(strict=False, reason=RESTART_RACE)
 async def test_a_mosquitto_restart_mid_batch_completes_every_job_exactly_once(private_mosquitto, pool, tee, tmp_path):
     url = private_mosquitto.url
     model, batch = mlp_model(), batch_of(1000)
