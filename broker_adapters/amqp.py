@@ -10,13 +10,28 @@ It owns the AMQP topology of a pool ``P`` and the mapping of the broker contract
   re-declare it under the same name after a reconnect);
 - ``enclaveq.P.lock``: an exclusive queue whose existence is the pool lock;
 - ``enclaveq.reply.NAME``: durable quorum reply queues (Direct Reply-to loses replies on
-  reconnect).
+  reconnect);
+- ``enclaveq.events``: durable topic exchange for events. Stream ``S`` of pool ``P`` is the durable
+  quorum queue ``enclaveq.P.stream.S``, with the job queue's arguments (same delivery limit, same
+  dead-letter route into the pool's dead letters), bound with its filter mapped to a binding key;
+  ``enclaveq.P.streams`` (a classic queue of stream names) lets any adapter's ``delete_pool`` find
+  them again, since AMQP cannot list queues;
+- ``enclaveq.results``: durable topic exchange for results; inbox ``N`` is the durable quorum queue
+  ``enclaveq.inbox.N`` (a reply queue's delivery limit) bound the same way.
+
+RabbitMQ ignores unknown ``x-`` arguments when a queue is redeclared (measured on 3.10.8), so an
+``x-enclaveq-filter`` argument only documents a stream's or inbox's filter for operators; what makes
+a redeclare with another filter fail is the filter's binding key carried in
+``x-dead-letter-routing-key``, which RabbitMQ does compare (PRECONDITION_FAILED). For a stream that
+key is harmless (its dead-letter exchange is a fanout); an inbox dead-letters, like a reply queue,
+nowhere: to the default exchange under an ``amq.`` name no client may give a queue.
 
 Jobs and replies are published persistent, ``mandatory``, on the default exchange, on one
 publisher-confirm channel; concurrent publishes wait for their confirms in parallel (aiormq
 matches confirms by delivery tag and holds its channel lock only while writing frames).
 Control messages use a second confirm channel, because publishing to an exchange that does
-not exist closes the channel and must not take in-flight job confirms down with it. Each
+not exist closes the channel and must not take in-flight job confirms down with it; events and
+results, for the same reason, a third one, opened on first use. Each
 subscription gets its own channel so its prefetch never stalls publishing or other consumers.
 Declarations, deletions and the lock use short-lived raw aiormq channels, which the robust
 connection does not try to restore.
@@ -69,6 +84,14 @@ log = logging.getLogger(__name__)
 _PERSISTENT = 2
 _TRANSIENT = 1
 
+# AMQP routing and binding keys are short strings.
+_MAX_KEY_BYTES = 255
+# An inbox dead-letters (after REPLY_DELIVERY_LIMIT deliveries) to the default exchange under this
+# prefix: RabbitMQ refuses clients any queue named amq.*, so the message is dropped, as a reply's is.
+_INBOX_DISCARD_PREFIX = "amq.enclaveq.discarded."
+# Bounds the read of a stream registry, which only grows by one name per stream creation.
+_REGISTRY_READ_LIMIT = 100_000
+
 # What "the connection is gone" looks like from aiormq and aio-pika.
 _CONNECTION_LOST = (
     amqp_errors.AMQPConnectionError,
@@ -103,6 +126,8 @@ class AmqpBroker(BrokerAdapter):
         self._conn: AbstractRobustConnection | None = None
         self._publish_channel: AbstractRobustChannel | None = None
         self._control_channel: AbstractRobustChannel | None = None
+        self._topic_channel: AbstractRobustChannel | None = None
+        self._topic_channel_lock = asyncio.Lock()
         self._subscriptions: set[_AmqpSubscription] = set()
         self._locks: dict[str, _AmqpPoolLock] = {}
         self._settings: dict[str, PoolSettings] = {}
@@ -136,6 +161,7 @@ class AmqpBroker(BrokerAdapter):
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
+        self._topic_channel = None
         if conn is None:
             return
         for sub in list(self._subscriptions):
@@ -183,17 +209,7 @@ class AmqpBroker(BrokerAdapter):
     async def declare_pool(self, pool: str, settings: PoolSettings = PoolSettings()) -> None:
         common.check_name("pool", pool)
         common.check_settings(settings)
-        jobs_arguments: dict[str, Any] = {
-            "x-queue-type": "quorum",
-            # RabbitMQ 3.10 counts *returns* against x-delivery-limit, so a message is
-            # delivered up to x-delivery-limit + 1 times; the contract counts deliveries.
-            # (Measured on 3.10.8: x-delivery-limit=0 gives exactly one delivery.)
-            "x-delivery-limit": settings.delivery_limit - 1,
-            "x-dead-letter-exchange": common.dead_letter_exchange(pool),
-            "x-dead-letter-strategy": "at-least-once",
-            # at-least-once dead-lettering silently degrades to at-most-once without it.
-            "x-overflow": "reject-publish",
-        }
+        jobs_arguments = _job_queue_arguments(pool, settings)
         async with self._raw_channel() as channel:
             try:
                 await channel.exchange_declare(
@@ -228,8 +244,14 @@ class AmqpBroker(BrokerAdapter):
                 await sub.cancel()
         for lock in [lock for lock in self._locks.values() if lock.pool == pool]:
             await lock.release()
+        # Streams first (they dead-letter into the pool), their registry last: if this fails half
+        # way, the registry still names them for the next attempt.
+        streams = await self._registered_streams(pool)
         async with self._raw_channel() as channel:
             try:
+                for stream in sorted(streams):
+                    await channel.queue_delete(common.stream_queue(pool, stream))
+                await channel.queue_delete(_stream_registry(pool))
                 for queue in (common.jobs_queue(pool), common.dead_queue(pool)):
                     await channel.queue_delete(queue)
                 for exchange in (common.dead_letter_exchange(pool), common.control_exchange(pool)):
@@ -350,7 +372,169 @@ class AmqpBroker(BrokerAdapter):
             common.dead_queue(pool), handler, 16, missing=f"pool {pool!r} is not declared", pool=pool
         )
 
+    # -- event streams ------------------------------------------------------------------
+    async def declare_stream(self, pool: str, stream: str, topic_filter: str,
+                             settings: PoolSettings = PoolSettings()) -> None:
+        common.check_name("pool", pool)
+        common.check_name("stream", stream)
+        key = _amqp_key("stream", topic_filter, wildcards=True)
+        common.check_settings(settings)
+        queue = common.stream_queue(pool, stream)
+        if not await self._queue_exists(common.jobs_queue(pool)):
+            raise QueueNotFound(f"pool {pool!r} is not declared: declare it before its streams")
+        if not await self._queue_exists(queue):
+            # Registered before it exists, so that no stream can exist unregistered.
+            await self._register_stream(pool, stream)
+        arguments: dict[str, Any] = {
+            **_job_queue_arguments(pool, settings),
+            "x-dead-letter-routing-key": key,  # compared on redeclare: see the module docstring
+            "x-enclaveq-filter": topic_filter,
+        }
+        async with self._raw_channel() as channel:
+            try:
+                await channel.exchange_declare(common.EVENTS_EXCHANGE, exchange_type="topic", durable=True)
+                await channel.queue_declare(queue, durable=True, arguments=arguments)
+                await channel.queue_bind(queue, common.EVENTS_EXCHANGE, key)
+            except amqp_errors.ChannelPreconditionFailed as exc:
+                raise BrokerError(
+                    f"stream {stream!r} of pool {pool!r} already exists with another topic filter or "
+                    f"delivery limit: {exc}"
+                ) from exc
+            except _CONNECTION_LOST as exc:
+                raise BrokerUnavailable(f"connection lost while declaring {queue!r}") from exc
+            except amqp_errors.AMQPError as exc:
+                raise BrokerError(f"RabbitMQ refused to declare {queue!r}: {exc}") from exc
+
+    async def delete_stream(self, pool: str, stream: str) -> None:
+        # Its name stays in the pool's registry: deleting a queue that is gone is harmless.
+        await self._delete_queue(common.stream_queue(pool, stream))
+
+    async def consume_stream(self, pool: str, stream: str, handler: Handler, *, prefetch: int = 16) -> Subscription:
+        return await self._subscribe(
+            common.stream_queue(pool, stream),
+            handler,
+            prefetch,
+            missing=f"stream {stream!r} of pool {pool!r} is not declared",
+            pool=pool,
+        )
+
+    async def publish_event(self, topic: str, message: Message) -> None:
+        key = _amqp_key("event", topic, wildcards=False)
+        common.check_size(len(message.body), PoolSettings().max_message_bytes, f"events on {topic!r}")
+        unroutable = f"no stream takes events on topic {topic!r}"
+        # No exchange yet means no stream was ever declared: unroutable as well.
+        await self._publish(await self._topics(), common.EVENTS_EXCHANGE, key, message, persistent=True,
+                            unroutable=unroutable, missing=unroutable)
+
+    # -- inboxes ------------------------------------------------------------------------
+    async def declare_inbox(self, name: str, topic_filter: str) -> None:
+        common.check_name("inbox", name)
+        key = _amqp_key("inbox", topic_filter, wildcards=True)
+        queue = common.inbox_queue(name)
+        arguments: dict[str, Any] = {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": common.REPLY_DELIVERY_LIMIT - 1,  # 3.10 counts returns (declare_pool)
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": _INBOX_DISCARD_PREFIX + key,  # compared on redeclare
+            "x-enclaveq-filter": topic_filter,
+        }
+        async with self._raw_channel() as channel:
+            try:
+                await channel.exchange_declare(common.RESULTS_EXCHANGE, exchange_type="topic", durable=True)
+                await channel.queue_declare(queue, durable=True, arguments=arguments)
+                await channel.queue_bind(queue, common.RESULTS_EXCHANGE, key)
+            except amqp_errors.ChannelPreconditionFailed as exc:
+                raise BrokerError(f"inbox {name!r} already exists with another topic filter: {exc}") from exc
+            except _CONNECTION_LOST as exc:
+                raise BrokerUnavailable(f"connection lost while declaring {queue!r}") from exc
+            except amqp_errors.AMQPError as exc:
+                raise BrokerError(f"RabbitMQ refused to declare {queue!r}: {exc}") from exc
+
+    async def delete_inbox(self, name: str) -> None:
+        await self._delete_queue(common.inbox_queue(name))
+
+    async def consume_inbox(self, name: str, handler: Handler, *, prefetch: int = 256) -> Subscription:
+        return await self._subscribe(
+            common.inbox_queue(name), handler, prefetch, missing=f"inbox {name!r} is not declared"
+        )
+
+    async def publish_result(self, topic: str, message: Message) -> None:
+        key = _amqp_key("result", topic, wildcards=False)
+        common.check_size(len(message.body), PoolSettings().max_message_bytes, f"results on {topic!r}")
+        unroutable = f"no inbox takes results on topic {topic!r}"
+        await self._publish(await self._topics(), common.RESULTS_EXCHANGE, key, message, persistent=True,
+                            unroutable=unroutable, missing=unroutable)
+
     # -- internals ----------------------------------------------------------------------
+    async def _topics(self) -> AbstractRobustChannel:
+        """The confirm channel for events and results, opened on first use: most adapters (a
+        producer's, a worker's without pipelines) never publish either."""
+        if self._topic_channel is None:
+            async with self._topic_channel_lock:
+                if self._topic_channel is None:
+                    try:
+                        self._topic_channel = await self._live().channel(
+                            publisher_confirms=True, on_return_raises=True
+                        )
+                    except (TimeoutError, *_CONNECTION_LOST, amqp_errors.AMQPError) as exc:
+                        raise BrokerUnavailable(f"cannot open a channel: {type(exc).__name__}") from exc
+        return self._topic_channel
+
+    async def _queue_exists(self, queue: str) -> bool:
+        async with self._raw_channel() as channel:
+            try:
+                await channel.queue_declare(queue, passive=True)
+            except amqp_errors.ChannelNotFoundEntity:
+                return False
+            except _CONNECTION_LOST as exc:
+                raise BrokerUnavailable(f"connection lost while looking up {queue!r}") from exc
+            except amqp_errors.AMQPError as exc:
+                raise BrokerError(f"RabbitMQ refused to look up {queue!r}: {exc}") from exc
+        return True
+
+    async def _delete_queue(self, queue: str) -> None:
+        for sub in list(self._subscriptions):
+            if sub.queue_name == queue:
+                await sub.cancel()
+        async with self._raw_channel() as channel:
+            try:
+                await channel.queue_delete(queue)
+            except _CONNECTION_LOST as exc:
+                raise BrokerUnavailable(f"connection lost while deleting {queue!r}") from exc
+            except amqp_errors.AMQPError as exc:
+                raise BrokerError(f"RabbitMQ refused to delete {queue!r}: {exc}") from exc
+
+    async def _register_stream(self, pool: str, stream: str) -> None:
+        registry = _stream_registry(pool)
+        async with self._raw_channel() as channel:
+            try:
+                await channel.queue_declare(registry, durable=True, arguments={"x-queue-type": "classic"})
+            except _CONNECTION_LOST as exc:
+                raise BrokerUnavailable(f"connection lost while declaring {registry!r}") from exc
+            except amqp_errors.AMQPError as exc:
+                raise BrokerError(f"RabbitMQ refused to declare {registry!r}: {exc}") from exc
+        await self._publish(self._publish_channel, "", registry, Message(body=stream.encode()), persistent=True,
+                            unroutable=f"pool {pool!r}'s stream registry vanished while declaring {stream!r}")
+
+    async def _registered_streams(self, pool: str) -> set[str]:
+        """The names in the pool's stream registry, read without acknowledging them: closing the
+        channel puts them back until ``delete_pool`` deletes the registry itself."""
+        names: set[str] = set()
+        async with self._raw_channel() as channel:
+            try:
+                for _ in range(_REGISTRY_READ_LIMIT):
+                    got = await channel.basic_get(_stream_registry(pool), no_ack=False)
+                    if isinstance(got.delivery, Basic.GetEmpty):
+                        break
+                    names.add(got.body.decode("utf-8", errors="replace"))
+            except amqp_errors.ChannelNotFoundEntity:
+                return set()  # the pool never had a stream
+            except _CONNECTION_LOST as exc:
+                raise BrokerUnavailable(f"connection lost while listing pool {pool!r}'s streams") from exc
+            except amqp_errors.AMQPError as exc:
+                raise BrokerError(f"RabbitMQ refused to list pool {pool!r}'s streams: {exc}") from exc
+        return {name for name in names if _valid_name(name)}
+
     async def _publish(
         self,
         channel: AbstractRobustChannel | None,
@@ -470,6 +654,41 @@ class AmqpBroker(BrokerAdapter):
             raise BrokerError(f"RabbitMQ refused a consumer on {queue_name!r}: {exc}") from exc
         self._subscriptions.add(subscription)
         return subscription
+
+
+def _job_queue_arguments(pool: str, settings: PoolSettings) -> dict[str, Any]:
+    """A pool's job queue -- and each of its streams, which behave as one."""
+    return {
+        "x-queue-type": "quorum",
+        # RabbitMQ 3.10 counts *returns* against x-delivery-limit, so a message is
+        # delivered up to x-delivery-limit + 1 times; the contract counts deliveries.
+        # (Measured on 3.10.8: x-delivery-limit=0 gives exactly one delivery.)
+        "x-delivery-limit": settings.delivery_limit - 1,
+        "x-dead-letter-exchange": common.dead_letter_exchange(pool),
+        "x-dead-letter-strategy": "at-least-once",
+        # at-least-once dead-lettering silently degrades to at-most-once without it.
+        "x-overflow": "reject-publish",
+    }
+
+
+def _stream_registry(pool: str) -> str:
+    return f"{common.PREFIX}.{pool}.streams"
+
+
+def _amqp_key(kind: str, topic: str, *, wildcards: bool) -> str:
+    """A checked MQTT topic or filter as an AMQP routing or binding key."""
+    key = common.amqp_binding_key(common.check_topic(kind, topic, wildcards=wildcards))
+    if len(key.encode()) > _MAX_KEY_BYTES:
+        raise ValueError(f"{kind} topic {topic[:64]!r}... is longer than AMQP's {_MAX_KEY_BYTES} bytes")
+    return key
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        common.check_name("stream", name)
+    except ValueError:
+        return False
+    return True
 
 
 async def _close_quietly(channel: AbstractRobustChannel | None) -> None:

@@ -4,7 +4,8 @@ It owns an imitation of the RabbitMQ topology that ``amqp.py`` declares, with th
 observable behaviour (the conformance suite runs against both): at-least-once delivery with
 manual settlement, per-consumer prefetch, nack and disconnect counting against a delivery limit,
 dead-lettering with ``x-first-death-reason``, broadcast control channels, reply queues, and an
-exclusive pool lock. Like dramatiq's stub broker it adds test helpers: ``join()`` waits for a
+exclusive pool lock, and the topic-routed event streams and result inboxes (MQTT topic matching,
+``common.topic_matches``, standing in for RabbitMQ's topic exchanges). Like dramatiq's stub broker it adds test helpers: ``join()`` waits for a
 pool to drain and re-raises handler exceptions, ``simulate_disconnect()`` plays a reconnect.
 
 Concurrency model. Broker state is keyed by the URL's name (``memory://NAME``) and shared by
@@ -23,7 +24,7 @@ import logging
 import threading
 import uuid
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from collections.abc import Callable
 
 from . import _common as common
@@ -71,11 +72,20 @@ class _Queue:
 
 
 @dataclass(eq=False)
+class _Routed:
+    """A stream or an inbox: a durable queue and the topic filter it takes messages by."""
+
+    topic_filter: str
+    queue: _Queue
+
+
+@dataclass(eq=False)
 class _Pool:
     delivery_limit: int
     jobs: _Queue
     dead: _Queue
     control: list[_Queue]
+    streams: dict[str, _Routed] = field(default_factory=dict)
 
 
 class _State:
@@ -86,6 +96,7 @@ class _State:
         self.lock = threading.RLock()
         self.pools: dict[str, _Pool] = {}
         self.replies: dict[str, _Queue] = {}
+        self.inboxes: dict[str, _Routed] = {}
         self.pool_locks: dict[str, _MemoryPoolLock] = {}
         self.taps: list[Callable[[bytes], None]] = []
 
@@ -146,6 +157,23 @@ class _State:
         headers.setdefault(common.DEAD_REASON_HEADER, reason)
         headers.setdefault(common.DEAD_QUEUE_HEADER, queue.name)
         self.enqueue(queue.dead, replace(envelope.message, headers=headers))
+
+    def matching_streams(self, topic: str) -> list[_Queue]:
+        return [routed.queue for pool in self.pools.values() for routed in pool.streams.values()
+                if common.topic_matches(routed.topic_filter, topic)]
+
+    def matching_inboxes(self, topic: str) -> list[_Queue]:
+        return [routed.queue for routed in self.inboxes.values()
+                if common.topic_matches(routed.topic_filter, topic)]
+
+    @staticmethod
+    def drop(queue: _Queue) -> None:
+        """Delete a queue: its messages go, and so do its consumers (their deliveries are stale)."""
+        queue.deleted = True
+        queue.ready.clear()
+        for consumer in list(queue.consumers):
+            consumer.active = False
+        queue.consumers.clear()
 
     def settle(self, delivery: _MemoryDelivery, outcome: str) -> None:
         if delivery.stale:
@@ -373,8 +401,10 @@ class MemoryBroker(BrokerAdapter):
         with state.lock:
             doomed = state.pools.get(pool)
         if doomed is not None:
+            queues = (doomed.jobs, doomed.dead, *doomed.control,
+                      *(routed.queue for routed in doomed.streams.values()))
             for sub in list(self._subscriptions):
-                if sub.queue in (doomed.jobs, doomed.dead, *doomed.control):
+                if sub.queue in queues:
                     await sub.cancel()
         for lock in list(self._locks):
             if lock.pool == pool:
@@ -382,12 +412,10 @@ class MemoryBroker(BrokerAdapter):
         with state.lock:
             removed = state.pools.pop(pool, None)
             if removed is not None:
-                for queue in (removed.jobs, removed.dead, *removed.control):
-                    queue.deleted = True
-                    queue.ready.clear()
-                    for consumer in list(queue.consumers):
-                        consumer.active = False
-                    queue.consumers.clear()
+                # A pool's streams go with it: nothing may dead-letter into a deleted pool.
+                for queue in (removed.jobs, removed.dead, *removed.control,
+                              *(routed.queue for routed in removed.streams.values())):
+                    state.drop(queue)
         self._settings.pop(pool, None)
 
     async def acquire_pool_lock(self, pool: str, *, purpose: str = "") -> PoolLock:
@@ -493,6 +521,116 @@ class MemoryBroker(BrokerAdapter):
     # -- dead letters -------------------------------------------------------------------
     async def consume_dead_letters(self, pool: str, handler: Handler) -> Subscription:
         return self._subscribe(self._pool(pool).dead, handler, 16)
+
+    # -- event streams ------------------------------------------------------------------
+    async def declare_stream(self, pool: str, stream: str, topic_filter: str,
+                             settings: PoolSettings = PoolSettings()) -> None:
+        common.check_name("pool", pool)
+        common.check_name("stream", stream)
+        common.check_topic("stream", topic_filter, wildcards=True)
+        common.check_settings(settings)
+        state = self._live()
+        with state.lock:
+            target = state.pools.get(pool)
+            if target is None:
+                raise QueueNotFound(f"pool {pool!r} is not declared: declare it before its streams")
+            existing = target.streams.get(stream)
+            if existing is not None:
+                # RabbitMQ refuses a redeclare with other queue arguments; so do we.
+                if existing.topic_filter != topic_filter:
+                    raise BrokerError(f"stream {stream!r} of pool {pool!r} already exists with another topic filter")
+                if existing.queue.delivery_limit != settings.delivery_limit:
+                    raise BrokerError(f"stream {stream!r} of pool {pool!r} already exists with "
+                                      f"delivery_limit={existing.queue.delivery_limit}")
+                return
+            queue = _Queue(common.stream_queue(pool, stream), delivery_limit=settings.delivery_limit,
+                           dead=target.dead)
+            target.streams[stream] = _Routed(topic_filter, queue)
+
+    async def delete_stream(self, pool: str, stream: str) -> None:
+        state = self._live()
+        with state.lock:
+            target = state.pools.get(pool)
+            routed = target.streams.get(stream) if target is not None else None
+        if target is None or routed is None:
+            return
+        for sub in list(self._subscriptions):
+            if sub.queue is routed.queue:
+                await sub.cancel()
+        with state.lock:
+            if target.streams.get(stream) is routed:
+                del target.streams[stream]
+            state.drop(routed.queue)
+
+    async def consume_stream(self, pool: str, stream: str, handler: Handler, *, prefetch: int = 16) -> Subscription:
+        state = self._live()
+        with state.lock:
+            routed = self._pool(pool).streams.get(stream)
+            if routed is None:
+                raise QueueNotFound(f"stream {stream!r} of pool {pool!r} is not declared")
+            return self._subscribe(routed.queue, handler, prefetch)
+
+    async def publish_event(self, topic: str, message: Message) -> None:
+        common.check_topic("event", topic, wildcards=False)
+        common.check_size(len(message.body), _REPLY_SIZE_LIMIT, f"events on {topic!r}")
+        message = _prepared(message)
+        state = self._live()
+        with state.lock:
+            targets = state.matching_streams(topic)
+            if not targets:
+                raise Unroutable(f"no stream takes events on topic {topic!r}")
+            for queue in targets:
+                state.enqueue(queue, message)
+        await _confirmed()
+
+    # -- inboxes ------------------------------------------------------------------------
+    async def declare_inbox(self, name: str, topic_filter: str) -> None:
+        common.check_name("inbox", name)
+        common.check_topic("inbox", topic_filter, wildcards=True)
+        state = self._live()
+        with state.lock:
+            existing = state.inboxes.get(name)
+            if existing is not None:
+                if existing.topic_filter != topic_filter:
+                    raise BrokerError(f"inbox {name!r} already exists with another topic filter")
+                return
+            queue = _Queue(common.inbox_queue(name), delivery_limit=common.REPLY_DELIVERY_LIMIT)
+            state.inboxes[name] = _Routed(topic_filter, queue)
+
+    async def delete_inbox(self, name: str) -> None:
+        state = self._live()
+        with state.lock:
+            routed = state.inboxes.get(name)
+        if routed is None:
+            return
+        for sub in list(self._subscriptions):
+            if sub.queue is routed.queue:
+                await sub.cancel()
+        with state.lock:
+            if state.inboxes.get(name) is routed:
+                del state.inboxes[name]
+            state.drop(routed.queue)
+
+    async def consume_inbox(self, name: str, handler: Handler, *, prefetch: int = 256) -> Subscription:
+        state = self._live()
+        with state.lock:
+            routed = state.inboxes.get(name)
+            if routed is None:
+                raise QueueNotFound(f"inbox {name!r} is not declared")
+            return self._subscribe(routed.queue, handler, prefetch)
+
+    async def publish_result(self, topic: str, message: Message) -> None:
+        common.check_topic("result", topic, wildcards=False)
+        common.check_size(len(message.body), _REPLY_SIZE_LIMIT, f"results on {topic!r}")
+        message = _prepared(message)
+        state = self._live()
+        with state.lock:
+            targets = state.matching_inboxes(topic)
+            if not targets:
+                raise Unroutable(f"no inbox takes results on topic {topic!r}")
+            for queue in targets:
+                state.enqueue(queue, message)
+        await _confirmed()
 
     # -- test helpers -------------------------------------------------------------------
     async def join(self, pool: str, timeout: float = 10.0) -> None:

@@ -16,6 +16,16 @@ __all__ = ["MiB", "WorkerConfig", "DEFAULT_WORKER_CONFIG"]
 
 MiB = 1024 * 1024
 
+# Custom-operator domain -> the Python distribution whose shared library provides it.
+CUSTOM_OP_LIBRARIES = {"ai.onnx.contrib": "onnxruntime-extensions"}
+
+
+def custom_op_library_version(domain: str) -> str:
+    from importlib.metadata import version
+
+    library = CUSTOM_OP_LIBRARIES[domain]
+    return f"{library} {version(library)}"
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -29,6 +39,11 @@ class WorkerConfig:
     # Longest grace period a rotation may give the previous epoch's key (P6): bounds how long a
     # rotated-away key can still open captured traffic, whatever an operator asks for.
     max_rotation_grace_seconds: int = 3600
+    # Custom-operator domains a model may use beyond standard ONNX: "ai.onnx.contrib" is
+    # onnxruntime-extensions (tokenizers, string ops, image decoding), the only library the worker
+    # can register. Measured, with the library's version: pre/post-processing graphs then run
+    # without the worker's code changing, and a producer's pin covers the operators they may call.
+    custom_op_domains: tuple[str, ...] = ("ai.onnx.contrib",)
     version: str = "1"  # bump when the meaning of any field changes
 
     def __post_init__(self) -> None:
@@ -37,12 +52,18 @@ class WorkerConfig:
             if f.name == "version":
                 if type(value) is not str or not value:
                     raise ValueError("WorkerConfig.version must be a non-empty string")
+            elif f.name == "custom_op_domains":
+                if type(value) is not tuple or not set(value) <= set(CUSTOM_OP_LIBRARIES):
+                    raise ValueError(f"WorkerConfig.custom_op_domains must be a tuple of {sorted(CUSTOM_OP_LIBRARIES)}")
             elif type(value) is not int or value < 1:
                 raise ValueError(f"WorkerConfig.{f.name} must be a positive integer, got {value!r}")
 
     def measured(self) -> dict[str, Any]:
-        """The fields that enter the measurement (today: all of them), as a plain dict."""
-        return asdict(self)
+        """The fields that enter the measurement (all of them, plus the version of each custom
+        operator library in use), as a plain dict."""
+        measured = asdict(self)
+        measured["custom_op_domains"] = {domain: custom_op_library_version(domain) for domain in self.custom_op_domains}
+        return measured
 
 
 DEFAULT_WORKER_CONFIG = WorkerConfig()

@@ -41,9 +41,10 @@ MODEL_WAIT_SECONDS = 30.0  # a job may wait this long for a model still arriving
 
 class ModelLibrary:
     def __init__(self, state: SealedState, *, max_model_bytes: int, intra_op_threads: int,
-                 clock: Callable[[], float] = time.time) -> None:
+                 custom_op_domains: tuple[str, ...] = (), clock: Callable[[], float] = time.time) -> None:
         self._state = state
-        self._store = ModelStore(max_model_bytes=max_model_bytes, intra_op_threads=intra_op_threads)
+        self._store = ModelStore(max_model_bytes=max_model_bytes, intra_op_threads=intra_op_threads,
+                                 custom_op_domains=custom_op_domains)
         self._registry = ModelRegistry(state)
         self.uploads = Uploads(max_model_bytes=max_model_bytes, clock=clock)
         # Models with an upload in progress or loading here, and how many are loading.

@@ -40,6 +40,14 @@ class LoadedModel:
         self.typical_seconds = seconds if self.typical_seconds >= 1.0 else 0.9 * self.typical_seconds + 0.1 * seconds
 
 
+def _custom_op_library(domain: str) -> str:
+    if domain != "ai.onnx.contrib":
+        raise ValueError(f"no custom operator library for domain {domain!r}")
+    import onnxruntime_extensions
+
+    return str(onnxruntime_extensions.get_library_path())
+
+
 def model_id_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -51,9 +59,13 @@ def _signature(args: list) -> tuple:
 class ModelStore:
     """Thread-safe: inference runs in worker threads while uploads arrive on the event loop."""
 
-    def __init__(self, *, max_model_bytes: int, intra_op_threads: int = 1) -> None:
+    def __init__(self, *, max_model_bytes: int, intra_op_threads: int = 1,
+                 custom_op_domains: tuple[str, ...] = ()) -> None:
         self.max_model_bytes = max_model_bytes
         self._intra = intra_op_threads
+        # Resolved once: the shared library of each allowed custom-operator domain. ONNX Runtime
+        # refuses to load a model that uses any other domain (unknown operators).
+        self._custom_op_libraries = [_custom_op_library(domain) for domain in custom_op_domains]
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
 
@@ -71,6 +83,8 @@ class ModelStore:
         opts.intra_op_num_threads = self._intra
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        for library in self._custom_op_libraries:
+            opts.register_custom_ops_library(library)
         try:
             session = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises a zoo of types; the message may quote the model
@@ -116,8 +130,9 @@ def check_inputs(model: LoadedModel, inputs: Mapping[str, np.ndarray], outputs: 
         want, shape = expected[name]
         if want is None:
             raise InputRejected(f"input {name!r} has a type enclaveq cannot carry")
-        if array.dtype.name != want:
-            raise InputRejected(f"input {name!r} must be {want}, got {array.dtype.name}")
+        got = "string" if array.dtype.kind in "OU" else array.dtype.name  # decoded strings are objects
+        if got != want:
+            raise InputRejected(f"input {name!r} must be {want}, got {got}")
         if len(shape) != array.ndim or any(
             isinstance(d, int) and d != got for d, got in zip(shape, array.shape)
         ):

@@ -166,7 +166,8 @@ class Worker:
     async def start(self) -> None:
         try:
             models = ModelLibrary(self.sealed_state, max_model_bytes=self.config.max_model_bytes,
-                                  intra_op_threads=self.config.intra_op_threads, clock=self._ctx.clock)
+                                  intra_op_threads=self.config.intra_op_threads,
+                                  custom_op_domains=self.config.custom_op_domains, clock=self._ctx.clock)
             sealed = self.sealed_state.load_pool_keys()
         except SealedStateError as exc:
             raise WorkerStartupError(str(exc)) from None

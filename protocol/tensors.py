@@ -1,7 +1,10 @@
 """Named tensors on the wire: dtype name, shape, C-order little-endian bytes.
 
 Every numeric dtype onnxruntime runs is supported; the dtype travels by *name* (never a numpy
-``str(dtype)`` with a byte-order prefix) so both ends agree regardless of platform.
+``str(dtype)`` with a byte-order prefix) so both ends agree regardless of platform. Strings
+(ONNX ``tensor(string)``: raw text into a tokenizer graph, labels out of a classifier) travel as
+dtype ``string`` with a list of UTF-8 strings in place of the bytes; numpy holds them as an
+object array of ``str``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ ONNX_TYPES: dict[str, str] = {
     "tensor(double)": "float64", "tensor(int8)": "int8", "tensor(int16)": "int16",
     "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(uint8)": "uint8",
     "tensor(uint16)": "uint16", "tensor(uint32)": "uint32", "tensor(uint64)": "uint64",
+    "tensor(string)": "string",
 }
+STRING = "string"
 
 MAX_RANK = 32
 MAX_TENSORS = 256
@@ -44,10 +49,12 @@ class TensorLimits:
 
 
 def dtype_name(array: np.ndarray) -> str:
+    if array.dtype.kind == "U" or (array.dtype.kind == "O" and all(isinstance(v, str) for v in array.flat)):
+        return STRING
     kind = array.dtype.newbyteorder("=") if array.dtype.byteorder not in "|=" else array.dtype
     name = np.dtype(kind).name
     if name not in DTYPES:
-        raise TensorError(f"dtype {array.dtype} is not supported; supported: {', '.join(DTYPES)}")
+        raise TensorError(f"dtype {array.dtype} is not supported; supported: {', '.join(DTYPES)}, string")
     return name
 
 
@@ -61,6 +68,9 @@ def encode_tensors(tensors: Mapping[str, Any]) -> list[list[Any]]:
             raise TensorError(f"tensor names must be non-empty strings of at most {MAX_NAME_LEN} characters")
         array = np.asarray(value)
         dname = dtype_name(array)
+        if dname == STRING:
+            wire.append([name, dname, list(array.shape), [str(v) for v in array.flat]])
+            continue
         le = array.astype(DTYPES[dname], order="C", copy=False)  # ascontiguousarray would make 0-d arrays 1-d
         wire.append([name, dname, list(le.shape), le.tobytes()])
     return wire
@@ -82,12 +92,20 @@ def decode_tensors(wire: Any, limits: TensorLimits = TensorLimits()) -> dict[str
             raise MalformedMessage("tensor: invalid name")
         if name in out:
             raise TensorError(f"tensor {name!r} appears twice")
-        if not isinstance(dname, str) or dname not in DTYPES:  # a list or map is not even hashable
+        if not isinstance(dname, str) or (dname not in DTYPES and dname != STRING):  # a list is not hashable
             raise TensorError(f"tensor {name!r}: dtype {str(dname)[:32]!r} is not supported")
         if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(
             isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in shape
         ):
             raise TensorError(f"tensor {name!r}: shape must be at most {MAX_RANK} non-negative integers")
+        if dname == STRING:
+            total += _string_bytes(name, shape, data, limits)
+            if total > limits.max_total_bytes:
+                raise OversizedMessage(f"tensors exceed the total limit of {limits.max_total_bytes} bytes")
+            strings = np.empty(len(data), dtype=object)
+            strings[:] = data
+            out[name] = strings.reshape(shape)
+            continue
         if not isinstance(data, bytes):
             raise MalformedMessage(f"tensor {name!r}: data must be bytes")
         if len(data) > limits.max_tensor_bytes:
@@ -110,3 +128,18 @@ def decode_tensors(wire: Any, limits: TensorLimits = TensorLimits()) -> dict[str
             array = array.astype(array.dtype.newbyteorder("="))
         out[name] = array
     return out
+
+
+def _string_bytes(name: str, shape: list[int], data: Any, limits: TensorLimits) -> int:
+    """Check a string tensor's data (a list of str, one per element) and return its UTF-8 size."""
+    if not isinstance(data, list) or not all(isinstance(v, str) for v in data):
+        raise MalformedMessage(f"tensor {name!r}: string data must be a list of strings")
+    count = 1
+    for d in shape:
+        count *= d
+    if count != len(data):
+        raise TensorError(f"tensor {name!r}: shape {shape} of string needs {count} strings, got {len(data)}")
+    size = sum(len(v.encode("utf-8", "surrogatepass")) for v in data)
+    if size > limits.max_tensor_bytes:
+        raise OversizedMessage(f"tensor {name!r}: {size} bytes exceed the limit of {limits.max_tensor_bytes}")
+    return size

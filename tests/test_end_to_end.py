@@ -294,7 +294,7 @@ async def test_the_synchronous_client_runs_the_same_flow(tee, broker_url, pool):
 
 async def test_a_batch_reports_per_job_failures_and_surfaces_a_failing_iterable(tee, broker_url, pool):
     good = {"x": np.ones((1, 4), np.float32), "bias": np.ones(3, np.float32)}
-    unsendable = {"x": np.array(["text"], dtype=object), "bias": np.ones(3, np.float32)}
+    unsendable = {"x": np.array([1 + 2j]), "bias": np.ones(3, np.float32)}
     async with running_worker(tee, broker_url, pool):
         async with AsyncClient(broker_url, pool, tee.policy(), timeout=30) as client:
             model_id = await client.upload_model(mlp_model())

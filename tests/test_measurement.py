@@ -156,6 +156,8 @@ def test_worker_config_refuses_nonsense_limits():
 
 
 def test_the_default_worker_config_is_the_documented_one():
+    from importlib.metadata import version
+
     assert DEFAULT_WORKER_CONFIG.measured() == {
         "max_message_bytes": 64 * MiB,
         "max_tensor_bytes": 32 * MiB,
@@ -163,5 +165,6 @@ def test_the_default_worker_config_is_the_documented_one():
         "intra_op_threads": 1,
         "max_jobs_in_flight": 8,
         "max_rotation_grace_seconds": 3600,
+        "custom_op_domains": {"ai.onnx.contrib": f"onnxruntime-extensions {version('onnxruntime-extensions')}"},
         "version": "1",
     }

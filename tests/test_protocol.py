@@ -274,7 +274,31 @@ def test_inconsistent_tensors_are_typed_errors(wire, error):
 
 def test_unsupported_dtypes_are_refused_when_encoding():
     with pytest.raises(TensorError, match="not supported"):
-        encode_tensors({"x": np.array(["a"], dtype=object)})
+        encode_tensors({"x": np.array([{"a": 1}], dtype=object)})
+    with pytest.raises(TensorError, match="not supported"):
+        encode_tensors({"x": np.array([1 + 2j])})
+
+
+def test_string_tensors_round_trip_as_utf8_strings():
+    text = np.array([["Hello, my dog is cute", "héllo"], ["", "🐕"]])
+    decoded = decode_tensors(encode_tensors({"text": text, "labels": np.array(["a"], dtype=object)}))
+    assert decoded["text"].dtype == object and decoded["text"].tolist() == text.tolist()
+    assert decoded["labels"].tolist() == ["a"]
+
+
+@pytest.mark.parametrize("data, error", [
+    (["a", "b", "c"], TensorError),   # 3 strings for a shape of 2
+    ([b"a", b"b"], MalformedMessage),  # bytes are not strings
+    ("ab", MalformedMessage),          # not a list
+])
+def test_malformed_string_tensors_are_refused(data, error):
+    with pytest.raises(error):
+        decode_tensors([["text", "string", [2], data]])
+
+
+def test_a_string_tensor_counts_against_the_size_limits():
+    with pytest.raises(OversizedMessage):
+        decode_tensors([["text", "string", [1], ["x" * 2000]]], TensorLimits(max_tensor_bytes=1000))
 
 
 def test_the_statement_hash_changes_with_every_field():
