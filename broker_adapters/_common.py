@@ -81,8 +81,8 @@ _TOPIC_LEVEL = re.compile(r"[A-Za-z0-9_:=@-]{1,128}")
 def check_topic(kind: str, topic: str, *, wildcards: bool) -> str:
     """A topic (``wildcards=False``) or topic filter in MQTT syntax, restricted to what maps onto
     AMQP binding keys unchanged: levels of ``A-Z a-z 0-9 _ : = @ -``; ``+`` a whole level; ``#``
-    only as the last level. At most 16 levels and 512 characters."""
-    levels = topic.split("/") if isinstance(topic, str) and len(topic) <= 512 else []
+    only as the last level. At most 16 levels and 255 characters (an AMQP routing key's limit)."""
+    levels = topic.split("/") if isinstance(topic, str) and len(topic) <= 255 else []
     ok = 1 <= len(levels) <= 16
     for i, level in enumerate(levels):
         if wildcards and (level == "+" or (level == "#" and i == len(levels) - 1)):

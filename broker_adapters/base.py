@@ -188,40 +188,40 @@ class BrokerAdapter(abc.ABC):
     async def consume_dead_letters(self, pool: str, handler: Handler) -> Subscription: ...
 
     # -- event streams (pipelines) -----------------------------------------------------
+    @abc.abstractmethod
     async def declare_stream(self, pool: str, stream: str, topic_filter: str,
                              settings: PoolSettings = PoolSettings()) -> None:
         """Idempotently create stream ``stream`` of ``pool``: a durable queue, shared by the pool's
         workers (competing consumers, acks, the delivery limit, the pool's dead letters), that
         receives every event published on a topic matching ``topic_filter``. The pool must be
         declared. Declaring it again with another filter raises ``BrokerError``."""
-        raise NotImplementedError(f"{type(self).__name__}: event streams and inboxes come next (issue 11)")
 
-    async def delete_stream(self, pool: str, stream: str) -> None:
-        raise NotImplementedError(f"{type(self).__name__}: event streams and inboxes come next (issue 11)")
+    @abc.abstractmethod
+    async def delete_stream(self, pool: str, stream: str) -> None: ...
 
+    @abc.abstractmethod
     async def consume_stream(self, pool: str, stream: str, handler: Handler, *, prefetch: int = 16) -> Subscription:
         """Like ``consume_jobs``; ``QueueNotFound`` if the stream is not declared."""
-        raise NotImplementedError(f"{type(self).__name__}: event streams and inboxes come next (issue 11)")
 
+    @abc.abstractmethod
     async def publish_event(self, topic: str, message: Message) -> None:
         """Publish an event on ``topic`` (no wildcards); returns once confirmed. ``Unroutable`` if
         no stream takes it."""
-        raise NotImplementedError(f"{type(self).__name__}: event streams and inboxes come next (issue 11)")
 
     # -- inboxes (pipeline results) ----------------------------------------------------
+    @abc.abstractmethod
     async def declare_inbox(self, name: str, topic_filter: str) -> None:
         """Idempotently create inbox ``name``: a durable queue that receives every result
         published on a topic matching ``topic_filter``, whether or not anyone consumes it."""
-        raise NotImplementedError(f"{type(self).__name__}: event streams and inboxes come next (issue 11)")
 
-    async def delete_inbox(self, name: str) -> None:
-        raise NotImplementedError(f"{type(self).__name__}: event streams and inboxes come next (issue 11)")
+    @abc.abstractmethod
+    async def delete_inbox(self, name: str) -> None: ...
 
+    @abc.abstractmethod
     async def consume_inbox(self, name: str, handler: Handler, *, prefetch: int = 256) -> Subscription:
         """Consume inbox ``name`` (one consumer at a time); ``QueueNotFound`` if not declared."""
-        raise NotImplementedError(f"{type(self).__name__}: event streams and inboxes come next (issue 11)")
 
+    @abc.abstractmethod
     async def publish_result(self, topic: str, message: Message) -> None:
         """Publish a result on ``topic`` (no wildcards); returns once confirmed. ``Unroutable`` if
         no inbox takes it."""
-        raise NotImplementedError(f"{type(self).__name__}: event streams and inboxes come next (issue 11)")

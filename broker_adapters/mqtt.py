@@ -74,6 +74,8 @@ _REPLY_SIZE_LIMIT = PoolSettings().max_message_bytes
 # Room for the fixed header, topic and properties of a PUBLISH beside its payload.
 _PACKET_OVERHEAD = 4096
 _SESSION_TAKEN_OVER = 0x8E
+# How long after a reconnect a publish that finds no subscriber is retried (see _publish_checked).
+_RESUBSCRIBE_GRACE = 10.0
 # A job session's retained record: its worker is connected, or it was left behind for adoption.
 _LIVE, _LEFT = b"live", b"left"
 # Retained records read at once (a pool's sessions, a lock's claims); more is a hostile broker.
@@ -298,6 +300,7 @@ class _Conn:
         self.disconnect_reason: int | None = None
         self.lost = asyncio.Event()  # set while disconnected (until the next connect)
         self.up = asyncio.Event()  # set while connected
+        self.connected_at = -_RESUBSCRIBE_GRACE  # loop time of the last reconnect (not the first connect)
         self._order: OrderedDict[int, bool] = OrderedDict()  # mid -> settled, in arrival order
         self._pending: dict[int, asyncio.Future[int]] = {}
         self._supervisor: asyncio.Task | None = None
@@ -433,6 +436,7 @@ class _Conn:
                     continue
             if self._closing:
                 return
+            self.connected_at = asyncio.get_running_loop().time()
             if self.on_reconnected is not None:
                 try:
                     await self.on_reconnected()
@@ -877,9 +881,18 @@ class MqttBroker(BrokerAdapter):
             raise PublishFailed(
                 f"message of {len(message.body)} bytes for {what or repr(topic)} exceeds the broker's "
                 f"maximum packet size of {conn.max_packet} bytes")
-        code = await conn.publish(topic, message.body, props)
-        if code == _NO_MATCHING_SUBSCRIBERS:
-            raise Unroutable(f"no subscriber takes {what or repr(topic)}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.confirm_timeout
+        while True:
+            code = await conn.publish(topic, message.body, props)
+            if code != _NO_MATCHING_SUBSCRIBERS:
+                break
+            # Mosquitto 2.0 does not restore shared subscriptions from its persistence file: just
+            # after a broker restart, a queue's consumers have not subscribed again yet. Within a
+            # grace period after our own reconnect, "no subscriber" means "not yet": retry.
+            if loop.time() - conn.connected_at > _RESUBSCRIBE_GRACE or loop.time() >= deadline:
+                raise Unroutable(f"no subscriber takes {what or repr(topic)}")
+            await asyncio.sleep(0.2)
         if code >= 0x80:
             raise PublishFailed(f"broker refused a publish to {what or repr(topic)} (reason 0x{code:02x})")
 

@@ -19,10 +19,14 @@ from protocol.envelope import RequestHeader
 from protocol.errors import MalformedMessage, OversizedMessage, ProtocolError, TensorError
 from protocol.tensors import TensorLimits
 
+from broker_adapters import Message, Unroutable
+
 from .context import WorkerContext
 from .errors import JobRejected
+from .keyring import Keyring
 from .model_library import ModelLibrary
 from .models import run_model
+from .pipelines import PipelineLibrary
 from .rotation import Rotation
 from .sessions import OpenedSession, SessionCache
 
@@ -43,21 +47,38 @@ class Answer:
     def error(cls, code: str, message: str) -> Answer:
         return cls("error", bodies.ERROR, bodies.ErrorBody(code=code, message=message).to_bytes())
 
+    @classmethod
+    def done(cls) -> Answer:
+        """Handled, and nothing to send back: an event's result goes to its recipients, not to
+        its publisher (who hears only of failures)."""
+        return cls("done", bodies.EMPTY, b"")
+
     @property
     def code(self) -> str:
         """"ok", or the error code (for metrics and logs)."""
         return bodies.ErrorBody.from_bytes(self.body).code if self.status == "error" else "ok"
 
+    @property
+    def silent(self) -> bool:
+        return self.status == "done"
+
 
 Handler = Callable[[RequestHeader, bytes], Awaitable[Answer]]
+# Publishes a sealed pipeline result on a sink topic (the worker's broker).
+ResultPublisher = Callable[[str, Message], Awaitable[None]]
 
 
 class RequestHandlers:
     def __init__(self, ctx: WorkerContext, *, library: ModelLibrary, rotation: Rotation,
-                 sessions: SessionCache) -> None:
+                 sessions: SessionCache, pipelines: PipelineLibrary, keyring: Keyring,
+                 publish_result: ResultPublisher, rng: Callable[[int], bytes]) -> None:
         self._ctx = ctx
         self._library = library
         self._rotation = rotation
+        self._pipelines = pipelines
+        self._keyring = keyring
+        self._publish_result = publish_result
+        self._rng = rng
         # The sessions the worker opened: the producer key a session proved is kept (and
         # verified) only inside the exact sealed session it was proved for (see sessions.py).
         self._sessions = sessions
@@ -69,6 +90,10 @@ class RequestHandlers:
             "model_delete": self._model_delete,
             "model_list": self._model_list,
             "pool_rotate": self._pool_rotate,
+            "pipeline_put": self._pipeline_put,
+            "pipeline_delete": self._pipeline_delete,
+            "pipeline_list": self._pipeline_list,
+            "event": self._event,
         }
 
     async def execute(self, header: RequestHeader, plaintext: bytes) -> Answer:
@@ -141,6 +166,45 @@ class RequestHandlers:
         epoch, retire_at_ms = await self._rotation.rotate_on_request(bodies.decode_rotate(plaintext),
                                                                      from_epoch=header.epoch)
         return Answer("ok", bodies.ROTATED, bodies.encode_rotated(epoch, retire_at_ms))
+
+    # -- pipelines ---------------------------------------------------------------------------------
+    async def _pipeline_put(self, header: RequestHeader, plaintext: bytes) -> Answer:
+        await self._pipelines.put(plaintext)
+        return Answer("ok", bodies.EMPTY, b"\x80")
+
+    async def _pipeline_delete(self, header: RequestHeader, plaintext: bytes) -> Answer:
+        await self._pipelines.delete(plaintext)
+        return Answer("ok", bodies.EMPTY, b"\x80")
+
+    async def _pipeline_list(self, header: RequestHeader, plaintext: bytes) -> Answer:
+        return Answer("ok", bodies.PIPELINES, bodies.encode_pipelines(self._pipelines.list()))
+
+    async def _event(self, header: RequestHeader, plaintext: bytes) -> Answer:
+        session = self._sessions.get(header)  # before anything may wait (see _run_job)
+        pipeline_id, event_id, inputs = bodies.decode_event(plaintext, self._limits)
+        signed = self._pipelines.get(pipeline_id)
+        producer_key = self._producer_key(header, session)
+        if not signed.spec.allows(producer_key):
+            raise JobRejected(f"pipeline {pipeline_id} does not accept events from this producer",
+                              bodies.ErrorCode.NOT_ALLOWED)
+        outputs = await self._pipelines.run(signed.spec, inputs)
+        if outputs is None:
+            return Answer.done()  # the event does not match the pipeline's condition: no result
+        # Sealed under the current epoch (what recipients attest), whatever epoch the event used.
+        try:
+            sealed = self._pipelines.seal(
+                signed, event_id=event_id, publisher=producer_key or header.session_id, pool=self._ctx.pool,
+                epoch=self._keyring.epoch, pool_private_key=self._keyring.current_private, outputs=outputs,
+                rng=self._rng)
+        except TensorError as exc:
+            raise JobRejected(f"the pipeline produced an output enclaveq cannot carry: {exc}",
+                              bodies.ErrorCode.UNSUPPORTED) from None
+        try:
+            await self._publish_result(signed.spec.sink_topic, Message(body=sealed, message_id=event_id))
+        except Unroutable:
+            raise JobRejected(f"no inbox takes the results of pipeline {pipeline_id}; the result is dropped",
+                              bodies.ErrorCode.UNSUPPORTED) from None
+        return Answer.done()
 
     # -- producer keys -----------------------------------------------------------------------------
     def _producer_key(self, header: RequestHeader, session: OpenedSession | None) -> bytes | None:

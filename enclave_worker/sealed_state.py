@@ -178,6 +178,24 @@ class SealedState:
             raise SealedStateError(f"sealed delete orders at {path} have an unexpected layout")
         return orders
 
+    # -- pipelines ------------------------------------------------------------------------------
+    def save_pipeline(self, pipeline_id: str, signed: bytes) -> None:
+        """An owner-signed pipeline definition (protocol.pipeline.SignedPipeline), or a delete
+        order for it (kept so that an older definition replayed later is refused)."""
+        if not _MODEL_ID.match(pipeline_id):
+            raise ValueError("not a pipeline id")
+        self._write(self.dir / "pipelines" / f"{pipeline_id}.sealed",
+                    self._seal(self._key, signed, self._aad("pipeline", pipeline_id)))
+
+    def iter_pipelines(self) -> Iterator[tuple[str, bytes]]:
+        folder = self.dir / "pipelines"
+        if not folder.is_dir():
+            return
+        for path in sorted(folder.glob("*.sealed")):
+            pipeline_id = path.name.removesuffix(".sealed")
+            if _MODEL_ID.match(pipeline_id):
+                yield pipeline_id, self._read(path, self._aad("pipeline", pipeline_id), f"pipeline {pipeline_id}")
+
     # -- jobs already answered (replay_guard) --------------------------------------------------
     def save_seen_segment(self, name: str, entries: list[tuple[bytes, int]]) -> None:
         if not _SEGMENT.match(name):

@@ -41,6 +41,7 @@ from protocol import bodies, crypto
 from protocol.envelope import RequestHeader, open_request, peek_request, seal_result
 from protocol.errors import DecryptionFailed, ProtocolError
 from protocol.handshake import Challenge, ControlError, EvidenceResponse, Statement
+from protocol.pipeline import SignedPipeline
 from protocol.routing import Route, route_for
 
 from .attester import Attester
@@ -57,6 +58,7 @@ from .model_library import ModelLibrary
 from .model_sync import ModelSync
 from .request_handlers import Answer, RequestHandlers
 from .rotation import DEFAULT_ROTATION_GRACE_SECONDS, Rotation
+from .pipelines import PipelineLibrary
 from .replay_guard import SeenJobs, SeenJournal, job_key
 from .sealed_state import PoolKeys, SealedState
 from .sessions import SessionCache
@@ -103,6 +105,8 @@ class Worker:
                                        rotation=self._rotation, serve_broadcast=self._serve_broadcast)
         self.metrics.watch_refusals(self._refusals)
         self._subs: list[Subscription] = []
+        self._streams: dict[str, Subscription] = {}  # pipeline id -> its event stream's consumer
+        self.pipelines: PipelineLibrary | None = None
         self._slots = asyncio.Semaphore(config.max_jobs_in_flight)
         self._draining = False
         self._stopped = False
@@ -180,13 +184,19 @@ class Worker:
             models.load_sealed()
             self.models = models
             self._model_sync = ModelSync(self._ctx, keyring=self.keyring, library=models)
+            self.pipelines = PipelineLibrary(self.sealed_state, models=models, on_installed=self._serve_pipeline,
+                                             on_removed=self._stop_pipeline, clock=self._ctx.clock)
+            self.pipelines.load_sealed()
             self._handlers = RequestHandlers(self._ctx, library=models, rotation=self._rotation,
-                                             sessions=self._sessions)
+                                             sessions=self._sessions, pipelines=self.pipelines, keyring=self.keyring,
+                                             publish_result=self._broker.publish_result, rng=self._rng)
             self._control.serve_model_sync(self._model_sync)
             if self.identity.can_join:
                 await self._model_sync.fetch_missing(self._membership.admitted_by)
             self._subs.append(await self._broker.consume_control(self.pool, self._control.on_message))
             self._subs.append(await self._broker.consume_jobs(self.pool, self._on_job, prefetch=self._prefetch))
+            for signed in self.pipelines.pipelines.values():
+                await self._serve_pipeline(signed)
         except BaseException:
             await self._membership.release()
             await self._broker.close()
@@ -208,12 +218,13 @@ class Worker:
             await asyncio.wait_for(self._idle.wait(), drain_timeout)
         except TimeoutError:
             log.warning("stopping with %d jobs still running; the broker will redeliver them", self._active)
-        for sub in reversed(self._subs):
+        for sub in [*self._streams.values(), *reversed(self._subs)]:
             try:
                 await sub.cancel()
             except Exception:  # best effort: closing the connection cancels it anyway
                 pass
         self._subs.clear()
+        self._streams.clear()
         self._stopping.set()
         if self._housekeeper is not None:
             await self._housekeeper  # its last round seals the jobs answered until now
@@ -269,6 +280,25 @@ class Worker:
     # -- jobs -------------------------------------------------------------------------------------
     async def _on_job(self, delivery: Delivery) -> None:
         await self._serve(delivery, Route.JOBS)
+
+    # -- pipelines: each one's event stream -------------------------------------------------------
+    async def _serve_pipeline(self, signed: SignedPipeline) -> None:
+        """Consume a pipeline's events (its stream is declared idempotently: the owner's client
+        declared it before sending the definition, and a worker restarting does it again)."""
+        pid = signed.pipeline_id
+        if pid in self._streams or self._stopped:
+            return
+        await self._broker.declare_stream(self.pool, pid, signed.spec.source_topic,
+                                          PoolSettings(max_message_bytes=self.config.max_message_bytes))
+        self._streams[pid] = await self._broker.consume_stream(self.pool, pid, self._on_event, prefetch=self._prefetch)
+
+    async def _stop_pipeline(self, pipeline_id: str) -> None:
+        sub = self._streams.pop(pipeline_id, None)
+        if sub is not None:
+            await sub.cancel()
+
+    async def _on_event(self, delivery: Delivery) -> None:
+        await self._serve(delivery, Route.STREAM)
 
     async def _serve_broadcast(self, delivery: Delivery) -> None:
         # Model uploads and deletes are broadcast so that every worker of the pool gets them;
@@ -369,6 +399,10 @@ class Worker:
 
     async def _reply(self, delivery: Delivery, header: RequestHeader, session_key: crypto.SessionSecret,
                      answer: Answer) -> None:
+        if answer.silent:
+            self.metrics.requests.labels(header.kind, "ok").inc()
+            await delivery.ack()
+            return
         code = answer.code
         if code != "ok":
             noisy.info("request %s (%s) refused: %s", header.job_id, header.kind, code)

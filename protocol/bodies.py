@@ -10,6 +10,11 @@
     bytes/v1     raw bytes
     model-chunk/v1  msgpack {"manifest": bin (owner-signed ModelManifest), "data": bin}
     delete-order/v1 an owner-signed DeleteOrder (protocol.ownership)
+    pipeline/v1     an owner-signed pipeline definition (protocol.pipeline.SignedPipeline)
+    pipeline-delete/v1  an owner-signed PipelineDelete
+    pipelines/v1    msgpack {"pipelines": [{"id", "name", "owner", "issued_ms", "source", "sink",
+                    "models": [ids], "recipients": int}]}
+    event/v1        msgpack {"pipeline": id, "event": id, "tensors": [[name, dtype, shape, data], ...]}
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ MODEL_CHUNK = "model-chunk/v1"
 DELETE_ORDER = "delete-order/v1"
 ROTATE = "rotate/v1"
 ROTATED = "rotated/v1"
+PIPELINE = "pipeline/v1"
+PIPELINE_DELETE = "pipeline-delete/v1"
+PIPELINES = "pipelines/v1"
+EVENT = "event/v1"
 
 
 # Structural limits of each body (see protocol.limits). Bodies are decoded only once their
@@ -201,3 +210,65 @@ def decode_model_chunk(body: bytes, *, max_bytes: int) -> tuple[bytes, bytes]:
     if not isinstance(m, dict):
         raise MalformedMessage("model chunk: expected a map")
     return field(m, "manifest", bytes, what="model chunk"), field(m, "data", bytes, what="model chunk")
+
+
+# -- pipelines ---------------------------------------------------------------------------------
+# {"pipeline": id, "event": id, "tensors": [...]}: the map, 3 keys, the list and the tensors.
+EVENT_BODY_ITEMS = 1 + 3 + 1 + MAX_TENSORS * _TENSOR_ITEMS
+MAX_PIPELINES_LISTED = 1024
+
+
+def encode_event(pipeline_id: str, event_id: str, inputs: Mapping[str, Any]) -> bytes:
+    return pack({"pipeline": pipeline_id, "event": event_id, "tensors": encode_tensors(inputs)})
+
+
+def decode_event(body: bytes, limits: TensorLimits = TensorLimits()) -> tuple[str, str, dict[str, np.ndarray]]:
+    m = unpack(body, max_bytes=limits.max_total_bytes + 1024 * 1024, what="event body", max_depth=4,
+               max_items=EVENT_BODY_ITEMS, max_container_len=max(MAX_TENSORS, MAX_RANK),
+               max_str_len=limits.max_tensor_bytes)
+    if not isinstance(m, dict):
+        raise MalformedMessage("event body: expected a map")
+    pipeline_id = field(m, "pipeline", str, what="event body")
+    event_id = field(m, "event", str, what="event body")
+    if len(pipeline_id) != 64 or not 1 <= len(event_id) <= 64:
+        raise MalformedMessage("event body: pipeline or event id of the wrong length")
+    return pipeline_id, event_id, decode_tensors(m.get("tensors"), limits)
+
+
+@dataclass(frozen=True)
+class PipelineInfo:
+    pipeline_id: str
+    name: str
+    owner: str  # hex Ed25519 public key
+    issued_ms: int
+    source: str
+    sink: str
+    models: tuple[str, ...]
+    recipients: int
+
+
+def encode_pipelines(pipelines: Sequence[PipelineInfo]) -> bytes:
+    return pack({"pipelines": [{"id": p.pipeline_id, "name": p.name, "owner": p.owner, "issued_ms": p.issued_ms,
+                                "source": p.source, "sink": p.sink, "models": list(p.models),
+                                "recipients": p.recipients} for p in pipelines[:MAX_PIPELINES_LISTED]]})
+
+
+def decode_pipelines(body: bytes) -> list[PipelineInfo]:
+    m = unpack(body, max_bytes=16 * 1024 * 1024, what="pipeline list", max_depth=5,
+               max_items=MAX_PIPELINES_LISTED * 40, max_container_len=MAX_PIPELINES_LISTED, max_str_len=1024)
+    items = m.get("pipelines") if isinstance(m, dict) else None
+    if not isinstance(items, list):
+        raise MalformedMessage("pipeline list: expected a list")
+    out = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise MalformedMessage("pipeline list: expected maps")
+        models = item.get("models")
+        if not (isinstance(models, list) and all(isinstance(x, str) for x in models)):
+            raise MalformedMessage("pipeline list: models must be a list of ids")
+        out.append(PipelineInfo(
+            pipeline_id=field(item, "id", str, what="pipeline list"), name=field(item, "name", str, what="pipeline list"),
+            owner=field(item, "owner", str, what="pipeline list"), issued_ms=field(item, "issued_ms", int, what="pipeline list"),
+            source=field(item, "source", str, what="pipeline list"), sink=field(item, "sink", str, what="pipeline list"),
+            models=tuple(models), recipients=field(item, "recipients", int, what="pipeline list")))
+    return out

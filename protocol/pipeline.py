@@ -85,7 +85,7 @@ MAX_RECIPIENTS = 64
 MAX_PRODUCERS = 1024          # as a model manifest's allow-list (protocol.ownership)
 MAX_DESCRIPTION = 1024        # characters
 MAX_TOPIC = 255               # an AMQP routing key is at most 255 bytes; topics here are ASCII
-MAX_TOPIC_LEVELS = 32
+MAX_TOPIC_LEVELS = 16          # as broker_adapters' check_topic
 MAX_IO_NAME = MAX_NAME_LEN    # model input/output names: what protocol.tensors accepts on the wire
 MAX_SPEC_BYTES = 256 * 1024   # the canonical encoding; far above any real pipeline
 MAX_SIGNED_PIPELINE_BYTES = MAX_SPEC_BYTES + 1024
@@ -103,8 +103,10 @@ _MODEL_ID = re.compile(r"[0-9a-f]{64}")
 _HEX64 = re.compile(r"[0-9A-Fa-f]{64}")
 # Topic levels are restricted to characters that mean the same on MQTT and, once "/" becomes
 # ".", in an AMQP binding key: "." would split a level into two AMQP words, "*" and "#" are AMQP
-# wildcards, and anything else would need escaping that the two brokers do not share.
-_TOPIC_LEVEL = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# wildcards, and anything else would need escaping that the two brokers do not share. The same
+# set as broker_adapters' check_topic, so every topic accepted here is accepted by the adapters
+# (tests/test_pipeline_protocol.py checks it).
+_TOPIC_LEVEL = re.compile(r"[A-Za-z0-9_:=@-]{1,128}")
 _EXCHANGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _SAFE_SHOWN = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -203,42 +205,50 @@ def _topic_levels(topic: object, *, key: str, wildcards: bool) -> list[str]:
         elif not _TOPIC_LEVEL.fullmatch(level):
             if "+" in level or "#" in level:
                 raise PipelineError(key, "+ and # must fill a whole topic level")
-            raise PipelineError(key, "topic levels are 1-64 characters from A-Z a-z 0-9 _ - separated by /")
+            raise PipelineError(key, "topic levels are 1-128 characters from A-Z a-z 0-9 _ : = @ - separated by /")
     return levels
 
 
-# The pool's own topics (broker_adapters/mqtt.py): a pipeline must never subscribe to them, nor
+# The topics the MQTT adapter uses itself (broker_adapters/mqtt.py; a superset of
+# broker_adapters._common._INTERNAL_TOPICS): a pipeline must never subscribe to them, nor
 # publish into them (a sink on enclaveq/<pool>/jobs would inject results into the job queue).
-# Each pattern is a list of levels: a literal, "+", or a predicate on one level.
+# Each pattern is a list of levels: a literal, "+", "#", or a predicate on one level.
 _LevelPattern = str | Callable[[str], bool]
 RESERVED_TOPICS: tuple[tuple[_LevelPattern, ...], ...] = (
+    ("enclaveq", "_probe", "#"),
+    ("enclaveq", "_inbox", "#"),
+    ("enclaveq", "reply", "#"),
     ("enclaveq", "+", "jobs"),
     ("enclaveq", "+", "control"),
     ("enclaveq", "+", "dead"),
     ("enclaveq", "+", "meta"),
-    ("enclaveq", "+", lambda level: level.endswith("-lock")),
-    ("enclaveq", "+", "sessions", "+"),
-    ("enclaveq", "reply", "+"),
+    ("enclaveq", "+", "sessions", "#"),
+    ("enclaveq", "+", "streams", "#"),
+    ("enclaveq", "+", lambda level: level.endswith("-lock"), "#"),
 )
 
 
-def _overlaps(levels: Sequence[str], pattern: Sequence[_LevelPattern]) -> bool:
-    """Could one topic match both the filter ``levels`` and ``pattern`` (MQTT matching rules)?"""
-    for i, p in enumerate(pattern):
-        if i >= len(levels):
-            return False
-        f = levels[i]
+def _overlaps(levels: Sequence[_LevelPattern], pattern: Sequence[_LevelPattern]) -> bool:
+    """Could one topic match both filters (MQTT rules: "+" one level, "#" the rest, including
+    none: "a/#" matches "a")? Either side may hold predicates on a level."""
+    for i in range(max(len(levels), len(pattern))):
+        f = levels[i] if i < len(levels) else None
+        p = pattern[i] if i < len(pattern) else None
         if f == "#" or p == "#":
             return True
+        if f is None or p is None:
+            return False
         if f == "+" or p == "+":
             continue
         if callable(p):
-            if not p(f):
+            if callable(f) or not p(f):
+                return False  # two predicates never meet in a topic filter; keep it simple
+        elif callable(f):
+            if not f(p):
                 return False
         elif f != p:
             return False
-    # "a/b/#" also matches "a/b" itself (MQTT 5, 4.7.1.2).
-    return len(levels) == len(pattern) or (len(levels) == len(pattern) + 1 and levels[-1] == "#")
+    return True
 
 
 def amqp_binding_key(topic: str) -> str:
@@ -354,8 +364,8 @@ class PipelineSpec:
         sink = _topic_levels(self.sink_topic, key="sink.topic", wildcards=False)
         for key, levels in (("source.topic", source), ("sink.topic", sink)):
             if any(_overlaps(levels, pattern) for pattern in RESERVED_TOPICS):
-                raise PipelineError(key, "overlaps the pool's own topics (enclaveq/<pool>/jobs, control, dead, "
-                                         "meta, *-lock, sessions/+, enclaveq/reply/+)")
+                raise PipelineError(key, "overlaps enclaveq's own topics (enclaveq/<pool>/jobs, control, dead, meta, "
+                                         "sessions/#, streams/#, *-lock; enclaveq/reply/#, _inbox/#, _probe/#)")
         if _overlaps(source, sink):
             raise PipelineError("sink.topic", "matches source.topic: results would come back as events")
         _exchange(self.source_exchange, key="source.exchange")
@@ -739,8 +749,9 @@ def check_stage_mapping(spec: PipelineSpec, signatures: Mapping[str, ModelSignat
     ``UnknownStageModel`` for a model not in ``signatures`` and ``StageMappingError`` when a
     referenced output does not exist, a model input is unmapped or unknown, dtypes differ,
     ranks differ or fixed dimensions differ, two uses of one event input disagree, or ``when``
-    is not one boolean. The returned signatures (dtype names as in ``_dtype``: wire names,
-    "string") are what a worker checks each event against."""
+    is not one boolean. The returned signatures -- dtypes by wire name ("float32", "string"),
+    shapes as lists, a fixed dimension winning over a symbolic one when an event input feeds
+    two inputs -- are what a worker checks each event against."""
     produced: dict[tuple[str, str], TensorSignature] = {}
     events: dict[str, TensorSignature] = {}
 
@@ -754,7 +765,7 @@ def check_stage_mapping(spec: PipelineSpec, signatures: Mapping[str, ModelSignat
                                                      f"here as {_describe(wanted)}")
                     events[ref.name] = (_dtype(have[0]), _merge(have[1], wanted[1]))
                 else:
-                    events[ref.name] = (_dtype(wanted[0]), wanted[1])
+                    events[ref.name] = (_dtype(wanted[0]), None if wanted[1] is None else list(wanted[1]))
             return None
         sig = produced.get((ref.source, ref.name))
         if sig is None:
@@ -801,7 +812,7 @@ def _merge(a: Sequence[int | str | None] | None, b: Sequence[int | str | None] |
         return b
     if b is None:
         return a
-    return tuple(x if _fixed(x) is not None else y for x, y in zip(a, b))
+    return [x if _fixed(x) is not None else y for x, y in zip(a, b)]
 
 
 # --------------------------------------------------------------------------- signed statements

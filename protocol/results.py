@@ -25,7 +25,7 @@ Wire form (msgpack map; ``pack`` writes the keys in this order)::
     tag         = HMAC-SHA256(k_tag, D)
     bind        = HMAC-SHA256(k_bind, msgpack(["enclaveq/v1/result-bind", D, [tag, ...]]))
 
-Why the composition is sound (longer, with what the broker sees, in docs/pipelines.md):
+Why the composition is sound (at length, with what the broker sees, in docs/protocol.md §13):
 
 - Confidentiality. The body is AES-256-GCM under a key derived from K, and K travels only
   HPKE-sealed (RFC 9180, the suite of protocol/crypto.py) to each listed recipient key: opening
@@ -67,7 +67,6 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -78,9 +77,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from . import crypto
 from .codec import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION, field, fixed_bytes, pack, unpack_map
-from .errors import DecryptionFailed, MalformedMessage, OversizedMessage, ProtocolError, TensorError
+from .errors import DecryptionFailed, MalformedMessage, ProtocolError, TensorError
 from .pipeline import MAX_RECIPIENTS, MAX_STAGES
-from .tensors import MAX_NAME_LEN, MAX_RANK, MAX_TENSORS, TensorLimits, decode_tensors, encode_tensors
+from .tensors import MAX_RANK, MAX_TENSORS, STRING, TensorLimits, decode_tensors, encode_tensors
 
 RESULT_KIND = "pipeline_result"
 ORIGIN_LABEL = b"enclaveq/v1/result-origin"
@@ -110,12 +109,11 @@ _HEX_ID = re.compile(r"[0-9a-f]{64}")
 # each a list of 3 bins. Keys are one-letter strings.
 ENVELOPE_ITEMS = 1 + 2 * 6 + MAX_RECIPIENTS * (1 + 3)
 HEADER_FIELDS = ("v", "t", "pool", "ep", "pid", "eid")
-BODY_FIELDS = ("v", "pid", "eid", "sm", "pub", "pool", "ep", "ms", "t", "s")
+BODY_FIELDS = ("v", "pid", "eid", "sm", "pub", "pool", "ep", "ms", "t")
 # The sealed body (written by a pool member only, but still bounded): the map, the stage model
-# list, the numeric tensors as in protocol.bodies, the string tensors and their strings.
+# list, the tensors as in protocol.bodies, plus one object per string of the string tensors.
 _TENSOR_ITEMS = 5 + MAX_RANK
-BODY_ITEMS = (1 + 2 * len(BODY_FIELDS) + MAX_STAGES + MAX_TENSORS * _TENSOR_ITEMS + MAX_TENSORS * _TENSOR_ITEMS
-              + MAX_STRING_ELEMENTS)
+BODY_ITEMS = 1 + 2 * len(BODY_FIELDS) + MAX_STAGES + MAX_TENSORS * _TENSOR_ITEMS + MAX_STRING_ELEMENTS
 
 
 # --------------------------------------------------------------------------- errors
@@ -166,9 +164,9 @@ class PipelineResult:
     """What a pipeline produced for one event (compare fields, not objects: ``outputs`` holds arrays).
 
     ``publisher`` is the producer's Ed25519 public key (32 bytes) when the event's session
-    proved one, else the event's 16-byte session id. ``outputs`` are numpy arrays of the
-    numeric dtypes of protocol.tensors, or of strings (ONNX string outputs: labels), which
-    come back as numpy unicode arrays."""
+    proved one, else the event's 16-byte session id. ``outputs`` are numpy arrays of any dtype
+    protocol.tensors carries, strings included (ONNX string outputs such as labels come back,
+    as onnxruntime gives them, as object arrays of ``str``)."""
 
     pipeline_id: str
     event_id: str
@@ -210,32 +208,14 @@ class PipelineResult:
         return self.publisher if len(self.publisher) == crypto.SESSION_ID_BYTES else None
 
 
-def _is_text(array: np.ndarray) -> bool:
-    return array.dtype.kind in ("U", "O")
-
-
 def encode_result_body(result: PipelineResult) -> bytes:
-    numeric: dict[str, Any] = {}
-    strings: list[list[Any]] = []
-    count = 0
-    for name, value in result.outputs.items():
-        if not isinstance(name, str) or not name or len(name) > MAX_NAME_LEN:
-            raise TensorError(f"tensor names must be non-empty strings of at most {MAX_NAME_LEN} characters")
-        array = np.asarray(value)
-        if not _is_text(array):
-            numeric[name] = array
-            continue
-        values = array.reshape(-1).tolist()
-        if not all(isinstance(v, str) for v in values):
-            raise TensorError(f"tensor {name!r}: an object array must hold only strings")
-        count += len(values)
-        if count > MAX_STRING_ELEMENTS:
-            raise TensorError(f"string tensors hold more than {MAX_STRING_ELEMENTS} strings")
-        strings.append([name, list(array.shape), values])
+    wire = encode_tensors(result.outputs)
+    strings = sum(len(t[3]) for t in wire if t[1] == STRING)
+    if strings > MAX_STRING_ELEMENTS:
+        raise TensorError(f"string outputs hold {strings} strings, above the limit of {MAX_STRING_ELEMENTS}")
     return pack({
         "v": PROTOCOL_VERSION, "pid": result.pipeline_id, "eid": result.event_id, "sm": list(result.stage_models),
-        "pub": result.publisher, "pool": result.pool, "ep": result.epoch, "ms": result.produced_ms,
-        "t": encode_tensors(numeric), "s": strings,
+        "pub": result.publisher, "pool": result.pool, "ep": result.epoch, "ms": result.produced_ms, "t": wire,
     })
 
 
@@ -246,38 +226,11 @@ def decode_result_body(body: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTE
                    max_container_len=MAX_STRING_ELEMENTS, max_str_len=max_bytes, what=w)
     if tuple(m) != BODY_FIELDS:
         raise MalformedMessage(f"{w}: unexpected fields")
-    tensors = decode_tensors(field(m, "t", list, what=w), limits)
-    wire = field(m, "s", list, what=w)
-    if len(tensors) + len(wire) > MAX_TENSORS:
-        raise TensorError(f"more than {MAX_TENSORS} tensors")
-    outputs: dict[str, np.ndarray] = dict(tensors)
-    total = 0
-    for item in wire:
-        if not (isinstance(item, list) and len(item) == 3):
-            raise MalformedMessage(f"{w}: a string tensor is [name, shape, strings]")
-        name, shape, values = item
-        if not isinstance(name, str) or not name or len(name) > MAX_NAME_LEN or name in outputs:
-            raise MalformedMessage(f"{w}: invalid or repeated tensor name")
-        if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(
-                isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_STRING_ELEMENTS for d in shape):
-            raise TensorError(f"tensor {name!r}: shape must be at most {MAX_RANK} small non-negative integers")
-        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-            raise MalformedMessage(f"tensor {name!r}: strings expected")
-        count = 1
-        for d in shape:  # Python integers: a product of 32 dimensions must not wrap around
-            count *= d
-        if count != len(values):
-            raise TensorError(f"tensor {name!r}: shape {shape} does not hold {len(values)} strings")
-        total += len(values)
-        if total > MAX_STRING_ELEMENTS:
-            raise OversizedMessage(f"string tensors hold more than {MAX_STRING_ELEMENTS} strings")
-        outputs[name] = np.array(values, dtype=np.str_).reshape(shape)
-    publisher = field(m, "pub", bytes, what=w)
     return PipelineResult(
         pipeline_id=field(m, "pid", str, what=w), event_id=field(m, "eid", str, what=w),
-        stage_models=tuple(field(m, "sm", list, what=w)), publisher=publisher,
+        stage_models=tuple(field(m, "sm", list, what=w)), publisher=field(m, "pub", bytes, what=w),
         pool=field(m, "pool", str, what=w), epoch=field(m, "ep", int, what=w), produced_ms=field(m, "ms", int, what=w),
-        outputs=outputs,
+        outputs=decode_tensors(field(m, "t", list, what=w), limits),
     )
 
 

@@ -156,11 +156,12 @@ async def wait_until(condition: Callable[[], bool], what: str = "the condition",
 
 
 async def dead_letters(url: str, pool: str) -> int:
-    """How many jobs of ``pool`` were dead-lettered (counted by draining its dead-letter queue briefly)."""
-    seen = []
+    """How many jobs of ``pool`` were dead-lettered (counted by draining its dead-letter queue
+    briefly). Distinct message ids: giving a letter back may show it again within the window."""
+    seen: set[str | None] = set()
 
     async def count(delivery):
-        seen.append(delivery)
+        seen.add(delivery.message.message_id)
         await delivery.nack()
     async with open_broker(url) as broker:
         sub = await broker.consume_dead_letters(pool, count)

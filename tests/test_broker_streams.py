@@ -170,11 +170,11 @@ async def consuming(*subscribing: Coroutine[Any, Any, Subscription]) -> AsyncIte
             await sub.cancel()
 
 
-def event(n: int = 1, **fields: object) -> Message:
+def event(n: int = 1, **fields: Any) -> Message:
     return Message(body=f"sealed-event-{n}".encode(), message_id=f"event-{n}", **fields)
 
 
-def result(n: int = 1, **fields: object) -> Message:
+def result(n: int = 1, **fields: Any) -> Message:
     return Message(body=f"sealed-result-{n}".encode(), message_id=f"result-{n}", **fields)
 
 
@@ -240,7 +240,12 @@ async def test_two_matching_streams_of_different_pools_each_get_a_copy(broker, d
 
 
 async def test_events_and_results_are_routed_apart_a_stream_never_sees_a_result(
-        broker, declared, declared_pool, base):
+        broker, broker_url, declared, declared_pool, base):
+    if broker_url.startswith("mqtt"):
+        # MQTT has one topic namespace: a stream whose filter covers a result topic receives the
+        # result (the worker refuses it as malformed). Pipelines refuse a sink that their own source
+        # matches (protocol.pipeline); docs/architecture.md says the rest.
+        pytest.skip("MQTT shares one topic namespace between events and results (documented)")
     await declared.stream(declared_pool, "s", f"{base}/#")
     with pytest.raises(Unroutable):
         await broker.publish_result(f"{base}/out", result())

@@ -38,12 +38,6 @@ JOB_TIMEOUT = 45.0
 DELIVERY_LIMIT = 5
 
 # Not strict: the race below loses about one run in six; the rest pass.
-RESTART_RACE = (
-    "issue 10: Mosquitto 2.0.11 does not restore shared subscriptions from persistence, so until the worker's "
-    "job connection has re-subscribed, a job the producer publishes gets 'No matching subscribers' and the SDK "
-    "fails it (BrokerUnreachable: no subscriber takes pool ...'s jobs) instead of retrying")
-
-
 def start(url: str, pool: str, tee: SimTEE, tmp_path: Path, name: str, *extra: str) -> WorkerProcess:
     """A worker process with a state directory of its own: the first founds the pool, the
     others join it by mutual attestation."""
@@ -145,7 +139,6 @@ async def test_three_workers_share_the_jobs_and_lose_none_when_one_is_killed(mos
 # -- the broker restarts --------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=False, reason=RESTART_RACE)
 async def test_a_mosquitto_restart_mid_batch_completes_every_job_exactly_once(private_mosquitto, pool, tee, tmp_path):
     url = private_mosquitto.url
     model, batch = mlp_model(), batch_of(1000)

@@ -124,6 +124,36 @@ def test_without_a_producer_list_any_producer_may_publish(spec):
     assert spec.allows(None) and spec.allows(PRODUCER_PUB)
 
 
+ADAPTER_TOPICS = ["enclaveq/examples/text", "sensors/+/frames", "sensors/#", "a:b/c=d/e@f", "x" * 128,
+                  "/".join(["a"] * 16), "enclaveq/p1/results", "enclaveq/+/text",
+                  "enclaveq/p1/jobs", "enclaveq/+/+", "#", "+/+/control", "enclaveq/_probe/x", "enclaveq/reply",
+                  "enclaveq/p1/rotation-lock", "enclaveq/p1/streams", "a.b", "a/*", "x" * 129, "/".join(["a"] * 17)]
+
+
+@pytest.mark.parametrize("topic", ADAPTER_TOPICS)
+def test_every_topic_a_definition_accepts_the_broker_adapters_accept_too(spec, topic):
+    """The definition is checked at creation; the adapters check again when the worker subscribes
+    and publishes. A definition must never pass the first check and fail the second."""
+    from broker_adapters import _common as adapters
+
+    for field_name, wildcards in (("source_topic", True), ("sink_topic", False)):
+        other = {"source_topic": "elsewhere/in"} if field_name == "sink_topic" else {"sink_topic": "elsewhere/out"}
+        try:
+            dataclasses.replace(spec, **{field_name: topic, **other})
+        except PipelineError:
+            continue
+        adapters.check_topic("pipeline", topic, wildcards=wildcards)
+        assert len(adapters.amqp_binding_key(topic).encode()) <= 255
+
+
+def test_every_topic_the_broker_adapters_keep_for_themselves_is_refused_as_a_source(spec):
+    from broker_adapters import _common as adapters
+
+    for internal in adapters._INTERNAL_TOPICS:
+        with pytest.raises(PipelineError, match="enclaveq's own topics"):
+            dataclasses.replace(spec, source_topic=internal)
+
+
 def test_mqtt_filters_map_to_amqp_binding_keys():
     assert amqp_binding_key("sensors/+/frames") == "sensors.*.frames"
     assert amqp_binding_key("sensors/#") == "sensors.#"
@@ -170,11 +200,14 @@ BAD_TOMLS = [
     ("an empty level", [(("source", "topic"), "sensors//text")], "source.topic"),
     ("a dot in a level (two AMQP words)", [(("source", "topic"), "sensors/a.b")], "source.topic"),
     ("a $ topic", [(("source", "topic"), "$SYS/broker/load")], "source.topic"),
-    ("a topic longer than a routing key", [(("source", "topic"), "a/" * 128 + "b")], "source.topic"),
+    ("a topic longer than a routing key", [(("source", "topic"), "a" * 128 + "/" + "b" * 127)], "source.topic"),
     ("a source on the pool's job topics", [(("source", "topic"), "enclaveq/+/jobs")], "source.topic"),
     ("a source on every topic", [(("source", "topic"), "#")], "source.topic"),
     ("a source on the reply topics", [(("source", "topic"), "enclaveq/reply/#")], "source.topic"),
     ("a source on a pool lock", [(("source", "topic"), "enclaveq/p1/founder-lock")], "source.topic"),
+    ("a source on an inbox's topic", [(("source", "topic"), "enclaveq/_inbox/inbox-1/requeue")], "source.topic"),
+    ("a source on a pool's event streams", [(("source", "topic"), "enclaveq/p1/streams/s1/meta")], "source.topic"),
+    ("seventeen levels", [(("source", "topic"), "/".join(["a"] * 17))], "source.topic"),
     ("a sink with a +", [(("sink", "topic"), "alerts/+")], "sink.topic"),
     ("a sink with a #", [(("sink", "topic"), "alerts/#")], "sink.topic"),
     ("a sink into a pool's control topic", [(("sink", "topic"), "enclaveq/p1/control")], "sink.topic"),
@@ -455,10 +488,12 @@ def test_one_event_input_used_as_two_different_types_is_refused(tmp_path):
     assert refused.value.key == "stage[2].inputs.attention_mask"
 
 
-def test_symbolic_dimensions_match_fixed_ones_and_a_fixed_dimension_is_kept(tmp_path):
-    spec, _ = load_pipeline_toml(write_pipeline(tmp_path, [(("stage", 1, "inputs", "token_type_ids"), "event.types")]))
+def test_symbolic_dimensions_match_fixed_ones_and_the_fixed_ones_are_kept(tmp_path):
+    spec, _ = load_pipeline_toml(write_pipeline(tmp_path, [(("stage", 1, "inputs", "token_type_ids"), "event.types"),
+                                                           (("stage", 2, "inputs", "attention_mask"), "event.types")]))
     sigs = changed_signature(MINILM, 0, "token_type_ids", ("int64", ["batch", 8]))
-    assert check_stage_mapping(spec, sigs)["types"] == ("int64", ["batch", 8])
+    sigs[POOLING][0]["attention_mask"] = ("int64", [1, "sequence"])
+    assert check_stage_mapping(spec, sigs)["types"] == ("int64", [1, 8])
 
 
 # --------------------------------------------------------------------------- sealed results
@@ -494,7 +529,7 @@ def test_each_of_two_recipients_opens_the_result_with_everything_the_worker_put_
             PID, "evt-0001", (TOKENIZER, MINILM, POOLING), "p1", EPOCH, 1_700_000_000_123)
         assert got.publisher_key == PRODUCER_PUB and got.publisher_session is None
         assert np.array_equal(got.outputs["embedding"], EMBEDDING) and got.outputs["embedding"].dtype == np.float32
-        assert got.outputs["label"].tolist() == ["markdown", "pdf"] and got.outputs["label"].dtype.kind == "U"
+        assert got.outputs["label"].tolist() == ["markdown", "pdf"] and got.outputs["label"].dtype == object
 
 
 def test_a_publisher_without_a_key_is_named_by_its_session_id():
@@ -599,6 +634,49 @@ def test_the_ids_inside_must_equal_the_clear_header(monkeypatch):
     data = sealed()
     with pytest.raises(ResultForged):
         opened(data)
+
+
+def test_a_body_with_fields_this_version_does_not_know_is_refused(monkeypatch):
+    real = results_module.encode_result_body
+    monkeypatch.setattr(results_module, "encode_result_body", lambda r: pack({**unpack(real(r)), "extra": 1}))
+    data = sealed()
+    with pytest.raises(MalformedMessage, match="unexpected fields"):
+        opened(data)
+
+
+def test_the_sealed_result_follows_the_documented_derivations():
+    """Recomputed here from docs/protocol.md §13 with cryptography's primitives, independently of
+    protocol/results.py: the slot id, the tag, the sealed key's info and the bind."""
+    import hmac as hmac_module
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    def hkdf64(ikm, salt, info):
+        okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=salt, info=info).derive(ikm)
+        return okm[:32], okm[32:]
+
+    def mac(key, message):
+        return hmac_module.new(key, message, hashlib.sha256).digest()
+
+    wire = unpack(sealed())
+    header, slots = wire["h"], wire["r"]
+    z = ALICE.exchange(POOL_KEY.public_key())
+    k_slot, k_tag = hkdf64(z, b"enclaveq/v1/result-origin",
+                           pack([b"enclaveq/v1/result-origin", "p1", EPOCH, POOL_KEYS[EPOCH], ALICE_PUB]))
+    slot_id = mac(k_slot, pack([b"enclaveq/v1/result-slot", PID]))[:16]
+    alice = next(slot for slot in slots if slot[0] == slot_id)
+    digest = hashlib.sha256(pack([b"enclaveq/v1/result-digest", header, wire["n"], [s[:2] for s in slots],
+                                  len(wire["c"])]) + wire["c"]).digest()
+    assert alice[2] == mac(k_tag, digest)
+    header_hash = hashlib.sha256(header).digest()
+    content_key = crypto.hpke_open(alice[1], ALICE, pack([b"enclaveq/v1/result-key", header_hash]))
+    k_payload, k_bind = hkdf64(content_key, None, pack([b"enclaveq/v1/result-content", header_hash]))
+    assert wire["b"] == mac(k_bind, pack([b"enclaveq/v1/result-bind", digest, [s[2] for s in slots]]))
+    body = unpack(AESGCM(k_payload).decrypt(wire["n"], wire["c"], header))
+    assert list(body) == ["v", "pid", "eid", "sm", "pub", "pool", "ep", "ms", "t"]
+    assert unpack(header) == {"v": 1, "t": "pipeline_result", "pool": "p1", "ep": EPOCH, "pid": PID,
+                              "eid": "evt-0001"}
 
 
 def test_a_result_of_an_epoch_the_recipient_does_not_trust_is_refused():
