@@ -27,7 +27,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from protocol import bodies
-from protocol.errors import ProtocolError
+from protocol.errors import ProtocolError, SignatureInvalid
 from protocol.pipeline import (
     PipelineDelete,
     PipelineError,
@@ -106,9 +106,10 @@ class PipelineLibrary:
         """Install an owner-signed definition; returns its id. Typed refusals only."""
         try:
             signed = SignedPipeline.from_bytes(blob)
+        except SignatureInvalid as exc:
+            raise JobRejected(f"the pipeline definition is refused: {exc}", bodies.ErrorCode.BAD_SIGNATURE) from None
         except ProtocolError as exc:
-            code = bodies.ErrorCode.BAD_SIGNATURE if "signature" in str(exc).lower() else PIPELINE_INVALID
-            raise JobRejected(f"the pipeline definition is refused: {exc}", code) from None
+            raise JobRejected(f"the pipeline definition is refused: {exc}", PIPELINE_INVALID) from None
         pid = signed.pipeline_id
         current = self._pipelines.get(pid)
         deleted = self._deleted.get(pid)

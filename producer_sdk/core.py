@@ -43,6 +43,8 @@ from protocol.errors import ProtocolError
 from protocol.handshake import Challenge, ControlError, EvidenceResponse, Statement, control_kind
 from protocol.routing import Route, route_for
 from protocol.ownership import DeleteOrder, ModelManifest, ProducerProof, public_key_bytes
+from protocol.pipeline import PipelineDelete, SignedPipeline
+from protocol.results import check_event_id
 
 from .epochs import EpochMark, EpochMarks
 from .errors import AttestationFailed, EpochRollback, JobError, job_error
@@ -81,6 +83,9 @@ class Request:
     epoch: int  # the pool epoch its session is sealed to
     route: Route
     model_id: str | None = None  # the model the result must name (pinning)
+    # Route.STREAM only: the concrete topic the event is published on (it matches the pipeline's
+    # source filter; the broker routes it to the pipeline's stream by that topic).
+    topic: str | None = None
 
 
 class StaleEpochNotice:
@@ -312,9 +317,12 @@ class ProducerCore:
 
     # -- requests --------------------------------------------------------------------------
     def _seal(self, kind: str, body: bytes, *, timeout: float, content_type: str, model_id: str | None = None,
-              chunk: Chunk | None = None) -> Request:
+              chunk: Chunk | None = None, topic: str | None = None) -> Request:
         if self.session is None:
             raise AttestationFailed("no verified session: connect first")
+        route = route_for(kind)
+        if (route is Route.STREAM) != (topic is not None):
+            raise ValueError("events, and only events, are published on a topic")
         job_id = uuid.UUID(bytes=self._rng(16)).hex
         deadline_ms = int((self._clock() + timeout) * 1000)
         header = self.session.header(kind, job_id=job_id, deadline_ms=deadline_ms, reply_to=self.reply_to,
@@ -322,7 +330,7 @@ class ProducerCore:
         if model_id is not None:
             self._pins[job_id] = model_id
         return Request(job_id=job_id, kind=kind, body=self.session.seal(header, body), deadline_ms=deadline_ms,
-                       epoch=self.session.epoch, route=route_for(kind), model_id=model_id)
+                       epoch=self.session.epoch, route=route, model_id=model_id, topic=topic)
 
     def forget(self, job_id: str) -> None:
         """The caller stopped waiting for ``job_id`` (timeout, failure to publish, close)."""
@@ -368,6 +376,31 @@ class ProducerCore:
     def pool_rotate(self, grace_seconds: int, *, timeout: float) -> Request:
         return self._seal("pool_rotate", bodies.encode_rotate(grace_seconds), timeout=timeout,
                           content_type=bodies.ROTATE)
+
+    # -- pipelines -------------------------------------------------------------------------
+    def pipeline_put(self, signed: SignedPipeline, *, timeout: float) -> Request:
+        """Install (or replace) an owner-signed pipeline definition on every worker (broadcast)."""
+        return self._seal("pipeline_put", signed.to_bytes(), timeout=timeout, content_type=bodies.PIPELINE)
+
+    def pipeline_delete(self, order: PipelineDelete, *, timeout: float) -> Request:
+        """Delete a pipeline from every worker, by its owner's signed order (broadcast)."""
+        return self._seal("pipeline_delete", order.to_bytes(), timeout=timeout, content_type=bodies.PIPELINE_DELETE)
+
+    def pipeline_list(self, *, timeout: float) -> Request:
+        return self._seal("pipeline_list", b"\x80", timeout=timeout, content_type=bodies.EMPTY)
+
+    def event(self, pipeline_id: str, event_id: str, inputs: Mapping[str, Any], *, topic: str,
+              timeout: float) -> Request:
+        """One event for ``pipeline_id``, sealed like a job, published on ``topic`` (its stream).
+
+        On success the worker sends nothing back (the result goes to the pipeline's recipients);
+        an encrypted error or a stale-epoch notice comes back on the reply queue under this
+        request's job id. ``event_id`` names the result (and recipients drop duplicates by it),
+        so a resend after a rotation keeps it and only the job id changes."""
+        check_event_id(event_id)
+        arrays = {name: to_numpy(value) for name, value in inputs.items()}
+        return self._seal("event", bodies.encode_event(pipeline_id, event_id, arrays), timeout=timeout,
+                          content_type=bodies.EVENT, topic=topic)
 
     # -- replies ---------------------------------------------------------------------------
     def receive(self, correlation_id: str | None, data: bytes) -> AttestationAnswer | Reply | None:

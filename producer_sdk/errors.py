@@ -18,9 +18,18 @@
      │    ├── NotOwner              only the model's owner may replace or delete it
      │    ├── NotAllowed            the model's owner did not allow this producer's key
      │    ├── BadSignature          an owner signature or producer key proof does not verify
+     │    ├── UnknownPipeline       the pool holds no pipeline of that id
+     │    ├── PipelineRejected      a pipeline definition is invalid (the TOML key at fault), its
+     │    │                         wiring does not type-check against the models, or it is older
+     │    │                         than the definition or delete order in force
      │    └── WorkerFailure         inference failed, unsupported output, or an internal error
+     ├── EventTopicError            no usable topic to publish a pipeline's events on
+     ├── InboxNotFound              no inbox for this recipient key: not a recipient of the pipeline
      ├── JobTimeout                 no result arrived before the timeout
      └── ClientClosed               the client was used after close()
+
+Errors of events (fire and forget) do not raise: a publisher collects them (``errors``), each
+with the ``event_id`` it belongs to.
 
 Third-party errors (broker, attestation, protocol) are mapped to these at the SDK boundary.
 """
@@ -66,14 +75,24 @@ class EpochRollback(AttestationFailed):
         self.state_file = state_file
 
 
+# Error codes of pipeline requests (the worker's enclave_worker.pipelines names them too).
+UNKNOWN_PIPELINE = "unknown_pipeline"
+PIPELINE_INVALID = "pipeline_invalid"
+
+
 class JobError(EnclaveqError):
+    """``code`` is the worker's error code; ``job_id`` the request it answers; ``event_id`` the
+    event, when the request was a pipeline event."""
+
     code = ErrorCode.INTERNAL
 
-    def __init__(self, message: str, *, code: str | None = None, job_id: str | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None, job_id: str | None = None,
+                 event_id: str | None = None) -> None:
         super().__init__(message)
         if code is not None:
             self.code = code
         self.job_id = job_id
+        self.event_id = event_id
 
 
 class UnknownModel(JobError):
@@ -116,8 +135,34 @@ class BadSignature(JobError):
     code = ErrorCode.BAD_SIGNATURE
 
 
+class UnknownPipeline(JobError):
+    code = UNKNOWN_PIPELINE
+
+
+class PipelineRejected(JobError):
+    """``key``: the pipeline.toml key at fault (``stage[1].inputs.input_ids``), "" when the
+    definition as a whole was refused or the key is not known."""
+
+    code = PIPELINE_INVALID
+
+    def __init__(self, message: str, *, code: str | None = None, job_id: str | None = None,
+                 event_id: str | None = None, key: str = "") -> None:
+        super().__init__(message, code=code, job_id=job_id, event_id=event_id)
+        self.key = key
+
+
 class WorkerFailure(JobError):
     pass
+
+
+class EventTopicError(EnclaveqError):
+    """A publisher has no concrete topic for the pipeline's events: its source filter has
+    wildcards and no ``topic`` was given, or the given one does not match the filter."""
+
+
+class InboxNotFound(EnclaveqError):
+    """No inbox exists for this (pipeline, recipient key): the key is not one of the pipeline's
+    recipients (creating the pipeline declares an inbox for each of them)."""
 
 
 class JobTimeout(EnclaveqError):
@@ -140,8 +185,10 @@ _BY_CODE = {
     ErrorCode.NOT_ALLOWED: NotAllowed,
     ErrorCode.BAD_SIGNATURE: BadSignature,
     ErrorCode.STALE_ORDER: ModelRejected,
+    UNKNOWN_PIPELINE: UnknownPipeline,
+    PIPELINE_INVALID: PipelineRejected,
 }
 
 
-def job_error(code: str, message: str, job_id: str | None) -> JobError:
-    return _BY_CODE.get(code, WorkerFailure)(f"{code}: {message}", code=code, job_id=job_id)
+def job_error(code: str, message: str, job_id: str | None, *, event_id: str | None = None) -> JobError:
+    return _BY_CODE.get(code, WorkerFailure)(f"{code}: {message}", code=code, job_id=job_id, event_id=event_id)

@@ -27,6 +27,7 @@ import numpy as np
 
 from .codec import bounded_str, field, pack, unpack
 from .errors import MalformedMessage
+from .results import EVENT_ID_PATTERN
 from .tensors import MAX_NAME_LEN, MAX_RANK, MAX_TENSORS, TensorLimits, decode_tensors, encode_tensors
 
 TENSORS = "tensors/v1"
@@ -216,6 +217,8 @@ def decode_model_chunk(body: bytes, *, max_bytes: int) -> tuple[bytes, bytes]:
 # {"pipeline": id, "event": id, "tensors": [...]}: the map, 3 keys, the list and the tensors.
 EVENT_BODY_ITEMS = 1 + 3 + 1 + MAX_TENSORS * _TENSOR_ITEMS
 MAX_PIPELINES_LISTED = 1024
+# Elements of all string tensors of one event (raw text is usually one).
+MAX_STRINGS = 65_536
 
 
 def encode_event(pipeline_id: str, event_id: str, inputs: Mapping[str, Any]) -> bytes:
@@ -224,14 +227,14 @@ def encode_event(pipeline_id: str, event_id: str, inputs: Mapping[str, Any]) -> 
 
 def decode_event(body: bytes, limits: TensorLimits = TensorLimits()) -> tuple[str, str, dict[str, np.ndarray]]:
     m = unpack(body, max_bytes=limits.max_total_bytes + 1024 * 1024, what="event body", max_depth=4,
-               max_items=EVENT_BODY_ITEMS, max_container_len=max(MAX_TENSORS, MAX_RANK),
+               max_items=EVENT_BODY_ITEMS + MAX_STRINGS, max_container_len=MAX_STRINGS,
                max_str_len=limits.max_tensor_bytes)
     if not isinstance(m, dict):
         raise MalformedMessage("event body: expected a map")
     pipeline_id = field(m, "pipeline", str, what="event body")
     event_id = field(m, "event", str, what="event body")
-    if len(pipeline_id) != 64 or not 1 <= len(event_id) <= 64:
-        raise MalformedMessage("event body: pipeline or event id of the wrong length")
+    if len(pipeline_id) != 64 or not EVENT_ID_PATTERN.fullmatch(event_id):
+        raise MalformedMessage("event body: the pipeline id or the event id is malformed")
     return pipeline_id, event_id, decode_tensors(m.get("tensors"), limits)
 
 

@@ -1,0 +1,331 @@
+"""A worker runs pipelines: chains of models on events, results sealed to named recipients.
+
+These sentences drive the worker with the protocol alone (the producer core seals each request),
+so they pin what the worker does whatever the SDK and CLI on top of it look like: every broker
+carries events and results, only recipients open results, a forged or replayed event produces
+nothing, and a bad pipeline or event is a typed error that leaves the worker serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from broker_adapters import Delivery, Message
+from producer_sdk import AsyncClient
+from protocol import bodies, crypto
+from protocol.ownership import generate_signing_key
+from protocol.pipeline import PipelineSpec, Reference, SignedPipeline, Stage, sign_pipeline, sign_pipeline_delete
+from protocol.results import NotARecipient, PipelineResult, ResultForged, open_result
+
+from .support import TIMEOUT, running_worker, wait_until
+
+
+def _model(op: str, constant: float, x: str, y: str, *, out_type: int = TensorProto.FLOAT) -> bytes:
+    nodes = [helper.make_node(op, [x, "c"], [y])]
+    graph = helper.make_graph(nodes, op, [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info(y, out_type, [1, 4])],
+                              [helper.make_tensor("c", TensorProto.FLOAT, [1], [constant])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+ADD_ONE = _model("Add", 1.0, "x", "y")
+DOUBLE = _model("Mul", 2.0, "y", "z")
+
+
+def _over_ten() -> bytes:
+    """``match`` = any(z > 10): the condition of the alerting variant."""
+    nodes = [helper.make_node("Greater", ["z", "ten"], ["gt"]),
+             helper.make_node("Cast", ["gt"], ["gt_i"], to=TensorProto.INT32),
+             helper.make_node("ReduceMax", ["gt_i"], ["any_i"], keepdims=0),
+             helper.make_node("Cast", ["any_i"], ["match"], to=TensorProto.BOOL)]
+    graph = helper.make_graph(nodes, "over_ten", [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("match", TensorProto.BOOL, [])],
+                              [helper.make_tensor("ten", TensorProto.FLOAT, [1], [10.0])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+OVER_TEN = _over_ten()
+
+
+def directly(x: np.ndarray) -> np.ndarray:
+    return (x + 1) * 2
+
+
+@dataclass
+class Deployment:
+    """A worker, a producer client (the pipeline's owner and publisher), one recipient key."""
+
+    client: AsyncClient
+    worker: object
+    pool: str
+    owner: object
+    recipient: object = field(default_factory=crypto.generate_private_key)
+
+    @property
+    def broker(self):
+        return self.client._broker
+
+    @property
+    def core(self):
+        return self.client._core
+
+    def spec(self, *, when: bool = False, **overrides) -> PipelineSpec:
+        add, dbl = sha(ADD_ONE), sha(DOUBLE)
+        stages = [Stage("one", add, (("x", Reference("event", "x")),)),
+                  Stage("two", dbl, (("y", Reference("one", "y")),))]
+        if when:
+            stages.append(Stage("check", sha(OVER_TEN), (("z", Reference("two", "z")),)))
+        fields = dict(name="chain", source_topic=f"sensors/{self.pool}/x", sink_topic=f"results/{self.pool}",
+                      stages=tuple(stages), outputs=(("z", Reference("two", "z")),),
+                      when=Reference("check", "match") if when else None,
+                      recipients=(crypto.public_bytes(self.recipient),))
+        fields.update(overrides)
+        return PipelineSpec(**fields)
+
+    def inbox(self, signed: SignedPipeline, key=None) -> str:
+        key = key or self.recipient
+        return f"{signed.pipeline_id}.{crypto.public_bytes(key).hex()[:32]}"
+
+    async def put(self, spec: PipelineSpec, *, owner=None, issued_ms: int | None = None) -> tuple[SignedPipeline, object]:
+        signed = sign_pipeline(spec, owner or self.owner, issued_ms or int(time.time() * 1000))
+        await self.broker.declare_stream(self.pool, signed.pipeline_id, spec.source_topic)
+        for recipient in spec.recipients:
+            await self.broker.declare_inbox(f"{signed.pipeline_id}.{recipient.hex()[:32]}", spec.sink_topic)
+        outcome = await self.client._request(lambda: self.core._seal(
+            "pipeline_put", signed.to_bytes(), timeout=TIMEOUT, content_type=bodies.PIPELINE), TIMEOUT)
+        return signed, outcome
+
+    def event(self, signed: SignedPipeline, event_id: str, inputs) -> tuple[str, Message]:
+        request = self.core._seal("event", bodies.encode_event(signed.pipeline_id, event_id, inputs),
+                                  timeout=TIMEOUT, content_type=bodies.EVENT, topic=signed.spec.source_topic)
+        message = Message(body=request.body, correlation_id=request.job_id, reply_to=self.core.reply_to,
+                          message_id=request.job_id)
+        return request.job_id, message
+
+    async def publish(self, signed: SignedPipeline, event_id: str, inputs) -> str:
+        job_id, message = self.event(signed, event_id, inputs)
+        await self.broker.publish_event(signed.spec.source_topic, message)
+        return job_id
+
+    def trusted_key(self, epoch: int) -> bytes | None:
+        keyring = self.worker.keyring
+        return keyring.public_key if epoch == keyring.epoch else None
+
+
+def sha(model: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(model).hexdigest()
+
+
+class Inbox:
+    """Everything a recipient's inbox receives, raw, acked."""
+
+    def __init__(self) -> None:
+        self.raw: list[bytes] = []
+
+    async def __call__(self, delivery: Delivery) -> None:
+        self.raw.append(delivery.message.body)
+        await delivery.ack()
+
+
+@pytest.fixture
+async def deployment(tee, broker_url, pool) -> AsyncIterator[Deployment]:
+    owner = generate_signing_key()
+    async with running_worker(tee, broker_url, pool) as worker:
+        async with AsyncClient(broker_url, pool, tee.policy(), owner_key=owner) as client:
+            for model in (ADD_ONE, DOUBLE, OVER_TEN):
+                await client.upload_model(model)
+            yield Deployment(client=client, worker=worker, pool=pool, owner=owner)
+
+
+@pytest.fixture
+async def chain(deployment) -> AsyncIterator[tuple[SignedPipeline, Inbox]]:
+    signed, outcome = await deployment.put(deployment.spec())
+    assert outcome.ok, outcome.error()
+    inbox = Inbox()
+    sub = await deployment.broker.consume_inbox(deployment.inbox(signed), inbox)
+    yield signed, inbox
+    await sub.cancel()
+    await deployment.broker.delete_inbox(deployment.inbox(signed))
+
+
+def opened(d: Deployment, raw: bytes, key=None) -> PipelineResult:
+    return open_result(raw, key or d.recipient, d.trusted_key, pool=d.pool)
+
+
+# -- results ---------------------------------------------------------------------------------------
+
+
+async def test_every_event_yields_a_result_equal_to_running_the_chain_directly(deployment, chain):
+    signed, inbox = chain
+    events = {f"e{i}": np.random.default_rng(i).standard_normal((1, 4)).astype(np.float32) for i in range(20)}
+    for event_id, x in events.items():
+        await deployment.publish(signed, event_id, {"x": x})
+    await wait_until(lambda: len(inbox.raw) == 20, "20 results reach the recipient's inbox")
+    results = {r.event_id: r for r in (opened(deployment, raw) for raw in inbox.raw)}
+    assert results.keys() == events.keys()
+    for event_id, x in events.items():
+        result = results[event_id]
+        np.testing.assert_allclose(result.outputs["z"], directly(x), rtol=1e-6)
+        assert result.pipeline_id == signed.pipeline_id and result.stage_models == signed.spec.model_ids
+        assert result.pool == deployment.pool
+
+
+async def test_a_result_says_which_session_published_its_event(deployment, chain):
+    signed, inbox = chain
+    await deployment.publish(signed, "who", {"x": np.zeros((1, 4), np.float32)})
+    await wait_until(lambda: len(inbox.raw) == 1, "the result arrives")
+    assert opened(deployment, inbox.raw[0]).publisher == deployment.core.session.session_id
+
+
+async def test_a_key_that_is_not_a_recipient_opens_nothing(deployment, chain):
+    signed, inbox = chain
+    await deployment.publish(signed, "secret", {"x": np.ones((1, 4), np.float32)})
+    await wait_until(lambda: len(inbox.raw) == 1, "the result arrives")
+    with pytest.raises(NotARecipient):
+        opened(deployment, inbox.raw[0], key=crypto.generate_private_key())
+
+
+async def test_a_result_altered_on_the_way_is_refused(deployment, chain):
+    signed, inbox = chain
+    await deployment.publish(signed, "altered", {"x": np.ones((1, 4), np.float32)})
+    await wait_until(lambda: len(inbox.raw) == 1, "the result arrives")
+    raw = bytearray(inbox.raw[0])
+    raw[-5] ^= 1
+    with pytest.raises(ResultForged):
+        opened(deployment, bytes(raw))
+
+
+async def test_a_replayed_event_yields_no_second_result(deployment, chain):
+    signed, inbox = chain
+    _, message = deployment.event(signed, "once", {"x": np.ones((1, 4), np.float32)})
+    for _ in range(3):  # the broker (or anyone who captured it) publishes the same sealed event again
+        await deployment.broker.publish_event(signed.spec.source_topic, message)
+    await wait_until(lambda: deployment.worker.metrics.requests.labels("event", "duplicate")._value.get() == 2,
+                     "the two replays are recognised")
+    assert len(inbox.raw) == 1
+
+
+async def test_an_event_that_does_not_meet_the_condition_yields_no_result(deployment):
+    signed, outcome = await deployment.put(deployment.spec(when=True, name="alerts"))
+    assert outcome.ok, outcome.error()
+    inbox = Inbox()
+    sub = await deployment.broker.consume_inbox(deployment.inbox(signed), inbox)
+    try:
+        await deployment.publish(signed, "quiet", {"x": np.zeros((1, 4), np.float32)})     # (0+1)*2 = 2
+        await deployment.publish(signed, "loud", {"x": np.full((1, 4), 9, np.float32)})    # (9+1)*2 = 20
+        await wait_until(lambda: len(inbox.raw) == 1, "the matching event's result arrives")
+        await wait_until(lambda: deployment.worker.metrics.requests.labels("event", "ok")._value.get() == 2,
+                         "both events were handled")
+        assert [opened(deployment, raw).event_id for raw in inbox.raw] == ["loud"]
+    finally:
+        await sub.cancel()
+        await deployment.broker.delete_inbox(deployment.inbox(signed))
+
+
+# -- refusals ----------------------------------------------------------------------------------------
+
+
+class Replies:
+    """The publisher's view: errors the worker sends back for failed events."""
+
+    def __init__(self, deployment: Deployment) -> None:
+        self.d = deployment
+
+    async def error_for(self, job_id: str) -> Exception:
+        future = self.d.client._expect(job_id)
+        outcome = await asyncio.wait_for(future, TIMEOUT)
+        assert not outcome.ok
+        return outcome.error()
+
+
+async def test_an_event_of_the_wrong_shape_is_a_typed_error_to_its_publisher_and_the_worker_goes_on(
+        deployment, chain):
+    signed, inbox = chain
+    job_id, message = deployment.event(signed, "bad", {"x": np.ones((2, 3), np.float32)})
+    replies = Replies(deployment)
+    waiting = asyncio.ensure_future(replies.error_for(job_id))
+    await deployment.broker.publish_event(signed.spec.source_topic, message)
+    error = await waiting
+    assert error.code == "bad_input" and "shape" in str(error)
+    await deployment.publish(signed, "good", {"x": np.ones((1, 4), np.float32)})
+    await wait_until(lambda: len(inbox.raw) == 1, "the next event still yields its result")
+
+
+async def test_an_event_missing_an_input_is_refused_by_name(deployment, chain):
+    signed, _ = chain
+    job_id, message = deployment.event(signed, "missing", {"y": np.ones((1, 4), np.float32)})
+    waiting = asyncio.ensure_future(Replies(deployment).error_for(job_id))
+    await deployment.broker.publish_event(signed.spec.source_topic, message)
+    error = await waiting
+    assert error.code == "bad_input" and "missing ['x']" in str(error)
+
+
+async def test_a_pipeline_naming_a_model_the_pool_lacks_is_refused_when_created(deployment):
+    spec = deployment.spec(stages=(Stage("one", "ab" * 32, (("x", Reference("event", "x")),)),),
+                           outputs=(("y", Reference("one", "y")),))
+    _, outcome = await deployment.put(spec)
+    assert not outcome.ok and outcome.error().code == "unknown_model"
+
+
+async def test_a_pipeline_whose_wiring_does_not_type_check_is_refused_when_created(deployment):
+    # The second stage's input "y" fed from the event's "x" is fine by name, but OVER_TEN takes "z".
+    spec = deployment.spec(stages=(Stage("one", sha(ADD_ONE), (("x", Reference("event", "x")),)),
+                                   Stage("two", sha(OVER_TEN), (("y", Reference("one", "y")),))),
+                           outputs=(("m", Reference("two", "match")),))
+    _, outcome = await deployment.put(spec)
+    assert not outcome.ok and outcome.error().code == "pipeline_invalid"
+
+
+async def test_only_the_owner_replaces_or_deletes_a_pipeline_and_an_old_definition_stays_refused(deployment, chain):
+    signed, _ = chain
+    stranger = generate_signing_key()
+    # A stranger's definition of the same name is another pipeline (the id includes the owner key).
+    theirs, outcome = await deployment.put(signed.spec, owner=stranger)
+    assert outcome.ok and theirs.pipeline_id != signed.pipeline_id
+    order = sign_pipeline_delete(signed.pipeline_id, stranger, int(time.time() * 1000))
+    outcome = await deployment.client._request(lambda: deployment.core._seal(
+        "pipeline_delete", order.to_bytes(), timeout=TIMEOUT, content_type=bodies.PIPELINE_DELETE), TIMEOUT)
+    assert outcome.error().code == "not_owner"
+    # Replaying the definition in force (same issued time) is refused.
+    outcome = await deployment.client._request(lambda: deployment.core._seal(
+        "pipeline_put", signed.to_bytes(), timeout=TIMEOUT, content_type=bodies.PIPELINE), TIMEOUT)
+    assert outcome.error().code == "stale_order"
+    order = sign_pipeline_delete(signed.pipeline_id, deployment.owner, int(time.time() * 1000) + 1)
+    outcome = await deployment.client._request(lambda: deployment.core._seal(
+        "pipeline_delete", order.to_bytes(), timeout=TIMEOUT, content_type=bodies.PIPELINE_DELETE), TIMEOUT)
+    assert outcome.ok
+    outcome = await deployment.client._request(lambda: deployment.core._seal(
+        "pipeline_put", signed.to_bytes(), timeout=TIMEOUT, content_type=bodies.PIPELINE), TIMEOUT)
+    assert outcome.error().code == "stale_order", "a definition older than the delete order came back"
+    await deployment.broker.delete_inbox(deployment.inbox(theirs))
+
+
+async def test_a_restarted_worker_serves_the_pipelines_it_had(tee, broker_url, pool, tmp_path):
+    owner, recipient = generate_signing_key(), crypto.generate_private_key()
+    state = tmp_path / "state"
+    async with running_worker(tee, broker_url, pool, state_dir=state) as worker:
+        async with AsyncClient(broker_url, pool, tee.policy(), owner_key=owner) as client:
+            for model in (ADD_ONE, DOUBLE):
+                await client.upload_model(model)
+            d = Deployment(client=client, worker=worker, pool=pool, owner=owner, recipient=recipient)
+            signed, outcome = await d.put(d.spec())
+            assert outcome.ok
+    async with running_worker(tee, broker_url, pool, state_dir=state) as worker:
+        assert signed.pipeline_id in worker.pipelines.pipelines
+        async with AsyncClient(broker_url, pool, tee.policy(), owner_key=owner) as client:
+            d = Deployment(client=client, worker=worker, pool=pool, owner=owner, recipient=recipient)
+            inbox = Inbox()
+            sub = await d.broker.consume_inbox(d.inbox(signed), inbox)
+            await d.publish(signed, "after-restart", {"x": np.ones((1, 4), np.float32)})
+            await wait_until(lambda: len(inbox.raw) == 1, "the restarted worker answers the event")
+            await sub.cancel()
+            await d.broker.delete_inbox(d.inbox(signed))
