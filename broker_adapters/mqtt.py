@@ -221,11 +221,16 @@ def _properties(message: Message, attempt: int) -> Properties:
         props.CorrelationData = message.correlation_id.encode()
     if message.reply_to is not None:
         props.ResponseTopic = message.reply_to
-    user = [(_ID_PROPERTY, message.message_id or uuid.uuid4().hex)]
+    user = []
+    # Absent means "the correlation id" (every enclaveq request and reply has message id ==
+    # correlation id): one user property less to encode and parse per message.
+    if message.message_id is None or message.message_id != message.correlation_id:
+        user.append((_ID_PROPERTY, message.message_id or uuid.uuid4().hex))
     if attempt > 1:  # absent means 1: one property less to encode and parse per first delivery
         user.append((_ATTEMPT_PROPERTY, str(attempt)))
     user += [(_HEADER_PREFIX + key, _encode_header(value)) for key, value in message.headers.items()]
-    props.UserProperty = user
+    if user:
+        props.UserProperty = user
     return props
 
 
@@ -247,11 +252,12 @@ def _parse(msg: paho.MQTTMessage) -> tuple[Message, int]:
             decoded = _decode_header(value)
             if decoded is not None:
                 headers[key[len(_HEADER_PREFIX):]] = decoded
+    correlation_id = correlation.decode(errors="replace") if isinstance(correlation, bytes) else None
     message = Message(
         body=bytes(msg.payload),
-        correlation_id=correlation.decode(errors="replace") if isinstance(correlation, bytes) else None,
+        correlation_id=correlation_id,
         reply_to=reply_to if isinstance(reply_to, str) else None,
-        message_id=message_id,
+        message_id=message_id if message_id is not None else correlation_id,
         headers=headers,
     )
     return message, attempt
@@ -358,6 +364,9 @@ class _Conn:
         self.disconnect_reason = None
         try:
             await client.__aenter__()
+            # Only the connect needs paho's log lines; kept on, paho formats every packet
+            # (properties included) into a string for it: a measurable share of a worker's CPU.
+            raw.on_log = None
             self.lost.clear()
             self.up.set()
             for topic in self.subscriptions:

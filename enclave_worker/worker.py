@@ -410,7 +410,8 @@ class Worker:
         result = seal_result(session_key, header, answer.status, answer.content_type, answer.body, rng=self._rng,
                              current_epoch=self.keyring.epoch)
         try:
-            await self._broker.publish_reply(header.reply_to, Message(body=result, correlation_id=header.job_id))
+            await self._broker.publish_reply(header.reply_to, Message(body=result, correlation_id=header.job_id,
+                                                                      message_id=header.job_id))
         except Unroutable:
             return await self._dead_letter(delivery, "no_reply_queue",
                                            f"job {header.job_id}: reply queue is gone; the result is dropped")

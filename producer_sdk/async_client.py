@@ -4,15 +4,26 @@ Connecting does nothing but attest: the client sends a fresh nonce on the pool's
 channel and verifies the answer against the policy before any request is sealed. Results
 arrive on the producer's own durable reply queue and are matched to requests by job id;
 a result is accepted once, duplicates and unopenable messages are dropped.
+
+Pipelines (docs/pipelines.md): ``create_pipeline`` uploads the stage models the pool lacks,
+declares the pipeline's event stream and every recipient's inbox, then sends the owner-signed
+definition; ``list_pipelines`` and ``delete_pipeline`` complete the set. Events are sent by
+:class:`producer_sdk.events.AsyncEventPublisher`, which drives this class: an event is
+published on its topic and nothing comes back on success, so the client keeps, per event in
+flight, just enough to report a failure the worker sends back or to seal it again after a key
+rotation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
+import re
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,16 +35,21 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from attestation.policy import load_policy
 from attestation.claims import Claims
 from broker_adapters import BrokerAdapter, Delivery, Message, Subscription, open_broker, redact_url
-from broker_adapters.errors import BrokerError, BrokerUnavailable, Unroutable
+from broker_adapters.errors import BrokerError, BrokerUnavailable, QueueNotFound, Unroutable
 from protocol import bodies, crypto
+from protocol.errors import ProtocolError
 from protocol.handshake import Statement
 from protocol.routing import Route
-from protocol.ownership import generate_signing_key, load_signing_key, parse_public_key
+from protocol.ownership import generate_signing_key, load_signing_key, parse_public_key, public_key_bytes
+from protocol.pipeline import (
+    ModelSignature, PipelineError, PipelineSpec, check_stage_mapping, load_pipeline_toml, pipeline_id,
+    sign_pipeline, sign_pipeline_delete,
+)
 
-from .core import AttestationAnswer, Outcome, ProducerCore, Reply, Request
+from .core import AttestationAnswer, Outcome, ProducerCore, Reply, Request, StaleEpochNotice, inbox_name
 from .epochs import EpochState, marks_for
 from .errors import (AttestationFailed, BrokerUnreachable, ClientClosed, EnclaveqError, JobError, JobTimeout,
-                     ModelRejected, NoWorkerAnswered)
+                     ModelRejected, NoWorkerAnswered, PipelineRejected, UnknownPipeline)
 
 log = logging.getLogger("enclaveq.producer")
 
@@ -52,12 +68,35 @@ CLOSE_TIMEOUT = 10.0
 REFUSAL_GRACE_SECONDS = 1.0
 # First wait before challenging again workers that answered "busy" (doubling, at most 2 s).
 BUSY_BACKOFF_SECONDS = 0.25
+# Events in flight: the client remembers, per event, whom to tell of a failure (at most this many,
+# the oldest forgotten first) and, within a byte budget, the sealed copy's recipe to seal it again
+# after a key rotation (the inputs: events can be large, so older ones lose it first).
+MAX_EVENTS_REMEMBERED = 100_000
+EVENT_RESEND_BUDGET_BYTES = 64 * 1024 * 1024
+# How long after an event's deadline a failure may still come back (a worker answers "expired").
+EVENT_ANSWER_GRACE_SECONDS = 60.0
+# First wait before publishing an event again after the connection dropped mid-publish.
+REPUBLISH_BACKOFF_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
 class _BatchEnd:
     count: int | None
     error: Exception | None
+
+
+@dataclass
+class _Fired:
+    """An event published and not known to have failed: its id, whom to tell if the worker
+    sends a failure back, and (while the resend budget allows) how to seal it again."""
+
+    event_id: str
+    epoch: int
+    expires: float  # loop time after which no answer is expected any more
+    timeout: float
+    on_error: Callable[[JobError], None]
+    make: Callable[[], Request] | None
+    attempts: int
 
 
 @dataclass(frozen=True)
@@ -118,6 +157,12 @@ class AsyncClient:
         self._core: ProducerCore | None = None
         self._closed = False
         self._refreshing: asyncio.Task[None] | None = None
+        # Events in flight, by job id (see MAX_EVENTS_REMEMBERED), and the sizes of those that can
+        # still be sealed again (EVENT_RESEND_BUDGET_BYTES).
+        self._fired: OrderedDict[str, _Fired] = OrderedDict()
+        self._resendable: OrderedDict[str, int] = OrderedDict()
+        self._resendable_bytes = 0
+        self._background: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> AsyncClient:
         await self.connect()
@@ -256,7 +301,11 @@ class AsyncClient:
         if isinstance(received, AttestationAnswer) and self._core is not None:
             self._take_answer(self._core, received)
         elif isinstance(received, Reply):
-            self._resolve(received.job_id, received.outcome)
+            fired = self._fired.pop(received.job_id, None)
+            if fired is not None:
+                self._event_answered(received.job_id, fired, received.outcome)
+            else:
+                self._resolve(received.job_id, received.outcome)
         if self._core is not None and self._core.newer_epoch is not None:
             self._start_refresh()  # the pool rotated: pick up its new key for the next jobs
         await delivery.ack()
@@ -289,6 +338,8 @@ class AsyncClient:
         self._closed = True
         if self._refreshing is not None and not self._refreshing.done():
             self._refreshing.cancel()
+        for task in list(self._background):
+            task.cancel()
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(ClientClosed("the client was closed"))
@@ -328,12 +379,7 @@ class AsyncClient:
             sent = False
             try:
                 async with asyncio.timeout_at(deadline):
-                    if request.route is Route.BROADCAST:
-                        # Every worker of the pool must hold every model: uploads and deletes go to all;
-                        # each answers, the first answer is taken.
-                        await broker.publish_control(self.pool, message)
-                    else:
-                        await broker.publish_job(self.pool, message)
+                    await self._publish(broker, request, message)
                     sent = True
                     outcome = await future
             except TimeoutError:
@@ -359,6 +405,127 @@ class AsyncClient:
                                      f"pool after a key rotation)") from None
         raise JobError(f"the pool kept refusing the epoch of request {request.job_id} after "
                        f"{STALE_EPOCH_RETRIES} re-attestations", code="stale_epoch", job_id=request.job_id)
+
+    async def _publish(self, broker: BrokerAdapter, request: Request, message: Message) -> None:
+        """Publish a sealed request on the channel ``protocol.routing`` names for its kind."""
+        if request.route is Route.BROADCAST:
+            # Every worker of the pool must hold every model and pipeline: uploads, definitions and
+            # deletes go to all; each answers, the first answer is taken.
+            await broker.publish_control(self.pool, message)
+        elif request.route is Route.STREAM:
+            # An event goes to a topic, not to a pool: the broker routes it to the stream of every
+            # pipeline whose source filter matches (declared by create_pipeline).
+            assert request.topic is not None  # ProducerCore seals a topic into every event request
+            await broker.publish_event(request.topic, message)
+        else:
+            await broker.publish_job(self.pool, message)
+
+    # -- events (fire and forget; AsyncEventPublisher drives these) ------------------------
+    async def _fire(self, make: Callable[[], Request], *, event_id: str, timeout: float,
+                    on_error: Callable[[JobError], None], attempts: int = 0) -> str:
+        """Publish the event ``make()`` seals; return its job id once the broker confirmed it.
+
+        Nothing comes back on success. A failure the worker sends back (an encrypted error) goes
+        to ``on_error``; a stale-epoch notice re-attests and seals the event again (same event
+        id, new job id), at most :data:`STALE_EPOCH_RETRIES` times. A connection lost mid-publish
+        is retried until ``timeout``: the broker may already hold the first copy, but a worker
+        never runs one job id twice and recipients drop a second result of one event id."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        broker, core = self._connection()
+        request = make()
+        message = Message(body=request.body, correlation_id=request.job_id, reply_to=core.reply_to,
+                          message_id=request.job_id)
+        ttl = max(0.0, request.deadline_ms / 1000 - self._clock())
+        # Remembered before publishing: a worker may answer before the broker's confirm arrives.
+        self._remember_fired(request.job_id, len(request.body), _Fired(
+            event_id=event_id, epoch=request.epoch, expires=loop.time() + ttl + EVENT_ANSWER_GRACE_SECONDS,
+            timeout=timeout, on_error=on_error, make=make, attempts=attempts))
+        backoff = REPUBLISH_BACKOFF_SECONDS
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await self._publish(broker, request, message)
+                    return request.job_id
+                except BrokerUnavailable as exc:
+                    if loop.time() + backoff >= deadline:
+                        raise BrokerUnreachable(f"could not publish event {event_id}: {exc}") from None
+                    log.info("publishing event %s: the connection dropped (%s); publishing it again", event_id, exc)
+                    await asyncio.sleep(backoff)
+                    backoff = min(2 * backoff, 2.0)
+        except BaseException as exc:
+            self._forget_fired(request.job_id)
+            if isinstance(exc, TimeoutError):
+                raise JobTimeout(f"the broker did not confirm event {event_id} within {timeout:g}s") from None
+            if isinstance(exc, Unroutable):
+                raise UnknownPipeline(f"no pipeline stream takes events on topic {request.topic!r}: the pipeline "
+                                      f"is not (or no longer) on the broker", event_id=event_id) from None
+            if isinstance(exc, BrokerError):
+                raise BrokerUnreachable(f"could not publish event {event_id}: {exc}") from None
+            raise
+
+    def _remember_fired(self, job_id: str, size: int, fired: _Fired) -> None:
+        now = asyncio.get_running_loop().time()
+        while self._fired:
+            oldest_id, oldest = next(iter(self._fired.items()))
+            if len(self._fired) < MAX_EVENTS_REMEMBERED and oldest.expires > now:
+                break
+            self._forget_fired(oldest_id)
+        self._fired[job_id] = fired
+        self._resendable[job_id] = size
+        self._resendable_bytes += size
+        while self._resendable_bytes > EVENT_RESEND_BUDGET_BYTES and len(self._resendable) > 1:
+            # The oldest events can no longer be sealed again after a rotation (a failure is
+            # still reported); their inputs are released.
+            old_id, old_size = self._resendable.popitem(last=False)
+            self._resendable_bytes -= old_size
+            if old_id in self._fired:
+                self._fired[old_id].make = None
+
+    def _forget_fired(self, job_id: str) -> None:
+        self._fired.pop(job_id, None)
+        size = self._resendable.pop(job_id, None)
+        if size is not None:
+            self._resendable_bytes -= size
+
+    def _event_answered(self, job_id: str, fired: _Fired, outcome: Outcome | StaleEpochNotice | JobError) -> None:
+        """A worker answered an event: only failures are ever answered."""
+        self._forget_fired(job_id)
+        make, fired.make = fired.make, None
+        if isinstance(outcome, Outcome):
+            if outcome.ok:
+                return  # workers send nothing on success; an "ok" changes nothing
+            error = outcome.error()
+        elif isinstance(outcome, JobError):
+            error = outcome
+        elif make is None or fired.attempts >= STALE_EPOCH_RETRIES:
+            error = JobError(f"event {fired.event_id} was sealed to a retired pool epoch and could not be sealed "
+                             f"again", code="stale_epoch", job_id=job_id)
+        else:
+            task = asyncio.get_running_loop().create_task(self._refire(fired, make))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return
+        error.event_id = fired.event_id
+        fired.on_error(error)
+
+    async def _refire(self, fired: _Fired, make: Callable[[], Request]) -> None:
+        """Re-attest (if nobody did since the event was sealed) and send the event again."""
+        try:
+            core = self._core_or_raise()
+            if core.epoch <= fired.epoch:
+                try:
+                    async with asyncio.timeout(self.attest_timeout + fired.timeout):
+                        # Shielded: other events and requests may be waiting on the same re-attestation.
+                        await asyncio.shield(self._start_refresh())
+                except TimeoutError:
+                    pass  # sealing again to the same epoch fails again, within the retry bound
+            await self._fire(make, event_id=fired.event_id, timeout=fired.timeout, on_error=fired.on_error,
+                             attempts=fired.attempts + 1)
+        except EnclaveqError as exc:
+            fired.on_error(JobError(f"event {fired.event_id} could not be sent again after a key rotation: {exc}",
+                                    code="stale_epoch", event_id=fired.event_id))
 
     async def run(self, model_id: str, inputs: Mapping[str, Any], *, outputs: Sequence[str] | None = None,
                   timeout: float | None = None) -> dict[str, np.ndarray]:
@@ -466,6 +633,134 @@ class AsyncClient:
             raise ModelRejected("the worker did not confirm the complete model", job_id=None)
         return model_id
 
+    # -- pipelines -------------------------------------------------------------------------
+    async def create_pipeline(self, pipeline: PipelineSpec | str | os.PathLike[str], *,
+                              models: Mapping[str, bytes | str | os.PathLike[str]] | None = None,
+                              owner_key: Any = None, timeout: float | None = None,
+                              progress: Callable[[str, int, int], None] | None = None) -> str:
+        """Create (or replace) a pipeline on the pool; returns its id.
+
+        ``pipeline`` is a pipeline.toml path (``protocol.pipeline.load_pipeline_toml``: stage
+        models named by file are read from the TOML's directory) or a resolved ``PipelineSpec``.
+        ``models`` adds model bytes (or files) by model id, for specs whose stages name models
+        the pool may not hold. In order:
+
+        1. every stage model the pool lacks and whose bytes are known is uploaded with
+           ``upload_model`` under the same owner key (``progress(model_id, done, total)`` per chunk);
+        2. the wiring is type-checked against the models' real inputs and outputs, so a mapping
+           that cannot work fails here, naming the TOML key (``PipelineRejected.key``);
+        3. the pipeline's event stream (pool, pipeline id, source topic) and one inbox per
+           recipient (:func:`producer_sdk.core.inbox_name`, filtered by the sink topic) are
+           declared, so results of events published before a recipient ever subscribes wait
+           in its inbox;
+        4. the definition, signed by ``owner_key`` (default as for ``upload_model``), is sent to
+           every worker; replacing a pipeline takes a newer signature by the same owner key.
+
+        Refusals: ``PipelineRejected`` (invalid definition, wiring, a stale definition, or a
+        changed source or sink topic: delete the pipeline first), ``UnknownModel`` (a stage
+        model neither in the pool nor given), ``NotOwner``/``BadSignature``, broker errors."""
+        timeout = timeout or self.timeout
+        files: dict[str, bytes] = {}
+        if isinstance(pipeline, PipelineSpec):
+            spec = pipeline
+        else:
+            try:
+                spec, files = await asyncio.to_thread(load_pipeline_toml, pipeline)
+            except PipelineError as exc:
+                raise PipelineRejected(str(exc), key=exc.key) from None
+        for model_id, given in (models or {}).items():
+            data = (await asyncio.to_thread(Path(given).read_bytes) if isinstance(given, (str, os.PathLike))
+                    else bytes(given))
+            if hashlib.sha256(data).hexdigest() != model_id:
+                raise PipelineRejected(f"models: the bytes given for model {model_id[:12]}... hash to another id")
+            files[model_id] = data
+        key = self._owner(owner_key)
+        pid = pipeline_id(public_key_bytes(key), spec.name)
+
+        held = {m.model_id: m for m in await self.list_models(timeout=timeout)}
+        missing = [m for m in dict.fromkeys(spec.model_ids) if m not in held and m in files]
+        for model_id in missing:
+            def report(done: int, total: int, model_id: str = model_id) -> None:
+                if progress is not None:
+                    progress(model_id, done, total)
+            await self.upload_model(files[model_id], owner_key=key, timeout=timeout, progress=report)
+        if missing:
+            held = {m.model_id: m for m in await self.list_models(timeout=timeout)}
+        if all(m in held for m in spec.model_ids):
+            try:
+                check_stage_mapping(spec, {m: _signature(held[m]) for m in spec.model_ids})
+            except PipelineError as exc:
+                raise PipelineRejected(str(exc), key=exc.key) from None
+        # else: a model this session may not see (an allow-list) or does not have -- the workers,
+        # which check the same wiring, answer for it (unknown_model, or the mapping error).
+
+        current = {p.pipeline_id: p for p in await self.list_pipelines(timeout=timeout)}.get(pid)
+        await self._declare_pipeline_queues(pid, spec, timeout)
+        core = self._core_or_raise()
+        issued = _IssuedMs(self._clock, current.issued_ms if current is not None else 0)
+        # Signed again for each attempt (a resend after a rotation): a worker that installed the
+        # first copy would refuse an equal issued_ms as a replay.
+        outcome = await self._request(lambda: core.pipeline_put(sign_pipeline(spec, key, issued()), timeout=timeout),
+                                      timeout)
+        if not outcome.ok:
+            raise _pipeline_error(outcome)
+        return pid
+
+    async def _declare_pipeline_queues(self, pid: str, spec: PipelineSpec, timeout: float) -> None:
+        broker, _ = self._connection()
+        what = "the pipeline's event stream"
+        try:
+            async with asyncio.timeout(timeout):
+                await broker.declare_stream(self.pool, pid, spec.source_topic)
+                what = "the recipients' inboxes"
+                for recipient in spec.recipients:
+                    await broker.declare_inbox(inbox_name(pid, recipient), spec.sink_topic)
+        except TimeoutError:
+            raise BrokerUnreachable(f"the broker did not declare {what} within {timeout:g}s") from None
+        except (BrokerUnavailable, QueueNotFound) as exc:
+            raise BrokerUnreachable(f"could not declare {what}: {exc}") from None
+        except BrokerError:
+            # Brokers refuse to redeclare a queue with another binding: the pipeline exists with
+            # another topic, and its queued events or results would be stranded by a silent change.
+            topic = "source.topic" if what.startswith("the pipeline") else "sink.topic"
+            raise PipelineRejected(f"{topic}: pipeline {pid} already exists with another {topic.split('.')[0]} "
+                                   f"topic; delete it first to change the topic", key=topic) from None
+
+    async def list_pipelines(self, *, timeout: float | None = None) -> list[bodies.PipelineInfo]:
+        """The pipelines defined on the pool (as one worker holds them)."""
+        timeout = timeout or self.timeout
+        core = self._core_or_raise()
+        outcome = await self._request(lambda: core.pipeline_list(timeout=timeout), timeout)
+        if not outcome.ok:
+            raise outcome.error()
+        try:
+            return bodies.decode_pipelines(outcome.body)
+        except ProtocolError as exc:
+            raise JobError(f"the pool's pipeline list does not decode: {exc}", job_id=outcome.job_id) from None
+
+    async def delete_pipeline(self, pipeline_id: str, *, owner_key: Any = None, timeout: float | None = None) -> None:
+        """Delete a pipeline from every worker (an order signed by its owner's key), then its
+        event stream: events published afterwards are refused by the broker (``UnknownPipeline``
+        for publishers) instead of piling up unread. The recipients' inboxes are kept, with the
+        results they still hold; a recipient removes its own when done."""
+        timeout = timeout or self.timeout
+        if not _PIPELINE_ID.fullmatch(pipeline_id):
+            raise UnknownPipeline(f"{pipeline_id[:80]!r} is not a pipeline id (64 lowercase hex characters)")
+        core = self._core_or_raise()
+        key = self._owner(owner_key)
+        current = {p.pipeline_id: p for p in await self.list_pipelines(timeout=timeout)}.get(pipeline_id)
+        issued = _IssuedMs(self._clock, current.issued_ms if current is not None else 0)
+        outcome = await self._request(
+            lambda: core.pipeline_delete(sign_pipeline_delete(pipeline_id, key, issued()), timeout=timeout), timeout)
+        if not outcome.ok:
+            raise _pipeline_error(outcome)
+        broker, _ = self._connection()
+        try:
+            async with asyncio.timeout(timeout):
+                await broker.delete_stream(self.pool, pipeline_id)
+        except (BrokerError, TimeoutError) as exc:
+            log.warning("pipeline %s is deleted, but its event stream could not be removed (%s)", pipeline_id, exc)
+
     def _owner(self, owner_key: Any) -> Any:
         key = _signing_key(owner_key) or self._owner_key or self.producer_key
         if key is None:
@@ -510,6 +805,36 @@ class AsyncClient:
         if core.session is None:
             raise ClientClosed("the client is closed or not connected")
         return core
+
+
+_PIPELINE_ID = re.compile(r"[0-9a-f]{64}")
+
+
+class _IssuedMs:
+    """``issued_ms`` for successive signatures of one pipeline statement: the clock, but always
+    above the one in force (``floor``) and above the previous call's (a resend is newer)."""
+
+    def __init__(self, clock: Callable[[], float], floor: int) -> None:
+        self._clock = clock
+        self._last = floor
+
+    def __call__(self) -> int:
+        self._last = max(int(self._clock() * 1000), self._last + 1)
+        return self._last
+
+
+def _signature(info: bodies.ModelInfo) -> ModelSignature:
+    """A model's inputs and outputs as ``check_stage_mapping`` takes them."""
+    return ({name: (dtype, shape) for name, dtype, shape in info.inputs},
+            {name: (dtype, shape) for name, dtype, shape in info.outputs})
+
+
+def _pipeline_error(outcome: Outcome) -> JobError:
+    error = outcome.error()
+    if error.code == bodies.ErrorCode.STALE_ORDER:
+        # For a pipeline, "stale" means a definition or delete order at least as new is in force.
+        return PipelineRejected(str(error), code=error.code, job_id=error.job_id)
+    return error
 
 
 def _signing_key(key: Any) -> Any:

@@ -9,7 +9,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,12 +19,64 @@ from attestation.claims import Claims
 from attestation.policy import Policy
 from protocol import bodies, crypto
 from protocol.handshake import Statement
+from protocol.pipeline import PipelineSpec
 
 from .async_client import AsyncClient, JobResult, KeyLike, Progress
 from .epochs import EpochState
 
 T = TypeVar("T")
 _DONE = object()
+
+
+class BackgroundLoop:
+    """An asyncio event loop in a daemon thread: how the synchronous classes (``Client``,
+    ``EventPublisher``, ``ResultSubscriber``) drive their asyncio twins, so scripts and
+    notebooks get the same behaviour without writing asyncio."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def closed(self) -> bool:
+        return self.loop.is_closed()
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the loop and wait for its result (its exception is raised here)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def iterate(self, items: AsyncIterator[T]) -> Iterator[T]:
+        """Yield what an async iterator yields, pumped on the loop; stopping early cancels it."""
+        results: queue.Queue[object] = queue.Queue()
+
+        async def pump() -> None:
+            try:
+                async for item in items:
+                    results.put(item)
+            except BaseException as exc:  # surfaces in the caller's thread
+                results.put(exc)
+            finally:
+                results.put(_DONE)
+
+        future = asyncio.run_coroutine_threadsafe(pump(), self.loop)
+        try:
+            while True:
+                item = results.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item  # type: ignore[misc]  # only T and the markers above are ever put
+        finally:
+            future.cancel()
+
+    def stop(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
 
 
 class Client:
@@ -41,9 +93,7 @@ class Client:
                  rng: crypto.Random = os.urandom, trust: Any = None, collateral: Mapping[str, Any] | None = None,
                  producer_key: KeyLike | None = None, owner_key: KeyLike | None = None,
                  epoch_state: EpochState = None) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="enclaveq-client", daemon=True)
-        self._thread.start()
+        self._loop = BackgroundLoop("enclaveq-client")
         self._async = AsyncClient(broker_url, pool, policy, name=name, timeout=timeout,
                                   attest_timeout=attest_timeout, max_in_flight=max_in_flight, clock=clock, rng=rng,
                                   trust=trust, collateral=collateral, producer_key=producer_key, owner_key=owner_key,
@@ -51,11 +101,11 @@ class Client:
         try:
             self._call(self._async.connect())
         except BaseException:
-            self._stop_loop()
+            self._loop.stop()
             raise
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        return self._loop.call(coro)
 
     def __enter__(self) -> Client:
         return self
@@ -74,17 +124,12 @@ class Client:
         return self._async.statement
 
     def close(self) -> None:
-        if self._loop.is_closed():
+        if self._loop.closed:
             return
         try:
             self._call(self._async.close())
         finally:
-            self._stop_loop()
-
-    def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
+            self._loop.stop()
 
     def attest(self) -> Claims:
         return self._call(self._async.attest())
@@ -104,6 +149,20 @@ class Client:
     def rotate_pool(self, *, grace_seconds: int = 300, timeout: float | None = None) -> tuple[int, int]:
         return self._call(self._async.rotate_pool(grace_seconds=grace_seconds, timeout=timeout))
 
+    def create_pipeline(self, pipeline: PipelineSpec | str | os.PathLike[str], *,
+                        models: Mapping[str, bytes | str | os.PathLike[str]] | None = None,
+                        owner_key: KeyLike | None = None, timeout: float | None = None,
+                        progress: Callable[[str, int, int], None] | None = None) -> str:
+        return self._call(self._async.create_pipeline(pipeline, models=models, owner_key=owner_key, timeout=timeout,
+                                                      progress=progress))
+
+    def list_pipelines(self, *, timeout: float | None = None) -> list[bodies.PipelineInfo]:
+        return self._call(self._async.list_pipelines(timeout=timeout))
+
+    def delete_pipeline(self, pipeline_id: str, *, owner_key: KeyLike | None = None,
+                        timeout: float | None = None) -> None:
+        return self._call(self._async.delete_pipeline(pipeline_id, owner_key=owner_key, timeout=timeout))
+
     def run(self, model_id: str, inputs: Mapping[str, Any], *, outputs: Sequence[str] | None = None,
             timeout: float | None = None) -> dict[str, np.ndarray]:
         return self._call(self._async.run(model_id, inputs, outputs=outputs, timeout=timeout))
@@ -111,27 +170,5 @@ class Client:
     def submit(self, model_id: str, batch: Iterable[Mapping[str, Any]], *, outputs: Sequence[str] | None = None,
                timeout: float | None = None, max_in_flight: int | None = None) -> Iterator[JobResult]:
         """Yield results as they complete; the batch is read lazily from this thread's iterable."""
-        results: queue.Queue[object] = queue.Queue()
-
-        async def pump() -> None:
-            try:
-                async for result in self._async.submit(model_id, batch, outputs=outputs, timeout=timeout,
-                                                       max_in_flight=max_in_flight):
-                    results.put(result)
-            except BaseException as exc:  # surfaces in the caller's thread
-                results.put(exc)
-            finally:
-                results.put(_DONE)
-
-        future = asyncio.run_coroutine_threadsafe(pump(), self._loop)
-        try:
-            while True:
-                item = results.get()
-                if item is _DONE:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                assert isinstance(item, JobResult)
-                yield item
-        finally:
-            future.cancel()
+        yield from self._loop.iterate(self._async.submit(model_id, batch, outputs=outputs, timeout=timeout,
+                                                         max_in_flight=max_in_flight))

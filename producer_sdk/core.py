@@ -72,6 +72,12 @@ def to_numpy(value: Any) -> np.ndarray:
 ATTESTATION_PREFIX = "att-"  # correlation ids of challenges; every other reply answers a request
 
 
+def inbox_name(pipeline_id: str, recipient_public_key: bytes) -> str:
+    """The broker inbox of one recipient of one pipeline (docs/pipelines.md): created with the
+    pipeline (``AsyncClient.create_pipeline``), consumed by the recipient's subscriber."""
+    return f"{pipeline_id}.{recipient_public_key.hex()[:32]}"
+
+
 @dataclass(frozen=True)
 class Request:
     """A sealed request, ready to publish on ``route``."""

@@ -285,10 +285,8 @@ def tls_mosquitto(request: pytest.FixtureRequest, tmp_path: Path, pki: Pki) -> I
         tmp_path / "mosquitto",
         listener=listener(port, pki.server_cert, pki.server_key)
         + listener(elsewhere_port, pki.elsewhere_cert, pki.elsewhere_key)
-        + f"password_file {passwords}\nallow_anonymous false\n"
-        # Started as root, Mosquitto drops to the `mosquitto` user before it reads the password
-        # file, which sits in tmp_path (mode 0700, root's): it would exit with EACCES.
-        + ("user root\n" if os.geteuid() == 0 else ""),
+        + f"password_file {passwords}\nallow_anonymous false\n",
+        # (Started as root, PrivateMosquitto keeps Mosquitto root, so it reads the password file.)
     )
     # PrivateMosquitto picks its own port before it writes the config; ours is in the listener
     # text, so start() must wait for ours (see the report: a {port} placeholder would avoid this).
