@@ -10,7 +10,22 @@ The public Python API is what this package exports (``__all__``); everything els
         model_id = client.upload_model("model.onnx")
         outputs = client.run(model_id, {"x": np.ones((1, 4), np.float32)})
 
-``AsyncClient`` has the same methods for asyncio. The system itself lives in the sibling library
+``AsyncClient`` has the same methods for asyncio.
+
+Pipelines (docs/pipelines.md): an owner creates one from a pipeline.toml, devices publish events
+fire-and-forget, and only the listed recipients read the results::
+
+    from enclaveq import Client, EventPublisher, ResultSubscriber
+
+    with Client(BROKER, "my-pool", "policy.toml") as client:
+        pipeline = client.create_pipeline("pipeline.toml")
+    with EventPublisher(BROKER, "my-pool", "policy.toml", pipeline) as publisher:
+        publisher.publish("Hello, my dog is cute")
+    with ResultSubscriber(BROKER, "my-pool", "policy.toml", pipeline, key="recipient.key") as results:
+        for result in results:
+            print(result.event_id, result.outputs)
+
+``AsyncEventPublisher`` and ``AsyncResultSubscriber`` are their asyncio twins. The system itself lives in the sibling library
 packages (``attestation``, ``broker_adapters``, ``enclave_worker``, ``producer_sdk``,
 ``protocol``), which never import this one; this package adds the command line and the demo.
 
@@ -18,11 +33,14 @@ Errors a producer sees::
 
     EnclaveqError                  every error the SDK raises (see producer_sdk.errors for the tree)
      ├── BrokerUnreachable, AttestationFailed (└── NoWorkerAnswered, EpochRollback), JobTimeout, ClientClosed
-     └── JobError (code = the worker's error code)
+     ├── EventTopicError, InboxNotFound            (publishers, subscribers)
+     └── JobError (code = the worker's error code; event_id for events)
           └── UnknownModel, ModelRejected, BadInput, Oversized, JobExpired, RequestTampered,
-              RotationRefused, NotOwner, NotAllowed, BadSignature, WorkerFailure
+              RotationRefused, NotOwner, NotAllowed, BadSignature, UnknownPipeline,
+              PipelineRejected, WorkerFailure
     PolicyError                    a policy file or object is unusable (load_policy, Client(policy=...))
-    KeyFileError                   a key file is missing, unreadable or not an Ed25519 key
+    KeyFileError                   a key file is missing, unreadable or not the kind of key expected
+    PipelineError                  a pipeline.toml breaks a rule (the SDK raises PipelineRejected)
 """
 
 from importlib import metadata as _metadata
@@ -30,7 +48,9 @@ from importlib import metadata as _metadata
 from attestation.claims import Claims
 from attestation.errors import PolicyError
 from attestation.policy import Policy, load_policy
-from producer_sdk import AsyncClient, Client, JobResult
+from producer_sdk import (
+    AsyncClient, AsyncEventPublisher, AsyncResultSubscriber, Client, EventPublisher, JobResult, ResultSubscriber,
+)
 from producer_sdk.errors import (
     AttestationFailed,
     BadInput,
@@ -39,6 +59,8 @@ from producer_sdk.errors import (
     ClientClosed,
     EnclaveqError,
     EpochRollback,
+    EventTopicError,
+    InboxNotFound,
     JobError,
     JobExpired,
     JobTimeout,
@@ -47,13 +69,18 @@ from producer_sdk.errors import (
     NotAllowed,
     NotOwner,
     Oversized,
+    PipelineRejected,
     RequestTampered,
     RotationRefused,
     UnknownModel,
+    UnknownPipeline,
     WorkerFailure,
 )
-from protocol.bodies import ModelInfo
+from producer_sdk.results import generate_recipient_key, load_recipient_key, recipient_public_key, save_recipient_key
+from protocol.bodies import ModelInfo, PipelineInfo
 from protocol.errors import KeyFileError
+from protocol.pipeline import PipelineError, PipelineSpec, load_pipeline_toml
+from protocol.results import PipelineResult
 from protocol.ownership import generate_signing_key, load_signing_key, parse_public_key, public_key_bytes, save_signing_key
 
 try:
@@ -68,6 +95,15 @@ __all__ = [
     "Client",
     "JobResult",
     "ModelInfo",
+    # pipelines: definitions, publishers, recipients
+    "PipelineSpec",
+    "PipelineInfo",
+    "PipelineResult",
+    "load_pipeline_toml",
+    "EventPublisher",
+    "AsyncEventPublisher",
+    "ResultSubscriber",
+    "AsyncResultSubscriber",
     # attestation policy
     "Claims",
     "Policy",
@@ -78,6 +114,11 @@ __all__ = [
     "save_signing_key",
     "public_key_bytes",
     "parse_public_key",
+    # X25519 recipient keys: results are sealed to them
+    "generate_recipient_key",
+    "load_recipient_key",
+    "save_recipient_key",
+    "recipient_public_key",
     # errors
     "EnclaveqError",
     "BrokerUnreachable",
@@ -95,9 +136,14 @@ __all__ = [
     "NotOwner",
     "NotAllowed",
     "BadSignature",
+    "UnknownPipeline",
+    "PipelineRejected",
     "WorkerFailure",
+    "EventTopicError",
+    "InboxNotFound",
     "JobTimeout",
     "ClientClosed",
     "PolicyError",
     "KeyFileError",
+    "PipelineError",
 ]

