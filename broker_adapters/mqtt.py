@@ -304,7 +304,6 @@ class _Conn:
         self.session_present = False
         self.max_packet = _MQTT_MAX_PACKET
         self.disconnect_reason: int | None = None
-        self.lost = asyncio.Event()  # set while disconnected (until the next connect)
         self.up = asyncio.Event()  # set while connected
         self.connected_at = -_RESUBSCRIBE_GRACE  # loop time of the last reconnect (not the first connect)
         self._order: OrderedDict[int, bool] = OrderedDict()  # mid -> settled, in arrival order
@@ -367,7 +366,6 @@ class _Conn:
             # Only the connect needs paho's log lines; kept on, paho formats every packet
             # (properties included) into a string for it: a measurable share of a worker's CPU.
             raw.on_log = None
-            self.lost.clear()
             self.up.set()
             for topic in self.subscriptions:
                 await self.subscribe(topic)
@@ -416,7 +414,6 @@ class _Conn:
                 await asyncio.shield(client._disconnected)  # noqa: SLF001
             if self._closing:
                 return
-            self.lost.set()
             self.up.clear()
             self.client = None
             self.broker._conn_lost(self)
@@ -535,6 +532,14 @@ class _Conn:
                 client._client.disconnect(properties=props)  # noqa: SLF001
         with contextlib.suppress(Exception):
             await client.__aexit__(None, None, None)
+
+    async def closed(self) -> None:
+        """Return once this connection is gone (also for a connection without a supervisor)."""
+        client = self.client
+        if client is None:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.shield(client._disconnected)  # noqa: SLF001
 
     def drop(self) -> None:
         """Shut the socket down as a failing network would (fault tests): the supervisor reconnects."""
@@ -985,7 +990,7 @@ class MqttBroker(BrokerAdapter):
                     raise BrokerError("the broker refused the adoption probe")
                 while True:
                     get = asyncio.ensure_future(received.get())
-                    lost = asyncio.ensure_future(conn.lost.wait())
+                    lost = asyncio.ensure_future(conn.closed())
                     done, _ = await asyncio.wait({get, lost}, timeout=self.confirm_timeout,
                                                  return_when=asyncio.FIRST_COMPLETED)
                     lost.cancel()
