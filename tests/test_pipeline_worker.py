@@ -214,3 +214,21 @@ async def test_a_restarted_worker_serves_the_pipelines_it_had(tee, broker_url, p
             await wait_until(lambda: len(inbox.raw) == 1, "the restarted worker answers the event")
             await sub.cancel()
             await d.broker.delete_inbox(d.inbox(signed))
+
+
+async def test_results_of_events_published_before_the_recipient_ever_subscribed_wait_in_its_inbox(deployment):
+    # The inbox is declared with the pipeline, not by the subscriber: nothing is lost meanwhile.
+    signed, outcome = await deployment.put(deployment.spec(name="early"))
+    assert outcome.ok, outcome.error()
+    for i in range(5):
+        await deployment.publish(signed, f"early-{i}", {"x": np.full((1, 4), i, np.float32)})
+    await wait_until(lambda: deployment.worker.metrics.requests.labels("event", "ok")._value.get() == 5,
+                     "the five events were handled with nobody subscribed")
+    inbox = Inbox()
+    sub = await deployment.broker.consume_inbox(deployment.inbox(signed), inbox)
+    try:
+        await wait_until(lambda: len(inbox.raw) == 5, "the subscriber finds the five results")
+        assert sorted(opened(deployment, raw).event_id for raw in inbox.raw) == [f"early-{i}" for i in range(5)]
+    finally:
+        await sub.cancel()
+        await deployment.broker.delete_inbox(deployment.inbox(signed))
