@@ -45,8 +45,8 @@ from .sealed_state import SealedState, SealedStateError
 
 log = logging.getLogger("enclaveq.worker")
 
-UNKNOWN_PIPELINE = "unknown_pipeline"
-PIPELINE_INVALID = "pipeline_invalid"
+UNKNOWN_PIPELINE = bodies.ErrorCode.UNKNOWN_PIPELINE
+PIPELINE_INVALID = bodies.ErrorCode.PIPELINE_INVALID
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,8 @@ class PipelineLibrary:
         self._clock = clock
         self._pipelines: dict[str, SignedPipeline] = {}
         self._deleted: dict[str, PipelineDelete] = {}
+        # What each pipeline's events must carry (from its type check), for producers to read.
+        self._event_inputs: dict[str, tuple[tuple[str, str, tuple[int | None, ...] | None], ...]] = {}
 
     # -- state ------------------------------------------------------------------------------
     def load_sealed(self) -> None:
@@ -85,6 +87,15 @@ class PipelineLibrary:
                 # Sealed by us, so only a bug or another worker version: skip it, say which.
                 log.warning("sealed pipeline %s is unreadable (%s); ignored", pipeline_id, type(exc).__name__)
 
+    async def check_restored(self) -> None:
+        """Type-check the definitions ``load_sealed`` restored against the models now loaded (and
+        learn what their events carry); one whose models are gone is kept but reported."""
+        for pid, signed in self._pipelines.items():
+            try:
+                self._event_inputs[pid] = await self._check_models(signed.spec)
+            except JobRejected as exc:
+                log.warning("restored pipeline %s cannot run: %s", pid, exc)
+
     @property
     def pipelines(self) -> dict[str, SignedPipeline]:
         return dict(self._pipelines)
@@ -93,7 +104,8 @@ class PipelineLibrary:
         return [bodies.PipelineInfo(
             pipeline_id=pid, name=p.spec.name, owner=p.owner_key.hex(), issued_ms=p.issued_ms,
             source=p.spec.source_topic, sink=p.spec.sink_topic, models=p.spec.model_ids,
-            recipients=len(p.spec.recipients)) for pid, p in sorted(self._pipelines.items())]
+            recipients=len(p.spec.recipients), event_inputs=self._event_inputs.get(pid, ()))
+            for pid, p in sorted(self._pipelines.items())]
 
     def get(self, pipeline_id: str) -> SignedPipeline:
         signed = self._pipelines.get(pipeline_id)
@@ -116,7 +128,13 @@ class PipelineLibrary:
         if not signed.replaces(current) or (deleted is not None and deleted.issued_ms >= signed.issued_ms):
             raise JobRejected(f"pipeline {pid}: a definition at least as new is in force or was deleted",
                               bodies.ErrorCode.STALE_ORDER)
-        await self._check_models(signed.spec)
+        if current is not None and (current.spec.source_topic, current.spec.sink_topic) != (
+                signed.spec.source_topic, signed.spec.sink_topic):
+            # Workers consume the stream bound to the first definition's source; a new filter
+            # would need the queues rebound. Delete the pipeline and create it again instead.
+            raise JobRejected(f"pipeline {pid}: a replacement may not change its source or sink topic",
+                              PIPELINE_INVALID)
+        self._event_inputs[pid] = await self._check_models(signed.spec)
         self._state.save_pipeline(pid, b"P" + signed.to_bytes())
         self._pipelines[pid] = signed
         self._deleted.pop(pid, None)
@@ -144,7 +162,7 @@ class PipelineLibrary:
         await self._on_removed(order.pipeline_id)
         return order.pipeline_id
 
-    async def _check_models(self, spec: PipelineSpec) -> None:
+    async def _check_models(self, spec: PipelineSpec) -> tuple[tuple[str, str, tuple[int | None, ...] | None], ...]:
         signatures = {}
         for model_id in set(spec.model_ids):
             if not self._models.has(model_id):
@@ -154,9 +172,11 @@ class PipelineLibrary:
             signatures[model_id] = ({name: (t, shape) for name, t, shape in info.inputs},
                                     {name: (t, shape) for name, t, shape in info.outputs})
         try:
-            check_stage_mapping(spec, signatures)
+            wanted = check_stage_mapping(spec, signatures)
         except PipelineError as exc:
             raise JobRejected(f"the pipeline does not type-check: {exc}", PIPELINE_INVALID) from None
+        return tuple((name, dtype, None if shape is None else tuple(d if isinstance(d, int) else None for d in shape))
+                     for name, (dtype, shape) in sorted(wanted.items()))
 
     # -- events -------------------------------------------------------------------------------
     async def run(self, spec: PipelineSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:

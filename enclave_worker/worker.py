@@ -187,6 +187,7 @@ class Worker:
             self.pipelines = PipelineLibrary(self.sealed_state, models=models, on_installed=self._serve_pipeline,
                                              on_removed=self._stop_pipeline, clock=self._ctx.clock)
             self.pipelines.load_sealed()
+            await self.pipelines.check_restored()
             self._handlers = RequestHandlers(self._ctx, library=models, rotation=self._rotation,
                                              sessions=self._sessions, pipelines=self.pipelines, keyring=self.keyring,
                                              publish_result=self._broker.publish_result, rng=self._rng)

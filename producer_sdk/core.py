@@ -11,7 +11,9 @@ as arguments, so tests pin all three. What it owns:
 * the newest pool epoch seen (:mod:`.epochs`, P13): a statement below it is refused even when
   its evidence verifies, so no request is ever sealed to a key the pool rotated away from;
 * requests: sealing each under the current session, with the broker channel it goes on
-  (:mod:`protocol.routing`) and the model its result must name;
+  (:mod:`protocol.routing`) and the model its result must name; pipeline definitions, delete
+  orders and listings like model requests, and events on their topic (an event's result goes
+  to the pipeline's recipients, so only a failure comes back here);
 * replies: :meth:`ProducerCore.receive` turns any message from the reply queue into what the
   client must do with it -- an attestation answer, an authenticated outcome for a pending
   request (duplicates dropped, the pinned model checked), a stale-epoch notice, or nothing.

@@ -76,8 +76,8 @@ class EpochRollback(AttestationFailed):
 
 
 # Error codes of pipeline requests (the worker's enclave_worker.pipelines names them too).
-UNKNOWN_PIPELINE = "unknown_pipeline"
-PIPELINE_INVALID = "pipeline_invalid"
+UNKNOWN_PIPELINE = ErrorCode.UNKNOWN_PIPELINE
+PIPELINE_INVALID = ErrorCode.PIPELINE_INVALID
 
 
 class JobError(EnclaveqError):

@@ -82,6 +82,8 @@ class ErrorCode:
     NOT_OWNER = "not_owner"              # replace or delete by a key that does not own the model
     NOT_ALLOWED = "not_allowed"          # the model's owner did not allow this producer's key
     STALE_ORDER = "stale_order"          # a manifest or delete order older than the one in force
+    UNKNOWN_PIPELINE = "unknown_pipeline"  # an event or delete for a pipeline the pool does not hold
+    PIPELINE_INVALID = "pipeline_invalid"  # a definition that does not parse or does not type-check
 
 
 def encode_job(inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> bytes:
@@ -248,17 +250,22 @@ class PipelineInfo:
     sink: str
     models: tuple[str, ...]
     recipients: int
+    # What an event must carry: (name, wire dtype, shape; None dims are symbolic), from the type
+    # check against the stage models when the pipeline was installed.
+    event_inputs: tuple[tuple[str, str, tuple[int | None, ...] | None], ...] = ()
 
 
 def encode_pipelines(pipelines: Sequence[PipelineInfo]) -> bytes:
     return pack({"pipelines": [{"id": p.pipeline_id, "name": p.name, "owner": p.owner, "issued_ms": p.issued_ms,
                                 "source": p.source, "sink": p.sink, "models": list(p.models),
-                                "recipients": p.recipients} for p in pipelines[:MAX_PIPELINES_LISTED]]})
+                                "recipients": p.recipients,
+                                "inputs": [[n, d, None if shape is None else list(shape)] for n, d, shape in p.event_inputs]}
+                               for p in pipelines[:MAX_PIPELINES_LISTED]]})
 
 
 def decode_pipelines(body: bytes) -> list[PipelineInfo]:
-    m = unpack(body, max_bytes=16 * 1024 * 1024, what="pipeline list", max_depth=5,
-               max_items=MAX_PIPELINES_LISTED * 40, max_container_len=MAX_PIPELINES_LISTED, max_str_len=1024)
+    m = unpack(body, max_bytes=16 * 1024 * 1024, what="pipeline list", max_depth=6,
+               max_items=MAX_PIPELINES_LISTED * 400, max_container_len=MAX_PIPELINES_LISTED, max_str_len=1024)
     items = m.get("pipelines") if isinstance(m, dict) else None
     if not isinstance(items, list):
         raise MalformedMessage("pipeline list: expected a list")
@@ -269,9 +276,20 @@ def decode_pipelines(body: bytes) -> list[PipelineInfo]:
         models = item.get("models")
         if not (isinstance(models, list) and all(isinstance(x, str) for x in models)):
             raise MalformedMessage("pipeline list: models must be a list of ids")
+        raw_inputs = item.get("inputs", [])
+        if not isinstance(raw_inputs, list):
+            raise MalformedMessage("pipeline list: inputs must be a list")
+        inputs = []
+        for entry in raw_inputs:
+            if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                    and isinstance(entry[1], str) and (entry[2] is None or (isinstance(entry[2], list) and all(
+                        d is None or (isinstance(d, int) and not isinstance(d, bool)) for d in entry[2])))):
+                raise MalformedMessage("pipeline list: an input must be [name, dtype, shape]")
+            inputs.append((entry[0], entry[1], None if entry[2] is None else tuple(entry[2])))
         out.append(PipelineInfo(
             pipeline_id=field(item, "id", str, what="pipeline list"), name=field(item, "name", str, what="pipeline list"),
             owner=field(item, "owner", str, what="pipeline list"), issued_ms=field(item, "issued_ms", int, what="pipeline list"),
             source=field(item, "source", str, what="pipeline list"), sink=field(item, "sink", str, what="pipeline list"),
-            models=tuple(models), recipients=field(item, "recipients", int, what="pipeline list")))
+            models=tuple(models), recipients=field(item, "recipients", int, what="pipeline list"),
+            event_inputs=tuple(inputs)))
     return out

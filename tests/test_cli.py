@@ -27,7 +27,8 @@ def enclaveq_home(tmp_path, monkeypatch):
 COMMANDS = [[], ["demo"], ["sim"], ["sim", "init"], ["policy"], ["policy", "init"], ["worker"], ["attest"],
             ["model"], ["model", "upload"], ["model", "list"], ["model", "delete"], ["run"], ["submit"],
             ["pool"], ["pool", "rotate"], ["keys"], ["keys", "generate"], ["keys", "show"], ["evidence"],
-            ["evidence", "verify"]]
+            ["evidence", "verify"], ["pipeline"], ["pipeline", "init"], ["pipeline", "create"], ["pipeline", "list"],
+            ["pipeline", "delete"], ["publish"], ["subscribe"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "enclaveq")

@@ -50,8 +50,14 @@ DOCUMENTED: dict[tuple[str, ...], frozenset[str]] = {
     ("run",): CONNECTION | {"--model", "--input", "--output"},
     ("submit",): CONNECTION | {"--model", "--inputs", "--output", "--max-in-flight"},
     ("pool", "rotate"): CONNECTION | {"--grace"},
-    ("keys", "generate"): frozenset({"--out"}),
+    ("keys", "generate"): frozenset({"--out", "--kind"}),
     ("keys", "show"): frozenset(),
+    ("pipeline", "init"): frozenset({"--example", "--recipient", "--out", "--about", "--threshold", "--force"}),
+    ("pipeline", "create"): CONNECTION | {"--owner-key"},
+    ("pipeline", "list"): CONNECTION | {"--json"},
+    ("pipeline", "delete"): CONNECTION | {"--owner-key"},
+    ("publish",): CONNECTION | {"--pipeline", "--input", "--text", "--inputs", "--file", "--topic", "--max-in-flight"},
+    ("subscribe",): CONNECTION | {"--pipeline", "--key", "--output", "--count"},
     ("evidence", "verify"): frozenset({"--platform", "--cert", "--collateral", "--policy", "--report-data", "--at",
                                        "--json"}),
 }
@@ -61,6 +67,8 @@ DOCUMENTED_ARGUMENTS: dict[tuple[str, ...], tuple[str, ...]] = {
     ("model", "upload"): ("file",),
     ("model", "delete"): ("model_id",),
     ("keys", "show"): ("file",),
+    ("pipeline", "create"): ("file",),
+    ("pipeline", "delete"): ("pipeline_id",),
     ("evidence", "verify"): ("file",),
 }
 
@@ -77,6 +85,12 @@ ALLOWED_REQUIRED: dict[tuple[str, ...], frozenset[str]] = {
     ("submit",): REQUIRED_CONNECTION | {"--model", "--inputs", "--output"},
     ("pool", "rotate"): REQUIRED_CONNECTION,
     ("keys", "generate"): frozenset({"--out"}),
+    ("pipeline", "init"): frozenset({"--example", "--recipient", "--out"}),
+    ("pipeline", "create"): REQUIRED_CONNECTION,
+    ("pipeline", "list"): REQUIRED_CONNECTION,
+    ("pipeline", "delete"): REQUIRED_CONNECTION,
+    ("publish",): REQUIRED_CONNECTION | {"--pipeline"},
+    ("subscribe",): REQUIRED_CONNECTION | {"--pipeline", "--key", "--output"},
     ("evidence", "verify"): frozenset({"--platform"}),
 }
 

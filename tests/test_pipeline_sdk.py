@@ -117,6 +117,7 @@ class Deployment:
     policy: Policy
     root: Path
     topics: str  # a topic prefix of this test alone (the brokers are shared)
+    worker: object = None
     created: list[tuple[str, list[bytes]]] = dataclasses.field(default_factory=list)
 
     async def create(self, recipients: list[bytes], *, name: str = "chain", owner: Ed25519PrivateKey | None = None,
@@ -138,7 +139,8 @@ class Deployment:
 @contextlib.asynccontextmanager
 async def deployed(tee, url: str, pool: str, topics: str, root: Path) -> AsyncIterator[Deployment]:
     deployment = Deployment(url, pool, tee.policy(), root, topics=topics)
-    async with running_worker(tee, url, pool):
+    async with running_worker(tee, url, pool) as worker:
+        deployment.worker = worker
         yield deployment
     async with open_broker(url) as broker:
         for pipeline_id, recipients in deployment.created:
@@ -393,8 +395,7 @@ async def test_twenty_events_through_a_two_stage_pipeline_reach_the_recipient_as
         assert publisher.errors == []
 
 
-async def test_a_subscriber_started_after_the_events_still_gets_their_results(memory_deployment, alice):
-    deployment = memory_deployment
+async def test_a_subscriber_started_after_the_events_still_gets_their_results(deployment, alice):
     pipeline_id = await deployment.create([public(alice)])
     events = batch_of(5)
     async with deployment.publisher(pipeline_id) as publisher:
@@ -423,9 +424,7 @@ async def test_a_result_left_unhandled_is_delivered_again_to_the_next_subscriber
         assert (await results.receive(timeout=RESULT_TIMEOUT)).event_id == event_id
 
 
-async def test_a_key_that_is_not_a_recipient_has_no_inbox_and_opens_nothing_in_anothers(memory_deployment, alice,
-                                                                                          bob):
-    deployment = memory_deployment
+async def test_a_key_that_is_not_a_recipient_has_no_inbox_and_opens_nothing_in_anothers(deployment, alice, bob):
     stranger = generate_recipient_key()
     pipeline_id = await deployment.create([public(alice), public(bob)])
     with pytest.raises(InboxNotFound, match="not among its recipients"):
@@ -538,6 +537,25 @@ async def test_a_publisher_refuses_a_source_filter_it_cannot_publish_on(memory_d
     with pytest.raises(UnknownPipeline):
         async with deployment.publisher("cd" * 32):
             pass
+
+
+async def test_after_a_rotation_a_stale_publisher_sends_again_and_the_recipient_follows_the_new_epoch(
+        memory_deployment, alice):
+    deployment = memory_deployment
+    pipeline_id = await deployment.create([public(alice)])
+    event = batch_of(1)[0]
+    async with deployment.publisher(pipeline_id) as publisher, deployment.subscriber(pipeline_id, alice) as results, \
+            AsyncClient(deployment.url, deployment.pool, deployment.policy) as operator:
+        await operator.rotate_pool(grace_seconds=0)
+        await wait_until(lambda: deployment.worker.keys.previous == (), "epoch 1 is erased")
+        # Sealed to the erased epoch: the worker sends a stale-epoch notice, the publisher
+        # re-attests and sends the event again (same event id); the result is sealed under epoch
+        # 2, which the subscriber learns by attesting again.
+        event_id = await publisher.publish(event)
+        result = await results.receive(timeout=RESULT_TIMEOUT)
+        assert (result.event_id, result.epoch) == (event_id, 2)
+        assert_result_is_the_chain_of(result, event)
+        assert publisher.client.statement.epoch == 2 and publisher.errors == [] and results.refused == 0
 
 
 async def test_the_sync_twins_create_publish_and_read_like_the_async_ones(memory_deployment, alice, tmp_path):

@@ -18,7 +18,7 @@ import pytest
 from producer_sdk import AsyncClient
 from protocol import bodies, crypto
 from protocol.ownership import generate_signing_key
-from protocol.pipeline import Reference, SignedPipeline, Stage, sign_pipeline_delete
+from protocol.pipeline import Reference, SignedPipeline, Stage, sign_pipeline, sign_pipeline_delete
 from protocol.results import NotARecipient, ResultForged
 
 from .pipeline_support import ADD_ONE, DOUBLE, OVER_TEN, Deployment, Inbox, directly, opened, sha
@@ -232,3 +232,21 @@ async def test_results_of_events_published_before_the_recipient_ever_subscribed_
     finally:
         await sub.cancel()
         await deployment.broker.delete_inbox(deployment.inbox(signed))
+
+
+async def test_the_pool_lists_a_pipeline_with_what_its_events_must_carry(deployment, chain):
+    signed, _ = chain
+    outcome = await deployment.client._request(lambda: deployment.core.pipeline_list(timeout=TIMEOUT), TIMEOUT)
+    (info,) = [p for p in bodies.decode_pipelines(outcome.body) if p.pipeline_id == signed.pipeline_id]
+    assert info.event_inputs == (("x", "float32", (1, 4)),)
+    assert (info.source, info.sink, info.models) == (signed.spec.source_topic, signed.spec.sink_topic,
+                                                     signed.spec.model_ids)
+
+
+async def test_a_replacement_that_moves_the_pipelines_topics_is_refused(deployment, chain):
+    signed, _ = chain
+    moved = sign_pipeline(deployment.spec(source_topic=f"elsewhere/{deployment.pool}"), deployment.owner,
+                          signed.issued_ms + 1)
+    outcome = await deployment.client._request(lambda: deployment.core._seal(
+        "pipeline_put", moved.to_bytes(), timeout=TIMEOUT, content_type=bodies.PIPELINE), TIMEOUT)
+    assert outcome.error().code == "pipeline_invalid" and "source or sink" in str(outcome.error())

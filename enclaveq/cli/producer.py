@@ -4,7 +4,9 @@ Every command attests the pool before it sends anything; every failure is one cl
 stderr and a non-zero exit (1: refused or failed, 2: usage). Progress goes to stderr so that
 stdout stays machine-readable (the model id alone on the last line, JSON with --json). The
 commands drive :class:`producer_sdk.Client`; which owner key signs uploads and deletes is
-decided in :mod:`enclaveq.cli.owner_key`.
+decided in :mod:`enclaveq.cli.owner_key`. The shared connection options
+(:func:`connection_options`) and the handling of attestation refusals (:func:`attested`) are
+used by the pipeline commands too (:mod:`enclaveq.cli.pipeline`).
 """
 
 from __future__ import annotations
