@@ -83,6 +83,7 @@ _MAX_RETAINED = 4096
 # Pool lock claims (retained on ``<lock>/<client id>``): being decided, or held.
 _CLAIMING, _HELD = b"claiming", b"held"
 _LOCK_TRIES = 5
+_SESSION_TRIES = 4
 
 
 # -- names --------------------------------------------------------------------------------
@@ -379,7 +380,19 @@ class _Conn:
 
     async def subscribe(self, topic: str) -> None:
         assert self.client is not None
-        granted = await self.client.subscribe(topic, qos=1)
+        # Raced with the connection's end: aiomqtt would wait out its whole timeout for a SUBACK
+        # that a lost connection (a session taken over by a concurrent declarer) never sends.
+        subscribing = asyncio.ensure_future(self.client.subscribe(topic, qos=1))
+        gone = asyncio.ensure_future(self.closed())
+        done, _ = await asyncio.wait({subscribing, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if subscribing not in done:
+            subscribing.cancel()
+            raise BrokerUnavailable(f"the connection closed while subscribing to {topic!r}")
+        gone.cancel()
+        try:
+            granted = subscribing.result()
+        except aiomqtt.MqttError as exc:
+            raise BrokerUnavailable(f"subscribing to {topic!r} failed: {_reason(exc)}") from None
         if any(getattr(code, "value", code) >= 0x80 for code in granted):
             raise BrokerError(f"broker refused the subscription to {topic!r}")
 
@@ -913,12 +926,24 @@ class MqttBroker(BrokerAdapter):
     async def _session(self, client_id: str, topic: str | None, *, end: bool) -> bool:
         """Create (subscribe, keep) or end a persistent session that holds ``topic``'s messages.
         Returns whether the session was there before."""
-        conn = _Conn(self, client_id, session_expiry=0 if end else self.session_expiry,
-                     subscriptions=[topic] if topic and not end else [], reconnect=False)
-        await conn._connect(clean_start=end)
-        present = conn.session_present
-        await conn.close(end_session=end)
-        return present
+        for attempt in range(_SESSION_TRIES):
+            conn = _Conn(self, client_id, session_expiry=0 if end else self.session_expiry,
+                         subscriptions=[topic] if topic and not end else [], reconnect=False)
+            try:
+                await conn._connect(clean_start=end)
+            except BrokerUnavailable:
+                # Two adapters declaring the same pool at once take this fixed-name session from
+                # each other (MQTT session takeover); the other one's declaration did the work,
+                # and the next try finds the session there.
+                await conn.close()
+                if attempt == _SESSION_TRIES - 1:
+                    raise
+                await asyncio.sleep(random.uniform(0.05, 0.3))
+                continue
+            present = conn.session_present
+            await conn.close(end_session=end)
+            return present
+        raise AssertionError("unreachable")
 
     async def _read_retained(self, topic: str) -> dict[str, bytes]:
         """The retained messages on ``topic`` (a filter), by topic. Mosquitto sends retained
@@ -957,10 +982,8 @@ class MqttBroker(BrokerAdapter):
         """A first session of ``queue``, left behind from the start: it holds what is published
         before any consumer subscribed, and the first consumer adopts it."""
         seed = f"{queue.client_prefix}seed"
-        conn = _Conn(self, seed, session_expiry=self.session_expiry, subscriptions=queue.share_filters,
-                     reconnect=False)
-        await conn._connect(clean_start=False)
-        await conn.close()
+        for topic in queue.share_filters:
+            await self._session(seed, topic, end=False)
         await self._live().publish(sessions_topic(queue.pool, seed), _LEFT, None, retain=True)
 
     async def _end_sessions(self, pool: str, prefix: str) -> None:
@@ -1186,10 +1209,8 @@ class MqttBroker(BrokerAdapter):
         existing = (await self._read_retained(inbox_meta_topic(name))).get(inbox_meta_topic(name))
         if existing is not None and existing != topic_filter.encode():
             raise BrokerError(f"inbox {name!r} already exists with another filter")
-        conn = _Conn(self, inbox_session(name), session_expiry=self.session_expiry,
-                     subscriptions=[topic_filter, inbox_requeue_topic(name)], reconnect=False)
-        await conn._connect(clean_start=False)
-        await conn.close()
+        for topic in (topic_filter, inbox_requeue_topic(name)):
+            await self._session(inbox_session(name), topic, end=False)
         if existing is None:
             await self._live().publish(inbox_meta_topic(name), topic_filter.encode(), None, retain=True)
 

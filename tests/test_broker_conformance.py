@@ -232,6 +232,22 @@ async def test_redeclaring_a_pool_is_idempotent_but_its_delivery_limit_cannot_ch
         await broker.declare_pool(declared_pool, PoolSettings(delivery_limit=DELIVERY_LIMIT + 1))
 
 
+async def test_adapters_declaring_one_pool_at_the_same_time_all_succeed_and_share_it(broker, broker_url, pool):
+    # Workers of a new pool start together; on MQTT their declarations take the same fixed-name
+    # sessions from each other (session takeover), which must not fail either of them.
+    async with adapter_for(broker_url) as a, adapter_for(broker_url) as b:
+        settings = PoolSettings(delivery_limit=DELIVERY_LIMIT)
+        await asyncio.gather(*(x.declare_pool(pool, settings) for x in (broker, a, b)))
+        seen = Recorder("ack")
+        sub = await a.consume_jobs(pool, seen)
+        try:
+            await b.publish_job(pool, job(1))
+            assert (await seen.next()).message.message_id == "job-1"
+        finally:
+            await sub.cancel()
+            await broker.delete_pool(pool)
+
+
 async def test_a_job_for_an_undeclared_pool_is_unroutable(broker, unique_name):
     with pytest.raises(Unroutable):
         await broker.publish_job(f"{unique_name}-nowhere", job())
