@@ -190,6 +190,15 @@ def broker_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue(names[request.param]))
 
 
+@pytest.fixture(params=[pytest.param("amqp", marks=pytest.mark.rabbitmq),
+                        pytest.param("mqtt", marks=pytest.mark.mosquitto)])
+def process_broker_url(request: pytest.FixtureRequest) -> str:
+    """RabbitMQ, then Mosquitto: the brokers a worker *process* can reach (conftest's
+    ``broker_url`` also has memory://, which lives in this process only)."""
+    names = {"amqp": "rabbitmq_url", "mqtt": "mosquitto_url"}
+    return str(request.getfixturevalue(names[request.param]))
+
+
 @pytest.fixture
 def lose_connection(request: pytest.FixtureRequest):
     """``await lose_connection(broker)`` drops the adapter's connection the way the network would,

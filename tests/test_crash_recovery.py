@@ -26,15 +26,6 @@ pytestmark = pytest.mark.slow
 JOB_TIMEOUT = 60.0
 
 
-@pytest.fixture(params=[pytest.param("amqp", marks=pytest.mark.rabbitmq),
-                        pytest.param("mqtt", marks=pytest.mark.mosquitto)])
-def process_broker_url(request: pytest.FixtureRequest) -> str:
-    """RabbitMQ, then Mosquitto: the brokers a worker *process* can reach (conftest's
-    ``broker_url`` also has memory://, which lives in this process only)."""
-    names = {"amqp": "rabbitmq_url", "mqtt": "mosquitto_url"}
-    return str(request.getfixturevalue(names[request.param]))
-
-
 async def run_batch_with_interruption(broker_url, pool, tee, tmp_path, *, jobs: int, interrupt_at: int, interrupt):
     model = mlp_model()
     batch = batch_of(jobs)
