@@ -16,6 +16,7 @@ Plain helpers (timeouts, waiting for an event, batches, direct onnxruntime runs)
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -123,6 +124,31 @@ async def mosquitto_url(request: pytest.FixtureRequest, unique_name: str) -> Asy
 
     async with open_broker(MOSQUITTO_URL) as broker:
         await broker.delete_pool(unique_name)
+
+
+@pytest.fixture
+async def firehose(rabbitmq_url, rabbitmqctl):
+    """Every body and header RabbitMQ carries while the test runs, copied by its firehose tracer."""
+    import aio_pika
+
+    captured: list[bytes] = []
+    connection = await aio_pika.connect(rabbitmq_url)
+    channel = await connection.channel()
+    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+    await queue.bind("amq.rabbitmq.trace", routing_key="#")
+
+    async def keep(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        captured.append(message.body)
+        for value in (message.headers or {}).values():
+            captured.append(repr(value).encode())
+        await message.ack()
+    await queue.consume(keep)
+    await asyncio.to_thread(rabbitmqctl, "trace_on")
+    try:
+        yield captured
+    finally:
+        await asyncio.to_thread(rabbitmqctl, "trace_off")
+        await connection.close()
 
 
 @pytest.fixture

@@ -77,11 +77,3 @@ class Spy:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
         await self.client.__aexit__(None, None, None)
-
-
-def windows(data: bytes, size: int = 24) -> list[bytes]:
-    """Overlapping slices: a leak of any part of ``data`` longer than ``size`` is caught."""
-    step = max(1, size // 2)
-    return [data[i:i + size] for i in range(0, max(1, len(data) - size + 1), step)]
-
-

