@@ -17,7 +17,7 @@ import pytest
 
 from producer_sdk import AsyncClient
 from protocol import bodies, crypto
-from protocol.ownership import generate_signing_key
+from protocol.ownership import generate_signing_key, public_key_bytes
 from protocol.pipeline import Reference, SignedPipeline, Stage, sign_pipeline, sign_pipeline_delete
 from protocol.results import NotARecipient, ResultForged
 
@@ -250,3 +250,50 @@ async def test_a_replacement_that_moves_the_pipelines_topics_is_refused(deployme
     outcome = await deployment.client._request(lambda: deployment.core._seal(
         "pipeline_put", moved.to_bytes(), timeout=TIMEOUT, content_type=bodies.PIPELINE), TIMEOUT)
     assert outcome.error().code == "pipeline_invalid" and "source or sink" in str(outcome.error())
+
+
+async def test_a_pipeline_restricted_to_listed_producers_runs_only_their_events(tee, broker_url, pool):
+    from producer_sdk import AsyncEventPublisher
+    from producer_sdk.errors import NotAllowed
+
+    owner, alice = generate_signing_key(), generate_signing_key()
+    async with running_worker(tee, broker_url, pool) as worker:
+        async with AsyncClient(broker_url, pool, tee.policy(), owner_key=owner) as client:
+            for model in (ADD_ONE, DOUBLE):
+                await client.upload_model(model)
+            d = Deployment(client=client, worker=worker, pool=pool, owner=owner)
+            signed, outcome = await d.put(d.spec(producers=(public_key_bytes(alice),)))
+            assert outcome.ok, outcome.error()
+            inbox = Inbox()
+            sub = await d.broker.consume_inbox(d.inbox(signed), inbox)
+            try:
+                async with AsyncEventPublisher(broker_url, pool, tee.policy(), signed.pipeline_id) as stranger:
+                    await stranger.publish({"x": np.ones((1, 4), np.float32)}, event_id="stranger")
+                    await wait_until(lambda: bool(stranger.errors), "the stranger hears it was refused")
+                    assert isinstance(stranger.errors[0], NotAllowed)
+                async with AsyncEventPublisher(broker_url, pool, tee.policy(), signed.pipeline_id,
+                                               producer_key=alice) as listed:
+                    await listed.publish({"x": np.ones((1, 4), np.float32)}, event_id="alice")
+                await wait_until(lambda: len(inbox.raw) == 1, "alice's event yields a result")
+                result = opened(d, inbox.raw[0])
+                assert result.event_id == "alice" and result.publisher_key == public_key_bytes(alice)
+            finally:
+                await sub.cancel()
+                await d.broker.delete_inbox(d.inbox(signed))
+
+
+async def test_a_publisher_whose_connection_drops_goes_on_without_losing_an_event(
+        deployment, chain, broker_url, lose_connection):
+    from producer_sdk import AsyncEventPublisher
+
+    signed, inbox = chain
+    async with AsyncEventPublisher(broker_url, deployment.pool, deployment.client.policy,
+                                   signed.pipeline_id) as publisher:
+        for i in range(5):
+            await publisher.publish({"x": np.full((1, 4), i, np.float32)}, event_id=f"before-{i}")
+        await lose_connection(publisher.client._broker)
+        for i in range(5):
+            await publisher.publish({"x": np.full((1, 4), i, np.float32)}, event_id=f"after-{i}")
+        assert not publisher.errors
+    await wait_until(lambda: len({opened(deployment, raw).event_id for raw in inbox.raw}) == 10,
+                     "all ten events have a result", timeout=60)
