@@ -21,7 +21,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -41,20 +40,12 @@ from protocol.results import PipelineResult, seal_result_for_recipients
 from .errors import InputRejected, JobRejected
 from .model_library import ModelLibrary
 from .models import run_model
-from .sealed_state import SealedState, SealedStateError
+from .sealed_state import SealedState
 
 log = logging.getLogger("enclaveq.worker")
 
 UNKNOWN_PIPELINE = bodies.ErrorCode.UNKNOWN_PIPELINE
 PIPELINE_INVALID = bodies.ErrorCode.PIPELINE_INVALID
-
-
-@dataclass(frozen=True)
-class Produced:
-    """What one event produced: the result to publish (None when ``when`` was false)."""
-
-    sealed: bytes | None
-    sink_topic: str
 
 
 class PipelineLibrary:
@@ -212,4 +203,4 @@ class PipelineLibrary:
         return seal_result_for_recipients(result, signed.spec.recipients, pool_private_key, rng=rng)
 
 
-__all__ = ["PipelineLibrary", "Produced", "SealedStateError", "UNKNOWN_PIPELINE", "PIPELINE_INVALID"]
+__all__ = ["PipelineLibrary", "UNKNOWN_PIPELINE", "PIPELINE_INVALID"]
