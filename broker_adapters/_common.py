@@ -12,7 +12,7 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 
-from .base import Delivery, Handler, HeaderValue, PoolSettings
+from .base import EVENTS_EXCHANGE, RESULTS_EXCHANGE, Delivery, Handler, HeaderValue, PoolSettings  # noqa: F401
 from .errors import BrokerError, PublishFailed
 
 PREFIX = "enclaveq"
@@ -144,8 +144,6 @@ def inbox_queue(name: str) -> str:
     return f"{PREFIX}.inbox.{name}"
 
 
-EVENTS_EXCHANGE = f"{PREFIX}.events"
-RESULTS_EXCHANGE = f"{PREFIX}.results"
 
 
 def reply_queue(name: str) -> str:

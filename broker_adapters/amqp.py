@@ -374,7 +374,9 @@ class AmqpBroker(BrokerAdapter):
 
     # -- event streams ------------------------------------------------------------------
     async def declare_stream(self, pool: str, stream: str, topic_filter: str,
-                             settings: PoolSettings = PoolSettings()) -> None:
+                             settings: PoolSettings = PoolSettings(), *,
+                             exchange: str = common.EVENTS_EXCHANGE) -> None:
+        common.check_name("exchange", exchange)
         common.check_name("pool", pool)
         common.check_name("stream", stream)
         key = _amqp_key("stream", topic_filter, wildcards=True)
@@ -392,9 +394,9 @@ class AmqpBroker(BrokerAdapter):
         }
         async with self._raw_channel() as channel:
             try:
-                await channel.exchange_declare(common.EVENTS_EXCHANGE, exchange_type="topic", durable=True)
+                await channel.exchange_declare(exchange, exchange_type="topic", durable=True)
                 await channel.queue_declare(queue, durable=True, arguments=arguments)
-                await channel.queue_bind(queue, common.EVENTS_EXCHANGE, key)
+                await channel.queue_bind(queue, exchange, key)
             except amqp_errors.ChannelPreconditionFailed as exc:
                 raise BrokerError(
                     f"stream {stream!r} of pool {pool!r} already exists with another topic filter or "
@@ -418,16 +420,18 @@ class AmqpBroker(BrokerAdapter):
             pool=pool,
         )
 
-    async def publish_event(self, topic: str, message: Message) -> None:
+    async def publish_event(self, topic: str, message: Message, *, exchange: str = common.EVENTS_EXCHANGE) -> None:
+        common.check_name("exchange", exchange)
         key = _amqp_key("event", topic, wildcards=False)
         common.check_size(len(message.body), PoolSettings().max_message_bytes, f"events on {topic!r}")
         unroutable = f"no stream takes events on topic {topic!r}"
         # No exchange yet means no stream was ever declared: unroutable as well.
-        await self._publish(await self._topics(), common.EVENTS_EXCHANGE, key, message, persistent=True,
+        await self._publish(await self._topics(), exchange, key, message, persistent=True,
                             unroutable=unroutable, missing=unroutable)
 
     # -- inboxes ------------------------------------------------------------------------
-    async def declare_inbox(self, name: str, topic_filter: str) -> None:
+    async def declare_inbox(self, name: str, topic_filter: str, *, exchange: str = common.RESULTS_EXCHANGE) -> None:
+        common.check_name("exchange", exchange)
         common.check_name("inbox", name)
         key = _amqp_key("inbox", topic_filter, wildcards=True)
         queue = common.inbox_queue(name)
@@ -440,9 +444,9 @@ class AmqpBroker(BrokerAdapter):
         }
         async with self._raw_channel() as channel:
             try:
-                await channel.exchange_declare(common.RESULTS_EXCHANGE, exchange_type="topic", durable=True)
+                await channel.exchange_declare(exchange, exchange_type="topic", durable=True)
                 await channel.queue_declare(queue, durable=True, arguments=arguments)
-                await channel.queue_bind(queue, common.RESULTS_EXCHANGE, key)
+                await channel.queue_bind(queue, exchange, key)
             except amqp_errors.ChannelPreconditionFailed as exc:
                 raise BrokerError(f"inbox {name!r} already exists with another topic filter: {exc}") from exc
             except _CONNECTION_LOST as exc:
@@ -458,11 +462,12 @@ class AmqpBroker(BrokerAdapter):
             common.inbox_queue(name), handler, prefetch, missing=f"inbox {name!r} is not declared"
         )
 
-    async def publish_result(self, topic: str, message: Message) -> None:
+    async def publish_result(self, topic: str, message: Message, *, exchange: str = common.RESULTS_EXCHANGE) -> None:
+        common.check_name("exchange", exchange)
         key = _amqp_key("result", topic, wildcards=False)
         common.check_size(len(message.body), PoolSettings().max_message_bytes, f"results on {topic!r}")
         unroutable = f"no inbox takes results on topic {topic!r}"
-        await self._publish(await self._topics(), common.RESULTS_EXCHANGE, key, message, persistent=True,
+        await self._publish(await self._topics(), exchange, key, message, persistent=True,
                             unroutable=unroutable, missing=unroutable)
 
     # -- internals ----------------------------------------------------------------------

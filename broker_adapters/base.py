@@ -32,6 +32,9 @@ from dataclasses import dataclass, field
 from collections.abc import Awaitable, Callable, Mapping
 
 HeaderValue = str | int | bytes | bool
+# The default AMQP topic exchanges of pipeline events and results (broker_adapters._common).
+EVENTS_EXCHANGE = "enclaveq.events"
+RESULTS_EXCHANGE = "enclaveq.results"
 _PENDING: set = set()  # reconnect callbacks still running (a task needs a reference to live)
 
 
@@ -190,11 +193,13 @@ class BrokerAdapter(abc.ABC):
     # -- event streams (pipelines) -----------------------------------------------------
     @abc.abstractmethod
     async def declare_stream(self, pool: str, stream: str, topic_filter: str,
-                             settings: PoolSettings = PoolSettings()) -> None:
+                             settings: PoolSettings = PoolSettings(), *, exchange: str = EVENTS_EXCHANGE) -> None:
         """Idempotently create stream ``stream`` of ``pool``: a durable queue, shared by the pool's
         workers (competing consumers, acks, the delivery limit, the pool's dead letters), that
         receives every event published on a topic matching ``topic_filter``. The pool must be
-        declared. Declaring it again with another filter raises ``BrokerError``."""
+        declared. Declaring it again with another filter raises ``BrokerError``. ``exchange``:
+        the AMQP topic exchange the events are published to (MQTT and the memory broker have one
+        topic space and ignore it)."""
 
     @abc.abstractmethod
     async def delete_stream(self, pool: str, stream: str) -> None: ...
@@ -204,15 +209,16 @@ class BrokerAdapter(abc.ABC):
         """Like ``consume_jobs``; ``QueueNotFound`` if the stream is not declared."""
 
     @abc.abstractmethod
-    async def publish_event(self, topic: str, message: Message) -> None:
+    async def publish_event(self, topic: str, message: Message, *, exchange: str = EVENTS_EXCHANGE) -> None:
         """Publish an event on ``topic`` (no wildcards); returns once confirmed. ``Unroutable`` if
         no stream takes it."""
 
     # -- inboxes (pipeline results) ----------------------------------------------------
     @abc.abstractmethod
-    async def declare_inbox(self, name: str, topic_filter: str) -> None:
+    async def declare_inbox(self, name: str, topic_filter: str, *, exchange: str = RESULTS_EXCHANGE) -> None:
         """Idempotently create inbox ``name``: a durable queue that receives every result
-        published on a topic matching ``topic_filter``, whether or not anyone consumes it."""
+        published on a topic matching ``topic_filter``, whether or not anyone consumes it
+        (``exchange``: as for streams)."""
 
     @abc.abstractmethod
     async def delete_inbox(self, name: str) -> None: ...
@@ -222,6 +228,6 @@ class BrokerAdapter(abc.ABC):
         """Consume inbox ``name`` (one consumer at a time); ``QueueNotFound`` if not declared."""
 
     @abc.abstractmethod
-    async def publish_result(self, topic: str, message: Message) -> None:
+    async def publish_result(self, topic: str, message: Message, *, exchange: str = RESULTS_EXCHANGE) -> None:
         """Publish a result on ``topic`` (no wildcards); returns once confirmed. ``Unroutable`` if
         no inbox takes it."""

@@ -524,7 +524,7 @@ class MemoryBroker(BrokerAdapter):
 
     # -- event streams ------------------------------------------------------------------
     async def declare_stream(self, pool: str, stream: str, topic_filter: str,
-                             settings: PoolSettings = PoolSettings()) -> None:
+                             settings: PoolSettings = PoolSettings(), *, exchange: str = common.EVENTS_EXCHANGE) -> None:
         common.check_name("pool", pool)
         common.check_name("stream", stream)
         common.check_topic("stream", topic_filter, wildcards=True)
@@ -570,7 +570,7 @@ class MemoryBroker(BrokerAdapter):
                 raise QueueNotFound(f"stream {stream!r} of pool {pool!r} is not declared")
             return self._subscribe(routed.queue, handler, prefetch)
 
-    async def publish_event(self, topic: str, message: Message) -> None:
+    async def publish_event(self, topic: str, message: Message, *, exchange: str = common.EVENTS_EXCHANGE) -> None:
         common.check_topic("event", topic, wildcards=False)
         common.check_size(len(message.body), _REPLY_SIZE_LIMIT, f"events on {topic!r}")
         message = _prepared(message)
@@ -584,7 +584,7 @@ class MemoryBroker(BrokerAdapter):
         await _confirmed()
 
     # -- inboxes ------------------------------------------------------------------------
-    async def declare_inbox(self, name: str, topic_filter: str) -> None:
+    async def declare_inbox(self, name: str, topic_filter: str, *, exchange: str = common.RESULTS_EXCHANGE) -> None:
         common.check_name("inbox", name)
         common.check_topic("inbox", topic_filter, wildcards=True)
         state = self._live()
@@ -619,7 +619,7 @@ class MemoryBroker(BrokerAdapter):
                 raise QueueNotFound(f"inbox {name!r} is not declared")
             return self._subscribe(routed.queue, handler, prefetch)
 
-    async def publish_result(self, topic: str, message: Message) -> None:
+    async def publish_result(self, topic: str, message: Message, *, exchange: str = common.RESULTS_EXCHANGE) -> None:
         common.check_topic("result", topic, wildcards=False)
         common.check_size(len(message.body), _REPLY_SIZE_LIMIT, f"results on {topic!r}")
         message = _prepared(message)

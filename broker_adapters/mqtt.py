@@ -1160,7 +1160,7 @@ class MqttBroker(BrokerAdapter):
         raise BrokerError(f"stream {stream!r} of pool {pool!r} has an unreadable record on the broker")
 
     async def declare_stream(self, pool: str, stream: str, topic_filter: str,
-                             settings: PoolSettings = PoolSettings()) -> None:
+                             settings: PoolSettings = PoolSettings(), *, exchange: str = common.EVENTS_EXCHANGE) -> None:
         common.check_name("pool", pool)
         common.check_name("stream", stream)
         common.check_topic("stream", topic_filter, wildcards=True)
@@ -1196,14 +1196,14 @@ class MqttBroker(BrokerAdapter):
         queue = SharedQueue(pool, stream, meta["filter"])
         return await self._consume_queue(queue, "stream", handler, prefetch=prefetch, limit=meta["delivery_limit"])
 
-    async def publish_event(self, topic: str, message: Message) -> None:
+    async def publish_event(self, topic: str, message: Message, *, exchange: str = common.EVENTS_EXCHANGE) -> None:
         common.check_topic("event", topic, wildcards=False)
         common.check_size(len(message.body), PoolSettings().max_message_bytes, f"topic {topic!r}")
         common.check_headers(message.headers)
         await self._publish_checked(topic, message, what=f"event topic {topic!r}")
 
     # -- inboxes -------------------------------------------------------------------------
-    async def declare_inbox(self, name: str, topic_filter: str) -> None:
+    async def declare_inbox(self, name: str, topic_filter: str, *, exchange: str = common.RESULTS_EXCHANGE) -> None:
         common.check_name("inbox", name)
         common.check_topic("inbox", topic_filter, wildcards=True)
         existing = (await self._read_retained(inbox_meta_topic(name))).get(inbox_meta_topic(name))
@@ -1229,7 +1229,7 @@ class MqttBroker(BrokerAdapter):
         return await self._start(sub, inbox_session(name), None, session_expiry=self.session_expiry,
                                  receive_maximum=prefetch, missing=f"inbox {name!r} is not declared")
 
-    async def publish_result(self, topic: str, message: Message) -> None:
+    async def publish_result(self, topic: str, message: Message, *, exchange: str = common.RESULTS_EXCHANGE) -> None:
         common.check_topic("result", topic, wildcards=False)
         common.check_size(len(message.body), _REPLY_SIZE_LIMIT, f"topic {topic!r}")
         common.check_headers(message.headers)

@@ -95,7 +95,8 @@ class PipelineLibrary:
         return [bodies.PipelineInfo(
             pipeline_id=pid, name=p.spec.name, owner=p.owner_key.hex(), issued_ms=p.issued_ms,
             source=p.spec.source_topic, sink=p.spec.sink_topic, models=p.spec.model_ids,
-            recipients=len(p.spec.recipients), event_inputs=self._event_inputs.get(pid, ()))
+            recipients=len(p.spec.recipients), event_inputs=self._event_inputs.get(pid, ()),
+            source_exchange=p.spec.source_exchange, sink_exchange=p.spec.sink_exchange)
             for pid, p in sorted(self._pipelines.items())]
 
     def get(self, pipeline_id: str) -> SignedPipeline:

@@ -64,8 +64,8 @@ class Answer:
 
 
 Handler = Callable[[RequestHeader, bytes], Awaitable[Answer]]
-# Publishes a sealed pipeline result on a sink topic (the worker's broker).
-ResultPublisher = Callable[[str, Message], Awaitable[None]]
+# Publishes a sealed pipeline result on a sink topic (and, on AMQP, exchange): the worker's broker.
+ResultPublisher = Callable[[str, Message, str], Awaitable[None]]
 
 
 class RequestHandlers:
@@ -200,7 +200,8 @@ class RequestHandlers:
             raise JobRejected(f"the pipeline produced an output enclaveq cannot carry: {exc}",
                               bodies.ErrorCode.UNSUPPORTED) from None
         try:
-            await self._publish_result(signed.spec.sink_topic, Message(body=sealed, message_id=event_id))
+            await self._publish_result(signed.spec.sink_topic, Message(body=sealed, message_id=event_id),
+                                       signed.spec.sink_exchange)
         except Unroutable:
             raise JobRejected(f"no inbox takes the results of pipeline {pipeline_id}; the result is dropped",
                               bodies.ErrorCode.UNSUPPORTED) from None

@@ -190,7 +190,7 @@ class Worker:
             await self.pipelines.check_restored()
             self._handlers = RequestHandlers(self._ctx, library=models, rotation=self._rotation,
                                              sessions=self._sessions, pipelines=self.pipelines, keyring=self.keyring,
-                                             publish_result=self._broker.publish_result, rng=self._rng)
+                                             publish_result=self._publish_result, rng=self._rng)
             self._control.serve_model_sync(self._model_sync)
             if self.identity.can_join:
                 await self._model_sync.fetch_missing(self._membership.admitted_by)
@@ -290,8 +290,12 @@ class Worker:
         if pid in self._streams or self._stopped:
             return
         await self._broker.declare_stream(self.pool, pid, signed.spec.source_topic,
-                                          PoolSettings(max_message_bytes=self.config.max_message_bytes))
+                                          PoolSettings(max_message_bytes=self.config.max_message_bytes),
+                                          exchange=signed.spec.source_exchange)
         self._streams[pid] = await self._broker.consume_stream(self.pool, pid, self._on_event, prefetch=self._prefetch)
+
+    async def _publish_result(self, topic: str, message: Message, exchange: str) -> None:
+        await self._broker.publish_result(topic, message, exchange=exchange)
 
     async def _stop_pipeline(self, pipeline_id: str) -> None:
         sub = self._streams.pop(pipeline_id, None)

@@ -416,7 +416,7 @@ class AsyncClient:
             # An event goes to a topic, not to a pool: the broker routes it to the stream of every
             # pipeline whose source filter matches (declared by create_pipeline).
             assert request.topic is not None  # ProducerCore seals a topic into every event request
-            await broker.publish_event(request.topic, message)
+            await broker.publish_event(request.topic, message, exchange=request.exchange)
         else:
             await broker.publish_job(self.pool, message)
 
@@ -711,10 +711,11 @@ class AsyncClient:
         what = "the pipeline's event stream"
         try:
             async with asyncio.timeout(timeout):
-                await broker.declare_stream(self.pool, pid, spec.source_topic)
+                await broker.declare_stream(self.pool, pid, spec.source_topic, exchange=spec.source_exchange)
                 what = "the recipients' inboxes"
                 for recipient in spec.recipients:
-                    await broker.declare_inbox(inbox_name(pid, recipient), spec.sink_topic)
+                    await broker.declare_inbox(inbox_name(pid, recipient), spec.sink_topic,
+                                               exchange=spec.sink_exchange)
         except TimeoutError:
             raise BrokerUnreachable(f"the broker did not declare {what} within {timeout:g}s") from None
         except (BrokerUnavailable, QueueNotFound) as exc:

@@ -21,6 +21,8 @@ as arguments, so tests pin all three. What it owns:
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import hashlib
 import logging
@@ -94,6 +96,7 @@ class Request:
     # Route.STREAM only: the concrete topic the event is published on (it matches the pipeline's
     # source filter; the broker routes it to the pipeline's stream by that topic).
     topic: str | None = None
+    exchange: str = "enclaveq.events"  # the AMQP exchange of that topic (MQTT: one topic space)
 
 
 class StaleEpochNotice:
@@ -398,7 +401,7 @@ class ProducerCore:
         return self._seal("pipeline_list", b"\x80", timeout=timeout, content_type=bodies.EMPTY)
 
     def event(self, pipeline_id: str, event_id: str, inputs: Mapping[str, Any], *, topic: str,
-              timeout: float) -> Request:
+              timeout: float, exchange: str = "enclaveq.events") -> Request:
         """One event for ``pipeline_id``, sealed like a job, published on ``topic`` (its stream).
 
         On success the worker sends nothing back (the result goes to the pipeline's recipients);
@@ -407,8 +410,9 @@ class ProducerCore:
         so a resend after a rotation keeps it and only the job id changes."""
         check_event_id(event_id)
         arrays = {name: to_numpy(value) for name, value in inputs.items()}
-        return self._seal("event", bodies.encode_event(pipeline_id, event_id, arrays), timeout=timeout,
-                          content_type=bodies.EVENT, topic=topic)
+        request = self._seal("event", bodies.encode_event(pipeline_id, event_id, arrays), timeout=timeout,
+                             content_type=bodies.EVENT, topic=topic)
+        return dataclasses.replace(request, exchange=exchange)
 
     # -- replies ---------------------------------------------------------------------------
     def receive(self, correlation_id: str | None, data: bytes) -> AttestationAnswer | Reply | None:

@@ -182,7 +182,8 @@ class AsyncEventPublisher:
         ttl = self.ttl
 
         def make() -> Request:
-            return core.event(self.pipeline, event_id, arrays, topic=topic, timeout=ttl)
+            return core.event(self.pipeline, event_id, arrays, topic=topic, timeout=ttl,
+                              exchange=info.source_exchange)
         try:
             make_first = make()  # sealing errors (dtypes numpy or the wire cannot carry) raise here
         except (ProtocolError, TypeError, ValueError) as exc:

@@ -253,13 +253,17 @@ class PipelineInfo:
     # What an event must carry: (name, wire dtype, shape; None dims are symbolic), from the type
     # check against the stage models when the pipeline was installed.
     event_inputs: tuple[tuple[str, str, tuple[int | None, ...] | None], ...] = ()
+    # The AMQP topic exchanges of the source and the sink (MQTT has one topic space).
+    source_exchange: str = "enclaveq.events"
+    sink_exchange: str = "enclaveq.results"
 
 
 def encode_pipelines(pipelines: Sequence[PipelineInfo]) -> bytes:
     return pack({"pipelines": [{"id": p.pipeline_id, "name": p.name, "owner": p.owner, "issued_ms": p.issued_ms,
                                 "source": p.source, "sink": p.sink, "models": list(p.models),
                                 "recipients": p.recipients,
-                                "inputs": [[n, d, None if shape is None else list(shape)] for n, d, shape in p.event_inputs]}
+                                "inputs": [[n, d, None if shape is None else list(shape)] for n, d, shape in p.event_inputs],
+                                "source_exchange": p.source_exchange, "sink_exchange": p.sink_exchange}
                                for p in pipelines[:MAX_PIPELINES_LISTED]]})
 
 
@@ -291,5 +295,7 @@ def decode_pipelines(body: bytes) -> list[PipelineInfo]:
             owner=field(item, "owner", str, what="pipeline list"), issued_ms=field(item, "issued_ms", int, what="pipeline list"),
             source=field(item, "source", str, what="pipeline list"), sink=field(item, "sink", str, what="pipeline list"),
             models=tuple(models), recipients=field(item, "recipients", int, what="pipeline list"),
-            event_inputs=tuple(inputs)))
+            event_inputs=tuple(inputs),
+            source_exchange=field(item, "source_exchange", str, what="pipeline list", optional=True) or "enclaveq.events",
+            sink_exchange=field(item, "sink_exchange", str, what="pipeline list", optional=True) or "enclaveq.results"))
     return out

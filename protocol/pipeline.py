@@ -370,12 +370,6 @@ class PipelineSpec:
             raise PipelineError("sink.topic", "matches source.topic: results would come back as events")
         _exchange(self.source_exchange, key="source.exchange")
         _exchange(self.sink_exchange, key="sink.exchange")
-        # The broker adapters route every pool's events and results through these two exchanges
-        # (MQTT has one topic space); another name would be accepted here and ignored there.
-        if self.source_exchange != DEFAULT_SOURCE_EXCHANGE:
-            raise PipelineError("source.exchange", f"only {DEFAULT_SOURCE_EXCHANGE!r} is supported")
-        if self.sink_exchange != DEFAULT_SINK_EXCHANGE:
-            raise PipelineError("sink.exchange", f"only {DEFAULT_SINK_EXCHANGE!r} is supported")
         self._check_stages()
         self._check_result()
         self._check_every_stage_is_used()

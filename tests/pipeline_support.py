@@ -91,9 +91,11 @@ class Deployment:
 
     async def put(self, spec: PipelineSpec, *, owner=None, issued_ms: int | None = None) -> tuple[SignedPipeline, object]:
         signed = sign_pipeline(spec, owner or self.owner, issued_ms or int(time.time() * 1000))
-        await self.broker.declare_stream(self.pool, signed.pipeline_id, spec.source_topic)
+        await self.broker.declare_stream(self.pool, signed.pipeline_id, spec.source_topic,
+                                         exchange=spec.source_exchange)
         for recipient in spec.recipients:
-            await self.broker.declare_inbox(f"{signed.pipeline_id}.{recipient.hex()[:32]}", spec.sink_topic)
+            await self.broker.declare_inbox(f"{signed.pipeline_id}.{recipient.hex()[:32]}", spec.sink_topic,
+                                            exchange=spec.sink_exchange)
         outcome = await self.client._request(lambda: self.core._seal(
             "pipeline_put", signed.to_bytes(), timeout=TIMEOUT, content_type=bodies.PIPELINE), TIMEOUT)
         return signed, outcome
@@ -107,7 +109,7 @@ class Deployment:
 
     async def publish(self, signed: SignedPipeline, event_id: str, inputs) -> str:
         job_id, message = self.event(signed, event_id, inputs)
-        await self.broker.publish_event(signed.spec.source_topic, message)
+        await self.broker.publish_event(signed.spec.source_topic, message, exchange=signed.spec.source_exchange)
         return job_id
 
     def trusted_key(self, epoch: int) -> bytes | None:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 
+from broker_adapters import Unroutable
 from producer_sdk import AsyncClient
 from protocol import bodies, crypto
 from protocol.ownership import generate_signing_key, public_key_bytes
@@ -297,3 +298,27 @@ async def test_a_publisher_whose_connection_drops_goes_on_without_losing_an_even
         assert not publisher.errors
     await wait_until(lambda: len({opened(deployment, raw).event_id for raw in inbox.raw}) == 10,
                      "all ten events have a result", timeout=60)
+
+
+async def test_a_pipeline_on_exchanges_of_its_own_carries_events_and_results_through_them(deployment, broker_url):
+    # On RabbitMQ the source and sink exchanges are the TOML's; MQTT and memory have one topic space.
+    exchanges = dict(source_exchange=f"sensors.{deployment.pool}", sink_exchange=f"dashboards.{deployment.pool}")
+    signed, outcome = await deployment.put(deployment.spec(name="own-exchanges", **exchanges))
+    assert outcome.ok, outcome.error()
+    inbox = Inbox()
+    sub = await deployment.broker.consume_inbox(deployment.inbox(signed), inbox)
+    try:
+        if broker_url.startswith("amqp"):
+            # The stream is bound to the pipeline's exchange only: the default one does not reach it.
+            _, message = deployment.event(signed, "via-default", {"x": np.ones((1, 4), np.float32)})
+            with pytest.raises(Unroutable):
+                await deployment.broker.publish_event(signed.spec.source_topic, message)
+        await deployment.publish(signed, "via-own", {"x": np.ones((1, 4), np.float32)})
+        await wait_until(lambda: len(inbox.raw) == 1, "the result comes through the sink exchange")
+        np.testing.assert_allclose(opened(deployment, inbox.raw[0]).outputs["z"], directly(np.ones((1, 4))))
+        listed = await deployment.client.list_pipelines()
+        (info,) = [p for p in listed if p.pipeline_id == signed.pipeline_id]
+        assert (info.source_exchange, info.sink_exchange) == (exchanges["source_exchange"], exchanges["sink_exchange"])
+    finally:
+        await sub.cancel()
+        await deployment.broker.delete_inbox(deployment.inbox(signed))
