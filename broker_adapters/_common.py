@@ -228,6 +228,17 @@ async def _give_back(delivery: Delivery, log: logging.Logger) -> None:
         log.debug("could not nack message_id=%s: %s", delivery.message.message_id, exc)
 
 
+async def cancel_task(task: asyncio.Task) -> None:
+    """Cancel ``task`` and return once it has finished, however it ends.
+
+    One ``cancel()`` is not always enough on Python 3.11: ``asyncio.wait_for`` (used inside
+    aiomqtt and paho's glue) loses a cancellation that arrives as its inner future completes, and
+    the task runs on into its next wait. So the cancellation is repeated until the task is done."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
+
+
 async def stop_tasks(tasks: Iterable[asyncio.Task], timeout: float = 5.0) -> None:
     """Cancel running handler tasks (except the caller's own) and wait for them to finish."""
     current = asyncio.current_task()

@@ -76,6 +76,9 @@ _PACKET_OVERHEAD = 4096
 _SESSION_TAKEN_OVER = 0x8E
 # How long after a reconnect a publish that finds no subscriber is retried (see _publish_checked).
 _RESUBSCRIBE_GRACE = 10.0
+# How long any publish that finds no subscriber is retried: a consumer whose session was adopted
+# resubscribes under a new session at once, so a gap is short; an undeclared pool waits this long.
+_REGROUP_GRACE = 1.0
 # A job session's retained record: its worker is connected, or it was left behind for adoption.
 _LIVE, _LEFT = b"live", b"left"
 # Retained records read at once (a pool's sessions, a lock's claims); more is a hostile broker.
@@ -378,27 +381,39 @@ class _Conn:
                 f"cannot connect to {redact_url(b.url)}: {_reason(exc)}"
             ) from None
 
-    async def subscribe(self, topic: str) -> None:
-        assert self.client is not None
-        # Raced with the connection's end: aiomqtt would wait out its whole timeout for a SUBACK
-        # that a lost connection (a session taken over by a concurrent declarer) never sends.
-        subscribing = asyncio.ensure_future(self.client.subscribe(topic, qos=1))
+    async def _unless_closed(self, call: Any, what: str) -> Any:
+        """Await ``call`` (a SUBSCRIBE or UNSUBSCRIBE), raced with the connection's end: aiomqtt
+        would wait out its whole timeout for a SUBACK or UNSUBACK that a lost connection (a session
+        taken over by a concurrent declarer or adopter) never sends."""
+        calling = asyncio.ensure_future(call)
         gone = asyncio.ensure_future(self.closed())
-        done, _ = await asyncio.wait({subscribing, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if subscribing not in done:
-            subscribing.cancel()
-            raise BrokerUnavailable(f"the connection closed while subscribing to {topic!r}")
-        gone.cancel()
         try:
-            granted = subscribing.result()
+            done, _ = await asyncio.wait({calling, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if calling not in done:
+            calling.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await calling
+            raise BrokerUnavailable(f"the connection closed while {what}")
+        try:
+            return calling.result()
         except aiomqtt.MqttError as exc:
-            raise BrokerUnavailable(f"subscribing to {topic!r} failed: {_reason(exc)}") from None
+            raise BrokerUnavailable(f"{what} failed: {_reason(exc)}") from None
+
+    async def subscribe(self, topic: str) -> None:
+        client = self.client
+        if client is None:
+            raise BrokerUnavailable(f"the connection is down; cannot subscribe to {topic!r}")
+        granted = await self._unless_closed(client.subscribe(topic, qos=1), f"subscribing to {topic!r}")
         if any(getattr(code, "value", code) >= 0x80 for code in granted):
             raise BrokerError(f"broker refused the subscription to {topic!r}")
 
     async def unsubscribe(self, topic: str) -> None:
-        if self.client is not None:
-            await self.client.unsubscribe(topic)
+        client = self.client
+        if client is None:
+            raise BrokerUnavailable(f"the connection is down; cannot unsubscribe from {topic!r}")
+        await self._unless_closed(client.unsubscribe(topic), f"unsubscribing from {topic!r}")
 
     def _on_message(self, _client: Any, _userdata: Any, msg: paho.MQTTMessage) -> None:
         if msg.qos != 1:
@@ -434,6 +449,7 @@ class _Conn:
             with contextlib.suppress(Exception):
                 await client.__aexit__(None, None, None)
             clean = self.session_expiry == 0
+            pause = self.broker.reconnect_interval
             if self.disconnect_reason == _SESSION_TAKEN_OVER:
                 if self.will is None:
                     # A fixed-name session (a reply queue, dead letters) another consumer took:
@@ -444,9 +460,11 @@ class _Conn:
                 # was queued for us. We go on under a new session of our own.
                 self.client_id = f"{self.client_id.rsplit('-', 1)[0]}-{uuid.uuid4().hex[:12]}"
                 clean = True
+                pause = 0.0  # no network failure: the broker is there, and the pool needs us back
             log.warning("MQTT connection %s lost; reconnecting", self.client_id)
             while not self._closing:
-                await asyncio.sleep(self.broker.reconnect_interval)
+                await asyncio.sleep(pause)
+                pause = self.broker.reconnect_interval
                 try:
                     # The session (and its unacked deliveries) is resumed, not restarted.
                     await self._connect(clean_start=clean)
@@ -530,9 +548,7 @@ class _Conn:
     async def close(self, *, end_session: bool = False) -> None:
         self._closing = True
         if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._supervisor
+            await common.cancel_task(self._supervisor)
         client, self.client = self.client, None
         self._fail_pending()
         if client is None:
@@ -727,9 +743,15 @@ class _Adopter:
     when its worker died, counts as a delivery) and acks it, until an echo of its own probe shows
     the session empty; then it ends the session. A crash in between duplicates a job, never loses
     one. The notices are attacker-writable: at most ``MAX_PENDING`` wait, one adoption runs at a
-    time, and an adoption costs one connection and the messages that session really holds."""
+    time, and an adoption costs one connection and the messages that session really holds.
+
+    An adoption that fails (our adopter lost the session to another adopter, or the broker went)
+    is not forgotten: the record is read again after a randomised, growing pause, and adopted
+    again while it still says ``left``. Otherwise a session whose adopter died mid-way would
+    keep its jobs for good: its record says ``left`` but is never announced again."""
 
     MAX_PENDING = 64
+    MAX_RETRY_PAUSE = 60.0
 
     def __init__(self, broker: MqttBroker, sub: _MqttSubscription, queue: SharedQueue) -> None:
         self.broker = broker
@@ -740,6 +762,9 @@ class _Adopter:
         self._wake = asyncio.Event()
         self.idle = asyncio.Event()  # nothing pending, no adoption running
         self.idle.set()
+        self._stopping = False
+        self._attempts: dict[str, int] = {}  # client id -> failed adoptions, for those to retry
+        self._rechecks: set[asyncio.Task] = set()
         self._task = asyncio.get_running_loop().create_task(self._loop())
         self.adopted = 0
 
@@ -755,24 +780,55 @@ class _Adopter:
         self._wake.set()
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             await self._wake.wait()
             self._wake.clear()
-            while self._pending:
+            while self._pending and not self._stopping:
                 client_id, _ = self._pending.popitem(last=False)
                 try:
                     moved = await self.broker._drain_session(self.queue, client_id, self.sub.limit)
                     self.adopted += 1
+                    self._attempts.pop(client_id, None)
                     if moved:
                         log.info("pool %r: adopted a left-behind job session and requeued %d job(s)", self.pool, moved)
-                except BrokerError as exc:
-                    log.warning("pool %r: could not adopt a left-behind job session: %s", self.pool, exc)
+                except Exception as exc:  # noqa: BLE001 - whatever went wrong, the adopter lives on
+                    # Not only BrokerError: an adopter that died here would leave every later
+                    # left-behind session (and the jobs it holds) unadopted for good.
+                    log.warning("pool %r: could not adopt a left-behind job session (will look again): %s",
+                                self.pool, exc if isinstance(exc, BrokerError) else repr(exc))
+                    self._retry_later(client_id)
             self.idle.set()
 
+    def _retry_later(self, client_id: str) -> None:
+        if client_id not in self._attempts and len(self._attempts) >= self.MAX_PENDING:
+            return  # bounded: picked up again from the retained record after the next reconnect
+        attempt = self._attempts.get(client_id, 0) + 1
+        self._attempts[client_id] = attempt
+        pause = min(self.MAX_RETRY_PAUSE, 2.0 ** attempt) * random.uniform(0.5, 1.0)
+        task = asyncio.get_running_loop().create_task(self._recheck(client_id, pause))
+        self._rechecks.add(task)
+        task.add_done_callback(self._rechecks.discard)
+
+    async def _recheck(self, client_id: str, pause: float) -> None:
+        await asyncio.sleep(pause)
+        topic = sessions_topic(self.pool, client_id)
+        try:
+            record = (await self.broker._read_retained(topic)).get(topic)
+        except Exception:  # noqa: BLE001 - looked at again later, as a failed adoption is
+            self._retry_later(client_id)
+            return
+        conn = self.sub.conn
+        if record == _LEFT and conn is not None:
+            self.notice(topic, record, conn.client_id)
+        else:
+            self._attempts.pop(client_id, None)  # adopted by someone else, or back to live
+
     async def stop(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._task
+        self._stopping = True
+        self._wake.set()
+        for task in list(self._rechecks):
+            await common.cancel_task(task)
+        await common.cancel_task(self._task)
 
 
 class _MqttPoolLock(PoolLock):
@@ -909,7 +965,8 @@ class MqttBroker(BrokerAdapter):
                 f"message of {len(message.body)} bytes for {what or repr(topic)} exceeds the broker's "
                 f"maximum packet size of {conn.max_packet} bytes")
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.confirm_timeout
+        started = loop.time()
+        deadline = started + self.confirm_timeout
         while True:
             code = await conn.publish(topic, message.body, props)
             if code != _NO_MATCHING_SUBSCRIBERS:
@@ -917,7 +974,10 @@ class MqttBroker(BrokerAdapter):
             # Mosquitto 2.0 does not restore shared subscriptions from its persistence file: just
             # after a broker restart, a queue's consumers have not subscribed again yet. Within a
             # grace period after our own reconnect, "no subscriber" means "not yet": retry.
-            if loop.time() - conn.connected_at > _RESUBSCRIBE_GRACE or loop.time() >= deadline:
+            # Outside it, a short retry still covers a queue whose last sessions are being
+            # adopted while their consumers resubscribe under new sessions (a forged "left").
+            grace = _RESUBSCRIBE_GRACE if loop.time() - conn.connected_at <= _RESUBSCRIBE_GRACE else _REGROUP_GRACE
+            if loop.time() - started > grace or loop.time() >= deadline:
                 raise Unroutable(f"no subscriber takes {what or repr(topic)}")
             await asyncio.sleep(0.2)
         if code >= 0x80:

@@ -100,15 +100,15 @@ class Deployment:
             "pipeline_put", signed.to_bytes(), timeout=TIMEOUT, content_type=bodies.PIPELINE), TIMEOUT)
         return signed, outcome
 
-    def event(self, signed: SignedPipeline, event_id: str, inputs) -> tuple[str, Message]:
+    def event(self, signed: SignedPipeline, event_id: str, inputs, *, ttl: float = TIMEOUT) -> tuple[str, Message]:
         request = self.core._seal("event", bodies.encode_event(signed.pipeline_id, event_id, inputs),
-                                  timeout=TIMEOUT, content_type=bodies.EVENT, topic=signed.spec.source_topic)
+                                  timeout=ttl, content_type=bodies.EVENT, topic=signed.spec.source_topic)
         message = Message(body=request.body, correlation_id=request.job_id, reply_to=self.core.reply_to,
                           message_id=request.job_id)
         return request.job_id, message
 
-    async def publish(self, signed: SignedPipeline, event_id: str, inputs) -> str:
-        job_id, message = self.event(signed, event_id, inputs)
+    async def publish(self, signed: SignedPipeline, event_id: str, inputs, *, ttl: float = TIMEOUT) -> str:
+        job_id, message = self.event(signed, event_id, inputs, ttl=ttl)
         await self.broker.publish_event(signed.spec.source_topic, message, exchange=signed.spec.source_exchange)
         return job_id
 

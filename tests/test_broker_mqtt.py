@@ -149,6 +149,33 @@ async def test_a_forged_left_record_for_a_live_consumer_loses_no_job(broker, mos
             await adopter_sub.cancel()
 
 
+async def test_an_adoption_that_fails_is_tried_again_and_its_jobs_arrive(broker, declared_pool, monkeypatch):
+    # The seed session holds the jobs published before any consumer. The first two adoptions die
+    # on an error from the MQTT client itself (as when a rival adopter takes the session over
+    # mid-way; the seed's record may be noticed twice, from the read and from the subscription):
+    # the adopter must live on and look at the record again, or those jobs stay there for good.
+    for n in range(5):
+        await broker.publish_job(declared_pool, job(n))
+    drain = broker._drain_session
+    failures = []
+
+    async def fails_once(*args, **kwargs):
+        if len(failures) < 2:
+            failures.append(args)
+            raise aiomqtt.MqttCodeError(4, "Could not unsubscribe from topic")
+        return await drain(*args, **kwargs)
+
+    monkeypatch.setattr(broker, "_drain_session", fails_once)
+    seen = Counter()
+    sub = await broker.consume_jobs(declared_pool, seen)
+    try:
+        await wait_until(lambda: sorted(seen.ids) == sorted(f"job-{n}" for n in range(5)),
+                         "the jobs of the session whose first adoption failed arrived", timeout=TIMEOUT)
+        assert len(failures) == 2
+    finally:
+        await sub.cancel()
+
+
 async def test_two_adapters_racing_for_a_pool_lock_never_both_hold_it(broker, mosquitto_url, declared_pool):
     async with open_broker(mosquitto_url) as rival:
         won_by_one = 0
