@@ -36,13 +36,13 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from ._state_files import PROCESS_LOCK, directory_lock, write_atomically
 
 log = logging.getLogger("enclaveq.producer")
 
@@ -57,9 +57,6 @@ FIRST_EPOCH = 1
 
 # What a client takes as ``epoch_state``: None for the default file, False for memory only, or a path.
 EpochState = str | os.PathLike[str] | Literal[False] | None
-
-# Threads of one process (several sync ``Client``s) serialise here; processes on the directory lock.
-_PROCESS_LOCK = threading.Lock()
 
 
 def enclaveq_home() -> Path:
@@ -148,13 +145,13 @@ class EpochMarks:
     def _update(self, change: Callable[[dict[str, tuple[int, int]]], Any]) -> None:
         """Read, change and atomically replace the file, under the process and directory locks."""
         assert self.path is not None
-        with _PROCESS_LOCK, _directory_lock(self.path.parent):
+        with PROCESS_LOCK, directory_lock(self.path.parent):
             marks = self._load()
             change(marks)
             if len(marks) > MAX_POOLS:  # keep the most recently raised marks
                 kept = sorted(marks.items(), key=lambda item: item[1][1], reverse=True)[:MAX_POOLS]
                 marks = dict(kept)
-            _write_atomically(self.path, _dump(marks))
+            write_atomically(self.path, _dump(marks))
 
 
 def marks_for(epoch_state: EpochState, broker_url: str) -> EpochMarks:
@@ -208,39 +205,6 @@ def _parse(data: bytes) -> dict[str, tuple[int, int]]:
 def _dump(marks: dict[str, tuple[int, int]]) -> bytes:
     pools = {pool: {"epoch": epoch, "seen_ms": seen} for pool, (epoch, seen) in sorted(marks.items())}
     return json.dumps({"version": FORMAT_VERSION, "pools": pools}, indent=1).encode() + b"\n"
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(scratch, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(scratch)
-        raise
-
-
-@contextlib.contextmanager
-def _directory_lock(directory: Path) -> Iterator[None]:
-    """An advisory lock on the directory itself (no lock file to leave behind), so that two
-    processes raising marks at once both keep theirs. Where flock is missing, merging on every
-    write still keeps all but a simultaneous update -- which can only lower a mark, never refuse."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
 __all__ = ["EpochMark", "EpochMarks", "EpochState", "default_epoch_file", "enclaveq_home", "forget_pool",

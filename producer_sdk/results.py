@@ -13,7 +13,10 @@ this recipient; ``protocol.results.open_result`` checks it before decrypting any
 of a newer epoch than any attested (the pool rotated) makes the subscriber attest again, once
 per epoch (and at most every :data:`REATTEST_INTERVAL_SECONDS`); anything still unknown is
 refused. Results of an epoch older than the first attestation (sealed before a rotation that
-happened while the subscriber was not running) cannot be checked any more and are refused.
+happened while the subscriber was not running) are checked against the keys it verified in an
+earlier run, remembered per pool and policy in ``$ENCLAVEQ_HOME/pool-keys.json``
+(``producer_sdk.pool_keys``; ``pool_keys=`` chooses another file, or ``False`` for none);
+a result of an epoch nobody verified is refused.
 
 What the subscriber does with each delivery of its inbox (``<pipeline id>.<first 32 hex of the
 recipient public key>``, declared with the pipeline, so results wait there while nobody reads):
@@ -61,6 +64,7 @@ from .async_client import AsyncClient, KeyLike
 from .client import BackgroundLoop
 from .core import inbox_name
 from .epochs import EpochState
+from .pool_keys import PoolKeyState, pool_keys_for
 from .errors import BrokerUnreachable, ClientClosed, EnclaveqError, InboxNotFound, JobTimeout, UnknownPipeline
 
 log = logging.getLogger("enclaveq.recipient")
@@ -208,15 +212,17 @@ class AsyncResultSubscriber:
     key or key file. ``timeout`` bounds the requests to the pool (attestation, the pipeline list);
     ``prefetch`` how many deliveries wait unacknowledged; ``max_remembered`` how many event ids
     are remembered to drop duplicates (the oldest forgotten first). The other arguments are
-    :class:`AsyncClient`'s.
+    :class:`AsyncClient`'s. ``pool_keys`` is where the pool keys of verified epochs are remembered
+    across restarts (None: ``$ENCLAVEQ_HOME/pool-keys.json``; a path; False: not on disk); with
+    ``trust`` given (other trust roots than the built-in ones), nothing is remembered on disk.
     """
 
     def __init__(self, broker_url: str, pool: str, policy: Policy | str | os.PathLike[str], pipeline: str,
                  key: RecipientKeyLike, *, timeout: float = 120.0, attest_timeout: float = 10.0, prefetch: int = 256,
                  max_remembered: int = DEFAULT_MAX_REMEMBERED, producer_key: KeyLike | None = None,
                  name: str | None = None, trust: Any = None, collateral: Mapping[str, Any] | None = None,
-                 epoch_state: EpochState = None, clock: Callable[[], float] = time.time,
-                 rng: crypto.Random = os.urandom) -> None:
+                 epoch_state: EpochState = None, pool_keys: PoolKeyState = None,
+                 clock: Callable[[], float] = time.time, rng: crypto.Random = os.urandom) -> None:
         if prefetch < 1 or max_remembered < 1:
             raise ValueError("prefetch and max_remembered must be at least 1")
         self.pipeline = pipeline
@@ -230,7 +236,11 @@ class AsyncResultSubscriber:
                                    attest_timeout=attest_timeout, clock=clock, rng=rng, trust=trust,
                                    collateral=collateral, producer_key=producer_key, epoch_state=epoch_state)
         self.info: bodies.PipelineInfo | None = None
-        # The pool public key of each attested epoch: what results are checked against.
+        # The pool public key of each attested epoch: what results are checked against. Keys
+        # verified by an earlier run under the same pool and policy come from ``_pool_keys``
+        # (a key verified against other trust roots than the built-in ones is not kept on disk).
+        self._pool_keys = pool_keys_for(False if trust is not None else pool_keys, broker_url, pool,
+                                        self._client.policy)
         self._epoch_keys: dict[int, bytes] = {}
         self._epochs_tried: OrderedDict[int, None] = OrderedDict()
         self._last_reattest = float("-inf")
@@ -278,6 +288,7 @@ class AsyncResultSubscriber:
         """Attest the pool, check that it holds the pipeline, start consuming the inbox."""
         claims = await self._client.connect()
         try:
+            self._epoch_keys.update(self._pool_keys.remembered())
             self._learn_epoch()
             pipelines = await self._client.list_pipelines()
             info = next((p for p in pipelines if p.pipeline_id == self.pipeline), None)
@@ -301,7 +312,9 @@ class AsyncResultSubscriber:
     def _learn_epoch(self) -> None:
         statement = self._client.statement
         if statement is not None:
+            # Just attested: authoritative for its epoch, over anything remembered.
             self._epoch_keys[statement.epoch] = statement.pool_public_key
+            self._pool_keys.remember(statement.epoch, statement.pool_public_key)
 
     async def _on_delivery(self, delivery: Delivery) -> None:
         """The broker's handler: hand the delivery to the reader, which acknowledges it once it
@@ -453,14 +466,14 @@ class ResultSubscriber:
                  key: RecipientKeyLike, *, timeout: float = 120.0, attest_timeout: float = 10.0, prefetch: int = 256,
                  max_remembered: int = DEFAULT_MAX_REMEMBERED, producer_key: KeyLike | None = None,
                  name: str | None = None, trust: Any = None, collateral: Mapping[str, Any] | None = None,
-                 epoch_state: EpochState = None, clock: Callable[[], float] = time.time,
-                 rng: crypto.Random = os.urandom) -> None:
+                 epoch_state: EpochState = None, pool_keys: PoolKeyState = None,
+                 clock: Callable[[], float] = time.time, rng: crypto.Random = os.urandom) -> None:
         self._loop = BackgroundLoop("enclaveq-subscriber")
         try:
             self._async = self._loop.call(self._make(
                 broker_url, pool, policy, pipeline, key, timeout=timeout, attest_timeout=attest_timeout,
                 prefetch=prefetch, max_remembered=max_remembered, producer_key=producer_key, name=name, trust=trust,
-                collateral=collateral, epoch_state=epoch_state, clock=clock, rng=rng))
+                collateral=collateral, epoch_state=epoch_state, pool_keys=pool_keys, clock=clock, rng=rng))
             self._loop.call(self._async.connect())
         except BaseException:
             self._loop.stop()

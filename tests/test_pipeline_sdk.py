@@ -29,7 +29,7 @@ from producer_sdk import (
 )
 from producer_sdk.core import ProducerCore, inbox_name
 from producer_sdk.errors import (
-    BadInput, EventTopicError, InboxNotFound, NotOwner, PipelineRejected, UnknownPipeline,
+    BadInput, JobTimeout, EventTopicError, InboxNotFound, NotOwner, PipelineRejected, UnknownPipeline,
 )
 from producer_sdk.events import _event_topic, topic_matches
 from producer_sdk.results import (
@@ -556,6 +556,72 @@ async def test_after_a_rotation_a_stale_publisher_sends_again_and_the_recipient_
         assert (result.event_id, result.epoch) == (event_id, 2)
         assert_result_is_the_chain_of(result, event)
         assert publisher.client.statement.epoch == 2 and publisher.errors == [] and results.refused == 0
+
+
+def events_answered(worker) -> float:
+    return worker.metrics.registry.get_sample_value(
+        "enclaveq_worker_requests_total", {"kind": "event", "outcome": "ok"}) or 0.0
+
+
+async def test_a_recipient_offline_across_a_rotation_still_opens_the_results_of_the_epoch_it_attested(
+        memory_deployment, alice, tmp_path):
+    deployment = memory_deployment
+    remembered = tmp_path / "pool-keys.json"
+    pipeline_id = await deployment.create([public(alice)])
+    async with AsyncResultSubscriber(deployment.url, deployment.pool, deployment.policy, pipeline_id, alice,
+                                     pool_keys=remembered) as first_run:
+        assert first_run.client.statement.epoch == 1
+    assert stat.S_IMODE(remembered.stat().st_mode) == 0o600
+    async with deployment.publisher(pipeline_id) as publisher:
+        event_id = await publisher.publish(batch_of(1)[0])
+    await wait_until(lambda: events_answered(deployment.worker) >= 1, "the event's result is sealed")
+    async with AsyncClient(deployment.url, deployment.pool, deployment.policy) as operator:
+        await operator.rotate_pool(grace_seconds=0)
+    await wait_until(lambda: deployment.worker.keys.previous == (), "epoch 1 is erased")
+    # Restarted: attesting now gives epoch 2 only; epoch 1's key comes from what the first run verified.
+    async with AsyncResultSubscriber(deployment.url, deployment.pool, deployment.policy, pipeline_id, alice,
+                                     pool_keys=remembered) as second_run:
+        assert second_run.client.statement.epoch == 2
+        result = await second_run.receive(timeout=RESULT_TIMEOUT)
+        assert (result.event_id, result.epoch, second_run.refused) == (event_id, 1, 0)
+
+
+async def test_keys_remembered_under_one_policy_are_not_trusted_under_another(memory_deployment, alice, tmp_path):
+    # The epoch-1 key was verified against the first policy; a subscriber with another policy
+    # (here: one that also accepts another measurement) did not verify it and must not use it.
+    deployment = memory_deployment
+    remembered = tmp_path / "pool-keys.json"
+    pipeline_id = await deployment.create([public(alice)])
+    async with AsyncResultSubscriber(deployment.url, deployment.pool, deployment.policy, pipeline_id, alice,
+                                     pool_keys=remembered):
+        pass
+    async with deployment.publisher(pipeline_id) as publisher:
+        await publisher.publish(batch_of(1)[0])
+    await wait_until(lambda: events_answered(deployment.worker) >= 1, "the event's result is sealed")
+    async with AsyncClient(deployment.url, deployment.pool, deployment.policy) as operator:
+        await operator.rotate_pool(grace_seconds=0)
+    await wait_until(lambda: deployment.worker.keys.previous == (), "epoch 1 is erased")
+    other_policy = dataclasses.replace(deployment.policy,
+                                       measurements=(*deployment.policy.measurements, "ab" * 32))
+    async with AsyncResultSubscriber(deployment.url, deployment.pool, other_policy, pipeline_id, alice,
+                                     pool_keys=remembered) as other:
+        with pytest.raises(JobTimeout):
+            await other.receive(timeout=1.0)
+        assert other.refusals == {"unknown_epoch": 1}
+
+
+async def test_a_corrupt_pool_keys_file_is_set_aside_and_refuses_nothing_it_did_not_verify(
+        memory_deployment, alice, tmp_path, caplog):
+    deployment = memory_deployment
+    remembered = tmp_path / "pool-keys.json"
+    remembered.write_text('{"version": 1, "scopes": {"x": {"pool": "p", "verified_ms": 1, "epochs": {"1": "zz"}}}}')
+    pipeline_id = await deployment.create([public(alice)])
+    async with AsyncResultSubscriber(deployment.url, deployment.pool, deployment.policy, pipeline_id, alice,
+                                     pool_keys=remembered) as subscriber:
+        assert subscriber.client.statement.epoch == 1
+    assert (tmp_path / "pool-keys.json.corrupt").exists()
+    assert "are unusable" in caplog.text
+    assert '"1": "' in remembered.read_text()  # written again, with the key just verified
 
 
 async def test_the_sync_twins_create_publish_and_read_like_the_async_ones(memory_deployment, alice, tmp_path):
