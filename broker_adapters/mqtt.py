@@ -697,7 +697,7 @@ class _MqttSubscription(Subscription):
                             self.kind, count, message.message_id)
             return
         topic = self.queue.requeue_topic if self.queue is not None else self.topic
-        await self.broker._publish_checked(topic, message, attempt=count + 1)
+        await self.broker._publish_checked(topic, message, attempt=count + 1, queue=self.queue is not None)
 
     async def dead_letter(self, message: Message, reason: str) -> None:
         if self.queue is None:
@@ -956,7 +956,7 @@ class MqttBroker(BrokerAdapter):
             self._reconnected()
 
     async def _publish_checked(self, topic: str, message: Message, *, attempt: int = 1,
-                               what: str | None = None) -> None:
+                               what: str | None = None, queue: bool = False) -> None:
         conn = self._live()
         props = _properties(message, attempt)
         # The CONNACK's Maximum Packet Size: a bigger PUBLISH would cost us the connection.
@@ -974,9 +974,13 @@ class MqttBroker(BrokerAdapter):
             # Mosquitto 2.0 does not restore shared subscriptions from its persistence file: just
             # after a broker restart, a queue's consumers have not subscribed again yet. Within a
             # grace period after our own reconnect, "no subscriber" means "not yet": retry.
-            # Outside it, a short retry still covers a queue whose last sessions are being
-            # adopted while their consumers resubscribe under new sessions (a forged "left").
-            grace = _RESUBSCRIBE_GRACE if loop.time() - conn.connected_at <= _RESUBSCRIBE_GRACE else _REGROUP_GRACE
+            # Outside it, a short retry still covers a shared queue (``queue``) whose last sessions
+            # are being adopted while their consumers resubscribe under new sessions (a forged
+            # "left"); a broadcast with nobody listening is refused at once.
+            if loop.time() - conn.connected_at <= _RESUBSCRIBE_GRACE:
+                grace = _RESUBSCRIBE_GRACE
+            else:
+                grace = _REGROUP_GRACE if queue else 0.0
             if loop.time() - started > grace or loop.time() >= deadline:
                 raise Unroutable(f"no subscriber takes {what or repr(topic)}")
             await asyncio.sleep(0.2)
@@ -1089,7 +1093,7 @@ class MqttBroker(BrokerAdapter):
                         if count > limit:
                             await self._dead_letter(queue, message, "delivery_limit")
                         else:
-                            await self._publish_checked(queue.requeue_topic, message, attempt=count)
+                            await self._publish_checked(queue.requeue_topic, message, attempt=count, queue=True)
                         moved += 1
                     conn.settle(msg.mid, conn.generation)
             complete = True
@@ -1155,7 +1159,7 @@ class MqttBroker(BrokerAdapter):
         limit = min(self._settings.get(pool, PoolSettings()).max_message_bytes, _MQTT_MAX_PACKET)
         common.check_size(len(message.body), limit, f"pool {pool!r}")
         common.check_headers(message.headers)
-        await self._publish_checked(jobs_topic(pool), message, what=f"pool {pool!r}'s jobs")
+        await self._publish_checked(jobs_topic(pool), message, what=f"pool {pool!r}'s jobs", queue=True)
 
     async def consume_jobs(self, pool: str, handler: Handler, *, prefetch: int = 16) -> Subscription:
         if prefetch < 1:
@@ -1260,7 +1264,7 @@ class MqttBroker(BrokerAdapter):
         common.check_topic("event", topic, wildcards=False)
         common.check_size(len(message.body), PoolSettings().max_message_bytes, f"topic {topic!r}")
         common.check_headers(message.headers)
-        await self._publish_checked(topic, message, what=f"event topic {topic!r}")
+        await self._publish_checked(topic, message, what=f"event topic {topic!r}", queue=True)
 
     # -- inboxes -------------------------------------------------------------------------
     async def declare_inbox(self, name: str, topic_filter: str, *, exchange: str = common.RESULTS_EXCHANGE) -> None:

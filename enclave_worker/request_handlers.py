@@ -12,9 +12,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from protocol import bodies
+from protocol import bodies, frames
 from protocol.envelope import RequestHeader
 from protocol.errors import MalformedMessage, OversizedMessage, ProtocolError, TensorError
 from protocol.tensors import TensorLimits
@@ -42,6 +42,8 @@ class Answer:
     status: str        # "ok" or "error"
     content_type: str
     body: bytes
+    # A frame's answer: the code of each job in it ("ok" or its error), for the job metrics.
+    job_codes: tuple[str, ...] = ()
 
     @classmethod
     def error(cls, code: str, message: str) -> Answer:
@@ -86,6 +88,7 @@ class RequestHandlers:
                                    max_total_bytes=ctx.config.max_message_bytes)
         self._handlers: dict[str, Handler] = {
             "job": self._run_job,
+            "job_frame": self._run_frame,
             "model_chunk": self._model_chunk,
             "model_delete": self._model_delete,
             "model_list": self._model_list,
@@ -145,6 +148,35 @@ class RequestHandlers:
             raise JobRejected(f"result of {len(body)} bytes exceeds {self._ctx.config.max_message_bytes}",
                               bodies.ErrorCode.OVERSIZED)
         return Answer("ok", bodies.TENSORS, body)
+
+    async def _run_frame(self, header: RequestHeader, plaintext: bytes) -> Answer:
+        """Run each job of a frame as if it had come alone (same session, model and deadline):
+        each gets its own result or its own error, and one bad job fails alone."""
+        max_bytes = self._ctx.config.max_message_bytes
+        jobs = frames.decode_frame(plaintext, max_bytes=max_bytes)
+
+        codes: dict[str, str] = {}
+
+        async def one(job: frames.FramedJob) -> frames.FramedResult:
+            answer = await self.execute(replace(header, kind="job", job_id=job.job_id), job.body)
+            codes[job.job_id] = answer.code
+            return frames.FramedResult(job.job_id, answer.status, answer.content_type, answer.body)
+
+        results = list(await asyncio.gather(*(one(job) for job in jobs)))
+        # The answer must fit in one message too. Results that do not are replaced, last first,
+        # by a small error the producer answers by sending those jobs again, alone.
+        budget = max_bytes - 4096
+        size = sum(len(r.body) + len(r.job_id) + 64 for r in results)
+        for i in range(len(results) - 1, -1, -1):
+            if size <= budget:
+                break
+            full = Answer.error(bodies.ErrorCode.FRAME_FULL, "the frame's results exceed the message size limit; "
+                                "send this job alone")
+            size -= len(results[i].body) - len(full.body)
+            results[i] = frames.FramedResult(results[i].job_id, full.status, full.content_type, full.body)
+            codes[results[i].job_id] = bodies.ErrorCode.FRAME_FULL
+        return Answer("ok", frames.JOB_RESULTS, frames.encode_frame_results(results),
+                      job_codes=tuple(codes[job.job_id] for job in jobs))
 
     async def _model_chunk(self, header: RequestHeader, plaintext: bytes) -> Answer:
         ack = await self._library.receive_chunk(header, plaintext, max_message_bytes=self._ctx.config.max_message_bytes)

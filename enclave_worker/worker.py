@@ -412,6 +412,8 @@ class Worker:
         if code != "ok":
             noisy.info("request %s (%s) refused: %s", header.job_id, header.kind, code)
         self.metrics.requests.labels(header.kind, code).inc()
+        for job_code in answer.job_codes:  # a frame's jobs count as the jobs they are
+            self.metrics.requests.labels("job", job_code).inc()
         result = seal_result(session_key, header, answer.status, answer.content_type, answer.body, rng=self._rng,
                              current_epoch=self.keyring.epoch)
         try:

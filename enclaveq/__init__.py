@@ -49,7 +49,8 @@ from attestation.claims import Claims
 from attestation.errors import PolicyError
 from attestation.policy import Policy, load_policy
 from producer_sdk import (
-    AsyncClient, AsyncEventPublisher, AsyncResultSubscriber, Client, EventPublisher, JobResult, ResultSubscriber,
+    AsyncClient, AsyncEventPublisher, AsyncResultSubscriber, Client, EventPublisher, FrameSettings, JobResult,
+    ResultSubscriber,
 )
 from producer_sdk.errors import (
     AttestationFailed,
@@ -93,6 +94,7 @@ __all__ = [
     # clients
     "AsyncClient",
     "Client",
+    "FrameSettings",
     "JobResult",
     "ModelInfo",
     # pipelines: definitions, publishers, recipients

@@ -15,7 +15,8 @@ from .client import Client
 from .errors import *  # noqa: F401,F403  (the error tree is part of the public API)
 from .errors import __doc__ as _errors_doc  # noqa: F401
 from .events import AsyncEventPublisher, EventPublisher
+from .framing import FrameSettings
 from .results import AsyncResultSubscriber, ResultSubscriber
 
-__all__ = ["AsyncClient", "AsyncEventPublisher", "AsyncResultSubscriber", "Client", "EventPublisher", "JobResult",
+__all__ = ["AsyncClient", "AsyncEventPublisher", "AsyncResultSubscriber", "Client", "EventPublisher", "FrameSettings", "JobResult",
            "ResultSubscriber"]

@@ -26,7 +26,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -38,6 +38,7 @@ from broker_adapters import BrokerAdapter, Delivery, Message, Subscription, open
 from broker_adapters.errors import BrokerError, BrokerUnavailable, QueueNotFound, Unroutable
 from protocol import bodies, crypto
 from protocol.errors import ProtocolError
+from protocol.frames import FramedJob
 from protocol.handshake import Statement
 from protocol.routing import Route
 from protocol.ownership import generate_signing_key, load_signing_key, parse_public_key, public_key_bytes
@@ -48,6 +49,7 @@ from protocol.pipeline import (
 
 from .core import AttestationAnswer, Outcome, ProducerCore, Reply, Request, StaleEpochNotice, inbox_name
 from .epochs import EpochState, marks_for
+from .framing import Frame, FramePacker, FrameSettings
 from .errors import (AttestationFailed, BrokerUnreachable, ClientClosed, EnclaveqError, JobError, JobTimeout,
                      ModelRejected, NoWorkerAnswered, PipelineRejected, UnknownPipeline)
 
@@ -536,16 +538,76 @@ class AsyncClient:
         return outcome.tensors()
 
     async def submit(self, model_id: str, batch: Iterable[Mapping[str, Any]], *, outputs: Sequence[str] | None = None,
-                     timeout: float | None = None, max_in_flight: int | None = None) -> AsyncIterator[JobResult]:
+                     timeout: float | None = None, max_in_flight: int | None = None,
+                     frames: FrameSettings | Literal[False] | None = None) -> AsyncIterator[JobResult]:
         """Run many jobs, at most ``max_in_flight`` at a time; yield each result as it completes.
 
         The batch is read lazily, so it can be a generator over more jobs than fit in memory.
+        Jobs travel packed into frames, many jobs per sealed message (``frames``: a
+        :class:`FrameSettings`, None for the defaults, False for one message per job); each job
+        keeps its own id, result and error either way.
         """
         timeout = timeout or self.timeout
-        window = asyncio.Semaphore(max_in_flight or self.max_in_flight)
+        limit = max_in_flight or self.max_in_flight
+        window = asyncio.Semaphore(limit)
         done: asyncio.Queue[JobResult | _BatchEnd] = asyncio.Queue()
         core = self._core_or_raise()
         tasks: set[asyncio.Task[None]] = set()
+        packer = FramePacker(frames or FrameSettings(), limit) if frames is not False else None
+
+        def spawn(coro: Any) -> None:
+            task = asyncio.create_task(coro)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        async def framed(frame: Frame) -> None:
+            ids = [job.job_id for job in frame.jobs]
+            frame_id = ""
+
+            def make() -> Request:
+                nonlocal frame_id
+                request = core.job_frame(model_id, frame.jobs, timeout=timeout)
+                frame_id = request.job_id
+                return request
+
+            alone: list[tuple[int, FramedJob]] = []
+            try:
+                outcome = await self._request(make, timeout)
+                answers: list[Any] = outcome.framed(ids)
+            except EnclaveqError as exc:
+                answers = [exc] * len(ids)
+            except Exception as exc:  # noqa: BLE001 - e.g. a frame the codec refuses
+                answers = [JobError(f"could not send frame {frame_id}: {exc}")] * len(ids)
+            for index, job, answer in zip(frame.indexes, frame.jobs, answers, strict=True):
+                if isinstance(answer, JobError) and answer.code == bodies.ErrorCode.FRAME_FULL:
+                    alone.append((index, job))  # its result did not fit in the frame's answer
+                    continue
+                if isinstance(answer, EnclaveqError):
+                    result = JobResult(index, job.job_id, None, answer)
+                else:
+                    result = JobResult(index, job.job_id, answer, None)
+                window.release()
+                done.put_nowait(result)
+            for index, job in alone:
+                spawn(single(index, job.body))
+
+        async def single(index: int, body: bytes) -> None:
+            # A job whose result did not fit in its frame's answer, sent again on its own.
+            job_id = ""
+
+            def make() -> Request:
+                nonlocal job_id
+                request = core._seal("job", body, timeout=timeout, content_type=bodies.TENSORS, model_id=model_id)
+                job_id = request.job_id
+                return request
+
+            try:
+                outcome = await self._request(make, timeout)
+                result = JobResult(index, job_id, outcome.tensors(), None)
+            except EnclaveqError as exc:
+                result = JobResult(index, job_id, None, exc)
+            window.release()
+            done.put_nowait(result)
 
         async def one(index: int, inputs: Mapping[str, Any]) -> None:
             job_id = ""
@@ -566,17 +628,35 @@ class AsyncClient:
             window.release()
             done.put_nowait(result)
 
+        def send(closed: list[Frame]) -> None:
+            for frame in closed:
+                if frame.jobs:
+                    spawn(framed(frame))
+
         async def feed() -> None:
             try:
                 count = 0
                 for index, inputs in enumerate(batch):
+                    if packer is not None and window.locked():
+                        send([packer.flush()])  # never hold jobs back while waiting for room
                     await window.acquire()
-                    task = asyncio.create_task(one(index, inputs))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
                     count += 1
+                    if packer is None:
+                        spawn(one(index, inputs))
+                        continue
+                    try:
+                        body = core.job_body(inputs, outputs)
+                    except Exception as exc:  # noqa: BLE001 - this job's inputs: it fails alone
+                        window.release()
+                        done.put_nowait(JobResult(index, "", None, JobError(f"could not send job {index}: {exc}")))
+                        continue
+                    send(packer.add(index, FramedJob(uuid.uuid4().hex, body)))
+                if packer is not None:
+                    send([packer.flush()])
                 done.put_nowait(_BatchEnd(count, None))
             except Exception as exc:  # the caller's iterable failed: surface it, keep what ran
+                if packer is not None:
+                    send([packer.flush()])
                 done.put_nowait(_BatchEnd(None, exc))
 
         feeder = asyncio.create_task(feed())

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from protocol.pipeline import PipelineSpec
 
 from .async_client import AsyncClient, JobResult, KeyLike, Progress
 from .epochs import EpochState
+from .framing import FrameSettings
 
 T = TypeVar("T")
 _DONE = object()
@@ -168,7 +169,9 @@ class Client:
         return self._call(self._async.run(model_id, inputs, outputs=outputs, timeout=timeout))
 
     def submit(self, model_id: str, batch: Iterable[Mapping[str, Any]], *, outputs: Sequence[str] | None = None,
-               timeout: float | None = None, max_in_flight: int | None = None) -> Iterator[JobResult]:
-        """Yield results as they complete; the batch is read lazily from this thread's iterable."""
+               timeout: float | None = None, max_in_flight: int | None = None,
+               frames: FrameSettings | Literal[False] | None = None) -> Iterator[JobResult]:
+        """Yield results as they complete; the batch is read lazily from this thread's iterable.
+        ``frames`` as for :meth:`AsyncClient.submit` (jobs packed many per message by default)."""
         yield from self._loop.iterate(self._async.submit(model_id, batch, outputs=outputs, timeout=timeout,
-                                                         max_in_flight=max_in_flight))
+                                                         max_in_flight=max_in_flight, frames=frames))

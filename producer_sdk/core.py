@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from attestation.claims import Claims
 from attestation.errors import AttestationError, PolicyViolation
 from attestation.verify import verify_evidence
-from protocol import bodies, crypto
+from protocol import bodies, crypto, frames
 from protocol.envelope import Chunk, ProducerSession, ResultHeader, peek_result
 from protocol.errors import ProtocolError
 from protocol.handshake import Challenge, ControlError, EvidenceResponse, Statement, control_kind
@@ -144,6 +144,36 @@ class Outcome:
         if not self.ok:
             raise self.error()
         return bodies.decode_tensors_body(self.body)
+
+    def framed(self, expected: Sequence[str]) -> list[dict[str, np.ndarray] | JobError]:
+        """The answer to a frame of the jobs ``expected``: each job's outputs or its own error,
+        in frame order. A frame refused as a whole (expired, unknown model...) raises its error."""
+        if not self.ok:
+            raise self.error()
+        if self.header.content_type != frames.JOB_RESULTS:
+            raise JobError(f"the answer to frame {self.job_id} is not a frame's results", code="malformed",
+                           job_id=self.job_id)
+        try:
+            results = frames.decode_frame_results(self.body, expected)
+        except ProtocolError as exc:
+            raise JobError(f"the answer to frame {self.job_id} is malformed: {exc}", code="malformed",
+                           job_id=self.job_id) from None
+        out: list[dict[str, np.ndarray] | JobError] = []
+        for result in results:
+            if result.status == "ok":
+                try:
+                    out.append(bodies.decode_tensors_body(result.body))
+                except ProtocolError as exc:
+                    out.append(JobError(f"the result of job {result.job_id} is malformed: {exc}", code="malformed",
+                                        job_id=result.job_id))
+            else:
+                try:
+                    err = bodies.ErrorBody.from_bytes(result.body)
+                    out.append(job_error(err.code, err.message, result.job_id))
+                except ProtocolError:
+                    out.append(JobError(f"job {result.job_id} failed (unreadable error)", code="malformed",
+                                        job_id=result.job_id))
+        return out
 
 
 # How much a refused answer tells the user; the most informative one is reported if none verifies.
@@ -351,6 +381,16 @@ class ProducerCore:
             timeout: float) -> Request:
         arrays = {name: to_numpy(value) for name, value in inputs.items()}
         return self._seal("job", bodies.encode_job(arrays, outputs), timeout=timeout, content_type=bodies.TENSORS,
+                          model_id=model_id)
+
+    @staticmethod
+    def job_body(inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> bytes:
+        """A job's body, to put in a frame (``job_frame``)."""
+        return bodies.encode_job({name: to_numpy(value) for name, value in inputs.items()}, outputs)
+
+    def job_frame(self, model_id: str, jobs: Sequence[frames.FramedJob], *, timeout: float) -> Request:
+        """Many jobs of one model, sealed as one request (protocol.frames)."""
+        return self._seal("job_frame", frames.encode_frame(jobs), timeout=timeout, content_type=frames.JOB_FRAME,
                           model_id=model_id)
 
     def model_chunks(self, data: bytes, *, owner_key: Ed25519PrivateKey,

@@ -84,6 +84,7 @@ class ErrorCode:
     STALE_ORDER = "stale_order"          # a manifest or delete order older than the one in force
     UNKNOWN_PIPELINE = "unknown_pipeline"  # an event or delete for a pipeline the pool does not hold
     PIPELINE_INVALID = "pipeline_invalid"  # a definition that does not parse or does not type-check
+    FRAME_FULL = "frame_full"            # a framed job whose result did not fit in its frame's answer
 
 
 def encode_job(inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> bytes:

@@ -105,7 +105,7 @@ class RequestHeader:
         proof = field(m, "pp", bytes, what=w, optional=True)
         if proof is not None and len(proof) > 256:
             raise MalformedMessage(f"{w}: producer proof too large")
-        if kind in ("job", "model_chunk", "model_delete") and model_id is None:
+        if kind in ("job", "job_frame", "model_chunk", "model_delete") and model_id is None:
             raise MalformedMessage(f"{w}: {kind} needs a model id")
         return cls(
             kind=kind,

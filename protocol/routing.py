@@ -24,6 +24,7 @@ class Route(StrEnum):
 
 _ROUTES: dict[str, Route] = {
     "job": Route.JOBS,
+    "job_frame": Route.JOBS,  # many jobs of one model in one request (protocol.frames)
     "model_list": Route.JOBS,
     "pool_rotate": Route.JOBS,
     "model_chunk": Route.BROADCAST,

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import bodies, crypto
+from . import bodies, crypto, frames
 from .envelope import ProducerSession, peek_request, seal_result
 from .handshake import Statement
 from .tensors import DTYPES
@@ -65,6 +65,26 @@ def build_vectors(sealed_session: bytes | None = None) -> dict[str, Any]:
     _, parsed = peek_request(job)
     result_body = bodies.encode_tensors_body({"y": np.array([[0.5, -1.25]], dtype=np.float32)})
     result = seal_result(session_key, parsed, "ok", bodies.TENSORS, result_body, rng=_rng_from([result_nonce]))
+    # A frame of two jobs of the same model, and its answer: one result, one error.
+    frame_nonce = _fixed("enclaveq vector frame nonce", 12)
+    frame_result_nonce = _fixed("enclaveq vector frame result nonce", 12)
+    frame_session = ProducerSession(pool=pool, epoch=epoch, pool_public_key=pool_public,
+                                    rng=_rng_from([frame_nonce]), session_key=session_key, session_id=session_id,
+                                    sealed_session=sealed_session)
+    frame_header = frame_session.header("job_frame", job_id="f0123456789abcdef0123456789abcde",
+                                        deadline_ms=1_900_000_000_000, reply_to="enclaveq.reply.vector-producer",
+                                        content_type=frames.JOB_FRAME, model_id=header.model_id)
+    frame_body = frames.encode_frame([frames.FramedJob("job-a", job_body),
+                                      frames.FramedJob("job-b", bodies.encode_job({"x": np.zeros((1, 2), np.float32)}))])
+    frame = frame_session.seal(frame_header, frame_body)
+    _, parsed_frame = peek_request(frame)
+    frame_results_body = frames.encode_frame_results([
+        frames.FramedResult("job-a", "ok", bodies.TENSORS, result_body),
+        frames.FramedResult("job-b", "error", bodies.ERROR,
+                            bodies.ErrorBody(code=bodies.ErrorCode.BAD_INPUT, message="input 'x': wrong shape").to_bytes()),
+    ])
+    frame_result = seal_result(session_key, parsed_frame, "ok", frames.JOB_RESULTS, frame_results_body,
+                               rng=_rng_from([frame_result_nonce]))
     statement = Statement(pool=pool, epoch=epoch, suite=crypto.SUITE_ID, pool_public_key=pool_public,
                           worker_identity_key=_fixed("enclaveq vector identity", 32),
                           nonce=_fixed("enclaveq vector nonce", 32), config_digest=_fixed("enclaveq vector config", 32))
@@ -86,6 +106,12 @@ def build_vectors(sealed_session: bytes | None = None) -> dict[str, Any]:
             "body": job_body.hex(), "envelope": job.hex(),
         },
         "result": {"nonce": result_nonce.hex(), "body": result_body.hex(), "envelope": result.hex()},
+        "frame": {
+            "job_id": frame_header.job_id, "nonce": frame_nonce.hex(), "header": frame_header.to_bytes().hex(),
+            "body": frame_body.hex(), "envelope": frame.hex(),
+            "result": {"nonce": frame_result_nonce.hex(), "body": frame_results_body.hex(),
+                       "envelope": frame_result.hex()},
+        },
         "statement": {
             "canonical": statement.canonical().hex(), "report_data": statement.report_data().hex(),
             **{k: (v.hex() if isinstance(v, bytes) else v) for k, v in statement.to_map().items()},

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.slow
 JOB_TIMEOUT = 60.0
 
 
-async def run_batch_with_interruption(broker_url, pool, tee, tmp_path, *, jobs: int, interrupt_at: int, interrupt):
+async def run_batch_with_interruption(broker_url, pool, tee, tmp_path, *, jobs: int, interrupt_at: int, interrupt,
+                                      frames=None):
     model = mlp_model()
     batch = batch_of(jobs)
     worker = await asyncio.to_thread(WorkerProcess(broker_url, pool, tee.dir, tmp_path / "w1.log").wait_ready)
@@ -35,7 +36,7 @@ async def run_batch_with_interruption(broker_url, pool, tee, tmp_path, *, jobs: 
     try:
         async with AsyncClient(broker_url, pool, tee.policy(), timeout=JOB_TIMEOUT) as client:
             model_id = await client.upload_model(model)
-            async for result in client.submit(model_id, batch, max_in_flight=200):
+            async for result in client.submit(model_id, batch, max_in_flight=200, frames=frames):
                 assert result.ok and result.outputs is not None, result.error
                 assert result.index not in seen, f"job {result.index} delivered twice to the producer"
                 seen[result.index] = result.outputs
@@ -60,9 +61,13 @@ async def run_batch_with_interruption(broker_url, pool, tee, tmp_path, *, jobs: 
     return worker, duplicates
 
 
-async def test_a_worker_killed_mid_batch_and_restarted_loses_no_job(process_broker_url, pool, tee, tmp_path):
+@pytest.mark.parametrize("frames", [None, False], ids=["framed", "per-message"])
+async def test_a_worker_killed_mid_batch_and_restarted_loses_no_job(process_broker_url, pool, tee, tmp_path, frames):
+    # Framed (submit's default), the worker dies holding whole frames: each is redelivered and
+    # every job in it is yielded once.
     worker, duplicates = await run_batch_with_interruption(
-        process_broker_url, pool, tee, tmp_path, jobs=1000, interrupt_at=300, interrupt=WorkerProcess.kill)
+        process_broker_url, pool, tee, tmp_path, jobs=1000, interrupt_at=300, interrupt=WorkerProcess.kill,
+        frames=frames)
     assert worker.proc.returncode == -9
     assert duplicates >= 0  # reported, never surfaced: the producer yielded each job exactly once
 

@@ -21,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker_adapters import Delivery, Message, open_broker
-from producer_sdk import AsyncClient
+from producer_sdk import AsyncClient, FrameSettings
 from protocol import crypto
 from protocol.envelope import RequestHeader, encode_envelope
 
@@ -57,7 +57,8 @@ async def run_batch(client: AsyncClient, model_id: str, batch: list, *, at: int,
     """Submit ``batch`` and await ``interrupt()`` once ``at`` results are in. Each result must
     arrive once, and every job must succeed."""
     seen: dict[int, dict] = {}
-    async for result in client.submit(model_id, batch, max_in_flight=200):
+    # Small frames: the batch stays framed (submit's default) and still spreads over every worker.
+    async for result in client.submit(model_id, batch, max_in_flight=200, frames=FrameSettings(max_jobs=5)):
         assert result.ok and result.outputs is not None, result.error
         assert result.index not in seen, f"job {result.index} delivered twice to the producer"
         seen[result.index] = result.outputs

@@ -40,9 +40,11 @@ async def test_mqtt_carries_no_plaintext_model_input_output_or_error(private_mos
     async with running_worker(tee, url, pool) as worker:
         async with AsyncClient(url, pool, tee.policy(), timeout=60) as client:
             model_id = await client.upload_model(model)
-            async for result in client.submit(model_id, inputs[:5]):
-                assert result.outputs is not None, result.error
-                outputs.append(result.outputs)
+            # Three jobs in one frame (submit's default), two one message each.
+            for part, frames in ((inputs[:3], None), (inputs[3:5], False)):
+                async for result in client.submit(model_id, part, frames=frames):
+                    assert result.outputs is not None, result.error
+                    outputs.append(result.outputs)
             with pytest.raises(BadInput) as refused:
                 await client.run(model_id, {"x": inputs[0]["x"]})
             # The new epoch key travels to the members on the control channel; a job sealed to it follows.
@@ -65,7 +67,7 @@ async def test_mqtt_carries_no_plaintext_model_input_output_or_error(private_mos
     topics = {c.topic for c in captured}
     # What the workers consume through `$share/...` and the control channel reached the spy too.
     assert {f"enclaveq/{pool}/jobs", f"enclaveq/{pool}/control"} <= topics
-    assert sum(c.topic == f"enclaveq/{pool}/jobs" for c in captured) >= 7
+    assert sum(c.topic == f"enclaveq/{pool}/jobs" for c in captured) >= 5  # 1 frame, 2 + 2 jobs
     assert any(c.properties for c in captured), "no MQTT 5 property captured: the test would prove nothing"
     secrets = {"model": model, "error message": str(refused.value).split(": ", 1)[1].encode()}
     for i, job in enumerate(inputs):

@@ -31,8 +31,10 @@ async def test_rabbitmq_carries_no_plaintext_model_input_output_or_error(rabbitm
     async with running_worker(tee, rabbitmq_url, pool):
         async with AsyncClient(rabbitmq_url, pool, tee.policy(), timeout=30) as client:
             model_id = await client.upload_model(model)
-            async for result in client.submit(model_id, inputs):
-                outputs.append(result.outputs)
+            # Three jobs in one frame (submit's default), two one message each.
+            for part, frames in ((inputs[:3], None), (inputs[3:], False)):
+                async for result in client.submit(model_id, part, frames=frames):
+                    outputs.append(result.outputs)
             with pytest.raises(BadInput) as refused:
                 await client.run(model_id, {"x": inputs[0]["x"]})
             # Published last, in clear: the tracer copies messages as RabbitMQ routes and delivers

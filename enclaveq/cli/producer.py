@@ -17,17 +17,18 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 
 import click
 import numpy as np
 
 from attestation.errors import AttestationError
 from broker_adapters import redact_url
-from producer_sdk import Client
+from producer_sdk import Client, FrameSettings
 from producer_sdk.epochs import forget_pool
 from producer_sdk.errors import AttestationFailed, EnclaveqError, EpochRollback
 from protocol.errors import ProtocolError
+from protocol.frames import MAX_FRAME_JOBS
 from protocol.ownership import parse_public_key
 
 from ..durations import DURATION
@@ -396,13 +397,24 @@ def run_command(broker_url: str, pool: str, policy: Path, timeout: float, model_
 @click.option("--output", "output_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for the results: one .npz per job, with the input's file name.")
 @click.option("--max-in-flight", type=int, default=256, show_default=True, help="Jobs outstanding at once.")
+@click.option("--frame-jobs", type=click.IntRange(min=0, max=MAX_FRAME_JOBS), default=None, metavar="N",
+              help="Jobs per sealed message (frame). Default: a quarter of --max-in-flight, at most 64; "
+                   "0: one message per job.")
+@click.option("--frame-bytes", type=click.IntRange(min=1024), default=FrameSettings.max_bytes, show_default=True,
+              metavar="B", help="Bytes of job inputs per frame at most.")
+@click.option("--linger-ms", type=click.FloatRange(min=0), default=FrameSettings.linger * 1000, show_default=True,
+              metavar="MS", help="How long a frame waits for more jobs once it has one.")
 def submit_command(broker_url: str, pool: str, policy: Path, timeout: float, model_id: str, inputs_dir: Path,
-                   output_dir: Path, max_in_flight: int) -> None:
+                   output_dir: Path, max_in_flight: int, frame_jobs: int | None, frame_bytes: int,
+                   linger_ms: float) -> None:
     """Run every .npz in a directory as a batch; write one result .npz per job.
 
-    Prints a progress bar and a final summary line with jobs, failures and jobs/s; exits 1 if
-    any job failed (each failure is named on stderr).
+    Jobs travel packed into frames, many per sealed message (see --frame-jobs); each keeps its
+    own result and error. Prints a progress bar and a final summary line with jobs, failures and
+    jobs/s; exits 1 if any job failed (each failure is named on stderr).
     """
+    frames: FrameSettings | Literal[False] = False if frame_jobs == 0 else FrameSettings(
+        max_jobs=frame_jobs, max_bytes=frame_bytes, linger=linger_ms / 1000)
     files = sorted(inputs_dir.glob("*.npz"))
     if not files:
         _fail(f"no .npz files in {inputs_dir}", 2)
@@ -417,7 +429,7 @@ def submit_command(broker_url: str, pool: str, policy: Path, timeout: float, mod
     started = time.perf_counter()
     with _client(broker_url, pool, policy, timeout) as client, _progress() as bar:
         task = bar.add_task("jobs", total=len(files))
-        for result in client.submit(model_id, batch(), max_in_flight=max_in_flight):
+        for result in client.submit(model_id, batch(), max_in_flight=max_in_flight, frames=frames):
             name = files[result.index].name
             if result.ok and result.outputs is not None:
                 np.savez(output_dir / name, **result.outputs)  # type: ignore[arg-type]
