@@ -7,14 +7,42 @@ This module owns only the file mechanics; what a file means belongs to its modul
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 # Threads of one process (several sync clients) serialise here; processes on the directory lock.
 PROCESS_LOCK = threading.Lock()
+
+
+def read_state(path: Path, parse: Callable[[bytes], T], empty: T, *, max_bytes: int, what: str, consequence: str,
+               log: logging.Logger) -> T:
+    """``parse`` of the file at ``path`` (read up to ``max_bytes`` + 1), or ``empty`` when it is
+    missing, unreadable (warned) or refused by ``parse`` with ValueError: then it is set aside as
+    ``<name>.corrupt`` and a warning says so. ``what`` names the contents ("the remembered pool
+    epochs"), ``consequence`` what losing them means."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        return empty
+    except OSError as exc:
+        log.warning("cannot read %s in %s (%s); %s", what, path, exc.strerror or exc, consequence)
+        return empty
+    try:
+        return parse(data)
+    except ValueError as exc:
+        aside = path.with_name(path.name + ".corrupt")
+        with contextlib.suppress(OSError):
+            os.replace(path, aside)
+        log.warning("%s in %s are unusable (%s) and were moved to %s; %s", what, path, exc, aside, consequence)
+        return empty
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -51,4 +79,4 @@ def directory_lock(directory: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-__all__ = ["PROCESS_LOCK", "directory_lock", "write_atomically"]
+__all__ = ["PROCESS_LOCK", "directory_lock", "read_state", "write_atomically"]

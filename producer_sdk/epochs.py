@@ -32,7 +32,6 @@ client of this user, so that a restarted producer still knows what it saw:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -42,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ._state_files import PROCESS_LOCK, directory_lock, write_atomically
+from ._state_files import PROCESS_LOCK, directory_lock, read_state, write_atomically
 
 log = logging.getLogger("enclaveq.producer")
 
@@ -119,28 +118,8 @@ class EpochMarks:
     def _load(self) -> dict[str, tuple[int, int]]:
         """pool -> (epoch, when it was raised, ms); {} when missing, unreadable or corrupt."""
         assert self.path is not None
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read(MAX_FILE_BYTES + 1)
-        except FileNotFoundError:
-            return {}
-        except OSError as exc:
-            log.warning("cannot read the remembered pool epochs in %s (%s); rollback detection starts again from "
-                        "the epochs this client sees", self.path, exc.strerror or exc)
-            return {}
-        try:
-            return _parse(data)
-        except ValueError as exc:
-            self._set_aside(str(exc))
-            return {}
-
-    def _set_aside(self, problem: str) -> None:
-        assert self.path is not None
-        aside = self.path.with_name(self.path.name + ".corrupt")
-        with contextlib.suppress(OSError):
-            os.replace(self.path, aside)
-        log.warning("the remembered pool epochs in %s are unusable (%s) and were moved to %s; rollback detection "
-                    "starts again from the epochs this client sees", self.path, problem, aside)
+        return read_state(self.path, _parse, {}, max_bytes=MAX_FILE_BYTES, what="the remembered pool epochs",
+                          consequence="rollback detection starts again from the epochs this client sees", log=log)
 
     def _update(self, change: Callable[[dict[str, tuple[int, int]]], Any]) -> None:
         """Read, change and atomically replace the file, under the process and directory locks."""

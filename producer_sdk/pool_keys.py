@@ -32,7 +32,6 @@ The file, ``$ENCLAVEQ_HOME/pool-keys.json`` by default:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -44,7 +43,7 @@ from typing import Any, Literal
 
 from attestation.policy import Policy, policy_to_toml
 
-from ._state_files import PROCESS_LOCK, directory_lock, write_atomically
+from ._state_files import PROCESS_LOCK, directory_lock, read_state, write_atomically
 from .epochs import enclaveq_home
 
 log = logging.getLogger("enclaveq.recipient")
@@ -122,24 +121,8 @@ class PoolKeys:
     # -- the file --------------------------------------------------------------------------
     def _load(self) -> _Entries:
         assert self.path is not None
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read(MAX_FILE_BYTES + 1)
-        except FileNotFoundError:
-            return {}
-        except OSError as exc:
-            log.warning("cannot read the remembered pool keys in %s (%s); results of epochs this subscriber has "
-                        "not attested are refused", self.path, exc.strerror or exc)
-            return {}
-        try:
-            return _parse(data)
-        except ValueError as exc:
-            aside = self.path.with_name(self.path.name + ".corrupt")
-            with contextlib.suppress(OSError):
-                os.replace(self.path, aside)
-            log.warning("the remembered pool keys in %s are unusable (%s) and were moved to %s; results of epochs "
-                        "this subscriber has not attested are refused", self.path, exc, aside)
-            return {}
+        return read_state(self.path, _parse, {}, max_bytes=MAX_FILE_BYTES, what="the remembered pool keys",
+                          consequence="results of epochs this subscriber has not attested are refused", log=log)
 
     def _update(self, change: Callable[[_Entries], None]) -> None:
         assert self.path is not None
