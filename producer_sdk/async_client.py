@@ -589,15 +589,15 @@ class AsyncClient:
                 window.release()
                 done.put_nowait(result)
             for index, job in alone:
-                spawn(single(index, job.body))
+                spawn(one(index, job.body))
 
-        async def single(index: int, body: bytes) -> None:
-            # A job whose result did not fit in its frame's answer, sent again on its own.
+        async def one(index: int, body: bytes) -> None:
+            # One message per job (frames=False), or a job whose result did not fit in its frame's answer.
             job_id = ""
 
             def make() -> Request:
                 nonlocal job_id
-                request = core._seal("job", body, timeout=timeout, content_type=bodies.TENSORS, model_id=model_id)
+                request = core.job_of_body(model_id, body, timeout=timeout)
                 job_id = request.job_id
                 return request
 
@@ -606,25 +606,6 @@ class AsyncClient:
                 result = JobResult(index, job_id, outcome.tensors(), None)
             except EnclaveqError as exc:
                 result = JobResult(index, job_id, None, exc)
-            window.release()
-            done.put_nowait(result)
-
-        async def one(index: int, inputs: Mapping[str, Any]) -> None:
-            job_id = ""
-
-            def make() -> Request:
-                nonlocal job_id
-                request = core.job(model_id, inputs, outputs=outputs, timeout=timeout)
-                job_id = request.job_id
-                return request
-
-            try:
-                outcome = await self._request(make, timeout)
-                result = JobResult(index, job_id, outcome.tensors(), None)
-            except EnclaveqError as exc:
-                result = JobResult(index, job_id, None, exc)
-            except Exception as exc:  # e.g. an unsupported dtype in this job's inputs
-                result = JobResult(index, job_id, None, JobError(f"could not send job {index}: {exc}"))
             window.release()
             done.put_nowait(result)
 
@@ -641,16 +622,16 @@ class AsyncClient:
                         send([packer.flush()])  # never hold jobs back while waiting for room
                     await window.acquire()
                     count += 1
-                    if packer is None:
-                        spawn(one(index, inputs))
-                        continue
                     try:
                         body = core.job_body(inputs, outputs)
-                    except Exception as exc:  # noqa: BLE001 - this job's inputs: it fails alone
+                    except Exception as exc:  # noqa: BLE001 - e.g. an unsupported dtype: this job fails alone
                         window.release()
                         done.put_nowait(JobResult(index, "", None, JobError(f"could not send job {index}: {exc}")))
                         continue
-                    send(packer.add(index, FramedJob(uuid.uuid4().hex, body)))
+                    if packer is None:
+                        spawn(one(index, body))
+                    else:
+                        send(packer.add(index, FramedJob(uuid.uuid4().hex, body)))
                 if packer is not None:
                     send([packer.flush()])
                 done.put_nowait(_BatchEnd(count, None))

@@ -379,9 +379,11 @@ class ProducerCore:
 
     def job(self, model_id: str, inputs: Mapping[str, Any], *, outputs: Sequence[str] | None = None,
             timeout: float) -> Request:
-        arrays = {name: to_numpy(value) for name, value in inputs.items()}
-        return self._seal("job", bodies.encode_job(arrays, outputs), timeout=timeout, content_type=bodies.TENSORS,
-                          model_id=model_id)
+        return self.job_of_body(model_id, self.job_body(inputs, outputs), timeout=timeout)
+
+    def job_of_body(self, model_id: str, body: bytes, *, timeout: float) -> Request:
+        """A job whose body (``job_body``) is already encoded."""
+        return self._seal("job", body, timeout=timeout, content_type=bodies.TENSORS, model_id=model_id)
 
     @staticmethod
     def job_body(inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> bytes:
