@@ -172,3 +172,38 @@ def test_the_published_frame_vector_opens_with_the_published_session_key():
     assert (result_header.job_id, result_header.content_type) == (frame["job_id"], JOB_RESULTS)
     assert [(r.job_id, r.status) for r in decode_frame_results(body, ["job-a", "job-b"])] == [
         ("job-a", "ok"), ("job-b", "error")]
+
+
+def tiling_model() -> bytes:
+    """x float32[1,100] -> y = x tiled 50 times, float32[1,5000]: 400 bytes in, 20,000 out."""
+    from onnx import TensorProto, helper
+
+    repeats = helper.make_tensor("repeats", TensorProto.INT64, [2], [1, 50])
+    graph = helper.make_graph([helper.make_node("Tile", ["x", "repeats"], ["y"])], "tile",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 100])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5000])],
+                              initializer=[repeats])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+async def test_results_that_do_not_fit_in_the_frames_answer_come_back_alone(tee, memory_url, pool):
+    # Eight jobs of 400 bytes fit in a frame; their eight 20 kB results do not fit in one 64 KiB
+    # answer: the worker answers the last ones `frame_full`, and submit sends those again alone.
+    from dataclasses import replace
+
+    from enclave_worker.config import DEFAULT_WORKER_CONFIG
+
+    small = replace(DEFAULT_WORKER_CONFIG, max_message_bytes=64 * 1024)
+    batch = [{"x": np.full((1, 100), n, np.float32)} for n in range(8)]
+    async with running_worker(tee, memory_url, pool, config=small) as worker, \
+            AsyncClient(memory_url, pool, tee.policy(), timeout=60) as client:
+        model_id = await client.upload_model(tiling_model())
+        results = await collect(client, model_id, batch, frames=FrameSettings(max_jobs=8, linger=10.0))
+        full = worker.metrics.registry.get_sample_value("enclaveq_worker_requests_total",
+                                                        {"kind": "job", "outcome": "frame_full"})
+    assert full and full > 0, "the answer fitted: the test would prove nothing"
+    for index, inputs in enumerate(batch):
+        assert results[index].ok, results[index].error
+        np.testing.assert_array_equal(results[index].outputs["y"], np.tile(inputs["x"], (1, 50)))
