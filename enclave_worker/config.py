@@ -36,6 +36,15 @@ class WorkerConfig:
     max_model_bytes: int = 512 * MiB  # largest ONNX model accepted for upload
     intra_op_threads: int = 1  # ONNX Runtime threads per job
     max_jobs_in_flight: int = 8  # concurrent jobs per worker process
+    # Dynamic batching (enclave_worker/batcher.py, Triton's semantics): jobs for one model, from any
+    # frames, messages and producers, share one ONNX Runtime call of at most this many rows, if the
+    # model's graph is proven row-independent. Measured because it decides whose jobs share a call.
+    max_batch_rows: int = 64
+    # How long a batch may wait for more jobs once it has one, in microseconds. 0: never wait; a
+    # batch is whatever queued while the inference threads were busy.
+    max_queue_delay_us: int = 0
+    # Batch sizes (rows) that leave at once even before the delay is over (empty: none preferred).
+    preferred_batch_rows: tuple[int, ...] = ()
     # Longest grace period a rotation may give the previous epoch's key (P6): bounds how long a
     # rotated-away key can still open captured traffic, whatever an operator asks for.
     max_rotation_grace_seconds: int = 3600
@@ -52,6 +61,13 @@ class WorkerConfig:
             if f.name == "version":
                 if type(value) is not str or not value:
                     raise ValueError("WorkerConfig.version must be a non-empty string")
+            elif f.name == "max_queue_delay_us":
+                if type(value) is not int or not 0 <= value <= 60_000_000:
+                    raise ValueError(f"WorkerConfig.max_queue_delay_us must be 0..60000000 (a minute), got {value!r}")
+            elif f.name == "preferred_batch_rows":
+                if type(value) is not tuple or any(type(v) is not int or not 1 <= v <= self.max_batch_rows
+                                                   for v in value):
+                    raise ValueError("WorkerConfig.preferred_batch_rows must be a tuple of sizes 1..max_batch_rows")
             elif f.name == "custom_op_domains":
                 if type(value) is not tuple or not set(value) <= set(CUSTOM_OP_LIBRARIES):
                     raise ValueError(f"WorkerConfig.custom_op_domains must be a tuple of {sorted(CUSTOM_OP_LIBRARIES)}")

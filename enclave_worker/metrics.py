@@ -20,6 +20,9 @@ class WorkerMetrics:
                                      ["reason"], registry=self.registry)
         self.latency = Histogram("enclaveq_worker_job_seconds", "Time from delivery to confirmed result",
                                  registry=self.registry)
+        # Rows per ONNX Runtime call (1 for a job that ran alone): how much dynamic batching happens.
+        self.batch_rows = Histogram("enclaveq_worker_batch_rows", "Rows per ONNX Runtime call",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
 
     def watch_refusals(self, read: Callable[[], Mapping[str, float]]) -> None:
         """Export, at each scrape, what ``read()`` counts of messages refused or dropped without

@@ -9,6 +9,7 @@ is present, the hash matches and ONNX Runtime has loaded it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from dataclasses import dataclass, field
 from collections.abc import Mapping
@@ -19,7 +20,12 @@ import onnxruntime as ort
 from protocol.bodies import ErrorCode, ModelInfo
 from protocol.tensors import ONNX_TYPES
 
+from .batchability import Batchability, analyse
 from .errors import InputRejected, JobRejected, ModelRejected
+
+log = logging.getLogger("enclaveq.worker")
+
+NOT_ANALYSED = Batchability(False, "not analysed")
 
 
 @dataclass
@@ -29,12 +35,24 @@ class LoadedModel:
     # name -> (wire dtype or None if enclaveq cannot carry it, shape); computed once, read per job.
     expected_inputs: dict[str, tuple[str | None, tuple]] = field(init=False)
     output_names: list[str] = field(init=False)
+    # Whether jobs for this model may share one ONNX Runtime call (see batchability.py); decided
+    # once, from the graph, when the model is loaded.
+    batching: Batchability = NOT_ANALYSED
     # Moving average of inference time; starts pessimistic so a new model runs off the event loop.
     typical_seconds: float = 1.0
 
     def __post_init__(self) -> None:
         self.expected_inputs = {name: (ONNX_TYPES.get(t), shape) for name, t, shape in self.info.inputs}
         self.output_names = [name for name, _, _ in self.info.outputs]
+
+    @property
+    def batchable(self) -> bool:
+        return self.batching.batchable
+
+    def stop_batching(self, reason: str) -> None:
+        """Run this model job by job from now on (a batched call behaved unlike the analysis said)."""
+        log.warning("model %s: batching turned off: %s", self.info.model_id, reason)
+        self.batching = Batchability(False, reason)
 
     def record_run(self, seconds: float) -> None:
         self.typical_seconds = seconds if self.typical_seconds >= 1.0 else 0.9 * self.typical_seconds + 0.1 * seconds
@@ -91,7 +109,7 @@ class ModelStore:
             raise ModelRejected(f"ONNX Runtime could not load the model ({type(exc).__name__})") from None
         info = ModelInfo(model_id=model_id, size=len(data), inputs=_signature(session.get_inputs()),
                          outputs=_signature(session.get_outputs()))
-        return LoadedModel(info=info, session=session)
+        return LoadedModel(info=info, session=session, batching=_batching(session, data))
 
     def add(self, loaded: LoadedModel) -> LoadedModel:
         """Serve ``loaded`` from now on."""
@@ -117,6 +135,16 @@ class ModelStore:
     def list(self) -> list[ModelInfo]:
         with self._lock:
             return [m.info for m in self._models.values()]
+
+
+def _batching(session: ort.InferenceSession, data: bytes) -> Batchability:
+    """Whether the model's rows are independent. The graph is analysed only when every input
+    has the same symbolic leading dimension, the one case batching can apply to: most models
+    that cannot be batched are told apart without parsing their graph a second time."""
+    leading = {tuple(arg.shape[:1]) for arg in session.get_inputs()}
+    if len(leading) != 1 or not all(isinstance(d, str) and d for d in next(iter(leading))):
+        return Batchability(False, "the inputs do not share a symbolic leading (batch) dimension")
+    return analyse(data)
 
 
 def check_inputs(model: LoadedModel, inputs: Mapping[str, np.ndarray], outputs: list[str] | None) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
@@ -19,23 +18,20 @@ from protocol.envelope import RequestHeader
 from protocol.errors import MalformedMessage, OversizedMessage, ProtocolError, TensorError
 from protocol.tensors import TensorLimits
 
+import numpy as np
+
 from broker_adapters import Message, Unroutable
 
+from .batcher import Batcher
 from .context import WorkerContext
 from .errors import JobRejected
 from .keyring import Keyring
 from .model_library import ModelLibrary
-from .models import run_model
 from .pipelines import PipelineLibrary
 from .rotation import Rotation
 from .sessions import OpenedSession, SessionCache
 
 log = logging.getLogger("enclaveq.worker")
-
-# A model known to answer this fast on an input this small runs on the event loop (see _run_job).
-INLINE_INFERENCE_SECONDS = 0.0005
-INLINE_INFERENCE_BYTES = 64 * 1024
-
 
 @dataclass(frozen=True)
 class Answer:
@@ -73,8 +69,9 @@ ResultPublisher = Callable[[str, Message, str], Awaitable[None]]
 class RequestHandlers:
     def __init__(self, ctx: WorkerContext, *, library: ModelLibrary, rotation: Rotation,
                  sessions: SessionCache, pipelines: PipelineLibrary, keyring: Keyring,
-                 publish_result: ResultPublisher, rng: Callable[[int], bytes]) -> None:
+                 publish_result: ResultPublisher, rng: Callable[[int], bytes], batcher: Batcher) -> None:
         self._ctx = ctx
+        self._batcher = batcher
         self._library = library
         self._rotation = rotation
         self._pipelines = pipelines
@@ -124,26 +121,9 @@ class RequestHandlers:
         if self._library.needs_producer_key(model_id):
             self._library.require_allowed(model_id, self._producer_key(header, session))
         inputs, outputs = bodies.decode_job(plaintext, self._limits)
-        input_bytes = sum(a.nbytes for a in inputs.values())
-
-        def infer() -> bytes:
-            started = time.perf_counter()
-            result = run_model(model, inputs, outputs)
-            model.record_run(time.perf_counter() - started)
-            try:
-                return bodies.encode_tensors_body(result)
-            except TensorError as exc:
-                raise JobRejected(f"the model produced an output enclaveq cannot carry: {exc}",
-                                  bodies.ErrorCode.UNSUPPORTED) from None
-
-        # A model known to answer in well under a millisecond on a small input runs on the event
-        # loop: handing it to a thread (executor queue, wake-up, GIL hand-offs) costs several times
-        # more CPU than the inference itself. Everything else runs in a thread, which is what
-        # lets a slow model use every core while the loop keeps serving the broker.
-        if model.typical_seconds < INLINE_INFERENCE_SECONDS and input_bytes <= INLINE_INFERENCE_BYTES:
-            body = infer()
-        else:
-            body = await asyncio.to_thread(infer)
+        # Queued with the jobs waiting for the same model: it may run in one ONNX Runtime call
+        # with them (see batcher.py); its result is encoded on the thread that ran it.
+        body = await self._batcher.run(model, inputs, outputs, _encode_result)
         if len(body) > self._ctx.config.max_message_bytes:
             raise JobRejected(f"result of {len(body)} bytes exceeds {self._ctx.config.max_message_bytes}",
                               bodies.ErrorCode.OVERSIZED)
@@ -250,6 +230,14 @@ class RequestHandlers:
             raise JobRejected("this request's session is not open on this worker; send it again",
                               bodies.ErrorCode.NOT_ALLOWED)
         return session.producer_key(header.producer_proof)
+
+
+def _encode_result(outputs: dict[str, np.ndarray]) -> bytes:
+    try:
+        return bodies.encode_tensors_body(outputs)
+    except TensorError as exc:
+        raise JobRejected(f"the model produced an output enclaveq cannot carry: {exc}",
+                          bodies.ErrorCode.UNSUPPORTED) from None
 
 
 def _model_id(header: RequestHeader) -> str:

@@ -57,6 +57,7 @@ from .metrics import WorkerMetrics
 from .model_library import ModelLibrary
 from .model_sync import ModelSync
 from .request_handlers import Answer, RequestHandlers
+from .batcher import Batcher, BatchSettings
 from .rotation import DEFAULT_ROTATION_GRACE_SECONDS, Rotation
 from .pipelines import PipelineLibrary
 from .replay_guard import SeenJobs, SeenJournal, job_key
@@ -108,6 +109,10 @@ class Worker:
         self._streams: dict[str, Subscription] = {}  # pipeline id -> its event stream's consumer
         self.pipelines: PipelineLibrary | None = None
         self._slots = asyncio.Semaphore(config.max_jobs_in_flight)
+        self._batcher = Batcher(BatchSettings(max_batch_rows=config.max_batch_rows,
+                                              max_queue_delay_us=config.max_queue_delay_us,
+                                              preferred_batch_rows=config.preferred_batch_rows),
+                                on_batch=self.metrics.batch_rows.observe)
         self._draining = False
         self._stopped = False
         self._active = 0
@@ -190,7 +195,8 @@ class Worker:
             await self.pipelines.check_restored()
             self._handlers = RequestHandlers(self._ctx, library=models, rotation=self._rotation,
                                              sessions=self._sessions, pipelines=self.pipelines, keyring=self.keyring,
-                                             publish_result=self._publish_result, rng=self._rng)
+                                             publish_result=self._publish_result, rng=self._rng,
+                                             batcher=self._batcher)
             self._control.serve_model_sync(self._model_sync)
             if self.identity.can_join:
                 await self._model_sync.fetch_missing(self._membership.admitted_by)
@@ -229,6 +235,7 @@ class Worker:
         self._stopping.set()
         if self._housekeeper is not None:
             await self._housekeeper  # its last round seals the jobs answered until now
+        self._batcher.close()
         await self._membership.release()
         await self._broker.close()
 

@@ -59,6 +59,9 @@ def test_another_process_computes_the_same_value():
         {"max_model_bytes": 1024 * MiB},
         {"intra_op_threads": 2},
         {"max_jobs_in_flight": 9},
+        {"max_batch_rows": 32},
+        {"max_queue_delay_us": 500},
+        {"preferred_batch_rows": (8,)},
         {"version": "2"},
     ],
 )
@@ -153,6 +156,10 @@ def test_worker_config_refuses_nonsense_limits():
         WorkerConfig(max_jobs_in_flight=0)
     with pytest.raises(ValueError, match="version"):
         WorkerConfig(version="")
+    with pytest.raises(ValueError, match="max_queue_delay_us"):
+        WorkerConfig(max_queue_delay_us=-1)
+    with pytest.raises(ValueError, match="preferred_batch_rows"):
+        WorkerConfig(max_batch_rows=8, preferred_batch_rows=(16,))
 
 
 def test_the_default_worker_config_is_the_documented_one():
@@ -164,6 +171,9 @@ def test_the_default_worker_config_is_the_documented_one():
         "max_model_bytes": 512 * MiB,
         "intra_op_threads": 1,
         "max_jobs_in_flight": 8,
+        "max_batch_rows": 64,
+        "max_queue_delay_us": 0,
+        "preferred_batch_rows": (),
         "max_rotation_grace_seconds": 3600,
         "custom_op_domains": {"ai.onnx.contrib": f"onnxruntime-extensions {version('onnxruntime-extensions')}"},
         "version": "1",
