@@ -19,8 +19,8 @@ owner's secret). Why the rules are sound:
   every output row is a function of its own input row and of constants.
 - A rule holds when the op computes each output row from the same input row only: elementwise
   maps; broadcasting where every ROW operand keeps axis 0 aligned with the output's and no CONST
-  operand has a size > 1 along it; ops that work per sample (Conv, pooling, instance norms,
-  Softmax over another axis, reductions that keep axis 0); reshapes that keep axis 0 in place and
+  operand has a size > 1 along it; ops that work per sample (Conv, pooling, Softmax over another
+  axis, max/min reductions that keep axis 0); reshapes that keep axis 0 in place and
   its size (row-major order then maps row ``i`` to row ``i``). Rules whose safety depends on an
   axis or a shape read it from the attribute or a CONST input and refuse when it cannot be read.
 - The allow-list names no op whose result depends on the batch as a whole: reading a shape
@@ -102,13 +102,18 @@ _BROADCASTING = frozenset({
 
 _PER_SAMPLE = frozenset({
     "Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
-    "GlobalLpPool", "LRN", "InstanceNormalization", "BatchNormalization",
+    "GlobalLpPool", "LRN", "BatchNormalization",
 })
 
-_REDUCE = frozenset({
-    "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
-    "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare",
-})
+# Only the reductions whose result does not depend on the order of their terms. ONNX Runtime's
+# summing reductions (and InstanceNormalization) add a row's terms in an order that depends on the
+# row's offset in memory: batched, a job's result differs from running alone in the last bits,
+# depending on how many rows came before it (measured; tests/test_batchability.py). Rows stay
+# independent, but a job could learn something of the others and results would not be exact.
+_REDUCE = frozenset({"ReduceMax", "ReduceMin"})
+
+_ROUNDS_BY_OFFSET = ("ONNX Runtime rounds it differently depending on the row's offset in the batch "
+                     "(a job's result would depend on how many rows came before it)")
 
 # Why the usual suspects are refused, in words a model owner can act on.
 _KNOWN_MIXERS = {
@@ -120,6 +125,8 @@ _KNOWN_MIXERS = {
     "DynamicQuantizeLinear": "computes one scale from the whole batched tensor",
     "Range": "builds a tensor from batched values",
     "ConstantOfShape": "builds a tensor whose shape comes from batched values",
+    **dict.fromkeys(("ReduceMean", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+                     "ReduceLogSumExp", "ReduceSumSquare", "InstanceNormalization"), _ROUNDS_BY_OFFSET),
 }
 
 
@@ -223,7 +230,9 @@ def _dims_of(type_proto: onnx.TypeProto) -> Dims | None:
 
 
 def _clip(text: str) -> str:
-    return text if len(text) <= _NAME_CHARS else text[:_NAME_CHARS] + "..."
+    """A name from the model, fit for a one-line reason: short, and printable."""
+    shown = "".join(c if c.isprintable() else "?" for c in text[:_NAME_CHARS])
+    return shown if len(text) <= _NAME_CHARS else shown + "..."
 
 
 def _describe(node: onnx.NodeProto) -> str:
@@ -431,7 +440,7 @@ class _Propagation:
                 raise self.refuse(node, "C is not of size 1 along the batch axis")
 
     def _per_sample(self, node: onnx.NodeProto, inputs: list[str]) -> None:
-        # Conv, pooling and the instance norms compute each sample (axis 0) from itself.
+        # Conv, pooling and batch normalisation (inference) compute each sample (axis 0) from itself.
         self.first_row_rest_const(node, inputs)
         if node.op_type == "MaxPool" and len(node.output) > 1 and node.output[1]:
             raise self.refuse(node, "its Indices output flattens over the batch axis")

@@ -220,9 +220,13 @@ class Batcher:
     def _finished(self, batch: list[_Job[Any]], done: asyncio.Future[list[Any]]) -> None:
         self._busy -= 1
         if done.cancelled():
-            outcomes: list[Any] = [JobRejected("the worker is stopping", ErrorCode.INTERNAL)] * len(batch)
-        elif done.exception() is not None:
-            outcomes = [done.exception()] * len(batch)
+            # Never ran: the worker stopped (its drain timed out). No answer at all, so the broker
+            # hands the job to another worker, rather than an error its producer would keep.
+            for job in batch:
+                job.future.cancel()
+            return
+        if done.exception() is not None:
+            outcomes: list[Any] = [done.exception()] * len(batch)
         else:
             outcomes = done.result()
         self._settle(batch, outcomes)
