@@ -28,7 +28,7 @@ from protocol.envelope import RequestHeader
 from protocol.errors import MalformedMessage, ProtocolError, SignatureInvalid
 from protocol.ownership import DeleteOrder, ModelManifest
 
-from .errors import JobRejected
+from .errors import JobRejected, SealedStateError
 from .models import LoadedModel, ModelStore
 from .ownership import CatalogVersion, ModelRegistry
 from .sealed_state import SealedState
@@ -133,15 +133,49 @@ class ModelLibrary:
 
     # -- changing ----------------------------------------------------------------------------
     def load_sealed(self) -> None:
-        """At start: load every sealed model whose sealed owner manifest verifies."""
-        for model_id, data in self._state.iter_models():
+        """At start: load every sealed model whose sealed owner manifest verifies. A sealed model
+        that does not unseal (damaged, or written under another measurement) is quarantined,
+        named in the log, and the worker starts without it: one bad file must not stop a pool."""
+        for model_id in self._state.model_ids():
+            try:
+                data = self._state.read_model(model_id)
+            except SealedStateError as exc:
+                self._quarantine(model_id, str(exc))
+                continue
             if not self._registry.load_sealed(model_id):
                 log.warning("sealed model %s has no valid owner manifest; not loaded", model_id)
                 continue
             try:
                 self._store.load(model_id, data)
             except JobRejected as exc:
-                log.warning("sealed model %s could not be loaded: %s", model_id, exc)
+                self._quarantine(model_id, str(exc))
+
+    def _quarantine(self, model_id: str, why: str) -> None:
+        try:
+            folder = self._state.quarantine_model(model_id)
+        except OSError as exc:
+            log.error("sealed model %s is not usable (%s) and could not be moved aside (%s); not loaded",
+                      model_id, why, exc.strerror or type(exc).__name__)
+            return
+        log.error("sealed model %s is not usable (%s): moved to %s, not loaded; upload it again or let a pool "
+                  "member send it", model_id, why, folder)
+
+    async def _persist(self, model_id: str, data: bytes, manifest: ModelManifest, signed: bytes) -> None:
+        """Write the model and its owner's manifest to sealed storage, or raise ``JobRejected``
+        (and leave nothing behind): a model is served only once a restart would find it again."""
+        try:
+            await asyncio.to_thread(self._state.save_model, model_id, data)
+            self._registry.record(manifest, signed)
+        except OSError as exc:
+            try:
+                await asyncio.to_thread(self._state.delete_model, model_id)
+            except OSError:
+                pass  # nothing was written, or nothing can be removed: the model is not served either way
+            log.error("model %s could not be written to sealed storage (%s); refused", model_id,
+                      exc.strerror or type(exc).__name__)
+            raise JobRejected(f"the worker could not write model {model_id} to its sealed storage "
+                              f"({exc.strerror or type(exc).__name__}); the model is not served",
+                              bodies.ErrorCode.INTERNAL) from None
 
     async def receive_chunk(self, header: RequestHeader, plaintext: bytes, *, max_message_bytes: int) -> bytes:
         """Take one chunk of an owner-signed upload; the ack body to send back."""
@@ -171,10 +205,10 @@ class ModelLibrary:
         self._loading[model_id] = self._loading.get(model_id, 0) + 1
         try:
             loaded = await asyncio.to_thread(self._store.open, model_id, whole)
-            # The manifest (its allow-list) is in force before any job can get the model.
-            self._registry.record(manifest, signed)
+            # Durable first, then served: the manifest (its allow-list) is in force and the sealed
+            # copy written before any job can get the model.
+            await self._persist(model_id, whole, manifest, signed)
             self._store.add(loaded)
-            await asyncio.to_thread(self._state.save_model, model_id, whole)
         finally:
             self._loading[model_id] -= 1
             if not self._loading[model_id]:
@@ -214,10 +248,13 @@ class ModelLibrary:
         except JobRejected as exc:
             log.warning("synced model %s refused: %s", model_id, exc)
             return
-        self._registry.record(manifest, signed_manifest)  # in force before any job can get the model
+        try:
+            await self._persist(model_id, data, manifest, signed_manifest)  # before any job can get it
+        except JobRejected as exc:
+            log.warning("synced model %s refused: %s", model_id, exc)
+            return
         self._store.add(loaded)
         self._release(model_id)  # jobs waiting for an upload of it need not wait any longer
-        await asyncio.to_thread(self._state.save_model, model_id, data)
         log.info("model %s synced from a pool member (%d bytes)", model_id, len(data))
 
     def update_synced_manifest(self, signed: bytes) -> None:

@@ -26,6 +26,7 @@ to (see ``Worker._accept_join``), so this file plus recorded traffic cannot reco
 from __future__ import annotations
 
 import os
+import time
 import re
 import struct
 from dataclasses import dataclass, replace
@@ -106,6 +107,20 @@ class SealedState:
 
     def _aad(self, kind: str, name: str = "") -> bytes:
         return pack(["enclaveq/v1/sealed-state", self._pool, kind, name])
+
+    def ensure_usable(self) -> None:
+        """Create the state directory if needed and prove it writable, or raise
+        :class:`SealedStateError` saying why: a worker that cannot make its state durable
+        (pool key, models, answered jobs) must not start taking work."""
+        probe = self.dir / f".probe.{os.getpid()}"
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise SealedStateError(f"the state directory {self.dir} cannot be used "
+                                   f"({exc.strerror or type(exc).__name__}); give the worker a writable "
+                                   "directory (--state-dir)") from None
 
     def _write(self, path: Path, blob: bytes) -> None:
         # Write-then-rename so a crash never leaves a half-written sealed file behind.
@@ -233,11 +248,23 @@ class SealedState:
         path = self.dir / "models" / f"{model_id}.sealed"
         return self._read(path, self._aad("model", model_id), f"model {model_id}")
 
-    def iter_models(self) -> Iterator[tuple[str, bytes]]:
+    def model_ids(self) -> list[str]:
+        """The ids of the sealed models on disk (quarantined ones excluded)."""
         folder = self.dir / "models"
         if not folder.is_dir():
-            return
-        for path in sorted(folder.glob("*.sealed")):
-            model_id = path.name.removesuffix(".sealed")
-            if _MODEL_ID.match(model_id):
-                yield model_id, self._read(path, self._aad("model", model_id), f"model {model_id}")
+            return []
+        ids = (path.name.removesuffix(".sealed") for path in sorted(folder.glob("*.sealed")))
+        return [model_id for model_id in ids if _MODEL_ID.match(model_id)]
+
+    def quarantine_model(self, model_id: str) -> Path:
+        """Move a sealed model that cannot be used (and its manifest) out of the way, into
+        ``models/quarantine/``, kept for whoever investigates; returns that folder."""
+        folder = self.dir / "models"
+        target = folder / "quarantine"
+        target.mkdir(parents=True, exist_ok=True, mode=0o700)
+        stamp = int(time.time())
+        for suffix in (".sealed", ".manifest"):
+            source = folder / f"{model_id}{suffix}"
+            if source.exists():
+                os.replace(source, target / f"{model_id}{suffix}.{stamp}")
+        return target

@@ -174,6 +174,7 @@ class Worker:
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         try:
+            self.sealed_state.ensure_usable()
             models = ModelLibrary(self.sealed_state, max_model_bytes=self.config.max_model_bytes,
                                   intra_op_threads=self.config.intra_op_threads,
                                   custom_op_domains=self.config.custom_op_domains, clock=self._ctx.clock)

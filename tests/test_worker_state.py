@@ -1,0 +1,80 @@
+"""A worker's sealed state on disk: what it does when the disk fails it (issue 14, items 7 and 8).
+
+An upload is either durable (its sealed copy written) and acknowledged, or refused and never
+served; a damaged sealed model is set aside at start and the worker serves the rest; a state
+directory that cannot be used stops the worker before it takes any work, saying which and why.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from enclave_worker.errors import WorkerStartupError
+from enclave_worker.models import model_id_of
+from producer_sdk import AsyncClient
+from producer_sdk.errors import UnknownModel, WorkerFailure
+
+from .support import batch_of, mlp_model, run_directly, running_worker
+
+
+async def test_an_upload_that_cannot_be_made_durable_is_refused_and_never_served(tee, memory_url, pool):
+    async with (running_worker(tee, memory_url, pool) as worker,
+                AsyncClient(memory_url, pool, tee.policy(), timeout=30) as client):
+        models = worker.sealed_state.dir / "models"
+        shutil.rmtree(models, ignore_errors=True)
+        models.write_bytes(b"")  # where the sealed copies go, a file: every write fails
+        with pytest.raises(WorkerFailure, match="could not write model .* sealed storage"):
+            await client.upload_model(mlp_model())
+        with pytest.raises(UnknownModel):
+            await client.run(model_id_of(mlp_model()), batch_of(1)[0])
+        models.unlink()
+        # Once the disk works again, the same upload succeeds and the model runs.
+        model_id = await client.upload_model(mlp_model())
+        outputs = await client.run(model_id, batch_of(1)[0])
+    np.testing.assert_array_equal(outputs["logits"], run_directly(mlp_model(), batch_of(1)[0])["logits"])
+
+
+async def test_a_damaged_sealed_model_is_set_aside_and_the_worker_serves_the_others(tee, memory_url, pool, caplog):
+    async with (running_worker(tee, memory_url, pool) as worker,
+                AsyncClient(memory_url, pool, tee.policy(), timeout=30) as client):
+        damaged = await client.upload_model(mlp_model(seed=1))
+        kept = await client.upload_model(mlp_model(seed=2))
+    models = worker.sealed_state.dir / "models"
+    sealed = models / f"{damaged}.sealed"
+    data = bytearray(sealed.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    sealed.write_bytes(bytes(data))
+    caplog.set_level(logging.ERROR, logger="enclaveq.worker")
+    async with running_worker(tee, memory_url, pool), AsyncClient(memory_url, pool, tee.policy(), timeout=30) as client:
+        with pytest.raises(UnknownModel):
+            await client.run(damaged, batch_of(1)[0])
+        outputs = await client.run(kept, batch_of(1)[0])
+    np.testing.assert_array_equal(outputs["logits"], run_directly(mlp_model(seed=2), batch_of(1)[0])["logits"])
+    quarantine = models / "quarantine"
+    assert sorted(p.name.split(".")[0] for p in quarantine.iterdir()) == [damaged, damaged]  # model and manifest
+    assert not sealed.exists()
+    said = [r.getMessage() for r in caplog.records if damaged in r.getMessage()]
+    assert said and "does not unseal" in said[0] and str(quarantine) in said[0]
+
+
+async def test_a_state_directory_that_cannot_be_used_stops_the_worker_before_it_takes_work(tee, memory_url, pool,
+                                                                                        tmp_path):
+    not_a_directory = tmp_path / "state-is-a-file"
+    not_a_directory.write_bytes(b"")
+    worker = tee.worker(memory_url, pool, state_dir=not_a_directory)
+    with pytest.raises(WorkerStartupError, match=f"state directory {re.escape(str(not_a_directory))}/.* cannot be used "
+                                                 r"\(Not a directory\)"):
+        await worker.start()
+    assert not worker.consuming
+
+
+async def test_a_missing_state_directory_is_created(tee, memory_url, pool, tmp_path):
+    missing = tmp_path / "does" / "not" / "exist"
+    async with running_worker(tee, memory_url, pool, state_dir=missing) as worker:
+        assert worker.consuming
+    assert (worker.sealed_state.dir / "pool.sealed").exists()
