@@ -631,7 +631,7 @@ class AsyncClient:
                     if packer is None:
                         spawn(one(index, body))
                     else:
-                        send(packer.add(index, FramedJob(uuid.uuid4().hex, body)))
+                        send(packer.add(index, FramedJob(core.new_job_id(), body)))
                 if packer is not None:
                     send([packer.flush()])
                 done.put_nowait(_BatchEnd(count, None))

@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import time
+import itertools
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, UTC
@@ -249,6 +250,16 @@ class ProducerCore:
         self._pins: dict[str, str] = {}
         self.duplicates = 0
         self.unopenable = 0
+        self._job_id_prefix: str | None = None
+        self._job_numbers = itertools.count()
+
+    def new_job_id(self) -> str:
+        """A job id no other job of this client has: a random prefix drawn once, then a counter.
+        Ids need to be unique, not secret (they are bound to each job by its seal); one draw of
+        randomness per job cost more than sealing a small job (os.urandom is a system call)."""
+        if self._job_id_prefix is None:
+            self._job_id_prefix = self._rng(8).hex()
+        return f"{self._job_id_prefix}{next(self._job_numbers):016x}"
 
     # -- attestation -----------------------------------------------------------------------
     def challenge(self) -> tuple[str, bytes]:
@@ -364,7 +375,7 @@ class ProducerCore:
         route = route_for(kind)
         if (route is Route.STREAM) != (topic is not None):
             raise ValueError("events, and only events, are published on a topic")
-        job_id = uuid.UUID(bytes=self._rng(16)).hex
+        job_id = self.new_job_id()
         deadline_ms = int((self._clock() + timeout) * 1000)
         header = self.session.header(kind, job_id=job_id, deadline_ms=deadline_ms, reply_to=self.reply_to,
                                      content_type=content_type, model_id=model_id, chunk=chunk)

@@ -11,20 +11,22 @@ used by the pipeline commands too (:mod:`enclaveq.cli.pipeline`).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar, cast
 
 import click
 import numpy as np
 
 from attestation.errors import AttestationError
 from broker_adapters import redact_url
-from producer_sdk import Client, FrameSettings
+from producer_sdk import AsyncClient, Client, FrameSettings, JobResult
 from producer_sdk.epochs import forget_pool
 from producer_sdk.errors import AttestationFailed, EnclaveqError, EpochRollback
 from protocol.errors import ProtocolError
@@ -32,6 +34,7 @@ from protocol.frames import MAX_FRAME_JOBS
 from protocol.ownership import parse_public_key
 
 from ..durations import DURATION
+from .npz_files import ReadAhead, ResultWriter
 from .owner_key import (
     DEFAULT_HOME, DEFAULT_KEY_NAME, ENV_HOME, ENV_OWNER_KEY, OwnerKeyError, OwnerKeySource, find_owner_key, load_owner_key,
 )
@@ -114,10 +117,15 @@ def attested(broker_url: str, pool: str, connect: Callable[[], T]) -> T:
     every refusal is one line (and the policy's violations) on stderr and exit 1."""
     try:
         return connect()
-    except AttestationFailed as exc:
-        _fail(f"attestation refused for pool {pool!r} at {redact_url(broker_url)}:\n{exc}{_rollback_hint(exc)}")
     except (EnclaveqError, AttestationError, ProtocolError) as exc:
-        _fail(str(exc))
+        _refused(broker_url, pool, exc)
+
+
+def _refused(broker_url: str, pool: str, exc: EnclaveqError | AttestationError | ProtocolError) -> NoReturn:
+    """What :func:`attested` says when connecting failed: one line (and the policy's violations), exit 1."""
+    if isinstance(exc, AttestationFailed):
+        _fail(f"attestation refused for pool {pool!r} at {redact_url(broker_url)}:\n{exc}{_rollback_hint(exc)}")
+    _fail(str(exc))
 
 
 def _rollback_hint(exc: AttestationFailed) -> str:
@@ -411,7 +419,8 @@ def submit_command(broker_url: str, pool: str, policy: Path, timeout: float, mod
 
     Jobs travel packed into frames, many per sealed message (see --frame-jobs); each keeps its
     own result and error. Prints a progress bar and a final summary line with jobs, failures and
-    jobs/s; exits 1 if any job failed (each failure is named on stderr).
+    jobs/s; exits 1 if any job failed (each failure is named on stderr, a file that is not a
+    readable .npz too, and the others still run).
     """
     frames: FrameSettings | Literal[False] = False if frame_jobs == 0 else FrameSettings(
         max_jobs=frame_jobs, max_bytes=frame_bytes, linger=linger_ms / 1000)
@@ -419,25 +428,78 @@ def submit_command(broker_url: str, pool: str, policy: Path, timeout: float, mod
     if not files:
         _fail(f"no .npz files in {inputs_dir}", 2)
     output_dir.mkdir(parents=True, exist_ok=True)
-
-    def batch() -> Iterator[dict[str, np.ndarray]]:
-        for path in files:
-            with np.load(path, allow_pickle=False) as data:
-                yield {name: data[name] for name in data.files}
-
-    failures = 0
+    producer_key = producer_key_option()
     started = time.perf_counter()
-    with _client(broker_url, pool, policy, timeout) as client, _progress() as bar:
-        task = bar.add_task("jobs", total=len(files))
-        for result in client.submit(model_id, batch(), max_in_flight=max_in_flight, frames=frames):
-            name = files[result.index].name
-            if result.ok and result.outputs is not None:
-                np.savez(output_dir / name, **result.outputs)  # type: ignore[arg-type]
-            else:
-                failures += 1
-                bar.console.print(f"failed: {name}: {result.error}")
-            bar.advance(task)
+    # The AsyncClient on this thread's own loop: the synchronous Client would add a thread hop per
+    # result and read the inputs on its loop's thread; here one thread reads the files ahead, one
+    # writes the results behind (enclaveq.cli.npz_files), and the loop only seals, sends and decodes.
+    client = attested(broker_url, pool, lambda: AsyncClient(broker_url, pool, policy, timeout=timeout,
+                                                            producer_key=producer_key))
+    failures = asyncio.run(_submit_files(client, broker_url, pool, model_id, files, output_dir, max_in_flight,
+                                         frames))
     elapsed = time.perf_counter() - started
     click.echo(f"jobs: {len(files)}  failed: {failures}  {len(files) / elapsed:.1f} jobs/s")
     if failures:
         sys.exit(1)
+
+
+_PROGRESS_INTERVAL = 0.1  # seconds between progress bar updates: redrawing per job costs more than a job
+
+
+async def _submit_files(client: AsyncClient, broker_url: str, pool: str, model_id: str, files: list[Path],
+                        output_dir: Path, max_in_flight: int, frames: FrameSettings | Literal[False]) -> int:
+    """Connect (attesting the pool), run one job per file, write each result; the number that failed."""
+    try:
+        await client.connect()
+    except (EnclaveqError, AttestationError, ProtocolError) as exc:
+        _refused(broker_url, pool, exc)
+    failed: list[str] = []
+    try:
+        with _progress() as bar:
+            task = bar.add_task("jobs", total=len(files))
+
+            def fail(name: str, error: object) -> None:  # also called by the writer's thread
+                failed.append(name)
+                bar.console.print(f"failed: {name}: {error}")
+
+            sent: list[int] = []  # the batch's index of a job -> the index of its file
+            unreadable = 0
+
+            def batch() -> Iterator[dict[str, np.ndarray]]:
+                nonlocal unreadable
+                for index, inputs in reader:  # waits (on the loop) only when the reader is behind
+                    if isinstance(inputs, Exception):
+                        unreadable += 1
+                        fail(files[index].name, f"not a readable .npz file ({inputs})")
+                        continue
+                    sent.append(index)
+                    yield inputs
+
+            window = max(64, max_in_flight)
+            reader = ReadAhead(files, files=window)
+            writer = ResultWriter(output_dir, lambda name, exc: fail(name, f"could not write {output_dir / name}: {exc}"),
+                                  results=window)
+            shown, done = time.perf_counter(), 0
+            try:
+                # submit is an async generator: closing it on the way out stops its feeder and tasks.
+                jobs = cast(AsyncGenerator[JobResult, None], client.submit(model_id, batch(), frames=frames,
+                                                                             max_in_flight=max_in_flight))
+                async with contextlib.aclosing(jobs) as results:
+                    async for result in results:
+                        name = files[sent[result.index]].name
+                        if result.ok and result.outputs is not None:
+                            writer.put(name, result.outputs)  # waits only when the writer is behind
+                        else:
+                            fail(name, result.error)
+                        done += 1
+                        if (now := time.perf_counter()) - shown >= _PROGRESS_INTERVAL:
+                            bar.update(task, completed=done + unreadable)
+                            shown = now
+            finally:
+                reader.close()
+                writer.close()  # every result received is written before the summary
+            bar.update(task, completed=done + unreadable)
+    finally:
+        await client.close()
+    return len(failed)
+
