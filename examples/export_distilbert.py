@@ -26,6 +26,13 @@ Inputs: ``input_ids`` int64 [batch, sequence], ``attention_mask`` int64 [batch, 
 With ``--check`` (the default) the exported file is loaded in ONNX Runtime and its logits are
 compared with PyTorch's on a sample batch. The script prints the file's size and SHA-256 (the
 model id enclaveq will report for it).
+
+``--head classifier`` exports ``DistilBertForSequenceClassification`` instead (the model of
+BlindAI's quick start, which examples/quickstart_distilbert.py imports from here): one input,
+``input_ids`` int64 [batch, sequence] with the sequence length fixed at export (``--sequence``,
+default 8), the attention mask derived inside the graph from the padding id 0, and ``logits``
+float32 [batch, labels] out (``--labels``, default 2). Without the untied vocabulary projection
+the full-size classifier is about 255 MiB.
 """
 
 from __future__ import annotations
@@ -157,6 +164,42 @@ class DistilBertForMaskedLM(nn.Module):
         return self.vocab_projector(hidden)
 
 
+class DistilBertForSequenceClassification(nn.Module):
+    """DistilBERT with Hugging Face's sequence-classification head: the [CLS] position's hidden
+    state -> ``pre_classifier`` -> ReLU -> ``classifier`` (dropout is the identity in eval mode).
+
+    Takes only ``input_ids``, as BlindAI's quick start exported it; unlike that export, the
+    attention mask is derived from the ids (``pad_token_id`` is padding), so padded sentences
+    attend to their tokens only.
+    """
+
+    def __init__(self, config: DistilBertConfig, num_labels: int = 2, pad_token_id: int = 0) -> None:
+        super().__init__()
+        self.pad_token_id = pad_token_id
+        self.distilbert = DistilBertModel(config)
+        self.pre_classifier = nn.Linear(config.dim, config.dim)
+        self.classifier = nn.Linear(config.dim, num_labels)
+        self.apply(lambda module: _init_weights(module, config.initializer_range))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        mask = (input_ids != self.pad_token_id).long()
+        hidden = self.distilbert(input_ids, mask)
+        return self.classifier(torch.relu(self.pre_classifier(hidden[:, 0])))
+
+
+HEADS = ("masked-lm", "classifier")
+
+
+def build(config: DistilBertConfig, head: str = "masked-lm", *, seed: int = 0, num_labels: int = 2) -> nn.Module:
+    """The model with seeded random weights, in eval mode; ``head`` is one of ``HEADS``."""
+    torch.manual_seed(seed)
+    if head == "masked-lm":
+        return DistilBertForMaskedLM(config).eval()
+    if head == "classifier":
+        return DistilBertForSequenceClassification(config, num_labels).eval()
+    raise ValueError(f"unknown head {head!r}: one of {', '.join(HEADS)}")
+
+
 def _init_weights(module: nn.Module, std: float) -> None:
     """BERT's initialisation: normal(0, 0.02) weights, zero biases, unit LayerNorm."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -204,6 +247,35 @@ def check(model: nn.Module, config: DistilBertConfig, out: Path) -> float:
     return float(abs(got - expected).max())
 
 
+def export_classifier(model: nn.Module, config: DistilBertConfig, out: Path, *, opset: int = 17,
+                      sequence: int = 8) -> None:
+    """Export a ``DistilBertForSequenceClassification``: ``input_ids`` int64 [batch, sequence]
+    (batch dynamic, sequence fixed, as BlindAI's quick start traced it) -> ``logits`` [batch, labels]."""
+    ids = torch.randint(1, config.vocab_size, (1, sequence), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", DeprecationWarning)  # as in export(): the TorchScript exporter
+        torch.onnx.export(
+            model, (ids,), str(out), dynamo=False, opset_version=opset, do_constant_folding=True,
+            input_names=["input_ids"], output_names=["logits"],
+            dynamic_axes={"input_ids": {0: "batch"}, "logits": {0: "batch"}},
+        )
+
+
+def check_classifier(model: nn.Module, config: DistilBertConfig, out: Path, sequence: int = 8) -> float:
+    """Largest absolute difference between ONNX Runtime's and PyTorch's logits on a padded batch of 3."""
+    import onnxruntime as ort
+
+    ids = torch.randint(1, config.vocab_size, (3, sequence), generator=torch.Generator().manual_seed(2))
+    ids[1, sequence // 2:] = 0  # padding: the in-graph mask must hide it
+    with torch.no_grad():
+        expected = model(ids).numpy()
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (got,) = session.run(["logits"], {"input_ids": ids.numpy()})
+    if got.shape != expected.shape:
+        raise SystemExit(f"ONNX Runtime gave logits of shape {got.shape}, PyTorch {expected.shape}")
+    return float(abs(got - expected).max())
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -226,28 +298,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-positions", type=int, default=defaults.max_position_embeddings)
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                         help="compare ONNX Runtime's logits with PyTorch's (default: on)")
+    parser.add_argument("--head", choices=HEADS, default="masked-lm",
+                        help="masked-lm (default) or classifier (DistilBertForSequenceClassification)")
+    parser.add_argument("--labels", type=int, default=2, help="classifier: number of labels (default 2)")
+    parser.add_argument("--sequence", type=int, default=8,
+                        help="classifier: the fixed sequence length of input_ids (default 8)")
     args = parser.parse_args(argv)
     if args.hidden % args.heads:
         parser.error("--hidden must be a multiple of --heads")
     config = DistilBertConfig(vocab_size=args.vocab, max_position_embeddings=args.max_positions,
                               n_layers=args.layers, dim=args.hidden, n_heads=args.heads, hidden_dim=args.ffn)
 
-    torch.manual_seed(args.seed)
-    model = DistilBertForMaskedLM(config).eval()
+    if args.sequence < 1 or args.sequence > config.max_position_embeddings or args.labels < 1:
+        parser.error("--sequence must be 1..--max-positions and --labels at least 1")
+    model = build(config, args.head, seed=args.seed, num_labels=args.labels)
     params = sum(p.numel() for p in model.parameters())
-    print(f"DistilBERT-shaped masked LM: {config.n_layers} layers, hidden {config.dim}, {config.n_heads} heads, "
+    kind = "masked LM" if args.head == "masked-lm" else f"sequence classifier ({args.labels} labels)"
+    print(f"DistilBERT-shaped {kind}: {config.n_layers} layers, hidden {config.dim}, {config.n_heads} heads, "
           f"FFN {config.hidden_dim}, vocabulary {config.vocab_size}, {config.max_position_embeddings} positions; "
           f"{params / 1e6:.1f} M parameters (random, seed {args.seed}), torch {torch.__version__}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with torch.no_grad():
-        export(model, config, args.out, args.opset)
+    if args.head == "classifier":
+        export_classifier(model, config, args.out, opset=args.opset, sequence=args.sequence)
+        axes = f"input_ids int64 [batch, {args.sequence}], dynamic batch axis"
+    else:
+        with torch.no_grad():
+            export(model, config, args.out, args.opset)
+        axes = "dynamic batch and sequence axes"
     seconds = time.perf_counter() - started
     size = args.out.stat().st_size
-    print(f"exported {args.out} in {seconds:.1f} s (opset {args.opset}, dynamic batch and sequence axes)")
+    print(f"exported {args.out} in {seconds:.1f} s (opset {args.opset}, {axes})")
     if args.check:
         started = time.perf_counter()
-        diff = check(model, config, args.out)
+        diff = (check_classifier(model, config, args.out, args.sequence) if args.head == "classifier"
+                else check(model, config, args.out))
         print(f"ONNX Runtime matches PyTorch: max |logits difference| = {diff:.2e} "
               f"({time.perf_counter() - started:.1f} s)")
         if diff > 1e-3:
