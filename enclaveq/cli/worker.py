@@ -37,7 +37,10 @@ TEE_CHOICES = ("auto", "sim", "sgx", "tdx", "snp", "nitro")
 @click.option("--tee", type=click.Choice(TEE_CHOICES), default=None,
               help="Which TEE provides the evidence (each choice is explained above). "
                    "Default: sim when --sim-dir is given, otherwise auto.")
-@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on 127.0.0.1:PORT.")
+@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on METRICS_ADDR:PORT.")
+@click.option("--metrics-addr", default="127.0.0.1", show_default=True, metavar="ADDR",
+              help="Address the metrics are served on, with --metrics-port (0.0.0.0 in a container, so that "
+                   "Prometheus can scrape it; metrics are counts and latencies, never payloads).")
 @click.option("--rotate-every", type=DURATION, default=None,
               help="Rotate the pool key automatically when the current epoch is older than this (e.g. 12h). "
                    "Any member with this option may rotate; the pool's rotation lock lets one of them do it.")
@@ -49,7 +52,7 @@ TEE_CHOICES = ("auto", "sim", "sgx", "tdx", "snp", "nitro")
                    "Simulation only: on a real TEE the hardware reports the measurement.")
 @click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def worker_command(broker_url: str | None, pool: str | None, sim_dir: Path | None, state_dir: Path | None,
-                   tee: str | None, metrics_port: int | None, rotate_every: float | None, rotation_grace: float,
+                   tee: str | None, metrics_port: int | None, metrics_addr: str, rotate_every: float | None, rotation_grace: float,
                    print_measurement: bool, log_level: str) -> None:
     """Run an enclave worker for one pool, inside a TEE or in the clearly labelled simulation.
 
@@ -119,16 +122,17 @@ def worker_command(broker_url: str | None, pool: str | None, sim_dir: Path | Non
     if rotate_every is not None and rotate_every < 1:
         raise click.UsageError("--rotate-every must be at least 1s")
     rotation = {"rotate_every": rotate_every, "rotation_grace": rotation_grace}
+    metrics = (metrics_addr, metrics_port)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         if sim_dir is not None:  # --tee sim (checked above)
-            asyncio.run(_serve(broker_url, pool, tee, sim_dir, state_dir or sim_dir / "state", metrics_port, rotation))
+            asyncio.run(_serve(broker_url, pool, tee, sim_dir, state_dir or sim_dir / "state", metrics, rotation))
         elif state_dir is not None:
-            asyncio.run(_serve(broker_url, pool, tee, None, state_dir, metrics_port, rotation,
+            asyncio.run(_serve(broker_url, pool, tee, None, state_dir, metrics, rotation,
                                explicit_state_dir=True))
         else:
             with tempfile.TemporaryDirectory(prefix="enclaveq-state-") as scratch:
-                asyncio.run(_serve(broker_url, pool, tee, None, Path(scratch), metrics_port, rotation))
+                asyncio.run(_serve(broker_url, pool, tee, None, Path(scratch), metrics, rotation))
     except WorkerStartupError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_REFUSED)
@@ -146,7 +150,8 @@ def refuse_unopenable_state(state_dir: Path, pool: str) -> None:
             "gets the pool key from a live member, or founds the pool anew) or omit --state-dir.")
 
 
-async def _serve(broker_url: str, pool: str, tee: str, sim_dir: Path | None, state_dir: Path, metrics_port: int | None,
+async def _serve(broker_url: str, pool: str, tee: str, sim_dir: Path | None, state_dir: Path,
+                 metrics: tuple[str, int | None],
                  rotation: dict[str, Any], explicit_state_dir: bool = False) -> None:
     from enclave_worker.platform import sim_identity, tee_identity
     from enclave_worker.worker import Worker
@@ -161,8 +166,9 @@ async def _serve(broker_url: str, pool: str, tee: str, sim_dir: Path | None, sta
             refuse_unopenable_state(state_dir, pool)
     worker = Worker(broker_url=broker_url, pool=pool, identity=identity, state_dir=state_dir, config=config,
                     **rotation)
+    metrics_addr, metrics_port = metrics
     if metrics_port:
-        worker.metrics.serve(metrics_port)
+        worker.metrics.serve(metrics_port, addr=metrics_addr)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
