@@ -247,14 +247,17 @@ class _CpuMeter:
 
 # -- models ----------------------------------------------------------------------------------
 def tiny_model() -> bytes:
-    """float32 x[1,16] -> y = x + 1: the smallest model that still runs through ONNX Runtime."""
+    """float32 x[batch,16] -> y = x + 1: the smallest model that still runs through ONNX Runtime.
+
+    The leading dimension is symbolic ("batch") so that a worker that batches jobs of models with a
+    dynamic batch dimension can batch this one; the benchmarks still send x as [1,16]."""
     import onnx
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
         [helper.make_node("Add", ["x", "one"], ["y"])], "bench_tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])],
         initializer=[helper.make_tensor("one", TensorProto.FLOAT, [16], [1.0] * 16)],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

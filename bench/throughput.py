@@ -468,6 +468,8 @@ class EnclaveqCli:
         self._runs = 0
         self.child_cpu_s: float | None = None
         self.reported: str | None = None
+        # Seconds of the latest run of each size, launch to exit: two sizes give the marginal rate.
+        self.seconds_of: dict[int, float] = {}
 
     def prepare(self, *sizes: int) -> None:
         for n in sizes:
@@ -482,6 +484,15 @@ class EnclaveqCli:
                 np.savez(folder / f"job-{i:07d}.npz", **inputs)  # type: ignore[arg-type]
             self._inputs[n] = folder
         return self._inputs[n]
+
+    def marginal(self, small: int, large: int) -> float | None:
+        """Jobs/s of the CLI once it is running: the extra jobs of the larger run over the extra
+        seconds it took. Both runs pay the same fixed costs (interpreter start, imports, connection,
+        attestation), which the SDK rows never pay (their client is connected before the phase)."""
+        if small <= 0 or large <= small or small not in self.seconds_of or large not in self.seconds_of:
+            return None
+        extra = self.seconds_of[large] - self.seconds_of[small]
+        return (large - small) / extra if extra > 0 else None
 
     async def batch(self, n: int, concurrency: int) -> tuple[float, list[float], int]:
         inputs = self._input_dir(n)
@@ -507,6 +518,7 @@ class EnclaveqCli:
                     proc.wait()
             raise
         seconds = time.perf_counter() - started
+        self.seconds_of[n] = seconds
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         self.child_cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
         text = out.decode(errors="replace")
@@ -579,6 +591,7 @@ async def run(args: argparse.Namespace, selected: list[str]) -> int:
         selected = [s for s in selected if s != "framed"]
     results: list[PhaseResult] = []
     cli_reported: dict[int, str] = {}
+    cli_marginal: dict[int, float] = {}  # round -> jobs/s of the CLI once started (see EnclaveqCli.marginal)
     with tempfile.TemporaryDirectory(prefix="enclaveq-bench-thr-") as tmpname:
         tmp = Path(tmpname)
         model_path = tmp / "model.onnx"
@@ -640,6 +653,9 @@ async def run(args: argparse.Namespace, selected: list[str]) -> int:
                         r.cpu_client_s = (r.cpu_client_s or 0.0) + (cli.child_cpu_s or 0.0)
                         if cli.reported:
                             cli_reported[rnd] = cli.reported
+                        marginal = cli.marginal(args.warmup, args.jobs)
+                        if marginal is not None:
+                            cli_marginal[rnd] = marginal
                     results.append(r)
                     other = "" if r.other_cores is None else f"  other load {r.other_cores:.2f} cores"
                     console.print(f"  round {rnd + 1} {SYSTEMS[key]:22} {r.jobs_per_s:8.0f} jobs/s  "
@@ -658,6 +674,17 @@ async def run(args: argparse.Namespace, selected: list[str]) -> int:
         console.print(f"enclaveq CLI: end to end above; its own summary line (after start-up and attestation) "
                       f"said {', '.join(cli_reported[r] for r in sorted(cli_reported))} jobs/s")
     ratios: dict[str, float | None] = {}
+    framed_by_round = {r.round: r.jobs_per_s for r in results if r.system == "framed" and r.jobs_per_s}
+    started_ratios = [cli_marginal[rnd] / framed_by_round[rnd] for rnd in sorted(cli_marginal) if rnd in framed_by_round]
+    if cli_marginal:
+        console.print(f"enclaveq CLI once started (launch, imports, connection and attestation excluded: the extra "
+                      f"{args.jobs - args.warmup} jobs of the timed run over the warm-up run): "
+                      f"{', '.join(f'{cli_marginal[r]:.0f}' for r in sorted(cli_marginal))} jobs/s")
+    if started_ratios:
+        ratios["CLI once started / SDK (framed)"] = _median(started_ratios)
+        spread = (f" ({min(started_ratios):.2f}-{max(started_ratios):.2f} over {len(started_ratios)} rounds)"
+                  if len(started_ratios) > 1 else "")
+        console.print(f"{'CLI once started / SDK (framed)':30} {_median(started_ratios):.2f}{spread}")
     for num, den, label in RATIOS:
         values = _ratio_values(results, num, den)
         ratios[label] = _median(values)
@@ -682,6 +709,7 @@ async def run(args: argparse.Namespace, selected: list[str]) -> int:
             "systems": {k: SYSTEMS[k] for k in order},
             "results": [r.summary() for r in results],
             "cli_reported_jobs_per_s": cli_reported,
+            "cli_once_started_jobs_per_s": {r: round(v, 1) for r, v in cli_marginal.items()},
             "ratios": {k: (None if v is None else round(v, 3)) for k, v in ratios.items()},
         }, indent=2))
     return 0

@@ -9,9 +9,12 @@ is present, the hash matches and ONNX Runtime has loaded it.
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
+import importlib.util
 import logging
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from collections.abc import Mapping
 
 import numpy as np
@@ -59,11 +62,20 @@ class LoadedModel:
 
 
 def _custom_op_library(domain: str) -> str:
+    """The shared library of a custom-operator domain, found without importing its package:
+    ``import onnxruntime_extensions`` also imports its converters, which import PyTorch when it is
+    installed (hundreds of MiB and seconds at every worker start, for nothing the worker runs)."""
     if domain != "ai.onnx.contrib":
         raise ValueError(f"no custom operator library for domain {domain!r}")
-    import onnxruntime_extensions
-
-    return str(onnxruntime_extensions.get_library_path())
+    spec = importlib.util.find_spec("onnxruntime_extensions")  # locates the package, runs none of it
+    if spec is None or spec.origin is None:
+        raise ValueError("onnxruntime-extensions is not installed")
+    folder = Path(spec.origin).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        library = folder / f"_extensions_pydll{suffix}"
+        if library.is_file():
+            return str(library)
+    raise ValueError(f"onnxruntime-extensions has no operator library in {folder}")
 
 
 def model_id_of(data: bytes) -> str:

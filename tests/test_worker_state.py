@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -78,3 +80,13 @@ async def test_a_missing_state_directory_is_created(tee, memory_url, pool, tmp_p
     async with running_worker(tee, memory_url, pool, state_dir=missing) as worker:
         assert worker.consuming
     assert (worker.sealed_state.dir / "pool.sealed").exists()
+
+
+def test_loading_the_custom_operator_library_imports_no_machine_learning_framework():
+    # onnxruntime-extensions' package imports PyTorch when it is installed (the examples' extra):
+    # a worker must find the operator library without that (hundreds of MiB at every start).
+    script = ("import sys; from enclave_worker.models import ModelStore; "
+              "ModelStore(max_model_bytes=1024, custom_op_domains=('ai.onnx.contrib',)); "
+              "print(sorted(m for m in ('torch', 'onnxruntime_extensions', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
