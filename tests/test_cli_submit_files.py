@@ -66,6 +66,21 @@ def test_objects_other_than_strings_are_refused_rather_than_pickled(tmp_path):
         write_npz(tmp_path / "out.npz", {"x": np.array([{1: 2}], dtype=object)})
 
 
+def test_results_are_readable_by_their_owner_only_and_never_written_through_a_symlink(tmp_path):
+    outputs = {"file": np.arange(3, dtype=np.int64), "allow_pickle": np.ones(2, np.float32)}
+    write_npz(tmp_path / "result.npz", outputs)
+    assert (tmp_path / "result.npz").stat().st_mode & 0o777 == 0o600
+    with np.load(tmp_path / "result.npz") as data:  # output names that np.savez would choke on round-trip
+        assert sorted(data.files) == ["allow_pickle", "file"]
+        np.testing.assert_array_equal(data["file"], outputs["file"])
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"untouched")
+    (tmp_path / "planted.npz").symlink_to(target)
+    with pytest.raises(OSError):
+        write_npz(tmp_path / "planted.npz", outputs)
+    assert target.read_bytes() == b"untouched"
+
+
 @pytest.mark.parametrize("save", [np.savez, np.savez_compressed, write_npz], ids=lambda f: f.__name__)
 def test_read_npz_gives_what_np_load_gives(tmp_path, save):
     arrays = _arrays()

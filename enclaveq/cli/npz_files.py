@@ -237,14 +237,22 @@ def npz_bytes(arrays: Mapping[str, Any]) -> bytes:
     return b"".join(chunks)
 
 
+# Results are decrypted model outputs: readable by their owner only, and never written through a
+# symbolic link someone left in the output directory (O_NOFOLLOW: the open fails instead).
+_RESULT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+RESULT_MODE = 0o600
+
+
 def write_npz(path: str | os.PathLike[str], arrays: Mapping[str, Any]) -> None:
-    """Write ``arrays`` to ``path`` as an .npz (replacing the file), readable by ``np.load``."""
+    """Write ``arrays`` to ``path`` as an .npz (replacing the file), readable by ``np.load``;
+    a new file is created with mode 0600, and a symbolic link at ``path`` is refused (OSError)."""
     try:
         data = npz_bytes(arrays)
-    except OverflowError:
-        np.savez(path, **{name: _storable(value) for name, value in arrays.items()})  # type: ignore[arg-type]
+    except OverflowError:  # a member beyond zip's 4 GiB: numpy writes zip64
+        with os.fdopen(os.open(path, _RESULT_FLAGS, RESULT_MODE), "wb") as f:
+            np.savez(f, **{name: _storable(value) for name, value in arrays.items()})  # type: ignore[arg-type]
         return
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    fd = os.open(path, _RESULT_FLAGS, RESULT_MODE)
     try:
         view = memoryview(data)
         while view:

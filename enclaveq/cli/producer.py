@@ -34,7 +34,7 @@ from protocol.frames import MAX_FRAME_JOBS
 from protocol.ownership import parse_public_key
 
 from ..durations import DURATION
-from .npz_files import ReadAhead, ResultWriter
+from .npz_files import ReadAhead, ResultWriter, write_npz
 from .owner_key import (
     DEFAULT_HOME, DEFAULT_KEY_NAME, ENV_HOME, ENV_OWNER_KEY, OwnerKeyError, OwnerKeySource, find_owner_key, load_owner_key,
 )
@@ -392,7 +392,7 @@ def run_command(broker_url: str, pool: str, policy: Path, timeout: float, model_
             outputs = client.run(model_id, inputs)
         except EnclaveqError as exc:
             _fail(str(exc))
-    np.savez(output, **outputs)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
+    write_npz(output, outputs)  # every output name round-trips; 0600, never through a symlink
     for name, value in outputs.items():
         click.echo(f"{name}: {value.dtype}{list(value.shape)}")
 
