@@ -12,10 +12,8 @@ this process, across event loops; ``memory://`` is NAME "default"), ``amqp://`` 
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 from .base import BrokerAdapter, Delivery, Handler, HeaderValue, Message, PoolLock, PoolSettings, Subscription
-from .urls import redact_url
+from .urls import check_broker_url, redact_url
 from .errors import (
     BrokerError,
     BrokerUnavailable,
@@ -30,7 +28,7 @@ from .errors import (
 
 def open_broker(url: str) -> BrokerAdapter:
     """Return an unconnected adapter for ``url``; use it as ``async with open_broker(url)``."""
-    scheme = urlsplit(url).scheme.lower() if "://" in url else ""
+    scheme = check_broker_url(url)
     if scheme == "memory":
         from .memory import MemoryBroker
 
@@ -40,19 +38,15 @@ def open_broker(url: str) -> BrokerAdapter:
         from .amqp import AmqpBroker
 
         return AmqpBroker(url)
-    if scheme in ("mqtt", "mqtts"):
-        from .mqtt import MqttBroker
+    from .mqtt import MqttBroker
 
-        return MqttBroker(url)
-    # Only the scheme: the rest of a URL may hold a password.
-    raise UnsupportedBrokerURL(
-        f"unsupported broker URL scheme {scheme or '(none)'!r}: expected memory://, amqp://, amqps://, mqtt:// or mqtts://"
-    )
+    return MqttBroker(url)
 
 
 __all__ = [
     "open_broker",
     "redact_url",
+    "check_broker_url",
     "BrokerAdapter",
     "Delivery",
     "Handler",

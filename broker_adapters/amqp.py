@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from urllib.parse import unquote, urlsplit
 import logging
 import uuid
 from typing import Any
@@ -155,7 +156,7 @@ class AmqpBroker(BrokerAdapter):
                     await self._conn.close()
                 self._conn = None
             raise BrokerUnavailable(
-                f"cannot connect to {redact_url(self.url)}: {type(exc).__name__}: {exc}"
+                f"cannot connect to {redact_url(self.url)}: {_connect_failure(exc, self.url)}"
             ) from exc
         self._conn.reconnect_callbacks.add(self._on_reconnect)
 
@@ -931,3 +932,19 @@ class _AmqpPoolLock(PoolLock):
 
 
 __all__ = ["AmqpBroker"]
+
+
+def _connect_failure(exc: BaseException, url: str) -> str:
+    """Why a connection attempt failed, in words that name the fix. A broker that closes the
+    connection during the handshake (an unknown virtual host, or one the user may not use)
+    reaches aiormq as an unexpected Connection.Close frame, which it reports only by its repr."""
+    if isinstance(exc, amqp_errors.ProbableAuthenticationError):
+        return "the broker refused the user name or password (ACCESS_REFUSED)"
+    if isinstance(exc, amqp_errors.InvalidFrameError) and "Connection.Close" in str(exc):
+        vhost = urlsplit(url).path[1:] or "/"
+        return (f"the broker closed the connection during the handshake: virtual host {unquote(vhost)!r} does not "
+                "exist or this user may not use it")
+    if isinstance(exc, ConnectionRefusedError) or "Connect call failed" in str(exc):
+        parts = urlsplit(url)
+        return f"connection refused: no broker listens on {parts.hostname}:{parts.port or 5672}"
+    return f"{type(exc).__name__}: {exc}"

@@ -11,6 +11,13 @@ producer_sdk, protocol import nothing from enclaveq):
   keys.py       `enclaveq keys generate|show`
   pipeline.py   `enclaveq pipeline init|create|list|delete`, `publish`, `subscribe`
   evidence.py   `enclaveq evidence verify`
+  params.py     parameter types checked when the command line is read (broker URLs)
+  exits.py      the exit codes, and the one place errors become one line and an exit code
+
+Exit codes (README, "Exit codes"): 0 success; 1 the operation failed (verification refused, a job
+failed, the broker refused); 2 usage or input error; 3 a worker refused to start; 130 interrupted.
+No traceback reaches a user except for a genuine bug; ``--debug`` (or ``ENCLAVEQ_DEBUG=1``) shows
+the traceback of any error.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import sys
 import click
 
 from .evidence import evidence_group
+from .exits import debug_wanted, run_reporting_errors
 from .keys import keys_group
 from .pipeline import pipeline_group, publish_command, subscribe_command
 from .producer import attest_command, model_group, pool_group, run_command, submit_command
@@ -31,7 +39,8 @@ __all__ = ["cli", "main"]
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="enclaveq")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error (also: ENCLAVEQ_DEBUG=1).")
+def cli(debug: bool) -> None:
     """enclaveq: confidential ONNX inference as an asynchronous job system.
 
     Producers verify attestation evidence of a worker pool against their policy, then send
@@ -71,4 +80,4 @@ cli.add_command(subscribe_command)
 
 
 def main() -> None:
-    cli()
+    run_reporting_errors(cli, debug=debug_wanted(sys.argv[1:]))

@@ -34,6 +34,7 @@ from protocol.frames import MAX_FRAME_JOBS
 from protocol.ownership import parse_public_key
 
 from ..durations import DURATION
+from .params import BROKER_URL
 from .npz_files import ReadAhead, ResultWriter, write_npz
 from .owner_key import (
     DEFAULT_HOME, DEFAULT_KEY_NAME, ENV_HOME, ENV_OWNER_KEY, OwnerKeyError, OwnerKeySource, find_owner_key, load_owner_key,
@@ -56,7 +57,7 @@ def connection_options(*, timeout: float | None = 120.0, timeout_help: str = "Se
     """The options every command that talks to a pool shares (--broker, --pool, --policy,
     --timeout, --producer-key); commands whose --timeout means something else say so."""
     def decorate(fn: Callable[..., None]) -> Callable[..., None]:
-        @click.option("--broker", "broker_url", required=True, metavar="URL",
+        @click.option("--broker", "broker_url", required=True, type=BROKER_URL,
                       help="Broker URL, e.g. amqp://guest:guest@127.0.0.1:5672/, mqtt://127.0.0.1:1883/ or "
                            "memory://NAME.")
         @click.option("--pool", required=True, metavar="NAME", help="Worker pool to use.")

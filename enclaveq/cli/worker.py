@@ -16,6 +16,7 @@ from enclave_worker.config import DEFAULT_WORKER_CONFIG
 from enclave_worker.errors import WorkerStartupError
 
 from ..durations import DURATION
+from .params import BROKER_URL
 
 EXIT_REFUSED = 3
 # The same choices as attestation.providers.TEE_CHOICES (kept literal: importing attestation is slow).
@@ -23,7 +24,7 @@ TEE_CHOICES = ("auto", "sim", "sgx", "tdx", "snp", "nitro")
 
 
 @click.command("worker")
-@click.option("--broker", "broker_url", metavar="URL", help="Broker URL: memory://NAME, amqp(s)://user:pass@host:5672/ or mqtt(s)://user:pass@host:1883/ (MQTT 5; TLS options in docs/architecture.md).")
+@click.option("--broker", "broker_url", type=BROKER_URL, help="Broker URL: memory://NAME, amqp(s)://user:pass@host:5672/ or mqtt(s)://user:pass@host:1883/ (MQTT 5; TLS options in docs/architecture.md).")
 @click.option("--pool", metavar="NAME", help="Worker pool to serve (producers address jobs to a pool).")
 @click.option("--sim-dir", type=click.Path(path_type=Path), default=None,
               help="Simulation directory from `enclaveq sim init` (the simulated TEE's keys). "

@@ -1,0 +1,158 @@
+"""Every mistake a user makes gets one clear line and the right exit code (issue 14).
+
+A table of mistakes, each run through the real command line in its own process: the exit code
+(0 success, 1 the operation failed, 2 usage or input error, 3 a worker refused to start, 130
+interrupted), one line on stderr naming the problem, no traceback, and never a password.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import numpy as np
+
+from .processes import ROOT, enclaveq
+from .support import batch_of, mlp_model
+from .test_cli import conn, deployment  # noqa: F401 - the worker process fixture of the CLI tests
+
+SECRET = "s3cr@t-pa55"
+
+
+@dataclass(frozen=True)
+class Mistake:
+    args: tuple[str, ...]
+    code: int
+    says: str
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli-errors")
+    enclaveq("sim", "init", "--dir", str(root / "sim"))
+    enclaveq("policy", "init", "--sim-dir", str(root / "sim"), "--out", str(root / "policy.toml"))
+    (root / "empty.toml").write_text("")
+    (root / "broken.toml").write_text("measurements = [\n")
+    (root / "unknown-key.toml").write_text((root / "policy.toml").read_text() + "\nfavourite_colour = 'blue'\n")
+    return {"dir": root, "sim": root / "sim", "policy": root / "policy.toml"}
+
+
+def attest(url: str, policy: Path, *extra: str) -> tuple[str, ...]:
+    return ("attest", "--broker", url, "--pool", "cli-errors", "--policy", str(policy), "--timeout", "10", *extra)
+
+
+def unused_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def assert_one_clear_line(result: subprocess.CompletedProcess, mistake: Mistake) -> None:
+    shown = f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    assert result.returncode == mistake.code, shown
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, shown
+    assert SECRET not in result.stderr + result.stdout, shown
+    assert mistake.says in result.stderr, shown
+    errors = [line for line in result.stderr.splitlines() if line.startswith(("error:", "Error:"))]
+    assert len(errors) == 1, shown
+
+
+BAD_URLS = [
+    pytest.param("foo://127.0.0.1/", "unsupported broker URL scheme 'foo'", id="unknown scheme"),
+    pytest.param(f"amqp://guest:{SECRET}@127.0.0.1:notaport/", "is not a number from 1 to 65535", id="port not a number"),
+    pytest.param(f"guest:{SECRET}@127.0.0.1:5672", "is not a broker URL", id="no scheme"),
+]
+
+
+@pytest.mark.parametrize("url, says", BAD_URLS)
+@pytest.mark.parametrize("command", ["attest", "worker"])
+def test_a_bad_broker_url_is_a_usage_error_in_every_command(sim, url, says, command):
+    args = attest(url, sim["policy"]) if command == "attest" else ("worker", "--broker", url, "--pool", "p",
+                                                                   "--sim-dir", str(sim["sim"]))
+    assert_one_clear_line(enclaveq(*args, check=False), Mistake(args, 2, says))
+
+
+@pytest.mark.parametrize("policy, says", [
+    ("empty.toml", "policy key 'measurements' is missing"),
+    ("broken.toml", "is not valid TOML"),
+    ("unknown-key.toml", "favourite_colour"),
+], ids=["empty", "invalid TOML", "unknown key"])
+def test_attest_names_what_is_wrong_in_a_policy_file(sim, policy, says):
+    args = attest("amqp://guest:guest@127.0.0.1:5672/", sim["dir"] / policy)
+    assert_one_clear_line(enclaveq(*args, check=False), Mistake(args, 2, says))
+
+
+@pytest.mark.rabbitmq
+def test_a_broker_that_is_not_there_is_named_with_its_address(sim):
+    port = unused_port()
+    args = attest(f"amqp://guest:{SECRET}@127.0.0.1:{port}/", sim["policy"])
+    assert_one_clear_line(enclaveq(*args, check=False), Mistake(args, 1, f"no broker listens on 127.0.0.1:{port}"))
+
+
+@pytest.mark.rabbitmq
+def test_a_wrong_password_is_said_as_such(sim, rabbitmq_url):
+    args = attest(f"amqp://guest:{SECRET}@127.0.0.1:5672/", sim["policy"])
+    assert_one_clear_line(enclaveq(*args, check=False), Mistake(args, 1, "refused the user name or password"))
+
+
+@pytest.mark.rabbitmq
+def test_an_unknown_virtual_host_is_named(sim, rabbitmq_url):
+    args = attest("amqp://guest:guest@127.0.0.1:5672/no-such-vhost", sim["policy"])
+    assert_one_clear_line(enclaveq(*args, check=False), Mistake(args, 1, "virtual host 'no-such-vhost' does not exist"))
+
+
+@pytest.mark.rabbitmq
+def test_a_worker_given_a_wrong_password_says_so_in_one_line_and_stops(sim, rabbitmq_url):
+    args = ("worker", "--broker", f"amqp://guest:{SECRET}@127.0.0.1:5672/", "--pool", "cli-errors",
+            "--sim-dir", str(sim["sim"]), "--state-dir", str(sim["dir"] / "state"))
+    result = enclaveq(*args, check=False)
+    assert_one_clear_line(result, Mistake(args, 1, "refused the user name or password"))
+    assert len(result.stderr.splitlines()) <= 3, result.stderr  # the simulation warning, the error
+
+
+def test_debug_shows_the_traceback_of_an_error(sim):
+    args = ("--debug", *attest("amqp://guest:guest@127.0.0.1:5672/", sim["dir"] / "empty.toml"))
+    result = enclaveq(*args, check=False)
+    assert result.returncode != 0 and "Traceback" in result.stderr and "PolicyError" in result.stderr
+
+
+@pytest.mark.rabbitmq
+def test_ctrl_c_exits_130_says_so_and_keeps_the_results_already_written(deployment, tmp_path, enclaveq_home):  # noqa: F811
+    model = tmp_path / "model.onnx"
+    model.write_bytes(mlp_model(seed=7))
+    model_id = enclaveq("model", "upload", str(model), *conn(deployment)).stdout.strip().splitlines()[-1]
+    inputs, output = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    for index, job in enumerate(batch_of(400)):
+        np.savez(inputs / f"job-{index:04d}.npz", **job)
+    # One job at a time, one message each: slow enough to be interrupted in the middle.
+    proc = subprocess.Popen([sys.executable, "-m", "enclaveq", "submit", *conn(deployment), "--model", model_id,
+                             "--inputs", str(inputs), "--output", str(output), "--max-in-flight", "1",
+                             "--frame-jobs", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while not (output.is_dir() and len(list(output.iterdir())) >= 5):
+            assert time.monotonic() < deadline and proc.poll() is None, "no result was written"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    written = sorted(output.iterdir())
+    assert 5 <= len(written) < 400
+    for path in written:  # every result kept is whole
+        with np.load(path) as data:
+            assert data["logits"].shape == (2, 3)
