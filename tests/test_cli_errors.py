@@ -48,6 +48,15 @@ def attest(url: str, policy: Path, *extra: str) -> tuple[str, ...]:
     return ("attest", "--broker", url, "--pool", "cli-errors", "--policy", str(policy), "--timeout", "10", *extra)
 
 
+def connection(sim: dict[str, Path]) -> tuple[str, ...]:
+    # A broker nothing listens on: every mistake below is caught before anything connects.
+    return ("--broker", f"amqp://guest:{SECRET}@127.0.0.1:{unused_port()}/", "--pool", "p", "--policy",
+            str(sim["policy"]))
+
+
+MODEL_ID = "ab" * 32
+
+
 def unused_port() -> int:
     import socket
 
@@ -156,3 +165,46 @@ def test_ctrl_c_exits_130_says_so_and_keeps_the_results_already_written(deployme
     for path in written:  # every result kept is whole
         with np.load(path) as data:
             assert data["logits"].shape == (2, 3)
+
+
+def input_files(folder: Path) -> dict[str, Path]:
+    np.savez(folder / "archive.npz", x=np.ones(3, np.float32))
+    np.save(folder / "complex.npy", np.ones(3, np.complex64))
+    (folder / "text.npy").write_text("not numpy at all")
+    (folder / "empty.onnx").write_bytes(b"")
+    return {p.name: p for p in folder.iterdir()}
+
+
+INPUT_MISTAKES = [
+    pytest.param(lambda f: ("run", "--model", MODEL_ID, "--input", f"x={f['archive.npz']}", "--output", "o.npz"),
+                 "an .npz archive, not a .npy file", id="npz where npy is expected"),
+    pytest.param(lambda f: ("run", "--model", MODEL_ID, "--input", f"x={f['complex.npy']}", "--output", "o.npz"),
+                 "dtype complex64 is not supported", id="complex input"),
+    pytest.param(lambda f: ("run", "--model", MODEL_ID, "--input", f"x={f['text.npy']}", "--output", "o.npz"),
+                 "not a .npy file", id="text file as npy"),
+    pytest.param(lambda f: ("run", "--model", MODEL_ID, "--input", f"x={f['complex.npy']}", "--output",
+                            "missing/dir/out.npz"), "the directory missing/dir does not exist",
+                 id="run output in a missing directory"),
+    pytest.param(lambda f: ("model", "delete", "not-an-id"), "is not a model id", id="malformed model id"),
+    pytest.param(lambda f: ("model", "delete", MODEL_ID.upper()), "model ids are lower case", id="upper-case model id"),
+    pytest.param(lambda f: ("model", "upload", str(f["empty.onnx"])), "the file is empty", id="empty model file"),
+    pytest.param(lambda f: ("run", "--timeout", "0", "--model", MODEL_ID, "--input", f"x={f['archive.npz']}",
+                            "--output", "o.npz"), "'--timeout': 0.0 is not in the range", id="zero timeout"),
+    pytest.param(lambda f: ("run", "--timeout", "-1", "--model", MODEL_ID, "--input", f"x={f['archive.npz']}",
+                            "--output", "o.npz"), "'--timeout': -1.0 is not in the range", id="negative timeout"),
+    pytest.param(lambda f: ("submit", "--model", MODEL_ID, "--inputs", str(f["archive.npz"].parent), "--output",
+                            "out", "--max-in-flight", "0"), "'--max-in-flight': 0 is not in the range",
+                 id="no job in flight"),
+    pytest.param(lambda f: ("submit", "--model", MODEL_ID, "--inputs", str(f["archive.npz"].parent), "--output",
+                            str(f["archive.npz"])), "is a file", id="submit output is a file"),
+]
+
+
+@pytest.mark.parametrize("make_args, says", INPUT_MISTAKES)
+def test_input_mistakes_are_named_before_anything_is_sent(sim, tmp_path, make_args, says):
+    command = make_args(input_files(tmp_path))
+    split = 2 if command[0] == "model" else 1
+    args = (*command[:split], *connection(sim), *command[split:])
+    result = subprocess.run([sys.executable, "-m", "enclaveq", *args], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert_one_clear_line(result, Mistake(args, 2, says))

@@ -15,6 +15,8 @@ import asyncio
 import contextlib
 import functools
 import json
+import os
+import re
 import sys
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
@@ -29,8 +31,9 @@ from broker_adapters import redact_url
 from producer_sdk import AsyncClient, Client, FrameSettings, JobResult
 from producer_sdk.epochs import forget_pool
 from producer_sdk.errors import AttestationFailed, EnclaveqError, EpochRollback
-from protocol.errors import ProtocolError
+from protocol.errors import ProtocolError, TensorError
 from protocol.frames import MAX_FRAME_JOBS
+from protocol.tensors import dtype_name
 from protocol.ownership import parse_public_key
 
 from ..durations import DURATION
@@ -63,8 +66,8 @@ def connection_options(*, timeout: float | None = 120.0, timeout_help: str = "Se
         @click.option("--pool", required=True, metavar="NAME", help="Worker pool to use.")
         @click.option("--policy", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
                       help="Attestation policy (TOML) the pool's evidence must satisfy.")
-        @click.option("--timeout", type=float, default=timeout, show_default=timeout is not None,
-                      help=timeout_help)
+        @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=timeout,
+                      show_default=timeout is not None, help=timeout_help)
         @click.option("--producer-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
                       help=producer_key_help)
         @functools.wraps(fn)
@@ -247,6 +250,8 @@ def model_upload(file: Path, broker_url: str, pool: str, policy: Path, timeout: 
         allowed_keys = [parse_public_key(k) for k in allowed] or None
     except ProtocolError as exc:
         _fail(str(exc), 2)
+    if file.stat().st_size == 0:
+        _fail(f"{file}: the file is empty, not an ONNX model", 2)
     source = find_owner_key(owner_key)
     # An existing key is checked before connecting; the default one is created only once the pool attests.
     key = None if source.creatable else _owner_key(source)
@@ -355,6 +360,7 @@ def model_delete(model_id: str, broker_url: str, pool: str, policy: Path, timeou
       enclaveq model delete MODEL_ID --broker amqp://guest:guest@127.0.0.1:5672/ \\
           --pool demo --policy policy.toml --owner-key owner.key
     """
+    _check_model_id(model_id)
     key = _owner_key(find_owner_key(owner_key))
     with _client(broker_url, pool, policy, timeout) as client:
         try:
@@ -371,10 +377,53 @@ def _parse_inputs(specs: tuple[str, ...]) -> dict[str, np.ndarray]:
         if not sep or not name or not path:
             raise click.BadParameter(f"{spec!r}: expected NAME=FILE.npy", param_hint="--input")
         try:
-            inputs[name] = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise click.BadParameter(f"{path}: not a readable .npy file ({exc})", param_hint="--input") from None
+            loaded = np.load(path, allow_pickle=False)
+        except OSError as exc:
+            raise click.BadParameter(f"{path}: not a readable .npy file ({exc.strerror or exc})",
+                                     param_hint="--input") from None
+        except ValueError:  # numpy's "pickled data" for any file that is not .npy: say what it is not
+            raise click.BadParameter(f"{path}: not a .npy file (save one with numpy.save)",
+                                     param_hint="--input") from None
+        if not isinstance(loaded, np.ndarray):  # an .npz archive: several arrays, one input each
+            loaded.close()
+            raise click.BadParameter(f"{path}: an .npz archive, not a .npy file: give each array as its own "
+                                     "--input NAME=FILE.npy, or use `enclaveq submit --inputs DIR` for .npz files",
+                                     param_hint="--input")
+        try:
+            dtype_name(loaded)
+        except TensorError as exc:
+            raise click.BadParameter(f"{path}: {exc}", param_hint="--input") from None
+        inputs[name] = loaded
     return inputs
+
+
+_MODEL_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_model_id(model_id: str) -> None:
+    """A model id is the SHA-256 of the model file in lower-case hex (what `model upload` printed)."""
+    if not _MODEL_ID.fullmatch(model_id):
+        hint = " (model ids are lower case)" if _MODEL_ID.fullmatch(model_id.lower()) else ""
+        _fail(f"{model_id!r} is not a model id: expected the 64 hex characters `model upload` printed{hint}", 2)
+
+
+def _check_output_file(output: Path) -> None:
+    """Fail before anything is sent when the result could not be written (exit 2)."""
+    folder = output.parent
+    if not folder.is_dir():
+        _fail(f"{output}: the directory {folder} does not exist", 2)
+    if output.is_dir():
+        _fail(f"{output}: is a directory; give a file name for the result (.npz)", 2)
+    _check_writable(folder, f"{output}")
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    probe = folder / f".enclaveq-write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        _fail(f"{what}: cannot write in {folder} ({exc.strerror or type(exc).__name__})", 2)
 
 
 @click.command("run")
@@ -387,6 +436,8 @@ def _parse_inputs(specs: tuple[str, ...]) -> dict[str, np.ndarray]:
 def run_command(broker_url: str, pool: str, policy: Path, timeout: float, model_id: str,
                 input_specs: tuple[str, ...], output: Path) -> None:
     """Run one job and write its outputs to an .npz file."""
+    _check_model_id(model_id)
+    _check_output_file(output)
     inputs = _parse_inputs(input_specs)
     with _client(broker_url, pool, policy, timeout) as client:
         try:
@@ -405,7 +456,8 @@ def run_command(broker_url: str, pool: str, policy: Path, timeout: float, model_
               help="Directory of .npz files: each file is one job, its array names are the input names.")
 @click.option("--output", "output_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for the results: one .npz per job, with the input's file name.")
-@click.option("--max-in-flight", type=int, default=256, show_default=True, help="Jobs outstanding at once.")
+@click.option("--max-in-flight", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Jobs outstanding at once.")
 @click.option("--frame-jobs", type=click.IntRange(min=0, max=MAX_FRAME_JOBS), default=None, metavar="N",
               help="Jobs per sealed message (frame). Default: a quarter of --max-in-flight, at most 64; "
                    "0: one message per job.")
@@ -428,7 +480,12 @@ def submit_command(broker_url: str, pool: str, policy: Path, timeout: float, mod
     files = sorted(inputs_dir.glob("*.npz"))
     if not files:
         _fail(f"no .npz files in {inputs_dir}", 2)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    _check_model_id(model_id)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _fail(f"{output_dir}: cannot create the output directory ({exc.strerror or type(exc).__name__})", 2)
+    _check_writable(output_dir, f"--output {output_dir}")
     producer_key = producer_key_option()
     started = time.perf_counter()
     # The AsyncClient on this thread's own loop: the synchronous Client would add a thread hop per
