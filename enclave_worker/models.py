@@ -12,6 +12,7 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import logging
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,23 @@ def _custom_op_library(domain: str) -> str:
     raise ValueError(f"onnxruntime-extensions has no operator library in {folder}")
 
 
+# ONNX Runtime's words for an operator it has no kernel for, e.g. "Could not find an implementation
+# for Foo(13) node with name 'x'" or "...No Op registered for Foo with domain_version of 13".
+_NO_KERNEL = re.compile(r"(?:implementation for |No Op registered for )([A-Za-z][A-Za-z0-9_]{0,63})"
+                        r"(?:\((\d{1,4})\)| with domain_version of (\d{1,4}))?")
+
+
+def _unsupported_operator(message: str) -> str:
+    """": operator Foo (opset 13) is not supported by this worker", if that is why a model did not
+    load; else "". Only the operator's type and version are repeated, never the rest of the message
+    (which may quote the model's node names or values)."""
+    found = _NO_KERNEL.search(message)
+    if found is None:
+        return ""
+    opset = found.group(2) or found.group(3)
+    return f": operator {found.group(1)}{f' (opset {opset})' if opset else ''} is not supported by this worker"
+
+
 def model_id_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -118,7 +136,8 @@ class ModelStore:
         try:
             session = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises a zoo of types; the message may quote the model
-            raise ModelRejected(f"ONNX Runtime could not load the model ({type(exc).__name__})") from None
+            raise ModelRejected(f"ONNX Runtime could not load the model ({type(exc).__name__}"
+                                f"{_unsupported_operator(str(exc))})") from None
         info = ModelInfo(model_id=model_id, size=len(data), inputs=_signature(session.get_inputs()),
                          outputs=_signature(session.get_outputs()))
         return LoadedModel(info=info, session=session, batching=_batching(session, data))

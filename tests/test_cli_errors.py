@@ -208,3 +208,22 @@ def test_input_mistakes_are_named_before_anything_is_sent(sim, tmp_path, make_ar
     result = subprocess.run([sys.executable, "-m", "enclaveq", *args], cwd=tmp_path, capture_output=True, text=True,
                             timeout=120)
     assert_one_clear_line(result, Mistake(args, 2, says))
+
+
+@pytest.mark.parametrize("command", [("run",), ("submit",), ("attest",), ("model", "list"), ("model", "delete"),
+                                     ("model", "upload"), ("sim", "init"), ("policy", "init")])
+def test_every_command_help_shows_an_example(command):
+    assert "Example" in enclaveq(*command, "--help").stdout
+
+
+def test_sim_init_force_warns_that_sealed_state_will_not_open_any_more(sim, tmp_path):
+    again = tmp_path / "sim"
+    enclaveq("sim", "init", "--dir", str(again))
+    result = enclaveq("sim", "init", "--dir", str(again), "--force")
+    assert "will no longer unseal" in result.stderr
+
+
+@pytest.mark.rabbitmq
+def test_model_list_on_a_pool_without_models_says_so(deployment):  # noqa: F811
+    result = enclaveq("model", "list", *conn(deployment))
+    assert result.stdout == "" and "no models on pool" in result.stderr

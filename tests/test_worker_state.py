@@ -90,3 +90,19 @@ def test_loading_the_custom_operator_library_imports_no_machine_learning_framewo
               "print(sorted(m for m in ('torch', 'onnxruntime_extensions', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_model_with_an_operator_the_worker_lacks_is_refused_naming_the_operator():
+    from onnx import TensorProto, helper
+
+    from enclave_worker.errors import ModelRejected
+    from enclave_worker.models import ModelStore
+
+    graph = helper.make_graph([helper.make_node("NoSuchOperator", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    data = model.SerializeToString()
+    with pytest.raises(ModelRejected, match=r"operator NoSuchOperator \(opset 17\) is not supported"):
+        ModelStore(max_model_bytes=1 << 20).load(model_id_of(data), data)

@@ -171,6 +171,12 @@ def attest_command(broker_url: str, pool: str, policy: Path, timeout: float, as_
 
     Exit 0 with the verified claims; exit 1 with every violated policy field, its value and
     the expectation. The newest epoch seen for each pool is remembered: an older one is refused.
+    --timeout bounds the wait for the pool's evidence (default 120 s).
+
+    \b
+    Examples:
+      enclaveq attest --broker amqp://guest:guest@127.0.0.1:5672/ --pool demo --policy policy.toml
+      enclaveq attest --broker mqtt://127.0.0.1:1883/ --pool demo --policy policy.toml --json --timeout 10
     """
     if forget_epoch:
         try:
@@ -179,7 +185,7 @@ def attest_command(broker_url: str, pool: str, policy: Path, timeout: float, as_
         except OSError as exc:
             _fail(f"cannot forget the remembered epoch of pool {pool!r}: {exc}")
     try:
-        client = Client(broker_url, pool, policy, timeout=timeout)
+        client = Client(broker_url, pool, policy, timeout=timeout, attest_timeout=timeout)
     except AttestationFailed as exc:
         if as_json:
             click.echo(json.dumps({"verified": False, "pool": pool, "error": str(exc),
@@ -319,7 +325,13 @@ def pool_rotate(broker_url: str, pool: str, policy: Path, timeout: float, grace:
 @_connection_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def model_list(broker_url: str, pool: str, policy: Path, timeout: float, as_json: bool) -> None:
-    """List the models loaded on a pool, with their inputs and outputs."""
+    """List the models loaded on a pool, with their inputs and outputs.
+
+    \b
+    Examples:
+      enclaveq model list --broker amqp://guest:guest@127.0.0.1:5672/ --pool demo --policy policy.toml
+      enclaveq model list --broker amqp://guest:guest@127.0.0.1:5672/ --pool demo --policy policy.toml --json
+    """
     with _client(broker_url, pool, policy, timeout) as client:
         try:
             models = client.list_models()
@@ -329,6 +341,8 @@ def model_list(broker_url: str, pool: str, policy: Path, timeout: float, as_json
         click.echo(json.dumps([{"id": m.model_id, "size": m.size, "inputs": m.inputs, "outputs": m.outputs}
                                for m in models], indent=2, default=list))
         return
+    if not models:
+        click.echo(f"no models on pool {pool!r} (that this producer may see)", err=True)
     for m in models:
         ins = ", ".join(f"{n}:{t}{list(s)}" for n, t, s in m.inputs)
         outs = ", ".join(f"{n}:{t}{list(s)}" for n, t, s in m.outputs)
@@ -435,7 +449,14 @@ def _check_writable(folder: Path, what: str) -> None:
               help="Where to write the outputs (.npz, one array per output name).")
 def run_command(broker_url: str, pool: str, policy: Path, timeout: float, model_id: str,
                 input_specs: tuple[str, ...], output: Path) -> None:
-    """Run one job and write its outputs to an .npz file."""
+    """Run one job and write its outputs to an .npz file.
+
+    \b
+    Example:
+      python -c 'import numpy as np; np.save("x.npy", np.ones((1, 4), np.float32))'
+      enclaveq run --broker amqp://guest:guest@127.0.0.1:5672/ --pool demo --policy policy.toml \\
+          --model MODEL_ID --input x=x.npy --output result.npz
+    """
     _check_model_id(model_id)
     _check_output_file(output)
     inputs = _parse_inputs(input_specs)
@@ -474,6 +495,11 @@ def submit_command(broker_url: str, pool: str, policy: Path, timeout: float, mod
     own result and error. Prints a progress bar and a final summary line with jobs, failures and
     jobs/s; exits 1 if any job failed (each failure is named on stderr, a file that is not a
     readable .npz too, and the others still run).
+
+    \b
+    Example:
+      enclaveq submit --broker amqp://guest:guest@127.0.0.1:5672/ --pool demo --policy policy.toml \\
+          --model MODEL_ID --inputs jobs/ --output results/
     """
     frames: FrameSettings | Literal[False] = False if frame_jobs == 0 else FrameSettings(
         max_jobs=frame_jobs, max_bytes=frame_bytes, linger=linger_ms / 1000)

@@ -77,7 +77,16 @@ def sim_init(directory: Path, force: bool, days: int) -> None:
     [simulation] root_sha256 (`enclaveq policy init --sim-dir DIR` does that for you). The
     root's private key is used once to certify the attestation key and then discarded: nobody
     needs it afterwards, and a leaked directory cannot mint new certificates under the root.
+
+    \b
+    Example:
+      enclaveq sim init --dir ./sim
+      enclaveq policy init --sim-dir ./sim --out policy.toml
     """
+    if force and directory.exists() and any(directory.iterdir()):
+        click.echo(f"warning: replacing {directory}: workers' sealed state made with the old directory (their "
+                   "pool key and models, e.g. under its state/) will no longer unseal, and policies that pinned "
+                   "the old root stop trusting the new one", err=True)
     try:
         created = init_sim_dir(directory, days=days, force=force)
     except SimDirError as exc:
@@ -150,6 +159,11 @@ def policy_init(
     fingerprint, and allows the given measurements, or by default the current worker's
     measurement (its code plus the default WorkerConfig). Any change to the worker's code or
     measured configuration changes that measurement: re-run this command after upgrading.
+
+    \b
+    Examples:
+      enclaveq policy init --sim-dir ./sim --out policy.toml
+      enclaveq policy init --sim-dir ./sim --out policy.toml --force --measurement HEX
     """
     try:
         root_sha256 = open_sim_dir(sim_dir).sim_dir.root_sha256
