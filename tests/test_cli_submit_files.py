@@ -4,6 +4,7 @@ read-ahead and the writer stay within their windows."""
 
 from __future__ import annotations
 
+import json
 import threading
 import zipfile
 
@@ -76,9 +77,10 @@ def test_results_are_readable_by_their_owner_only_and_never_written_through_a_sy
     target = tmp_path / "elsewhere"
     target.write_bytes(b"untouched")
     (tmp_path / "planted.npz").symlink_to(target)
-    with pytest.raises(OSError):
-        write_npz(tmp_path / "planted.npz", outputs)
+    write_npz(tmp_path / "planted.npz", outputs)  # replaces the link, never writes through it
     assert target.read_bytes() == b"untouched"
+    assert not (tmp_path / "planted.npz").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "planted.npz", "result.npz"]  # no leftovers
 
 
 @pytest.mark.parametrize("save", [np.savez, np.savez_compressed, write_npz], ids=lambda f: f.__name__)
@@ -198,10 +200,13 @@ def test_submit_names_an_unreadable_file_and_writes_every_other_result(deploymen
         np.savez(jobs / f"job-{i:03d}.npz", x=np.full((2, 4), i, np.float32), bias=bias)
     (jobs / "job-005.npz").write_text("not an archive")
     result = enclaveq("submit", *conn(deployment), "--model", model_id, "--inputs", str(jobs),
-                      "--output", str(tmp_path / "results"), "--max-in-flight", "8", check=False)
+                      "--output", str(tmp_path / "results"), "--max-in-flight", "8",
+                      "--failures", str(tmp_path / "failures.json"), check=False)
     assert result.returncode == 1
     assert "failed: job-005.npz: not a readable .npz file" in result.stderr
     assert "jobs: 40  failed: 1  " in result.stdout
+    failures = json.loads((tmp_path / "failures.json").read_text())
+    assert [f["file"] for f in failures] == ["job-005.npz"] and "not a readable .npz" in failures[0]["error"]
     written = sorted(p.name for p in (tmp_path / "results").glob("*.npz"))
     assert written == [f"job-{i:03d}.npz" for i in range(40) if i != 5]
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
@@ -209,3 +214,35 @@ def test_submit_names_an_unreadable_file_and_writes_every_other_result(deploymen
         with np.load(tmp_path / "results" / f"job-{i:03d}.npz") as out:
             expected = session.run(None, {"x": np.full((2, 4), i, np.float32), "bias": bias})
             assert np.array_equal(out["logits"], expected[0]) and np.array_equal(out["label"], expected[1])
+
+
+def test_submit_run_again_sends_only_the_jobs_without_a_result_and_refuses_another_models_output(
+        deployment, tmp_path):  # noqa: F811
+    (tmp_path / "m.onnx").write_bytes(mlp_model(seed=6))
+    model_id = enclaveq("model", "upload", str(tmp_path / "m.onnx"), *conn(deployment), "--owner-key",
+                        str(_owner(tmp_path))).stdout.strip().splitlines()[-1]
+    jobs, results = tmp_path / "jobs", tmp_path / "results"
+    jobs.mkdir()
+    for i in range(12):
+        np.savez(jobs / f"job-{i:03d}.npz", x=np.full((2, 4), i, np.float32), bias=np.zeros(3, np.float32))
+    args = ("submit", *conn(deployment), "--model", model_id, "--inputs", str(jobs), "--output", str(results))
+    enclaveq(*args)
+    for i in (3, 7):  # as if a first run had stopped before these
+        (results / f"job-{i:03d}.npz").unlink()
+    (results / ".enclaveq-partial-123-456-job-007.npz").write_bytes(b"half")  # killed mid-write
+    again = enclaveq(*args)
+    assert "10 of 12 results are already in" in again.stderr and "jobs: 2  failed: 0" in again.stdout
+    assert sorted(p.name for p in results.glob("*.npz")) == [f"job-{i:03d}.npz" for i in range(12)]
+    assert not list(results.glob(".enclaveq-partial-*"))
+    done = enclaveq(*args)
+    assert "jobs: 0  failed: 0" in done.stdout
+    other = enclaveq("submit", *conn(deployment), "--model", "cd" * 32, "--inputs", str(jobs), "--output",
+                     str(results), check=False)
+    assert other.returncode == 2 and f"holds results of model {model_id}" in other.stderr
+
+
+def _owner(tmp_path):
+    owner = tmp_path / "owner.key"
+    if not owner.exists():
+        enclaveq("keys", "generate", "--out", str(owner))
+    return owner

@@ -237,28 +237,42 @@ def npz_bytes(arrays: Mapping[str, Any]) -> bytes:
     return b"".join(chunks)
 
 
-# Results are decrypted model outputs: readable by their owner only, and never written through a
-# symbolic link someone left in the output directory (O_NOFOLLOW: the open fails instead).
-_RESULT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+# Results are decrypted model outputs: readable by their owner only. Each is written whole under a
+# temporary name (O_EXCL | O_NOFOLLOW: never through a link someone planted) and renamed into place,
+# which replaces whatever is at the name, a planted symbolic link included, without following it.
+# So a result file that exists is complete: a rerun of `submit` may trust it and skip that job.
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 RESULT_MODE = 0o600
+TEMP_PREFIX = ".enclaveq-partial-"
 
 
 def write_npz(path: str | os.PathLike[str], arrays: Mapping[str, Any]) -> None:
-    """Write ``arrays`` to ``path`` as an .npz (replacing the file), readable by ``np.load``;
-    a new file is created with mode 0600, and a symbolic link at ``path`` is refused (OSError)."""
+    """Write ``arrays`` to ``path`` as an .npz, readable by ``np.load``, mode 0600, all at once:
+    ``path`` never holds a partial file, and a symbolic link at ``path`` is replaced, not followed."""
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    temp = os.path.join(folder, f"{TEMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{name}")
+    fd = os.open(temp, _TEMP_FLAGS, RESULT_MODE)
     try:
-        data = npz_bytes(arrays)
-    except OverflowError:  # a member beyond zip's 4 GiB: numpy writes zip64
-        with os.fdopen(os.open(path, _RESULT_FLAGS, RESULT_MODE), "wb") as f:
-            np.savez(f, **{name: _storable(value) for name, value in arrays.items()})  # type: ignore[arg-type]
-        return
-    fd = os.open(path, _RESULT_FLAGS, RESULT_MODE)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
+        try:
+            data = npz_bytes(arrays)
+        except OverflowError:  # a member beyond zip's 4 GiB: numpy writes zip64
+            with os.fdopen(os.dup(fd), "wb") as f:
+                np.savez(f, **{key: _storable(value) for key, value in arrays.items()})  # type: ignore[arg-type]
+        else:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+    except BaseException:
         os.close(fd)
+        os.unlink(temp)
+        raise
+    os.close(fd)
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
 
 
 class ReadAhead:

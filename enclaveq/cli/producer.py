@@ -38,7 +38,7 @@ from protocol.ownership import parse_public_key
 
 from ..durations import DURATION
 from .params import BROKER_URL
-from .npz_files import ReadAhead, ResultWriter, write_npz
+from .npz_files import TEMP_PREFIX, ReadAhead, ResultWriter, write_npz
 from .owner_key import (
     DEFAULT_HOME, DEFAULT_KEY_NAME, ENV_HOME, ENV_OWNER_KEY, OwnerKeyError, OwnerKeySource, find_owner_key, load_owner_key,
 )
@@ -486,15 +486,22 @@ def run_command(broker_url: str, pool: str, policy: Path, timeout: float, model_
               metavar="B", help="Bytes of job inputs per frame at most.")
 @click.option("--linger-ms", type=click.FloatRange(min=0), default=FrameSettings.linger * 1000, show_default=True,
               metavar="MS", help="How long a frame waits for more jobs once it has one.")
+@click.option("--failures", "failures_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              metavar="FILE.json", help="Also write the failed jobs to FILE.json: [{\"file\", \"error\", \"code\"}].")
 def submit_command(broker_url: str, pool: str, policy: Path, timeout: float, model_id: str, inputs_dir: Path,
                    output_dir: Path, max_in_flight: int, frame_jobs: int | None, frame_bytes: int,
-                   linger_ms: float) -> None:
+                   linger_ms: float, failures_file: Path | None) -> None:
     """Run every .npz in a directory as a batch; write one result .npz per job.
 
     Jobs travel packed into frames, many per sealed message (see --frame-jobs); each keeps its
     own result and error. Prints a progress bar and a final summary line with jobs, failures and
     jobs/s; exits 1 if any job failed (each failure is named on stderr, a file that is not a
     readable .npz too, and the others still run).
+
+    Run again with the same --output, it sends only the jobs without a result there: each result
+    file is written whole (under a temporary name, then renamed), so one that exists is complete.
+    An --output holding results of another model is refused. Ctrl-C stops sending, keeps every
+    result already written and exits 130.
 
     \b
     Example:
@@ -512,6 +519,14 @@ def submit_command(broker_url: str, pool: str, policy: Path, timeout: float, mod
     except OSError as exc:
         _fail(f"{output_dir}: cannot create the output directory ({exc.strerror or type(exc).__name__})", 2)
     _check_writable(output_dir, f"--output {output_dir}")
+    todo = _jobs_without_results(files, output_dir, model_id, pool)
+    if len(todo) < len(files):
+        click.echo(f"{len(files) - len(todo)} of {len(files)} results are already in {output_dir} (an earlier run): "
+                   f"sending the other {len(todo)}", err=True)
+    if not todo:
+        click.echo(f"jobs: 0  failed: 0  0.0 jobs/s (all {len(files)} results were already in {output_dir})")
+        return
+    files = todo
     producer_key = producer_key_option()
     started = time.perf_counter()
     # The AsyncClient on this thread's own loop: the synchronous Client would add a thread hop per
@@ -519,31 +534,74 @@ def submit_command(broker_url: str, pool: str, policy: Path, timeout: float, mod
     # writes the results behind (enclaveq.cli.npz_files), and the loop only seals, sends and decodes.
     client = attested(broker_url, pool, lambda: AsyncClient(broker_url, pool, policy, timeout=timeout,
                                                             producer_key=producer_key))
-    failures = asyncio.run(_submit_files(client, broker_url, pool, model_id, files, output_dir, max_in_flight,
-                                         frames))
+    failed: list[dict[str, Any]] = []
+    try:
+        asyncio.run(_submit_files(client, broker_url, pool, model_id, files, output_dir, max_in_flight, frames,
+                                  failed))
+    except KeyboardInterrupt:
+        kept = sum(1 for path in files if (output_dir / path.name).exists())
+        click.echo(f"interrupted: {kept} results of this run are written in {output_dir}; run the same command "
+                   f"again to send only the {len(files) - kept} jobs without a result", err=True)
+        _write_failures(failures_file, failed)
+        raise
     elapsed = time.perf_counter() - started
-    click.echo(f"jobs: {len(files)}  failed: {failures}  {len(files) / elapsed:.1f} jobs/s")
-    if failures:
+    _write_failures(failures_file, failed)
+    click.echo(f"jobs: {len(files)}  failed: {len(failed)}  {len(files) / elapsed:.1f} jobs/s")
+    if failed:
         sys.exit(1)
+
+
+BATCH_MARK = ".enclaveq-batch.json"  # in a submit --output: whose results it holds
+
+
+def _jobs_without_results(files: list[Path], output_dir: Path, model_id: str, pool: str) -> list[Path]:
+    """The input files whose result is not in ``output_dir`` yet. The directory is marked with the
+    model and pool its results came from: a rerun must not mix in another model's results."""
+    mark = output_dir / BATCH_MARK
+    if mark.exists():
+        try:
+            held = json.loads(mark.read_text())
+            held_model = held["model"]
+        except (OSError, ValueError, KeyError, TypeError):
+            _fail(f"{mark}: not a batch record enclaveq wrote; use another --output", 2)
+        if held_model != model_id:
+            _fail(f"{output_dir} holds results of model {held_model}, not {model_id}: use another --output "
+                  "(or remove those results)", 2)
+    else:
+        mark.write_text(json.dumps({"model": model_id, "pool": pool}) + "\n")
+    for partial in output_dir.glob(f"{TEMP_PREFIX}*"):  # left by a run that was killed mid-write
+        partial.unlink(missing_ok=True)
+    done = {entry.name for entry in os.scandir(output_dir)}
+    return [path for path in files if path.name not in done]
+
+
+def _write_failures(path: Path | None, failed: list[dict[str, Any]]) -> None:
+    if path is None:
+        return
+    try:
+        path.write_text(json.dumps(failed, indent=2) + "\n")
+    except OSError as exc:
+        click.echo(f"error: could not write --failures {path}: {exc.strerror or type(exc).__name__}", err=True)
 
 
 _PROGRESS_INTERVAL = 0.1  # seconds between progress bar updates: redrawing per job costs more than a job
 
 
 async def _submit_files(client: AsyncClient, broker_url: str, pool: str, model_id: str, files: list[Path],
-                        output_dir: Path, max_in_flight: int, frames: FrameSettings | Literal[False]) -> int:
-    """Connect (attesting the pool), run one job per file, write each result; the number that failed."""
+                        output_dir: Path, max_in_flight: int, frames: FrameSettings | Literal[False],
+                        failed: list[dict[str, Any]]) -> None:
+    """Connect (attesting the pool), run one job per file, write each result; each failure is
+    appended to ``failed`` (file, error, code)."""
     try:
         await client.connect()
     except (EnclaveqError, AttestationError, ProtocolError) as exc:
         _refused(broker_url, pool, exc)
-    failed: list[str] = []
     try:
         with _progress() as bar:
             task = bar.add_task("jobs", total=len(files))
 
             def fail(name: str, error: object) -> None:  # also called by the writer's thread
-                failed.append(name)
+                failed.append({"file": name, "error": str(error), "code": getattr(error, "code", None)})
                 bar.console.print(f"failed: {name}: {error}")
 
             sent: list[int] = []  # the batch's index of a job -> the index of its file
@@ -585,5 +643,4 @@ async def _submit_files(client: AsyncClient, broker_url: str, pool: str, model_i
             bar.update(task, completed=done + unreadable)
     finally:
         await client.close()
-    return len(failed)
 
