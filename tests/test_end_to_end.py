@@ -259,7 +259,8 @@ async def test_workers_of_one_measurement_share_the_pool_key_and_serve_its_jobs(
             async with AsyncClient(broker_url, pool, tee.policy(), timeout=30) as client:
                 model_id = await client.upload_model(model)
                 results = [r async for r in client.submit(model_id, batch, max_in_flight=32)]
-            assert founder.models.has(model_id) and joiner.models.has(model_id)
+            await wait_until(lambda: founder.models.has(model_id) and joiner.models.has(model_id),
+                             "both workers store the model")
             served = [w.metrics.requests.labels("job", "ok")._value.get() for w in (founder, joiner)]
     assert all(r.ok for r in results) and sorted(r.index for r in results) == list(range(120))
     for r in results:

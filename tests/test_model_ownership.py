@@ -119,7 +119,8 @@ async def test_a_worker_down_during_a_delete_deletes_the_model_when_it_returns(t
         await b.start()
         async with AsyncClient(broker_url, pool, tee.policy(), owner_key=owner) as client:
             model_id = await client.upload_model(mlp_model())
-            assert b.models.has(model_id)
+            # The upload returned on the first worker's confirmation; b may still be writing its copy.
+            await wait_until(lambda: b.models.has(model_id), "the second worker stores the upload")
             await b.stop()
             await client.delete_model(model_id)
         b_again = tee.worker(broker_url, pool, state_dir=tmp_path / "b")
@@ -254,6 +255,8 @@ async def test_a_worker_that_lost_its_broker_connection_catches_up_on_missed_upl
         async with running_worker(tee, memory_url, pool, state_dir=tmp_path / "b") as b:
             async with AsyncClient(memory_url, pool, tee.policy(), owner_key=owner) as client:
                 old_id = await client.upload_model(mlp_model(seed=2))
+                # The upload returned on the first worker's confirmation; b may still be writing its copy.
+                await wait_until(lambda: b.models.has(old_id), "the second worker stores the first upload")
                 # b's connection is down: its control queue is gone, so it misses an upload and a delete.
                 await b._subs[0].cancel()
                 model_id = await client.upload_model(mlp_model())
