@@ -21,6 +21,11 @@ PREFIX = "enclaveq"
 # defaults); a reply nacked this often is poison, and there is nowhere further to send it.
 REPLY_DELIVERY_LIMIT = 10
 DEAD_DELIVERY_LIMIT = 10
+# Dead letters are kept for an operator to look at, not forever: at most this many per pool (the
+# oldest dropped first) and at most this long. Abandoned requests (a producer that went away) and
+# a flood of malformed messages would otherwise grow the queue without end.
+MAX_DEAD_LETTERS = 10_000
+DEAD_LETTER_TTL_MS = 7 * 24 * 3600 * 1000
 
 # The broker-added headers a consumer may rely on; RabbitMQ sets these when dead-lettering
 # and the memory broker imitates it. Every other ``x-`` header is broker bookkeeping.

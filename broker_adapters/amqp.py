@@ -211,19 +211,9 @@ class AmqpBroker(BrokerAdapter):
         common.check_name("pool", pool)
         common.check_settings(settings)
         jobs_arguments = _job_queue_arguments(pool, settings)
+        await self._declare_dead_letters(pool)
         async with self._raw_channel() as channel:
             try:
-                await channel.exchange_declare(
-                    common.dead_letter_exchange(pool), exchange_type="fanout", durable=True
-                )
-                await channel.queue_declare(
-                    common.dead_queue(pool),
-                    durable=True,
-                    arguments={
-                        "x-queue-type": "quorum",
-                        "x-delivery-limit": common.DEAD_DELIVERY_LIMIT - 1,
-                    },
-                )
                 await channel.queue_bind(common.dead_queue(pool), common.dead_letter_exchange(pool), "")
                 await channel.queue_declare(common.jobs_queue(pool), durable=True, arguments=jobs_arguments)
                 await channel.exchange_declare(
@@ -236,6 +226,35 @@ class AmqpBroker(BrokerAdapter):
             except amqp_errors.AMQPError as exc:
                 raise BrokerError(f"RabbitMQ refused to declare pool {pool!r}: {exc}") from exc
         self._settings[pool] = settings
+
+    async def _declare_dead_letters(self, pool: str) -> None:
+        """The pool's dead-letter exchange and bounded queue. A queue declared by an enclaveq from
+        before the bound keeps working (RabbitMQ cannot change a queue's arguments); it is named
+        in a warning, to be deleted when empty so that the next start declares it bounded."""
+        async with self._raw_channel() as channel:
+            try:
+                await channel.exchange_declare(common.dead_letter_exchange(pool), exchange_type="fanout", durable=True)
+                await channel.queue_declare(common.dead_queue(pool), durable=True, arguments={
+                    "x-queue-type": "quorum",
+                    "x-delivery-limit": common.DEAD_DELIVERY_LIMIT - 1,
+                    "x-max-length": common.MAX_DEAD_LETTERS,
+                    "x-message-ttl": common.DEAD_LETTER_TTL_MS,
+                })
+                return
+            except amqp_errors.ChannelPreconditionFailed:
+                pass  # declared before the bound (the channel is closed now): checked below
+            except _CONNECTION_LOST as exc:
+                raise BrokerUnavailable(f"connection lost while declaring pool {pool!r}") from exc
+            except amqp_errors.AMQPError as exc:
+                raise BrokerError(f"RabbitMQ refused to declare pool {pool!r}: {exc}") from exc
+        async with self._raw_channel() as channel:
+            try:
+                await channel.queue_declare(common.dead_queue(pool), passive=True)
+            except amqp_errors.AMQPError as exc:
+                raise BrokerError(f"pool {pool!r} already exists with different settings: {exc}") from exc
+        log.warning("the dead-letter queue %s was declared by an older enclaveq without a bound on its length "
+                    "and age; delete it when it is empty and it is declared bounded at the next start",
+                    common.dead_queue(pool))
 
     async def delete_pool(self, pool: str) -> None:
         # Our own consumers first: a consumer whose queue vanishes would make the robust

@@ -60,10 +60,12 @@ class _Envelope:
 
 
 class _Queue:
-    def __init__(self, name: str, *, delivery_limit: int | None, dead: _Queue | None = None):
+    def __init__(self, name: str, *, delivery_limit: int | None, dead: _Queue | None = None,
+                 max_length: int | None = None):
         self.name = name
         self.delivery_limit = delivery_limit  # None: unlimited, like RabbitMQ classic queues
         self.dead = dead
+        self.max_length = max_length  # ready messages kept at most, the oldest dropped (x-max-length)
         self.ready: deque[_Envelope] = deque()
         self.consumers: list[_Consumer] = []
         self.handler_errors: list[BaseException] = []
@@ -104,6 +106,8 @@ class _State:
         for tap in self.taps:
             tap(message.body)
         queue.ready.append(_Envelope(message))
+        if queue.max_length is not None and len(queue.ready) > queue.max_length:
+            queue.ready.popleft()  # RabbitMQ's default overflow, drop-head
         self.pump(queue)
 
     def pump(self, queue: _Queue) -> None:
@@ -391,7 +395,8 @@ class MemoryBroker(BrokerAdapter):
                         f"pool {pool!r} already exists with delivery_limit={existing.delivery_limit}"
                     )
             else:
-                dead = _Queue(common.dead_queue(pool), delivery_limit=common.DEAD_DELIVERY_LIMIT)
+                dead = _Queue(common.dead_queue(pool), delivery_limit=common.DEAD_DELIVERY_LIMIT,
+                              max_length=common.MAX_DEAD_LETTERS)
                 jobs = _Queue(common.jobs_queue(pool), delivery_limit=settings.delivery_limit, dead=dead)
                 state.pools[pool] = _Pool(settings.delivery_limit, jobs, dead, [])
         self._settings[pool] = settings

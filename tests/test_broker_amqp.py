@@ -19,6 +19,7 @@ from broker_adapters import (
     Unroutable,
     open_broker,
 )
+from broker_adapters import _common as common
 from broker_adapters.amqp import AmqpBroker
 
 from .support import RECONNECT_TIMEOUT, TIMEOUT, wait_until
@@ -142,3 +143,25 @@ async def test_the_pool_lock_is_taken_back_after_a_reconnect(broker, rabbitmq_ur
                 await rival.acquire_pool_lock(unique_name)
     finally:
         await lock.release()
+
+
+async def test_a_pools_dead_letters_are_bounded_in_number_and_age(rabbitmq_url, pool, rabbitmqctl):
+    async with open_broker(rabbitmq_url) as broker:
+        await broker.declare_pool(pool)
+        listing = await asyncio.to_thread(rabbitmqctl.json, "list_queues", "name", "arguments")
+    (listed,) = [q["arguments"] for q in listing if q["name"] == common.dead_queue(pool)]
+    arguments = {key: value for key, _type, value in listed}  # rabbitmqctl lists [key, type, value]
+    assert arguments["x-max-length"] == common.MAX_DEAD_LETTERS == 10_000
+    assert arguments["x-message-ttl"] == common.DEAD_LETTER_TTL_MS == 7 * 24 * 3600 * 1000
+
+
+async def test_a_dead_letter_queue_declared_before_the_bound_still_works(rabbitmq_url, pool, caplog):
+    # What an enclaveq from before the bound declared: the same queue without x-max-length/x-message-ttl.
+    connection = await aio_pika.connect(rabbitmq_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(common.dead_queue(pool), durable=True, arguments={
+            "x-queue-type": "quorum", "x-delivery-limit": common.DEAD_DELIVERY_LIMIT - 1})
+    async with open_broker(rabbitmq_url) as broker:
+        await broker.declare_pool(pool)  # no PRECONDITION_FAILED: the old queue is kept, and named
+    assert any("declared by an older enclaveq" in r.getMessage() for r in caplog.records)

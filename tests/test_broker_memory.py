@@ -220,3 +220,15 @@ async def test_a_tap_sees_the_body_of_every_message_the_memory_broker_carries(un
         await broker.publish_job("p", Message(body=b"job"))
         await broker.publish_reply(reply, Message(body=b"result"))
     assert seen == [b"job", b"result"]
+
+
+async def test_the_memory_brokers_dead_letters_are_bounded_like_rabbitmqs(memory_url, pool):
+    from broker_adapters import _common as common
+
+    async with open_broker(memory_url) as broker:
+        await broker.declare_pool(pool)
+        dead = broker._pool(pool).dead
+        for n in range(common.MAX_DEAD_LETTERS + 5):
+            broker._state.enqueue(dead, Message(body=str(n).encode()))
+        assert len(dead.ready) == common.MAX_DEAD_LETTERS
+        assert dead.ready[0].message.body == b"5"  # the oldest went first
