@@ -685,10 +685,24 @@ class AsyncClient:
                 progress(sent, total)
             return outcome
 
-        outcomes = await asyncio.gather(*(one(make) for make in chunks))
-        for outcome in outcomes:
+        # The first chunk alone: every chunk states the model's size and owner, so a pool that will
+        # refuse the model (too large, another owner's id) says so before the rest is sent.
+        first = await one(chunks[0])
+        if not first.ok:
+            raise first.error()
+        refused: list[Outcome] = []
+
+        async def rest(make: Callable[[], Request]) -> Outcome | None:
+            if refused:  # one chunk was refused: the upload has failed, send nothing more
+                return None
+            outcome = await one(make)
             if not outcome.ok:
-                raise outcome.error()
+                refused.append(outcome)
+            return outcome
+
+        outcomes = [first, *[o for o in await asyncio.gather(*(rest(make) for make in chunks[1:])) if o is not None]]
+        if refused:
+            raise refused[0].error()
         acks = [bodies.decode_ack(o.body) for o in outcomes]
         if not any(a.get("complete") and a.get("model_id") == model_id for a in acks):
             raise ModelRejected("the worker did not confirm the complete model", job_id=None)

@@ -106,3 +106,26 @@ def test_a_model_with_an_operator_the_worker_lacks_is_refused_naming_the_operato
     data = model.SerializeToString()
     with pytest.raises(ModelRejected, match=r"operator NoSuchOperator \(opset 17\) is not supported"):
         ModelStore(max_model_bytes=1 << 20).load(model_id_of(data), data)
+
+
+async def test_a_model_over_the_workers_size_limit_is_refused_at_its_first_chunk(tee, memory_url, pool):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from enclave_worker.config import WorkerConfig
+    from producer_sdk.errors import Oversized
+
+    weights = numpy_helper.from_array(np.ones((3 * 1024 * 1024,), np.float32), "w")  # 12 MiB: three chunks
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "big",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])], initializer=[weights])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    small = WorkerConfig(max_model_bytes=1024 * 1024)
+    async with (running_worker(tee, memory_url, pool, config=small) as worker,
+                AsyncClient(memory_url, pool, tee.policy(), timeout=30) as client):
+        with pytest.raises(Oversized, match="exceeds the worker limit of 1048576"):
+            await client.upload_model(model.SerializeToString())
+        chunks = sum(sample.value for metric in worker.metrics.registry.collect()
+                     if metric.name == "enclaveq_worker_requests" for sample in metric.samples
+                     if sample.name.endswith("_total") and sample.labels.get("kind") == "model_chunk")
+    assert chunks == 1  # the other two were never sent
