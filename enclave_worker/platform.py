@@ -76,8 +76,8 @@ def sim_identity(sim_dir: Path, config: WorkerConfig = DEFAULT_WORKER_CONFIG) ->
         provider = SimProvider(Path(sim_dir), measurement.value)
         key = sealing.sealing_key(Path(sim_dir), measurement.value)
     except Exception as exc:
-        raise WorkerStartupError(f"simulation directory {sim_dir} is not usable: {exc}. "
-                                 f"Create one with `enclaveq sim init --dir {sim_dir}`.") from None
+        hint = "" if "sim init" in str(exc) else f" Create one with `enclaveq sim init --dir {sim_dir}`."
+        raise WorkerStartupError(f"simulation directory {sim_dir} is not usable: {exc}.{hint}") from None
     log.warning("SIMULATED TEE: this worker's evidence is signed by a local simulation key; "
                 "it gives no confidentiality against whoever runs this machine")
     return WorkerIdentity(provider=provider, sealing_key=key, seal=sealing.seal, unseal=sealing.unseal,

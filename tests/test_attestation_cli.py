@@ -44,7 +44,7 @@ def test_sim_init_prints_what_it_created_and_the_root_fingerprint(runner, tmp_pa
 
 def test_sim_init_refuses_an_existing_directory_without_force(runner, sim_dir):
     refused = runner.invoke(sim_cli, ["init", "--dir", str(sim_dir)])
-    assert refused.exit_code == 1
+    assert refused.exit_code == 2  # an input error (README, exit codes)
     assert "already holds a simulation directory" in refused.output
     assert "Traceback" not in refused.output
 
@@ -105,7 +105,7 @@ def test_policy_init_refuses_to_overwrite_without_force(runner, sim_dir, tmp_pat
     out = tmp_path / "policy.toml"
     out.write_text("# hand-written policy\n")
     refused = runner.invoke(policy_cli, ["init", "--sim-dir", str(sim_dir), "--out", str(out), "--measurement", M1])
-    assert refused.exit_code == 1
+    assert refused.exit_code == 2  # an input error (README, exit codes)
     assert "already exists; pass --force" in refused.output
     assert out.read_text() == "# hand-written policy\n"
 
@@ -120,7 +120,7 @@ def test_policy_init_refuses_a_missing_sim_dir(runner, tmp_path):
     result = runner.invoke(
         policy_cli, ["init", "--sim-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "p.toml")]
     )
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # an input error (README, exit codes)
     assert "enclaveq sim init" in result.output
 
 

@@ -120,12 +120,37 @@ def test_an_unknown_virtual_host_is_named(sim, rabbitmq_url):
 
 
 @pytest.mark.rabbitmq
-def test_a_worker_given_a_wrong_password_says_so_in_one_line_and_stops(sim, rabbitmq_url):
-    args = ("worker", "--broker", f"amqp://guest:{SECRET}@127.0.0.1:5672/", "--pool", "cli-errors",
-            "--sim-dir", str(sim["sim"]), "--state-dir", str(sim["dir"] / "state"))
+@pytest.mark.parametrize("url, says", [
+    (f"amqp://guest:{SECRET}@127.0.0.1:5672/", "refused the user name or password"),
+    ("amqp://guest:guest@127.0.0.1:5672/no-such-vhost", "virtual host 'no-such-vhost' does not exist"),
+    ("amqp://guest:guest@127.0.0.1:{port}/", "no broker listens on 127.0.0.1:{port}"),
+], ids=["wrong password", "wrong vhost", "wrong port"])
+def test_a_worker_that_cannot_reach_its_broker_says_why_in_one_line_and_stops(sim, rabbitmq_url, url, says):
+    port = unused_port()
+    args = ("worker", "--broker", url.format(port=port), "--pool", "cli-errors", "--sim-dir", str(sim["sim"]),
+            "--state-dir", str(sim["dir"] / "state"))
     result = enclaveq(*args, check=False)
-    assert_one_clear_line(result, Mistake(args, 1, "refused the user name or password"))
+    assert_one_clear_line(result, Mistake(args, 1, says.format(port=port)))
     assert len(result.stderr.splitlines()) <= 3, result.stderr  # the simulation warning, the error
+
+
+def test_a_worker_whose_state_directory_cannot_be_used_refuses_to_start(sim, tmp_path):
+    not_a_directory = tmp_path / "state"
+    not_a_directory.write_text("a file")
+    args = ("worker", "--broker", "memory://cli-errors", "--pool", "cli-errors", "--sim-dir", str(sim["sim"]),
+            "--state-dir", str(not_a_directory))
+    assert_one_clear_line(enclaveq(*args, check=False), Mistake(args, 3, f"{not_a_directory}"))
+
+
+@pytest.mark.parametrize("make_args, says", [
+    (lambda d: ("keys", "show", str(d / "missing.key")), "no key file at"),
+    (lambda d: ("keys", "show", str(d / "policy.toml")), "is not a PEM Ed25519"),
+    (lambda d: ("policy", "init", "--sim-dir", str(d / "missing-sim"), "--out", str(d / "p.toml")),
+     "create it with `enclaveq sim init"),
+], ids=["missing key file", "not a key file", "missing simulation directory"])
+def test_files_that_cannot_be_used_are_input_errors(sim, make_args, says):
+    args = make_args(sim["dir"])
+    assert_one_clear_line(enclaveq(*args, check=False), Mistake(args, 2, says))
 
 
 def test_debug_shows_the_traceback_of_an_error(sim):

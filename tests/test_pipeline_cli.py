@@ -81,7 +81,7 @@ def test_keys_generate_recipient_writes_an_x25519_key_and_prints_its_public_key(
     assert "recipient (X25519)" in shown.stderr
 
     again = run("keys", "generate", "--kind", "recipient", "--out", str(out))
-    assert again.exit_code == 1 and "already exists" in again.stderr
+    assert again.exit_code == 2 and "already exists" in again.stderr
 
 
 def test_keys_generate_still_makes_an_owner_key_by_default_and_show_names_its_kind(tmp_path):
@@ -97,7 +97,7 @@ def test_keys_show_of_neither_kind_of_key_is_one_line_without_the_files_contents
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("SECRET-MATERIAL-1234")
     result = run("keys", "show", str(garbage))
-    assert result.exit_code == 1 and "not a PEM Ed25519 (signing) or X25519 (recipient) key" in result.stderr
+    assert result.exit_code == 2 and "not a PEM Ed25519 (signing) or X25519 (recipient) key" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "SECRET" not in result.output
     assert_usage_error(run("keys", "generate", "--kind", "sideways", "--out", str(tmp_path / "k")), "--kind")
 

@@ -37,6 +37,12 @@ _USAGE_ERRORS: tuple[type[BaseException], ...] = (PolicyError, KeyFileError, Uns
 _FAILURES: tuple[type[BaseException], ...] = (EnclaveqError, AttestationError, BrokerError, ProtocolError)
 
 
+class InputError(click.ClickException):
+    """A file or directory the user named cannot be used: one line, exit 2 (usage or input error)."""
+
+    exit_code = EXIT_USAGE
+
+
 def debug_wanted(argv: Sequence[str]) -> bool:
     """Whether tracebacks are wanted: ``--debug`` before the command, or ``ENCLAVEQ_DEBUG=1``."""
     return os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in argv

@@ -23,6 +23,7 @@ import click
 from producer_sdk.results import generate_recipient_key, recipient_public_key, save_recipient_key
 from protocol.errors import KeyFileError
 from protocol.ownership import generate_signing_key, parse_public_key, public_key_bytes, save_signing_key
+from .exits import InputError
 
 KINDS = ("owner", "producer", "recipient")
 
@@ -82,7 +83,7 @@ def generate_command(out: Path, kind: str) -> None:
         key = generate_signing_key()
         save_signing_key(key, out)
     except KeyFileError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise InputError(str(exc)) from None
     click.echo(public_key_bytes(key).hex())
     click.echo(f"Wrote {out} (keep it private). Use it as `model upload --owner-key {out}` or "
                f"`--producer-key {out}`; allow-lists take the public key above.", err=True)
@@ -112,6 +113,6 @@ def show_command(file: Path) -> None:
             # Neither kind: report what was wrong with it as a signing key (missing, unreadable...).
             message = str(signing_error).replace("not a PEM Ed25519 public or private key",
                                                  "not a PEM Ed25519 (signing) or X25519 (recipient) key")
-            raise click.ClickException(message) from None
+            raise InputError(message) from None
     click.echo(public.hex())
     click.echo(f"kind: {kind}", err=True)

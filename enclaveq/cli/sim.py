@@ -23,6 +23,8 @@ from attestation.sim.simdir import (
     open_sim_dir,
 )
 
+from .exits import InputError
+
 __all__ = ["sim_cli", "policy_cli"]
 
 _NO_CONFIDENTIALITY = (
@@ -90,7 +92,7 @@ def sim_init(directory: Path, force: bool, days: int) -> None:
     try:
         created = init_sim_dir(directory, days=days, force=force)
     except SimDirError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise InputError(str(exc)) from None
     click.echo(f"Created simulation directory {created.path}:")
     for path in created.files:
         click.echo(f"  {path.name:<22} {_DESCRIPTIONS[path.name]}")
@@ -168,7 +170,7 @@ def policy_init(
     try:
         root_sha256 = open_sim_dir(sim_dir).sim_dir.root_sha256
     except SimDirError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise InputError(str(exc)) from None
     if not measurements:
         # Imported here: loading the worker's code to measure it is slow, and only this default needs it.
         from enclave_worker.config import DEFAULT_WORKER_CONFIG
@@ -188,9 +190,9 @@ def policy_init(
     try:
         write_policy(out, policy, force=force)
     except FileExistsError:
-        raise click.ClickException(f"{out} already exists; pass --force to replace it") from None
+        raise InputError(f"{out} already exists; pass --force to replace it") from None
     except OSError as exc:
-        raise click.ClickException(f"cannot write {out}: {exc.strerror}") from None
+        raise InputError(f"cannot write {out}: {exc.strerror}") from None
     click.echo(f"Wrote policy {out}:")
     click.echo(f"  simulation allowed, trusting root {root_sha256}")
     for m in policy.measurements:
