@@ -7,6 +7,7 @@ interrupted), one line on stderr naming the problem, no traceback, and never a p
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -252,3 +253,23 @@ def test_sim_init_force_warns_that_sealed_state_will_not_open_any_more(sim, tmp_
 def test_model_list_on_a_pool_without_models_says_so(deployment):  # noqa: F811
     result = enclaveq("model", "list", *conn(deployment))
     assert result.stdout == "" and "no models on pool" in result.stderr
+
+
+@pytest.mark.rabbitmq
+async def test_attest_timeout_bounds_the_wait_for_evidence(sim, rabbitmq_url, unique_name):
+    # A "worker" that takes challenges and never answers: only --timeout ends the wait.
+    from broker_adapters import open_broker
+
+    async def ignore(delivery):
+        await delivery.ack()
+
+    async with open_broker(rabbitmq_url) as broker:
+        await broker.declare_pool(unique_name)
+        await broker.consume_control(unique_name, ignore)
+        args = ("attest", "--broker", rabbitmq_url, "--pool", unique_name, "--policy", str(sim["policy"]),
+                "--timeout", "2")
+        started = time.monotonic()
+        result = await asyncio.to_thread(enclaveq, *args, check=False)
+        waited = time.monotonic() - started
+    assert_one_clear_line(result, Mistake(args, 1, "answered the attestation challenge within 2"))
+    assert waited < 9, f"attest waited {waited:.1f} s: the fixed 10 s, not --timeout 2"
