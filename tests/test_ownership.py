@@ -436,7 +436,7 @@ def test_keys_generate_refuses_to_replace_an_existing_key(tmp_path):
     run_cli("keys", "generate", "--out", str(out))
     before = out.read_bytes()
     result = run_cli("keys", "generate", "--out", str(out))
-    assert result.exit_code == 1 and "already exists" in result.stderr
+    assert result.exit_code == 2 and "already exists" in result.stderr
     assert out.read_bytes() == before
 
 
@@ -454,7 +454,7 @@ def test_keys_show_of_a_garbage_file_fails_without_printing_its_contents(tmp_pat
     garbage = tmp_path / "garbage.pem"
     garbage.write_text(SECRET_MARKER)
     result = run_cli("keys", "show", str(garbage))
-    assert result.exit_code == 1 and "not a PEM Ed25519" in result.stderr
+    assert result.exit_code == 2 and "not a PEM Ed25519" in result.stderr
     assert SECRET_MARKER not in result.output
 
 
