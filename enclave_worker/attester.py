@@ -53,6 +53,7 @@ class Attester:
         # One answer at a time in a thread: the TEE serialises quotes anyway, and a burst of
         # answers must not fill the default executor that inference runs in too.
         self._one_at_a_time = asyncio.Semaphore(1)
+        self.answered = 0  # challenges answered with evidence (the worker's metrics read it)
 
     @property
     def platform(self) -> str:
@@ -79,6 +80,7 @@ class Attester:
         """Evidence in answer to a control message: raises OverBudget when the evidence budget is
         spent (checked before any work)."""
         self.evidence_budget.take("evidence requests")
+        self.answered += 1
         # The statement is taken now, about the keys the caller just used (a join answer has
         # sealed them already); a rotation while this waits for the TEE changes nothing in it.
         statement = self.statement(challenge.nonce)

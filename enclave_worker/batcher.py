@@ -99,10 +99,13 @@ class Batcher:
     """Runs jobs, batched where the model allows it. One per worker; :meth:`close` at stop."""
 
     def __init__(self, settings: BatchSettings | None = None, *, clock: Callable[[], float] = time.monotonic,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+                 on_batch: Callable[[int], None] | None = None,
+                 on_inference: Callable[[float], None] | None = None) -> None:
         self.settings = settings or BatchSettings()
         self._clock = clock
         self._on_batch = on_batch or (lambda rows: None)
+        # Seconds each batch took from leaving the queue to its results (metrics).
+        self._on_inference = on_inference or (lambda seconds: None)
         self._queues: OrderedDict[Hashable, _Queue] = OrderedDict()
         self._executor = ThreadPoolExecutor(self.settings.runners, thread_name_prefix="enclaveq-inference")
         self._busy = 0
@@ -209,16 +212,19 @@ class Batcher:
 
     def _start(self, queue: _Queue, batch: list[_Job[Any]]) -> None:
         self._on_batch(sum(job.rows for job in batch))
+        started = time.perf_counter()
         if self._inline(queue.model, batch):
             self._settle(batch, _run_batch(queue.model, queue.names, batch))
+            self._on_inference(time.perf_counter() - started)
             return
         self._busy += 1
         future = asyncio.get_running_loop().run_in_executor(self._executor, _run_batch, queue.model, queue.names,
                                                             batch)
-        future.add_done_callback(lambda done: self._finished(batch, done))
+        future.add_done_callback(lambda done: self._finished(batch, done, started))
 
-    def _finished(self, batch: list[_Job[Any]], done: asyncio.Future[list[Any]]) -> None:
+    def _finished(self, batch: list[_Job[Any]], done: asyncio.Future[list[Any]], started: float) -> None:
         self._busy -= 1
+        self._on_inference(time.perf_counter() - started)
         if done.cancelled():
             # Never ran: the worker stopped (its drain timed out). No answer at all, so the broker
             # hands the job to another worker, rather than an error its producer would keep.

@@ -112,7 +112,11 @@ class Worker:
         self._batcher = Batcher(BatchSettings(max_batch_rows=config.max_batch_rows,
                                               max_queue_delay_us=config.max_queue_delay_us,
                                               preferred_batch_rows=config.preferred_batch_rows),
-                                on_batch=self.metrics.batch_rows.observe)
+                                on_batch=self.metrics.batch_rows.observe, on_inference=self.metrics.inference.observe)
+        self.metrics.watch_attestations(lambda: self._attester.answered)
+        self.metrics.watch_state(in_flight=lambda: self._active,
+                                 models=lambda: len(self.models.list()) if self.models is not None else 0,
+                                 epoch=lambda: self.keyring.epoch if self.keyring.has_keys else 0)
         self._draining = False
         self._stopped = False
         self._active = 0
@@ -134,6 +138,11 @@ class Worker:
     @property
     def identity_public_key(self) -> bytes:
         return self.keyring.identity_public_key
+
+    @property
+    def ready(self) -> bool:
+        """Joined its pool with a key and consuming jobs, and not draining (readiness probes)."""
+        return self.consuming and self.keyring.has_keys and not self._draining
 
     @property
     def consuming(self) -> bool:
@@ -244,6 +253,7 @@ class Worker:
         """The broker connection dropped and came back: broadcasts sent meanwhile (uploads,
         deletes, allow-list changes, epoch announcements) never reached this worker's control
         queue. Catch up exactly as at a restart: current keys, then a model sync."""
+        self.metrics.reconnects.inc()
         if not self.identity.can_join or self._stopped or self._model_sync is None:
             return
         for attempt in range(3):
@@ -321,9 +331,11 @@ class Worker:
     async def _serve(self, delivery: Delivery, route: Route) -> None:
         if self._draining:
             return await self._park()
+        delivered = time.perf_counter()
         async with self._slots:
             if self._draining:
                 return await self._park()
+            self.metrics.queueing.observe(time.perf_counter() - delivered)
             self._active += 1
             self._idle.clear()
             started = time.perf_counter()

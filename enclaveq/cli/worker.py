@@ -40,8 +40,12 @@ TEE_CHOICES = ("auto", "sim", "sgx", "tdx", "snp", "nitro")
                    "Default: sim when --sim-dir is given, otherwise auto.")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on METRICS_ADDR:PORT.")
 @click.option("--metrics-addr", default="127.0.0.1", show_default=True, metavar="ADDR",
-              help="Address the metrics are served on, with --metrics-port (0.0.0.0 in a container, so that "
-                   "Prometheus can scrape it; metrics are counts and latencies, never payloads).")
+              help="Address the metrics and health endpoints are served on, with --metrics-port/--health-port "
+                   "(0.0.0.0 in a container, so that Prometheus and health checks reach it; metrics are counts "
+                   "and latencies, never payloads).")
+@click.option("--health-port", type=click.IntRange(min=1, max=65535), default=None, metavar="PORT",
+              help="Serve GET /live (200 while running) and GET /ready (200 once joined with a key and consuming, "
+                   "503 before and while stopping) on METRICS_ADDR:PORT.")
 @click.option("--rotate-every", type=DURATION, default=None,
               help="Rotate the pool key automatically when the current epoch is older than this (e.g. 12h). "
                    "Any member with this option may rotate; the pool's rotation lock lets one of them do it.")
@@ -53,7 +57,8 @@ TEE_CHOICES = ("auto", "sim", "sgx", "tdx", "snp", "nitro")
                    "Simulation only: on a real TEE the hardware reports the measurement.")
 @click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def worker_command(broker_url: str | None, pool: str | None, sim_dir: Path | None, state_dir: Path | None,
-                   tee: str | None, metrics_port: int | None, metrics_addr: str, rotate_every: float | None, rotation_grace: float,
+                   tee: str | None, metrics_port: int | None, metrics_addr: str, health_port: int | None,
+                   rotate_every: float | None, rotation_grace: float,
                    print_measurement: bool, log_level: str) -> None:
     """Run an enclave worker for one pool, inside a TEE or in the clearly labelled simulation.
 
@@ -123,7 +128,7 @@ def worker_command(broker_url: str | None, pool: str | None, sim_dir: Path | Non
     if rotate_every is not None and rotate_every < 1:
         raise click.UsageError("--rotate-every must be at least 1s")
     rotation = {"rotate_every": rotate_every, "rotation_grace": rotation_grace}
-    metrics = (metrics_addr, metrics_port)
+    metrics = (metrics_addr, metrics_port, health_port)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         if sim_dir is not None:  # --tee sim (checked above)
@@ -152,8 +157,9 @@ def refuse_unopenable_state(state_dir: Path, pool: str) -> None:
 
 
 async def _serve(broker_url: str, pool: str, tee: str, sim_dir: Path | None, state_dir: Path,
-                 metrics: tuple[str, int | None],
+                 metrics: tuple[str, int | None, int | None],
                  rotation: dict[str, Any], explicit_state_dir: bool = False) -> None:
+    from enclave_worker.health import HealthServer
     from enclave_worker.platform import sim_identity, tee_identity
     from enclave_worker.worker import Worker
 
@@ -167,9 +173,12 @@ async def _serve(broker_url: str, pool: str, tee: str, sim_dir: Path | None, sta
             refuse_unopenable_state(state_dir, pool)
     worker = Worker(broker_url=broker_url, pool=pool, identity=identity, state_dir=state_dir, config=config,
                     **rotation)
-    metrics_addr, metrics_port = metrics
+    metrics_addr, metrics_port, health_port = metrics
     if metrics_port:
         worker.metrics.serve(metrics_port, addr=metrics_addr)
+    health = HealthServer(lambda: worker.ready)
+    if health_port:
+        await health.start(health_port, metrics_addr)  # live at once; ready once started below
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -179,3 +188,4 @@ async def _serve(broker_url: str, pool: str, tee: str, sim_dir: Path | None, sta
     await stop.wait()
     logging.getLogger("enclaveq.worker").info("stopping: finishing in-flight jobs")
     await worker.stop()
+    await health.close()
