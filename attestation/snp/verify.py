@@ -13,9 +13,15 @@ Checks, in order:
 2. pick the endorsement key certificate (VCEK for SIGNING_KEY 0, VLEK for 1), its issuer (ASK
    resp. ASVK) and the ARK out of ``inputs.extra_certs`` -- and, after them, out of a GHCB
    certificate table appended to the report, if the trailing bytes are one -- by role (key
-   type, AMD extensions, issuer/subject names). A missing VCEK/VLEK or ASK/ARK is an ``EvidenceInvalid`` that says
-   which certificate to pass with ``--cert``; only if ``inputs.fetcher`` is given
-   (:class:`~attestation.snp.kds.KdsFetcher`) are missing VCEK and ASK/ARK fetched from AMD KDS;
+   type, AMD extensions, issuer/subject names). A VCEK/VLEK of another product line than the
+   report's signed CPUID (v3+) is refused here. An ASK/ASVK or ARK the user's certificates do not
+   give comes from AMD's built-in chain for the VCEK/VLEK's product
+   (:func:`attestation.trust.amd.bundled_chain`), used only if its ARK is pinned in
+   ``inputs.trust`` and the user gave no chain certificates of another product line; given
+   certificates always come first, so a wrong given ASK is used, and refused, never replaced. A
+   missing VCEK/VLEK (or a chain nothing completes) is an ``EvidenceInvalid`` that says which
+   certificate to pass with ``--cert``; only if ``inputs.fetcher`` is given
+   (:class:`~attestation.snp.kds.KdsFetcher`) are a missing VCEK and ASK/ARK fetched from AMD KDS;
 3. the chain: the ARK's SHA-256 fingerprint is pinned (``inputs.trust.for_platform("snp")``),
    ARK and ASK/ASVK are CAs, every signature is RSASSA-PSS/SHA-384/MGF1-SHA-384/salt 48 by an
    RSA-4096 key (checked strictly here), then :func:`attestation.chain.verify_chain` (pin,
@@ -74,7 +80,7 @@ from attestation.snp.kds import (
     vcek_url,
     verify_amd_signature,
 )
-from attestation.trust.amd import PRODUCT_OF_ARK
+from attestation.trust.amd import PRODUCT_OF_ARK, BundledChainError, bundled_chain
 
 __all__ = ["PLATFORM_NAME", "CLAIM_KEYS", "SnpEvidence", "verify_report", "clear_caches"]
 
@@ -227,25 +233,106 @@ def _find_leaf(infos: list[CertInfo], report: AttestationReport, kind: str, fetc
     )
 
 
-def _find_issuers(infos: list[CertInfo], leaf: CertInfo, kind: str, fetcher: Any) -> tuple[CertInfo, CertInfo]:
+def _given_issuers(infos: Sequence[CertInfo], leaf: CertInfo) -> tuple[CertInfo | None, CertInfo | None]:
+    inter = next((i for i in infos if i.role == "intermediate" and i.cert.subject == leaf.cert.issuer), None)
+    ark = None
+    if inter is not None:
+        ark = next((i for i in infos if i.role == "ark" and i.cert.subject == inter.cert.issuer), None)
+    return inter, ark
+
+
+def _builtin_issuers(infos: Sequence[CertInfo], leaf: CertInfo, kind: str,
+                     trusted: frozenset[bytes]) -> tuple[CertInfo, CertInfo] | None:
+    """Complete the leaf's chain from the given certificates, then AMD's built-in chain.
+
+    None if there is no built-in chain for the leaf's product, its ARK is not pinned in
+    ``trusted`` (tests with a fake AMD, or a user who pins other roots) or its intermediate is not
+    the leaf's issuer by name; then the caller asks the fetcher or names what to pass.
+    """
+    if leaf.product is None:
+        return None
+    try:
+        builtin = bundled_chain(leaf.product, kind)
+    except BundledChainError as exc:
+        raise EvidenceInvalid(f"AMD's built-in {leaf.product} {_ISSUER_NAME[kind]}/ARK chain cannot be used: {exc}. "
+                              "Reinstall enclaveq, or pass the chain with --cert FILE") from None
+    if builtin is None or _fingerprint(builtin.ark) not in trusted or builtin.intermediate.subject != leaf.cert.issuer:
+        return None
+    given_inter, given_ark = _given_issuers(infos, leaf)
+    inter = given_inter or cert_info(builtin.intermediate)
+    ark = given_ark or cert_info(builtin.ark)
+    if inter.cert.issuer != ark.cert.subject:
+        return None
+    _refuse_stray_chain_certs(infos, leaf, kind, (inter.cert, ark.cert))
+    return inter, ark
+
+
+def _refuse_stray_chain_certs(infos: Sequence[CertInfo], leaf: CertInfo, kind: str,
+                              used: tuple[x509.Certificate, ...]) -> None:
+    """Fail closed on given certificates the built-in chain makes unnecessary but that are not AMD's.
+
+    With a complete given chain, extra certificates never matter (the chain is checked). Once the
+    built-in chain fills a gap, a given ASK/ARK that is not the leaf's (damaged, another product
+    line's, a look-alike) would otherwise be silently set aside; it is refused instead. Copies of
+    AMD's own certificates for this product (e.g. the ASVK in a file that also holds the ASK) pass.
+    """
+    assert leaf.product is not None
+    genuine = set(used)
+    for other_kind in _LEAF_NAME:
+        chain = bundled_chain(leaf.product, other_kind)
+        if chain is not None:
+            genuine.update((chain.intermediate, chain.ark))
+    stray = [i for i in infos if i.role in ("intermediate", "ark", "other") and i.cert not in genuine]
+    if not stray:
+        return
+    name = leaf.extensions.product_name if leaf.extensions else "?"
+    foreign = sorted({str(i.product) for i in stray if i.product not in (None, leaf.product)})
+    what = (f"the certificate chain given is for {', '.join(foreign)}" if foreign
+            else f"certificate(s) given with the {_LEAF_NAME[kind]} are not its chain")
+    details = "; ".join(f"{i.subject!r}" + (f" ({i.problem})" if i.problem else "") for i in stray)
+    raise EvidenceInvalid(
+        f"{what} ({details}) but the {_LEAF_NAME[kind]} is for {leaf.product} (productName {name!r}): pass the "
+        f"{_LEAF_NAME[kind]}'s own chain, or none (AMD's {leaf.product} chain is built in)"
+    )
+
+
+def _find_issuers(infos: list[CertInfo], leaf: CertInfo, kind: str, fetcher: Any,
+                  trusted: frozenset[bytes]) -> tuple[CertInfo, CertInfo]:
     for attempt in range(2):
-        inter = next((i for i in infos if i.role == "intermediate" and i.cert.subject == leaf.cert.issuer), None)
-        ark = None
-        if inter is not None:
-            ark = next((i for i in infos if i.role == "ark" and i.cert.subject == inter.cert.issuer), None)
+        inter, ark = _given_issuers(infos, leaf)
         if inter is not None and ark is not None:
             return inter, ark
-        if attempt == 0 and fetcher is not None and leaf.product is not None:
-            infos.extend(_fetch(fetcher, cert_chain_url(leaf.product, kind)))
-            continue
+        if attempt == 0:
+            builtin = _builtin_issuers(infos, leaf, kind, trusted)
+            if builtin is not None:
+                return builtin
+            if fetcher is not None and leaf.product is not None:
+                infos.extend(_fetch(fetcher, cert_chain_url(leaf.product, kind)))
+                continue
         break
     product = leaf.product or "<product>"
     missing = (f"its issuer {_ISSUER_NAME[kind]} ({_subject_of_issuer(leaf.cert)!r})" if inter is None
                else f"the ARK ({_subject_of_issuer(inter.cert)!r})")
+    builtin_note = (f" (enclaveq has AMD's chains for {', '.join(PRODUCTS)} built in, but none pinned in the trust "
+                    f"anchors names {_subject_of_issuer(leaf.cert)!r} as the {_ISSUER_NAME[kind]})"
+                    if inter is None else "")
     raise EvidenceInvalid(
-        f"the {_LEAF_NAME[kind]} certificate's chain is incomplete: {missing} was not given. Pass AMD's "
-        f"certificate chain with --cert FILE (PEM, {_ISSUER_NAME[kind]} and ARK, from {cert_chain_url(product, kind)})."
-        f"{_ignored_note(infos)}"
+        f"the {_LEAF_NAME[kind]} certificate's chain is incomplete: {missing} was not given{builtin_note}. Pass "
+        f"AMD's certificate chain with --cert FILE (PEM, {_ISSUER_NAME[kind]} and ARK, from "
+        f"{cert_chain_url(product, kind)}).{_ignored_note(infos)}"
+    )
+
+
+def _check_report_product(report: AttestationReport, leaf: CertInfo, kind: str) -> None:
+    """Refuse a VCEK/VLEK of another product line than the report's signed CPUID says (v3+)."""
+    reported = report.cpuid_product
+    if reported is None or leaf.product is None or leaf.product == reported:
+        return
+    name = leaf.extensions.product_name if leaf.extensions else "?"
+    raise EvidenceInvalid(
+        f"the {_LEAF_NAME[kind]} is of another product line than the report: it is for {leaf.product} "
+        f"(productName {name!r}) but the report CPUID family 0x{report.cpuid_fam_id or 0:x} model "
+        f"0x{report.cpuid_mod_id or 0:x} says {reported}: pass the {_LEAF_NAME[kind]} of the chip that signed the report"
     )
 
 
@@ -411,10 +498,11 @@ def verify_report(evidence: bytes, inputs: VerificationInputs) -> Verified:
     table = certificates_from_table(bytes(evidence)[REPORT_SIZE:]) if report.trailing_bytes else ()
     infos = _classified(tuple(inputs.extra_certs) + table)
     leaf = _find_leaf(infos, report, kind, inputs.fetcher)
-    inter, ark = _find_issuers(infos, leaf, kind, inputs.fetcher)
+    _check_report_product(report, leaf, kind)
+    trusted = inputs.trust.for_platform(PLATFORM_NAME)
+    inter, ark = _find_issuers(infos, leaf, kind, inputs.fetcher, trusted)
     crls = tuple((inputs.collateral or {}).get("crls", ()) or ())
-    chain = _verify_amd_chain(leaf, inter, ark, kind, now=now, trusted=inputs.trust.for_platform(PLATFORM_NAME),
-                              crls=crls)
+    chain = _verify_amd_chain(leaf, inter, ark, kind, now=now, trusted=trusted, crls=crls)
     product = _product(report, leaf, inter, ark, kind)
     tcb = _check_tcb(report, leaf, product, kind)
     if kind == "vcek":

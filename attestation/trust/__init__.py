@@ -1,9 +1,11 @@
 """Pinned vendor trust anchors: SHA-256 fingerprints of the DER root certificates.
 
-Only fingerprints are pinned, never certificate files: the root certificate itself arrives with
-the evidence (Intel's PCK chain and Nitro's cabundle carry it) or with the user's collateral
-(AMD's ARK/ASK, from `--cert` or a collateral directory), and is accepted only if it hashes to a
-pinned value and signs itself. One module per vendor holds its values and their provenance:
+Roots are pinned by fingerprint: a root certificate is accepted only if it hashes to a pinned
+value and signs itself. Intel's and AWS's arrive with the evidence (the PCK chain, Nitro's
+cabundle). AMD's are also shipped, with their intermediates (ARK and ASK/ASVK per product line,
+in ``amd/``, checked against the pins when loaded), because a host's certificate table or a KDS
+lookup gives a user only the VCEK or VLEK; a chain the user gives is still used first. One module
+per vendor holds its values and their provenance:
 
 - :mod:`attestation.trust.intel`: Intel SGX Root CA (the root of SGX and of TDX quotes);
 - :mod:`attestation.trust.amd`: AMD ARK per product line (Milan, Genoa, Turin);
