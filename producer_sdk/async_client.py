@@ -381,7 +381,7 @@ class AsyncClient:
             sent = False
             try:
                 async with asyncio.timeout_at(deadline):
-                    await self._publish(broker, request, message)
+                    await self._publish_until_confirmed(broker, request, message)
                     sent = True
                     outcome = await future
             except TimeoutError:
@@ -407,6 +407,21 @@ class AsyncClient:
                                      f"pool after a key rotation)") from None
         raise JobError(f"the pool kept refusing the epoch of request {request.job_id} after "
                        f"{STALE_EPOCH_RETRIES} re-attestations", code="stale_epoch", job_id=request.job_id)
+
+    async def _publish_until_confirmed(self, broker: BrokerAdapter, request: Request, message: Message) -> None:
+        """Publish, and publish again while the connection is lost (a broker restart, a failover)
+        until the broker confirms or the caller's deadline passes. The broker may already hold an
+        earlier copy: a worker never runs one job id twice, and the client takes one result per job."""
+        backoff = REPUBLISH_BACKOFF_SECONDS
+        while True:
+            try:
+                await self._publish(broker, request, message)
+                return
+            except BrokerUnavailable as exc:
+                log.info("publishing request %s: the connection dropped (%s); publishing it again once it is back",
+                         request.job_id, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(2 * backoff, 2.0)
 
     async def _publish(self, broker: BrokerAdapter, request: Request, message: Message) -> None:
         """Publish a sealed request on the channel ``protocol.routing`` names for its kind."""

@@ -173,6 +173,17 @@ def private_mosquitto(tmp_path: Path) -> Iterator[PrivateMosquitto]:
 
 
 @pytest.fixture
+def private_rabbitmq(request: pytest.FixtureRequest, tmp_path: Path):
+    """A RabbitMQ node of the test's own (own name, ports, data and cookie), for tests that stop it."""
+    request.node.add_marker("rabbitmq")
+    from .rabbitmq_node import PrivateRabbitmq
+
+    node = PrivateRabbitmq(tmp_path / "rabbitmq").start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture
 def vectors_dir(request: pytest.FixtureRequest) -> Path:
     request.node.add_marker("vectors")
     configured = os.environ.get("ENCLAVEQ_VECTORS")
