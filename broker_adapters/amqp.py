@@ -76,6 +76,7 @@ from .errors import (
     BrokerUnavailable,
     PoolBusy,
     PublishFailed,
+    PublishRefused,
     QueueNotFound,
     Unroutable,
 )
@@ -603,8 +604,8 @@ class AmqpBroker(BrokerAdapter):
         except amqp_errors.PublishError:
             raise Unroutable(unroutable) from None
         except amqp_errors.DeliveryError:
-            raise PublishFailed(
-                f"RabbitMQ refused the message for {routing_key or exchange!r} (nack)"
+            raise PublishRefused(
+                f"RabbitMQ refused the message for {routing_key or exchange!r} (nack: a full queue?)"
             ) from None
         except amqp_errors.ChannelNotFoundEntity:
             raise Unroutable(missing or unroutable) from None

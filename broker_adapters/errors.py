@@ -42,6 +42,12 @@ class PublishFailed(BrokerError):
     """The broker refused the message (negative confirm) or it exceeds the size limit."""
 
 
+class PublishRefused(PublishFailed):
+    """The broker answered the publish with a negative confirm: typically a full queue
+    (``x-overflow: reject-publish`` at its length limit) or a broker under a resource alarm.
+    Publishing the same message again later may succeed."""
+
+
 class Unroutable(PublishFailed):
     """A mandatory publish was returned: no queue is bound to take it."""
 

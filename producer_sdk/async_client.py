@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from attestation.policy import load_policy
 from attestation.claims import Claims
 from broker_adapters import BrokerAdapter, Delivery, Message, Subscription, open_broker, redact_url
-from broker_adapters.errors import BrokerError, BrokerUnavailable, QueueNotFound, Unroutable
+from broker_adapters.errors import BrokerError, BrokerUnavailable, PublishRefused, QueueNotFound, Unroutable
 from protocol import bodies, crypto
 from protocol.errors import ProtocolError
 from protocol.frames import FramedJob
@@ -420,8 +420,12 @@ class AsyncClient:
             except BrokerUnavailable as exc:
                 log.info("publishing request %s: the connection dropped (%s); publishing it again once it is back",
                          request.job_id, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(2 * backoff, 2.0)
+            except PublishRefused as exc:
+                # A full queue (reject-publish at its length limit) or a broker alarm: back-pressure.
+                # Slow down and try again rather than fail the job.
+                log.info("publishing request %s: refused (%s); publishing it again shortly", request.job_id, exc)
+            await asyncio.sleep(backoff)
+            backoff = min(2 * backoff, 2.0)
 
     async def _publish(self, broker: BrokerAdapter, request: Request, message: Message) -> None:
         """Publish a sealed request on the channel ``protocol.routing`` names for its kind."""
