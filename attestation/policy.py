@@ -155,6 +155,8 @@ class Policy:
             if item.lower() not in normalised:
                 normalised.append(item.lower())
         object.__setattr__(self, "measurements", tuple(normalised))
+        object.__setattr__(self, "platforms", _check_platforms(self.platforms))
+        _refuse_dropped_top_level_rules(self)
         object.__setattr__(self, "_measurement_set", frozenset(bytes.fromhex(m) for m in normalised))
 
         root = self.sim_root_sha256
@@ -180,6 +182,80 @@ class Policy:
     def sim_root_fingerprint(self) -> bytes | None:
         """``sim_root_sha256`` as 32 bytes, or None."""
         return None if self.sim_root_sha256 is None else bytes.fromhex(self.sim_root_sha256)
+
+
+# The size of the measurement each hardware platform's evidence is judged by on the top-level
+# route (SGX MRENCLAVE; TDX MRTD; SNP MEASUREMENT; Nitro PCR0).
+_TOP_LEVEL_SIZE = {"sgx": 32, "tdx": 48, "snp": 48, "nitro": 48}
+
+
+def _check_platforms(platforms: Any) -> dict[str, Any]:
+    """``platforms`` must map platform names to that platform's own parsed section, so a
+    section that skipped its constructor's checks (a plain dict, another platform's) is refused."""
+    if not isinstance(platforms, Mapping):
+        raise PolicyError(f"Policy platforms must be a mapping of platform name to section, got {_describe(platforms)}")
+    if not platforms:
+        return {}
+    from attestation.registry import platform
+
+    out: dict[str, Any] = {}
+    for name, section in platforms.items():
+        if name not in RESERVED_PLATFORM_TABLES:
+            raise PolicyError(f"policy table [{name}] is not a platform; platforms: {', '.join(RESERVED_PLATFORM_TABLES)}")
+        section_class = platform(name).section
+        if type(section) is not section_class:
+            raise PolicyError(f"policy table [{name}] must be an {section_class.__name__}, got {_describe(section)}")
+        out[name] = section
+    return out
+
+
+def _refuse_dropped_top_level_rules(policy: Policy) -> None:
+    """A platform with its own table is judged by that table alone: a top-level rule that looks
+    as if it applied to it would silently not. Such a policy is ambiguous and refused."""
+    tables = sorted(policy.platforms)
+    if not tables:
+        return
+    for index, item in enumerate(policy.measurements):
+        size = len(item) // 2
+        shadowed = [name for name in tables if _TOP_LEVEL_SIZE[name] == size]
+        if shadowed:
+            where = ", ".join(f"[{name}]" for name in shadowed)
+            raise PolicyError(
+                f"policy key 'measurements' item {index} ({size} bytes) is ambiguous: evidence of a platform "
+                f"with its own table ({where}) is judged by that table alone, so this top-level pin would be "
+                "silently ignored for it. Move the pin into the table (or use a separate policy for "
+                "simulation)"
+            )
+    if not policy.measurements:
+        # With no top-level measurement, only platforms with tables are accepted: these rules
+        # would apply to nothing, although the policy reads as if they tightened the tables.
+        if policy.min_security_version != 0:
+            raise PolicyError(
+                f"policy key 'min_security_version' = {policy.min_security_version} applies to no evidence: "
+                "platform tables have their own minimums ([sgx] min_isvsvn, [tdx] min_tee_tcb_svn, "
+                "[snp] min_guest_svn / min_tcb); set those instead"
+            )
+        if policy.debug_allowed:
+            raise PolicyError(
+                "policy key 'debug_allowed' = true applies to no evidence: platform tables have their own "
+                "debug_allowed; set it there"
+            )
+
+
+def raw_table(section: Any, section_fields: Any) -> dict[str, Any]:
+    """A platform section's fields as the TOML table they would come from (bytes as hex, tuples
+    as lists, None omitted), for the section's ``__post_init__`` to re-read with the loader's
+    own checks. Values of the wrong type pass through unchanged, so the reader names them."""
+
+    def raw(value: Any) -> Any:
+        if isinstance(value, (bytes, bytearray)):
+            return bytes(value).hex()
+        if isinstance(value, (list, tuple)):
+            return [raw(item) for item in value]
+        return value
+
+    return {f.name: raw(getattr(section, f.name)) for f in section_fields
+            if f.init and getattr(section, f.name) is not None}
 
 
 def _check_keys(table: Mapping[str, Any], known: tuple[str, ...] | list[str], where: str) -> None:
@@ -242,21 +318,9 @@ def _platform_section(name: str, table: Any) -> Any:
     except PolicyError as exc:
         message = str(exc)
         raise PolicyError(message if f"[{name}]" in message else f"[{name}] {message}") from None
-    pins = _IDENTITY_PINS[name]
-    if not any(getattr(section, key, None) for key in pins):
-        # A platform table replaces the top-level measurements for its platform: one that pins
-        # no code identity would accept any enclave the host cares to launch.
-        raise PolicyError(f"policy table [{name}] must pin the code it trusts: set at least one of {', '.join(pins)}")
+    # Each section checks in its own constructor that it pins code (docs/policy.md, "What pins
+    # code"), so a section built in Python is refused exactly as this table would be.
     return section
-
-
-# Per platform, the keys that pin code identity; a platform table must set at least one.
-_IDENTITY_PINS = {
-    "sgx": ("mrenclave", "mrsigner"),
-    "tdx": ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3"),
-    "snp": ("measurement", "id_key_digest", "author_key_digest"),
-    "nitro": ("pcr0", "pcr1", "pcr2", "pcr8"),
-}
 
 
 def policy_from_toml(text: str) -> Policy:

@@ -13,11 +13,11 @@ H32 = "ab" * 32
 
 
 def test_defaults_are_safe():
-    p = SgxPolicy.from_table({})
+    p = SgxPolicy.from_table({"mrenclave": [H32]})
     assert p.debug_allowed is False
     assert p.accepted_tcb_statuses == ("UpToDate",) and p.accepted_advisory_ids == ()
     assert p.require_collateral is False
-    assert p.mrenclave is None and p.min_isvsvn == 0
+    assert p.mrsigner is None and p.isvprodid is None and p.min_isvsvn == 0
 
 
 def test_values_are_normalised():
@@ -72,7 +72,7 @@ def test_round_trip_through_the_policy_file():
              "require_collateral": True, "allow_expired_collateral": True}
     p = SgxPolicy.from_table(table)
     assert SgxPolicy.from_table(p.to_table()) == p
-    assert SgxPolicy.from_table(SgxPolicy.from_table({}).to_table()) == SgxPolicy.from_table({})
+    assert SgxPolicy.from_table(SgxPolicy.from_table({"mrenclave": [H32]}).to_table()) == SgxPolicy(mrenclave=(bytes.fromhex(H32),))
     text = "[sgx]\n" + "\n".join(
         f"{k} = {str(v).lower() if isinstance(v, bool) else repr(v).replace(chr(39), chr(34))}" for k, v in table.items())
     policy = policy_from_toml(text)

@@ -17,7 +17,7 @@ from attestation.policy import policy_from_mapping
 from attestation.registry import platform
 from attestation.sgx import PLATFORM, SgxPolicy
 from attestation.sgx.abi import parse_quote
-from attestation.testing.intel import FakeIntelPki, FakeQuotingEnclave
+from attestation.testing.intel import FakeIntelPki, FakeQuotingEnclave, sgx_code_pin
 from attestation.verify import verify_evidence
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
@@ -35,7 +35,7 @@ def _verify(quote: bytes, inputs: VerificationInputs = AT):
 
 def _judge(table: dict, **body):
     verified = _verify(QE.sgx_quote(**body))
-    return PLATFORM.violations(verified, SgxPolicy.from_table(table), AT)
+    return PLATFORM.violations(verified, SgxPolicy.from_table(sgx_code_pin(**body) | table), AT)
 
 
 def _only(found: list[Violation]) -> Violation:
@@ -77,9 +77,9 @@ def test_claims_carry_every_field():
 def test_debug_is_attributes_flags_bit_1(flags, debug):
     v = _verify(QE.sgx_quote(attributes_flags=flags))
     assert v.debug is debug
-    found = PLATFORM.violations(v, SgxPolicy.from_table({}), AT)
+    found = PLATFORM.violations(v, SgxPolicy.from_table(sgx_code_pin()), AT)
     assert [x.field for x in found] == (["sgx.debug"] if debug else [])
-    assert PLATFORM.violations(v, SgxPolicy.from_table({"debug_allowed": True}), AT) == []
+    assert PLATFORM.violations(v, SgxPolicy.from_table(sgx_code_pin() | {"debug_allowed": True}), AT) == []
 
 
 def test_matching_policy_has_no_violations():
@@ -151,7 +151,7 @@ def test_front_door_judges_the_sgx_table():
 def test_tcb_status_is_judged_when_collateral_gave_one(status, accepted, ok):
     v = replace(_verify(QE.sgx_quote()), tcb_status=status)
     table = {} if accepted is None else {"accepted_tcb_statuses": accepted}
-    found = PLATFORM.violations(v, SgxPolicy.from_table(table), AT)
+    found = PLATFORM.violations(v, SgxPolicy.from_table(sgx_code_pin() | table), AT)
     if ok:
         assert found == []
     else:
@@ -162,17 +162,17 @@ def test_advisory_ids_must_all_be_accepted():
     v = replace(_verify(QE.sgx_quote()), tcb_status="SWHardeningNeeded",
                 advisory_ids=("INTEL-SA-00334", "INTEL-SA-00615"))
     table = {"accepted_tcb_statuses": ["SWHardeningNeeded"], "accepted_advisory_ids": ["INTEL-SA-00334"]}
-    found = _only(PLATFORM.violations(v, SgxPolicy.from_table(table), AT))
+    found = _only(PLATFORM.violations(v, SgxPolicy.from_table(sgx_code_pin() | table), AT))
     assert found.field == "sgx.advisory_ids" and found.value == "INTEL-SA-00615"
     table["accepted_advisory_ids"].append("INTEL-SA-00615")
-    assert PLATFORM.violations(v, SgxPolicy.from_table(table), AT) == []
+    assert PLATFORM.violations(v, SgxPolicy.from_table(sgx_code_pin() | table), AT) == []
 
 
 def test_without_collateral_no_tcb_judgement_unless_required():
     v = _verify(QE.sgx_quote())
     assert v.tcb_status is None
-    assert PLATFORM.violations(v, SgxPolicy.from_table({"accepted_tcb_statuses": ["OutOfDate"]}), AT) == []
-    found = _only(PLATFORM.violations(v, SgxPolicy.from_table({"require_collateral": True}), AT))
+    assert PLATFORM.violations(v, SgxPolicy.from_table(sgx_code_pin() | {"accepted_tcb_statuses": ["OutOfDate"]}), AT) == []
+    found = _only(PLATFORM.violations(v, SgxPolicy.from_table(sgx_code_pin() | {"require_collateral": True}), AT))
     assert found.field == "sgx.tcb_status"
 
 

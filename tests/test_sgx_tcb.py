@@ -18,7 +18,7 @@ from attestation.sgx import PLATFORM as SGX
 from attestation.sgx import SgxPolicy
 from attestation.tdx import PLATFORM as TDX
 from attestation.tdx import TdxPolicy
-from attestation.testing.intel import SGX_QE_MRSIGNER, TD_QE_MRSIGNER, FakeIntelPki, FakeQuotingEnclave
+from attestation.testing.intel import SGX_QE_MRSIGNER, TD_QE_MRSIGNER, FakeIntelPki, FakeQuotingEnclave, sgx_code_pin, tdx_code_pin
 from attestation.testing.intel_collateral import enclave_level, tcb_level
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
@@ -102,10 +102,11 @@ def test_expired_collateral_is_a_violation_unless_allowed(fake_collateral):
         assert v.report.tcb.collateral_expired is True
         accepted = {"accepted_tcb_statuses": ["SWHardeningNeeded"],
                     "accepted_advisory_ids": ["INTEL-SA-00615", "INTEL-SA-00334"]}
-        (found,) = platform.violations(v, section.from_table(accepted), inputs)
+        pin = sgx_code_pin() if section is SgxPolicy else tdx_code_pin()
+        (found,) = platform.violations(v, section.from_table(pin | accepted), inputs)
         assert found.field == f"{platform.name}.collateral" and "2023-07-08" in found.value
         assert "allow_expired_collateral" in found.expected
-        assert platform.violations(v, section.from_table(accepted | {"allow_expired_collateral": True}), inputs) == []
+        assert platform.violations(v, section.from_table(pin | accepted | {"allow_expired_collateral": True}), inputs) == []
 
 
 def test_no_collateral_no_evaluation(fake_collateral):
@@ -162,10 +163,10 @@ def test_end_to_end_sgx_with_signed_collateral(tmp_path):
                               qe_svn_levels=[("UpToDate", 6), ("OutOfDate", 0)])
     v = SGX.verify(QE.sgx_quote(), inputs)
     assert (v.tcb_status, v.advisory_ids) == ("SWHardeningNeeded", ("INTEL-SA-00615",))
-    assert [x.field for x in SGX.violations(v, SgxPolicy.from_table({}), inputs)] == ["sgx.tcb_status",
+    assert [x.field for x in SGX.violations(v, SgxPolicy.from_table(sgx_code_pin()), inputs)] == ["sgx.tcb_status",
                                                                                     "sgx.advisory_ids"]
     ok = {"accepted_tcb_statuses": ["UpToDate", "SWHardeningNeeded"], "accepted_advisory_ids": ["INTEL-SA-00615"]}
-    assert SGX.violations(v, SgxPolicy.from_table(ok), inputs) == []
+    assert SGX.violations(v, SgxPolicy.from_table(sgx_code_pin() | ok), inputs) == []
     # an older QE (ISVSVN 6 < 7) converges the status to OutOfDate
     inputs = _real_collateral(tmp_path / "old", tdx=False, platform_status="UpToDate",
                               qe_svn_levels=[("UpToDate", 7), ("OutOfDate", 0)])
@@ -176,7 +177,7 @@ def test_end_to_end_tdx_with_signed_collateral(tmp_path):
     inputs = _real_collateral(tmp_path, tdx=True, platform_status="UpToDate", qe_svn_levels=[("UpToDate", 6)])
     v = TDX.verify(QE.tdx_quote(version=5), inputs)
     assert v.tcb_status == "UpToDate" and v.report.tcb.collateral_expired is False
-    assert TDX.violations(v, TdxPolicy.from_table({"accepted_advisory_ids": ["INTEL-SA-00615"]}), inputs) == []
+    assert TDX.violations(v, TdxPolicy.from_table(tdx_code_pin() | {"accepted_advisory_ids": ["INTEL-SA-00615"]}), inputs) == []
 
 
 def test_end_to_end_stale_collateral(tmp_path):
@@ -184,5 +185,5 @@ def test_end_to_end_stale_collateral(tmp_path):
                               next_update=datetime(2026, 11, 21, tzinfo=UTC))
     v = SGX.verify(QE.sgx_quote(), inputs)
     assert v.report.tcb.collateral_expired is True
-    found = SGX.violations(v, SgxPolicy.from_table({"accepted_advisory_ids": ["INTEL-SA-00615"]}), inputs)
+    found = SGX.violations(v, SgxPolicy.from_table(sgx_code_pin() | {"accepted_advisory_ids": ["INTEL-SA-00615"]}), inputs)
     assert [x.field for x in found] == ["sgx.collateral"]

@@ -50,7 +50,7 @@ def test_defaults_are_the_safe_ones():
     assert section.debug_allowed is False and section.migration_agent_allowed is False
     assert section.smt_allowed is True
     assert section.allowed_signing_keys == ("vcek", "vlek")
-    assert section.products == () and section.vmpl == () and section.min_tcb == {} and section.min_guest_svn == 0
+    assert section.products == () and section.vmpl == (0,) and section.min_tcb == {} and section.min_guest_svn == 0
 
 
 def test_a_full_table_round_trips_through_toml():

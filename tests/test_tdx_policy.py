@@ -8,22 +8,23 @@ import pytest
 from attestation.errors import PolicyError
 from attestation.policy import policy_from_toml, policy_to_toml
 from attestation.tdx import TdxPolicy
-from attestation.tdx.policy import MEASUREMENT_KEYS
+from attestation.tdx.policy import CODE_PIN_KEYS, MEASUREMENT_KEYS
 
 H48 = "cd" * 48
+PIN = {key: ["ef" * 48] for key in CODE_PIN_KEYS}
 
 
 def test_defaults_are_safe():
-    p = TdxPolicy.from_table({})
+    p = TdxPolicy.from_table(PIN)
     assert p.debug_allowed is False and p.min_tee_tcb_svn is None
     assert p.accepted_tcb_statuses == ("UpToDate",) and p.accepted_advisory_ids == ()
-    assert all(getattr(p, key) is None for key in MEASUREMENT_KEYS)
+    assert all(getattr(p, key) is None for key in MEASUREMENT_KEYS if key not in CODE_PIN_KEYS)
 
 
 @pytest.mark.parametrize("key", MEASUREMENT_KEYS)
 def test_measurement_lists(key):
-    assert getattr(TdxPolicy.from_table({key: [H48, H48.upper()]}), key) == (bytes.fromhex(H48),)
-    assert getattr(TdxPolicy.from_table({key: H48}), key) == (bytes.fromhex(H48),)
+    assert getattr(TdxPolicy.from_table(PIN | {key: [H48, H48.upper()]}), key) == (bytes.fromhex(H48),)
+    assert getattr(TdxPolicy.from_table(PIN | {key: H48}), key) == (bytes.fromhex(H48),)
     for bad in ([], ["cd" * 32], [H48 + "0"], "x" * 96, [None]):
         with pytest.raises(PolicyError, match=rf"\[tdx\] {key}\b"):
             TdxPolicy.from_table({key: bad})

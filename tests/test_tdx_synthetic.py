@@ -17,7 +17,7 @@ from attestation.registry import platform
 from attestation.tdx import PLATFORM, TdxPolicy
 from attestation.tdx.abi import parse_quote
 from attestation.tdx.policy import MEASUREMENT_KEYS
-from attestation.testing.intel import FakeIntelPki, FakeQuotingEnclave
+from attestation.testing.intel import FakeIntelPki, FakeQuotingEnclave, tdx_code_pin
 from attestation.verify import verify_evidence
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
@@ -37,7 +37,7 @@ def _verify(quote: bytes, inputs: VerificationInputs = AT):
 
 
 def _judge(table: dict, **body):
-    return PLATFORM.violations(_verify(QE.tdx_quote(**body)), TdxPolicy.from_table(table), AT)
+    return PLATFORM.violations(_verify(QE.tdx_quote(**body)), TdxPolicy.from_table(tdx_code_pin() | table), AT)
 
 
 def _only(found: list[Violation]) -> Violation:
@@ -75,8 +75,8 @@ def test_every_shape_and_ca_kind_verifies(version, body_type, processor):
 def test_debug_is_td_attributes_bit_0(attrs, debug):
     v = _verify(QE.tdx_quote(td_attributes=attrs))
     assert v.debug is debug
-    assert [x.field for x in PLATFORM.violations(v, TdxPolicy.from_table({}), AT)] == (["tdx.debug"] if debug else [])
-    assert PLATFORM.violations(v, TdxPolicy.from_table({"debug_allowed": True}), AT) == []
+    assert [x.field for x in PLATFORM.violations(v, TdxPolicy.from_table(tdx_code_pin()), AT)] == (["tdx.debug"] if debug else [])
+    assert PLATFORM.violations(v, TdxPolicy.from_table(tdx_code_pin() | {"debug_allowed": True}), AT) == []
 
 
 @pytest.mark.parametrize("key", MEASUREMENT_KEYS)
@@ -131,16 +131,16 @@ def test_tcb_status_is_judged_when_collateral_gave_one(status, accepted, ok):
     table = {"accepted_advisory_ids": ["INTEL-SA-00837"]}
     if accepted is not None:
         table["accepted_tcb_statuses"] = accepted
-    found = PLATFORM.violations(v, TdxPolicy.from_table(table), AT)
+    found = PLATFORM.violations(v, TdxPolicy.from_table(tdx_code_pin() | table), AT)
     assert (found == []) is ok
     if not ok:
         assert _only(found).field == "tdx.tcb_status"
-    found = PLATFORM.violations(v, TdxPolicy.from_table({"accepted_tcb_statuses": ["UpToDate", "OutOfDate"]}), AT)
+    found = PLATFORM.violations(v, TdxPolicy.from_table(tdx_code_pin() | {"accepted_tcb_statuses": ["UpToDate", "OutOfDate"]}), AT)
     assert "tdx.advisory_ids" in [x.field for x in found]
 
 
 def test_front_door_judges_the_tdx_table():
-    policy = policy_from_mapping({"nonce_required": False, "tdx": {"mrtd": [h("good").hex()]}})
+    policy = policy_from_mapping({"nonce_required": False, "tdx": tdx_code_pin(mrtd=h("good"))})
     rd = b"\x02" * 64
     claims = verify_evidence("tdx", QE.tdx_quote(version=5, mrtd=h("good"), report_data=rd), policy,
                              expected_report_data=rd, now=NOW, trust=PKI.trust())

@@ -20,9 +20,11 @@ or, if it ends with ``*``, as a prefix (``"i-0a22e5c5f24d22174-enc*"`` is every 
 instance; the enclave part changes on every launch, so exact IDs suit only a pinned, running
 enclave). ``*`` anywhere else, or alone, is refused.
 
-The table must pin enclave code: at least one of ``pcr0``, ``pcr1``, ``pcr2`` or ``pcr8``. A
-``[nitro]`` table replaces the top-level ``measurements`` allow-list for Nitro evidence, so a
-table without them would accept any enclave on any AWS account.
+The table must pin enclave code: ``pcr0`` (image) or ``pcr2`` (application). ``pcr1`` (kernel and
+bootstrap) is the same for every enclave built with the same tooling, and ``pcr8`` (signing
+certificate) covers any image its key signs, so neither counts alone. A ``[nitro]`` table
+replaces the top-level ``measurements`` allow-list for Nitro evidence, so a table without a pin
+would accept any enclave on any AWS account.
 
 Loading is strict: an unknown key, a wrong type or a malformed value is a :class:`PolicyError`
 naming ``[nitro] <key>``.
@@ -39,7 +41,10 @@ from attestation.errors import PolicyError
 __all__ = ["PCR_KEYS", "CODE_PCR_KEYS", "NitroSection"]
 
 PCR_KEYS = tuple(f"pcr{i}" for i in range(9))
-CODE_PCR_KEYS = ("pcr0", "pcr1", "pcr2", "pcr8")
+# PCR0 (the whole image) or PCR2 (the application) names the enclave's code. PCR1 (kernel and
+# bootstrap) is the same for every enclave built with the same tooling, and PCR8 (the signing
+# certificate) any image its key signs: both may be added, neither is a pin on its own.
+CODE_PCR_KEYS = ("pcr0", "pcr2")
 _KEYS = PCR_KEYS + ("module_id", "debug_allowed")
 _PCR_HEX_LENGTHS = (64, 96, 128)
 _HEX = frozenset("0123456789abcdefABCDEF")
@@ -116,8 +121,9 @@ class NitroSection:
             raise _fail("debug_allowed", f"must be true or false, got {_describe(self.debug_allowed)}")
         if all(getattr(self, key) is None for key in CODE_PCR_KEYS):
             raise PolicyError(
-                "policy table [nitro] must pin the enclave code: set [nitro] pcr0 (image), pcr1, "
-                "pcr2 or pcr8 (signing certificate); without one any Nitro enclave would be accepted"
+                "policy table [nitro] must pin the enclave code: set [nitro] pcr0 (image) or pcr2 (application). "
+                "pcr1 (kernel and bootstrap) is shared by every enclave built with the same tooling and pcr8 "
+                "(signing certificate) covers any image that key signs, so neither is a pin on its own"
             )
 
     @classmethod

@@ -6,7 +6,7 @@
     mrenclave = ["<64 hex>", ...]          # allowed MRENCLAVE values (omit: any)
     mrsigner = ["<64 hex>", ...]           # allowed MRSIGNER values (omit: any)
     isvprodid = 0                          # allowed ISVPRODID (an integer or a list)
-    min_isvsvn = 0                         # ISVSVN must be at least this
+    min_isvsvn = 0                         # ISVSVN must be at least this (default 0: any version)
     debug_allowed = false                  # ATTRIBUTES.FLAGS bit 1 (DEBUG) refused unless true
     attributes = "<32 hex>"                # the 16-byte ATTRIBUTES field (FLAGS || XFRM, both u64 LE,
     attributes_mask = "<32 hex>"           #   raw as in the quote, like Intel's QE Identity JSON)
@@ -23,15 +23,22 @@ Choice for ATTRIBUTES: ``attributes`` covers FLAGS and XFRM together (16 bytes, 
 Identity does); ``xfrm`` is a convenience for XFRM alone. Both may be given; both are checked.
 Masks: ``value & mask == expected & mask``; the mask defaults to all ones; see
 :mod:`attestation.intel.policy` for the shared rules (hex = raw quote bytes, lists, TCB).
+
+Code pin: the table must set ``mrenclave``, or ``mrsigner`` together with ``isvprodid``. MRSIGNER
+alone names a signing key, and that key may sign any number of products: each of them would be
+accepted. The check runs in ``__post_init__``, so ``SgxPolicy(...)`` built in Python is judged
+exactly as the TOML table is (values may be given as bytes or as hex).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 from collections.abc import Mapping
 
+from attestation.errors import PolicyError
 from attestation.intel.policy import TableReader
+from attestation.policy import raw_table
 
 __all__ = ["SgxPolicy"]
 
@@ -62,25 +69,15 @@ class SgxPolicy:
     require_collateral: bool = False
     allow_expired_collateral: bool = False
 
+    def __post_init__(self) -> None:
+        # Re-read the fields through the table reader: the constructor and the TOML loader run the
+        # same checks, so a policy object built in Python cannot be weaker than a file.
+        for key, value in _parse(raw_table(self, fields(self))).items():
+            object.__setattr__(self, key, value)
+
     @classmethod
     def from_table(cls, table: Mapping[str, Any]) -> SgxPolicy:
-        r = TableReader("sgx", table, _KEYS)
-        attributes, attributes_mask = r.masked_bytes("attributes", 16)
-        xfrm, xfrm_mask = r.masked_bytes("xfrm", 8)
-        miscselect, miscselect_mask = r.masked_int("miscselect", bits=32)
-        statuses, advisories, require, allow_expired = r.tcb()
-        return cls(
-            mrenclave=r.hex_list("mrenclave", 32),
-            mrsigner=r.hex_list("mrsigner", 32),
-            isvprodid=r.int_list("isvprodid", maximum=0xFFFF),
-            min_isvsvn=r.integer("min_isvsvn", 0, maximum=0xFFFF),
-            debug_allowed=r.boolean("debug_allowed", False),
-            attributes=attributes, attributes_mask=attributes_mask,
-            xfrm=xfrm, xfrm_mask=xfrm_mask,
-            miscselect=miscselect, miscselect_mask=miscselect_mask,
-            accepted_tcb_statuses=statuses, accepted_advisory_ids=advisories, require_collateral=require,
-            allow_expired_collateral=allow_expired,
-        )
+        return cls(**_parse(table))
 
     def to_table(self) -> dict[str, Any]:
         """The TOML table (``from_table(to_table())`` gives an equal policy)."""
@@ -105,3 +102,32 @@ class SgxPolicy:
         out["require_collateral"] = self.require_collateral
         out["allow_expired_collateral"] = self.allow_expired_collateral
         return out
+
+
+def _parse(table: Mapping[str, Any]) -> dict[str, Any]:
+    r = TableReader("sgx", table, _KEYS)
+    attributes, attributes_mask = r.masked_bytes("attributes", 16)
+    xfrm, xfrm_mask = r.masked_bytes("xfrm", 8)
+    miscselect, miscselect_mask = r.masked_int("miscselect", bits=32)
+    statuses, advisories, require, allow_expired = r.tcb()
+    out: dict[str, Any] = dict(
+        mrenclave=r.hex_list("mrenclave", 32),
+        mrsigner=r.hex_list("mrsigner", 32),
+        isvprodid=r.int_list("isvprodid", maximum=0xFFFF),
+        min_isvsvn=r.integer("min_isvsvn", 0, maximum=0xFFFF),
+        debug_allowed=r.boolean("debug_allowed", False),
+        attributes=attributes, attributes_mask=attributes_mask,
+        xfrm=xfrm, xfrm_mask=xfrm_mask,
+        miscselect=miscselect, miscselect_mask=miscselect_mask,
+        accepted_tcb_statuses=statuses, accepted_advisory_ids=advisories, require_collateral=require,
+        allow_expired_collateral=allow_expired,
+    )
+    if out["mrenclave"] is None:
+        if out["mrsigner"] is None:
+            raise PolicyError("policy table [sgx] must pin the code it trusts: set mrenclave, or mrsigner together "
+                              "with isvprodid (a table without them accepts any enclave the host launches)")
+        if out["isvprodid"] is None:
+            raise PolicyError("policy table [sgx] must pin the code it trusts: mrsigner without isvprodid accepts "
+                              "every product that key ever signed; set isvprodid (and min_isvsvn, default 0: "
+                              "any version), or pin mrenclave")
+    return out

@@ -10,7 +10,7 @@
     debug_allowed = false                    # guest POLICY.DEBUG (bit 19) refused by default
     migration_agent_allowed = false          # guest POLICY.MIGRATE_MA (bit 18) refused by default
     smt_allowed = true                       # guest POLICY.SMT (bit 16) allowed by default
-    vmpl = [0]                               # allowed VMPLs of the requesting software (0..3)
+    vmpl = [0]                               # allowed VMPLs of the requesting software (0..3; default [0])
     min_guest_svn = 0                        # minimum GUEST_SVN
     allowed_signing_keys = ["vcek", "vlek"]  # which AMD key may have signed the report
     products = ["Milan", "Genoa", "Turin"]   # allowed product lines
@@ -20,6 +20,8 @@
     snp = 0
     microcode = 0
     fmc = 0                                  # Turin only (other products have no FMC)
+    [snp.min_launch_tcb]                     # minimum LAUNCH_TCB (the TCB the guest was launched
+    snp = 0                                  #   on); same keys; absent = the same as min_tcb
 
 Rules: every key is optional except that the table must pin the guest's identity with at least
 one of ``measurement``, ``id_key_digest`` or ``author_key_digest`` (a table that pins nothing
@@ -27,6 +29,13 @@ would accept any VM the host cares to launch). A list key that is present must n
 omit the key to leave a field unchecked. Unknown keys and wrong types are a
 :class:`PolicyError` naming ``[snp] key``. Hex is normalised to lowercase; product names to
 their canonical spelling.
+
+Defaults that fail closed: ``vmpl`` absent means ``[0]`` (a report requested from a less
+privileged VMPL, e.g. a paravisor's guest OS, is refused unless listed); MIGRATE_MA is refused
+unless ``migration_agent_allowed``; ``min_launch_tcb`` absent means the same minimums as
+``min_tcb``, so a guest launched on old firmware and hot-updated since (REPORTED_TCB new,
+LAUNCH_TCB old) is refused, as go-sev-guest's minimum launch TCB does. Set ``min_launch_tcb``
+explicitly (``{}`` for none) to decouple them.
 """
 
 from __future__ import annotations
@@ -44,7 +53,9 @@ TCB_COMPONENTS = ("bootloader", "tee", "snp", "microcode", "fmc")
 SIGNING_KEYS = ("vcek", "vlek")
 _HEX_LISTS = {"measurement": 48, "host_data": 32, "id_key_digest": 48, "author_key_digest": 48}
 _BOOLS = {"debug_allowed": False, "migration_agent_allowed": False, "smt_allowed": True}
-_KEYS = (*_HEX_LISTS, *_BOOLS, "vmpl", "min_guest_svn", "min_tcb", "allowed_signing_keys", "products")
+_KEYS = (*_HEX_LISTS, *_BOOLS, "vmpl", "min_guest_svn", "min_tcb", "min_launch_tcb", "allowed_signing_keys",
+         "products")
+DEFAULT_VMPL = (0,)
 _IDENTITY_KEYS = ("measurement", "id_key_digest", "author_key_digest")
 
 
@@ -89,6 +100,18 @@ def _int(value: Any, key: str, low: int, high: int) -> int:
     return value
 
 
+def _tcb_table(value: Any, key: str) -> dict[str, int]:
+    if not isinstance(value, Mapping):
+        raise _fail(key, f"must be a table {{{', '.join(TCB_COMPONENTS)}}}, got {_describe(value)}")
+    tcb: dict[str, int] = {}
+    for name, item in value.items():
+        if name not in TCB_COMPONENTS:
+            raise PolicyError(f"[snp] unknown policy key '{key}.{name}'; known keys: "
+                              f"{', '.join(key + '.' + c for c in TCB_COMPONENTS)}")
+        tcb[name] = _int(item, f"{key}.{name}", 0, 255)
+    return {name: tcb[name] for name in TCB_COMPONENTS if name in tcb}
+
+
 @dataclass(frozen=True)
 class SnpPolicy:
     """The parsed ``[snp]`` table. Build it with :meth:`from_table` (strict) or directly
@@ -101,9 +124,11 @@ class SnpPolicy:
     debug_allowed: bool = False
     migration_agent_allowed: bool = False
     smt_allowed: bool = True
-    vmpl: tuple[int, ...] = ()
+    vmpl: tuple[int, ...] = DEFAULT_VMPL
     min_guest_svn: int = 0
     min_tcb: Mapping[str, int] = field(default_factory=dict)
+    # None: the same as min_tcb (resolved at construction).
+    min_launch_tcb: Mapping[str, int] | None = None
     allowed_signing_keys: tuple[str, ...] = SIGNING_KEYS
     products: tuple[str, ...] = ()
     _sets: Mapping[str, frozenset[bytes]] = field(init=False, repr=False, compare=False)
@@ -137,18 +162,11 @@ class SnpPolicy:
                 raise _fail(key, f"must be true or false, got {_describe(value)}")
             out[key] = value
         vmpl = _list(table, "vmpl")
-        out["vmpl"] = () if vmpl is None else tuple(sorted({_int(v, "vmpl", 0, 3) for v in vmpl}))
+        out["vmpl"] = DEFAULT_VMPL if vmpl is None else tuple(sorted({_int(v, "vmpl", 0, 3) for v in vmpl}))
         out["min_guest_svn"] = _int(table.get("min_guest_svn", 0), "min_guest_svn", 0, 2**32 - 1)
-        min_tcb = table.get("min_tcb", {})
-        if not isinstance(min_tcb, Mapping):
-            raise _fail("min_tcb", f"must be a table {{{', '.join(TCB_COMPONENTS)}}}, got {_describe(min_tcb)}")
-        tcb: dict[str, int] = {}
-        for name, value in min_tcb.items():
-            if name not in TCB_COMPONENTS:
-                raise PolicyError(f"[snp] unknown policy key 'min_tcb.{name}'; known keys: "
-                                  f"{', '.join('min_tcb.' + c for c in TCB_COMPONENTS)}")
-            tcb[name] = _int(value, f"min_tcb.{name}", 0, 255)
-        out["min_tcb"] = {name: tcb[name] for name in TCB_COMPONENTS if name in tcb}
+        out["min_tcb"] = _tcb_table(table.get("min_tcb", {}), "min_tcb")
+        launch = table.get("min_launch_tcb")
+        out["min_launch_tcb"] = dict(out["min_tcb"]) if launch is None else _tcb_table(launch, "min_launch_tcb")
         keys = _list(table, "allowed_signing_keys")
         if keys is None:
             out["allowed_signing_keys"] = SIGNING_KEYS
@@ -188,6 +206,9 @@ class SnpPolicy:
         table["min_guest_svn"] = self.min_guest_svn
         if self.min_tcb or (raw and not isinstance(self.min_tcb, Mapping)):
             table["min_tcb"] = dict(self.min_tcb) if isinstance(self.min_tcb, Mapping) else self.min_tcb
+        launch = self.min_launch_tcb
+        if launch is not None and (raw or not isinstance(launch, Mapping) or dict(launch) != dict(self.min_tcb)):
+            table["min_launch_tcb"] = dict(launch) if isinstance(launch, Mapping) else launch
         keys = self.allowed_signing_keys
         table["allowed_signing_keys"] = list(keys) if isinstance(keys, (list, tuple)) else keys
         if self.products or (raw and not isinstance(self.products, tuple)):

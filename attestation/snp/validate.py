@@ -8,9 +8,12 @@ Runs only on :class:`~attestation.platforms.Verified` evidence from
   the value is listed (when the policy lists any);
 - ``snp.policy.debug``, ``snp.policy.migrate_ma``, ``snp.policy.smt``: the guest POLICY bits
   19, 18, 16 are set only if ``debug_allowed``, ``migration_agent_allowed``, ``smt_allowed``;
-- ``snp.vmpl``: listed; ``snp.guest_svn``: at least ``min_guest_svn``;
+- ``snp.vmpl``: listed (``vmpl`` defaults to ``[0]``); ``snp.guest_svn``: at least ``min_guest_svn``;
 - ``snp.reported_tcb.<component>``: at least ``min_tcb.<component>``, per component
   (``fmc`` exists on Turin only and is not checked on other products);
+- ``snp.launch_tcb.<component>``: LAUNCH_TCB at least ``min_launch_tcb.<component>`` (by
+  default the ``min_tcb`` minimums: a guest launched on older firmware and hot-updated since is
+  not the guest the minimums describe);
 - ``snp.signing_key``: in ``allowed_signing_keys``; ``snp.product``: in ``products`` if given.
 """
 
@@ -20,6 +23,7 @@ from typing import Any
 
 from attestation.errors import Violation
 from attestation.platforms import VerificationInputs, Verified
+from attestation.snp.abi import decode_tcb
 from attestation.snp.policy import SnpPolicy
 from attestation.snp.verify import SnpEvidence
 
@@ -58,8 +62,9 @@ def violations(verified: Verified, section: SnpPolicy, inputs: VerificationInput
         found.append(Violation("snp.policy.smt", "true (guest POLICY bit 16: the VM may run with SMT enabled)",
                                "false ([snp] smt_allowed = false)"))
 
-    if section.vmpl and report.vmpl not in section.vmpl:
-        found.append(Violation("snp.vmpl", str(report.vmpl), _one_of(tuple(map(str, section.vmpl)))))
+    if report.vmpl not in section.vmpl:
+        found.append(Violation("snp.vmpl", str(report.vmpl),
+                               f"{_one_of(tuple(map(str, section.vmpl)))} ([snp] vmpl, default [0])"))
     if report.guest_svn < section.min_guest_svn:
         found.append(Violation("snp.guest_svn", str(report.guest_svn), f">= {section.min_guest_svn} ([snp] min_guest_svn)"))
 
@@ -70,6 +75,14 @@ def violations(verified: Verified, section: SnpPolicy, inputs: VerificationInput
         if tcb[component] < minimum:
             found.append(Violation(f"snp.reported_tcb.{component}", str(tcb[component]),
                                    f">= {minimum} ([snp] min_tcb.{component})"))
+
+    launch = decode_tcb(report.launch_tcb, evidence.product).as_dict()
+    for component, minimum in (section.min_launch_tcb or {}).items():
+        if section.min_tcb.get(component) == minimum and tcb.get(component, minimum) < minimum:
+            continue  # the same minimum is already reported as failed by REPORTED_TCB
+        if component in launch and launch[component] < minimum:
+            found.append(Violation(f"snp.launch_tcb.{component}", str(launch[component]),
+                                   f">= {minimum} ([snp] min_launch_tcb.{component}, default min_tcb)"))
 
     if evidence.signing_key not in section.allowed_signing_keys:
         found.append(Violation("snp.signing_key", evidence.signing_key, _one_of(section.allowed_signing_keys)))

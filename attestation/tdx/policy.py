@@ -20,20 +20,32 @@
     require_collateral = false             # true: no collateral = a violation
     allow_expired_collateral = false       # true: accept collateral past its nextUpdate
 
+Code pin: the table must set ``mrtd``, ``rtmr0``, ``rtmr1`` and ``rtmr2`` together. MRTD is only
+the TD firmware (every TD booted on a cloud's stock OVMF shares it); RTMR0-2 are extended by that
+firmware with its configuration, the boot loader and kernel, and the kernel command line and
+initrd, so only all four together name the code running in the TD. RTMR3 (all zeros when unused)
+and the other registers may be added but never stand in for these. A top-level ``measurements``
+entry compares MRTD alone, so it is never a TDX pin (docs/policy.md). The check runs in
+``__post_init__``: ``TdxPolicy(...)`` built in Python is judged exactly as the TOML table is.
+
 ``mrseam`` and ``td_attributes`` go beyond the list in issue 3 (cheap, and go-tdx-guest offers
 them). Shared rules (hex = raw quote bytes, lists, masks, TCB): :mod:`attestation.intel.policy`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 from collections.abc import Mapping
 
+from attestation.errors import PolicyError
 from attestation.intel.policy import TableReader
+from attestation.policy import raw_table
 
-__all__ = ["MEASUREMENT_KEYS", "TdxPolicy"]
+__all__ = ["CODE_PIN_KEYS", "MEASUREMENT_KEYS", "TdxPolicy"]
 
+# Registers that, together, pin the code of a TD (see the module docstring).
+CODE_PIN_KEYS = ("mrtd", "rtmr0", "rtmr1", "rtmr2")
 MEASUREMENT_KEYS = ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mrconfigid", "mrowner", "mrownerconfig", "mrseam")
 _KEYS = MEASUREMENT_KEYS + (
     "xfam", "xfam_mask", "td_attributes", "td_attributes_mask", "debug_allowed", "min_tee_tcb_svn",
@@ -65,22 +77,15 @@ class TdxPolicy:
     require_collateral: bool = False
     allow_expired_collateral: bool = False
 
+    def __post_init__(self) -> None:
+        # Re-read the fields through the table reader: the constructor and the TOML loader run the
+        # same checks, so a policy object built in Python cannot be weaker than a file.
+        for key, value in _parse(raw_table(self, fields(self))).items():
+            object.__setattr__(self, key, value)
+
     @classmethod
     def from_table(cls, table: Mapping[str, Any]) -> TdxPolicy:
-        r = TableReader("tdx", table, _KEYS)
-        measurements = {key: r.hex_list(key, 48) for key in MEASUREMENT_KEYS}
-        xfam, xfam_mask = r.masked_bytes("xfam", 8)
-        td_attributes, td_attributes_mask = r.masked_bytes("td_attributes", 8)
-        statuses, advisories, require, allow_expired = r.tcb()
-        return cls(
-            **measurements,
-            xfam=xfam, xfam_mask=xfam_mask,
-            td_attributes=td_attributes, td_attributes_mask=td_attributes_mask,
-            debug_allowed=r.boolean("debug_allowed", False),
-            min_tee_tcb_svn=r.hex_value("min_tee_tcb_svn", 16),
-            accepted_tcb_statuses=statuses, accepted_advisory_ids=advisories, require_collateral=require,
-            allow_expired_collateral=allow_expired,
-        )
+        return cls(**_parse(table))
 
     def to_table(self) -> dict[str, Any]:
         """The TOML table (``from_table(to_table())`` gives an equal policy)."""
@@ -99,3 +104,29 @@ class TdxPolicy:
         out["require_collateral"] = self.require_collateral
         out["allow_expired_collateral"] = self.allow_expired_collateral
         return out
+
+
+def _parse(table: Mapping[str, Any]) -> dict[str, Any]:
+    r = TableReader("tdx", table, _KEYS)
+    measurements = {key: r.hex_list(key, 48) for key in MEASUREMENT_KEYS}
+    xfam, xfam_mask = r.masked_bytes("xfam", 8)
+    td_attributes, td_attributes_mask = r.masked_bytes("td_attributes", 8)
+    statuses, advisories, require, allow_expired = r.tcb()
+    debug_allowed = r.boolean("debug_allowed", False)
+    min_tee_tcb_svn = r.hex_value("min_tee_tcb_svn", 16)
+    # Checked last, so a malformed value is named before the missing pin.
+    missing = [key for key in CODE_PIN_KEYS if measurements[key] is None]
+    if missing:
+        raise PolicyError(
+            f"policy table [tdx] must pin the code it trusts: set {', '.join(CODE_PIN_KEYS)} together "
+            f"(missing: {', '.join(missing)}). MRTD is only the TD firmware, shared by every TD on the same "
+            "OVMF, and RTMRs are extended by the TD's own software: neither alone names the code in the TD"
+        )
+    return dict(
+        **measurements,
+        xfam=xfam, xfam_mask=xfam_mask,
+        td_attributes=td_attributes, td_attributes_mask=td_attributes_mask,
+        debug_allowed=debug_allowed, min_tee_tcb_svn=min_tee_tcb_svn,
+        accepted_tcb_statuses=statuses, accepted_advisory_ids=advisories, require_collateral=require,
+        allow_expired_collateral=allow_expired,
+    )

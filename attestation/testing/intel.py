@@ -67,6 +67,8 @@ __all__ = [
     "intel_name",
     "mutation_failures",
     "quote_regions",
+    "sgx_code_pin",
+    "tdx_code_pin",
     "sgx_extensions_der",
     "sgx_report_body",
     "td_report_body",
@@ -469,6 +471,19 @@ def td_report_body(body_type: int = 2, **fields: Any) -> TdReportBody:
         raise ValueError("body_type must be 2 or 3")
     defaults.update(fields)
     return TdReportBody(**defaults)
+
+
+def sgx_code_pin(**fields: Any) -> dict[str, Any]:
+    """An ``[sgx]`` table fragment that pins the code of :func:`sgx_report_body` (with ``fields``):
+    tests merge it under the keys they exercise (``sgx_code_pin() | table``)."""
+    return {"mrenclave": [sgx_report_body(**fields).mrenclave.hex()]}
+
+
+def tdx_code_pin(body_type: int = 2, **fields: Any) -> dict[str, Any]:
+    """A ``[tdx]`` table fragment pinning MRTD and RTMR0-2 of :func:`td_report_body` (with
+    ``fields``): the registers a ``[tdx]`` table must pin together."""
+    body = td_report_body(body_type, **fields)
+    return {key: [getattr(body, key).hex()] for key in ("mrtd", "rtmr0", "rtmr1", "rtmr2")}
 
 
 def _raw_public(key: ec.EllipticCurvePrivateKey) -> bytes:
