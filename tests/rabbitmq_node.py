@@ -56,8 +56,17 @@ class PrivateRabbitmq:
                               text=True, timeout=timeout).stdout
 
     def start(self) -> PrivateRabbitmq:
-        self.proc = subprocess.Popen([self.server], env=self.env, stdout=open(self.root / "server.log", "ab"),
+        self.proc = subprocess.Popen([self.server], env=self.env, cwd=self.root, stdout=open(self.root / "server.log", "ab"),
                                      stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._await_startup()
+        except BaseException:
+            self.stop()  # never leave a half-started node behind
+            raise
+        return self
+
+    def _await_startup(self) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + 120
         while True:  # await_startup fails at once until the Erlang node is up at all
             try:
@@ -68,7 +77,6 @@ class PrivateRabbitmq:
                 assert time.monotonic() < deadline, f"RabbitMQ node {self.node} did not start within 120 s"
                 time.sleep(0.5)
         self.wait_listening()
-        return self
 
     def wait_listening(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
