@@ -37,6 +37,15 @@ def _iso(when: datetime) -> str:
     return when.isoformat().replace("+00:00", "Z")
 
 
+# Platforms whose evidence the top-level `measurements` route cannot judge soundly.
+_TABLE_ONLY = {
+    "tdx": "a [tdx] table pinning mrtd and rtmr0-2: a top-level measurement compares MRTD alone, the "
+           "firmware shared by every TD booted with it",
+    "snp": "an [snp] table: a top-level measurement does not check the VMPL, the migration agent or the "
+           "launch TCB",
+}
+
+
 def claim_violations(
     claims: Claims,
     policy: Policy,
@@ -71,6 +80,11 @@ def claim_violations(
                 "the policy does not accept this platform",
             )
         )
+    elif not own_table and claims.platform in _TABLE_ONLY:
+        # The top-level allow-list compares one value: for these platforms that value does not
+        # identify the code (TDX MRTD is the firmware every TD on a cloud shares) or leaves out
+        # what isolates it (SEV-SNP VMPL, the migration agent, the launch TCB). Only a table pins.
+        found.append(Violation("platform", claims.platform, _TABLE_ONLY[claims.platform]))
     elif not own_table:
         if not policy.allows_measurement(claims.measurement):
             found.append(

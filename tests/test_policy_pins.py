@@ -236,3 +236,24 @@ def test_the_launch_tcb_minimum_round_trips():
     assert SnpPolicy.from_table({"measurement": [H48], "min_tcb": {"snp": 8}}).min_launch_tcb == {"snp": 8}
     with pytest.raises(PolicyError, match=r"min_launch_tcb\.snp"):
         SnpPolicy.from_table({"measurement": [H48], "min_launch_tcb": {"snp": 256}})
+
+
+# ---- the top-level route: TDX and SEV-SNP only through their tables --------------------------
+
+
+def test_a_td_whose_mrtd_is_on_the_top_level_allow_list_is_refused_without_a_tdx_table():
+    # Same firmware (MRTD), any software: the top-level allow-list cannot tell them apart.
+    policy = policy_from_mapping({"measurements": [h("td").hex()], "nonce_required": True})
+    with pytest.raises(PolicyViolation) as info:
+        verify_evidence("tdx", QE.tdx_quote(rtmr1=h("attacker kernel"), report_data=RD), policy,
+                        expected_report_data=RD, now=NOW, trust=PKI.trust())
+    assert list(info.value.fields) == ["platform"] and "[tdx] table" in str(info.value)
+
+
+def test_an_snp_guest_at_vmpl_1_is_refused_on_the_top_level_route(amd):
+    ev = amd.evidence("Genoa", "vcek", measurement=bytes.fromhex(H48), vmpl=1)
+    policy = policy_from_mapping({"measurements": [H48], "nonce_required": False})
+    with pytest.raises(PolicyViolation) as info:
+        verify_evidence("snp", ev.report, policy, expected_report_data=None, now=NOW, certs=ev.certs,
+                        trust=amd.trust())
+    assert list(info.value.fields) == ["platform"] and "[snp] table" in str(info.value)
