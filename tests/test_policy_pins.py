@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from attestation.errors import PolicyError, PolicyViolation
+from attestation.errors import EvidenceInvalid, PolicyError, PolicyViolation
 from attestation.nitro import NitroSection
 from attestation.platforms import VerificationInputs
 from attestation.policy import Policy, policy_from_mapping, policy_from_toml, policy_to_toml
@@ -21,7 +21,9 @@ from attestation.sgx import SgxPolicy
 from attestation.snp import PLATFORM as SNP, SnpPolicy
 from attestation.snp.abi import encode_tcb
 from attestation.tdx import TdxPolicy
-from attestation.testing.intel import FakeIntelPki, FakeQuotingEnclave, sgx_code_pin, tdx_code_pin
+from attestation.testing.intel import (
+    SGX_QE_MRSIGNER, TD_QE_MRSIGNER, FakeIntelPki, FakeQuotingEnclave, sgx_code_pin, tdx_code_pin,
+)
 from attestation.testing.nitro import default_pcrs
 from attestation.testing.snp import FakeAmd
 from attestation.verify import verify_evidence
@@ -257,3 +259,20 @@ def test_an_snp_guest_at_vmpl_1_is_refused_on_the_top_level_route(amd):
         verify_evidence("snp", ev.report, policy, expected_report_data=None, now=NOW, certs=ev.certs,
                         trust=amd.trust())
     assert list(info.value.fields) == ["platform"] and "[snp] table" in str(info.value)
+
+
+# ---- 6. the Quoting Enclave of each quote type, without collateral ----------------------------
+
+
+@pytest.mark.parametrize("quote_type, qe_mrsigner, qe_isvprodid", [
+    ("sgx", TD_QE_MRSIGNER, 2),   # the TD QE's report behind an SGX quote
+    ("tdx", SGX_QE_MRSIGNER, 1),  # the SGX QE3's report behind a TDX quote
+    ("sgx", SGX_QE_MRSIGNER, 2),  # the right signer, another of its products
+], ids=["TD QE for SGX", "SGX QE for TDX", "wrong QE product"])
+def test_each_quote_type_needs_its_own_quoting_enclave_even_without_collateral(quote_type, qe_mrsigner, qe_isvprodid):
+    other = FakeQuotingEnclave(PKI, qe_mrsigner=qe_mrsigner, qe_isvprodid=qe_isvprodid)
+    quote = other.sgx_quote(report_data=RD) if quote_type == "sgx" else other.tdx_quote(report_data=RD)
+    table = sgx_code_pin() if quote_type == "sgx" else tdx_code_pin()
+    policy = policy_from_mapping({quote_type: table})
+    with pytest.raises(EvidenceInvalid, match=f"is not the Quoting Enclave of {quote_type.upper()} quotes"):
+        verify_evidence(quote_type, quote, policy, expected_report_data=RD, now=NOW, trust=PKI.trust())

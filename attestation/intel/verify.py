@@ -84,6 +84,13 @@ INTEL_QE_MRSIGNERS = frozenset({
     bytes.fromhex("8c4f5775d796503e96137f77c68a829a0056ac8ded70140b081b094490c57bff"),  # SGX QE3
     bytes.fromhex("dc9e2a7c6f948f17474e34a7fc43ed030f7c1563f1babddf6340c82e0e54a8c5"),  # TD QE
 })
+# Which of Intel's Quoting Enclaves vouches for which kind of quote: (MRSIGNER, ISVPRODID). An SGX
+# quote comes from the SGX QE3 (product 1), a TDX quote from the TD QE (product 2); accepting
+# either for both would let one QE's report stand in for the other's when no collateral is given.
+INTEL_QE_IDENTITY = {
+    "sgx": (bytes.fromhex("8c4f5775d796503e96137f77c68a829a0056ac8ded70140b081b094490c57bff"), 1),
+    "tdx": (bytes.fromhex("dc9e2a7c6f948f17474e34a7fc43ed030f7c1563f1babddf6340c82e0e54a8c5"), 2),
+}
 PCK_CA_NAMES = {"Intel SGX PCK Platform CA": "platform", "Intel SGX PCK Processor CA": "processor"}
 _P256_ORDER_BYTES = 32
 
@@ -212,6 +219,11 @@ def verify_ecdsa_quote(
     qe = sig.qe_report
     if qe.mrsigner not in INTEL_QE_MRSIGNERS:
         raise EvidenceInvalid(f"QE report MRSIGNER {qe.mrsigner.hex()} is not Intel's Quoting Enclave signer")
+    expected = INTEL_QE_IDENTITY.get(platform)
+    if expected is not None and (qe.mrsigner, qe.isvprodid) != expected:
+        raise EvidenceInvalid(f"QE report (MRSIGNER {qe.mrsigner.hex()}, ISVPRODID {qe.isvprodid}) is not the Quoting "
+                              f"Enclave of {platform.upper()} quotes (MRSIGNER {expected[0].hex()}, "
+                              f"ISVPRODID {expected[1]})")
     if qe.debug:
         raise EvidenceInvalid("QE report has ATTRIBUTES.DEBUG set: a debug Quoting Enclave vouches for nothing")
 
