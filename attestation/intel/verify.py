@@ -219,11 +219,12 @@ def verify_ecdsa_quote(
     qe = sig.qe_report
     if qe.mrsigner not in INTEL_QE_MRSIGNERS:
         raise EvidenceInvalid(f"QE report MRSIGNER {qe.mrsigner.hex()} is not Intel's Quoting Enclave signer")
-    expected = INTEL_QE_IDENTITY.get(platform)
-    if expected is not None and (qe.mrsigner, qe.isvprodid) != expected:
+    qe_identity = INTEL_QE_IDENTITY.get(platform)
+    if qe_identity is not None and (qe.mrsigner, qe.isvprodid) != qe_identity:
+        qe_signer, qe_product = qe_identity
         raise EvidenceInvalid(f"QE report (MRSIGNER {qe.mrsigner.hex()}, ISVPRODID {qe.isvprodid}) is not the Quoting "
-                              f"Enclave of {platform.upper()} quotes (MRSIGNER {expected[0].hex()}, "
-                              f"ISVPRODID {expected[1]})")
+                              f"Enclave of {platform.upper()} quotes (MRSIGNER {qe_signer.hex()}, "
+                              f"ISVPRODID {qe_product})")
     if qe.debug:
         raise EvidenceInvalid("QE report has ATTRIBUTES.DEBUG set: a debug Quoting Enclave vouches for nothing")
 
