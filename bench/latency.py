@@ -48,12 +48,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime
 import json
 import os
 import platform
-import signal
 import socket
 import subprocess
 import sys
@@ -67,18 +65,7 @@ from typing import Any
 import numpy as np
 
 from bench.request_reply import (
-    DEFAULT_BROKER,
-    Enclaveq,
-    Baseline,
-    PhaseResult,
-    Profiler,
-    Workload,
-    _CpuMeter,
-    _find_broker_pid,
-    _median,
-    _phase,
-    make_workload,
-    run_cleaning_up,
+    DEFAULT_BROKER, _CpuMeter, _find_broker_pid, _median, _phase, Baseline, cancel_on_sigterm, Enclaveq, make_workload, PhaseResult, print_profiles, Profiler, run_cleaning_up, warn_if_disturbed, Workload,
 )
 from bench.throughput import PlainAioPika
 from broker_adapters import redact_url
@@ -213,10 +200,7 @@ async def run(args: argparse.Namespace) -> int:
     run_id = uuid.uuid4().hex[:10]
     workload = make_workload("tiny")
     broker_pid = _find_broker_pid()
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    with contextlib.suppress(NotImplementedError, RuntimeError):
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    cancel_on_sigterm()
     console.print(f"run {run_id}: broker {redact_url(args.broker)}, {os.cpu_count()} CPUs, python "
                   f"{platform.python_version()}, load average {os.getloadavg()[0]:.2f}, RabbitMQ node pid "
                   f"{broker_pid or 'not local'}; request {workload.request_bytes} B, reply {workload.reply_bytes} B"
@@ -307,27 +291,10 @@ async def run(args: argparse.Namespace) -> int:
             for stage, value in breakdown.items():
                 t.add_row(stage, _fmt(value, 3))
             console.print(t)
-        busy = [r.other_cores for r in results if r.other_cores is not None]
-        if busy and max(busy) > 0.15:
-            console.print(f"[yellow]other programs used up to {max(busy):.2f} of {os.cpu_count()} cores during a "
-                          "phase: the numbers are disturbed; rerun on a quiet machine or use --repeat[/yellow]")
+        warn_if_disturbed(console, results)
         if args.profile:
             console.print("[yellow]profiled run: the latencies above are raised by the profiler[/yellow]")
-            for p in profiles:
-                rows, areas, note = p.report(args.top)
-                t = Table(title=f"{p.label}: top {args.top} functions by self time ({note})", title_justify="left")
-                for col in ("function", "self %", "incl %"):
-                    t.add_column(col, justify="left" if col == "function" else "right")
-                for name, self_pct, incl_pct in rows:
-                    t.add_row(name[:110], f"{self_pct:.1f}", f"{incl_pct:.1f}")
-                console.print(t)
-                a = Table(title=f"{p.label}: self time by area", title_justify="left")
-                a.add_column("area")
-                a.add_column("%", justify="right")
-                for area, pct in areas.items():
-                    if pct >= 0.5:
-                        a.add_row(area, f"{pct:.1f}")
-                console.print(a)
+            print_profiles(console, profiles, args.top)
     if args.json:
         Path(args.json).write_text(json.dumps({
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

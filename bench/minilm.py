@@ -48,12 +48,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime
 import json
 import os
 import platform
-import signal
 import sys
 import tempfile
 import time
@@ -65,15 +63,7 @@ from typing import Any
 import numpy as np
 
 from bench.request_reply import (
-    DEFAULT_BROKER,
-    Enclaveq,
-    PhaseResult,
-    Workload,
-    _CpuMeter,
-    _find_broker_pid,
-    _median,
-    _phase,
-    run_cleaning_up,
+    DEFAULT_BROKER, _CpuMeter, _find_broker_pid, _median, _phase, cancel_on_sigterm, Enclaveq, PhaseResult, run_cleaning_up, warn_if_disturbed, Workload,
 )
 from bench.throughput import EnclaveqSubmit
 from broker_adapters import redact_url
@@ -215,10 +205,7 @@ async def run(args: argparse.Namespace) -> int:
     tokens = synthetic_tokens()
     workload = minilm_workload(tokens)
     broker_pid = _find_broker_pid()
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    with contextlib.suppress(NotImplementedError, RuntimeError):
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    cancel_on_sigterm()
     import onnxruntime as ort
 
     console.print(f"run {run_id}: broker {redact_url(args.broker)}, {os.cpu_count()} CPUs, python "
@@ -331,10 +318,7 @@ async def run(args: argparse.Namespace) -> int:
                       f"(client {client:.2f}, worker {worker:.2f}, RabbitMQ node {broker:.2f}, which also serves "
                       f"everyone else's traffic): direct / enclaveq = {cpu_ratio:.2f} ({cpu_ratio_no_broker:.2f} "
                       "without the broker) -- the ratio to expect on a machine with nothing else running")
-    busy = [r.other_cores for r in results if r.other_cores is not None]
-    if busy and max(busy) > 0.15:
-        console.print(f"[yellow]other programs used up to {max(busy):.2f} of {os.cpu_count()} cores during a phase: "
-                      "the numbers are disturbed; rerun on a quiet machine or use --repeat[/yellow]")
+    warn_if_disturbed(console, results)
     if args.json:
         Path(args.json).write_text(json.dumps({
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

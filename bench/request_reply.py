@@ -859,6 +859,45 @@ def _server_profile_index(profiles: list, name: str) -> int:
     return sum(1 for p in profiles if p.label.startswith(label))
 
 
+
+def cancel_on_sigterm() -> None:
+    """A SIGTERM (e.g. from `timeout`) cancels the running benchmark, which then cleans up as
+    after Ctrl-C: processes stopped, queues and pools deleted."""
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+
+
+def warn_if_disturbed(console: Any, results: list[PhaseResult]) -> None:
+    """Say so when other programs took a noticeable share of the cores during a phase."""
+    busy = [r.other_cores for r in results if r.other_cores is not None]
+    if busy and max(busy) > 0.15:
+        console.print(f"[yellow]other programs used up to {max(busy):.2f} of {os.cpu_count()} cores during a phase: "
+                      "the numbers are disturbed; rerun on a quiet machine or use --repeat[/yellow]")
+
+
+def print_profiles(console: Any, profiles: list[Profiler], top: int) -> None:
+    """Each profile's top functions by self time, then its time by area."""
+    from rich.table import Table
+
+    for p in profiles:
+        rows, areas, note = p.report(top)
+        t = Table(title=f"{p.label}: top {top} functions by self time ({note})", title_justify="left")
+        t.add_column("function")
+        t.add_column("self %", justify="right")
+        t.add_column("incl %", justify="right")
+        for key, self_pct, incl_pct in rows:
+            t.add_row(key[:110], f"{self_pct:.1f}", f"{incl_pct:.1f}")
+        console.print(t)
+        a = Table(title=f"{p.label}: time by area", title_justify="left")
+        a.add_column("area")
+        a.add_column("%", justify="right")
+        for area, pct in areas.items():
+            if pct >= 0.5:
+                a.add_row(area, f"{pct:.1f}")
+        console.print(a)
+
 def _median(values):
     values = [v for v in values if v is not None]
     return float(np.median(values)) if values else None
@@ -920,7 +959,6 @@ def _table(results: list[PhaseResult], workload: Workload, args):
 
 async def run(args) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     console = Console() if sys.stdout.isatty() else Console(width=150)
     concurrencies = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
@@ -939,11 +977,7 @@ async def run(args) -> int:
         broker_pid = _find_listener_pid(endpoint.host, endpoint.port)
     else:
         broker_pid = _find_broker_pid()
-    # A SIGTERM (e.g. from `timeout`) cleans up like Ctrl-C does.
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    with contextlib.suppress(NotImplementedError, RuntimeError):
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    cancel_on_sigterm()
     console.print(f"run {run_id}: broker {redact_url(args.broker)}, {os.cpu_count()} CPUs, python {platform.python_version()}"
                   f", load average {os.getloadavg()[0]:.2f}, {'Mosquitto' if mqtt else 'RabbitMQ node'} pid "
                   f"{broker_pid or 'not local'}"
@@ -994,28 +1028,10 @@ async def run(args) -> int:
         for c, value in ratios.items():
             verdict = "[green]meets[/green]" if value >= 0.80 else "[red]below[/red]"
             console.print(f"C={c}: enclaveq/baseline = {value:.2f} ({verdict} the 0.80 target)")
-        busy = [r.other_cores for r in results if r.other_cores is not None]
-        if busy and max(busy) > 0.15:
-            console.print(f"[yellow]other programs used up to {max(busy):.2f} of {os.cpu_count()} cores during a "
-                          "phase: the numbers are disturbed; rerun on a quiet machine or use --repeat[/yellow]")
+        warn_if_disturbed(console, results)
         if profile_tool:
             console.print("[yellow]profiled run: throughput above is lowered by the profiler[/yellow]")
-            for p in profiles:
-                rows, areas, note = p.report(args.top)
-                t = Table(title=f"{p.label}: top {args.top} functions by self time ({note})", title_justify="left")
-                t.add_column("function")
-                t.add_column("self %", justify="right")
-                t.add_column("incl %", justify="right")
-                for key, self_pct, incl_pct in rows:
-                    t.add_row(key[:110], f"{self_pct:.1f}", f"{incl_pct:.1f}")
-                console.print(t)
-                a = Table(title=f"{p.label}: time by area", title_justify="left")
-                a.add_column("area")
-                a.add_column("%", justify="right")
-                for area, pct in areas.items():
-                    if pct >= 0.5:
-                        a.add_row(area, f"{pct:.1f}")
-                console.print(a)
+            print_profiles(console, profiles, args.top)
             if args.keep_profiles:
                 dest = Path(args.keep_profiles)
                 dest.mkdir(parents=True, exist_ok=True)

@@ -27,13 +27,11 @@ Ctrl-C or SIGTERM; the worker is stopped with SIGTERM.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import datetime
 import json
 import os
 import platform
-import signal
 import sys
 import tempfile
 import time
@@ -41,7 +39,9 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.request_reply import DEFAULT_BROKER, Enclaveq, _find_broker_pid, _proc_cpu, make_workload, run_cleaning_up
+from bench.request_reply import (
+    DEFAULT_BROKER, Enclaveq, _find_broker_pid, _proc_cpu, cancel_on_sigterm, make_workload, run_cleaning_up,
+)
 from broker_adapters import redact_url
 
 TARGET_PCT = 5.0  # allowed RSS growth from the reference sample to the end
@@ -73,10 +73,7 @@ async def run(args: argparse.Namespace) -> int:
     run_id = uuid.uuid4().hex[:10]
     workload = make_workload("tiny")
     broker_pid = _find_broker_pid()
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    with contextlib.suppress(NotImplementedError, RuntimeError):
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    cancel_on_sigterm()
     print(f"run {run_id}: broker {redact_url(args.broker)}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
           f"load average {os.getloadavg()[0]:.2f}, RabbitMQ node pid {broker_pid or 'not local'}; "
           f"{args.jobs} jobs, C={args.concurrency}, job deadline {args.timeout:g} s, model {workload.name}", flush=True)

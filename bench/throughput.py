@@ -89,20 +89,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from bench.request_reply import (
-    DEFAULT_BROKER,
-    Baseline,
-    Enclaveq,
-    PhaseResult,
-    Workload,
-    _CpuMeter,
-    _enclaveq_exe,
-    _find_broker_pid,
-    _median,
-    _phase,
-    _Stamped,
-    _stop_process,
-    make_workload,
-    run_cleaning_up,
+    DEFAULT_BROKER, _CpuMeter, _enclaveq_exe, _find_broker_pid, _median, _phase, _Stamped, _stop_process, Baseline, cancel_on_sigterm, Enclaveq, make_workload, PhaseResult, run_cleaning_up, warn_if_disturbed, Workload,
 )
 from broker_adapters import redact_url
 
@@ -578,10 +565,7 @@ async def run(args: argparse.Namespace, selected: list[str]) -> int:
     run_id = uuid.uuid4().hex[:10]
     workload = make_workload("tiny")
     broker_pid = _find_broker_pid()
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    with contextlib.suppress(NotImplementedError, RuntimeError):
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    cancel_on_sigterm()
     framed_ok = submit_has_frames()
     console.print(f"run {run_id}: broker {redact_url(args.broker)}, {os.cpu_count()} CPUs, python "
                   f"{platform.python_version()}, load average {os.getloadavg()[0]:.2f}, RabbitMQ node pid "
@@ -698,10 +682,7 @@ async def run(args: argparse.Namespace, selected: list[str]) -> int:
             why = "framed: not available" if "framed" in (num, den) and not framed_ok else \
                 f"not run: {', '.join(missing)}"
             console.print(f"{label:30} n/a ({why})")
-    busy = [r.other_cores for r in results if r.other_cores is not None]
-    if busy and max(busy) > 0.15:
-        console.print(f"[yellow]other programs used up to {max(busy):.2f} of {os.cpu_count()} cores during a phase: "
-                      "the numbers are disturbed; rerun on a quiet machine or use --repeat[/yellow]")
+    warn_if_disturbed(console, results)
     if args.json:
         Path(args.json).write_text(json.dumps({
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
