@@ -765,21 +765,7 @@ class Enclaveq:
         return proc
 
     async def batch(self, n: int, concurrency: int) -> tuple[float, list[float], int]:
-        stamps: dict[int, float] = {}
-        latencies: list[float] = []
-        errors = 0
-        batch = (_Stamped(inputs, stamps, i) for i, inputs in enumerate(self.workload.inputs(n)))
-        started = time.perf_counter()
-        async with contextlib.aclosing(self.client.submit(self.model_id, batch, max_in_flight=concurrency)) as results:
-            async for result in results:
-                now = time.perf_counter()
-                if result.ok:
-                    latencies.append(1000 * (now - stamps.pop(result.index)))
-                else:
-                    errors += 1
-                    if errors == 1:
-                        print(f"first enclaveq error: {result.error}", file=sys.stderr)
-        return time.perf_counter() - started, latencies, errors
+        return await timed_submit(self.client, self.model_id, self.workload.inputs(n), max_in_flight=concurrency)
 
     async def cleanup(self) -> None:
         if self.client is not None:
@@ -858,6 +844,26 @@ def _server_profile_index(profiles: list, name: str) -> int:
     label = "enclaveq worker" if name == "enclaveq" else "baseline responder"
     return sum(1 for p in profiles if p.label.startswith(label))
 
+
+
+async def timed_submit(client: Any, model_id: str, inputs: Any, **options: Any) -> tuple[float, list[float], int]:
+    """``client.submit(model_id, inputs, **options)`` timed: (seconds, per-job latencies in ms from
+    the moment the SDK took each job, errors). The first error is printed."""
+    stamps: dict[int, float] = {}
+    latencies: list[float] = []
+    errors = 0
+    batch = (_Stamped(job, stamps, i) for i, job in enumerate(inputs))
+    started = time.perf_counter()
+    async with contextlib.aclosing(client.submit(model_id, batch, **options)) as results:
+        async for result in results:
+            now = time.perf_counter()
+            if result.ok:
+                latencies.append(1000 * (now - stamps.pop(result.index)))
+            else:
+                errors += 1
+                if errors == 1:
+                    print(f"first enclaveq error: {result.error}", file=sys.stderr)
+    return time.perf_counter() - started, latencies, errors
 
 
 def cancel_on_sigterm() -> None:

@@ -89,7 +89,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from bench.request_reply import (
-    DEFAULT_BROKER, _CpuMeter, _enclaveq_exe, _find_broker_pid, _median, _phase, _Stamped, _stop_process, Baseline, cancel_on_sigterm, Enclaveq, make_workload, PhaseResult, run_cleaning_up, warn_if_disturbed, Workload,
+    DEFAULT_BROKER, _CpuMeter, _enclaveq_exe, _find_broker_pid, _median, _phase, _stop_process, Baseline, cancel_on_sigterm, Enclaveq, make_workload, PhaseResult, run_cleaning_up, timed_submit, warn_if_disturbed, Workload,
 )
 from broker_adapters import redact_url
 
@@ -426,24 +426,10 @@ class EnclaveqSubmit:
         self.eq, self.workload, self.framed = eq, workload, framed
 
     async def batch(self, n: int, concurrency: int) -> tuple[float, list[float], int]:
-        stamps: dict[int, float] = {}
-        latencies: list[float] = []
-        errors = 0
         kwargs: dict[str, Any] = {"max_in_flight": concurrency}
         if not self.framed and submit_has_frames():
             kwargs["frames"] = False
-        batch = (_Stamped(inputs, stamps, i) for i, inputs in enumerate(self.workload.inputs(n)))
-        started = time.perf_counter()
-        async with contextlib.aclosing(self.eq.client.submit(self.eq.model_id, batch, **kwargs)) as results:
-            async for result in results:
-                now = time.perf_counter()
-                if result.ok:
-                    latencies.append(1000 * (now - stamps.pop(result.index)))
-                else:
-                    errors += 1
-                    if errors == 1:
-                        print(f"first enclaveq error: {result.error}", file=sys.stderr)
-        return time.perf_counter() - started, latencies, errors
+        return await timed_submit(self.eq.client, str(self.eq.model_id), self.workload.inputs(n), **kwargs)
 
 
 class EnclaveqCli:
