@@ -381,7 +381,7 @@ class AsyncClient:
             sent = False
             try:
                 async with asyncio.timeout_at(deadline):
-                    await self._publish_until_confirmed(broker, request, message)
+                    await self._publish_until_confirmed(broker, request, message, deadline)
                     sent = True
                     outcome = await future
             except TimeoutError:
@@ -408,22 +408,25 @@ class AsyncClient:
         raise JobError(f"the pool kept refusing the epoch of request {request.job_id} after "
                        f"{STALE_EPOCH_RETRIES} re-attestations", code="stale_epoch", job_id=request.job_id)
 
-    async def _publish_until_confirmed(self, broker: BrokerAdapter, request: Request, message: Message) -> None:
-        """Publish, and publish again while the connection is lost (a broker restart, a failover)
-        until the broker confirms or the caller's deadline passes. The broker may already hold an
-        earlier copy: a worker never runs one job id twice, and the client takes one result per job."""
+    async def _publish_until_confirmed(self, broker: BrokerAdapter, request: Request, message: Message,
+                                       deadline: float) -> None:
+        """Publish, and publish again while the connection is lost (a broker restart, a failover) or
+        the broker refuses the message (a full queue), until it confirms; once the next try would
+        pass ``deadline`` (loop time), the last failure is raised. The broker may already hold an
+        earlier copy: a worker never runs one job id twice, the client takes one result per job,
+        and recipients drop a second result of an event."""
+        loop = asyncio.get_running_loop()
         backoff = REPUBLISH_BACKOFF_SECONDS
         while True:
             try:
                 await self._publish(broker, request, message)
                 return
-            except BrokerUnavailable as exc:
-                log.info("publishing request %s: the connection dropped (%s); publishing it again once it is back",
-                         request.job_id, exc)
-            except PublishRefused as exc:
-                # A full queue (reject-publish at its length limit) or a broker alarm: back-pressure.
-                # Slow down and try again rather than fail the job.
-                log.info("publishing request %s: refused (%s); publishing it again shortly", request.job_id, exc)
+            except (BrokerUnavailable, PublishRefused) as exc:
+                if loop.time() + backoff >= deadline:
+                    raise
+                # A dropped connection comes back by itself; a refusal is back-pressure (a queue at
+                # its length limit, a broker alarm): either way, wait a little and publish again.
+                log.info("publishing request %s: %s; publishing it again", request.job_id, exc)
             await asyncio.sleep(backoff)
             backoff = min(2 * backoff, 2.0)
 
@@ -462,19 +465,10 @@ class AsyncClient:
         self._remember_fired(request.job_id, len(request.body), _Fired(
             event_id=event_id, epoch=request.epoch, expires=loop.time() + ttl + EVENT_ANSWER_GRACE_SECONDS,
             timeout=timeout, on_error=on_error, make=make, attempts=attempts))
-        backoff = REPUBLISH_BACKOFF_SECONDS
         try:
-            while True:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        await self._publish(broker, request, message)
-                    return request.job_id
-                except BrokerUnavailable as exc:
-                    if loop.time() + backoff >= deadline:
-                        raise BrokerUnreachable(f"could not publish event {event_id}: {exc}") from None
-                    log.info("publishing event %s: the connection dropped (%s); publishing it again", event_id, exc)
-                    await asyncio.sleep(backoff)
-                    backoff = min(2 * backoff, 2.0)
+            async with asyncio.timeout_at(deadline):
+                await self._publish_until_confirmed(broker, request, message, deadline)
+            return request.job_id
         except BaseException as exc:
             self._forget_fired(request.job_id)
             if isinstance(exc, TimeoutError):

@@ -42,5 +42,5 @@ async def test_a_queue_at_its_length_limit_slows_the_producer_and_loses_no_job(t
     assert sorted(results) == list(range(JOBS))
     assert all(r.ok for r in results.values()), [r.error for r in results.values() if not r.ok][:3]
     np.testing.assert_array_equal(results[7].outputs["logits"], run_directly(mlp_model(), batch[7])["logits"])
-    refused = [r for r in caplog.records if "refused" in r.getMessage() and "publishing it again" in r.getMessage()]
+    refused = [r for r in caplog.records if "refused the message" in r.getMessage() and "publishing it again" in r.getMessage()]
     assert refused, "the queue never reached its limit: the test did not exercise back-pressure"
