@@ -130,9 +130,21 @@ class PipelineLibrary:
         self._state.save_pipeline(pid, b"P" + signed.to_bytes())
         self._pipelines[pid] = signed
         self._deleted.pop(pid, None)
-        log.info("pipeline %s (%s) installed: %d stages", pid, signed.spec.name, len(signed.spec.stages))
         if current is None:
-            await self._on_installed(signed)
+            try:
+                await self._on_installed(signed)
+            except BaseException:
+                # Not served, so not in force: the owner's retry must find no definition
+                # "at least as new" standing in its way, and a restart must not revive it.
+                del self._pipelines[pid]
+                self._event_inputs.pop(pid, None)
+                if deleted is None:
+                    self._state.forget_pipeline(pid)
+                else:  # the older delete order stays in force, on disk too
+                    self._state.save_pipeline(pid, b"D" + deleted.to_bytes())
+                    self._deleted[pid] = deleted
+                raise
+        log.info("pipeline %s (%s) installed: %d stages", pid, signed.spec.name, len(signed.spec.stages))
         return pid
 
     async def delete(self, blob: bytes) -> str:

@@ -202,6 +202,12 @@ class SealedState:
         self._write(self.dir / "pipelines" / f"{pipeline_id}.sealed",
                     self._seal(self._key, signed, self._aad("pipeline", pipeline_id)))
 
+    def forget_pipeline(self, pipeline_id: str) -> None:
+        """Remove a definition that never came into force (its stream could not be served)."""
+        if not _MODEL_ID.match(pipeline_id):
+            raise ValueError("not a pipeline id")
+        (self.dir / "pipelines" / f"{pipeline_id}.sealed").unlink(missing_ok=True)
+
     def iter_pipelines(self) -> Iterator[tuple[str, bytes]]:
         folder = self.dir / "pipelines"
         if not folder.is_dir():

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from broker_adapters import BrokerAdapter, Delivery, Message, PoolSettings, Subscription, open_broker
-from broker_adapters.errors import BrokerError, Unroutable
+from broker_adapters.errors import BrokerError, BrokerUnavailable, Unroutable
 from protocol import bodies, crypto
 from protocol.envelope import RequestHeader, open_request, peek_request, seal_result
 from protocol.errors import DecryptionFailed, ProtocolError
@@ -70,6 +70,9 @@ Clock = Callable[[], float]
 
 # How often the worker seals newly answered jobs and expires idle uploads.
 HOUSEKEEPING_SECONDS = 1.0
+# How long a new pipeline's stream is retried while the broker is unreachable (then the
+# definition is refused, and rolled back: see PipelineLibrary.put).
+_STREAM_RETRY_SECONDS = 30.0
 
 
 class Worker:
@@ -307,10 +310,25 @@ class Worker:
         pid = signed.pipeline_id
         if pid in self._streams or self._stopped:
             return
-        await self._broker.declare_stream(self.pool, pid, signed.spec.source_topic,
-                                          PoolSettings(max_message_bytes=self.config.max_message_bytes),
-                                          exchange=signed.spec.source_exchange)
-        self._streams[pid] = await self._broker.consume_stream(self.pool, pid, self._on_event, prefetch=self._prefetch)
+        # A connection lost meanwhile (a broker restart, an MQTT session taken over mid-subscribe)
+        # is retried for a while: both calls are idempotent, and failing would make the owner's
+        # whole definition fail for a moment's outage.
+        deadline = time.monotonic() + _STREAM_RETRY_SECONDS
+        delay = 0.2
+        while True:
+            try:
+                await self._broker.declare_stream(self.pool, pid, signed.spec.source_topic,
+                                                  PoolSettings(max_message_bytes=self.config.max_message_bytes),
+                                                  exchange=signed.spec.source_exchange)
+                self._streams[pid] = await self._broker.consume_stream(self.pool, pid, self._on_event,
+                                                                       prefetch=self._prefetch)
+                return
+            except BrokerUnavailable as exc:
+                if time.monotonic() + delay > deadline or self._stopped:
+                    raise
+                log.warning("pipeline %s: cannot consume its events yet (%s); retrying", pid, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _publish_result(self, topic: str, message: Message, exchange: str) -> None:
         await self._broker.publish_result(topic, message, exchange=exchange)

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 from broker_adapters import Unroutable
+from broker_adapters.errors import BrokerUnavailable
+from enclave_worker import worker as worker_module
 from producer_sdk import AsyncClient
 from protocol import bodies, crypto
 from protocol.ownership import generate_signing_key, public_key_bytes
@@ -215,6 +217,68 @@ async def test_a_restarted_worker_serves_the_pipelines_it_had(tee, broker_url, p
             await wait_until(lambda: len(inbox.raw) == 1, "the restarted worker answers the event")
             await sub.cancel()
             await d.broker.delete_inbox(d.inbox(signed))
+
+
+def consume_stream_failing(worker, monkeypatch, times: int | None) -> list[int]:
+    """Make the worker's broker refuse to consume a stream ``times`` times (None: always), as a
+    connection lost mid-subscribe does; returns the calls seen."""
+    broker = worker._broker
+    real = broker.consume_stream
+    calls: list[int] = []
+
+    async def consume_stream(*args, **kwargs):
+        calls.append(1)
+        if times is None or len(calls) <= times:
+            raise BrokerUnavailable("the connection closed while subscribing (injected)")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(broker, "consume_stream", consume_stream)
+    return calls
+
+
+async def test_a_pipeline_whose_stream_is_briefly_unreachable_is_served_once_the_broker_answers(
+        deployment, monkeypatch):
+    calls = consume_stream_failing(deployment.worker, monkeypatch, times=2)
+    signed, outcome = await deployment.put(deployment.spec())
+    assert outcome.ok, outcome.error()
+    assert len(calls) == 3
+    inbox = Inbox()
+    sub = await deployment.broker.consume_inbox(deployment.inbox(signed), inbox)
+    await deployment.publish(signed, "after-outage", {"x": np.ones((1, 4), np.float32)})
+    await wait_until(lambda: len(inbox.raw) == 1, "the pipeline answers its event")
+    await sub.cancel()
+    await deployment.broker.delete_inbox(deployment.inbox(signed))
+
+
+async def test_a_pipeline_that_cannot_be_served_is_refused_and_not_left_half_installed(
+        tee, broker_url, pool, tmp_path, monkeypatch):
+    monkeypatch.setattr(worker_module, "_STREAM_RETRY_SECONDS", 0.5)
+    owner = generate_signing_key()
+    state = tmp_path / "state"
+    async with running_worker(tee, broker_url, pool, state_dir=state) as worker:
+        async with AsyncClient(broker_url, pool, tee.policy(), owner_key=owner) as client:
+            for model in (ADD_ONE, DOUBLE):
+                await client.upload_model(model)
+            d = Deployment(client=client, worker=worker, pool=pool, owner=owner)
+            consume_stream_failing(worker, monkeypatch, times=None)
+            signed, outcome = await d.put(d.spec())
+            assert outcome.error().code == "internal"
+            # Not in force: neither listed nor kept for a restart, so the owner's retry installs
+            # it for real (before, the retry was accepted and nothing ever consumed its events).
+            assert signed.pipeline_id not in worker.pipelines.pipelines
+            monkeypatch.undo()
+    async with running_worker(tee, broker_url, pool, state_dir=state) as worker:
+        assert signed.pipeline_id not in worker.pipelines.pipelines
+        async with AsyncClient(broker_url, pool, tee.policy(), owner_key=owner) as client:
+            d = Deployment(client=client, worker=worker, pool=pool, owner=owner)
+            retried, outcome = await d.put(d.spec())
+            assert outcome.ok, outcome.error()
+            inbox = Inbox()
+            sub = await d.broker.consume_inbox(d.inbox(retried), inbox)
+            await d.publish(retried, "after-retry", {"x": np.ones((1, 4), np.float32)})
+            await wait_until(lambda: len(inbox.raw) == 1, "the retried pipeline answers its event")
+            await sub.cancel()
+            await d.broker.delete_inbox(d.inbox(retried))
 
 
 async def test_results_of_events_published_before_the_recipient_ever_subscribed_wait_in_its_inbox(deployment):
