@@ -5,6 +5,12 @@ valid at ``now``, that the last one is a self-signed root whose fingerprint is p
 (optionally) that no certificate is revoked by a CRL signed by its issuer. Every failure is an
 ``EvidenceInvalid`` naming the certificate by its subject. Platforms call this; they never
 re-implement path checks.
+
+CRL freshness is not judged here, because it is a policy question (how stale may a CRL be?):
+:func:`verify_chain_crls` returns every CRL it consulted, the platform records each as a
+:class:`~attestation.claims.CollateralUse` (:func:`crl_use`) and the policy judges its
+nextUpdate (:mod:`attestation.collateral_rules`). A CRL is never silently used past its
+nextUpdate: it is either within the policy's grace or a violation.
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.x509.oid import NameOID
 
-from .claims import CertSummary
+from .claims import CertSummary, CollateralUse
 from .errors import EvidenceInvalid
 
-__all__ = ["der_sha256", "verify_chain", "check_crl", "subject", "signature_is_octet_aligned"]
+__all__ = ["der_sha256", "verify_chain", "verify_chain_crls", "check_crl", "crl_use", "common_name", "subject",
+           "signature_is_octet_aligned"]
 
 # Issuer keys whose CRL signatures are checked. Every vendor CA here (Intel, AMD, AWS) is RSA or
 # ECDSA; key-agreement keys (X25519, X448, ML-KEM) cannot sign, and DSA is deprecated.
@@ -59,6 +67,14 @@ def verify_chain(chain: Sequence[x509.Certificate], *, now: datetime, trusted_ro
     Returns the chain's summaries. ``crls`` are checked for every certificate whose issuer
     signed one of them (a CRL whose signature does not verify is an error, not ignored).
     """
+    return verify_chain_crls(chain, now=now, trusted_roots=trusted_roots, crls=crls, check_time=check_time)[0]
+
+
+def verify_chain_crls(chain: Sequence[x509.Certificate], *, now: datetime, trusted_roots: Iterable[bytes],
+                      crls: Sequence[x509.CertificateRevocationList] = (), check_time: bool = True
+                      ) -> tuple[tuple[CertSummary, ...], tuple[x509.CertificateRevocationList, ...]]:
+    """:func:`verify_chain`, also returning the CRLs that were consulted (issued by a certificate of
+    the chain, signature verified), in the order given, each once."""
     if not chain:
         raise EvidenceInvalid("empty certificate chain")
     trusted = frozenset(trusted_roots)
@@ -73,14 +89,21 @@ def verify_chain(chain: Sequence[x509.Certificate], *, now: datetime, trusted_ro
             _check_time(cert, now, role)
         if index + 1 < len(chain):
             _signed_by(cert, chain[index + 1], role)
+    used: list[x509.CertificateRevocationList] = []
     for index, cert in enumerate(chain[:-1]):
-        check_crl(cert, chain[index + 1], crls, now=now)
-    return tuple(CertSummary.from_certificate(c) for c in chain)
+        for crl in check_crl(cert, chain[index + 1], crls, now=now):
+            if not any(crl is seen for seen in used):
+                used.append(crl)
+    return tuple(CertSummary.from_certificate(c) for c in chain), tuple(used)
 
 
 def check_crl(cert: x509.Certificate, issuer: x509.Certificate, crls: Sequence[x509.CertificateRevocationList],
-              *, now: datetime) -> None:
-    """Refuse ``cert`` if a CRL issued by ``issuer`` lists it. CRLs from other issuers are skipped."""
+              *, now: datetime) -> list[x509.CertificateRevocationList]:
+    """Refuse ``cert`` if a CRL issued by ``issuer`` lists it. CRLs from other issuers are skipped.
+
+    Returns the CRLs issued by ``issuer`` (each signature verified) that were consulted; their
+    freshness is for the policy to judge (see the module docstring)."""
+    consulted: list[x509.CertificateRevocationList] = []
     for crl in crls:
         if crl.issuer != issuer.subject:
             continue
@@ -93,6 +116,26 @@ def check_crl(cert: x509.Certificate, issuer: x509.Certificate, crls: Sequence[x
             raise EvidenceInvalid(f"CRL claiming issuer {subject(issuer)!r} is not signed by it")
         if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
             raise EvidenceInvalid(f"certificate {subject(cert)!r} (serial {cert.serial_number:x}) is revoked")
+        consulted.append(crl)
+    return consulted
+
+
+def common_name(name: x509.Name) -> str:
+    """The CN of ``name`` (the whole RFC 4514 string when it has none or is unreadable)."""
+    try:
+        names = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if names and isinstance(names[0].value, str):
+            return names[0].value
+        return name.rfc4514_string()
+    except Exception:  # noqa: BLE001 - a name we cannot read is still worth reporting as something
+        return "<unprintable name>"
+
+
+def crl_use(crl: x509.CertificateRevocationList, now: datetime) -> CollateralUse:
+    """What a consulted CRL was: issuer CN, thisUpdate, nextUpdate, age at ``now``."""
+    issued = crl.last_update_utc
+    return CollateralUse(kind="crl", issuer=common_name(crl.issuer), issued_at=issued,
+                         next_update=crl.next_update_utc, age_seconds=(now - issued).total_seconds())
 
 
 def signature_is_octet_aligned(der: bytes, signature: bytes) -> bool:

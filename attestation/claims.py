@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-__all__ = ["CertSummary", "Claims"]
+__all__ = ["CertSummary", "Claims", "CollateralUse"]
 
 
 def _iso(when: datetime) -> str:
@@ -51,6 +51,42 @@ class CertSummary:
         }
 
 
+@dataclass(frozen=True)
+class CollateralUse:
+    """One piece of vendor collateral a verification used: what it is, who issued it, when, and
+    how old it was at the verification time.
+
+    ``kind`` is ``"tcb_info"``, ``"qe_identity"`` (Intel) or ``"crl"`` (any platform);
+    ``issuer`` the issuer's common name (a CRL's issuer, the certificate that signed a TCB Info or
+    QE Identity); ``issued_at`` the issueDate / thisUpdate; ``next_update`` the nextUpdate (None
+    for a CRL without one); ``age_seconds`` is ``now - issued_at`` at the verification (0 when
+    the issue date is unknown; negative if it was issued after ``now``). Whether it was too old is
+    the policy's judgement (``collateral_grace_seconds``), made against the same ``now``.
+    """
+
+    kind: str
+    issuer: str
+    issued_at: datetime | None
+    next_update: datetime | None
+    age_seconds: float
+
+    def stale_by(self, now: datetime) -> float:
+        """Seconds by which ``now`` is past ``next_update`` (0 or less: fresh; a document without
+        a nextUpdate is never stale)."""
+        if self.next_update is None:
+            return 0.0
+        return (now - self.next_update).total_seconds()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "issuer": self.issuer,
+            "issued_at": _iso(self.issued_at) if self.issued_at is not None else None,
+            "next_update": _iso(self.next_update) if self.next_update is not None else None,
+            "age_seconds": round(self.age_seconds, 3),
+        }
+
+
 def _jsonable(value: Any) -> Any:
     """Platform claim values for JSON: bytes as lowercase hex, datetimes as ISO 8601, maps and lists recursively."""
     if isinstance(value, (bytes, bytearray)):
@@ -74,6 +110,13 @@ class Claims:
     ``issued_at`` exists only where the evidence carries a signed time (simulation, Nitro).
     ``details`` holds every parsed field of the platform's evidence, named as in the
     ``enclaveq evidence verify --json`` contract. ``chain`` is leaf first, root last.
+
+    ``tcb_evaluated`` is True only when the platform's TCB (and the revocation of its chain) was
+    judged against vendor collateral: Intel TCB Info, QE Identity and the PCK chain's CRLs (SGX,
+    TDX); AMD's ARK-issued CRL (SEV-SNP). False means the evidence was accepted without that
+    judgement (a policy with ``require_collateral = false``), and always for simulation and
+    Nitro, which have no collateral. ``collateral`` lists every collateral document the
+    verification used, with its age.
     """
 
     platform: str
@@ -88,6 +131,8 @@ class Claims:
     trailing_bytes: int = 0
     tcb_status: str | None = None
     advisory_ids: tuple[str, ...] = ()
+    tcb_evaluated: bool = False
+    collateral: tuple[CollateralUse, ...] = ()
 
     def __post_init__(self) -> None:
         # Claims are built by verifiers, not parsed from the wire, so these are bug catchers.
@@ -115,4 +160,7 @@ class Claims:
         if self.tcb_status is not None:
             doc["tcb_status"] = self.tcb_status
             doc["advisory_ids"] = list(self.advisory_ids)
+        if self.platform != "sim":
+            doc["tcb_evaluated"] = self.tcb_evaluated
+            doc["collateral"] = [c.to_json() for c in self.collateral]
         return doc

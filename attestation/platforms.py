@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from cryptography import x509
 
-from .claims import CertSummary
+from .claims import CertSummary, CollateralUse
 from .errors import Violation
 from .trust import DEFAULT_TRUST, TrustAnchors
 
@@ -69,6 +69,12 @@ class Verified:
     tcb_status: str | None = None       # Intel TCB status when collateral was given
     advisory_ids: tuple[str, ...] = ()
     report: Any = None                  # the platform's parsed dataclass, for its validator
+    # Collateral: every document used (with its age at inputs.now), and what the platform's TCB
+    # judgement needed but was not given (empty: the TCB was evaluated; always empty for platforms
+    # without collateral, Nitro and simulation). The policy judges both (attestation.collateral_rules).
+    collateral: tuple[CollateralUse, ...] = ()
+    collateral_missing: tuple[str, ...] = ()
+    tcb_evaluated: bool = False         # True when the TCB was judged against the vendor's collateral
 
 
 class PolicySection(Protocol):

@@ -9,7 +9,9 @@ whatever the platform:
   ``verify`` parses and authenticates it against the trust anchors into a
   :class:`~attestation.platforms.Verified`; the common checks then run on its platform-neutral
   :class:`Claims` (:func:`claims_of`) and, when the policy has the platform's table, the
-  platform's own ``violations`` against that table. Every violation is raised at once.
+  platform's own ``violations`` against that table (without the table, the collateral defaults of
+  :mod:`attestation.collateral_rules`: collateral required, none stale). Every violation is raised
+  at once.
 
 :func:`verify_hardware` parses and authenticates without judging (the CLI's no-policy mode, the
 benchmarks). The clock is never read here: ``now`` is an argument, so tests pin it and run offline.
@@ -28,6 +30,7 @@ from typing import Any
 from cryptography import x509
 
 from attestation.claims import Claims
+from attestation.collateral_rules import DEFAULT_RULES, collateral_violations
 from attestation.errors import EvidenceMalformed, PolicyViolation, UnsupportedPlatform, Violation
 from attestation.policy import Policy
 from attestation.sim import abi as sim_abi
@@ -73,7 +76,7 @@ def claims_of(verified: Verified) -> Claims:
         security_version=verified.security_version, report_data=verified.report_data,
         issued_at=verified.issued_at, simulated=verified.simulated, chain=verified.chain,
         details=verified.claims, trailing_bytes=verified.trailing_bytes, tcb_status=verified.tcb_status,
-        advisory_ids=verified.advisory_ids,
+        advisory_ids=verified.advisory_ids, tcb_evaluated=verified.tcb_evaluated, collateral=verified.collateral,
     )
 
 
@@ -129,6 +132,11 @@ def verify_evidence(
         section = policy.section(platform)
         if section is not None:
             found.extend(plat.violations(verified, section, inputs))
+        elif "platform" not in {v.field for v in found}:
+            # The top-level route has no collateral keys: the defaults apply, so it fails closed
+            # too (require_collateral = true, no grace). Nitro reports nothing missing. (A platform
+            # the top-level route refuses outright, TDX and SEV-SNP, needs no second reason.)
+            found.extend(collateral_violations(platform, verified, DEFAULT_RULES, now))
         if found:
             raise PolicyViolation(found)
 

@@ -60,7 +60,8 @@ from pamqp.commands import Basic
 from yarl import URL
 
 from . import _common as common
-from .urls import redact_url
+from .amqp_nodes import connect_first
+from .urls import redact_url, split_broker_urls
 from .base import (
     BrokerAdapter,
     Delivery,
@@ -93,6 +94,8 @@ _MAX_KEY_BYTES = 255
 _INBOX_DISCARD_PREFIX = "amq.enclaveq.discarded."
 # Bounds the read of a stream registry, which only grows by one name per stream creation.
 _REGISTRY_READ_LIMIT = 100_000
+# At most one replacement of a nacked confirm channel per this many seconds (see _renew_after_nack).
+_RENEW_INTERVAL = 1.0
 
 # What "the connection is gone" looks like from aiormq and aio-pika.
 _CONNECTION_LOST = (
@@ -133,6 +136,8 @@ class AmqpBroker(BrokerAdapter):
         self._subscriptions: set[_AmqpSubscription] = set()
         self._locks: dict[str, _AmqpPoolLock] = {}
         self._settings: dict[str, PoolSettings] = {}
+        self._renewed_at: dict[str, float] = {}
+        self._background: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"<AmqpBroker {redact_url(self.url)} {self.connection_name}>"
@@ -140,11 +145,13 @@ class AmqpBroker(BrokerAdapter):
     # -- connection ---------------------------------------------------------------------
     async def connect(self) -> None:
         kwargs: dict[str, Any] = {}
-        if "reconnect_interval" not in URL(self.url).query:
+        nodes = split_broker_urls(self.url)
+        if "reconnect_interval" not in URL(nodes[0]).query:
             kwargs["reconnect_interval"] = self.reconnect_interval
         try:
-            self._conn = await aio_pika.connect_robust(
-                self.url,
+            # Several node URLs (a cluster): the first that answers, then failover on reconnect.
+            self._conn = await connect_first(
+                nodes,
                 client_properties={"connection_name": self.connection_name},
                 timeout=self.connect_timeout,
                 **kwargs,
@@ -157,13 +164,15 @@ class AmqpBroker(BrokerAdapter):
                     await self._conn.close()
                 self._conn = None
             raise BrokerUnavailable(
-                f"cannot connect to {redact_url(self.url)}: {_connect_failure(exc, self.url)}"
+                f"cannot connect to {redact_url(self.url)}: {_connect_failure(exc, nodes[-1])}"
             ) from exc
         self._conn.reconnect_callbacks.add(self._on_reconnect)
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         self._topic_channel = None
+        for task in list(self._background):
+            task.cancel()
         if conn is None:
             return
         for sub in list(self._subscriptions):
@@ -604,6 +613,7 @@ class AmqpBroker(BrokerAdapter):
         except amqp_errors.PublishError:
             raise Unroutable(unroutable) from None
         except amqp_errors.DeliveryError:
+            self._renew_after_nack(channel)
             raise PublishRefused(
                 f"RabbitMQ refused the message for {routing_key or exchange!r} (nack: a full queue?)"
             ) from None
@@ -622,6 +632,43 @@ class AmqpBroker(BrokerAdapter):
             raise BrokerUnavailable(
                 "connection lost while publishing; the message may or may not have been accepted"
             ) from exc
+
+    def _renew_after_nack(self, channel: AbstractRobustChannel) -> None:
+        """Replace a confirm channel that RabbitMQ nacked, in the background, at most once per
+        ``_RENEW_INTERVAL`` per channel.
+
+        Why: RabbitMQ 3.10 starts a channel's quorum-queue client at the leader named in the
+        queue record, which lags a leader election (fixed in 3.11.x, rabbitmq-server#9241). A
+        channel reopened during the election -- every client fails over just then when a cluster
+        node dies -- stays bound to the dead leader and is nacked for minutes, while a fresh
+        channel is confirmed at once (measured on a 3-node cluster, tests/test_rabbitmq_cluster.py).
+        A genuine nack (a full queue) only costs one channel open per interval."""
+        for attr in ("_publish_channel", "_control_channel", "_topic_channel"):
+            if getattr(self, attr) is channel:
+                break
+        else:
+            return  # already replaced
+        now = asyncio.get_running_loop().time()
+        if now - self._renewed_at.get(attr, -_RENEW_INTERVAL) < _RENEW_INTERVAL:
+            return
+        self._renewed_at[attr] = now
+        task = asyncio.ensure_future(self._renew_channel(attr, channel))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _renew_channel(self, attr: str, old: AbstractRobustChannel) -> None:
+        try:
+            new = await self._live().channel(publisher_confirms=True, on_return_raises=True)
+        except (BrokerError, TimeoutError, *_CONNECTION_LOST, amqp_errors.AMQPError):
+            return  # keep the old one: the next nack tries again
+        if getattr(self, attr) is not old:
+            await _close_quietly(new)
+            return
+        setattr(self, attr, new)
+        log.info("a confirm channel was nacked; publishing on a fresh channel from now on")
+        # Publishes in flight on the old channel still get their confirm or nack.
+        await asyncio.sleep(self.confirm_timeout)
+        await _close_quietly(old)
 
     async def _wait_usable(self, channel: AbstractRobustChannel) -> None:
         """Wait out a reconnect, or the restore after a channel error, rather than fail.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
+from attestation.collateral_source import with_collateral
 from attestation.verify import verify_evidence
 from protocol import crypto
 from protocol.handshake import Challenge, EvidenceResponse, Statement
@@ -95,6 +96,7 @@ class Attester:
         AttestationError). Unsolicited checks draw on the verification budget (OverBudget)."""
         if not solicited:
             self.verify_budget.take("peer evidence checks")
-        verify_evidence(platform, evidence, self._ctx.identity.join_policy,
-                        expected_report_data=statement.report_data(),
-                        now=datetime.fromtimestamp(self._ctx.clock(), UTC), **self._ctx.identity.join_verify_options)
+        identity = self._ctx.identity
+        now = datetime.fromtimestamp(self._ctx.clock(), UTC)
+        verify_evidence(platform, evidence, identity.join_policy, expected_report_data=statement.report_data(),
+                        now=now, **with_collateral(identity.collateral, platform, now, identity.join_verify_options))

@@ -33,6 +33,9 @@ class WorkerIdentity:
     # Extra keyword arguments for verify_evidence when checking a peer against the join policy
     # (trust=... pinned roots, collateral=...). Empty: the vendors' pinned roots.
     join_verify_options: Mapping[str, Any] = field(default_factory=dict)
+    # Where peers' collateral comes from (an attestation.collateral_source.CollateralDir: Intel
+    # TCB Info, AMD CRLs ...), read at each peer check; None: peers' TCB is not evaluated.
+    collateral: Any = None
 
     @property
     def can_join(self) -> bool:

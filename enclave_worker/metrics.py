@@ -35,6 +35,9 @@ class WorkerMetrics:
         self.models = Gauge("enclaveq_worker_models_loaded", "Models this worker serves", registry=self.registry)
         self.epoch = Gauge("enclaveq_worker_pool_epoch", "The pool key epoch this worker serves",
                            registry=self.registry)
+        self.held = Gauge("enclaveq_worker_requests_held",
+                          "Requests held unrun because the state directory cannot be written",
+                          registry=self.registry)
 
     def watch_attestations(self, read: Callable[[], float]) -> None:
         """Export, at each scrape, how many attestation challenges ``read()`` says were answered."""

@@ -49,6 +49,7 @@ from collections.abc import Callable, Mapping
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from attestation.collateral_source import CollateralDir, with_collateral
 from attestation.errors import AttestationError
 from attestation.policy import Policy, policy_from_mapping
 from attestation.sim import sealing
@@ -56,7 +57,7 @@ from attestation.sim.provider import SimProvider
 from attestation.providers import ProviderError, provider_for
 from attestation.providers.errors import EvidenceMismatch
 from attestation.providers.fileops import FileOps
-from attestation.providers.self_identity import SelfIdentity, self_identity
+from attestation.providers.self_identity import COLLATERAL_PLATFORMS, SelfIdentity, join_table, self_identity
 
 from .config import DEFAULT_WORKER_CONFIG, WorkerConfig
 from .errors import WorkerStartupError
@@ -93,7 +94,7 @@ def self_admission_policy(measurement: bytes, sim_root_sha256: str) -> Policy:
                   max_evidence_age_seconds=JOIN_MAX_EVIDENCE_AGE_SECONDS)
 
 
-def tee_join_policy(identity: SelfIdentity) -> Policy:
+def tee_join_policy(identity: SelfIdentity, *, collateral: bool = False) -> Policy:
     """A real-TEE worker's join policy: admit, and trust keys from, exactly this TEE's identity.
 
     The worker's code decides whom it admits, so a pool is "every worker running exactly this
@@ -111,11 +112,16 @@ def tee_join_policy(identity: SelfIdentity) -> Policy:
 
     Debug TEEs are never admitted (``debug_allowed = false`` everywhere), not even copies of a
     debug worker. The chain must end at the pinned vendor roots of the verifier's
-    ``join_verify_options`` (AMD, Intel, AWS by default); without Intel collateral no TCB status
-    is judged, as for producers (docs/policy.md).
+    ``join_verify_options`` (AMD, Intel, AWS by default).
+
+    ``collateral``: whether this worker judges peers' TCB with collateral (``--collateral DIR``,
+    docs/collateral.md). Then the platform's ``require_collateral`` default holds; without it the
+    table sets ``require_collateral = false`` explicitly
+    (:func:`attestation.providers.self_identity.join_table`) and peers' TCB is not evaluated.
     """
+    table = join_table(identity, collateral=collateral)
     return policy_from_mapping({"max_evidence_age_seconds": JOIN_MAX_EVIDENCE_AGE_SECONDS,
-                                identity.platform: dict(identity.table)})
+                                identity.platform: table})
 
 
 EPHEMERAL_SEALING_WARNING = (
@@ -124,6 +130,12 @@ EPHEMERAL_SEALING_WARNING = (
     "seals its pool key and uploaded models under a random key that dies with the process. After a "
     "restart it gets them again from a live member of its pool (mutual attestation); if no member is "
     "alive, the pool is founded anew: producers must attest again and re-upload models"
+)
+
+NO_COLLATERAL_WARNING = (
+    "NO COLLATERAL: joiners' and members' {platform} TCB is not evaluated (no Intel TCB Info / AMD CRLs "
+    "to judge it with; their measurements and vendor signatures still are). Pass --collateral DIR "
+    "(filled by `enclaveq collateral fetch`) to evaluate it"
 )
 
 JOIN_UNAVAILABLE_WARNING = (
@@ -135,7 +147,7 @@ JOIN_UNAVAILABLE_WARNING = (
 
 def tee_identity(tee: str, config: WorkerConfig = DEFAULT_WORKER_CONFIG, *, root: Path = Path("/"),
                  ops: FileOps | None = None, join_verify_options: Mapping[str, Any] | None = None,
-                 clock: Callable[[], float] = time.time) -> WorkerIdentity:
+                 clock: Callable[[], float] = time.time, collateral: CollateralDir | None = None) -> WorkerIdentity:
     """The identity of a worker inside a real TEE: ``tee`` is "auto", "sgx", "tdx", "snp" or "nitro".
 
     ``WorkerStartupError`` (with the provider's explanation) when the TEE is missing, refuses,
@@ -143,7 +155,10 @@ def tee_identity(tee: str, config: WorkerConfig = DEFAULT_WORKER_CONFIG, *, root
     ``root``/``ops`` let tests use a fake TEE tree (:mod:`attestation.providers.fakes`);
     ``join_verify_options`` are the keyword arguments for
     :func:`attestation.verify.verify_evidence` when checking a peer (e.g. ``trust=`` fake roots in
-    tests, ``collateral=``); empty: the vendors' pinned roots. ``clock`` dates the self-check.
+    tests); empty: the vendors' pinned roots. ``clock`` dates the self-check. ``collateral`` (a
+    :class:`~attestation.collateral_source.CollateralDir`, ``--collateral DIR``) is what peers'
+    TCB is judged with, read at each check; without it the join policy does not require
+    collateral and the worker warns once (:data:`NO_COLLATERAL_WARNING`).
     """
     if tee == "sim":
         raise ValueError("the simulation's identity comes from sim_identity(sim_dir)")
@@ -157,8 +172,11 @@ def tee_identity(tee: str, config: WorkerConfig = DEFAULT_WORKER_CONFIG, *, root
     own = own_identity(provider, root=root, ops=ops)
     join_policy = None
     if own is not None:
-        join_policy = tee_join_policy(own)
-        check_self_admission(own, join_policy, options, now=datetime.fromtimestamp(clock(), UTC))
+        join_policy = tee_join_policy(own, collateral=collateral is not None)
+        if collateral is None and own.platform in COLLATERAL_PLATFORMS:
+            log.warning(NO_COLLATERAL_WARNING.format(platform=own.platform.upper()))
+        now = datetime.fromtimestamp(clock(), UTC)
+        check_self_admission(own, join_policy, with_collateral(collateral, own.platform, now, options), now=now)
     key = platform_sealing_key(provider, measurement.config_digest, root=root, ops=ops,
                                snp_vmpl=own.vmpl if own is not None else None)
     persistent = key is not None
@@ -170,7 +188,7 @@ def tee_identity(tee: str, config: WorkerConfig = DEFAULT_WORKER_CONFIG, *, root
     return WorkerIdentity(provider=provider, sealing_key=key, seal=sealing.seal,
                           unseal=sealing.unseal, measurement=measurement.value,
                           config_digest=measurement.config_digest, persistent_sealing=persistent,
-                          join_policy=join_policy, join_verify_options=options)
+                          join_policy=join_policy, join_verify_options=options, collateral=collateral)
 
 
 def own_identity(provider: Any, *, root: Path = Path("/"), ops: FileOps | None = None) -> SelfIdentity | None:

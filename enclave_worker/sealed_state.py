@@ -115,7 +115,9 @@ class SealedState:
         probe = self.dir / f".probe.{os.getpid()}"
         try:
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            probe.write_bytes(b"")
+            # A block's worth, written as every sealed file is (and fsynced): an empty file can
+            # still be created on a full disk.
+            self._write(probe, bytes(4096))
             probe.unlink()
         except OSError as exc:
             raise SealedStateError(f"the state directory {self.dir} cannot be used "

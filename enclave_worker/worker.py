@@ -27,6 +27,7 @@ The parts, each owning its own state:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -37,6 +38,7 @@ from pathlib import Path
 
 from broker_adapters import BrokerAdapter, Delivery, Message, PoolSettings, Subscription, open_broker
 from broker_adapters.errors import BrokerError, BrokerUnavailable, Unroutable
+from broker_adapters.retry import publish_until_confirmed
 from protocol import bodies, crypto
 from protocol.envelope import RequestHeader, open_request, peek_request, seal_result
 from protocol.errors import DecryptionFailed, ProtocolError
@@ -73,6 +75,9 @@ HOUSEKEEPING_SECONDS = 1.0
 # How long a new pipeline's stream is retried while the broker is unreachable (then the
 # definition is refused, and rolled back: see PipelineLibrary.put).
 _STREAM_RETRY_SECONDS = 30.0
+# How long a result the broker refuses (or cannot take: connection lost) is published again
+# before the job is handed back to the queue.
+_REPLY_RETRY_SECONDS = 30.0
 
 
 class Worker:
@@ -126,6 +131,10 @@ class Worker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = asyncio.Event()
+        # Cleared while the state directory cannot be written (disk full, read-only): jobs and
+        # events then wait unrun (see _serve), since their answers could not be made durable.
+        self._state_writable = asyncio.Event()
+        self._state_writable.set()
         self._housekeeper: asyncio.Task[None] | None = None
 
     # -- what others may look at ---------------------------------------------------------------
@@ -145,7 +154,8 @@ class Worker:
     @property
     def ready(self) -> bool:
         """Joined its pool with a key and consuming jobs, and not draining (readiness probes)."""
-        return self.consuming and self.keyring.has_keys and not self._draining
+        return (self.consuming and self.keyring.has_keys and not self._draining
+                and self._state_writable.is_set())
 
     @property
     def consuming(self) -> bool:
@@ -290,14 +300,22 @@ class Worker:
 
     async def _seal_answered(self) -> None:
         fresh = self._seen.take_fresh()
-        if not fresh and not self._journal.segments:
-            return
         try:
-            # Off the event loop: sealing and fsync. Costs O(jobs answered since the last round).
-            await asyncio.to_thread(self._journal.flush, fresh, self._ctx.now_ms())
+            if fresh or self._journal.segments:
+                # Off the event loop: sealing and fsync. Costs O(jobs answered since the last round).
+                await asyncio.to_thread(self._journal.flush, fresh, self._ctx.now_ms())
+            elif not self._state_writable.is_set():
+                await asyncio.to_thread(self.sealed_state.ensure_usable)  # nothing to seal: probe
         except (OSError, SealedStateError) as exc:
             self._seen.give_back_fresh(fresh)
-            log.warning("could not seal the answered jobs (%s); retrying", exc)
+            if self._state_writable.is_set():
+                self._state_writable.clear()
+                log.warning("the state directory cannot be written (%s): taking no jobs until it can (they wait "
+                            "unrun, on this worker or in the queue); retrying every %g s", exc, HOUSEKEEPING_SECONDS)
+            return
+        if not self._state_writable.is_set():
+            self._state_writable.set()
+            log.warning("the state directory is writable again: taking jobs")
 
     # -- jobs -------------------------------------------------------------------------------------
     async def _on_job(self, delivery: Delivery) -> None:
@@ -350,6 +368,20 @@ class Worker:
         if self._draining:
             return await self._park()
         delivered = time.perf_counter()
+        if route is not Route.BROADCAST and not self._state_writable.is_set():
+            # Held, not run and not handed back: a nack would count against the job's delivery
+            # limit every round until it is dead-lettered. Held deliveries fill this worker's
+            # prefetch, so the broker sends the rest of the queue to workers that can take it;
+            # they run here once the state directory is writable again.
+            self.metrics.held.inc()
+            try:
+                while not self._state_writable.is_set():
+                    if self._draining:
+                        return await self._park()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._state_writable.wait(), 0.5)
+            finally:
+                self.metrics.held.dec()
         async with self._slots:
             if self._draining:
                 return await self._park()
@@ -417,7 +449,8 @@ class Worker:
             plaintext = open_request(sealed, header, session_key)
         except DecryptionFailed:
             answer = Answer.error(bodies.ErrorCode.DOES_NOT_OPEN, "the request does not open: it was modified after sealing")
-            return await self._reply(delivery, header, session_key, answer)
+            await self._reply(delivery, header, session_key, answer)
+            return
         if self._seen.running(replay_key):
             await self._seen.wait_while_running(replay_key)
         if self._seen.contains(replay_key):
@@ -428,24 +461,28 @@ class Worker:
             await delivery.ack()
             return
         self._seen.start(replay_key)
+        answered = False
         try:
             if header.deadline_ms < now_ms:
                 answer = Answer.error(bodies.ErrorCode.EXPIRED, "the job's deadline passed before it ran")
             else:
                 assert self._handlers is not None  # consuming starts after start() built them
                 answer = await self._handlers.execute(header, plaintext)
-            await self._reply(delivery, header, session_key, answer)
+            answered = await self._reply(delivery, header, session_key, answer)
         finally:
             # Remembered only once its answer went out: a job whose result was never published
-            # (nacked, or the worker stopped or died first) runs again when it is redelivered.
-            self._seen.finish(replay_key, header.deadline_ms, now_ms, answered=delivery.settled)
+            # (not confirmed and handed back, or the worker stopped or died first) runs again when
+            # it is redelivered. (Not ``delivery.settled``: a job handed back is settled too.)
+            self._seen.finish(replay_key, header.deadline_ms, now_ms, answered=answered)
 
     async def _reply(self, delivery: Delivery, header: RequestHeader, session_key: crypto.SessionSecret,
-                     answer: Answer) -> None:
+                     answer: Answer) -> bool:
+        """Publish the sealed answer, then settle the job. True when the job is done with (its
+        answer confirmed, or dead-lettered); False when it was handed back to run again."""
         if answer.silent:
             self.metrics.requests.labels(header.kind, "ok").inc()
             await delivery.ack()
-            return
+            return True
         code = answer.code
         if code != "ok":
             noisy.info("request %s (%s) refused: %s", header.job_id, header.kind, code)
@@ -454,17 +491,24 @@ class Worker:
             self.metrics.requests.labels("job", job_code).inc()
         result = seal_result(session_key, header, answer.status, answer.content_type, answer.body, rng=self._rng,
                              current_epoch=self.keyring.epoch)
+        reply = Message(body=result, correlation_id=header.job_id, message_id=header.job_id)
         try:
-            await self._broker.publish_reply(header.reply_to, Message(body=result, correlation_id=header.job_id,
-                                                                      message_id=header.job_id))
+            # A refusal or a lost connection is retried while the job is held: handing it back
+            # at once would spend its delivery attempts (dead-lettering it) on a broker hiccup,
+            # such as a reply queue electing a new leader.
+            await publish_until_confirmed(lambda: self._broker.publish_reply(header.reply_to, reply),
+                                          deadline=asyncio.get_running_loop().time() + _REPLY_RETRY_SECONDS,
+                                          what=f"the result of job {header.job_id}", log=log)
         except Unroutable:
-            return await self._dead_letter(delivery, "no_reply_queue",
-                                           f"job {header.job_id}: reply queue is gone; the result is dropped")
+            await self._dead_letter(delivery, "no_reply_queue",
+                                    f"job {header.job_id}: reply queue is gone; the result is dropped")
+            return True
         except BrokerError as exc:
             log.warning("result of job %s not confirmed (%s); the job goes back to the queue", header.job_id, exc)
             await delivery.nack()
-            return
+            return False
         await delivery.ack()
+        return True
 
     async def _dead_letter(self, delivery: Delivery, reason: str, detail: str) -> None:
         noisy.warning("dead-lettering a request: %s", detail)

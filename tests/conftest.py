@@ -184,6 +184,17 @@ def private_rabbitmq(request: pytest.FixtureRequest, tmp_path: Path):
 
 
 @pytest.fixture
+def private_cluster(request: pytest.FixtureRequest, tmp_path: Path):
+    """Three RabbitMQ nodes of the test's own, joined into one cluster, for tests that kill one."""
+    request.node.add_marker("rabbitmq")
+    from .rabbitmq_node import PrivateCluster
+
+    cluster = PrivateCluster(tmp_path / "cluster").start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
 def vectors_dir(request: pytest.FixtureRequest) -> Path:
     request.node.add_marker("vectors")
     configured = os.environ.get("ENCLAVEQ_VECTORS")

@@ -1,15 +1,19 @@
-"""A private RabbitMQ node for tests that stop, restart or cluster their broker.
+"""A private RabbitMQ node (or cluster of them) for tests that stop, restart or kill their broker.
 
 The machine's RabbitMQ on 127.0.0.1:5672 belongs to every test; a test that takes its broker
 down starts one of these instead: its own node name, AMQP and distribution ports, data and log
 directories and Erlang cookie (all under the test's ``tmp_path``), no plugins (so no second
-management listener), run as the current user, stopped afterwards.
+management listener), run as the current user, stopped afterwards. :class:`PrivateCluster`
+joins three such nodes (one shared cookie) into a cluster.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -28,7 +32,7 @@ def free_port() -> int:
 
 
 class PrivateRabbitmq:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, home: Path | None = None) -> None:
         server = RABBITMQ_BIN / "rabbitmq-server"
         if not server.exists() and shutil.which("rabbitmq-server") is None:
             pytest.fail("rabbitmq-server is not installed")
@@ -44,7 +48,8 @@ class PrivateRabbitmq:
                     "RABBITMQ_DIST_PORT": str(free_port()), "RABBITMQ_MNESIA_BASE": str(root / "mnesia"),
                     "RABBITMQ_LOG_BASE": str(root / "log"), "RABBITMQ_ENABLED_PLUGINS_FILE": str(root / "enabled_plugins"),
                     "RABBITMQ_CONFIG_FILE": str(root / "rabbitmq.conf"), "RABBITMQ_PID_FILE": str(root / "pid"),
-                    "HOME": str(root)}  # the Erlang cookie lives in $HOME: this node's own
+                    # The Erlang cookie lives in $HOME: this node's own, or its cluster's.
+                    "HOME": str(home or root)}
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -108,3 +113,65 @@ class PrivateRabbitmq:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+
+    def beam_pid(self) -> int:
+        """The Erlang VM's process id (the server script's child), for a kill -9 of the node."""
+        return int(self.rabbitmqctl("eval", "list_to_integer(os:getpid()).").strip())
+
+    def kill(self) -> None:
+        """SIGKILL the node, as a crashed host would: no goodbye to clients or to the cluster."""
+        os.kill(self.beam_pid(), signal.SIGKILL)
+        assert self.proc is not None
+        self.proc.wait(timeout=60)
+        self.proc = None
+
+
+class PrivateCluster:
+    """Three private nodes joined into one cluster (the first is the seed), sharing a cookie."""
+
+    def __init__(self, root: Path, size: int = 3) -> None:
+        home = root / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        cookie = home / ".erlang.cookie"
+        cookie.write_text(secrets.token_hex(16).upper())
+        cookie.chmod(0o400)
+        self.nodes = [PrivateRabbitmq(root / f"node{i}", home=home) for i in range(size)]
+
+    @property
+    def urls(self) -> str:
+        """The cluster's node URLs as enclaveq takes them: one comma-separated --broker value."""
+        return ",".join(node.url for node in self.nodes)
+
+    def start(self) -> PrivateCluster:
+        try:
+            for node in self.nodes:
+                node.start()
+            seed = self.nodes[0]
+            for node in self.nodes[1:]:
+                node.rabbitmqctl("stop_app")
+                node.rabbitmqctl("join_cluster", seed.node)
+                node.start_app()
+            running = json.loads(seed.rabbitmqctl("cluster_status", "--formatter", "json"))["running_nodes"]
+            assert sorted(running) == sorted(n.node for n in self.nodes), running
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def live(self) -> list[PrivateRabbitmq]:
+        return [node for node in self.nodes if node.proc is not None]
+
+    def leader_of(self, queue: str) -> PrivateRabbitmq:
+        """The node that leads quorum queue ``queue`` (asked of any live node)."""
+        out = self.live()[0].rabbitmqctl("list_queues", "name", "leader", "members", "--formatter", "json")
+        rows = {row["name"]: row for row in json.loads(out)}
+        assert queue in rows, f"no queue {queue!r} on the cluster: {sorted(rows)}"
+        return next(node for node in self.nodes if node.node == rows[queue]["leader"])
+
+    def members_of(self, queue: str) -> list[str]:
+        out = self.live()[0].rabbitmqctl("list_queues", "name", "members", "--formatter", "json")
+        return next(row["members"] for row in json.loads(out) if row["name"] == queue)
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            node.stop()

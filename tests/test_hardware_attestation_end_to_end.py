@@ -56,8 +56,9 @@ async def start_worker(amd, tmp_path, url, pool, measurement=MEASUREMENT) -> Wor
 
 
 def client(url, pool, policy, amd) -> AsyncClient:
-    # Trust the fake AMD root instead of the pinned real ones; everything else is production code.
-    return AsyncClient(url, pool, policy, timeout=30, trust=amd.trust())
+    # Trust the fake AMD root instead of the pinned real ones, and take its KDS CRL as collateral
+    # (the policy fails closed without one); everything else is production code.
+    return AsyncClient(url, pool, policy, timeout=30, trust=amd.trust(), collateral={"crls": (amd.crl("Genoa"),)})
 
 
 async def test_a_producer_runs_jobs_on_a_worker_whose_snp_evidence_meets_its_policy(amd, tmp_path, memory_url, pool):
@@ -67,6 +68,7 @@ async def test_a_producer_runs_jobs_on_a_worker_whose_snp_evidence_meets_its_pol
             claims = producer.claims
             assert claims.platform == "snp" and not claims.simulated and claims.measurement == MEASUREMENT
             assert claims.details["product"] == "Genoa" and claims.details["signing_key"] == "vcek"
+            assert claims.tcb_evaluated and [use.kind for use in claims.collateral] == ["crl"]
             model_id = await producer.upload_model(mlp_model())
             out = await producer.run(model_id, {"x": np.ones((1, 4), np.float32), "bias": np.zeros(3, np.float32)})
             assert out["label"].shape == (1,)

@@ -3,6 +3,8 @@ Real quotes against the real collateral, and every status through synthetic TCB 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from datetime import datetime, UTC
 from pathlib import Path
 
@@ -139,7 +141,12 @@ def test_all_statuses_are_covered() -> None:
 def test_sgx_status_reachable(version: int, status: str, svn: int, pcesvn: int, advisories: tuple) -> None:
     coll = _sgx_collateral(version)
     result = evaluate_sgx_tcb(coll, _pck(svn, pcesvn), NOW)
-    assert result == TcbResult(status, advisories, f"20{20 + svn}-01-01T00:00:00Z", False, ())
+    assert replace(result, sources=()) == TcbResult(status, advisories, f"20{20 + svn}-01-01T00:00:00Z", False, ())
+    # ... and it says which document it was judged from: the TCB Info, its dates and its age at NOW.
+    (used,) = result.sources
+    info = coll.all_tcb_infos()[0]
+    assert (used.kind, used.issued_at, used.next_update) == ("tcb_info", info.issue_date, info.next_update)
+    assert used.age_seconds == (NOW - info.issue_date).total_seconds()
     # Higher SVNs than a level still match it (first level whose SVNs are all <= the platform's).
     assert evaluate_sgx_tcb(coll, _pck(svn, pcesvn + 100), NOW).status == status
 

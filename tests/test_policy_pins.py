@@ -32,6 +32,9 @@ NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 PKI = FakeIntelPki(NOW)
 QE = FakeQuotingEnclave(PKI)
 RD = b"\x07" * 64
+# Intel collateral for PKI (UpToDate, fresh CRLs): what a hardware table requires by default.
+SGX_COLLATERAL = PKI.collateral()
+TDX_COLLATERAL = PKI.collateral(tdx=True)
 H32 = "ab" * 32
 H48 = "cd" * 48
 PCR = {i: v.hex() for i, v in default_pcrs().items()}
@@ -122,10 +125,11 @@ def test_a_td_with_the_same_firmware_and_other_software_is_refused():
     with pytest.raises(PolicyError):
         policy_from_mapping({"nonce_required": True, "tdx": {"mrtd": [h("td").hex()]}})
     policy = policy_from_mapping({"tdx": tdx_code_pin()})
-    verify_evidence("tdx", QE.tdx_quote(report_data=RD), policy, expected_report_data=RD, now=NOW, trust=PKI.trust())
+    verify_evidence("tdx", QE.tdx_quote(report_data=RD), policy, expected_report_data=RD, now=NOW, trust=PKI.trust(),
+                    collateral=TDX_COLLATERAL)
     with pytest.raises(PolicyViolation) as info:
         verify_evidence("tdx", QE.tdx_quote(rtmr1=h("attacker kernel"), report_data=RD), policy,
-                        expected_report_data=RD, now=NOW, trust=PKI.trust())
+                        expected_report_data=RD, now=NOW, trust=PKI.trust(), collateral=TDX_COLLATERAL)
     assert list(info.value.fields) == ["tdx.rtmr1"]
 
 
@@ -181,10 +185,10 @@ def test_mrsigner_with_isvprodid_refuses_another_product_of_the_same_signer():
     policy = policy_from_mapping({"sgx": {"mrsigner": [signer], "isvprodid": 1, "min_isvsvn": 2}})
     assert policy.section("sgx").min_isvsvn == 2
     verify_evidence("sgx", QE.sgx_quote(isvprodid=1, isvsvn=2, report_data=RD), policy, expected_report_data=RD,
-                    now=NOW, trust=PKI.trust())
+                    now=NOW, trust=PKI.trust(), collateral=SGX_COLLATERAL)
     with pytest.raises(PolicyViolation) as info:
         verify_evidence("sgx", QE.sgx_quote(isvprodid=7, isvsvn=1, report_data=RD), policy,
-                        expected_report_data=RD, now=NOW, trust=PKI.trust())
+                        expected_report_data=RD, now=NOW, trust=PKI.trust(), collateral=SGX_COLLATERAL)
     assert list(info.value.fields) == ["sgx.isvprodid", "sgx.isvsvn"]
 
 
@@ -199,8 +203,10 @@ def amd() -> FakeAmd:
 def _snp_fields(amd: FakeAmd, table: dict[str, Any], **fields: Any) -> list[str]:
     fields.setdefault("measurement", bytes.fromhex(H48))
     ev = amd.evidence("Genoa", "vcek", **fields)
-    verified = SNP.verify(ev.report, VerificationInputs(now=NOW, extra_certs=ev.certs, trust=amd.trust()))
-    return [v.field for v in SNP.violations(verified, SnpPolicy.from_table(table), None)]
+    inputs = VerificationInputs(now=NOW, extra_certs=ev.certs, trust=amd.trust(),
+                                collateral={"crls": [amd.crl("Genoa")]})
+    verified = SNP.verify(ev.report, inputs)
+    return [v.field for v in SNP.violations(verified, SnpPolicy.from_table(table), inputs)]
 
 
 def test_vmpl_is_checked_by_default(amd):

@@ -16,7 +16,8 @@ def test_defaults_are_safe():
     p = SgxPolicy.from_table({"mrenclave": [H32]})
     assert p.debug_allowed is False
     assert p.accepted_tcb_statuses == ("UpToDate",) and p.accepted_advisory_ids == ()
-    assert p.require_collateral is False
+    # Fail closed: no collateral is a violation, and collateral is not accepted past its nextUpdate.
+    assert p.require_collateral is True and p.collateral_grace_seconds == 0 and p.allow_expired_collateral is False
     assert p.mrsigner is None and p.isvprodid is None and p.min_isvsvn == 0
 
 
@@ -58,6 +59,10 @@ def test_values_are_normalised():
     ({"accepted_advisory_ids": "INTEL-SA-00334"}, "accepted_advisory_ids"),
     ({"allow_expired_collateral": 1}, "allow_expired_collateral"),
     ({"require_collateral": "yes"}, "require_collateral"),
+    ({"collateral_grace_seconds": -1}, "collateral_grace_seconds"),
+    ({"collateral_grace_seconds": 2592001}, "collateral_grace_seconds"),
+    ({"collateral_grace_seconds": True}, "collateral_grace_seconds"),
+    ({"collateral_grace_seconds": 60, "allow_expired_collateral": True}, "allow_expired_collateral"),
 ])
 def test_bad_values_name_the_key(table, key):
     with pytest.raises(PolicyError, match=rf"\[sgx\] {key}\b"):

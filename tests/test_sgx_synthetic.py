@@ -23,7 +23,9 @@ from attestation.verify import verify_evidence
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 PKI = FakeIntelPki(NOW)
 QE = FakeQuotingEnclave(PKI)
-AT = VerificationInputs(now=NOW, trust=PKI.trust())
+# Verified with Intel collateral (an UpToDate TCB, fresh CRLs), as a [sgx] policy requires by default.
+AT = VerificationInputs(now=NOW, trust=PKI.trust(), collateral=PKI.collateral())
+BARE = replace(AT, collateral={})  # no collateral at all
 
 MRENCLAVE = hashlib.sha256(b"enclaveq worker").digest()
 MRSIGNER = hashlib.sha256(b"enclaveq signer").digest()
@@ -123,21 +125,24 @@ def test_attributes_mask_ignores_unmasked_bits():
 
 def test_all_violations_are_reported_at_once():
     table = {"mrenclave": ["11" * 32], "mrsigner": ["22" * 32], "isvprodid": 9, "min_isvsvn": 5,
-             "xfrm": "0300000000000000", "miscselect": 0, "require_collateral": True}
-    found = _judge(table, attributes_flags=0x07)
+             "xfrm": "0300000000000000", "miscselect": 0}
+    verified = _verify(QE.sgx_quote(attributes_flags=0x07), BARE)
+    found = PLATFORM.violations(verified, SgxPolicy.from_table(sgx_code_pin() | table), BARE)
     assert [v.field for v in found] == ["sgx.mrenclave", "sgx.mrsigner", "sgx.isvprodid", "sgx.isvsvn",
-                                        "sgx.debug", "sgx.xfrm", "sgx.tcb_status"]
-    assert "no Intel collateral" in found[-1].value
+                                        "sgx.debug", "sgx.xfrm", "sgx.collateral"]
+    assert "collateral required" in found[-1].value
 
 
 def test_front_door_judges_the_sgx_table():
     policy = policy_from_mapping({"nonce_required": False, "sgx": {"mrenclave": [MRENCLAVE.hex()]}})
     quote = QE.sgx_quote(mrenclave=MRENCLAVE, report_data=b"\x01" * 64)
-    claims = verify_evidence("sgx", quote, policy, expected_report_data=b"\x01" * 64, now=NOW, trust=PKI.trust())
+    claims = verify_evidence("sgx", quote, policy, expected_report_data=b"\x01" * 64, now=NOW, trust=PKI.trust(),
+                             collateral=AT.collateral)
     assert claims.measurement == MRENCLAVE and claims.details["isvsvn"] == 0
+    assert claims.tcb_evaluated and claims.tcb_status == "UpToDate"
     with pytest.raises(PolicyViolation) as info:
         verify_evidence("sgx", QE.sgx_quote(attributes_flags=0x07, report_data=b"\x01" * 64), policy,
-                        expected_report_data=b"\x01" * 64, now=NOW, trust=PKI.trust())
+                        expected_report_data=b"\x01" * 64, now=NOW, trust=PKI.trust(), collateral=AT.collateral)
     assert set(info.value.fields) >= {"sgx.mrenclave", "sgx.debug"}
 
 
@@ -168,12 +173,14 @@ def test_advisory_ids_must_all_be_accepted():
     assert PLATFORM.violations(v, SgxPolicy.from_table(sgx_code_pin() | table), AT) == []
 
 
-def test_without_collateral_no_tcb_judgement_unless_required():
-    v = _verify(QE.sgx_quote())
-    assert v.tcb_status is None
-    assert PLATFORM.violations(v, SgxPolicy.from_table(sgx_code_pin() | {"accepted_tcb_statuses": ["OutOfDate"]}), AT) == []
-    found = _only(PLATFORM.violations(v, SgxPolicy.from_table(sgx_code_pin() | {"require_collateral": True}), AT))
-    assert found.field == "sgx.tcb_status"
+def test_without_collateral_the_quote_is_refused_unless_the_policy_waives_it():
+    v = _verify(QE.sgx_quote(), BARE)
+    assert v.tcb_status is None and not v.tcb_evaluated
+    found = _only(PLATFORM.violations(v, SgxPolicy.from_table(sgx_code_pin()), BARE))
+    assert found.field == "sgx.collateral" and "collateral required" in found.value
+    assert "require_collateral = false" in found.expected and "--collateral DIR" in found.expected
+    waived = SgxPolicy.from_table(sgx_code_pin() | {"require_collateral": False})
+    assert PLATFORM.violations(v, waived, BARE) == []
 
 
 # ---- revocation, validity, roots

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import sys
 import types
-from datetime import datetime, UTC
+from datetime import datetime, timedelta, UTC
 
 import pytest
 
 import attestation.intel
+from attestation.claims import CollateralUse
 from attestation.errors import EvidenceInvalid
 from attestation.intel.collateral import TcbResult, converge_tcb_status, load_collateral
 from attestation.platforms import VerificationInputs
@@ -27,8 +28,8 @@ QE = FakeQuotingEnclave(PKI, qe_isvsvn=6)
 
 
 def Result(status: str, advisory_ids: tuple[str, ...] = (), collateral_expired: bool = False,
-           notes: tuple[str, ...] = ()) -> TcbResult:
-    return TcbResult(status, advisory_ids, None, collateral_expired, notes)
+           notes: tuple[str, ...] = (), sources: tuple[CollateralUse, ...] = ()) -> TcbResult:
+    return TcbResult(status, advisory_ids, None, collateral_expired, notes, sources)
 
 
 @pytest.fixture
@@ -95,8 +96,12 @@ def test_the_collateral_modules_own_convergence_is_used(fake_collateral):
 
 
 def test_expired_collateral_is_a_violation_unless_allowed(fake_collateral):
-    fake_collateral.qe_result = Result("UpToDate", (), True, ("QE Identity nextUpdate 2023-07-08 is before now",))
-    inputs = VerificationInputs(now=NOW, trust=PKI.trust(), collateral={"intel": COLLATERAL})
+    stale = CollateralUse("qe_identity", "Intel SGX TCB Signing", datetime(2023, 6, 8, tzinfo=UTC),
+                          datetime(2023, 7, 8, tzinfo=UTC), (NOW - datetime(2023, 6, 8, tzinfo=UTC)).total_seconds())
+    fake_collateral.qe_result = Result("UpToDate", (), True, ("QE Identity nextUpdate 2023-07-08 is before now",),
+                                       (stale,))
+    inputs = VerificationInputs(now=NOW, trust=PKI.trust(),
+                                collateral={"intel": COLLATERAL, "crls": [PKI.crl(issuer="ca"), PKI.crl(issuer="root")]})
     for platform, quote, section in ((SGX, QE.sgx_quote(), SgxPolicy), (TDX, QE.tdx_quote(), TdxPolicy)):
         v = platform.verify(quote, inputs)
         assert v.report.tcb.collateral_expired is True
@@ -105,7 +110,8 @@ def test_expired_collateral_is_a_violation_unless_allowed(fake_collateral):
         pin = sgx_code_pin() if section is SgxPolicy else tdx_code_pin()
         (found,) = platform.violations(v, section.from_table(pin | accepted), inputs)
         assert found.field == f"{platform.name}.collateral" and "2023-07-08" in found.value
-        assert "allow_expired_collateral" in found.expected
+        assert "allow_expired_collateral" in found.expected and "collateral_grace_seconds = 0" in found.expected
+        assert stale in v.collateral  # the verifier reports what it used; the policy judged it
         assert platform.violations(v, section.from_table(pin | accepted | {"allow_expired_collateral": True}), inputs) == []
 
 
@@ -153,7 +159,7 @@ def _real_collateral(tmp_path, *, tdx: bool, platform_status: str, qe_svn_levels
         qe_id="TD_QE" if tdx else "QE", mrsigner=TD_QE_MRSIGNER if tdx else SGX_QE_MRSIGNER,
         isvprodid=2 if tdx else 1, issue_date=datetime(2026, 11, 20, tzinfo=UTC), next_update=next_update)
     directory = PKI.write_collateral_dir(tmp_path / ("tdx" if tdx else "sgx"), tcb_info=tcb_info,
-                                         qe_identity=qe_identity)
+                                         qe_identity=qe_identity, crls=[PKI.crl(issuer="ca"), PKI.crl(issuer="root")])
     coll = load_collateral(directory, now=NOW, trust=PKI.trust())
     return VerificationInputs(now=NOW, trust=PKI.trust(), collateral={"intel": coll, "crls": tuple(coll.crls)})
 
@@ -186,4 +192,10 @@ def test_end_to_end_stale_collateral(tmp_path):
     v = SGX.verify(QE.sgx_quote(), inputs)
     assert v.report.tcb.collateral_expired is True
     found = SGX.violations(v, SgxPolicy.from_table(sgx_code_pin() | {"accepted_advisory_ids": ["INTEL-SA-00615"]}), inputs)
-    assert [x.field for x in found] == ["sgx.collateral"]
+    assert [x.field for x in found] == ["sgx.collateral", "sgx.collateral"]
+    assert "stale TCB Info" in found[0].value and "stale QE Identity" in found[1].value
+    # both are 6 days 12 hours past their nextUpdate: a week's grace accepts them, six days do not
+    week = {"accepted_advisory_ids": ["INTEL-SA-00615"], "collateral_grace_seconds": int(timedelta(days=7).total_seconds())}
+    assert SGX.violations(v, SgxPolicy.from_table(sgx_code_pin() | week), inputs) == []
+    six = week | {"collateral_grace_seconds": int(timedelta(days=6).total_seconds())}
+    assert len(SGX.violations(v, SgxPolicy.from_table(sgx_code_pin() | six), inputs)) == 2

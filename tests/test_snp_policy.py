@@ -27,15 +27,24 @@ A = "33" * 48
 SMT, RESERVED, MIGRATE, DEBUG = 1 << 16, 1 << 17, 1 << 18, 1 << 19
 
 
+AT = VerificationInputs(now=NOW)  # what violations() reads: the time collateral freshness is judged at
+
+
 @pytest.fixture(scope="module")
 def amd() -> FakeAmd:
     return FakeAmd(now=NOW)
 
 
+def _crls(amd, product):
+    """AMD KDS's CRL for the product's ARK (revoking nothing), as a policy requires by default."""
+    return [amd.crl(product)]
+
+
 def _verified(amd, product="Milan", signing_key="vcek", **fields):
     fields.setdefault("measurement", bytes.fromhex(M))
     ev = amd.evidence(product, signing_key, **fields)
-    return PLATFORM.verify(ev.report, VerificationInputs(now=NOW, extra_certs=ev.certs, trust=amd.trust()))
+    return PLATFORM.verify(ev.report, VerificationInputs(now=NOW, extra_certs=ev.certs, trust=amd.trust(),
+                                                         collateral={"crls": _crls(amd, product)}))
 
 
 def _fields(found) -> list[str]:
@@ -51,6 +60,7 @@ def test_defaults_are_the_safe_ones():
     assert section.smt_allowed is True
     assert section.allowed_signing_keys == ("vcek", "vlek")
     assert section.products == () and section.vmpl == (0,) and section.min_tcb == {} and section.min_guest_svn == 0
+    assert section.require_collateral is True and section.collateral_grace_seconds == 0
 
 
 def test_a_full_table_round_trips_through_toml():
@@ -147,7 +157,7 @@ def test_a_report_that_meets_every_field_has_no_violations(amd):
         "smt_allowed": False, "vmpl": [1], "min_guest_svn": 5, "products": ["Turin"], "allowed_signing_keys": ["vcek"],
         "min_tcb": {"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115, "fmc": 1},
     })
-    assert PLATFORM.violations(verified, section, None) == []
+    assert PLATFORM.violations(verified, section, AT) == []
 
 
 @pytest.mark.parametrize(
@@ -174,7 +184,7 @@ def test_a_report_that_meets_every_field_has_no_violations(amd):
 )
 def test_each_policy_field_is_checked_and_named(amd, table, fields, field, value, expected):
     verified = _verified(amd, **fields)
-    found = PLATFORM.violations(verified, SnpPolicy.from_table(table), None)
+    found = PLATFORM.violations(verified, SnpPolicy.from_table(table), AT)
     assert _fields(found) == [field]
     assert value in found[0].value and expected in found[0].expected
 
@@ -182,13 +192,13 @@ def test_each_policy_field_is_checked_and_named(amd, table, fields, field, value
 def test_the_fmc_minimum_applies_to_turin_only(amd):
     section = SnpPolicy.from_table({"measurement": [M], "min_tcb": {"fmc": 2}})
     turin = _verified(amd, "Turin")
-    assert _fields(PLATFORM.violations(turin, section, None)) == ["snp.reported_tcb.fmc"]
-    assert PLATFORM.violations(_verified(amd, "Genoa"), section, None) == []
+    assert _fields(PLATFORM.violations(turin, section, AT)) == ["snp.reported_tcb.fmc"]
+    assert PLATFORM.violations(_verified(amd, "Genoa"), section, AT) == []
 
 
 def test_a_vlek_report_against_a_vcek_only_policy(amd):
     section = SnpPolicy.from_table({"measurement": [M], "allowed_signing_keys": ["vcek"]})
-    assert _fields(PLATFORM.violations(_verified(amd, "Genoa", "vlek"), section, None)) == ["snp.signing_key"]
+    assert _fields(PLATFORM.violations(_verified(amd, "Genoa", "vlek"), section, AT)) == ["snp.signing_key"]
 
 
 def test_every_violation_is_reported_at_once(amd):
@@ -197,7 +207,7 @@ def test_every_violation_is_reported_at_once(amd):
         "measurement": [M2], "host_data": [H], "smt_allowed": False, "vmpl": [0], "min_guest_svn": 1,
         "min_tcb": {"bootloader": 9, "microcode": 200}, "products": ["Genoa"], "allowed_signing_keys": ["vlek"],
     })
-    assert _fields(PLATFORM.violations(verified, section, None)) == [
+    assert _fields(PLATFORM.violations(verified, section, AT)) == [
         "snp.measurement", "snp.host_data", "snp.policy.debug", "snp.policy.migrate_ma", "snp.policy.smt",
         "snp.vmpl", "snp.guest_svn", "snp.reported_tcb.bootloader", "snp.reported_tcb.microcode",
         "snp.signing_key", "snp.product",
@@ -215,7 +225,7 @@ def test_the_front_door_accepts_and_refuses_snp_evidence(amd):
     report_data = b"\x5c" * 64
     ev = amd.evidence("Genoa", measurement=bytes.fromhex(M), report_data=report_data, trailing=b"\x00" * 8)
     claims = verify_evidence("snp", ev.report, policy_from_toml(_policy()), expected_report_data=report_data,
-                             now=NOW, certs=ev.certs, trust=amd.trust())
+                             now=NOW, certs=ev.certs, trust=amd.trust(), collateral={"crls": _crls(amd, "Genoa")})
     assert claims.platform == "snp" and claims.measurement.hex() == M and claims.issued_at is None
     assert claims.details["product"] == "Genoa" and claims.trailing_bytes == 8
     assert claims.to_json()["claims"]["reported_tcb"] == {"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115}
@@ -223,7 +233,8 @@ def test_the_front_door_accepts_and_refuses_snp_evidence(amd):
     debug = amd.evidence("Genoa", measurement=bytes.fromhex(M), report_data=b"\x00" * 64, policy=RESERVED | DEBUG)
     with pytest.raises(PolicyViolation) as info:
         verify_evidence("snp", debug.report, policy_from_toml(_policy("[snp.min_tcb]\nsnp = 9\n")),
-                        expected_report_data=report_data, now=NOW, certs=debug.certs, trust=amd.trust())
+                        expected_report_data=report_data, now=NOW, certs=debug.certs, trust=amd.trust(),
+                        collateral={"crls": _crls(amd, "Genoa")})
     assert set(info.value.fields) == {"report_data", "snp.policy.debug", "snp.reported_tcb.snp"}
 
 
@@ -242,4 +253,4 @@ def test_reported_tcb_minimums_compare_per_component_not_as_a_number(amd):
     section = SnpPolicy.from_table({"measurement": [M], "min_tcb": {"bootloader": 4, "microcode": 100}})
     assert encode_tcb({"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115}, "Milan") > encode_tcb(
         {"bootloader": 4, "tee": 0, "snp": 0, "microcode": 100}, "Milan")
-    assert _fields(PLATFORM.violations(verified, section, None)) == ["snp.reported_tcb.bootloader"]
+    assert _fields(PLATFORM.violations(verified, section, AT)) == ["snp.reported_tcb.bootloader"]

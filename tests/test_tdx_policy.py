@@ -18,6 +18,7 @@ def test_defaults_are_safe():
     p = TdxPolicy.from_table(PIN)
     assert p.debug_allowed is False and p.min_tee_tcb_svn is None
     assert p.accepted_tcb_statuses == ("UpToDate",) and p.accepted_advisory_ids == ()
+    assert p.require_collateral is True and p.collateral_grace_seconds == 0 and p.allow_expired_collateral is False
     assert all(getattr(p, key) is None for key in MEASUREMENT_KEYS if key not in CODE_PIN_KEYS)
 
 
@@ -45,6 +46,9 @@ def test_measurement_lists(key):
     ({"accepted_advisory_ids": [1]}, "accepted_advisory_ids"),
     ({"allow_expired_collateral": 1}, "allow_expired_collateral"),
     ({"require_collateral": None}, "require_collateral"),
+    ({"collateral_grace_seconds": 2592001}, "collateral_grace_seconds"),
+    ({"collateral_grace_seconds": 1.5}, "collateral_grace_seconds"),
+    ({"collateral_grace_seconds": 1, "allow_expired_collateral": True}, "allow_expired_collateral"),
 ])
 def test_bad_values_name_the_key(table, key):
     with pytest.raises(PolicyError, match=rf"\[tdx\] {key}\b"):

@@ -23,7 +23,9 @@ from attestation.verify import verify_evidence
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 PKI = FakeIntelPki(NOW)
 QE = FakeQuotingEnclave(PKI)
-AT = VerificationInputs(now=NOW, trust=PKI.trust())
+# Verified with Intel TDX collateral (an UpToDate TCB, fresh CRLs), as a [tdx] policy requires by default.
+AT = VerificationInputs(now=NOW, trust=PKI.trust(), collateral=PKI.collateral(tdx=True))
+BARE = replace(AT, collateral={})  # no collateral at all
 SHAPES = [(4, 2), (5, 2), (5, 3)]
 SHAPE_IDS = ["v4", "v5-tdx1.0", "v5-tdx1.5"]
 
@@ -36,8 +38,9 @@ def _verify(quote: bytes, inputs: VerificationInputs = AT):
     return PLATFORM.verify(quote, inputs)
 
 
-def _judge(table: dict, **body):
-    return PLATFORM.violations(_verify(QE.tdx_quote(**body)), TdxPolicy.from_table(tdx_code_pin() | table), AT)
+def _judge(table: dict, inputs: VerificationInputs = AT, **body):
+    return PLATFORM.violations(_verify(QE.tdx_quote(**body), inputs), TdxPolicy.from_table(tdx_code_pin() | table),
+                               inputs)
 
 
 def _only(found: list[Violation]) -> Violation:
@@ -106,20 +109,23 @@ def test_td_attributes_with_mask():
 
 
 def test_min_tee_tcb_svn_is_component_wise():
-    table = {"min_tee_tcb_svn": "03000500" + "00" * 12}
-    assert _judge(table, tee_tcb_svn=bytes([3, 0, 5]) + bytes(13)) == []
-    assert _judge(table, tee_tcb_svn=bytes([9, 1, 6, 1]) + bytes(12)) == []
-    v = _only(_judge(table, tee_tcb_svn=bytes([4, 0, 4]) + bytes(13)))  # larger first byte does not compensate
+    # TEE_TCB_SVN[1] = 1 is a TDX module the fake TCB Info does not describe: judged without collateral.
+    table = {"min_tee_tcb_svn": "03000500" + "00" * 12, "require_collateral": False}
+    assert _judge(table, BARE, tee_tcb_svn=bytes([3, 0, 5]) + bytes(13)) == []
+    assert _judge(table, BARE, tee_tcb_svn=bytes([9, 1, 6, 1]) + bytes(12)) == []
+    v = _only(_judge(table, BARE, tee_tcb_svn=bytes([4, 0, 4]) + bytes(13)))  # larger first byte does not compensate
     assert v.field == "tdx.tee_tcb_svn" and v.value == "04000400" + "00" * 12
     assert "03000500" in v.expected and "component 2 lower" in v.expected
 
 
 def test_all_violations_are_reported_at_once():
     table = {"mrtd": [h("x").hex()], "rtmr3": [h("y").hex()], "xfam": "0300000000000000",
-             "min_tee_tcb_svn": "ff" * 16, "require_collateral": True}
-    found = _judge(table, td_attributes=1)
+             "min_tee_tcb_svn": "ff" * 16}
+    found = PLATFORM.violations(_verify(QE.tdx_quote(td_attributes=1), BARE),
+                                TdxPolicy.from_table(tdx_code_pin() | table), BARE)
     assert [v.field for v in found] == ["tdx.mrtd", "tdx.rtmr3", "tdx.xfam", "tdx.debug", "tdx.tee_tcb_svn",
-                                        "tdx.tcb_status"]
+                                        "tdx.collateral"]
+    assert "collateral required" in found[-1].value
 
 
 @pytest.mark.parametrize("status, accepted, ok", [
@@ -143,11 +149,12 @@ def test_front_door_judges_the_tdx_table():
     policy = policy_from_mapping({"nonce_required": False, "tdx": tdx_code_pin(mrtd=h("good"))})
     rd = b"\x02" * 64
     claims = verify_evidence("tdx", QE.tdx_quote(version=5, mrtd=h("good"), report_data=rd), policy,
-                             expected_report_data=rd, now=NOW, trust=PKI.trust())
+                             expected_report_data=rd, now=NOW, trust=PKI.trust(), collateral=AT.collateral)
     assert claims.measurement == h("good") and claims.details["version"] == 5
+    assert claims.tcb_evaluated and claims.tcb_status == "UpToDate"
     with pytest.raises(PolicyViolation) as info:
         verify_evidence("tdx", QE.tdx_quote(mrtd=h("bad"), td_attributes=1, report_data=rd), policy,
-                        expected_report_data=rd, now=NOW, trust=PKI.trust())
+                        expected_report_data=rd, now=NOW, trust=PKI.trust(), collateral=AT.collateral)
     assert set(info.value.fields) >= {"tdx.mrtd", "tdx.debug"}
 
 

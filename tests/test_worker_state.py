@@ -7,6 +7,8 @@ directory that cannot be used stops the worker before it takes any work, saying 
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
 import re
 import shutil
@@ -21,7 +23,7 @@ from enclave_worker.models import model_id_of
 from producer_sdk import AsyncClient
 from producer_sdk.errors import UnknownModel, WorkerFailure
 
-from .support import batch_of, mlp_model, run_directly, running_worker
+from .support import batch_of, mlp_model, run_directly, running_worker, wait_until
 
 
 async def test_an_upload_that_cannot_be_made_durable_is_refused_and_never_served(tee, memory_url, pool):
@@ -39,6 +41,39 @@ async def test_an_upload_that_cannot_be_made_durable_is_refused_and_never_served
         model_id = await client.upload_model(mlp_model())
         outputs = await client.run(model_id, batch_of(1)[0])
     np.testing.assert_array_equal(outputs["logits"], run_directly(mlp_model(), batch_of(1)[0])["logits"])
+
+
+async def test_a_worker_whose_disk_fills_up_takes_no_jobs_until_it_can_seal_them_and_loses_none(
+        tee, broker_url, pool, monkeypatch, caplog):
+    caplog.set_level(logging.WARNING, logger="enclaveq.worker")
+    jobs = batch_of(3)
+    async with (running_worker(tee, broker_url, pool) as worker,
+                AsyncClient(broker_url, pool, tee.policy(), timeout=60) as client):
+        model_id = await client.upload_model(mlp_model())
+        await client.run(model_id, jobs[0])
+        state = worker.sealed_state
+        write = state._write
+
+        def disk_full(path, blob):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(state, "_write", disk_full)  # every sealed write from now on, probes included
+        await wait_until(lambda: not worker.ready, "the worker notices it cannot seal its answered jobs")
+        def metric(name, **labels):
+            return worker.metrics.registry.get_sample_value(name, labels)
+
+        answered = metric("enclaveq_worker_requests_total", kind="job", outcome="ok")
+        held = asyncio.ensure_future(client.run(model_id, jobs[1]))
+        await wait_until(lambda: metric("enclaveq_worker_requests_held") == 1, "the job reaches the worker and is held")
+        assert not held.done() and metric("enclaveq_worker_requests_total", kind="job", outcome="ok") == answered
+        monkeypatch.setattr(state, "_write", write)  # space freed
+        outputs = await held
+        assert worker.ready
+        outputs_after = await client.run(model_id, jobs[2])
+    np.testing.assert_array_equal(outputs["logits"], run_directly(mlp_model(), jobs[1])["logits"])
+    np.testing.assert_array_equal(outputs_after["logits"], run_directly(mlp_model(), jobs[2])["logits"])
+    said = [r.getMessage() for r in caplog.records if "state directory" in r.getMessage()]
+    assert len(said) == 2 and "No space left on device" in said[0] and "writable again" in said[1], said
 
 
 async def test_a_damaged_sealed_model_is_set_aside_and_the_worker_serves_the_others(tee, memory_url, pool, caplog):

@@ -26,8 +26,9 @@ Errors
     collateral that does not apply to the evidence (FMSPC, PCE-ID, TDX module identity, QE identity
     mismatch) or a platform TCB below every level Intel lists → ``EvidenceInvalid``.
     Stale collateral (``now`` past ``nextUpdate``, or before ``issueDate``) is *reported*
-    (``TcbResult.collateral_expired`` and ``notes``), never silently ignored and never fatal here:
-    the policy decides.
+    (``TcbResult.collateral_expired``, ``notes`` and, with issue date, nextUpdate and age, in
+    ``TcbResult.sources``), never silently ignored and never fatal here: the policy decides
+    (``collateral_grace_seconds``, :mod:`attestation.collateral_rules`).
 
 Decisions (documented here because callers must know them)
     - A QE report that does not match the QE Identity (MRSIGNER, ISVPRODID, masked MISCSELECT or
@@ -69,8 +70,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from ..chain import subject, verify_chain
-from ..claims import CertSummary
+from ..chain import common_name, subject, verify_chain
+from ..claims import CertSummary, CollateralUse
 from ..errors import EvidenceInvalid, EvidenceMalformed
 from ..trust import DEFAULT_TRUST, TrustAnchors
 from .pck import PckExtensions
@@ -95,6 +96,7 @@ __all__ = [
     "evaluate_tdx_tcb",
     "evaluate_qe_identity",
     "converge_tcb_status",
+    "document_use",
     "json_member_spans",
     "signature_valid",
     "TCB_SIGNING_CN",
@@ -215,6 +217,7 @@ class TcbResult:
     tcb_date: str | None
     collateral_expired: bool = False  # now > nextUpdate of a document used
     notes: tuple[str, ...] = ()       # e.g. "TCB Info (FMSPC ...) nextUpdate ... is before now ..."
+    sources: tuple[CollateralUse, ...] = ()   # the documents this result was judged from, with their ages
 
 
 # --------------------------------------------------------------------------------------------
@@ -823,6 +826,20 @@ def load_collateral(directory: Path, *, now: datetime, trust: TrustAnchors = DEF
 # --------------------------------------------------------------------------------------------
 # Evaluation
 
+def document_use(doc: TcbInfo | QeIdentity, now: datetime) -> CollateralUse:
+    """A TCB Info or QE Identity as a :class:`CollateralUse`: the CN of the certificate that signed
+    it (Intel SGX TCB Signing), its issueDate and nextUpdate, its age at ``now``."""
+    issuer = "<issuer not verified>"
+    if doc.signer_chain:
+        try:
+            issuer = common_name(x509.Name.from_rfc4514_string(doc.signer_chain[0].subject))
+        except ValueError:
+            issuer = doc.signer_chain[0].subject
+    return CollateralUse(kind="tcb_info" if isinstance(doc, TcbInfo) else "qe_identity", issuer=issuer,
+                         issued_at=doc.issue_date, next_update=doc.next_update,
+                         age_seconds=(now - doc.issue_date).total_seconds())
+
+
 def _freshness(doc: TcbInfo | QeIdentity, label: str, now: datetime) -> tuple[bool, list[str]]:
     notes: list[str] = []
     expired = now > doc.next_update
@@ -866,7 +883,8 @@ def evaluate_sgx_tcb(coll: IntelCollateral, pck: PckExtensions, now: datetime) -
     expired, notes = _freshness(info, f"TCB Info (FMSPC {info.fmspc.hex()})", now)
     for level in info.tcb_levels:
         if _sgx_level_matches(level, pck):
-            return TcbResult(level.status, level.advisory_ids, level.tcb_date, expired, tuple(notes))
+            return TcbResult(level.status, level.advisory_ids, level.tcb_date, expired, tuple(notes),
+                             (document_use(info, now),))
     raise EvidenceInvalid(f"TCB not supported: the PCK certificate's TCB (components "
                           f"{list(pck.tcb_components)}, PCESVN {pck.pcesvn}) is below every level of the "
                           f"TCB Info for FMSPC {info.fmspc.hex()}")
@@ -950,11 +968,12 @@ def evaluate_tdx_tcb(coll: IntelCollateral, pck: PckExtensions, tee_tcb_svn: byt
                                                               module.attributes_mask):
             raise EvidenceInvalid(f"SEAMATTRIBUTES {bytes(seam_attributes).hex()} do not match the TDX module "
                                   f"attributes {module.attributes.hex()} under mask {module.attributes_mask.hex()}")
+    sources = (document_use(info, now),)
     if module_level is None:
-        return TcbResult(matched.status, matched.advisory_ids, matched.tcb_date, expired, tuple(notes))
+        return TcbResult(matched.status, matched.advisory_ids, matched.tcb_date, expired, tuple(notes), sources)
     status = _worse(matched.status, module_level.status)
     return TcbResult(status, _merge(matched.advisory_ids, module_level.advisory_ids),
-                     _earliest(matched.tcb_date, module_level.tcb_date), expired, tuple(notes))
+                     _earliest(matched.tcb_date, module_level.tcb_date), expired, tuple(notes), sources)
 
 
 def evaluate_qe_identity(coll: IntelCollateral, qe_report_mrsigner: bytes, isvprodid: int, isvsvn: int,
@@ -999,11 +1018,12 @@ def evaluate_qe_identity(coll: IntelCollateral, qe_report_mrsigner: bytes, isvpr
     if problems:
         raise EvidenceInvalid(f"QE report does not match the {ident.id} Identity: " + "; ".join(problems))
     expired, notes = _freshness(ident, f"{ident.id} Identity", now)
+    sources = (document_use(ident, now),)
     for level in ident.tcb_levels:
         if level.isvsvn <= isvsvn:
-            return TcbResult(level.status, level.advisory_ids, level.tcb_date, expired, tuple(notes))
+            return TcbResult(level.status, level.advisory_ids, level.tcb_date, expired, tuple(notes), sources)
     notes.append(f"QE ISVSVN {isvsvn} is below every level of the {ident.id} Identity")
-    return TcbResult("Revoked", (), None, expired, tuple(notes))
+    return TcbResult("Revoked", (), None, expired, tuple(notes), sources)
 
 
 def converge_tcb_status(platform: TcbResult, qe: TcbResult) -> TcbResult:
@@ -1016,4 +1036,5 @@ def converge_tcb_status(platform: TcbResult, qe: TcbResult) -> TcbResult:
         tcb_date=_earliest(platform.tcb_date, qe.tcb_date),
         collateral_expired=platform.collateral_expired or qe.collateral_expired,
         notes=_merge(platform.notes, qe.notes),
+        sources=platform.sources + qe.sources,
     )

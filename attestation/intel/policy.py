@@ -12,10 +12,14 @@ Conventions of both tables (documented for users in each platform's ``policy.py`
   ones, a mask without its value is refused, and so is a value with bits outside its mask (it
   would look checked but not be);
 - TCB: ``accepted_tcb_statuses`` (default ``["UpToDate"]``) and ``accepted_advisory_ids``
-  (default none) are judged only when the verification had Intel collateral. Without it no TCB
-  judgement is made, unless ``require_collateral = true``, which turns its absence into a
-  violation. ``Revoked`` cannot be accepted. Collateral past its ``nextUpdate`` is a violation
-  (``<platform>.collateral``) unless ``allow_expired_collateral = true``.
+  (default none) are judged against Intel collateral (TCB Info, QE Identity; and the PCK chain's
+  CRLs for revocation). ``Revoked`` cannot be accepted. Without that collateral the evidence is
+  refused (``<platform>.collateral``, "collateral required") unless ``require_collateral = false``
+  (default true), which accepts it with claims saying ``tcb_evaluated = false``. Collateral that is
+  given is always judged: a CRL, TCB Info or QE Identity past its ``nextUpdate`` by more than
+  ``collateral_grace_seconds`` (default 0, at most 2592000 = 30 days) is a ``<platform>.collateral``
+  violation. ``allow_expired_collateral = true`` (older policies; discouraged) accepts any
+  staleness and cannot be combined with a grace. The rules: :mod:`attestation.collateral_rules`.
 
 Every problem is a :class:`PolicyError` naming ``[platform] key``.
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 from typing import Any, overload
 from collections.abc import Iterable, Mapping
 
+from attestation.collateral_rules import MAX_GRACE_SECONDS, collateral_violations, rules_of
 from attestation.errors import PolicyError, Violation
 from attestation.intel.tcb_status import TCB_STATUSES
 
@@ -174,7 +179,8 @@ class TableReader:
                                  "(they would never be compared)")
         return value, mask
 
-    def tcb(self) -> tuple[tuple[str, ...], tuple[str, ...], bool, bool]:
+    def tcb(self) -> dict[str, Any]:
+        """The TCB and collateral keys, as the section's field names."""
         statuses = self.str_list("accepted_tcb_statuses", ("UpToDate",), allowed=TCB_STATUSES)
         if "Revoked" in statuses:
             raise self.fail("accepted_tcb_statuses", "must not contain 'Revoked': a revoked TCB is never acceptable")
@@ -182,8 +188,15 @@ class TableReader:
             raise self.fail("accepted_tcb_statuses", "is an empty list, which would refuse every quote "
                                                      "verified with collateral")
         advisories = self.str_list("accepted_advisory_ids", ())
-        return (statuses, advisories, self.boolean("require_collateral", False),
-                self.boolean("allow_expired_collateral", False))
+        grace = self.integer("collateral_grace_seconds", 0, maximum=MAX_GRACE_SECONDS)
+        allow_expired = self.boolean("allow_expired_collateral", False)
+        if allow_expired and grace:
+            raise self.fail("allow_expired_collateral", f"= true cannot be combined with '[{self.platform}] "
+                                                        "collateral_grace_seconds': set only the grace (preferred: "
+                                                        "allow_expired_collateral accepts any staleness)")
+        return dict(accepted_tcb_statuses=statuses, accepted_advisory_ids=advisories,
+                    require_collateral=self.boolean("require_collateral", True),
+                    collateral_grace_seconds=grace, allow_expired_collateral=allow_expired)
 
 
 def one_of(field: str, value: bytes, allowed: tuple[bytes, ...] | None, key: str) -> Violation | None:
@@ -201,28 +214,20 @@ def masked_violation(field: str, value: bytes, expected: bytes | None, mask: byt
     return Violation(field, value.hex(), f"{expected.hex()} under mask {mask.hex()} (policy {key}, {key}_mask)")
 
 
-def tcb_violations(platform: str, verified: Any, section: Any) -> list[Violation]:
-    """TCB judgement of ``section`` (accepted_tcb_statuses, accepted_advisory_ids,
-    require_collateral, allow_expired_collateral) against a verified SGX/TDX quote."""
+def tcb_violations(platform: str, verified: Any, section: Any, now: Any) -> list[Violation]:
+    """TCB judgement of ``section`` (accepted_tcb_statuses, accepted_advisory_ids and the collateral
+    keys) against a verified SGX/TDX quote at ``now``."""
     statuses, advisories = section.accepted_tcb_statuses, section.accepted_advisory_ids
     found: list[Violation] = []
     status = verified.tcb_status
-    if status is None:
-        if section.require_collateral:
-            found.append(Violation(f"{platform}.tcb_status", "not evaluated (no Intel collateral was given)",
-                                   f"a TCB status from Intel collateral ([{platform}] require_collateral = true)"))
-        return found
-    if status not in statuses:
-        found.append(Violation(f"{platform}.tcb_status", status,
-                               f"one of [{', '.join(statuses)}] (policy [{platform}] accepted_tcb_statuses)"))
-    outcome = getattr(verified.report, "tcb", None)
-    if outcome is not None and outcome.collateral_expired and not section.allow_expired_collateral:
-        found.append(Violation(f"{platform}.collateral", "expired: " + ("; ".join(outcome.notes) or "past nextUpdate"),
-                               f"collateral within its issueDate..nextUpdate (policy [{platform}] "
-                               "allow_expired_collateral = false)"))
-    unaccepted = [a for a in verified.advisory_ids if a not in advisories]
-    if unaccepted:
-        found.append(Violation(f"{platform}.advisory_ids", ", ".join(unaccepted),
-                               f"only advisories in [{', '.join(advisories)}] (policy [{platform}] "
-                               "accepted_advisory_ids)"))
+    if status is not None:
+        if status not in statuses:
+            found.append(Violation(f"{platform}.tcb_status", status,
+                                   f"one of [{', '.join(statuses)}] (policy [{platform}] accepted_tcb_statuses)"))
+        unaccepted = [a for a in verified.advisory_ids if a not in advisories]
+        if unaccepted:
+            found.append(Violation(f"{platform}.advisory_ids", ", ".join(unaccepted),
+                                   f"only advisories in [{', '.join(advisories)}] (policy [{platform}] "
+                                   "accepted_advisory_ids)"))
+    found.extend(collateral_violations(platform, verified, rules_of(section), now))
     return found

@@ -22,9 +22,12 @@
    :func:`attestation.intel.pck.parse_pck_extensions`;
 8. TCB judgement only when the caller passed Intel collateral (``inputs.collateral["intel"]``):
    :func:`evaluate_tcb` -> a :class:`TcbOutcome` (status converged with the QE identity's,
-   advisory IDs, whether the collateral was stale). Without collateral no TCB status is computed
-   (``Verified.tcb_status`` stays None) and nothing is fetched: ``inputs.fetcher`` is not used
-   here. ``inputs.extra_certs`` is not used either: quotes carry their whole PCK chain.
+   advisory IDs, whether the collateral was stale, the documents used). Without collateral no TCB
+   status is computed (``Verified.tcb_status`` stays None) and nothing is fetched: ``inputs.fetcher``
+   is not used here. ``inputs.extra_certs`` is not used either: quotes carry their whole PCK chain.
+   :func:`collateral_report` then lists every collateral document used (CRLs, TCB Info, QE
+   Identity, with ages) and what was missing for a full judgement, for the policy to judge
+   (:mod:`attestation.collateral_rules`): nothing about freshness or absence is decided here.
 
 Speed: parsed PCK chains are cached by content (:func:`attestation.intel.abi.parse_pck_chain`)
 and attestation public keys by their 64 bytes, so a warm verification costs five ECDSA P-256
@@ -38,7 +41,6 @@ import hmac
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
-from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -47,8 +49,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from attestation.chain import verify_chain
-from attestation.claims import CertSummary
+from attestation.chain import common_name, crl_use, verify_chain_crls
+from attestation.claims import CertSummary, CollateralUse
 from attestation.errors import AttestationError, EvidenceInvalid, EvidenceMalformed
 
 from .abi import (
@@ -69,6 +71,7 @@ __all__ = [
     "TcbOutcome",
     "VerifiedQuote",
     "attestation_public_key",
+    "collateral_report",
     "evaluate_tcb",
     "verify_ecdsa_p256",
     "verify_ecdsa_quote",
@@ -103,6 +106,8 @@ class IntelVerification:
     pck_leaf: x509.Certificate
     pck_ca: str                        # "platform" or "processor"
     pck_extensions: PckExtensions
+    crls: tuple[x509.CertificateRevocationList, ...] = ()   # consulted for the PCK chain (signature checked)
+    crl_issuers: frozenset[str] = frozenset()             # CNs of the chain certificates those CRLs cover
 
     @property
     def fmspc(self) -> bytes:
@@ -198,11 +203,16 @@ def verify_ecdsa_quote(
     if _common_name(leaf) != PCK_LEAF_NAME:
         raise EvidenceInvalid(f"PCK chain leaf {_safe_subject(leaf)!r} is not an '{PCK_LEAF_NAME}'")
 
-    # 5. chain to the pinned root at inputs.now, with CRLs when given
-    crls: Sequence[x509.CertificateRevocationList] = tuple(inputs.collateral.get("crls", ()) or ())
+    # 5. chain to the pinned root at inputs.now, with CRLs when given (the "crls" entry, and those
+    # that came with the Intel collateral, so {"intel": collateral} alone is enough)
+    crls: list[x509.CertificateRevocationList] = list(inputs.collateral.get("crls", ()) or ())
+    intel = inputs.collateral.get("intel")
+    for crl in getattr(intel, "crls", ()) or ():
+        if not any(crl is given or crl == given for given in crls):
+            crls.append(crl)
     try:
-        summaries = verify_chain(certs, now=inputs.now, trusted_roots=inputs.trust.for_platform(platform),
-                                 crls=crls)
+        summaries, consulted = verify_chain_crls(certs, now=inputs.now,
+                                                 trusted_roots=inputs.trust.for_platform(platform), crls=crls)
     except AttestationError:
         raise
     except Exception as exc:  # noqa: BLE001 - e.g. an unsupported signature algorithm
@@ -229,7 +239,8 @@ def verify_ecdsa_quote(
         raise EvidenceInvalid("QE report has ATTRIBUTES.DEBUG set: a debug Quoting Enclave vouches for nothing")
 
     # 7. PCK extensions (FMSPC ...)
-    return IntelVerification(summaries, leaf, pck_ca, _pck_extensions(cert_data.pck_chain.ders[0], leaf))
+    return IntelVerification(summaries, leaf, pck_ca, _pck_extensions(cert_data.pck_chain.ders[0], leaf),
+                             consulted, frozenset(common_name(crl.issuer) for crl in consulted))
 
 
 def _safe_subject(cert: x509.Certificate) -> str:
@@ -253,6 +264,7 @@ class TcbOutcome:
     advisory_ids: tuple[str, ...] = ()
     collateral_expired: bool = False
     notes: tuple[str, ...] = ()
+    sources: tuple[CollateralUse, ...] = ()   # the TCB Info and QE Identity used, with their ages
 
 
 @dataclass(frozen=True)
@@ -306,4 +318,26 @@ def evaluate_tcb(
     status, advisories = both.status, tuple(both.advisory_ids)
     expired = tcb.collateral_expired or qe.collateral_expired
     notes = _merge(tcb.notes, qe.notes)
-    return TcbOutcome(status, advisories, expired, notes)
+    return TcbOutcome(status, advisories, expired, notes, tuple(tcb.sources) + tuple(qe.sources))
+
+
+ROOT_CA_NAME = "Intel SGX Root CA"
+
+
+def collateral_report(inputs: Any, verification: IntelVerification, tcb: TcbOutcome | None
+                      ) -> tuple[tuple[CollateralUse, ...], tuple[str, ...]]:
+    """What Intel collateral the verification used (CRLs, TCB Info, QE Identity, each with its age
+    at ``inputs.now``) and what the TCB judgement needed but did not get: TCB Info and QE Identity
+    (without them there is no TCB status) and a CRL from each issuer of the PCK chain (without them
+    a revoked PCK certificate or PCK CA would pass). The policy judges both."""
+    uses = tuple(crl_use(crl, inputs.now) for crl in verification.crls)
+    missing: list[str] = []
+    if tcb is None:
+        missing.append("Intel TCB Info and QE Identity (collateral 'intel')")
+    else:
+        uses += tcb.sources
+    ca_name = next((name for name in PCK_CA_NAMES if PCK_CA_NAMES[name] == verification.pck_ca), "PCK CA")
+    for issuer, what in ((ca_name, "the PCK CRL"), (ROOT_CA_NAME, "the Root CA CRL")):
+        if issuer not in verification.crl_issuers:
+            missing.append(f"{what} (issued by {issuer!r})")
+    return uses, tuple(missing)

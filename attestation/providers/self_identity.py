@@ -32,6 +32,12 @@ debug TEE is never admitted, not even a copy of a debug worker. On SGX and TDX t
 still requested once here and must describe the same enclave/TD as the local report
 (:class:`EvidenceMismatch` otherwise: only a host substituting quotes produces that).
 
+Collateral (:func:`join_table`): on SGX, TDX and SEV-SNP the table leaves the platform's
+``require_collateral`` default (true: a peer's TCB must be judged against collateral) when the
+worker verifies peers with collateral (``enclaveq worker --collateral DIR``), and sets
+``require_collateral = false`` explicitly when it has none, so that a pool without collateral
+still forms (the worker warns that peers' TCB is not evaluated).
+
 Report data: SHA-512 of a label and 32 fresh random bytes, so this evidence answers nothing a
 producer or a peer could ask.
 """
@@ -51,9 +57,12 @@ from .binding import REPORT_DATA_SIZE
 from .errors import EvidenceMismatch, ProviderFailed, ProviderNotSupported, ProviderUnavailable
 from .fileops import FileOps
 
-__all__ = ["SELF_IDENTITY_LABEL", "SelfIdentity", "self_identity"]
+__all__ = ["COLLATERAL_PLATFORMS", "SELF_IDENTITY_LABEL", "SelfIdentity", "join_table", "self_identity"]
 
 SELF_IDENTITY_LABEL = b"enclaveq/self-identity/v1"
+# Platforms whose TCB is judged with collateral (Intel PCS, AMD KDS); their tables know
+# require_collateral.
+COLLATERAL_PLATFORMS = ("sgx", "tdx", "snp")
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,15 @@ class SelfIdentity:
     source: str                  # where the pinned identity was read, for the log
     vmpl: int | None = None      # SEV-SNP: the VMPL this guest's reports are requested at
     details: Mapping[str, str] = field(default_factory=dict)   # the pinned values, hex, for the log
+
+
+def join_table(identity: SelfIdentity, *, collateral: bool) -> dict[str, Any]:
+    """The ``[platform]`` table of the join policy: ``identity.table``, and, on a platform judged
+    with collateral when the worker has none, ``require_collateral = false`` (module docstring)."""
+    table = dict(identity.table)
+    if not collateral and identity.platform in COLLATERAL_PLATFORMS:
+        table["require_collateral"] = False
+    return table
 
 
 def _report_data(rng: Callable[[int], bytes]) -> bytes:

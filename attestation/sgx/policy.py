@@ -14,10 +14,15 @@
     xfrm_mask = "<16 hex>"                 #   care about the enabled XSAVE features
     miscselect = 0                         # MISCSELECT (u32 integer)
     miscselect_mask = 4294967295
-    accepted_tcb_statuses = ["UpToDate"]   # judged only with Intel collateral
+    accepted_tcb_statuses = ["UpToDate"]   # judged against Intel collateral (TCB Info + QE Identity)
     accepted_advisory_ids = []             # every advisory of the TCB level must be listed here
-    require_collateral = false             # true: no collateral = a violation
-    allow_expired_collateral = false       # true: accept collateral past its nextUpdate
+    require_collateral = true              # no collateral (TCB Info, QE Identity, the PCK chain's
+                                           #   CRLs) = a violation; false: accept it unevaluated
+                                           #   (claims: tcb_evaluated = false)
+    collateral_grace_seconds = 0           # accept a CRL / TCB Info / QE Identity at most this long
+                                           #   past its nextUpdate (0..2592000, i.e. 30 days)
+    allow_expired_collateral = false       # discouraged (older policies): true accepts collateral
+                                           #   however stale; not together with a grace
 
 Choice for ATTRIBUTES: ``attributes`` covers FLAGS and XFRM together (16 bytes, as Intel's QE
 Identity does); ``xfrm`` is a convenience for XFRM alone. Both may be given; both are checked.
@@ -45,7 +50,8 @@ __all__ = ["SgxPolicy"]
 _KEYS = (
     "mrenclave", "mrsigner", "isvprodid", "min_isvsvn", "debug_allowed",
     "attributes", "attributes_mask", "xfrm", "xfrm_mask", "miscselect", "miscselect_mask",
-    "accepted_tcb_statuses", "accepted_advisory_ids", "require_collateral", "allow_expired_collateral",
+    "accepted_tcb_statuses", "accepted_advisory_ids", "require_collateral", "collateral_grace_seconds",
+    "allow_expired_collateral",
 )
 
 
@@ -66,7 +72,8 @@ class SgxPolicy:
     miscselect_mask: int | None = None
     accepted_tcb_statuses: tuple[str, ...] = ("UpToDate",)
     accepted_advisory_ids: tuple[str, ...] = ()
-    require_collateral: bool = False
+    require_collateral: bool = True
+    collateral_grace_seconds: int = 0
     allow_expired_collateral: bool = False
 
     def __post_init__(self) -> None:
@@ -100,7 +107,9 @@ class SgxPolicy:
         out["accepted_tcb_statuses"] = list(self.accepted_tcb_statuses)
         out["accepted_advisory_ids"] = list(self.accepted_advisory_ids)
         out["require_collateral"] = self.require_collateral
-        out["allow_expired_collateral"] = self.allow_expired_collateral
+        out["collateral_grace_seconds"] = self.collateral_grace_seconds
+        if self.allow_expired_collateral:  # discouraged: written only when set
+            out["allow_expired_collateral"] = True
         return out
 
 
@@ -109,7 +118,7 @@ def _parse(table: Mapping[str, Any]) -> dict[str, Any]:
     attributes, attributes_mask = r.masked_bytes("attributes", 16)
     xfrm, xfrm_mask = r.masked_bytes("xfrm", 8)
     miscselect, miscselect_mask = r.masked_int("miscselect", bits=32)
-    statuses, advisories, require, allow_expired = r.tcb()
+    tcb = r.tcb()
     out: dict[str, Any] = dict(
         mrenclave=r.hex_list("mrenclave", 32),
         mrsigner=r.hex_list("mrsigner", 32),
@@ -119,8 +128,7 @@ def _parse(table: Mapping[str, Any]) -> dict[str, Any]:
         attributes=attributes, attributes_mask=attributes_mask,
         xfrm=xfrm, xfrm_mask=xfrm_mask,
         miscselect=miscselect, miscselect_mask=miscselect_mask,
-        accepted_tcb_statuses=statuses, accepted_advisory_ids=advisories, require_collateral=require,
-        allow_expired_collateral=allow_expired,
+        **tcb,
     )
     if out["mrenclave"] is None:
         if out["mrsigner"] is None:

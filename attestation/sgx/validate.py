@@ -4,8 +4,10 @@ Field names are ``sgx.<claim>``: ``sgx.mrenclave``, ``sgx.mrsigner``, ``sgx.isvp
 ``sgx.isvsvn``, ``sgx.debug``, ``sgx.attributes``, ``sgx.xfrm``, ``sgx.miscselect``,
 ``sgx.tcb_status``, ``sgx.advisory_ids``, ``sgx.collateral``. Reads only ``verified.claims``, ``verified.debug`` and
 the TCB result, so it judges any :class:`~attestation.platforms.Verified` of platform ``sgx``.
-TCB statuses are judged only when the verification had Intel collateral
-(``verified.tcb_status`` is not None); see :mod:`attestation.intel.policy`.
+TCB statuses are judged when the verification had Intel collateral (``verified.tcb_status`` is
+not None); ``sgx.collateral`` reports collateral that is missing (unless ``require_collateral =
+false``) or stale beyond the grace; see :mod:`attestation.intel.policy` and
+:mod:`attestation.collateral_rules`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,13 @@ from attestation.intel.policy import masked_violation, one_of, tcb_violations
 from .policy import SgxPolicy
 
 __all__ = ["violations"]
+
+
+def _now(inputs: Any) -> Any:
+    # Collateral freshness is judged at the verification's own time, never the clock's.
+    if inputs is None:
+        raise TypeError("violations() needs the VerificationInputs (for `now`) to judge collateral freshness")
+    return inputs.now
 
 
 def violations(verified: Any, section: SgxPolicy, inputs: Any = None) -> list[Violation]:
@@ -44,5 +53,5 @@ def violations(verified: Any, section: SgxPolicy, inputs: Any = None) -> list[Vi
                                f"{section.miscselect:#010x} under mask {section.miscselect_mask:#010x} "
                                "(policy [sgx] miscselect, miscselect_mask)"))
     out = [v for v in found if v is not None]
-    out.extend(tcb_violations("sgx", verified, section))
+    out.extend(tcb_violations("sgx", verified, section, _now(inputs)))
     return out

@@ -16,7 +16,10 @@ report_data qe_svn pce_svn fmspc`` (bytes stay bytes; ``fmspc`` is read from the
 certificate). ``measurement`` = MRENCLAVE, ``debug`` = ATTRIBUTES.FLAGS bit 1,
 ``security_version`` = ISVSVN, ``report`` = an :class:`~attestation.intel.verify.VerifiedQuote`
 (the parsed :class:`~attestation.sgx.abi.SgxQuote`, the PCK CA kind and extensions, and the TCB
-outcome with ``collateral_expired``).
+outcome with ``collateral_expired``). ``collateral`` lists the CRLs, TCB Info and QE Identity used
+(with their ages at ``inputs.now``), ``collateral_missing`` what a full TCB judgement lacked (TCB
+Info / QE Identity, the PCK CRL, the Root CA CRL), ``tcb_evaluated`` is True when nothing was
+missing; the policy judges them (:mod:`attestation.collateral_rules`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from collections.abc import Sequence
 from types import MappingProxyType
 
 from attestation.claims import CertSummary
-from attestation.intel.verify import TcbOutcome, VerifiedQuote, evaluate_tcb, verify_ecdsa_quote
+from attestation.claims import CollateralUse
+from attestation.intel.verify import TcbOutcome, VerifiedQuote, collateral_report, evaluate_tcb, verify_ecdsa_quote
 from attestation.platforms import VerificationInputs, Verified
 
 from .abi import SgxQuote, parse_quote
@@ -42,11 +46,14 @@ def verify_quote(evidence: bytes, inputs: VerificationInputs) -> Verified:
                                 sig=quote.signature_data, inputs=inputs)
     tcb = evaluate_tcb(PLATFORM, inputs, result, quote.signature_data.qe_report)
     report = VerifiedQuote(quote, result.pck_ca, result.pck_extensions, tcb)
-    return verified_from(quote, chain=result.chain, fmspc=result.fmspc, tcb=tcb, report=report)
+    uses, missing = collateral_report(inputs, result, tcb)
+    return verified_from(quote, chain=result.chain, fmspc=result.fmspc, tcb=tcb, report=report,
+                         collateral=uses, collateral_missing=missing)
 
 
 def verified_from(quote: SgxQuote, *, chain: Sequence[CertSummary], fmspc: bytes, tcb: TcbOutcome | None,
-                  report: VerifiedQuote) -> Verified:
+                  report: VerifiedQuote, collateral: Sequence[CollateralUse] = (),
+                  collateral_missing: Sequence[str] = ("Intel collateral",)) -> Verified:
     body = quote.body
     claims = {
         "mrenclave": body.mrenclave,
@@ -75,4 +82,7 @@ def verified_from(quote: SgxQuote, *, chain: Sequence[CertSummary], fmspc: bytes
         tcb_status=None if tcb is None else tcb.status,
         advisory_ids=() if tcb is None else tuple(tcb.advisory_ids),
         report=report,
+        collateral=tuple(collateral),
+        collateral_missing=tuple(collateral_missing),
+        tcb_evaluated=not collateral_missing,
     )

@@ -14,6 +14,11 @@
     min_guest_svn = 0                        # minimum GUEST_SVN
     allowed_signing_keys = ["vcek", "vlek"]  # which AMD key may have signed the report
     products = ["Milan", "Genoa", "Turin"]   # allowed product lines
+    require_collateral = true                # no CRL from the chain's ARK (AMD KDS) = a violation;
+                                             #   false: accept unevaluated revocation (claims:
+                                             #   tcb_evaluated = false)
+    collateral_grace_seconds = 0             # accept a CRL at most this long past its nextUpdate
+                                             #   (0..2592000, i.e. 30 days)
     [snp.min_tcb]                            # minimum REPORTED_TCB, component by component
     bootloader = 0
     tee = 0
@@ -35,7 +40,12 @@ privileged VMPL, e.g. a paravisor's guest OS, is refused unless listed); MIGRATE
 unless ``migration_agent_allowed``; ``min_launch_tcb`` absent means the same minimums as
 ``min_tcb``, so a guest launched on old firmware and hot-updated since (REPORTED_TCB new,
 LAUNCH_TCB old) is refused, as go-sev-guest's minimum launch TCB does. Set ``min_launch_tcb``
-explicitly (``{}`` for none) to decouple them.
+explicitly (``{}`` for none) to decouple them. ``require_collateral`` (default true): revocation of
+the AMD chain (ASK/ASVK, by the ARK) is evaluated only with AMD KDS's CRL for the product's ARK
+(``--collateral DIR``); without it the evidence is refused ("collateral required") unless set to
+false. A CRL that is given is always judged: past its nextUpdate by more than
+``collateral_grace_seconds`` it is a violation (:mod:`attestation.collateral_rules`). The TCB
+itself (REPORTED_TCB is the VCEK's, ``min_tcb``) needs no collateral and is always judged.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from collections.abc import Mapping
 
+from attestation.collateral_rules import MAX_GRACE_SECONDS
 from attestation.errors import PolicyError
 from attestation.snp.abi import PRODUCTS
 
@@ -52,9 +63,9 @@ __all__ = ["SnpPolicy", "TCB_COMPONENTS", "SIGNING_KEYS"]
 TCB_COMPONENTS = ("bootloader", "tee", "snp", "microcode", "fmc")
 SIGNING_KEYS = ("vcek", "vlek")
 _HEX_LISTS = {"measurement": 48, "host_data": 32, "id_key_digest": 48, "author_key_digest": 48}
-_BOOLS = {"debug_allowed": False, "migration_agent_allowed": False, "smt_allowed": True}
+_BOOLS = {"debug_allowed": False, "migration_agent_allowed": False, "smt_allowed": True, "require_collateral": True}
 _KEYS = (*_HEX_LISTS, *_BOOLS, "vmpl", "min_guest_svn", "min_tcb", "min_launch_tcb", "allowed_signing_keys",
-         "products")
+         "products", "collateral_grace_seconds")
 DEFAULT_VMPL = (0,)
 _IDENTITY_KEYS = ("measurement", "id_key_digest", "author_key_digest")
 
@@ -131,6 +142,8 @@ class SnpPolicy:
     min_launch_tcb: Mapping[str, int] | None = None
     allowed_signing_keys: tuple[str, ...] = SIGNING_KEYS
     products: tuple[str, ...] = ()
+    require_collateral: bool = True
+    collateral_grace_seconds: int = 0
     _sets: Mapping[str, frozenset[bytes]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -164,6 +177,8 @@ class SnpPolicy:
         vmpl = _list(table, "vmpl")
         out["vmpl"] = DEFAULT_VMPL if vmpl is None else tuple(sorted({_int(v, "vmpl", 0, 3) for v in vmpl}))
         out["min_guest_svn"] = _int(table.get("min_guest_svn", 0), "min_guest_svn", 0, 2**32 - 1)
+        out["collateral_grace_seconds"] = _int(table.get("collateral_grace_seconds", 0), "collateral_grace_seconds",
+                                               0, MAX_GRACE_SECONDS)
         out["min_tcb"] = _tcb_table(table.get("min_tcb", {}), "min_tcb")
         launch = table.get("min_launch_tcb")
         out["min_launch_tcb"] = dict(out["min_tcb"]) if launch is None else _tcb_table(launch, "min_launch_tcb")
@@ -204,6 +219,7 @@ class SnpPolicy:
         if self.vmpl or (raw and not isinstance(self.vmpl, tuple)):
             table["vmpl"] = list(self.vmpl) if isinstance(self.vmpl, (list, tuple)) else self.vmpl
         table["min_guest_svn"] = self.min_guest_svn
+        table["collateral_grace_seconds"] = self.collateral_grace_seconds
         if self.min_tcb or (raw and not isinstance(self.min_tcb, Mapping)):
             table["min_tcb"] = dict(self.min_tcb) if isinstance(self.min_tcb, Mapping) else self.min_tcb
         launch = self.min_launch_tcb

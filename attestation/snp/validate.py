@@ -14,13 +14,17 @@ Runs only on :class:`~attestation.platforms.Verified` evidence from
 - ``snp.launch_tcb.<component>``: LAUNCH_TCB at least ``min_launch_tcb.<component>`` (by
   default the ``min_tcb`` minimums: a guest launched on older firmware and hot-updated since is
   not the guest the minimums describe);
-- ``snp.signing_key``: in ``allowed_signing_keys``; ``snp.product``: in ``products`` if given.
+- ``snp.signing_key``: in ``allowed_signing_keys``; ``snp.product``: in ``products`` if given;
+- ``snp.collateral``: the chain's revocation was not evaluated (no CRL from its ARK) while
+  ``require_collateral`` (default true), or a CRL used is past its nextUpdate by more than
+  ``collateral_grace_seconds`` (:mod:`attestation.collateral_rules`, judged at ``inputs.now``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from attestation.collateral_rules import collateral_violations, rules_of
 from attestation.errors import Violation
 from attestation.platforms import VerificationInputs, Verified
 from attestation.snp.abi import decode_tcb
@@ -35,8 +39,10 @@ def _one_of(values: tuple[str, ...]) -> str:
 
 
 def violations(verified: Verified, section: SnpPolicy, inputs: VerificationInputs | None = None) -> list[Violation]:
-    """Every way ``verified`` fails ``section`` (empty list: accepted). ``inputs`` is unused
-    (SEV-SNP evidence carries no time to age) and accepted for the platform contract."""
+    """Every way ``verified`` fails ``section`` (empty list: accepted). ``inputs.now`` dates the
+    collateral freshness judgement (SEV-SNP evidence itself carries no time to age)."""
+    if inputs is None:
+        raise TypeError("violations() needs the VerificationInputs (for `now`) to judge collateral freshness")
     if not isinstance(section, SnpPolicy):
         raise TypeError(f"section must be an SnpPolicy, not {type(section).__name__}")
     evidence: Any = verified.report
@@ -88,4 +94,5 @@ def violations(verified: Verified, section: SnpPolicy, inputs: VerificationInput
         found.append(Violation("snp.signing_key", evidence.signing_key, _one_of(section.allowed_signing_keys)))
     if section.products and evidence.product not in section.products:
         found.append(Violation("snp.product", evidence.product, _one_of(section.products)))
+    found.extend(collateral_violations("snp", verified, rules_of(section), inputs.now))
     return found

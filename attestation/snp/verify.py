@@ -26,7 +26,10 @@ Checks, in order:
    ARK and ASK/ASVK are CAs, every signature is RSASSA-PSS/SHA-384/MGF1-SHA-384/salt 48 by an
    RSA-4096 key (checked strictly here), then :func:`attestation.chain.verify_chain` (pin,
    signatures, validity of every certificate at ``inputs.now``, CRLs from
-   ``inputs.collateral["crls"]``);
+   ``inputs.collateral["crls"]``); the CRLs consulted are reported (``Verified.collateral``, with
+   their ages) and, when none was issued by the chain's ARK, so is that revocation could not be
+   checked (``Verified.collateral_missing``): the policy judges both
+   (:mod:`attestation.collateral_rules`), nothing about freshness is decided or cached here;
 4. the product line (Milan, Genoa, Turin): the VCEK/VLEK productName, the ASK/ASVK and ARK
    names, the product a genuine ARK fingerprint belongs to, and (v3+) the report's signed
    CPUID family/model must all agree;
@@ -39,6 +42,7 @@ Checks, in order:
 Caches (warm path): certificate classification and extension parsing per certificate, and the
 result of steps 3's signature/pin/CRL checks per (certificates, pinned roots, CRLs), valid for
 the intersection of the certificates' validity periods; a ``now`` outside it re-runs the checks.
+The cached result includes which CRLs were consulted (the CRLs are part of the key), not their freshness.
 The report signature is checked every time.
 """
 
@@ -56,8 +60,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from attestation.chain import verify_chain
-from attestation.claims import CertSummary
+from attestation.chain import common_name, crl_use, verify_chain_crls
+from attestation.claims import CertSummary, CollateralUse
 from attestation.errors import AttestationError, EvidenceInvalid, EvidenceMalformed
 from attestation.platforms import VerificationInputs, Verified
 from attestation.snp import kds
@@ -75,6 +79,7 @@ from attestation.snp.kds import (
     CertInfo,
     cert_chain_url,
     cert_info,
+    crl_url,
     certificates_from_table,
     load_certificates,
     vcek_url,
@@ -110,6 +115,9 @@ class _ChainResult:
     not_before: datetime
     not_after: datetime
     summaries: tuple[CertSummary, ...]
+    # Which of the given CRLs (indexes: the cache key holds the CRLs in order) were consulted. Their
+    # freshness is judged by the policy at each verification's own time, never cached.
+    crls_used: tuple[int, ...] = ()
 
 
 _CHAIN_CACHE: BoundedCache[tuple, _ChainResult] = BoundedCache(64)
@@ -378,11 +386,13 @@ def _crl_key(crls: Sequence[x509.CertificateRevocationList]) -> tuple[bytes, ...
 
 
 def _verify_amd_chain(leaf: CertInfo, inter: CertInfo, ark: CertInfo, kind: str, *, now: datetime,
-                      trusted: frozenset[bytes], crls: Sequence[x509.CertificateRevocationList]) -> tuple[CertSummary, ...]:
+                      trusted: frozenset[bytes], crls: Sequence[x509.CertificateRevocationList]
+                      ) -> tuple[tuple[CertSummary, ...], tuple[x509.CertificateRevocationList, ...]]:
+    """The chain's summaries and the CRLs consulted for it (issued by the ARK or the ASK/ASVK)."""
     key = (leaf.cert, inter.cert, ark.cert, trusted, _crl_key(crls))
     hit = _CHAIN_CACHE.get(key)
     if hit is not None and hit.not_before <= now <= hit.not_after:
-        return hit.summaries
+        return hit.summaries, tuple(crls[i] for i in hit.crls_used)
     if not trusted:
         raise EvidenceInvalid("no SEV-SNP root is pinned in the trust anchors (trust.for_platform('snp') is empty)")
     if _fingerprint(ark.cert) not in trusted:
@@ -393,7 +403,8 @@ def _verify_amd_chain(leaf: CertInfo, inter: CertInfo, ark: CertInfo, kind: str,
     verify_amd_signature(inter.cert, ark.cert, _ISSUER_NAME[kind])
     verify_amd_signature(leaf.cert, inter.cert, _LEAF_NAME[kind])
     try:
-        summaries = verify_chain([leaf.cert, inter.cert, ark.cert], now=now, trusted_roots=trusted, crls=crls)
+        summaries, consulted = verify_chain_crls([leaf.cert, inter.cert, ark.cert], now=now, trusted_roots=trusted,
+                                                 crls=crls)
     except AttestationError:
         raise
     except Exception as exc:  # noqa: BLE001 - e.g. UnsupportedAlgorithm from a damaged certificate's
@@ -404,8 +415,19 @@ def _verify_amd_chain(leaf: CertInfo, inter: CertInfo, ark: CertInfo, kind: str,
         not_before=max(c.not_valid_before_utc for c in certs),
         not_after=min(c.not_valid_after_utc for c in certs),
         summaries=summaries,
+        crls_used=tuple(i for i, crl in enumerate(crls) if any(crl is used for used in consulted)),
     ))
-    return summaries
+    return summaries, consulted
+
+
+def _collateral(crls: Sequence[x509.CertificateRevocationList], ark: CertInfo, product: str, kind: str,
+                now: datetime) -> tuple[tuple[CollateralUse, ...], tuple[str, ...]]:
+    """The CRLs used (with their ages at ``now``) and what revocation checking lacked: AMD KDS's CRL
+    issued by the chain's ARK (it lists revoked ASKs and ASVKs). Judged by the policy."""
+    uses = tuple(crl_use(crl, now) for crl in crls)
+    if any(crl.issuer == ark.cert.subject for crl in crls):
+        return uses, ()
+    return uses, (f"the CRL issued by {common_name(ark.cert.subject)!r} (AMD KDS {crl_url(product, kind)})",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,8 +524,9 @@ def verify_report(evidence: bytes, inputs: VerificationInputs) -> Verified:
     trusted = inputs.trust.for_platform(PLATFORM_NAME)
     inter, ark = _find_issuers(infos, leaf, kind, inputs.fetcher, trusted)
     crls = tuple((inputs.collateral or {}).get("crls", ()) or ())
-    chain = _verify_amd_chain(leaf, inter, ark, kind, now=now, trusted=trusted, crls=crls)
+    chain, consulted = _verify_amd_chain(leaf, inter, ark, kind, now=now, trusted=trusted, crls=crls)
     product = _product(report, leaf, inter, ark, kind)
+    uses, missing = _collateral(consulted, ark, product, kind, now)
     tcb = _check_tcb(report, leaf, product, kind)
     if kind == "vcek":
         _check_chip(report, leaf)
@@ -536,4 +559,7 @@ def verify_report(evidence: bytes, inputs: VerificationInputs) -> Verified:
         security_version=report.guest_svn,
         report=SnpEvidence(report=report, product=product, reported_tcb=tcb, signing_key=kind,
                            product_name=leaf.extensions.product_name, csp_id=leaf.extensions.csp_id),
+        collateral=uses,
+        collateral_missing=missing,
+        tcb_evaluated=not missing,
     )

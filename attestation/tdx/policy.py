@@ -15,10 +15,15 @@
     td_attributes_mask = "<16 hex>"
     debug_allowed = false                  # TD_ATTRIBUTES bit 0 (TUD.DEBUG) refused unless true
     min_tee_tcb_svn = "<32 hex>"           # every byte of TEE_TCB_SVN must be >= this one's
-    accepted_tcb_statuses = ["UpToDate"]   # judged only with Intel collateral
+    accepted_tcb_statuses = ["UpToDate"]   # judged against Intel collateral (TCB Info + QE Identity)
     accepted_advisory_ids = []
-    require_collateral = false             # true: no collateral = a violation
-    allow_expired_collateral = false       # true: accept collateral past its nextUpdate
+    require_collateral = true              # no collateral (TCB Info, QE Identity, the PCK chain's
+                                           #   CRLs) = a violation; false: accept it unevaluated
+                                           #   (claims: tcb_evaluated = false)
+    collateral_grace_seconds = 0           # accept a CRL / TCB Info / QE Identity at most this long
+                                           #   past its nextUpdate (0..2592000, i.e. 30 days)
+    allow_expired_collateral = false       # discouraged (older policies): true accepts collateral
+                                           #   however stale; not together with a grace
 
 Code pin: the table must set ``mrtd``, ``rtmr0``, ``rtmr1`` and ``rtmr2`` together. MRTD is only
 the TD firmware (every TD booted on a cloud's stock OVMF shares it); RTMR0-2 are extended by that
@@ -49,7 +54,8 @@ CODE_PIN_KEYS = ("mrtd", "rtmr0", "rtmr1", "rtmr2")
 MEASUREMENT_KEYS = ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mrconfigid", "mrowner", "mrownerconfig", "mrseam")
 _KEYS = MEASUREMENT_KEYS + (
     "xfam", "xfam_mask", "td_attributes", "td_attributes_mask", "debug_allowed", "min_tee_tcb_svn",
-    "accepted_tcb_statuses", "accepted_advisory_ids", "require_collateral", "allow_expired_collateral",
+    "accepted_tcb_statuses", "accepted_advisory_ids", "require_collateral", "collateral_grace_seconds",
+    "allow_expired_collateral",
 )
 
 
@@ -74,7 +80,8 @@ class TdxPolicy:
     min_tee_tcb_svn: bytes | None = None
     accepted_tcb_statuses: tuple[str, ...] = ("UpToDate",)
     accepted_advisory_ids: tuple[str, ...] = ()
-    require_collateral: bool = False
+    require_collateral: bool = True
+    collateral_grace_seconds: int = 0
     allow_expired_collateral: bool = False
 
     def __post_init__(self) -> None:
@@ -102,7 +109,9 @@ class TdxPolicy:
         out["accepted_tcb_statuses"] = list(self.accepted_tcb_statuses)
         out["accepted_advisory_ids"] = list(self.accepted_advisory_ids)
         out["require_collateral"] = self.require_collateral
-        out["allow_expired_collateral"] = self.allow_expired_collateral
+        out["collateral_grace_seconds"] = self.collateral_grace_seconds
+        if self.allow_expired_collateral:  # discouraged: written only when set
+            out["allow_expired_collateral"] = True
         return out
 
 
@@ -111,7 +120,7 @@ def _parse(table: Mapping[str, Any]) -> dict[str, Any]:
     measurements = {key: r.hex_list(key, 48) for key in MEASUREMENT_KEYS}
     xfam, xfam_mask = r.masked_bytes("xfam", 8)
     td_attributes, td_attributes_mask = r.masked_bytes("td_attributes", 8)
-    statuses, advisories, require, allow_expired = r.tcb()
+    tcb = r.tcb()
     debug_allowed = r.boolean("debug_allowed", False)
     min_tee_tcb_svn = r.hex_value("min_tee_tcb_svn", 16)
     # Checked last, so a malformed value is named before the missing pin.
@@ -127,6 +136,5 @@ def _parse(table: Mapping[str, Any]) -> dict[str, Any]:
         xfam=xfam, xfam_mask=xfam_mask,
         td_attributes=td_attributes, td_attributes_mask=td_attributes_mask,
         debug_allowed=debug_allowed, min_tee_tcb_svn=min_tee_tcb_svn,
-        accepted_tcb_statuses=statuses, accepted_advisory_ids=advisories, require_collateral=require,
-        allow_expired_collateral=allow_expired,
+        **tcb,
     )

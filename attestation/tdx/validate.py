@@ -3,7 +3,9 @@
 Field names are ``tdx.<claim>``: ``tdx.mrtd``, ``tdx.rtmr0`` .. ``tdx.rtmr3``, ``tdx.mrconfigid``,
 ``tdx.mrowner``, ``tdx.mrownerconfig``, ``tdx.mrseam``, ``tdx.xfam``, ``tdx.td_attributes``,
 ``tdx.debug``, ``tdx.tee_tcb_svn``, ``tdx.tcb_status``, ``tdx.advisory_ids``, ``tdx.collateral``. TCB statuses are
-judged only when the verification had Intel collateral; see :mod:`attestation.intel.policy`.
+judged when the verification had Intel collateral; ``tdx.collateral`` reports collateral that is
+missing (unless ``require_collateral = false``) or stale beyond the grace; see
+:mod:`attestation.intel.policy` and :mod:`attestation.collateral_rules`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,13 @@ from attestation.intel.policy import masked_violation, one_of, tcb_violations
 from .policy import MEASUREMENT_KEYS, TdxPolicy
 
 __all__ = ["violations"]
+
+
+def _now(inputs: Any) -> Any:
+    # Collateral freshness is judged at the verification's own time, never the clock's.
+    if inputs is None:
+        raise TypeError("violations() needs the VerificationInputs (for `now`) to judge collateral freshness")
+    return inputs.now
 
 
 def violations(verified: Any, section: TdxPolicy, inputs: Any = None) -> list[Violation]:
@@ -38,5 +47,5 @@ def violations(verified: Any, section: TdxPolicy, inputs: Any = None) -> list[Vi
                                    f"every component >= {minimum.hex()} (policy [tdx] min_tee_tcb_svn; "
                                    f"component{'s' if len(low) > 1 else ''} {', '.join(map(str, low))} lower)"))
     out = [v for v in found if v is not None]
-    out.extend(tcb_violations("tdx", verified, section))
+    out.extend(tcb_violations("tdx", verified, section, _now(inputs)))
     return out

@@ -25,7 +25,8 @@ from collections.abc import Sequence
 from types import MappingProxyType
 
 from attestation.claims import CertSummary
-from attestation.intel.verify import TcbOutcome, VerifiedQuote, evaluate_tcb, verify_ecdsa_quote
+from attestation.claims import CollateralUse
+from attestation.intel.verify import TcbOutcome, VerifiedQuote, collateral_report, evaluate_tcb, verify_ecdsa_quote
 from attestation.platforms import VerificationInputs, Verified
 
 from .abi import TdxQuote, parse_quote
@@ -42,11 +43,14 @@ def verify_quote(evidence: bytes, inputs: VerificationInputs) -> Verified:
                                 sig=quote.signature_data, inputs=inputs)
     tcb = evaluate_tcb(PLATFORM, inputs, result, quote.signature_data.qe_report, td_body=quote.body)
     report = VerifiedQuote(quote, result.pck_ca, result.pck_extensions, tcb)
-    return verified_from(quote, chain=result.chain, tcb=tcb, report=report)
+    uses, missing = collateral_report(inputs, result, tcb)
+    return verified_from(quote, chain=result.chain, tcb=tcb, report=report, collateral=uses,
+                         collateral_missing=missing)
 
 
 def verified_from(quote: TdxQuote, *, chain: Sequence[CertSummary], tcb: TcbOutcome | None,
-                  report: VerifiedQuote) -> Verified:
+                  report: VerifiedQuote, collateral: Sequence[CollateralUse] = (),
+                  collateral_missing: Sequence[str] = ("Intel collateral",)) -> Verified:
     body = quote.body
     claims = {
         "version": quote.version,
@@ -76,4 +80,7 @@ def verified_from(quote: TdxQuote, *, chain: Sequence[CertSummary], tcb: TcbOutc
         tcb_status=None if tcb is None else tcb.status,
         advisory_ids=() if tcb is None else tuple(tcb.advisory_ids),
         report=report,
+        collateral=tuple(collateral),
+        collateral_missing=tuple(collateral_missing),
+        tcb_evaluated=not collateral_missing,
     )

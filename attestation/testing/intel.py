@@ -407,6 +407,35 @@ class FakeIntelPki:
         fields.setdefault("issue_date", self.now)
         return self.sign_document("enclaveIdentity", qe_identity(**fields), key=key, embed_chain=embed_chain)
 
+    def collateral(self, status: str = "UpToDate", *, tdx: bool = False, advisories: Sequence[str] = (),
+                   qe_status: str = "UpToDate", issue_date: datetime | None = None,
+                   tcb_next_update: datetime | None = None, qe_next_update: datetime | None = None,
+                   crls: Sequence[x509.CertificateRevocationList] | None = None) -> dict[str, Any]:
+        """Verified collateral for quotes of this PKI's platform (``VerificationInputs.collateral``):
+        a TCB Info (SGX, or TDX with ``tdx``) whose one level, met by every quote of this PKI, has
+        ``status`` and ``advisories``; the QE (or TD_QE) Identity of :class:`FakeQuotingEnclave`
+        with ``qe_status``; and the PCK CRL and Root CA CRL revoking nothing (or ``crls``). Dates
+        default to ``issue_date`` = ``now`` - 1 day and nextUpdate 30 days later."""
+        from attestation.intel.collateral import IntelCollateral, verify_qe_identity, verify_tcb_info
+        from attestation.testing.intel_collateral import enclave_level, tcb_level
+
+        issued = issue_date or self.now - _DAY
+        revocation = list(crls) if crls is not None else [self.crl(issuer="ca"), self.crl(issuer="root")]
+        level = tcb_level(status, sgx=[0] * 16, pcesvn=0, tdx=[0] * 16 if tdx else None, advisories=advisories)
+        info_doc = self.tcb_info_document(levels=[level], fmspc=self.fmspc, pce_id=self.pce_id,
+                                          tcb_id="TDX" if tdx else "SGX", issue_date=issued,
+                                          next_update=tcb_next_update)
+        qe_doc = self.qe_identity_document(levels=[enclave_level(qe_status, 0)], issue_date=issued,
+                                           qe_id="TD_QE" if tdx else "QE",
+                                           mrsigner=TD_QE_MRSIGNER if tdx else SGX_QE_MRSIGNER,
+                                           isvprodid=2 if tdx else 1, next_update=qe_next_update)
+        # Verified at the documents' issue date: staleness is the policy's to judge, at its own time.
+        chain, trust = self.issuer_chain(), self.trust()
+        info = verify_tcb_info(info_doc, chain, now=issued, trust=trust)
+        qe = verify_qe_identity(qe_doc, chain, now=issued, trust=trust)
+        intel = IntelCollateral(tcb_info=info, qe_identity=qe, crls=tuple(revocation))
+        return intel.as_mapping()
+
     def write_collateral_dir(self, directory: Path, *, tcb_info: bytes | None = None,
                              qe_identity: bytes | None = None, chain: bool = True,
                              crls: Sequence[x509.CertificateRevocationList] = ()) -> Path:

@@ -242,6 +242,31 @@ class FakeAmd:
             return self.asvk(product), fake_rsa_key("asvk")
         raise ValueError(f"signing_key must be 'vcek' or 'vlek', not {signing_key!r}")
 
+    def crl(self, product: str = "Milan", *, issuer: str = "ark", revoked: Iterable[x509.Certificate | int] = (),
+            last_update: datetime | None = None, next_update: datetime | None = None,
+            signing_key: rsa.RSAPrivateKey | None = None) -> x509.CertificateRevocationList:
+        """A CRL as AMD KDS serves it (``/vcek/v1/<product>/crl``): issued and signed (RSASSA-PSS,
+        SHA-384) by ``product``'s ARK (``issuer="ark"``; ``"ask"`` / ``"asvk"`` for the
+        intermediates), revoking ``revoked`` (certificates or serial numbers), valid from ``now`` -
+        1 day for 7 days unless told otherwise; ``signing_key`` forges the signature."""
+        certs = {"ark": (self.ark(product), "ark"), "ask": (self.ask(product), "ask"),
+                 "asvk": (self.asvk(product), "asvk")}
+        if issuer not in certs:
+            raise ValueError(f"issuer must be 'ark', 'ask' or 'asvk', not {issuer!r}")
+        cert, key_name = certs[issuer]
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(cert.subject)
+            .last_update(last_update or self.now - timedelta(days=1))
+            .next_update(next_update or self.now + timedelta(days=7))
+        )
+        for item in revoked:
+            serial = item if isinstance(item, int) else item.serial_number
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial)
+                .revocation_date(self.now - timedelta(hours=1)).build())
+        return builder.sign(signing_key or fake_rsa_key(key_name), hashes.SHA384(), rsa_padding=AMD_PSS)
+
     def trust(self) -> TrustAnchors:
         """Trust anchors that pin exactly this fake AMD's ARKs for "snp"."""
         return TrustAnchors({"snp": frozenset(c.ark.fingerprint(hashes.SHA256()) for c in self._chains.values())})

@@ -11,6 +11,7 @@ producer_sdk, protocol import nothing from enclaveq):
   keys.py       `enclaveq keys generate|show`
   pipeline.py   `enclaveq pipeline init|create|list|delete`, `publish`, `subscribe`
   evidence.py   `enclaveq evidence verify`
+  collateral.py `enclaveq collateral fetch|show`, and the --collateral option of the verifying commands
   params.py     parameter types checked when the command line is read (broker URLs)
   exits.py      the exit codes, and the one place errors become one line and an exit code
 
@@ -26,6 +27,7 @@ import sys
 
 import click
 
+from .collateral import collateral_group
 from .evidence import evidence_group
 from .exits import debug_wanted, run_reporting_errors
 from .keys import keys_group
@@ -67,6 +69,7 @@ def demo_command() -> None:
 cli.add_command(sim_cli)
 cli.add_command(policy_cli)
 cli.add_command(evidence_group)
+cli.add_command(collateral_group)
 cli.add_command(worker_command)
 cli.add_command(attest_command)
 cli.add_command(model_group)

@@ -150,6 +150,9 @@ def verify_command(file: Path, platform: str, cert_paths: tuple[Path, ...], coll
     if claims is not None and claims.tcb_status is not None:
         doc["tcb_status"] = claims.tcb_status
         doc["advisory_ids"] = list(claims.advisory_ids)
+    if claims is not None and claims.platform != "sim":
+        doc["tcb_evaluated"] = claims.tcb_evaluated
+        doc["collateral"] = [use.to_json() for use in claims.collateral]
     if policy is not None and expected is None:
         doc["notes"] = ["report data binding not checked: pass --report-data to check it"]
     if as_json:
@@ -168,6 +171,11 @@ def _print_text(doc: dict[str, Any]) -> None:
         click.echo(f"  debug           {doc['debug']}")
         if doc.get("tcb_status"):
             click.echo(f"  tcb_status      {doc['tcb_status']} {' '.join(doc['advisory_ids'])}")
+        if "tcb_evaluated" in doc:
+            click.echo(f"  tcb_evaluated   {doc['tcb_evaluated']}")
+        for use in doc.get("collateral", []):
+            click.echo(f"  collateral      {use['kind']} by {use['issuer']}, next update {use['next_update']}, "
+                       f"{use['age_seconds'] / 3600:.1f} h old")
         if doc["trailing_bytes"]:
             click.echo(f"  trailing_bytes  {doc['trailing_bytes']} (outside every signature)")
         for cert in doc["chain"]:

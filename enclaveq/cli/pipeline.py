@@ -33,6 +33,7 @@ from protocol.pipeline import PipelineError, load_pipeline_toml
 from protocol.results import PipelineResult
 
 from .owner_key import find_owner_key
+from .collateral import collateral_of_command
 from .producer import (
     _client, _fail, _key_option, _owner_key, _parse_inputs, _progress, attested, connection_options,
     producer_key_option,
@@ -320,7 +321,7 @@ def publish_command(broker_url: str, pool: str, policy: Path, timeout: float, pi
 
     with attested(broker_url, pool, lambda: EventPublisher(
             broker_url, pool, policy, pipeline_id, topic=topic, producer_key=producer_key_option(), timeout=timeout,
-            max_in_flight=max_in_flight)) as publisher:
+            max_in_flight=max_in_flight, collateral=collateral_of_command())) as publisher:
         try:
             if single is not None:
                 ids = [publisher.publish(single)]
@@ -391,7 +392,8 @@ def subscribe_command(broker_url: str, pool: str, policy: Path, timeout: float |
     deadline = None if timeout is None else time.monotonic() + timeout
     got = 0
     with attested(broker_url, pool, lambda: ResultSubscriber(
-            broker_url, pool, policy, pipeline_id, key, producer_key=producer_key_option())) as subscriber:
+            broker_url, pool, policy, pipeline_id, key, producer_key=producer_key_option(),
+            collateral=collateral_of_command())) as subscriber:
         try:
             while count is None or got < count:
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())
