@@ -24,10 +24,11 @@ RETRY_BACKOFF_SECONDS = 0.1
 
 
 async def publish_until_confirmed(publish: Callable[[], Awaitable[None]], *, deadline: float, what: str,
-                                  log: logging.Logger) -> None:
+                                  log: logging.Logger, level: int = logging.INFO) -> None:
     """Await ``publish()`` until it returns; after a lost connection or a refusal, wait and call
     it again, unless the next try would pass ``deadline`` (event-loop time): then the last
-    failure is raised. ``what`` names the message in the INFO line each retry logs."""
+    failure is raised. ``what`` names the message in the line each retry logs at ``level`` (a
+    worker retrying many results through one outage passes DEBUG: the outage is said once)."""
     loop = asyncio.get_running_loop()
     backoff = RETRY_BACKOFF_SECONDS
     while True:
@@ -37,6 +38,6 @@ async def publish_until_confirmed(publish: Callable[[], Awaitable[None]], *, dea
         except (BrokerUnavailable, PublishRefused) as exc:
             if loop.time() + backoff >= deadline:
                 raise
-            log.info("publishing %s: %s; publishing it again", what, exc)
+            log.log(level, "publishing %s: %s; publishing it again", what, exc)
         await asyncio.sleep(backoff)
         backoff = min(2 * backoff, 2.0)

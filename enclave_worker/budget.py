@@ -130,6 +130,9 @@ class QuietLog:
     def info(self, msg: str, *args: object) -> None:
         self.log(logging.INFO, msg, *args)
 
+    def debug(self, msg: str, *args: object) -> None:
+        self.log(logging.DEBUG, msg, *args)
+
 
 # The worker's lines that anyone can cause by publishing a message (a dead-lettered request, an
 # announcement or a join request that does not verify...): one budget for all of them.

@@ -456,7 +456,7 @@ class Worker:
         if self._seen.contains(replay_key):
             # Already answered: a redelivery after a lost ack, or a replay, possibly recorded
             # before this worker restarted. Never run it twice.
-            noisy.info("job %s already answered; dropping the duplicate", header.job_id)
+            noisy.debug("job %s already answered; dropping the duplicate", header.job_id)
             self.metrics.requests.labels(header.kind, "duplicate").inc()
             await delivery.ack()
             return
@@ -485,7 +485,7 @@ class Worker:
             return True
         code = answer.code
         if code != "ok":
-            noisy.info("request %s (%s) refused: %s", header.job_id, header.kind, code)
+            noisy.debug("request %s (%s) refused: %s", header.job_id, header.kind, code)
         self.metrics.requests.labels(header.kind, code).inc()
         for job_code in answer.job_codes:  # a frame's jobs count as the jobs they are
             self.metrics.requests.labels("job", job_code).inc()
@@ -498,13 +498,13 @@ class Worker:
             # such as a reply queue electing a new leader.
             await publish_until_confirmed(lambda: self._broker.publish_reply(header.reply_to, reply),
                                           deadline=asyncio.get_running_loop().time() + _REPLY_RETRY_SECONDS,
-                                          what=f"the result of job {header.job_id}", log=log)
+                                          what=f"the result of job {header.job_id}", log=log, level=logging.DEBUG)
         except Unroutable:
             await self._dead_letter(delivery, "no_reply_queue",
                                     f"job {header.job_id}: reply queue is gone; the result is dropped")
             return True
         except BrokerError as exc:
-            log.warning("result of job %s not confirmed (%s); the job goes back to the queue", header.job_id, exc)
+            noisy.warning("result of job %s not confirmed (%s); the job goes back to the queue", header.job_id, exc)
             await delivery.nack()
             return False
         await delivery.ack()
@@ -519,7 +519,7 @@ class Worker:
         """A job sealed to an erased epoch can never be opened again. Tell its producer, in clear
         (there is no key left to seal with, and the notice holds nothing secret), so the SDK
         re-attests and sends it again; then drop it."""
-        noisy.info("job %s is sealed to retired epoch %d; asking its producer to re-attest", header.job_id,
+        noisy.debug("job %s is sealed to retired epoch %d; asking its producer to re-attest", header.job_id,
                  header.epoch)
         self.metrics.requests.labels(header.kind, "stale_epoch").inc()
         notice = ControlError(code="stale_epoch", message=f"epoch {header.epoch} of pool {self.pool!r} is retired; "
@@ -530,7 +530,7 @@ class Worker:
         except Unroutable:
             return await self._dead_letter(delivery, "no_reply_queue", f"job {header.job_id}: reply queue is gone")
         except BrokerError as exc:
-            log.warning("could not tell the producer of job %s to re-attest (%s)", header.job_id, exc)
+            noisy.warning("could not tell the producer of job %s to re-attest (%s)", header.job_id, exc)
             await delivery.nack()
             return
         await delivery.ack()

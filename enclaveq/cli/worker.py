@@ -8,7 +8,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -16,6 +16,9 @@ from enclave_worker.config import DEFAULT_WORKER_CONFIG
 from enclave_worker.errors import WorkerStartupError
 
 from ..durations import DURATION
+from .collateral import collateral_option, collateral_source_for
+from .exits import EXIT_FAILED, debug_wanted, describe, exit_code_of, reportable
+from .log_format import LOG_FORMAT_ENV, LOG_FORMATS, configure_logging
 from .params import BROKER_URL
 
 EXIT_REFUSED = 3
@@ -24,7 +27,7 @@ TEE_CHOICES = ("auto", "sim", "sgx", "tdx", "snp", "nitro")
 
 
 @click.command("worker")
-@click.option("--broker", "broker_url", type=BROKER_URL, help="Broker URL: memory://NAME, amqp(s)://user:pass@host:5672/ or mqtt(s)://user:pass@host:1883/ (MQTT 5; TLS options in docs/architecture.md).")
+@click.option("--broker", "broker_url", type=BROKER_URL, help="Broker URL: memory://NAME, amqp(s)://user:pass@host:5672/ or mqtt(s)://user:pass@host:1883/ (MQTT 5; TLS options in docs/architecture.md). A RabbitMQ cluster: its nodes' URLs separated by commas; the worker fails over between them (docs/operations.md).")
 @click.option("--pool", metavar="NAME", help="Worker pool to serve (producers address jobs to a pool).")
 @click.option("--sim-dir", type=click.Path(path_type=Path), default=None,
               help="Simulation directory from `enclaveq sim init` (the simulated TEE's keys). "
@@ -52,14 +55,19 @@ TEE_CHOICES = ("auto", "sim", "sgx", "tdx", "snp", "nitro")
 @click.option("--rotation-grace", type=DURATION, default="5m", show_default=True,
               help="With --rotate-every: how long the previous epoch's key still opens jobs before every "
                    "member erases it (capped by the measured max_rotation_grace_seconds, 1h).")
+@collateral_option
 @click.option("--print-measurement", is_flag=True,
               help="Print this worker's measurement (hex) and exit: pin it in a policy. "
                    "Simulation only: on a real TEE the hardware reports the measurement.")
 @click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@click.option("--log-format", type=click.Choice(LOG_FORMATS, case_sensitive=False), default="text", show_default=True,
+              envvar=LOG_FORMAT_ENV, show_envvar=True,
+              help="text: one readable line per record. json: one JSON object per line on stderr (ts, level, "
+                   "logger, msg; exc_type and exc with an exception), for log pipelines (docs/operations.md).")
 def worker_command(broker_url: str | None, pool: str | None, sim_dir: Path | None, state_dir: Path | None,
                    tee: str | None, metrics_port: int | None, metrics_addr: str, health_port: int | None,
-                   rotate_every: float | None, rotation_grace: float,
-                   print_measurement: bool, log_level: str) -> None:
+                   rotate_every: float | None, rotation_grace: float, collateral_dir: Path | None,
+                   print_measurement: bool, log_level: str, log_format: str) -> None:
     """Run an enclave worker for one pool, inside a TEE or in the clearly labelled simulation.
 
     The worker answers attestation challenges with fresh evidence binding its pool key and the
@@ -98,9 +106,16 @@ def worker_command(broker_url: str | None, pool: str | None, sim_dir: Path | Non
     Keys rotate with `enclaveq pool rotate` or --rotate-every.
 
     \b
+    Collateral: on SGX, TDX and SEV-SNP a worker judges the TCB of workers
+    joining its pool (and of the members it joins) with --collateral DIR
+    (`enclaveq collateral fetch`; default: the collateral cache if it
+    exists). Without any, their TCB is not evaluated and it says so.
+
+    \b
     Examples:
       enclaveq worker --broker amqp://guest:guest@127.0.0.1:5672/ --pool demo --sim-dir ./sim
       enclaveq worker --broker amqp://guest:guest@10.0.0.5:5672/ --pool demo --tee auto
+      enclaveq worker --broker amqp://guest:guest@10.0.0.5:5672/ --pool demo --tee tdx --collateral ./collateral
     """
     from enclave_worker.measurement import measure_worker
 
@@ -128,20 +143,38 @@ def worker_command(broker_url: str | None, pool: str | None, sim_dir: Path | Non
     if rotate_every is not None and rotate_every < 1:
         raise click.UsageError("--rotate-every must be at least 1s")
     rotation = {"rotate_every": rotate_every, "rotation_grace": rotation_grace}
+    # Where the worker's peers' collateral comes from (real TEEs judge their TCB with it).
+    collateral = collateral_source_for(collateral_dir) if tee != "sim" else None
     metrics = (metrics_addr, metrics_port, health_port)
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure_logging(log_level, log_format)
     try:
         if sim_dir is not None:  # --tee sim (checked above)
             asyncio.run(_serve(broker_url, pool, tee, sim_dir, state_dir or sim_dir / "state", metrics, rotation))
         elif state_dir is not None:
             asyncio.run(_serve(broker_url, pool, tee, None, state_dir, metrics, rotation,
-                               explicit_state_dir=True))
+                               explicit_state_dir=True, collateral=collateral))
         else:
             with tempfile.TemporaryDirectory(prefix="enclaveq-state-") as scratch:
-                asyncio.run(_serve(broker_url, pool, tee, None, Path(scratch), metrics, rotation))
-    except WorkerStartupError as exc:
+                asyncio.run(_serve(broker_url, pool, tee, None, Path(scratch), metrics, rotation,
+                                   collateral=collateral))
+    except Exception as exc:
+        if log_format == "json":
+            exit_as_a_record(exc)
+        if not isinstance(exc, WorkerStartupError):
+            raise
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_REFUSED)
+
+
+def exit_as_a_record(exc: Exception) -> NoReturn:
+    """With --log-format json a log pipeline reads stderr: the error that ends the worker is a
+    record too, in the words and with the exit code exits.py gives it (a bug: its traceback)."""
+    log = logging.getLogger("enclaveq.worker")
+    if not reportable(exc):
+        log.error("the worker failed", exc_info=exc)
+        sys.exit(EXIT_FAILED)
+    log.error("error: %s", describe(exc), exc_info=exc if debug_wanted(sys.argv[1:]) else None)
+    sys.exit(exit_code_of(exc))
 
 
 def refuse_unopenable_state(state_dir: Path, pool: str) -> None:
@@ -158,7 +191,7 @@ def refuse_unopenable_state(state_dir: Path, pool: str) -> None:
 
 async def _serve(broker_url: str, pool: str, tee: str, sim_dir: Path | None, state_dir: Path,
                  metrics: tuple[str, int | None, int | None],
-                 rotation: dict[str, Any], explicit_state_dir: bool = False) -> None:
+                 rotation: dict[str, Any], explicit_state_dir: bool = False, collateral: Any = None) -> None:
     from enclave_worker.health import HealthServer
     from enclave_worker.platform import sim_identity, tee_identity
     from enclave_worker.worker import Worker
@@ -168,7 +201,7 @@ async def _serve(broker_url: str, pool: str, tee: str, sim_dir: Path | None, sta
     if sim_dir is not None:  # --tee sim
         identity = sim_identity(sim_dir, config)
     else:
-        identity = tee_identity(tee, config)
+        identity = tee_identity(tee, config, collateral=collateral)
         if explicit_state_dir and not identity.persistent_sealing:
             refuse_unopenable_state(state_dir, pool)
     worker = Worker(broker_url=broker_url, pool=pool, identity=identity, state_dir=state_dir, config=config,
