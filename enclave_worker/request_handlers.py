@@ -66,11 +66,45 @@ Handler = Callable[[RequestHeader, bytes], Awaitable[Answer]]
 ResultPublisher = Callable[[str, Message, str], Awaitable[None]]
 
 
+class JobCounts:
+    """Jobs (each job of a frame counts as one) and pipeline events this worker is running now
+    and has run since it started serving, for the ``pool_status`` answer. Counted around the
+    handlers that run them: requests refused before (expired, replayed) are in the metrics only."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.ok = 0
+        self.failed = 0
+
+    def counted(self, handler: Handler) -> Handler:
+        async def run(header: RequestHeader, plaintext: bytes) -> Answer:
+            self.in_flight += 1
+            failed = True
+            try:
+                answer = await handler(header, plaintext)
+                failed = answer.status == "error"
+                return answer
+            finally:
+                self.in_flight -= 1
+                if failed:
+                    self.failed += 1
+                else:
+                    self.ok += 1
+        return run
+
+
 class RequestHandlers:
     def __init__(self, ctx: WorkerContext, *, library: ModelLibrary, rotation: Rotation,
                  sessions: SessionCache, pipelines: PipelineLibrary, keyring: Keyring,
-                 publish_result: ResultPublisher, rng: Callable[[int], bytes], batcher: Batcher) -> None:
+                 publish_result: ResultPublisher, rng: Callable[[int], bytes], batcher: Batcher,
+                 ready: Callable[[], bool] | None = None) -> None:
         self._ctx = ctx
+        # Whether the worker is ready (its readiness probe, Worker.ready), for pool_status. Without
+        # it, a worker that answers at all is consuming, not draining (it would park the request)
+        # and holds a key: it counts as ready.
+        self._ready = ready or (lambda: keyring.has_keys)
+        self._started = ctx.monotonic()  # handlers are built as the worker starts serving
+        self.jobs = JobCounts()
         self._batcher = batcher
         self._library = library
         self._rotation = rotation
@@ -84,7 +118,7 @@ class RequestHandlers:
         self._limits = TensorLimits(max_tensor_bytes=ctx.config.max_tensor_bytes,
                                    max_total_bytes=ctx.config.max_message_bytes)
         self._handlers: dict[str, Handler] = {
-            "job": self._run_job,
+            "job": self.jobs.counted(self._run_job),
             "job_frame": self._run_frame,
             "model_chunk": self._model_chunk,
             "model_delete": self._model_delete,
@@ -93,7 +127,8 @@ class RequestHandlers:
             "pipeline_put": self._pipeline_put,
             "pipeline_delete": self._pipeline_delete,
             "pipeline_list": self._pipeline_list,
-            "event": self._event,
+            "event": self.jobs.counted(self._event),
+            "pool_status": self._pool_status,
         }
 
     async def execute(self, header: RequestHeader, plaintext: bytes) -> Answer:
@@ -178,6 +213,21 @@ class RequestHandlers:
         epoch, retire_at_ms = await self._rotation.rotate_on_request(bodies.decode_rotate(plaintext),
                                                                      from_epoch=header.epoch)
         return Answer("ok", bodies.ROTATED, bodies.encode_rotated(epoch, retire_at_ms))
+
+    async def _pool_status(self, header: RequestHeader, plaintext: bytes) -> Answer:
+        # Broadcast: every member answers for itself. Nothing secret, no payloads, no job ids; the
+        # model ids are those model_list shows this producer (an allow-listed model stays hidden
+        # from producers not on its list, count included).
+        visible = self._library.list_for(lambda: self._producer_key(header, self._sessions.get(header)))
+        identity = self._ctx.identity
+        status = bodies.MemberStatus(
+            worker_id=self._ctx.worker_id, platform=identity.provider.platform, measurement=identity.measurement,
+            epoch=self._keyring.epoch, model_count=len(visible), model_ids=tuple(m.model_id for m in visible),
+            pipelines=len(self._pipelines.pipelines), jobs_in_flight=self.jobs.in_flight,
+            max_jobs_in_flight=self._ctx.config.max_jobs_in_flight, jobs_ok=self.jobs.ok,
+            jobs_failed=self.jobs.failed, uptime_seconds=max(0, int(self._ctx.monotonic() - self._started)),
+            max_batch_rows=self._ctx.config.max_batch_rows, ready=self._ready())
+        return Answer("ok", bodies.MEMBER_STATUS, bodies.encode_member_status(status))
 
     # -- pipelines ---------------------------------------------------------------------------------
     async def _pipeline_put(self, header: RequestHeader, plaintext: bytes) -> Answer:

@@ -219,7 +219,7 @@ class Worker:
             self._handlers = RequestHandlers(self._ctx, library=models, rotation=self._rotation,
                                              sessions=self._sessions, pipelines=self.pipelines, keyring=self.keyring,
                                              publish_result=self._publish_result, rng=self._rng,
-                                             batcher=self._batcher)
+                                             batcher=self._batcher, ready=lambda: self.ready)
             self._control.serve_model_sync(self._model_sync)
             if self.identity.can_join:
                 await self._model_sync.fetch_missing(self._membership.admitted_by)

@@ -78,7 +78,7 @@ from producer_sdk.errors import (
     WorkerFailure,
 )
 from producer_sdk.results import generate_recipient_key, load_recipient_key, recipient_public_key, save_recipient_key
-from protocol.bodies import ModelInfo, PipelineInfo
+from protocol.bodies import MemberStatus, ModelInfo, PipelineInfo
 from protocol.errors import KeyFileError
 from protocol.pipeline import PipelineError, PipelineSpec, load_pipeline_toml
 from protocol.results import PipelineResult
@@ -97,6 +97,7 @@ __all__ = [
     "FrameSettings",
     "JobResult",
     "ModelInfo",
+    "MemberStatus",
     # pipelines: definitions, publishers, recipients
     "PipelineSpec",
     "PipelineInfo",

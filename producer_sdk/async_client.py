@@ -17,6 +17,7 @@ rotation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -32,10 +33,13 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from attestation.collateral_source import CollateralDir, with_collateral
 from attestation.policy import load_policy
 from attestation.claims import Claims
+from attestation.verify import verify_evidence
 from broker_adapters import BrokerAdapter, Delivery, Message, Subscription, open_broker, redact_url
-from broker_adapters.errors import BrokerError, BrokerUnavailable, PublishRefused, QueueNotFound, Unroutable
+from broker_adapters.errors import BrokerError, BrokerUnavailable, QueueNotFound, Unroutable
+from broker_adapters.retry import publish_until_confirmed
 from protocol import bodies, crypto
 from protocol.errors import ProtocolError
 from protocol.frames import FramedJob
@@ -58,7 +62,34 @@ log = logging.getLogger("enclaveq.producer")
 Progress = Callable[[int, int], None]
 # An Ed25519 private key, or the path of a key file made by `enclaveq keys generate`.
 KeyLike = Ed25519PrivateKey | str | os.PathLike[str]
+# Collateral for hardware evidence: a fixed mapping for verify_evidence, or a collateral directory
+# (its path, or a CollateralDir) read at each attestation (attestation.collateral_source).
+CollateralLike = Mapping[str, Any] | str | os.PathLike[str] | CollateralDir
 
+
+def collateral_source(collateral: CollateralLike | None, trust: Any = None) -> CollateralDir | None:
+    """The collateral directory ``collateral`` names (a path becomes a :class:`CollateralDir`
+    verified against ``trust``), or None for a mapping or nothing."""
+    if collateral is None or isinstance(collateral, Mapping):
+        return None
+    if isinstance(collateral, CollateralDir):
+        return collateral
+    if isinstance(collateral, (str, os.PathLike)):
+        return CollateralDir(collateral, trust=trust)
+    raise TypeError(f"collateral must be a mapping, a directory path or a CollateralDir, not "
+                    f"{type(collateral).__name__}")
+
+
+def collateral_verifier(source: CollateralDir) -> Callable[..., Claims]:
+    """``verify_evidence`` with ``source``'s collateral for the evidence's platform, read at each
+    verification (so a long-running client picks up collateral refreshed on disk)."""
+    def verify(platform: str, evidence: bytes, policy: Any, *, now: Any, **options: Any) -> Claims:
+        return verify_evidence(platform, evidence, policy, now=now, **with_collateral(source, platform, now, options))
+    return verify
+
+# pool_status: at most this many members are collected, for at most this long.
+MAX_STATUS_MEMBERS = 256
+MAX_STATUS_WAIT_SECONDS = 60.0
 # How often one request is sealed again after workers said its epoch was rotated away.
 STALE_EPOCH_RETRIES = 3
 # The most close() waits for a broker that stopped answering (per step), whatever ``timeout`` is.
@@ -77,8 +108,6 @@ MAX_EVENTS_REMEMBERED = 100_000
 EVENT_RESEND_BUDGET_BYTES = 64 * 1024 * 1024
 # How long after an event's deadline a failure may still come back (a worker answers "expired").
 EVENT_ANSWER_GRACE_SECONDS = 60.0
-# First wait before publishing an event again after the connection dropped mid-publish.
-REPUBLISH_BACKOFF_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -124,12 +153,21 @@ class AsyncClient:
     even after a restart (P13): None, the default, is ``$ENCLAVEQ_HOME/epochs.json`` (memory only
     on ``memory://`` brokers, whose pools die with the process), a path names another file, and
     False keeps it in this client's memory only. See :mod:`producer_sdk.epochs`.
+
+    Hardware evidence: ``trust`` pins the vendor roots (default: Intel's, AMD's, AWS's; tests pass
+    fakes). ``collateral`` is what the TCB is judged with (docs/collateral.md): a mapping as
+    :func:`attestation.verify.verify_evidence` takes it (``{"intel": IntelCollateral, "crls":
+    (...)}``, used as is for every attestation), or a collateral directory -- its path (``str`` or
+    ``Path``, as ``enclaveq collateral fetch`` fills it) or an
+    :class:`attestation.collateral_source.CollateralDir` -- read for the pool's platform at each
+    attestation and reused until its earliest ``nextUpdate`` or until its files change, so a
+    long-running client picks up refreshed collateral. None: no collateral.
     """
 
     def __init__(self, broker_url: str, pool: str, policy: Any, *, name: str | None = None,
                  timeout: float = 120.0, attest_timeout: float = 10.0, max_in_flight: int = 256,
                  clock: Callable[[], float] = time.time, rng: crypto.Random = os.urandom,
-                 trust: Any = None, collateral: Mapping[str, Any] | None = None,
+                 trust: Any = None, collateral: CollateralLike | None = None,
                  producer_key: Any = None, owner_key: Any = None, epoch_state: EpochState = None) -> None:
         self.broker_url = broker_url
         self.pool = pool
@@ -141,9 +179,12 @@ class AsyncClient:
         self.name = name or f"producer-{uuid.uuid4().hex[:16]}"
         self._clock = clock
         self._rng = rng
-        # Hardware evidence: pinned roots (default: the vendors'; tests pass fakes) and collateral
-        # such as Intel TCB Info (`attestation.intel.collateral.load_collateral`).
-        self._verify_options = {k: v for k, v in (("trust", trust), ("collateral", collateral)) if v is not None}
+        # Hardware evidence: pinned roots (default: the vendors'; tests pass fakes) and collateral:
+        # a fixed mapping, or a directory read per platform at each attestation.
+        fixed = collateral if isinstance(collateral, Mapping) else None
+        self.collateral = collateral_source(collateral, trust)
+        self._verify_options = {k: v for k, v in (("trust", trust), ("collateral", fixed)) if v is not None}
+        self._verifier = collateral_verifier(self.collateral) if self.collateral is not None else verify_evidence
         # Ed25519 keys (objects or key files from `enclaveq keys generate`). The producer key proves
         # who runs jobs (models with an allow-list need it); the owner key signs uploads and deletes.
         self.producer_key = _signing_key(producer_key)
@@ -154,6 +195,9 @@ class AsyncClient:
         self._broker: BrokerAdapter | None = None
         self._sub: Subscription | None = None
         self._pending: dict[str, asyncio.Future[Any]] = {}
+        # Broadcast requests every member answers (pool_status): job id -> where its answers go.
+        self._collectors: dict[str, Callable[[Outcome | StaleEpochNotice | JobError], None]] = {}
+        self.skipped_status_answers = 0  # members' pool_status answers that did not decode (all calls)
         # Per open challenge, the timer that reports a refusal if no other answer verifies in time.
         self._refusal_timers: dict[str, asyncio.TimerHandle] = {}
         self._core: ProducerCore | None = None
@@ -200,6 +244,7 @@ class AsyncClient:
                     reply_to = await broker.declare_reply_queue(self.name)
                     self._core = ProducerCore(pool=self.pool, policy=self.policy, reply_to=reply_to,
                                               clock=self._clock, rng=self._rng, verify_options=self._verify_options,
+                                              verifier=self._verifier,
                                               producer_key=self.producer_key, epochs=self._epochs)
                     self._sub = await broker.consume_replies(self.name, self._on_reply)
             except TimeoutError:
@@ -303,8 +348,11 @@ class AsyncClient:
         if isinstance(received, AttestationAnswer) and self._core is not None:
             self._take_answer(self._core, received)
         elif isinstance(received, Reply):
-            fired = self._fired.pop(received.job_id, None)
-            if fired is not None:
+            collector = self._collectors.get(received.job_id)
+            fired = self._fired.pop(received.job_id, None) if collector is None else None
+            if collector is not None:
+                collector(received.outcome)
+            elif fired is not None:
                 self._event_answered(received.job_id, fired, received.outcome)
             else:
                 self._resolve(received.job_id, received.outcome)
@@ -412,23 +460,11 @@ class AsyncClient:
                                        deadline: float) -> None:
         """Publish, and publish again while the connection is lost (a broker restart, a failover) or
         the broker refuses the message (a full queue), until it confirms; once the next try would
-        pass ``deadline`` (loop time), the last failure is raised. The broker may already hold an
-        earlier copy: a worker never runs one job id twice, the client takes one result per job,
-        and recipients drop a second result of an event."""
-        loop = asyncio.get_running_loop()
-        backoff = REPUBLISH_BACKOFF_SECONDS
-        while True:
-            try:
-                await self._publish(broker, request, message)
-                return
-            except (BrokerUnavailable, PublishRefused) as exc:
-                if loop.time() + backoff >= deadline:
-                    raise
-                # A dropped connection comes back by itself; a refusal is back-pressure (a queue at
-                # its length limit, a broker alarm): either way, wait a little and publish again.
-                log.info("publishing request %s: %s; publishing it again", request.job_id, exc)
-            await asyncio.sleep(backoff)
-            backoff = min(2 * backoff, 2.0)
+        pass ``deadline`` (loop time), the last failure is raised (broker_adapters.retry). The
+        broker may already hold an earlier copy: a worker never runs one job id twice, the client
+        takes one result per job, and recipients drop a second result of an event."""
+        await publish_until_confirmed(lambda: self._publish(broker, request, message), deadline=deadline,
+                                      what=f"request {request.job_id}", log=log)
 
     async def _publish(self, broker: BrokerAdapter, request: Request, message: Message) -> None:
         """Publish a sealed request on the channel ``protocol.routing`` names for its kind."""
@@ -888,6 +924,92 @@ class AsyncClient:
         epoch, retire_at_ms = bodies.decode_rotated(outcome.body)
         await self._start_refresh()
         return epoch, retire_at_ms
+
+    async def pool_status(self, wait: float = 2.0, *, max_members: int = MAX_STATUS_MEMBERS,
+                          timeout: float | None = None) -> list[bodies.MemberStatus]:
+        """Ask every member of the pool for its status; return the answers that arrive within
+        ``wait`` seconds of sending (at most ``max_members``, one per worker id), by worker id.
+
+        The request is broadcast and each member answers for itself, sealed to this client's
+        session like any result: only a producer that attested the pool can read the answers,
+        and only a pool member can write one. An answer that opens but does not decode (or is an
+        error, e.g. from a worker too old to know the request) is skipped and counted in
+        :attr:`skipped_status_answers`; an empty list means no member answered in time. If the
+        pool rotated away the epoch the request was sealed to, the client re-attests and asks
+        again. ``timeout`` bounds publishing and is the request's deadline (default: the client's)."""
+        if not 0 < wait <= MAX_STATUS_WAIT_SECONDS:
+            raise ValueError(f"wait must be in (0, {MAX_STATUS_WAIT_SECONDS:g}] seconds")
+        if not 1 <= max_members <= MAX_STATUS_MEMBERS:
+            raise ValueError(f"max_members must be 1..{MAX_STATUS_MEMBERS}")
+        timeout = timeout or self.timeout
+        for _ in range(STALE_EPOCH_RETRIES + 1):
+            members, stale, epoch = await self._collect_status(wait, max_members, timeout)
+            if members or not stale:
+                return sorted(members.values(), key=lambda m: m.worker_id)
+            # Every answer said the session's epoch is erased: re-attest, then ask again.
+            if self._core_or_raise().epoch <= epoch:
+                try:
+                    async with asyncio.timeout(self.attest_timeout):
+                        await asyncio.shield(self._start_refresh())
+                except TimeoutError:
+                    return []
+        return []
+
+    async def _collect_status(self, wait: float, max_members: int,
+                              timeout: float) -> tuple[dict[str, bodies.MemberStatus], int, int]:
+        """One broadcast pool_status request: the members that answered within ``wait`` (by
+        worker id), how many stale-epoch notices came, and the epoch the request was sealed to."""
+        broker, core = self._connection()
+        request = self._core_or_raise().pool_status(timeout=timeout)
+        members: dict[str, bodies.MemberStatus] = {}
+        stale = 0
+        full = asyncio.Event()
+
+        def take(outcome: Outcome | StaleEpochNotice | JobError) -> None:
+            nonlocal stale
+            if full.is_set():
+                return
+            if isinstance(outcome, StaleEpochNotice):
+                stale += 1
+                return
+            try:
+                if not isinstance(outcome, Outcome) or not outcome.ok:
+                    raise ProtocolError("an error answer" if isinstance(outcome, Outcome) else str(outcome))
+                if outcome.header.content_type != bodies.MEMBER_STATUS:
+                    raise ProtocolError(f"content type {outcome.header.content_type!r}")
+                status = bodies.decode_member_status(outcome.body)
+            except ProtocolError as exc:
+                self.skipped_status_answers += 1
+                log.warning("pool %r: a member's status answer was skipped (%s)", self.pool, str(exc)[:200])
+                return
+            # One entry per worker id, the first kept: a copy the broker delivers again adds nothing.
+            members.setdefault(status.worker_id, status)
+            if len(members) >= max_members:
+                full.set()
+
+        message = Message(body=request.body, correlation_id=request.job_id, reply_to=core.reply_to,
+                          message_id=request.job_id)
+        core.collect(request.job_id)
+        self._collectors[request.job_id] = take
+        try:
+            deadline = asyncio.get_running_loop().time() + timeout
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._publish_until_confirmed(broker, request, message, deadline)
+            except TimeoutError:
+                raise JobTimeout(f"the broker did not confirm status request {request.job_id} within "
+                                 f"{timeout:g}s") from None
+            except Unroutable:
+                return members, stale, request.epoch  # nobody listens on the pool's control channel
+            except BrokerError as exc:
+                raise BrokerUnreachable(f"could not publish status request {request.job_id}: {exc}") from None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await full.wait()
+            return dict(members), stale, request.epoch
+        finally:
+            self._collectors.pop(request.job_id, None)
+            core.forget(request.job_id)
 
     def _core_or_raise(self) -> ProducerCore:
         _, core = self._connection()

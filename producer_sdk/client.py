@@ -21,7 +21,7 @@ from protocol import bodies, crypto
 from protocol.handshake import Statement
 from protocol.pipeline import PipelineSpec
 
-from .async_client import AsyncClient, JobResult, KeyLike, Progress
+from .async_client import MAX_STATUS_MEMBERS, AsyncClient, CollateralLike, JobResult, KeyLike, Progress
 from .epochs import EpochState
 from .framing import FrameSettings
 
@@ -91,7 +91,7 @@ class Client:
     def __init__(self, broker_url: str, pool: str, policy: Policy | str | os.PathLike[str], *,
                  name: str | None = None, timeout: float = 120.0, attest_timeout: float = 10.0,
                  max_in_flight: int = 256, clock: Callable[[], float] = time.time,
-                 rng: crypto.Random = os.urandom, trust: Any = None, collateral: Mapping[str, Any] | None = None,
+                 rng: crypto.Random = os.urandom, trust: Any = None, collateral: CollateralLike | None = None,
                  producer_key: KeyLike | None = None, owner_key: KeyLike | None = None,
                  epoch_state: EpochState = None) -> None:
         self._loop = BackgroundLoop("enclaveq-client")
@@ -149,6 +149,15 @@ class Client:
 
     def rotate_pool(self, *, grace_seconds: int = 300, timeout: float | None = None) -> tuple[int, int]:
         return self._call(self._async.rotate_pool(grace_seconds=grace_seconds, timeout=timeout))
+
+    def pool_status(self, wait: float = 2.0, *, max_members: int = MAX_STATUS_MEMBERS,
+                    timeout: float | None = None) -> list[bodies.MemberStatus]:
+        return self._call(self._async.pool_status(wait, max_members=max_members, timeout=timeout))
+
+    @property
+    def skipped_status_answers(self) -> int:
+        """Members' ``pool_status`` answers that did not decode and were skipped (all calls)."""
+        return self._async.skipped_status_answers
 
     def create_pipeline(self, pipeline: PipelineSpec | str | os.PathLike[str], *,
                         models: Mapping[str, bytes | str | os.PathLike[str]] | None = None,

@@ -246,6 +246,9 @@ class ProducerCore:
         self.claims: Claims | None = None
         self.statement: Statement | None = None
         self._done: dict[str, int] = {}
+        # Broadcast requests every member answers (pool_status): each answer is passed on, not
+        # dropped as a duplicate of the first; the caller tells members apart (collect()).
+        self._collecting: set[str] = set()
         # The model each request's result must name, by job id, while it is pending.
         self._pins: dict[str, str] = {}
         self.duplicates = 0
@@ -387,6 +390,15 @@ class ProducerCore:
     def forget(self, job_id: str) -> None:
         """The caller stopped waiting for ``job_id`` (timeout, failure to publish, close)."""
         self._pins.pop(job_id, None)
+        if job_id in self._collecting:
+            # Answers after the window are duplicates from now on, as for any finished request.
+            self._collecting.discard(job_id)
+            self._done[job_id] = int(self._clock() * 1000)
+
+    def collect(self, job_id: str) -> None:
+        """Pass on every answer to ``job_id`` (until :meth:`forget`), not only the first: a
+        request every member of the pool answers for itself (``pool_status``)."""
+        self._collecting.add(job_id)
 
     def job(self, model_id: str, inputs: Mapping[str, Any], *, outputs: Sequence[str] | None = None,
             timeout: float) -> Request:
@@ -453,6 +465,10 @@ class ProducerCore:
     def pipeline_list(self, *, timeout: float) -> Request:
         return self._seal("pipeline_list", b"\x80", timeout=timeout, content_type=bodies.EMPTY)
 
+    def pool_status(self, *, timeout: float) -> Request:
+        """Ask every member for its status (broadcast; each answers, see :meth:`collect`)."""
+        return self._seal("pool_status", b"\x80", timeout=timeout, content_type=bodies.EMPTY)
+
     def event(self, pipeline_id: str, event_id: str, inputs: Mapping[str, Any], *, topic: str,
               timeout: float, exchange: str = "enclaveq.events") -> Request:
         """One event for ``pipeline_id``, sealed like a job, published on ``topic`` (its stream).
@@ -511,6 +527,8 @@ class ProducerCore:
             self.newer_epoch = max(header.current_epoch, self.newer_epoch or 0)
             # Authenticated by the session key: a pool member says the pool moved on.
             self._epochs.observe(self.pool, header.current_epoch)
+        if header.job_id in self._collecting:
+            return Outcome(job_id=header.job_id, header=header, body=body)
         if header.job_id in self._done:
             self.duplicates += 1
             return None

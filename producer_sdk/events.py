@@ -46,7 +46,7 @@ from protocol import bodies, crypto
 from protocol.errors import ProtocolError
 from protocol.results import check_event_id
 
-from .async_client import AsyncClient, KeyLike
+from .async_client import AsyncClient, CollateralLike, KeyLike
 from .client import BackgroundLoop
 from .core import Request
 from .epochs import EpochState
@@ -101,7 +101,7 @@ class AsyncEventPublisher:
                  topic: str | None = None, producer_key: KeyLike | None = None, timeout: float = 30.0,
                  ttl: float = DEFAULT_TTL_SECONDS, max_in_flight: int = 256, max_errors: int = 1000,
                  attest_timeout: float = 10.0, name: str | None = None, trust: Any = None,
-                 collateral: Mapping[str, Any] | None = None, epoch_state: EpochState = None,
+                 collateral: CollateralLike | None = None, epoch_state: EpochState = None,
                  clock: Callable[[], float] = time.time, rng: crypto.Random = os.urandom) -> None:
         if max_in_flight < 1 or max_errors < 1:
             raise ValueError("max_in_flight and max_errors must be at least 1")
@@ -297,7 +297,7 @@ class EventPublisher:
                  topic: str | None = None, producer_key: KeyLike | None = None, timeout: float = 30.0,
                  ttl: float = DEFAULT_TTL_SECONDS, max_in_flight: int = 256, max_errors: int = 1000,
                  attest_timeout: float = 10.0, name: str | None = None, trust: Any = None,
-                 collateral: Mapping[str, Any] | None = None, epoch_state: EpochState = None,
+                 collateral: CollateralLike | None = None, epoch_state: EpochState = None,
                  clock: Callable[[], float] = time.time, rng: crypto.Random = os.urandom) -> None:
         self._loop = BackgroundLoop("enclaveq-publisher")
         self._async = AsyncEventPublisher(

@@ -41,7 +41,7 @@ import os
 import re
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ from protocol.results import (
     peek_result_header,
 )
 
-from .async_client import AsyncClient, KeyLike
+from .async_client import AsyncClient, CollateralLike, KeyLike
 from .client import BackgroundLoop
 from .core import inbox_name
 from .epochs import EpochState
@@ -220,7 +220,7 @@ class AsyncResultSubscriber:
     def __init__(self, broker_url: str, pool: str, policy: Policy | str | os.PathLike[str], pipeline: str,
                  key: RecipientKeyLike, *, timeout: float = 120.0, attest_timeout: float = 10.0, prefetch: int = 256,
                  max_remembered: int = DEFAULT_MAX_REMEMBERED, producer_key: KeyLike | None = None,
-                 name: str | None = None, trust: Any = None, collateral: Mapping[str, Any] | None = None,
+                 name: str | None = None, trust: Any = None, collateral: CollateralLike | None = None,
                  epoch_state: EpochState = None, pool_keys: PoolKeyState = None,
                  clock: Callable[[], float] = time.time, rng: crypto.Random = os.urandom) -> None:
         if prefetch < 1 or max_remembered < 1:
@@ -465,7 +465,7 @@ class ResultSubscriber:
     def __init__(self, broker_url: str, pool: str, policy: Policy | str | os.PathLike[str], pipeline: str,
                  key: RecipientKeyLike, *, timeout: float = 120.0, attest_timeout: float = 10.0, prefetch: int = 256,
                  max_remembered: int = DEFAULT_MAX_REMEMBERED, producer_key: KeyLike | None = None,
-                 name: str | None = None, trust: Any = None, collateral: Mapping[str, Any] | None = None,
+                 name: str | None = None, trust: Any = None, collateral: CollateralLike | None = None,
                  epoch_state: EpochState = None, pool_keys: PoolKeyState = None,
                  clock: Callable[[], float] = time.time, rng: crypto.Random = os.urandom) -> None:
         self._loop = BackgroundLoop("enclaveq-subscriber")

@@ -15,10 +15,14 @@
     pipelines/v1    msgpack {"pipelines": [{"id", "name", "owner", "issued_ms", "source", "sink",
                     "models": [ids], "recipients": int}]}
     event/v1        msgpack {"pipeline": id, "event": id, "tensors": [[name, dtype, shape, data], ...]}
+    member-status/v1  msgpack {"worker", "platform", "measurement": bin, "epoch", "models": [ids],
+                    "model_count", "pipelines", "in_flight", "max_in_flight", "ok", "failed",
+                    "uptime_s", "max_batch_rows", "ready": bool}  -- one member's pool_status answer
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 from collections.abc import Mapping, Sequence
@@ -44,6 +48,7 @@ PIPELINE = "pipeline/v1"
 PIPELINE_DELETE = "pipeline-delete/v1"
 PIPELINES = "pipelines/v1"
 EVENT = "event/v1"
+MEMBER_STATUS = "member-status/v1"
 
 
 # Structural limits of each body (see protocol.limits). Bodies are decoded only once their
@@ -300,3 +305,106 @@ def decode_pipelines(body: bytes) -> list[PipelineInfo]:
             source_exchange=field(item, "source_exchange", str, what="pipeline list", optional=True) or "enclaveq.events",
             sink_exchange=field(item, "sink_exchange", str, what="pipeline list", optional=True) or "enclaveq.results"))
     return out
+
+
+# -- pool status -------------------------------------------------------------------------------
+# A pool_status request (body empty/v1) is broadcast; every member answers with its own
+# member-status/v1. Only a pool member can seal one (it is a result under the producer's
+# session), but a member may be buggy or compromised, so the producer decodes each answer with
+# limits fitted to its exact shape and refuses anything else: the SDK skips (and counts) it.
+MAX_STATUS_MODELS = 1024        # model ids listed per member ("model_count" still counts them all)
+MAX_WORKER_ID_LEN = 256
+MAX_PLATFORM_LEN = 32
+MAX_MEASUREMENT_BYTES = 64      # 32 (sim, SGX MRENCLAVE) or 48 (SEV-SNP, TDX MRTD)
+_STATUS_FIELDS = 16             # 14 today; a few more from a newer worker are read past
+# The map, its keys and scalar values, and the model id list with its ids.
+MEMBER_STATUS_ITEMS = 1 + 2 * _STATUS_FIELDS + MAX_STATUS_MODELS
+MEMBER_STATUS_MAX_BYTES = 96 * 1024  # 1024 ids of 66 bytes plus the scalars
+_MAX_COUNT = (1 << 63) - 1
+_MODEL_ID = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class MemberStatus:
+    """One pool member's answer to a ``pool_status`` request: who it is, what it serves, its load.
+
+    ``model_ids`` are the models this producer's session may see (what ``model_list`` shows it),
+    at most :data:`MAX_STATUS_MODELS`; ``model_count`` counts them all. Jobs are counted as the
+    member ran them since it started serving (each job of a frame, and each pipeline event,
+    counts as one); requests refused before running (expired, replayed) are not counted."""
+
+    worker_id: str
+    platform: str
+    measurement: bytes
+    epoch: int
+    model_count: int
+    model_ids: tuple[str, ...]
+    pipelines: int
+    jobs_in_flight: int
+    max_jobs_in_flight: int
+    jobs_ok: int
+    jobs_failed: int
+    uptime_seconds: int
+    max_batch_rows: int
+    ready: bool
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (the measurement in hex)."""
+        return {"worker": self.worker_id, "platform": self.platform, "measurement": self.measurement.hex(),
+                "epoch": self.epoch, "ready": self.ready, "model_count": self.model_count,
+                "models": list(self.model_ids), "pipelines": self.pipelines, "jobs_in_flight": self.jobs_in_flight,
+                "max_jobs_in_flight": self.max_jobs_in_flight, "jobs_ok": self.jobs_ok,
+                "jobs_failed": self.jobs_failed, "uptime_seconds": self.uptime_seconds,
+                "max_batch_rows": self.max_batch_rows}
+
+
+def encode_member_status(status: MemberStatus) -> bytes:
+    ids = sorted(status.model_ids)[:MAX_STATUS_MODELS]
+    return pack({"worker": status.worker_id[:MAX_WORKER_ID_LEN], "platform": status.platform[:MAX_PLATFORM_LEN],
+                 "measurement": status.measurement[:MAX_MEASUREMENT_BYTES], "epoch": status.epoch,
+                 "models": ids, "model_count": max(status.model_count, len(ids)), "pipelines": status.pipelines,
+                 "in_flight": status.jobs_in_flight, "max_in_flight": status.max_jobs_in_flight,
+                 "ok": status.jobs_ok, "failed": status.jobs_failed, "uptime_s": status.uptime_seconds,
+                 "max_batch_rows": status.max_batch_rows, "ready": status.ready})
+
+
+def decode_member_status(body: bytes) -> MemberStatus:
+    """One member's status; ``MalformedMessage``/``OversizedMessage`` for anything that is not
+    exactly a member-status/v1 body within its limits (the SDK then skips the answer)."""
+    what = "member status"
+    m = unpack(body, max_bytes=MEMBER_STATUS_MAX_BYTES, what=what, max_depth=2, max_items=MEMBER_STATUS_ITEMS,
+               max_container_len=MAX_STATUS_MODELS, max_str_len=MAX_WORKER_ID_LEN * 4)
+    if not isinstance(m, dict):
+        raise MalformedMessage(f"{what}: expected a map")
+
+    def text(name: str, max_len: int) -> str:
+        # Shown in a terminal: no control characters (escape sequences), nothing empty.
+        value = bounded_str(m, name, what=what, max_len=max_len)
+        if not value or not value.isprintable():
+            raise MalformedMessage(f"{what}: field {name!r} must be printable text")
+        return value
+
+    def count(name: str) -> int:
+        value: int = field(m, name, int, what=what)
+        if not 0 <= value <= _MAX_COUNT:
+            raise MalformedMessage(f"{what}: field {name!r} out of range")
+        return value
+
+    measurement: bytes = field(m, "measurement", bytes, what=what)
+    if not 0 < len(measurement) <= MAX_MEASUREMENT_BYTES:
+        raise MalformedMessage(f"{what}: the measurement must be 1..{MAX_MEASUREMENT_BYTES} bytes")
+    models = m.get("models")
+    if not isinstance(models, list) or not all(isinstance(i, str) and _MODEL_ID.fullmatch(i) for i in models):
+        raise MalformedMessage(f"{what}: models must be a list of model ids (64 lowercase hex)")
+    ready = m.get("ready")
+    if not isinstance(ready, bool):
+        raise MalformedMessage(f"{what}: field 'ready' must be a boolean")
+    status = MemberStatus(
+        worker_id=text("worker", MAX_WORKER_ID_LEN), platform=text("platform", MAX_PLATFORM_LEN),
+        measurement=measurement, epoch=count("epoch"), model_count=count("model_count"), model_ids=tuple(models),
+        pipelines=count("pipelines"), jobs_in_flight=count("in_flight"), max_jobs_in_flight=count("max_in_flight"),
+        jobs_ok=count("ok"), jobs_failed=count("failed"), uptime_seconds=count("uptime_s"),
+        max_batch_rows=count("max_batch_rows"), ready=ready)
+    if status.model_count < len(status.model_ids):
+        raise MalformedMessage(f"{what}: model_count is below the number of model ids listed")
+    return status

@@ -35,6 +35,9 @@ _ROUTES: dict[str, Route] = {
     "pipeline_delete": Route.BROADCAST,
     "pipeline_list": Route.JOBS,
     "event": Route.STREAM,
+    # Status is per member: every worker answers (the producer collects the answers for a short
+    # window instead of taking the first, producer_sdk.AsyncClient.pool_status).
+    "pool_status": Route.BROADCAST,
 }
 
 REQUEST_KINDS = frozenset(_ROUTES)

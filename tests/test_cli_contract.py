@@ -34,7 +34,7 @@ from protocol.ownership import load_signing_key, public_key_bytes
 from .support import mlp_model, running_worker
 
 ROOT = Path(__file__).resolve().parents[1]
-CONNECTION = frozenset({"--broker", "--pool", "--policy", "--timeout", "--producer-key"})
+CONNECTION = frozenset({"--broker", "--pool", "--policy", "--timeout", "--producer-key", "--collateral"})
 
 # Every command, with every flag README.md and its --help document.
 DOCUMENTED: dict[tuple[str, ...], frozenset[str]] = {
@@ -42,7 +42,8 @@ DOCUMENTED: dict[tuple[str, ...], frozenset[str]] = {
     ("sim", "init"): frozenset({"--dir", "--force", "--days"}),
     ("policy", "init"): frozenset({"--sim-dir", "--out", "--measurement", "--allow-debug", "--max-age", "--force"}),
     ("worker",): frozenset({"--broker", "--pool", "--sim-dir", "--state-dir", "--tee", "--metrics-port",
-                            "--rotate-every", "--rotation-grace", "--print-measurement", "--log-level"}),
+                            "--rotate-every", "--rotation-grace", "--print-measurement", "--log-level",
+                            "--collateral", "--log-format"}),
     ("attest",): CONNECTION | {"--json", "--forget-epoch"},
     ("model", "upload"): CONNECTION | {"--owner-key", "--allow-producer"},
     ("model", "list"): CONNECTION | {"--json"},
@@ -50,6 +51,7 @@ DOCUMENTED: dict[tuple[str, ...], frozenset[str]] = {
     ("run",): CONNECTION | {"--model", "--input", "--output"},
     ("submit",): CONNECTION | {"--model", "--inputs", "--output", "--max-in-flight"},
     ("pool", "rotate"): CONNECTION | {"--grace"},
+    ("pool", "status"): CONNECTION | {"--wait", "--json"},
     ("keys", "generate"): frozenset({"--out", "--kind"}),
     ("keys", "show"): frozenset(),
     ("pipeline", "init"): frozenset({"--example", "--recipient", "--out", "--about", "--threshold", "--force"}),
@@ -60,6 +62,9 @@ DOCUMENTED: dict[tuple[str, ...], frozenset[str]] = {
     ("subscribe",): CONNECTION | {"--pipeline", "--key", "--output", "--count"},
     ("evidence", "verify"): frozenset({"--platform", "--cert", "--collateral", "--policy", "--report-data", "--at",
                                        "--json"}),
+    ("collateral", "fetch"): frozenset({"--platform", "--fmspc", "--evidence", "--product", "--out", "--pcs-url",
+                                        "--kds-url", "--timeout"}),
+    ("collateral", "show"): frozenset({"--dir", "--json"}),
 }
 
 # Positional arguments, by parameter name.
@@ -84,6 +89,7 @@ ALLOWED_REQUIRED: dict[tuple[str, ...], frozenset[str]] = {
     ("run",): REQUIRED_CONNECTION | {"--model", "--input", "--output"},
     ("submit",): REQUIRED_CONNECTION | {"--model", "--inputs", "--output"},
     ("pool", "rotate"): REQUIRED_CONNECTION,
+    ("pool", "status"): REQUIRED_CONNECTION,
     ("keys", "generate"): frozenset({"--out"}),
     ("pipeline", "init"): frozenset({"--example", "--recipient", "--out"}),
     ("pipeline", "create"): REQUIRED_CONNECTION,
@@ -92,6 +98,7 @@ ALLOWED_REQUIRED: dict[tuple[str, ...], frozenset[str]] = {
     ("publish",): REQUIRED_CONNECTION | {"--pipeline"},
     ("subscribe",): REQUIRED_CONNECTION | {"--pipeline", "--key", "--output"},
     ("evidence", "verify"): frozenset({"--platform"}),
+    ("collateral", "fetch"): frozenset({"--platform"}),
 }
 
 DOCUMENTS = [ROOT / "README.md", ROOT / "examples" / "README.md"]

@@ -1,4 +1,4 @@
-"""Producer commands: `enclaveq attest`, `model upload|list|delete`, `run`, `submit`, `pool rotate`.
+"""Producer commands: `enclaveq attest`, `model upload|list|delete`, `run`, `submit`, `pool rotate|status`.
 
 Every command attests the pool before it sends anything; every failure is one clear line on
 stderr and a non-zero exit (1: refused or failed, 2: usage). Progress goes to stderr so that
@@ -29,14 +29,17 @@ import numpy as np
 from attestation.errors import AttestationError
 from broker_adapters import redact_url
 from producer_sdk import AsyncClient, Client, FrameSettings, JobResult
+from producer_sdk.async_client import MAX_STATUS_WAIT_SECONDS
 from producer_sdk.epochs import forget_pool
 from producer_sdk.errors import AttestationFailed, EnclaveqError, EpochRollback
+from protocol.bodies import MemberStatus
 from protocol.errors import ProtocolError, TensorError
 from protocol.frames import MAX_FRAME_JOBS
 from protocol.tensors import dtype_name
 from protocol.ownership import parse_public_key
 
 from ..durations import DURATION
+from .collateral import collateral_of_command, describe_collateral_use, with_collateral_option
 from .params import BROKER_URL
 from .npz_files import TEMP_PREFIX, ReadAhead, ResultWriter, write_npz
 from .owner_key import (
@@ -56,13 +59,20 @@ F = TypeVar("F", bound=Callable[..., Any])
 def connection_options(*, timeout: float | None = 120.0, timeout_help: str = "Seconds to wait for each result.",
                        producer_key_help: str = "This producer's key file (`enclaveq keys generate`): proves who "
                                                 "sends the jobs, which models restricted to some producers require.",
+                       collateral: bool = True,
                        ) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """The options every command that talks to a pool shares (--broker, --pool, --policy,
-    --timeout, --producer-key); commands whose --timeout means something else say so."""
+    --timeout, --producer-key and --collateral: every one of them attests the pool); commands whose --timeout
+    means something else say so. Without --collateral (or without the option) a command uses the
+    default collateral cache if it exists (:func:`enclaveq.cli.collateral.collateral_of_command`)."""
     def decorate(fn: Callable[..., None]) -> Callable[..., None]:
+        if collateral:
+            fn = with_collateral_option(fn)
+
         @click.option("--broker", "broker_url", required=True, type=BROKER_URL,
                       help="Broker URL, e.g. amqp://guest:guest@127.0.0.1:5672/, mqtt://127.0.0.1:1883/ or "
-                           "memory://NAME.")
+                           "memory://NAME. A RabbitMQ cluster: its nodes' URLs separated by commas "
+                           "(amqp://u:p@node1:5672/,amqp://u:p@node2:5672/); the client fails over between them.")
         @click.option("--pool", required=True, metavar="NAME", help="Worker pool to use.")
         @click.option("--policy", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
                       help="Attestation policy (TOML) the pool's evidence must satisfy.")
@@ -110,7 +120,8 @@ def _owner_key(source: OwnerKeySource, *, create: bool = False) -> Ed25519Privat
 
 def _client(broker_url: str, pool: str, policy: Path, timeout: float) -> Client:
     return attested(broker_url, pool, lambda: Client(broker_url, pool, policy, timeout=timeout,
-                                                     producer_key=producer_key_option()))
+                                                     producer_key=producer_key_option(),
+                                                     collateral=collateral_of_command()))
 
 
 T = TypeVar("T")
@@ -177,6 +188,8 @@ def attest_command(broker_url: str, pool: str, policy: Path, timeout: float, as_
     Examples:
       enclaveq attest --broker amqp://guest:guest@127.0.0.1:5672/ --pool demo --policy policy.toml
       enclaveq attest --broker mqtt://127.0.0.1:1883/ --pool demo --policy policy.toml --json --timeout 10
+      enclaveq attest --broker amqp://guest:guest@10.0.0.5:5672/ --pool demo --policy policy.toml \\
+          --collateral ./collateral
     """
     if forget_epoch:
         try:
@@ -185,7 +198,8 @@ def attest_command(broker_url: str, pool: str, policy: Path, timeout: float, as_
         except OSError as exc:
             _fail(f"cannot forget the remembered epoch of pool {pool!r}: {exc}")
     try:
-        client = Client(broker_url, pool, policy, timeout=timeout, attest_timeout=timeout)
+        client = Client(broker_url, pool, policy, timeout=timeout, attest_timeout=timeout,
+                        collateral=collateral_of_command())
     except AttestationFailed as exc:
         if as_json:
             click.echo(json.dumps({"verified": False, "pool": pool, "error": str(exc),
@@ -206,9 +220,14 @@ def attest_command(broker_url: str, pool: str, policy: Path, timeout: float, as_
             return
         click.echo(f"verified pool {pool!r} (epoch {st.epoch}) against {policy}")
         for key, value in claims_json.items():
-            if key != "chain":
+            if key not in ("chain", "collateral"):
                 click.echo(f"  {key:<18} {value}")
+        for use in claims.collateral:
+            click.echo(f"  {'collateral':<18} {describe_collateral_use(use)}")
         click.echo(f"  {'pool key':<18} {st.pool_public_key.hex()}")
+        if claims.platform in ("sgx", "tdx", "snp") and not claims.tcb_evaluated:
+            click.echo(f"WARNING: the pool's {claims.platform} TCB was not evaluated: the policy accepts evidence "
+                       "without collateral (require_collateral = false)", err=True)
         if claims.simulated:
             click.echo("WARNING: simulated evidence -- no confidentiality against the machine's operator", err=True)
 
@@ -280,7 +299,7 @@ def model_upload(file: Path, broker_url: str, pool: str, policy: Path, timeout: 
 
 @click.group("pool")
 def pool_group() -> None:
-    """Operate on a worker pool as a whole (key rotation)."""
+    """Operate on a worker pool as a whole (key rotation, members' status)."""
 
 
 @pool_group.command("rotate")
@@ -319,6 +338,93 @@ def pool_rotate(broker_url: str, pool: str, policy: Path, timeout: float, grace:
     erased = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(retire_at_ms / 1000))
     click.echo(f"pool {pool!r} rotated from epoch {before} to epoch {epoch}; epoch {before}'s key is erased "
                f"at {erased} (grace {int(grace)}s)")
+
+
+@pool_group.command("status")
+@connection_options(timeout_help="Seconds to wait for the broker to connect and take the request; also the "
+                                 "request's deadline, after which a member refuses it.")
+@click.option("--wait", type=click.FloatRange(min=0, min_open=True, max=MAX_STATUS_WAIT_SECONDS), default=2.0,
+              show_default=True, metavar="SECONDS",
+              help="How long to collect the members' answers after asking (a member that answers later is "
+                   "not listed).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def pool_status(broker_url: str, pool: str, policy: Path, timeout: float, wait: float, as_json: bool) -> None:
+    """Show the pool's attested members: epoch, models, load, readiness.
+
+    \b
+    The command attests the pool against --policy first, then asks every
+    member at once; each answers for itself, sealed to this command's session,
+    so only a producer that verified the pool can read the answers. One row per
+    member that answered within --wait seconds (at most 256): its worker id,
+    platform and measurement, the epoch it serves (highlighted when it is not
+    the attested one), the models this producer may see, its pipelines, jobs
+    running now out of its slots, jobs run since it started (ok and failed),
+    uptime and batching (max rows per ONNX Runtime call). --json adds the model
+    ids and the full measurement. An answer that does not decode is skipped
+    and counted on stderr. Exit 0 when at least one member answered, 1 when
+    none did.
+
+    \b
+    Examples:
+      enclaveq pool status --broker amqp://guest:guest@127.0.0.1:5672/ --pool demo --policy policy.toml
+      enclaveq pool status --broker amqp://guest:guest@127.0.0.1:5672/ --pool demo --policy policy.toml \\
+          --wait 5 --json
+    """
+    with _client(broker_url, pool, policy, timeout) as client:
+        attested_epoch = _attested(client)[1].epoch
+        try:
+            members = client.pool_status(wait)
+        except EnclaveqError as exc:
+            _fail(str(exc))
+        skipped = client.skipped_status_answers
+    if as_json:
+        click.echo(json.dumps({"pool": pool, "epoch": attested_epoch, "wait_seconds": wait,
+                               "members": [m.to_json() for m in members], "skipped": skipped}, indent=2))
+    else:
+        if members:
+            _print_members(members, attested_epoch)
+        click.echo(f"{len(members)} member{'s' if len(members) != 1 else ''} of pool {pool!r} answered within "
+                   f"{wait:g}s (attested epoch {attested_epoch})", err=True)
+    if skipped:
+        click.echo(f"warning: {skipped} answer{'s' if skipped != 1 else ''} did not decode and "
+                   f"{'were' if skipped != 1 else 'was'} skipped", err=True)
+    if not members:
+        _fail(f"no member of pool {pool!r} answered the status request within {wait:g}s")
+
+
+def _print_members(members: list[MemberStatus], attested_epoch: int) -> None:
+    """One table row per member, on stdout. Every text a member sent is printed as plain text
+    (rich markup in a worker id is shown, never interpreted)."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # a pipe or a file: one line per member, never wrapped
+    table = Table(box=None, pad_edge=False)
+    for column in ("WORKER", "PLATFORM", "MEASUREMENT", "EPOCH", "READY", "MODELS", "PIPELINES", "IN FLIGHT",
+                   "OK", "FAILED", "UPTIME", "BATCH ROWS"):
+        table.add_column(column, no_wrap=True, justify="left" if column in ("WORKER", "PLATFORM", "MEASUREMENT")
+                         else "right")
+    for m in members:
+        table.add_row(Text(m.worker_id), Text(m.platform), Text(m.measurement.hex()[:16] + "..."),
+                      Text(str(m.epoch), style="" if m.epoch == attested_epoch else "bold yellow"),
+                      Text("yes") if m.ready else Text("no", style="bold red"), str(m.model_count),
+                      str(m.pipelines), f"{m.jobs_in_flight}/{m.max_jobs_in_flight}", str(m.jobs_ok),
+                      str(m.jobs_failed), _uptime(m.uptime_seconds), str(m.max_batch_rows))
+    console.print(table)
+
+
+def _uptime(seconds: int) -> str:
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 @model_group.command("list")
@@ -532,8 +638,9 @@ def submit_command(broker_url: str, pool: str, policy: Path, timeout: float, mod
     # The AsyncClient on this thread's own loop: the synchronous Client would add a thread hop per
     # result and read the inputs on its loop's thread; here one thread reads the files ahead, one
     # writes the results behind (enclaveq.cli.npz_files), and the loop only seals, sends and decodes.
+    collateral = collateral_of_command()
     client = attested(broker_url, pool, lambda: AsyncClient(broker_url, pool, policy, timeout=timeout,
-                                                            producer_key=producer_key))
+                                                            producer_key=producer_key, collateral=collateral))
     failed: list[dict[str, Any]] = []
     try:
         asyncio.run(_submit_files(client, broker_url, pool, model_id, files, output_dir, max_in_flight, frames,
