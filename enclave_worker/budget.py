@@ -111,7 +111,7 @@ class QuietLog:
         self._budget = TokenBucket(rate=self._budget.rate, burst=self._budget.burst, clock=self._budget.clock)
         self.suppressed = 0
 
-    def log(self, level: int, msg: str, *args: object) -> None:
+    def log(self, level: int, msg: str, *args: object, exc_info: bool = False) -> None:
         if not self._log.isEnabledFor(level):
             return
         if not self._budget.try_take():
@@ -122,7 +122,12 @@ class QuietLog:
             msg += " (and %d similar lines left out)"
             args = (*args, self.suppressed)
             self.suppressed = 0
-        self._log.log(level, msg, *args)
+        self._log.log(level, msg, *args, exc_info=exc_info)
+
+    def exception(self, msg: str, *args: object) -> None:
+        """An ERROR with the traceback being handled, within the budget (a model that fails on
+        every job must not write a traceback per job)."""
+        self.log(logging.ERROR, msg, *args, exc_info=True)
 
     def warning(self, msg: str, *args: object) -> None:
         self.log(logging.WARNING, msg, *args)

@@ -23,6 +23,7 @@ import numpy as np
 from broker_adapters import Message, Unroutable
 
 from .batcher import Batcher
+from .budget import noisy
 from .context import WorkerContext
 from .errors import JobRejected
 from .keyring import Keyring
@@ -144,7 +145,7 @@ class RequestHandlers:
         except ProtocolError as exc:  # malformed body, bad tensor
             return Answer.error(bodies.ErrorCode.BAD_INPUT, str(exc))
         except Exception as exc:
-            log.exception("internal error on job %s (%s)", header.job_id, type(exc).__name__)
+            noisy.exception("internal error on job %s (%s)", header.job_id, type(exc).__name__)
             return Answer.error(bodies.ErrorCode.INTERNAL, f"internal worker error ({type(exc).__name__})")
 
     # -- handlers ------------------------------------------------------------------------------

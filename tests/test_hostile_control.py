@@ -187,6 +187,18 @@ def test_lines_a_flood_can_cause_are_logged_within_a_budget_and_the_rest_are_cou
     assert quiet.suppressed == 0
 
 
+def test_a_model_failing_on_every_job_writes_a_traceback_for_a_few_of_them_only(caplog):
+    quiet = QuietLog(logging.getLogger("enclaveq.test-quiet"), rate=1.0, burst=3, clock=lambda: 0.0)
+    with caplog.at_level(logging.ERROR, logger="enclaveq.test-quiet"):
+        for i in range(100):
+            try:
+                raise RuntimeError("the model failed")
+            except RuntimeError:
+                quiet.exception("internal error on job %d (RuntimeError)", i)
+    assert len(caplog.records) == 3 and all(r.exc_info for r in caplog.records)
+    assert quiet.suppressed == 97
+
+
 def test_a_bounded_memory_forgets_the_oldest_entry_first():
     memory: BoundedMemory[int, bool] = BoundedMemory(3)
     for i in range(10):
