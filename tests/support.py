@@ -10,8 +10,9 @@ import asyncio
 import contextlib
 import json
 import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,36 @@ async def running_worker(tee: SimTEE, broker_url: str, pool: str, **kwargs):
         yield worker
     finally:
         await worker.stop()
+
+
+class FaultMidway:
+    """A batch fed to ``submit`` with a fault in its middle, whatever the machine's speed: once
+    ``at`` jobs are sent, the feed pauses and ``fault(resume)`` runs in its own thread (it blocks:
+    stopping a broker, killing a node); it calls ``resume()`` once the fault has struck, and the
+    rest of the batch is fed from then on."""
+
+    def __init__(self, batch: list, fault: Callable[[Callable[[], None]], None], *, at: int) -> None:
+        self.batch, self.at = batch, at
+        self._fault = fault
+        self._reached, self._struck = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fault-midway", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        assert self._reached.wait(120), "the batch never got going"
+        self._fault(self._struck.set)
+
+    def jobs(self) -> Iterator:
+        for index, job in enumerate(self.batch):
+            if index == self.at:
+                self._reached.set()
+                assert self._struck.wait(120), "the fault did not strike"
+            yield job
+
+    async def finished(self) -> None:
+        """Wait (bounded) for the fault's thread to end; fail if the fault never struck."""
+        await asyncio.to_thread(self._thread.join, 120)
+        assert not self._thread.is_alive() and self._struck.is_set()
 
 
 # -- waiting for events ---------------------------------------------------------------------------

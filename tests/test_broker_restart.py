@@ -8,16 +8,14 @@ shared by every other test).
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 import time
 
 import numpy as np
 
 from producer_sdk import AsyncClient
 
-from .support import dead_letters, mlp_model, run_directly, running_worker
+from .support import FaultMidway, dead_letters, mlp_model, run_directly, running_worker
 
 JOBS = 2000
 
@@ -29,33 +27,20 @@ async def test_a_batch_survives_the_broker_stopping_and_starting_in_its_middle(t
              for _ in range(JOBS)]
     url = private_rabbitmq.url
     results: dict[int, object] = {}
-    quarter_sent, broker_down = threading.Event(), threading.Event()
 
-    def restart_broker() -> None:  # its own thread: it must run while the batch's feeder waits for it
-        assert quarter_sent.wait(120), "the batch never got going"
+    def restart_broker(resume) -> None:
         private_rabbitmq.stop_app()
-        broker_down.set()
+        resume()  # the rest of the batch is fed while the broker is down
         time.sleep(2)  # the outage: what the clients must ride out, not what the test waits for
         private_rabbitmq.start_app()
 
-    def jobs():
-        for index, job in enumerate(batch):
-            if index == JOBS // 4:
-                # The rest of the batch is fed only once the broker is down: the outage lands in
-                # the middle of the batch whatever this machine's speed.
-                quarter_sent.set()
-                assert broker_down.wait(120), "the broker did not stop"
-            yield job
-
-    restarter = threading.Thread(target=restart_broker, name="restart-broker", daemon=True)
-    restarter.start()
+    fault = FaultMidway(batch, restart_broker, at=JOBS // 4)
     async with running_worker(tee, url, pool), AsyncClient(url, pool, tee.policy(), timeout=120) as client:
         model_id = await client.upload_model(mlp_model())
-        async for result in client.submit(model_id, jobs(), max_in_flight=64):
+        async for result in client.submit(model_id, fault.jobs(), max_in_flight=64):
             assert result.index not in results, f"job {result.index} yielded twice"
             results[result.index] = result
-    await asyncio.to_thread(restarter.join, 120)
-    assert not restarter.is_alive() and broker_down.is_set()
+    await fault.finished()
     assert sorted(results) == list(range(JOBS))
     failed = [r for r in results.values() if not r.ok]
     assert not failed, failed[:3]

@@ -211,12 +211,17 @@ async def test_a_restarted_worker_serves_the_pipelines_it_had(tee, broker_url, p
         assert signed.pipeline_id in worker.pipelines.pipelines
         async with AsyncClient(broker_url, pool, tee.policy(), owner_key=owner) as client:
             d = Deployment(client=client, worker=worker, pool=pool, owner=owner, recipient=recipient)
-            inbox = Inbox()
-            sub = await d.broker.consume_inbox(d.inbox(signed), inbox)
-            await d.publish(signed, "after-restart", {"x": np.ones((1, 4), np.float32)})
-            await wait_until(lambda: len(inbox.raw) == 1, "the restarted worker answers the event")
-            await sub.cancel()
-            await d.broker.delete_inbox(d.inbox(signed))
+            await answers_one_event(d, signed, "after-restart", "the restarted worker answers the event")
+
+
+async def answers_one_event(d: Deployment, signed: SignedPipeline, event_id: str, what: str) -> None:
+    """Publish one event to ``signed`` and wait (bounded) for its result in the recipient's inbox."""
+    inbox = Inbox()
+    sub = await d.broker.consume_inbox(d.inbox(signed), inbox)
+    await d.publish(signed, event_id, {"x": np.ones((1, 4), np.float32)})
+    await wait_until(lambda: len(inbox.raw) == 1, what)
+    await sub.cancel()
+    await d.broker.delete_inbox(d.inbox(signed))
 
 
 def consume_stream_failing(worker, monkeypatch, times: int | None) -> list[int]:
@@ -242,12 +247,7 @@ async def test_a_pipeline_whose_stream_is_briefly_unreachable_is_served_once_the
     signed, outcome = await deployment.put(deployment.spec())
     assert outcome.ok, outcome.error()
     assert len(calls) == 3
-    inbox = Inbox()
-    sub = await deployment.broker.consume_inbox(deployment.inbox(signed), inbox)
-    await deployment.publish(signed, "after-outage", {"x": np.ones((1, 4), np.float32)})
-    await wait_until(lambda: len(inbox.raw) == 1, "the pipeline answers its event")
-    await sub.cancel()
-    await deployment.broker.delete_inbox(deployment.inbox(signed))
+    await answers_one_event(deployment, signed, "after-outage", "the pipeline answers its event")
 
 
 async def test_a_pipeline_that_cannot_be_served_is_refused_and_not_left_half_installed(
@@ -273,12 +273,7 @@ async def test_a_pipeline_that_cannot_be_served_is_refused_and_not_left_half_ins
             d = Deployment(client=client, worker=worker, pool=pool, owner=owner)
             retried, outcome = await d.put(d.spec())
             assert outcome.ok, outcome.error()
-            inbox = Inbox()
-            sub = await d.broker.consume_inbox(d.inbox(retried), inbox)
-            await d.publish(retried, "after-retry", {"x": np.ones((1, 4), np.float32)})
-            await wait_until(lambda: len(inbox.raw) == 1, "the retried pipeline answers its event")
-            await sub.cancel()
-            await d.broker.delete_inbox(d.inbox(retried))
+            await answers_one_event(d, retried, "after-retry", "the retried pipeline answers its event")
 
 
 async def test_results_of_events_published_before_the_recipient_ever_subscribed_wait_in_its_inbox(deployment):

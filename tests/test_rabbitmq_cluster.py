@@ -10,16 +10,13 @@ once, equal to direct onnxruntime, and nothing dead-lettered.
 
 from __future__ import annotations
 
-import asyncio
-import threading
-
 import numpy as np
 import pytest
 
 from broker_adapters._common import jobs_queue
 from producer_sdk import AsyncClient
 
-from .support import dead_letters, mlp_model, run_directly, running_worker
+from .support import FaultMidway, dead_letters, mlp_model, run_directly, running_worker
 
 pytestmark = pytest.mark.slow
 JOBS = 1500
@@ -31,36 +28,23 @@ async def test_a_batch_survives_the_node_leading_its_job_queue_being_killed(priv
              for _ in range(JOBS)]
     urls = private_cluster.urls
     results: dict[int, object] = {}
-    quarter_sent, killed = threading.Event(), threading.Event()
     victim: list[str] = []
 
-    def kill_the_leader() -> None:  # its own thread: it runs while the batch's feeder waits for it
-        assert quarter_sent.wait(120), "the batch never got going"
+    def kill_the_leader(resume) -> None:
         leader = private_cluster.leader_of(jobs_queue(pool))
         victim.append(leader.node)
         leader.kill()
-        killed.set()
+        resume()
 
-    def jobs():
-        for index, job in enumerate(batch):
-            if index == JOBS // 4:
-                # The rest is fed only once the leader is dead: the failover lands mid-batch
-                # whatever this machine's speed.
-                quarter_sent.set()
-                assert killed.wait(120), "the leader was not killed"
-            yield job
-
-    killer = threading.Thread(target=kill_the_leader, name="kill-leader", daemon=True)
     async with running_worker(tee, urls, pool), AsyncClient(urls, pool, tee.policy(), timeout=120) as client:
         members = private_cluster.members_of(jobs_queue(pool))
         assert len(members) == 3, f"the job queue is not replicated on every node: {members}"
         model_id = await client.upload_model(mlp_model())
-        killer.start()
-        async for result in client.submit(model_id, jobs(), max_in_flight=64):
+        fault = FaultMidway(batch, kill_the_leader, at=JOBS // 4)
+        async for result in client.submit(model_id, fault.jobs(), max_in_flight=64):
             assert result.index not in results, f"job {result.index} yielded twice"
             results[result.index] = result
-    await asyncio.to_thread(killer.join, 120)
-    assert killed.is_set() and victim
+    await fault.finished()
     assert sorted(results) == list(range(JOBS))
     failed = [r for r in results.values() if not r.ok]
     assert not failed, failed[:3]
