@@ -15,7 +15,7 @@ import numpy as np
 from broker_adapters import _common as common
 from producer_sdk import AsyncClient
 
-from .support import mlp_model, run_directly, running_worker
+from .support import mlp_model, run_directly, running_worker, wait_until
 
 JOBS = 300
 
@@ -27,11 +27,21 @@ async def test_a_queue_at_its_length_limit_slows_the_producer_and_loses_no_job(t
     rng = np.random.default_rng(5)
     batch = [{"x": rng.standard_normal((1, 4)).astype(np.float32), "bias": np.zeros(3, np.float32)}
              for _ in range(JOBS)]
-    async with running_worker(tee, rabbitmq_url, pool), AsyncClient(rabbitmq_url, pool, tee.policy(), timeout=120) as client:
+    # A worker that takes one job at a time (prefetch 1) while the producer keeps 64 in flight:
+    # jobs wait in the queue and reach its cap of 2 whatever the machine's speed.
+    async with running_worker(tee, rabbitmq_url, pool, prefetch=1), \
+            AsyncClient(rabbitmq_url, pool, tee.policy(), timeout=120) as client:
         model_id = await client.upload_model(mlp_model())
-        pattern = f"^{common.jobs_queue(pool).replace('.', '[.]')}$"
+        queue = common.jobs_queue(pool)
+        pattern = f"^{queue.replace('.', '[.]')}$"
         await asyncio.to_thread(rabbitmqctl, "set_policy", "--apply-to", "queues", policy_name, pattern,
                                 '{"max-length": 2, "overflow": "reject-publish"}')
+
+        def capped() -> bool:
+            rows = rabbitmqctl.json("list_queues", "name", "policy")
+            return any(row["name"] == queue and row.get("policy") == policy_name for row in rows)
+
+        await wait_until(capped, "RabbitMQ applies the length limit to the job queue")
         try:
             results = {}
             async for result in client.submit(model_id, batch, max_in_flight=64, frames=False):
