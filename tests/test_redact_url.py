@@ -37,3 +37,33 @@ def test_an_unknown_scheme_is_refused_without_echoing_the_url():
     with pytest.raises(UnsupportedBrokerURL) as caught:
         open_broker("redis://user:hunter2@host/")
     assert "hunter2" not in str(caught.value)
+
+
+# -- a RabbitMQ cluster given as a list of node URLs ---------------------------------------------
+
+def test_every_password_of_a_node_list_is_hidden_even_one_holding_a_comma():
+    urls = "amqp://u:p,w@node1:5672/,amqp://u:s@cr@node2:5673/, amqp://v:t%2C@node3:5674/"
+    shown = redact_url(urls)
+    assert shown == "amqp://***@node1:5672/,amqp://***@node2:5673/,amqp://***@node3:5674/"
+    for secret in ("p,w", "s@cr", "t%2C"):
+        assert secret not in shown
+
+
+def test_a_node_list_splits_only_where_another_url_begins():
+    from broker_adapters.urls import split_broker_urls
+
+    assert split_broker_urls("amqp://u:p,w@a:1/,amqp://u:p@b:2/") == ["amqp://u:p,w@a:1/", "amqp://u:p@b:2/"]
+    assert split_broker_urls("amqp://u:p@a:1/") == ["amqp://u:p@a:1/"]
+
+
+@pytest.mark.parametrize("urls, says", [
+    ("amqp://a:1/,mqtt://b:2/", "share one scheme"),
+    ("mqtt://a:1/,mqtt://b:2/", "only AMQP takes a list"),
+    ("amqp://u:secret@a:1/,amqp://u:secret@b:notaport/", "not a number"),
+])
+def test_a_bad_node_list_is_refused_without_echoing_a_password(urls, says):
+    from broker_adapters import check_broker_url
+
+    with pytest.raises(UnsupportedBrokerURL, match=says) as refused:
+        check_broker_url(urls)
+    assert "secret" not in str(refused.value)
