@@ -345,19 +345,15 @@ class AmqpBroker(BrokerAdapter):
         )
 
     # -- replies ------------------------------------------------------------------------
-    async def declare_reply_queue(self, name: str) -> str:
+    async def declare_reply_queue(self, name: str, *, expires: float | None = None) -> str:
         common.check_name("reply queue", name)
         address = common.reply_queue(name)
+        arguments: dict[str, Any] = {"x-queue-type": "quorum", "x-delivery-limit": common.REPLY_DELIVERY_LIMIT - 1}
+        if expires is not None:
+            arguments["x-expires"] = max(1, int(expires * 1000))
         async with self._raw_channel() as channel:
             try:
-                await channel.queue_declare(
-                    address,
-                    durable=True,
-                    arguments={
-                        "x-queue-type": "quorum",
-                        "x-delivery-limit": common.REPLY_DELIVERY_LIMIT - 1,
-                    },
-                )
+                await channel.queue_declare(address, durable=True, arguments=arguments)
             except amqp_errors.ChannelPreconditionFailed as exc:
                 raise BrokerError(f"reply queue {address!r} exists with different settings: {exc}") from exc
             except _CONNECTION_LOST as exc:

@@ -173,8 +173,13 @@ class BrokerAdapter(abc.ABC):
 
     # -- replies -----------------------------------------------------------------------
     @abc.abstractmethod
-    async def declare_reply_queue(self, name: str) -> str:
-        """Create (idempotently) a durable reply queue; return the address for ``reply_to``."""
+    async def declare_reply_queue(self, name: str, *, expires: float | None = None) -> str:
+        """Create (idempotently) a durable reply queue; return the address for ``reply_to``.
+        ``expires``: seconds the queue may stay unused (no consumer, not declared again) before the
+        broker deletes it with what it holds -- a producer that died leaves nothing behind for long
+        (AMQP ``x-expires``; MQTT sessions expire after the adapter's ``session_expiry`` instead;
+        the memory broker dies with its process). Declaring a queue again with another
+        ``expires`` is refused by RabbitMQ (``BrokerError``)."""
 
     @abc.abstractmethod
     async def delete_reply_queue(self, name: str) -> None: ...

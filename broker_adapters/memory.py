@@ -481,7 +481,7 @@ class MemoryBroker(BrokerAdapter):
             return self._subscribe(queue, handler, 16, on_cancel=unbind)
 
     # -- replies ------------------------------------------------------------------------
-    async def declare_reply_queue(self, name: str) -> str:
+    async def declare_reply_queue(self, name: str, *, expires: float | None = None) -> str:
         common.check_name("reply queue", name)
         state = self._live()
         address = common.reply_queue(name)

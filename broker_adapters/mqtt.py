@@ -425,7 +425,10 @@ class _Conn:
             return
         self._order[msg.mid] = False
         if self.on_message is None:
-            self.settle(msg.mid, self.generation)
+            # A connection with no handler (one that only declares a session) is handed what the
+            # session holds when it resumes it: never acknowledged, so that the session keeps it
+            # for the consumer that joins next. (Acknowledging it here dropped the results that
+            # waited in a reply queue declared again by a resumed batch.)
             return
         self.on_message(self, msg)
 
@@ -1311,7 +1314,7 @@ class MqttBroker(BrokerAdapter):
                                  session_expiry=0, receive_maximum=16)
 
     # -- replies -----------------------------------------------------------------------
-    async def declare_reply_queue(self, name: str) -> str:
+    async def declare_reply_queue(self, name: str, *, expires: float | None = None) -> str:
         common.check_name("reply queue", name)
         await self._session(reply_session(name), reply_topic(name), end=False)
         return reply_topic(name)

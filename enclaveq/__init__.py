@@ -33,6 +33,7 @@ Errors a producer sees::
 
     EnclaveqError                  every error the SDK raises (see producer_sdk.errors for the tree)
      ├── BrokerUnreachable, AttestationFailed (└── NoWorkerAnswered, EpochRollback), JobTimeout, ClientClosed
+     ├── BatchJournalError                         (a resumable batch's journal: damaged, another batch's)
      ├── EventTopicError, InboxNotFound            (publishers, subscribers)
      └── JobError (code = the worker's error code; event_id for events)
           └── UnknownModel, ModelRejected, BadInput, Oversized, JobExpired, RequestTampered,
@@ -49,13 +50,14 @@ from attestation.claims import Claims
 from attestation.errors import PolicyError
 from attestation.policy import Policy, load_policy
 from producer_sdk import (
-    AsyncClient, AsyncEventPublisher, AsyncResultSubscriber, Client, EventPublisher, FrameSettings, JobResult,
-    ResultSubscriber,
+    AsyncClient, AsyncEventPublisher, AsyncResultSubscriber, BatchJournal, Client, EventPublisher, FrameSettings,
+    JobResult, ResultSubscriber,
 )
 from producer_sdk.errors import (
     AttestationFailed,
     BadInput,
     BadSignature,
+    BatchJournalError,
     BrokerUnreachable,
     ClientClosed,
     EnclaveqError,
@@ -94,6 +96,7 @@ __all__ = [
     # clients
     "AsyncClient",
     "Client",
+    "BatchJournal",
     "FrameSettings",
     "JobResult",
     "ModelInfo",
@@ -124,6 +127,7 @@ __all__ = [
     "recipient_public_key",
     # errors
     "EnclaveqError",
+    "BatchJournalError",
     "BrokerUnreachable",
     "AttestationFailed",
     "NoWorkerAnswered",

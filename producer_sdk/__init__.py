@@ -16,7 +16,8 @@ from .errors import *  # noqa: F401,F403  (the error tree is part of the public 
 from .errors import __doc__ as _errors_doc  # noqa: F401
 from .events import AsyncEventPublisher, EventPublisher
 from .framing import FrameSettings
+from .journal import BatchJournal
 from .results import AsyncResultSubscriber, ResultSubscriber
 
-__all__ = ["AsyncClient", "AsyncEventPublisher", "AsyncResultSubscriber", "Client", "EventPublisher", "FrameSettings", "JobResult",
-           "ResultSubscriber"]
+__all__ = ["AsyncClient", "AsyncEventPublisher", "AsyncResultSubscriber", "BatchJournal", "Client", "EventPublisher",
+           "FrameSettings", "JobResult", "ResultSubscriber"]

@@ -54,6 +54,7 @@ from protocol.pipeline import (
 from .core import AttestationAnswer, Outcome, ProducerCore, Reply, Request, StaleEpochNotice, inbox_name
 from .epochs import EpochState, marks_for
 from .framing import Frame, FramePacker, FrameSettings
+from .journal import BatchJournal, ResumePlan, SentRequest
 from .errors import (AttestationFailed, BrokerUnreachable, ClientClosed, EnclaveqError, JobError, JobTimeout,
                      ModelRejected, NoWorkerAnswered, PipelineRejected, UnknownPipeline)
 
@@ -94,6 +95,12 @@ MAX_STATUS_WAIT_SECONDS = 60.0
 STALE_EPOCH_RETRIES = 3
 # The most close() waits for a broker that stopped answering (per step), whatever ``timeout`` is.
 CLOSE_TIMEOUT = 10.0
+# A client's own reply queue is deleted at close(); one left by a process that died is deleted by
+# RabbitMQ after this long unused (x-expires), with whatever results it still holds.
+ORPHAN_REPLY_QUEUE_EXPIRY = 24 * 3600.0
+# A resumed batch sends a request again under its first id only if this much of its deadline is
+# left: a copy that would arrive after it is refused as expired anyway, so its jobs go anew at once.
+RESEND_MIN_SECONDS = 2.0
 # After an answer to a challenge was refused, how long another answer still has to verify before
 # the refusal is reported. Genuine workers answer within milliseconds of each other, so a forged
 # answer that arrives first does not fail connect(); a misconfigured policy still fails in about
@@ -241,7 +248,9 @@ class AsyncClient:
             try:
                 async with asyncio.timeout(self.timeout):
                     await broker.connect()
-                    reply_to = await broker.declare_reply_queue(self.name)
+                    # An ephemeral queue is deleted at close; one left by a process that died expires.
+                    reply_to = await broker.declare_reply_queue(
+                        self.name, expires=ORPHAN_REPLY_QUEUE_EXPIRY if self._ephemeral else None)
                     self._core = ProducerCore(pool=self.pool, policy=self.policy, reply_to=reply_to,
                                               clock=self._clock, rng=self._rng, verify_options=self._verify_options,
                                               verifier=self._verifier,
@@ -413,10 +422,12 @@ class AsyncClient:
                                 redact_url(self.broker_url), limit)
 
     # -- requests --------------------------------------------------------------------------
-    async def _request(self, make: Callable[[], Request], timeout: float, *, resend: bool = True) -> Outcome:
+    async def _request(self, make: Callable[[], Request], timeout: float, *, resend: bool = True,
+                       reply_to: str | None = None) -> Outcome:
         """Send what ``make()`` seals and wait for its result. If workers answer that the epoch it
         was sealed to is rotated away, re-attest and send a freshly sealed copy (new job id) --
-        unless ``resend`` is False (a request that must not run twice)."""
+        unless ``resend`` is False (a request that must not run twice). ``reply_to``: where the
+        request's header says to answer, when not this client's own queue (a resumable batch's)."""
         # One deadline for the whole request: publishing (a broker may take a frame and never
         # confirm it), waiting for the result, and any re-attestation in between.
         deadline = asyncio.get_running_loop().time() + timeout
@@ -424,7 +435,7 @@ class AsyncClient:
             broker, core = self._connection()
             request = make()
             future = self._expect(request.job_id)
-            message = Message(body=request.body, correlation_id=request.job_id, reply_to=core.reply_to,
+            message = Message(body=request.body, correlation_id=request.job_id, reply_to=reply_to or core.reply_to,
                               message_id=request.job_id)
             sent = False
             try:
@@ -586,30 +597,86 @@ class AsyncClient:
         outcome = await self._request(lambda: core.job(model_id, inputs, outputs=outputs, timeout=timeout), timeout)
         return outcome.tensors()
 
-    async def submit(self, model_id: str, batch: Iterable[Mapping[str, Any]], *, outputs: Sequence[str] | None = None,
+    async def submit(self, model_id: str, batch: Iterable[Mapping[str, Any] | None], *,
+                     outputs: Sequence[str] | None = None,
                      timeout: float | None = None, max_in_flight: int | None = None,
-                     frames: FrameSettings | Literal[False] | None = None) -> AsyncIterator[JobResult]:
+                     frames: FrameSettings | Literal[False] | None = None,
+                     resume: BatchJournal | str | os.PathLike[str] | None = None) -> AsyncIterator[JobResult]:
         """Run many jobs, at most ``max_in_flight`` at a time; yield each result as it completes.
 
         The batch is read lazily, so it can be a generator over more jobs than fit in memory: at
         most ``max_in_flight`` jobs are sent and not yet taken by the caller (a result waiting for
         the caller holds its slot), plus one read and waiting for a slot.
+        An item None is skipped: no job, no result, and the other jobs keep their ``index``.
         Jobs travel packed into frames, many jobs per sealed message (``frames``: a
         :class:`FrameSettings`, None for the defaults, False for one message per job); each job
         keeps its own id, result and error either way.
+
+        ``resume``: a :class:`~producer_sdk.journal.BatchJournal` (or the path of its file) that
+        lets the batch outlive this process. Call ``submit`` again after a crash with the same
+        model, the same batch in the same order and the same journal, and it yields only the
+        results not taken before (``result.index`` counts the whole batch): results that reached
+        the batch's own durable reply queue while nobody listened are collected, and only jobs
+        without a result are sent again -- under their first id where a worker may not have run
+        them yet, so its replay guard keeps them from running twice. Completed, the
+        journal is deleted (with ``auto_keep``) and its queue too. See :mod:`producer_sdk.journal`.
         """
         timeout = timeout or self.timeout
         limit = max_in_flight or self.max_in_flight
         window = asyncio.Semaphore(limit)
         done: asyncio.Queue[JobResult | _BatchEnd] = asyncio.Queue()
-        core = self._core_or_raise()
+        broker, core = self._connection()
         tasks: set[asyncio.Task[None]] = set()
         packer = FramePacker(frames or FrameSettings(), limit) if frames is not False else None
+        journal = resume if isinstance(resume, BatchJournal) or resume is None else BatchJournal(resume)
+        reply_to: str | None = None
+        again_of: dict[int, SentRequest] = {}  # batch index -> the earlier request to send again
+        gathered: dict[str, list[tuple[int, bytes]]] = {}  # its jobs read so far, by request id
+        missing: dict[str, int] = {}  # how many of its jobs are still to read, by request id
+        journal_sub: Subscription | None = None
+        journaled: set[bytes] = set()  # sessions the journal holds
+        anew: frozenset[int] = frozenset()  # jobs an earlier run saw answered and did not keep
+        if journal is not None:
+            reply_to, plan, journal_sub = await self._open_journal(journal, model_id)
+            journaled.update(session.session_id for session in journal.sessions())
+            anew = plan.fresh
+            for request in plan.resend:
+                unkept = [index for index, _ in request.jobs if not journal.is_kept(index)]
+                missing[request.request_id] = len(unkept)
+                again_of.update((index, request) for index in unkept)
+                gathered[request.request_id] = []
 
         def spawn(coro: Any) -> None:
             task = asyncio.create_task(coro)
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+
+        def record(request: Request, framed: bool, jobs: Iterable[tuple[int, str]]) -> None:
+            """Journal a request before it is published (the session it is sealed under first)."""
+            if journal is None:
+                return
+            session = core.session
+            assert session is not None
+            if session.session_id not in journaled:
+                journal.record_session(core.session_record())
+                journaled.add(session.session_id)
+            journal.record_sent(SentRequest(request.job_id, framed, session.session_id, request.deadline_ms,
+                                            tuple(jobs)))
+
+        def answered(request_id: str) -> None:
+            if journal is not None and request_id:
+                journal.record_answered(request_id)
+
+        def settle(frame_indexes: Sequence[int], frame_jobs: Sequence[FramedJob], answers: Sequence[Any]) -> None:
+            """Hand each job's answer to the caller; a job whose result did not fit in the frame's
+            answer goes again alone."""
+            for index, job, answer in zip(frame_indexes, frame_jobs, answers, strict=True):
+                if isinstance(answer, JobError) and answer.code == bodies.ErrorCode.FRAME_FULL:
+                    spawn(one(index, job.body))
+                elif isinstance(answer, EnclaveqError):
+                    done.put_nowait(JobResult(index, job.job_id, None, answer))
+                else:
+                    done.put_nowait(JobResult(index, job.job_id, answer, None))
 
         async def framed(frame: Frame) -> None:
             ids = [job.job_id for job in frame.jobs]
@@ -617,29 +684,23 @@ class AsyncClient:
 
             def make() -> Request:
                 nonlocal frame_id
-                request = core.job_frame(model_id, frame.jobs, timeout=timeout)
+                request = core.job_frame(model_id, frame.jobs, timeout=timeout, reply_to=reply_to)
                 frame_id = request.job_id
+                record(request, True, zip(frame.indexes, ids))
                 return request
 
-            alone: list[tuple[int, FramedJob]] = []
             try:
-                outcome = await self._request(make, timeout)
+                outcome = await self._request(make, timeout, reply_to=reply_to)
+                answered(frame_id)
                 answers: list[Any] = outcome.framed(ids)
+            except JobError as exc:  # the worker refused the frame as a whole
+                answered(frame_id)
+                answers = [exc] * len(ids)
             except EnclaveqError as exc:
                 answers = [exc] * len(ids)
             except Exception as exc:  # noqa: BLE001 - e.g. a frame the codec refuses
                 answers = [JobError(f"could not send frame {frame_id}: {exc}")] * len(ids)
-            for index, job, answer in zip(frame.indexes, frame.jobs, answers, strict=True):
-                if isinstance(answer, JobError) and answer.code == bodies.ErrorCode.FRAME_FULL:
-                    alone.append((index, job))  # its result did not fit in the frame's answer
-                    continue
-                if isinstance(answer, EnclaveqError):
-                    result = JobResult(index, job.job_id, None, answer)
-                else:
-                    result = JobResult(index, job.job_id, answer, None)
-                done.put_nowait(result)
-            for index, job in alone:
-                spawn(one(index, job.body))
+            settle(frame.indexes, frame.jobs, answers)
 
         async def one(index: int, body: bytes) -> None:
             # One message per job (frames=False), or a job whose result did not fit in its frame's answer.
@@ -647,26 +708,95 @@ class AsyncClient:
 
             def make() -> Request:
                 nonlocal job_id
-                request = core.job_of_body(model_id, body, timeout=timeout)
+                request = core.job_of_body(model_id, body, timeout=timeout, reply_to=reply_to)
                 job_id = request.job_id
+                record(request, False, [(index, job_id)])
                 return request
 
             try:
-                outcome = await self._request(make, timeout)
+                outcome = await self._request(make, timeout, reply_to=reply_to)
+                answered(job_id)
                 result = JobResult(index, job_id, outcome.tensors(), None)
             except EnclaveqError as exc:
+                if isinstance(exc, JobError):
+                    answered(job_id)
                 result = JobResult(index, job_id, None, exc)
             done.put_nowait(result)
+
+        async def again(request: SentRequest, items: list[tuple[int, bytes]]) -> None:
+            """A request a dead process sent and never got the answer of: take the answer from the
+            batch's queue, or send a copy under its own session, id and deadline (a worker that
+            already ran it drops the copy); no answer by its deadline -- the dead process took it
+            and did not keep it -- or its epoch gone: its jobs go anew."""
+            assert journal is not None
+            order = {index: position for position, (index, _) in enumerate(request.jobs)}
+            items.sort(key=lambda item: order[item[0]])
+            outcome = await self._send_again(broker, core, journal, request, model_id, items, reply_to)
+            if outcome is None:
+                journal.sent_anew += len(items)
+                jobs = [(index, FramedJob(core.new_job_id(), body)) for index, body in items]
+                if request.framed:
+                    spawn(framed(Frame(jobs=[job for _, job in jobs], indexes=[index for index, _ in jobs])))
+                else:
+                    spawn(one(items[0][0], items[0][1]))
+                return
+            answered(request.request_id)
+            ids = dict(request.jobs)
+            framed_jobs = [FramedJob(ids[index], body) for index, body in items]
+            indexes = [index for index, _ in items]
+            if isinstance(outcome, JobError):
+                settle(indexes, framed_jobs, [outcome] * len(items))
+            elif not request.framed:
+                try:
+                    settle(indexes, framed_jobs, [outcome.tensors()])
+                except JobError as exc:
+                    settle(indexes, framed_jobs, [exc])
+            else:
+                # The answer is to the first copy (every job it held) or to ours (those not kept).
+                try:
+                    try:
+                        answers = outcome.framed(request.job_ids)
+                        by_index = dict(zip([index for index, _ in request.jobs], answers, strict=True))
+                    except JobError as exc:
+                        if exc.code != "malformed":
+                            raise
+                        by_index = dict(zip(indexes, outcome.framed([job.job_id for job in framed_jobs]),
+                                            strict=True))
+                    settle(indexes, framed_jobs, [by_index[index] for index in indexes])
+                except JobError as exc:
+                    settle(indexes, framed_jobs, [exc] * len(items))
 
         def send(closed: list[Frame]) -> None:
             for frame in closed:
                 if frame.jobs:
                     spawn(framed(frame))
 
+        requests = {request.request_id: request for request in again_of.values()}
+
+        def gather(index: int, body: bytes | None) -> None:
+            """A job of an earlier run's unanswered request was read (None: skipped, or it failed
+            here); the request goes again once all of its jobs were."""
+            request = again_of.get(index)
+            if request is None or request.request_id not in gathered:
+                return
+            if body is not None:
+                gathered[request.request_id].append((index, body))
+            missing[request.request_id] -= 1
+            if missing[request.request_id] == 0:
+                items = gathered.pop(request.request_id)
+                if items:
+                    spawn(again(request, items))
+                else:
+                    self._pending.pop(request.request_id, None)
+                    core.forget(request.request_id)
+
         async def feed() -> None:
             try:
                 count = 0
                 for index, inputs in enumerate(batch):
+                    if inputs is None or (journal is not None and journal.is_kept(index)):
+                        gather(index, None)  # the caller skips it, or an earlier run kept its result
+                        continue
                     if packer is not None and window.locked():
                         send([packer.flush()])  # never hold jobs back while waiting for room
                     await window.acquire()
@@ -675,13 +805,26 @@ class AsyncClient:
                         body = core.job_body(inputs, outputs)
                     except Exception as exc:  # noqa: BLE001 - e.g. an unsupported dtype: this job fails alone
                         done.put_nowait(JobResult(index, "", None, JobError(f"could not send job {index}: {exc}")))
+                        gather(index, None)
                         continue
+                    if index in again_of:
+                        gather(index, body)
+                        continue
+                    if journal is not None and index in anew:
+                        journal.sent_anew += 1
                     if packer is None:
                         spawn(one(index, body))
                     else:
                         send(packer.add(index, FramedJob(core.new_job_id(), body)))
                 if packer is not None:
                     send([packer.flush()])
+                for request_id in list(gathered):  # the batch ended before all of their jobs were read
+                    request = requests[request_id]
+                    if gathered[request_id]:
+                        spawn(again(request, gathered.pop(request_id)))
+                    else:
+                        self._pending.pop(request_id, None)
+                        core.forget(request_id)
                 done.put_nowait(_BatchEnd(count, None))
             except Exception as exc:  # the caller's iterable failed: surface it, keep what ran
                 if packer is not None:
@@ -690,6 +833,7 @@ class AsyncClient:
 
         feeder = asyncio.create_task(feed())
         yielded, total = 0, None
+        completed = False
         try:
             while total is None or yielded < total:
                 item = await done.get()
@@ -705,10 +849,112 @@ class AsyncClient:
                 # batch back instead of piling results up in memory.
                 window.release()
                 yield item
+                if journal is not None and journal.auto_keep:
+                    journal.kept(item.index)  # the caller asked for the next one: this one is theirs
+            completed = True
         finally:
             feeder.cancel()
             for task in list(tasks):
                 task.cancel()
+            for request_id in gathered:  # expected by _open_journal, never sent again
+                self._pending.pop(request_id, None)
+                core.forget(request_id)
+            if journal is not None:
+                await self._close_journal(journal, journal_sub, completed=completed)
+
+    async def _open_journal(self, journal: BatchJournal, model_id: str
+                            ) -> tuple[str, ResumePlan, Subscription]:
+        """Begin or resume a batch's journal: its reply queue consumed, the sessions of earlier
+        runs restored, and every request they sent and did not see answered expected -- before the
+        first message is read, so a result that waited in the queue finds someone waiting for it."""
+        broker, core = self._connection()
+        if journal.started:
+            journal.check(pool=self.pool, model_id=model_id)
+        else:
+            journal.start(pool=self.pool, model_id=model_id, reply_queue=f"batch-{uuid.uuid4().hex[:24]}")
+        journal.collected = journal.resent = journal.sent_anew = 0
+        assert journal.reply_queue is not None
+        for session in journal.sessions():
+            core.restore_session(session)
+        plan = journal.plan()
+        resend = tuple(request for request in plan.resend if core.knows_session(request.session_id))
+        plan = ResumePlan(resend=resend, fresh=plan.fresh)
+        for request in resend:
+            self._expect(request.request_id)
+            core.pin(request.request_id, model_id)
+        try:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    reply_to = await broker.declare_reply_queue(journal.reply_queue, expires=journal.queue_expiry)
+                    sub = await broker.consume_replies(journal.reply_queue, self._on_reply)
+            except TimeoutError:
+                raise BrokerUnreachable(f"the broker did not open the batch's reply queue within "
+                                        f"{self.timeout:g}s") from None
+            except BrokerError as exc:
+                raise BrokerUnreachable(f"could not open the batch's reply queue: {exc}") from None
+        except BaseException:
+            for request in resend:
+                self._pending.pop(request.request_id, None)
+                core.forget(request.request_id)
+            raise
+        return reply_to, plan, sub
+
+    async def _send_again(self, broker: BrokerAdapter, core: ProducerCore, journal: BatchJournal,
+                          request: SentRequest, model_id: str, items: list[tuple[int, bytes]],
+                          reply_to: str | None) -> Outcome | JobError | None:
+        """The answer to a request an earlier run sent (see ``submit``'s ``again``); None when its
+        jobs must go anew: its deadline too near, no answer by it, or its epoch rotated away."""
+        future = self._pending.get(request.request_id)
+        try:
+            if future is None:
+                return None
+            left = request.deadline_ms / 1000 - self._clock()
+            if not future.done():
+                if left < RESEND_MIN_SECONDS:
+                    return None
+                ids = dict(request.jobs)
+                if request.framed:
+                    sealed = core.job_frame(model_id, [FramedJob(ids[index], body) for index, body in items],
+                                            timeout=left, reply_to=reply_to, again=request)
+                else:
+                    sealed = core.job_of_body(model_id, items[0][1], timeout=left, reply_to=reply_to, again=request)
+                message = Message(body=sealed.body, correlation_id=sealed.job_id, reply_to=reply_to or core.reply_to,
+                                  message_id=sealed.job_id)
+                deadline = asyncio.get_running_loop().time() + left
+                try:
+                    await self._publish_until_confirmed(broker, sealed, message, deadline)
+                except BrokerError:
+                    pass  # the first copy may still be queued: wait for its answer all the same
+                journal.resent += len(items)
+            else:
+                journal.collected += len(items)
+            try:
+                async with asyncio.timeout(max(0.0, left)):
+                    outcome = await future
+            except TimeoutError:
+                return None
+        finally:
+            self._pending.pop(request.request_id, None)
+            core.forget(request.request_id)
+        if isinstance(outcome, JobError):
+            return None if outcome.code == bodies.ErrorCode.EXPIRED else outcome
+        return outcome if isinstance(outcome, Outcome) else None  # a stale-epoch notice: anew
+
+    async def _close_journal(self, journal: BatchJournal, sub: Subscription | None, *, completed: bool) -> None:
+        """A batch completed: its queue is deleted (and, with ``auto_keep``, its journal). Stopped
+        early: the queue keeps what still arrives for the next run."""
+        try:
+            async with asyncio.timeout(min(self.timeout, CLOSE_TIMEOUT)):
+                if completed and self._broker is not None and journal.reply_queue is not None:
+                    await self._broker.delete_reply_queue(journal.reply_queue)
+                elif sub is not None:
+                    await sub.cancel()
+        except (BrokerError, TimeoutError):
+            pass
+        if completed and journal.auto_keep:
+            journal.discard()
+        else:
+            journal.close()
 
     async def upload_model(self, model: bytes | str | Path, *, owner_key: Any = None,
                            allowed_producers: Iterable[Any] | None = None, timeout: float | None = None,

@@ -24,6 +24,7 @@ from protocol.pipeline import PipelineSpec
 from .async_client import MAX_STATUS_MEMBERS, AsyncClient, CollateralLike, JobResult, KeyLike, Progress
 from .epochs import EpochState
 from .framing import FrameSettings
+from .journal import BatchJournal
 
 T = TypeVar("T")
 _DONE = object()
@@ -48,13 +49,20 @@ class BackgroundLoop:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def iterate(self, items: AsyncIterator[T]) -> Iterator[T]:
-        """Yield what an async iterator yields, pumped on the loop; stopping early cancels it."""
+        """Yield what an async iterator yields, pumped on the loop; stopping early cancels it.
+
+        The async iterator is asked for its next item only once the caller asked for theirs, as
+        if the caller iterated it directly: ``submit`` frees a job's window slot, and with a batch
+        journal marks its result kept, when the caller moves past it."""
         results: queue.Queue[object] = queue.Queue()
+        taken = asyncio.Event()
 
         async def pump() -> None:
             try:
                 async for item in items:
                     results.put(item)
+                    await taken.wait()
+                    taken.clear()
             except BaseException as exc:  # surfaces in the caller's thread
                 results.put(exc)
             finally:
@@ -69,6 +77,7 @@ class BackgroundLoop:
                 if isinstance(item, BaseException):
                     raise item
                 yield item  # type: ignore[misc]  # only T and the markers above are ever put
+                self.loop.call_soon_threadsafe(taken.set)
         finally:
             future.cancel()
 
@@ -177,10 +186,12 @@ class Client:
             timeout: float | None = None) -> dict[str, np.ndarray]:
         return self._call(self._async.run(model_id, inputs, outputs=outputs, timeout=timeout))
 
-    def submit(self, model_id: str, batch: Iterable[Mapping[str, Any]], *, outputs: Sequence[str] | None = None,
-               timeout: float | None = None, max_in_flight: int | None = None,
-               frames: FrameSettings | Literal[False] | None = None) -> Iterator[JobResult]:
+    def submit(self, model_id: str, batch: Iterable[Mapping[str, Any] | None], *,
+               outputs: Sequence[str] | None = None, timeout: float | None = None, max_in_flight: int | None = None,
+               frames: FrameSettings | Literal[False] | None = None,
+               resume: BatchJournal | str | os.PathLike[str] | None = None) -> Iterator[JobResult]:
         """Yield results as they complete; the batch is read lazily from this thread's iterable.
-        ``frames`` as for :meth:`AsyncClient.submit` (jobs packed many per message by default)."""
+        ``frames`` and ``resume`` (a batch that outlives a crash of this process) as for
+        :meth:`AsyncClient.submit` (jobs packed many per message by default)."""
         yield from self._loop.iterate(self._async.submit(model_id, batch, outputs=outputs, timeout=timeout,
-                                                         max_in_flight=max_in_flight, frames=frames))
+                                                         max_in_flight=max_in_flight, frames=frames, resume=resume))

@@ -53,6 +53,7 @@ from protocol.results import check_event_id
 
 from .epochs import EpochMark, EpochMarks
 from .errors import AttestationFailed, EpochRollback, JobError, job_error
+from .journal import SentRequest, SessionRecord
 
 log = logging.getLogger("enclaveq.producer")
 
@@ -372,20 +373,57 @@ class ProducerCore:
 
     # -- requests --------------------------------------------------------------------------
     def _seal(self, kind: str, body: bytes, *, timeout: float, content_type: str, model_id: str | None = None,
-              chunk: Chunk | None = None, topic: str | None = None) -> Request:
+              chunk: Chunk | None = None, topic: str | None = None, reply_to: str | None = None,
+              again: SentRequest | None = None) -> Request:
+        """Seal a request under the current session -- or, ``again``, a copy of a request sent
+        before (by a process that died) under its own session, id and deadline, so that a worker
+        that already answered it drops the copy (the replay guard keys on session and id)."""
         if self.session is None:
             raise AttestationFailed("no verified session: connect first")
         route = route_for(kind)
         if (route is Route.STREAM) != (topic is not None):
             raise ValueError("events, and only events, are published on a topic")
-        job_id = self.new_job_id()
-        deadline_ms = int((self._clock() + timeout) * 1000)
-        header = self.session.header(kind, job_id=job_id, deadline_ms=deadline_ms, reply_to=self.reply_to,
-                                     content_type=content_type, model_id=model_id, chunk=chunk)
+        if again is None:
+            session, job_id = self.session, self.new_job_id()
+            deadline_ms = int((self._clock() + timeout) * 1000)
+        else:
+            session, job_id, deadline_ms = self._sessions[again.session_id], again.request_id, again.deadline_ms
+        header = session.header(kind, job_id=job_id, deadline_ms=deadline_ms, reply_to=reply_to or self.reply_to,
+                                content_type=content_type, model_id=model_id, chunk=chunk)
         if model_id is not None:
             self._pins[job_id] = model_id
-        return Request(job_id=job_id, kind=kind, body=self.session.seal(header, body), deadline_ms=deadline_ms,
-                       epoch=self.session.epoch, route=route, model_id=model_id, topic=topic)
+        return Request(job_id=job_id, kind=kind, body=session.seal(header, body), deadline_ms=deadline_ms,
+                       epoch=session.epoch, route=route, model_id=model_id, topic=topic)
+
+    # -- resumable batches (producer_sdk.journal) ------------------------------------------
+    def session_record(self) -> SessionRecord:
+        """The current session as a batch journal keeps it (its key included)."""
+        if self.session is None:
+            raise AttestationFailed("no verified session: connect first")
+        return SessionRecord(session_id=self.session.session_id, epoch=self.session.epoch,
+                             sealed_session=self.session.sealed_session, key=self.session.export_key())
+
+    def restore_session(self, record: SessionRecord) -> None:
+        """Open results of (and seal copies of) requests a dead process sent under ``record``. It
+        never becomes the session new requests are sealed under: that one comes from a fresh
+        attestation of this process."""
+        if record.session_id in self._sessions:
+            return
+        session = ProducerSession(pool=self.pool, epoch=record.epoch, pool_public_key=b"", session_key=record.key,
+                                  session_id=record.session_id, sealed_session=record.sealed_session)
+        if self.producer_key is not None:
+            session.producer_proof = ProducerProof.create(
+                self.producer_key, pool=self.pool, epoch=record.epoch, session_id=record.session_id,
+                sealed_session=record.sealed_session).to_bytes()
+        # Ahead of the current one in eviction order: a restored session only serves one batch.
+        self._sessions = {record.session_id: session, **self._sessions}
+
+    def knows_session(self, session_id: bytes) -> bool:
+        return session_id in self._sessions
+
+    def pin(self, job_id: str, model_id: str) -> None:
+        """Expect ``job_id``'s result to name ``model_id`` (a request a dead process sent)."""
+        self._pins[job_id] = model_id
 
     def forget(self, job_id: str) -> None:
         """The caller stopped waiting for ``job_id`` (timeout, failure to publish, close)."""
@@ -404,19 +442,22 @@ class ProducerCore:
             timeout: float) -> Request:
         return self.job_of_body(model_id, self.job_body(inputs, outputs), timeout=timeout)
 
-    def job_of_body(self, model_id: str, body: bytes, *, timeout: float) -> Request:
+    def job_of_body(self, model_id: str, body: bytes, *, timeout: float, reply_to: str | None = None,
+                    again: SentRequest | None = None) -> Request:
         """A job whose body (``job_body``) is already encoded."""
-        return self._seal("job", body, timeout=timeout, content_type=bodies.TENSORS, model_id=model_id)
+        return self._seal("job", body, timeout=timeout, content_type=bodies.TENSORS, model_id=model_id,
+                          reply_to=reply_to, again=again)
 
     @staticmethod
     def job_body(inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> bytes:
         """A job's body, to put in a frame (``job_frame``)."""
         return bodies.encode_job({name: to_numpy(value) for name, value in inputs.items()}, outputs)
 
-    def job_frame(self, model_id: str, jobs: Sequence[frames.FramedJob], *, timeout: float) -> Request:
+    def job_frame(self, model_id: str, jobs: Sequence[frames.FramedJob], *, timeout: float,
+                  reply_to: str | None = None, again: SentRequest | None = None) -> Request:
         """Many jobs of one model, sealed as one request (protocol.frames)."""
         return self._seal("job_frame", frames.encode_frame(jobs), timeout=timeout, content_type=frames.JOB_FRAME,
-                          model_id=model_id)
+                          model_id=model_id, reply_to=reply_to, again=again)
 
     def model_chunks(self, data: bytes, *, owner_key: Ed25519PrivateKey,
                      allowed_producers: Sequence[bytes] | None = None,

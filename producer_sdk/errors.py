@@ -26,6 +26,7 @@
      ├── EventTopicError            no usable topic to publish a pipeline's events on
      ├── InboxNotFound              no inbox for this recipient key: not a recipient of the pipeline
      ├── JobTimeout                 no result arrived before the timeout
+ ├── BatchJournalError          a resumable batch's journal is unreadable, damaged, or another batch's
      └── ClientClosed               the client was used after close()
 
 Errors of events (fire and forget) do not raise: a publisher collects them (``errors``), each
@@ -167,6 +168,11 @@ class InboxNotFound(EnclaveqError):
 
 class JobTimeout(EnclaveqError):
     pass
+
+
+class BatchJournalError(EnclaveqError):
+    """A resumable batch's journal cannot be used: unreadable, damaged, or of another batch, pool
+    or model (producer_sdk.journal)."""
 
 
 class ClientClosed(EnclaveqError):

@@ -236,6 +236,12 @@ class ProducerSession:
     def __repr__(self) -> str:  # never show the key
         return f"ProducerSession(pool={self.pool!r}, epoch={self.epoch}, session_id={self.session_id.hex()})"
 
+    def export_key(self) -> bytes:
+        """The session key, for a producer that must open this session's results after a restart
+        (``producer_sdk.journal`` keeps it in a 0600 file). Whoever holds it reads every job and
+        result of the session: never log it, never send it."""
+        return self._key
+
     def header(self, kind: str, *, job_id: str, deadline_ms: int, reply_to: str, content_type: str,
                model_id: str | None = None, chunk: Chunk | None = None) -> RequestHeader:
         return RequestHeader(kind=kind, session_id=self.session_id, epoch=self.epoch,

@@ -116,8 +116,11 @@ async def test_rabbitmq_holds_no_more_jobs_than_the_window_while_a_slow_worker_r
             watch.stopped.set()
             await watching
     assert len(watch.ready) >= 20, "too few samples of the queue"
-    # Messages in the queue = ready + the worker's unacknowledged (at most its prefetch).
-    assert max(watch.ready) + prefetch <= window, f"the job queue held {max(watch.ready)} ready messages, W={window}"
+    # The producer has at most W+1 jobs unanswered (a slot comes back when the caller takes a result),
+    # and the queue holds a subset of them: ready ones plus the worker's unacknowledged (at most its
+    # prefetch, but fewer between an ack and the next delivery, so only the ready count is bounded
+    # here). Without the window the queue fills with hundreds of jobs.
+    assert max(watch.ready) <= window + 1, f"the job queue held {max(watch.ready)} ready messages, W={window}"
     assert max(watch.ready) >= window // 2, "jobs hardly waited in the queue: the worker kept up, nothing was tested"
 
 

@@ -28,6 +28,7 @@ Python) is more than the SDK's whole cost per job. This module owns the cheaper 
 from __future__ import annotations
 
 import io
+import contextlib
 import os
 import struct
 import threading
@@ -364,8 +365,10 @@ class ResultWriter:
 
     def __init__(self, directory: str | os.PathLike[str], failed: Callable[[str, Exception], None], *,
                  results: int = 256, max_bytes: int = 64 * 1024 * 1024,
-                 write: Callable[[str, Arrays], None] = write_npz) -> None:
+                 write: Callable[[str, Arrays], None] = write_npz,
+                 written: Callable[[str], None] | None = None) -> None:
         self._directory, self._failed, self._write = os.fspath(directory), failed, write
+        self._written = written  # told each name once its file is whole on disk (writer's thread)
         self._max_items, self._max_bytes = max(1, results), max_bytes
         self._queue: deque[tuple[str, Arrays, int]] = deque()
         self._bytes = 0
@@ -402,6 +405,10 @@ class ResultWriter:
                     self.written += 1
                 except Exception as exc:  # noqa: BLE001 - one failed write is that job's failure, not the batch's
                     self._failed(name, exc)
+                    continue
+                if self._written is not None:
+                    with contextlib.suppress(Exception):  # the file is whole; a rerun finds it either way
+                        self._written(name)
             with self._cond:
                 for _ in batch:
                     self._bytes -= self._queue.popleft()[2]

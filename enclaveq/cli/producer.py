@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import re
@@ -31,7 +32,8 @@ from broker_adapters import redact_url
 from producer_sdk import AsyncClient, Client, FrameSettings, JobResult
 from producer_sdk.async_client import MAX_STATUS_WAIT_SECONDS
 from producer_sdk.epochs import forget_pool
-from producer_sdk.errors import AttestationFailed, EnclaveqError, EpochRollback
+from producer_sdk.errors import AttestationFailed, BatchJournalError, EnclaveqError, EpochRollback
+from producer_sdk.journal import BatchJournal
 from protocol.bodies import MemberStatus
 from protocol.errors import ProtocolError, TensorError
 from protocol.frames import MAX_FRAME_JOBS
@@ -606,8 +608,13 @@ def submit_command(broker_url: str, pool: str, policy: Path, timeout: float, mod
 
     Run again with the same --output, it sends only the jobs without a result there: each result
     file is written whole (under a temporary name, then renamed), so one that exists is complete.
-    An --output holding results of another model is refused. Ctrl-C stops sending, keeps every
-    result already written and exits 130.
+    If the first run was killed, the second also collects the results that reached the batch's
+    own reply queue meanwhile, and sends jobs that may still be queued again under their first
+    id, so a worker that already ran them does not run them twice (the journal
+    .enclaveq-journal in --output holds the batch's session keys, 0600; it is deleted when the
+    batch completes, and the queue expires a day after it was last used). An --output holding
+    results of another model is refused. Ctrl-C stops sending, keeps every result already
+    written and exits 130.
 
     \b
     Example:
@@ -626,13 +633,14 @@ def submit_command(broker_url: str, pool: str, policy: Path, timeout: float, mod
         _fail(f"{output_dir}: cannot create the output directory ({exc.strerror or type(exc).__name__})", 2)
     _check_writable(output_dir, f"--output {output_dir}")
     todo = _jobs_without_results(files, output_dir, model_id, pool)
+    journal = _batch_journal(output_dir, files)
     if len(todo) < len(files):
         click.echo(f"{len(files) - len(todo)} of {len(files)} results are already in {output_dir} (an earlier run): "
                    f"sending the other {len(todo)}", err=True)
     if not todo:
+        journal.discard()
         click.echo(f"jobs: 0  failed: 0  0.0 jobs/s (all {len(files)} results were already in {output_dir})")
         return
-    files = todo
     producer_key = producer_key_option()
     started = time.perf_counter()
     # The AsyncClient on this thread's own loop: the synchronous Client would add a thread hop per
@@ -643,19 +651,49 @@ def submit_command(broker_url: str, pool: str, policy: Path, timeout: float, mod
                                                             producer_key=producer_key, collateral=collateral))
     failed: list[dict[str, Any]] = []
     try:
-        asyncio.run(_submit_files(client, broker_url, pool, model_id, files, output_dir, max_in_flight, frames,
-                                  failed))
+        asyncio.run(_submit_files(client, broker_url, pool, model_id, files, set(todo), output_dir, max_in_flight,
+                                  frames, failed, journal))
     except KeyboardInterrupt:
-        kept = sum(1 for path in files if (output_dir / path.name).exists())
+        journal.close()
+        kept = sum(1 for path in todo if (output_dir / path.name).exists())
         click.echo(f"interrupted: {kept} results of this run are written in {output_dir}; run the same command "
-                   f"again to send only the {len(files) - kept} jobs without a result", err=True)
+                   f"again to send only the {len(todo) - kept} jobs without a result", err=True)
         _write_failures(failures_file, failed)
         raise
+    except BaseException:
+        journal.close()
+        raise
+    # Every result received is written (or its failure named): the journal's work is done.
+    journal.discard()
     elapsed = time.perf_counter() - started
+    if journal.collected or journal.resent or journal.sent_anew:
+        click.echo(f"resumed: {journal.collected} results collected from the batch's reply queue, {journal.resent} "
+                   f"jobs sent again under their first id, {journal.sent_anew} sent anew", err=True)
     _write_failures(failures_file, failed)
-    click.echo(f"jobs: {len(files)}  failed: {len(failed)}  {len(files) / elapsed:.1f} jobs/s")
+    click.echo(f"jobs: {len(todo)}  failed: {len(failed)}  {len(todo) / elapsed:.1f} jobs/s")
     if failed:
         sys.exit(1)
+
+
+JOURNAL_NAME = ".enclaveq-journal"  # in a submit --output: the batch's journal while it runs
+
+
+def _batch_journal(output_dir: Path, files: list[Path]) -> BatchJournal:
+    """The journal that lets a killed submit be resumed (producer_sdk.journal), for exactly this
+    list of inputs: one written for another list (inputs added or removed since) is set aside --
+    the jobs it waited for are sent anew, and its reply queue expires by itself."""
+    digest = hashlib.sha256("\0".join(path.name for path in files).encode()).hexdigest()
+    path = output_dir / JOURNAL_NAME
+    try:
+        return BatchJournal(path, batch=digest, auto_keep=False)
+    except BatchJournalError as exc:
+        click.echo(f"warning: {exc}: starting a new journal (results the old one waited for are computed again)",
+                   err=True)
+    try:
+        path.unlink()
+    except OSError as exc:
+        _fail(f"{path}: cannot remove the old journal ({exc.strerror or type(exc).__name__})", 2)
+    return BatchJournal(path, batch=digest, auto_keep=False)
 
 
 BATCH_MARK = ".enclaveq-batch.json"  # in a submit --output: whose results it holds
@@ -695,47 +733,55 @@ _PROGRESS_INTERVAL = 0.1  # seconds between progress bar updates: redrawing per 
 
 
 async def _submit_files(client: AsyncClient, broker_url: str, pool: str, model_id: str, files: list[Path],
-                        output_dir: Path, max_in_flight: int, frames: FrameSettings | Literal[False],
-                        failed: list[dict[str, Any]]) -> None:
-    """Connect (attesting the pool), run one job per file, write each result; each failure is
-    appended to ``failed`` (file, error, code)."""
+                        todo: set[Path], output_dir: Path, max_in_flight: int,
+                        frames: FrameSettings | Literal[False], failed: list[dict[str, Any]],
+                        journal: BatchJournal) -> None:
+    """Connect (attesting the pool), run one job per file of ``todo`` (the batch is all ``files``,
+    so that a job keeps its index from run to run), write each result and mark it kept in the
+    journal; each failure is appended to ``failed`` (file, error, code)."""
     try:
         await client.connect()
     except (EnclaveqError, AttestationError, ProtocolError) as exc:
         _refused(broker_url, pool, exc)
     try:
         with _progress() as bar:
-            task = bar.add_task("jobs", total=len(files))
+            task = bar.add_task("jobs", total=len(todo))
 
             def fail(name: str, error: object) -> None:  # also called by the writer's thread
                 failed.append({"file": name, "error": str(error), "code": getattr(error, "code", None)})
                 bar.console.print(f"failed: {name}: {error}")
 
-            sent: list[int] = []  # the batch's index of a job -> the index of its file
             unreadable = 0
+            to_read = [path for path in files if path in todo]
 
-            def batch() -> Iterator[dict[str, np.ndarray]]:
+            def batch() -> Iterator[dict[str, np.ndarray] | None]:
                 nonlocal unreadable
-                for index, inputs in reader:  # waits (on the loop) only when the reader is behind
+                read = iter(reader)
+                for path in files:
+                    if path not in todo:
+                        yield None  # its result is in --output: skipped, the indexes stay
+                        continue
+                    _, inputs = next(read)  # waits (on the loop) only when the reader is behind
                     if isinstance(inputs, Exception):
                         unreadable += 1
-                        fail(files[index].name, f"not a readable .npz file ({inputs})")
+                        fail(path.name, f"not a readable .npz file ({inputs})")
+                        yield None
                         continue
-                    sent.append(index)
                     yield inputs
 
             window = max(64, max_in_flight)
-            reader = ReadAhead(files, files=window)
+            reader = ReadAhead(to_read, files=window)
+            index_of = {path.name: index for index, path in enumerate(files)}
             writer = ResultWriter(output_dir, lambda name, exc: fail(name, f"could not write {output_dir / name}: {exc}"),
-                                  results=window)
+                                  results=window, written=lambda name: journal.kept(index_of[name]))
             shown, done = time.perf_counter(), 0
             try:
                 # submit is an async generator: closing it on the way out stops its feeder and tasks.
-                jobs = cast(AsyncGenerator[JobResult, None], client.submit(model_id, batch(), frames=frames,
-                                                                             max_in_flight=max_in_flight))
+                jobs = cast(AsyncGenerator[JobResult, None], client.submit(
+                    model_id, batch(), frames=frames, max_in_flight=max_in_flight, resume=journal))
                 async with contextlib.aclosing(jobs) as results:
                     async for result in results:
-                        name = files[sent[result.index]].name
+                        name = files[result.index].name
                         if result.ok and result.outputs is not None:
                             writer.put(name, result.outputs)  # waits only when the writer is behind
                         else:
