@@ -26,8 +26,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/enclaveq demo
 
+# Two passes: the tests that may share the machine on TEST_JOBS processes (most of their time is
+# spent waiting on brokers), then those marked serial alone (tests/conftest.py says which and why).
+# Exit status 5 (nothing selected, e.g. PYTEST_ARGS picks tests of one kind only) is not a failure.
+TEST_JOBS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -rs -n $(TEST_JOBS) --dist loadfile -m "not serial" $(PYTEST_ARGS); \
+		status=$$?; [ $$status -eq 0 ] || [ $$status -eq 5 ] || exit $$status
+	$(BIN)/python -m pytest -q -rs -m serial $(PYTEST_ARGS); \
+		status=$$?; [ $$status -eq 0 ] || [ $$status -eq 5 ] || exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -50,6 +50,12 @@ def pytest_itemcollected(item: pytest.Item) -> None:
     for fixture in getattr(item, "fixturenames", ()):
         if fixture in MARKER_OF_FIXTURE:
             item.add_marker(MARKER_OF_FIXTURE[fixture])
+    # Tests that run alone, in `make test`'s second, serial pass (the first runs the others on two
+    # processes): the firehose traces every message of the shared broker, so no other test may
+    # publish meanwhile; the compose stack builds images and runs five containers on the machine's
+    # two cores. (Others mark themselves `serial`: the three-node cluster, the 300 MiB model.)
+    if "firehose" in getattr(item, "fixturenames", ()) or item.get_closest_marker("compose"):
+        item.add_marker("serial")
 
 
 def _listening(host: str, port: int) -> bool:

@@ -65,7 +65,12 @@ async def stream_with_a_kill(url, pool, tee, tmp_path, workers: list[WorkerProce
                 workers.append(await asyncio.to_thread(start, url, pool, tee, tmp_path, "w1"))
             await publishing
             ids = lambda: {opened(d, raw).event_id for raw in inbox.raw}  # noqa: E731
-            await wait_until(lambda: len(ids()) == EVENTS, "every event has a result", timeout=180)
+            try:
+                await wait_until(lambda: len(ids()) == EVENTS, "every event has a result", timeout=180)
+            except AssertionError as exc:  # say what the workers were doing
+                logs = "\n".join(f"--- {w.log_path.name}:\n{w.log()[-4000:]}" for w in workers)
+                missing = sorted(set(range(EVENTS)) - {int(i.removeprefix("ev-")) for i in ids()})[:20]
+                raise AssertionError(f"{exc}; missing events {missing}\n{logs}") from None
             for raw in inbox.raw:
                 result = opened(d, raw)
                 i = int(result.event_id.removeprefix("ev-"))

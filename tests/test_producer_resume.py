@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import re
 import signal
@@ -230,6 +231,9 @@ async def test_a_journal_resumed_for_another_model_is_refused_before_anything_is
         await _take(client, model_id, batch_of(20), path, count=5)
         with pytest.raises(BatchJournalError, match="not 'other"):
             await _take(client, "other" + model_id[5:], batch_of(20), path)
+        # Still the batch's journal: completed, its queue and file are gone.
+        await _take(client, model_id, batch_of(20), path)
+    assert not path.exists()
 
 
 # -- the CLI, killed ---------------------------------------------------------------------------
@@ -294,3 +298,25 @@ async def test_submit_killed_mid_batch_and_run_again_finishes_it_running_each_jo
     with pytest.raises(aio_pika.exceptions.ChannelClosed):  # the completed batch's queue is deleted
         await _queue_length(rabbitmq_url, batch_queue)
 
+
+
+async def test_submit_into_an_output_holding_another_pools_batch_journal_is_a_usage_error(tee, rabbitmq_url, pool,
+                                                                                          tmp_path):
+    inputs, output = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    output.mkdir()
+    np.savez(inputs / "job-0.npz", **batch_of(1)[0])
+    enclaveq("policy", "init", "--sim-dir", str(tee.dir), "--out", str(tmp_path / "policy.toml"))
+    async with running_worker(tee, rabbitmq_url, pool):
+        async with AsyncClient(rabbitmq_url, pool, tee.policy()) as client:
+            model_id = await client.upload_model(mlp_model())
+        # What a run of the same inputs against another pool left behind when it was killed.
+        journal = BatchJournal(output / ".enclaveq-journal", batch=hashlib.sha256(b"job-0.npz").hexdigest())
+        journal.start(pool="elsewhere", model_id=model_id, reply_queue="batch-elsewhere")
+        journal.close()
+        result = await asyncio.to_thread(
+            enclaveq, "submit", "--broker", rabbitmq_url, "--pool", pool, "--policy", str(tmp_path / "policy.toml"),
+            "--model", model_id, "--inputs", str(inputs), "--output", str(output), check=False)
+    assert result.returncode == 2, result.stderr
+    assert "is the journal of a batch for pool 'elsewhere'" in result.stderr and "Traceback" not in result.stderr
+    assert (output / ".enclaveq-journal").exists()  # nothing of it was lost

@@ -18,7 +18,8 @@ from producer_sdk import AsyncClient
 
 from .support import FaultMidway, dead_letters, mlp_model, run_directly, running_worker
 
-pytestmark = pytest.mark.slow
+# Three Erlang nodes and a 1,500-job batch: alone, in make test's serial pass (tests/conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 JOBS = 1500
 
 

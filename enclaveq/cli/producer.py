@@ -790,6 +790,10 @@ async def _submit_files(client: AsyncClient, broker_url: str, pool: str, model_i
                         if (now := time.perf_counter()) - shown >= _PROGRESS_INTERVAL:
                             bar.update(task, completed=done + unreadable)
                             shown = now
+            except BatchJournalError as exc:  # e.g. --output holds the journal of a batch on another pool
+                _fail(f"{exc}", 2)
+            except EnclaveqError as exc:  # the batch's reply queue could not be opened
+                _fail(f"the batch stopped: {exc}; run the same command again to resume it")
             finally:
                 reader.close()
                 writer.close()  # every result received is written before the summary
