@@ -169,6 +169,16 @@ async def mqtt_spy(private_mosquitto: PrivateMosquitto) -> AsyncIterator[MqttSpy
 
 
 @pytest.fixture
+def lone_founder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For tests with an MQTT spy (``mqtt_spy``). The spy's `#` matches the control channel, so the founder's join request and model sync
+    request are routable (not refused as having no subscriber): it listens for members that do
+    not exist, two join rounds of 1.5 s and 30 s of model sync silence. Shorter here: a lone
+    worker hears nobody either way, and it publishes the same messages for the spy to see."""
+    monkeypatch.setattr("enclave_worker.membership.JOIN_WAIT_SECONDS", 0.2)
+    monkeypatch.setattr("enclave_worker.model_sync.MODEL_WAIT_SECONDS", 0.5)
+
+
+@pytest.fixture
 def private_mosquitto(tmp_path: Path) -> Iterator[PrivateMosquitto]:
     """A Mosquitto of the test's own (own port, config and persistence), for tests that restart it."""
     from .mosquitto import PrivateMosquitto

@@ -9,6 +9,7 @@ joins three such nodes (one shared cookie) into a cluster.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -18,6 +19,8 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -32,7 +35,7 @@ def free_port() -> int:
 
 
 class PrivateRabbitmq:
-    def __init__(self, root: Path, *, home: Path | None = None) -> None:
+    def __init__(self, root: Path, *, home: Path | None = None, config: str = "") -> None:
         server = RABBITMQ_BIN / "rabbitmq-server"
         if not server.exists() and shutil.which("rabbitmq-server") is None:
             pytest.fail("rabbitmq-server is not installed")
@@ -43,7 +46,7 @@ class PrivateRabbitmq:
         self.node = f"eqtest-{uuid.uuid4().hex[:8]}@localhost"
         self.port = free_port()
         (root / "enabled_plugins").write_text("[].\n")
-        (root / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\nloopback_users = none\n")
+        (root / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\nloopback_users = none\n" + config)
         self.env = {**os.environ, "RABBITMQ_NODENAME": self.node, "RABBITMQ_NODE_PORT": str(self.port),
                     "RABBITMQ_DIST_PORT": str(free_port()), "RABBITMQ_MNESIA_BASE": str(root / "mnesia"),
                     "RABBITMQ_LOG_BASE": str(root / "log"), "RABBITMQ_ENABLED_PLUGINS_FILE": str(root / "enabled_plugins"),
@@ -61,37 +64,51 @@ class PrivateRabbitmq:
                               text=True, timeout=timeout).stdout
 
     def start(self) -> PrivateRabbitmq:
-        self.proc = subprocess.Popen([self.server], env=self.env, cwd=self.root, stdout=open(self.root / "server.log", "ab"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.spawn()
         try:
-            self._await_startup()
+            self.await_started()
         except BaseException:
             self.stop()  # never leave a half-started node behind
             raise
         return self
 
-    def _await_startup(self) -> None:
+    def spawn(self) -> None:
+        """Launch the node and return at once (:meth:`await_started` waits for it to boot)."""
+        self.proc = subprocess.Popen([self.server], env=self.env, cwd=self.root, stdout=open(self.root / "server.log", "ab"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def await_started(self, timeout: float = 120) -> None:
+        """Wait (bounded) until the node has booted and its AMQP listener accepts connections."""
         assert self.proc is not None
-        deadline = time.monotonic() + 120
-        while True:  # await_startup fails at once until the Erlang node is up at all
+        deadline = time.monotonic() + timeout
+        # The listener opens late in the boot. Until then, watch the port: each rabbitmqctl is an
+        # Erlang VM of its own (about a CPU second), which would slow the boot it waits for.
+        while not self._listening():
+            assert self.proc.poll() is None, f"RabbitMQ node {self.node} exited: {self.root / 'server.log'}"
+            assert time.monotonic() < deadline, f"RabbitMQ node {self.node} did not start within {timeout:g} s"
+            time.sleep(0.1)
+        while True:  # the boot's end; await_startup fails at once if the Erlang node is not up at all
             try:
                 self.rabbitmqctl("await_startup", "--timeout", "30", timeout=60)
                 break
             except subprocess.CalledProcessError:
                 assert self.proc.poll() is None, f"RabbitMQ node {self.node} exited: {self.root / 'server.log'}"
-                assert time.monotonic() < deadline, f"RabbitMQ node {self.node} did not start within 120 s"
+                assert time.monotonic() < deadline, f"RabbitMQ node {self.node} did not start within {timeout:g} s"
                 time.sleep(0.5)
         self.wait_listening()
 
+    def _listening(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
     def wait_listening(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                assert time.monotonic() < deadline, f"RabbitMQ node {self.node} not listening after {timeout}s"
-                time.sleep(0.1)
+        while not self._listening():
+            assert time.monotonic() < deadline, f"RabbitMQ node {self.node} not listening after {timeout}s"
+            time.sleep(0.1)
 
     def stop_app(self) -> None:
         self.rabbitmqctl("stop_app")
@@ -101,16 +118,25 @@ class PrivateRabbitmq:
         self.wait_listening()
 
     def stop(self) -> None:
+        self.terminate()
+        self.wait_stopped()
+
+    def terminate(self) -> None:
+        """Ask the node to shut down gracefully and return at once: SIGTERM to the server
+        script, which hands it on to the Erlang VM (RabbitMQ's own shutdown, as ``rabbitmqctl
+        stop`` would trigger, without starting a CLI VM for it)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+
+    def wait_stopped(self, timeout: float = 30) -> None:
+        """Wait for the node to exit after :meth:`terminate`; kill it if it takes over ``timeout``."""
         if self.proc is None:
             return
         try:
-            self.rabbitmqctl("stop", timeout=60)
-        except (subprocess.SubprocessError, OSError):
-            pass
-        try:
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the script and its Erlang VM
             self.proc.wait()
         self.proc = None
 
@@ -127,7 +153,11 @@ class PrivateRabbitmq:
 
 
 class PrivateCluster:
-    """Three private nodes joined into one cluster (the first is the seed), sharing a cookie."""
+    """Three private nodes joined into one cluster (the first is the seed), sharing a cookie.
+
+    They boot side by side: the others find the seed by RabbitMQ's own peer discovery (its
+    classic config backend, the seed the only node listed) and join it as they boot, retrying
+    until the seed answers."""
 
     def __init__(self, root: Path, size: int = 3) -> None:
         home = root / "home"
@@ -135,7 +165,12 @@ class PrivateCluster:
         cookie = home / ".erlang.cookie"
         cookie.write_text(secrets.token_hex(16).upper())
         cookie.chmod(0o400)
-        self.nodes = [PrivateRabbitmq(root / f"node{i}", home=home) for i in range(size)]
+        seed = PrivateRabbitmq(root / "node0", home=home)
+        # 240 tries 0.5 s apart: as long as await_started waits for a node to boot.
+        join_seed = ("cluster_formation.peer_discovery_backend = classic_config\n"
+                     f"cluster_formation.classic_config.nodes.1 = {seed.node}\n"
+                     "cluster_formation.discovery_retry_limit = 240\ncluster_formation.discovery_retry_interval = 500\n")
+        self.nodes = [seed, *(PrivateRabbitmq(root / f"node{i}", home=home, config=join_seed) for i in range(1, size))]
 
     @property
     def urls(self) -> str:
@@ -145,13 +180,9 @@ class PrivateCluster:
     def start(self) -> PrivateCluster:
         try:
             for node in self.nodes:
-                node.start()
-            seed = self.nodes[0]
-            for node in self.nodes[1:]:
-                node.rabbitmqctl("stop_app")
-                node.rabbitmqctl("join_cluster", seed.node)
-                node.start_app()
-            running = json.loads(seed.rabbitmqctl("cluster_status", "--formatter", "json"))["running_nodes"]
+                node.spawn()
+            each(PrivateRabbitmq.await_started, self.nodes)
+            running = json.loads(self.nodes[0].rabbitmqctl("cluster_status", "--formatter", "json"))["running_nodes"]
             assert sorted(running) == sorted(n.node for n in self.nodes), running
         except BaseException:
             self.stop()
@@ -173,5 +204,16 @@ class PrivateCluster:
         return next(row["members"] for row in json.loads(out) if row["name"] == queue)
 
     def stop(self) -> None:
-        for node in reversed(self.nodes):
-            node.stop()
+        """Stop every node, all at once (each shuts down on its own: nothing of the cluster is kept)."""
+        for node in self.nodes:
+            node.terminate()
+        for node in self.nodes:
+            node.wait_stopped()
+
+
+def each(action: Callable[[PrivateRabbitmq], object], nodes: list[PrivateRabbitmq]) -> None:
+    """``action(node)`` for every node at once, each in its own thread; returns when all are done,
+    raising the first failure."""
+    with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
+        for future in [pool.submit(action, node) for node in nodes]:
+            future.result()

@@ -27,7 +27,8 @@ from producer_sdk import AsyncClient
 
 from .processes import WorkerProcess, enclaveq
 
-pytestmark = pytest.mark.slow
+# A 300 MiB model on three workers: alone, in make test's serial pass (tests/conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 MiB = 1024 * 1024
 ROWS, DIM, OUT = 19200, 4096, 8  # the table alone is ROWS * DIM * 4 bytes = 300 MiB
@@ -48,11 +49,17 @@ def large_model(seed: int = 300) -> bytes:
         [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", OUT]),
          helper.make_tensor_value_info("total", TensorProto.FLOAT, [])],
-        initializer=[numpy_helper.from_array(table, "table"), numpy_helper.from_array(proj, "proj")],
     )
-    del table
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
+    # The initializers go into the model in place: make_graph and make_model would each copy the
+    # 300 MiB table once more (seconds). The bytes are those numpy_helper.from_array writes.
+    initializer = model.graph.initializer.add()
+    initializer.name, initializer.data_type = "table", TensorProto.FLOAT
+    initializer.dims.extend(table.shape)
+    initializer.raw_data = table.tobytes()
+    del table
+    model.graph.initializer.append(numpy_helper.from_array(proj, "proj"))
     return model.SerializeToString()
 
 
@@ -85,30 +92,38 @@ async def test_a_300_mib_model_uploads_with_the_cli_to_two_workers_and_syncs_to_
         timings[what] = now - clock
         clock = now
 
-    model = await asyncio.to_thread(large_model)
-    size = len(model)
-    assert size >= 300 * MiB
-    model_id = hashlib.sha256(model).hexdigest()
     path = tmp_path / "large.onnx"
-    path.write_bytes(model)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1  # as the worker runs it
-    reference = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    del model
-    lap("build model + reference session")
+    size, model_id = 0, ""
+    reference: ort.InferenceSession | None = None
+
+    def build() -> None:
+        nonlocal size, model_id, reference
+        model = large_model()
+        size = len(model)
+        model_id = hashlib.sha256(model).hexdigest()
+        path.write_bytes(model)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1  # as the worker runs it
+        reference = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
     sim, policy = tmp_path / "sim", tmp_path / "policy.toml"
-    enclaveq("sim", "init", "--dir", str(sim))
-    enclaveq("policy", "init", "--sim-dir", str(sim), "--out", str(policy))
-    enclaveq("keys", "generate", "--out", str(tmp_path / "owner.key"))
     owner = ["--owner-key", str(tmp_path / "owner.key")]
     ports: dict[str, int] = {}
     peaks: dict[str, float] = {}
+    workers: dict[str, WorkerProcess] = {}
 
     def start(name: str) -> WorkerProcess:
         ports[name] = free_port()
-        return WorkerProcess(rabbitmq_url, pool, sim, tmp_path / f"{name}.log", "--state-dir", str(tmp_path / name),
-                             "--metrics-port", str(ports[name])).wait_ready(90)
+        workers[name] = WorkerProcess(rabbitmq_url, pool, sim, tmp_path / f"{name}.log", "--state-dir",
+                                      str(tmp_path / name), "--metrics-port", str(ports[name]))
+        return workers[name].wait_ready(90)
+
+    def found_the_pool() -> None:
+        enclaveq("sim", "init", "--dir", str(sim))
+        enclaveq("policy", "init", "--sim-dir", str(sim), "--out", str(policy))
+        enclaveq("keys", "generate", "--out", str(tmp_path / "owner.key"))
+        start("w0")
+        start("w1")  # after w0 is ready: w0 founds the pool, w1 joins it
 
     rng = np.random.default_rng(7)
 
@@ -118,17 +133,19 @@ async def test_a_300_mib_model_uploads_with_the_cli_to_two_workers_and_syncs_to_
                 for _ in range(count)]
 
     async def run_and_check(client: AsyncClient, jobs: list[dict[str, np.ndarray]]) -> None:
+        assert reference is not None
         async for result in client.submit(model_id, jobs, max_in_flight=len(jobs)):
             assert result.ok, result.error
             y, total = reference.run(None, jobs[result.index])
             assert np.array_equal(result.outputs["y"], y) and np.array_equal(result.outputs["total"], total)
 
-    workers: dict[str, WorkerProcess] = {}
     try:
-        workers["w0"] = await asyncio.to_thread(start, "w0")
-        workers["w1"] = await asyncio.to_thread(start, "w1")
+        # The model is built (and its reference session made) while the first two workers start:
+        # neither needs the other until the upload.
+        await asyncio.gather(asyncio.to_thread(build), asyncio.to_thread(found_the_pool))
+        assert size >= 300 * MiB
         assert "joined pool" in workers["w1"].log()
-        lap("sim, policy, 2 workers")
+        lap("build model + reference session, alongside sim, policy, 2 workers")
 
         # -- the CLI uploads it: progress on stderr, the model id alone on stdout's last line -----
         upload = await asyncio.to_thread(enclaveq, "model", "upload", str(path), "--broker", rabbitmq_url,
@@ -153,14 +170,14 @@ async def test_a_300_mib_model_uploads_with_the_cli_to_two_workers_and_syncs_to_
             lap("jobs on both workers")
 
             # -- a third worker joins late and gets the model by sync, from live members ----------
-            workers["w2"] = await asyncio.to_thread(start, "w2")
+            await asyncio.to_thread(start, "w2")
             lap("late worker joined and synced")
             peaks.update({name: peak_rss_mib(w) for name, w in workers.items()})
             log = workers["w2"].log()
             assert "joined pool" in log, log[-4000:]
             assert f"model {model_id} synced from a pool member" in log, log[-4000:]
-            for name in ("w0", "w1"):
-                assert workers[name].terminate() == 0
+            stopped = [asyncio.to_thread(workers[name].terminate) for name in ("w0", "w1")]
+            assert await asyncio.gather(*stopped) == [0, 0]
             # Now only w2 consumes the pool's jobs: every result below is its own.
             await run_and_check(client, batch(8))
             assert jobs_served(ports["w2"]) >= 8

@@ -17,7 +17,6 @@ session and retained message of the pool, goes when the test ends.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
@@ -27,7 +26,9 @@ from producer_sdk.errors import BadInput
 
 from .support import mlp_model, running_worker, wait_until, windows
 
-async def test_mqtt_carries_no_plaintext_model_input_output_or_error(private_mosquitto, pool, tee, mqtt_spy):
+
+async def test_mqtt_carries_no_plaintext_model_input_output_or_error(private_mosquitto, pool, tee, mqtt_spy,
+                                                                    lone_founder):
     spy = mqtt_spy
     url = private_mosquitto.url
     model = mlp_model(seed=5)
@@ -35,8 +36,7 @@ async def test_mqtt_carries_no_plaintext_model_input_output_or_error(private_mos
     inputs = [{"x": rng.standard_normal((8, 4)).astype(np.float32), "bias": rng.standard_normal(3).astype(np.float32)}
               for _ in range(6)]
     outputs: list[dict[str, np.ndarray]] = []
-    # Slow start (about 30 s): the founder asks the control channel for models, the spy's `#`
-    # matches that topic, so the publish is routable and the founder waits out the model sync.
+    # The founder's requests for members reach only the spy (see lone_founder).
     async with running_worker(tee, url, pool) as worker:
         async with AsyncClient(url, pool, tee.policy(), timeout=60) as client:
             model_id = await client.upload_model(model)
