@@ -22,6 +22,7 @@ import asyncio
 import itertools
 import logging
 import threading
+import weakref
 import uuid
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -101,6 +102,8 @@ class _State:
         self.inboxes: dict[str, _Routed] = {}
         self.pool_locks: dict[str, _MemoryPoolLock] = {}
         self.taps: list[Callable[[bytes], None]] = []
+        # The adapters connected to this broker, for a simulated restart of all their connections.
+        self.adapters: weakref.WeakSet[MemoryBroker] = weakref.WeakSet()
 
     def enqueue(self, queue: _Queue, message: Message) -> None:
         for tap in self.taps:
@@ -366,6 +369,8 @@ class MemoryBroker(BrokerAdapter):
         if self._closed:
             raise BrokerUnavailable("this adapter was closed; open a new one")
         self._state = _state_for(self.name)
+        with self._state.lock:
+            self._state.adapters.add(self)
 
     async def close(self) -> None:
         if self._closed or self._state is None:
@@ -681,6 +686,23 @@ class MemoryBroker(BrokerAdapter):
             for consumer in consumers:
                 consumer.return_in_flight()
         self._reconnected()
+
+    async def simulate_restart(self, *, lose_queued_jobs: bool = False) -> int:
+        """Play a broker restart: every connected adapter loses its connection and recovers it
+        (:meth:`simulate_disconnect`). With ``lose_queued_jobs`` the restart also loses every
+        job waiting in a pool's queue although it was confirmed -- what Mosquitto 2.0 does with
+        messages held for a shared subscription. Returns how many jobs were lost."""
+        state = self._live()
+        lost = 0
+        with state.lock:
+            if lose_queued_jobs:
+                for target in state.pools.values():
+                    lost += len(target.jobs.ready)
+                    target.jobs.ready.clear()
+            adapters = [adapter for adapter in state.adapters if not adapter._closed]
+        for adapter in adapters:
+            await adapter.simulate_disconnect()
+        return lost
 
     # -- internals ----------------------------------------------------------------------
     def _pool(self, pool: str) -> _Pool:

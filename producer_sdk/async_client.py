@@ -216,6 +216,9 @@ class AsyncClient:
         self._resendable: OrderedDict[str, int] = OrderedDict()
         self._resendable_bytes = 0
         self._background: set[asyncio.Task[None]] = set()
+        # Requests published and not answered yet, by job id: published again, the same sealed
+        # bytes, after the broker connection came back (see _republish_unanswered).
+        self._unanswered: dict[str, tuple[Request, Message]] = {}
 
     async def __aenter__(self) -> AsyncClient:
         await self.connect()
@@ -248,6 +251,7 @@ class AsyncClient:
             try:
                 async with asyncio.timeout(self.timeout):
                     await broker.connect()
+                    broker.on_reconnect(self._republish_unanswered)
                     # An ephemeral queue is deleted at close; one left by a process that died expires.
                     reply_to = await broker.declare_reply_queue(
                         self.name, expires=ORPHAN_REPLY_QUEUE_EXPIRY if self._ephemeral else None)
@@ -442,6 +446,7 @@ class AsyncClient:
                 async with asyncio.timeout_at(deadline):
                     await self._publish_until_confirmed(broker, request, message, deadline)
                     sent = True
+                    self._unanswered[request.job_id] = (request, message)
                     outcome = await future
             except TimeoutError:
                 if not sent:
@@ -451,6 +456,7 @@ class AsyncClient:
                 raise BrokerUnreachable(f"could not publish job {request.job_id}: {exc}") from None
             finally:
                 self._pending.pop(request.job_id, None)
+                self._unanswered.pop(request.job_id, None)
                 core.forget(request.job_id)
             if isinstance(outcome, JobError):
                 raise outcome
@@ -466,6 +472,30 @@ class AsyncClient:
                                      f"pool after a key rotation)") from None
         raise JobError(f"the pool kept refusing the epoch of request {request.job_id} after "
                        f"{STALE_EPOCH_RETRIES} re-attestations", code="stale_epoch", job_id=request.job_id)
+
+    async def _republish_unanswered(self) -> None:
+        """The broker connection came back: publish every request still waiting for its answer
+        again, the same sealed bytes. A broker restart can lose a message it had confirmed --
+        Mosquitto 2.0 does not restore what it held for a shared subscription (the pool's job
+        queue) -- and nothing else would ever send it. A copy is harmless: a worker that answered
+        the request drops it (its replay guard, P5), one running it lets the copy wait for that
+        run, and this client takes the first result of each job id. Bounded by the requests in
+        flight (``max_in_flight`` at most per batch)."""
+        broker = self._broker
+        if broker is None or self._closed or not self._unanswered:
+            return
+        waiting = list(self._unanswered.items())
+        log.info("reconnected to the broker: publishing the %d requests still waiting for an answer again",
+                 len(waiting))
+        deadline = asyncio.get_running_loop().time() + min(self.timeout, CLOSE_TIMEOUT * 3)
+        for job_id, (request, message) in waiting:
+            if job_id not in self._unanswered:
+                continue  # answered meanwhile
+            try:
+                await self._publish_until_confirmed(broker, request, message, deadline)
+            except Exception as exc:  # noqa: BLE001 - a task of its own: nobody else would see it
+                log.debug("publishing request %s again after a reconnect failed: %s", job_id, exc)
+                return  # the connection went again: the next reconnect tries again
 
     async def _publish_until_confirmed(self, broker: BrokerAdapter, request: Request, message: Message,
                                        deadline: float) -> None:
