@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from broker_adapters import _common as common
+from broker_adapters import open_broker
 from enclaveq.cli.npz_files import read_npz
 from producer_sdk import AsyncClient, JobResult
 from producer_sdk.errors import BatchJournalError
@@ -329,3 +330,28 @@ async def test_submit_into_an_output_holding_another_pools_batch_journal_is_a_us
     assert result.returncode == 2, result.stderr
     assert "is the journal of a batch for pool 'elsewhere'" in result.stderr and "Traceback" not in result.stderr
     assert (output / ".enclaveq-journal").exists()  # nothing of it was lost
+
+
+async def test_reply_queues_a_dead_producer_leaves_behind_expire_and_a_named_clients_do_not(
+        tee, rabbitmq_url, rabbitmqctl, pool, tmp_path):
+    # A client's own queue is deleted at close(); a SIGKILLed process cannot, so RabbitMQ must.
+    path = tmp_path / "batch.journal"
+    async with running_worker(tee, rabbitmq_url, pool), AsyncClient(rabbitmq_url, pool, tee.policy()) as client:
+        model_id = await client.upload_model(mlp_model())
+        await _take(client, model_id, batch_of(20), path, count=5)  # stopped early: its batch queue stays
+        batch_queue = common.reply_queue(BatchJournal(path).reply_queue or "")
+        own_queue = common.reply_queue(client.name)
+        named = AsyncClient(rabbitmq_url, pool, tee.policy(), name=f"{pool}-named")
+        async with named:
+            # Each argument is listed as [name, AMQP type, value].
+            queues = {q["name"]: {name: value for name, _, value in q["arguments"]}
+                      for q in await asyncio.to_thread(rabbitmqctl.json, "list_queues", "name", "arguments")}
+        await _take(client, model_id, batch_of(20), path)  # completed: its batch queue is deleted
+    try:
+        assert queues[own_queue].get("x-expires") == 24 * 3600 * 1000
+        assert queues[batch_queue].get("x-expires") == 24 * 3600 * 1000
+        # A named client's queue outlives it by design (and an existing one keeps its arguments).
+        assert "x-expires" not in queues[common.reply_queue(named.name)]
+    finally:
+        async with open_broker(rabbitmq_url) as broker:
+            await broker.delete_reply_queue(named.name)
