@@ -56,6 +56,11 @@ the order of the systems each round; the table shows medians and each ratio is t
 per-round ratios (phases of one round run close together, which cancels some of a busy machine's
 drift).
 
+``--producer-cpus LIST`` (e.g. ``1``) lays the run out as a deployment does, where producers run
+on machines of their own: this process, and so every client and the CLI subprocess, runs on the
+CPUs in LIST; every answering process and the RabbitMQ node (all of its threads; put back as
+they were at the end) on the others. Without it everything shares every core, as on a laptop.
+
 Every queue, exchange and pool the run declares has a unique name (containing the run id) and
 is deleted at the end, also after Ctrl-C or SIGTERM or a failure; every process it started is
 stopped.
@@ -111,6 +116,30 @@ RATIOS = [
 ]
 REPO = Path(__file__).resolve().parent.parent
 JOB_TIMEOUT = 120.0
+
+
+def _threads(pid: int | str) -> list[int]:
+    try:
+        return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return []
+
+
+def pin(pid: int | str, cpus: set[int]) -> dict[int, set[int]]:
+    """Put every thread of process ``pid`` on ``cpus``; returns what each had before (for unpin).
+    Threads the process starts later inherit their creator's CPUs."""
+    before: dict[int, set[int]] = {}
+    for tid in _threads(pid):
+        with contextlib.suppress(OSError):  # a thread that just ended, or not ours to move
+            before[tid] = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, cpus)
+    return before
+
+
+def unpin(before: dict[int, set[int]]) -> None:
+    for tid, cpus in before.items():
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(tid, cpus)
 
 
 class System(Protocol):
@@ -556,6 +585,12 @@ async def run(args: argparse.Namespace, selected: list[str]) -> int:
     console.print(f"run {run_id}: broker {redact_url(args.broker)}, {os.cpu_count()} CPUs, python "
                   f"{platform.python_version()}, load average {os.getloadavg()[0]:.2f}, RabbitMQ node pid "
                   f"{broker_pid or 'not local'}; request {workload.request_bytes} B, reply {workload.reply_bytes} B")
+    producer_cpus: set[int] | None = args.producer_cpus
+    server_cpus: set[int] | None = None
+    if producer_cpus is not None:
+        server_cpus = os.sched_getaffinity(0) - producer_cpus
+        console.print(f"layout: producers (this process, the CLI) on CPU {sorted(producer_cpus)}; answering "
+                      f"processes and the RabbitMQ node on CPU {sorted(server_cpus)}")
     if "framed" in selected and not framed_ok:
         console.print("framed: not available (AsyncClient.submit has no frames= keyword yet)")
         selected = [s for s in selected if s != "framed"]
@@ -568,6 +603,8 @@ async def run(args: argparse.Namespace, selected: list[str]) -> int:
         model_path.write_bytes(workload.model_bytes)
         owners: list[Any] = []  # everything with a cleanup(), in start order
         systems: dict[str, tuple[System, int | None]] = {}
+        own_cpus = pin(os.getpid(), server_cpus) if server_cpus else {}  # answering processes inherit them
+        node_cpus = pin(broker_pid, server_cpus) if server_cpus and broker_pid else {}
         try:
             with console.status("starting the answering processes"):
                 if "plain" in selected:
@@ -609,6 +646,8 @@ async def run(args: argparse.Namespace, selected: list[str]) -> int:
                         systems["cli"] = (cli, pid)
             console.print("answering processes: " + ", ".join(
                 f"{SYSTEMS[k]} pid {pid}" for k, (_, pid) in systems.items()))
+            if producer_cpus is not None:
+                pin(os.getpid(), producer_cpus)  # the clients, and the CLI subprocesses it starts
             keys = [k for k in SYSTEMS if k in systems]
             for rnd in range(args.repeat):
                 # Rotate the order each round, so that no system always runs first or last.
@@ -633,6 +672,8 @@ async def run(args: argparse.Namespace, selected: list[str]) -> int:
                     console.print(f"  round {rnd + 1} {SYSTEMS[key]:22} {r.jobs_per_s:8.0f} jobs/s  "
                                   f"p50 {_fmt(r.pct(50)):>7} ms  p99 {_fmt(r.pct(99)):>7} ms  errors {r.errors}{other}")
         finally:
+            unpin(node_cpus)
+            unpin(own_cpus)
             with console.status("cleaning up: stopping processes, deleting queues and the pool"):
                 for owner in reversed(owners):
                     try:
@@ -678,6 +719,7 @@ async def run(args: argparse.Namespace, selected: list[str]) -> int:
             "systems": {k: SYSTEMS[k] for k in order},
             "results": [r.summary() for r in results],
             "cli_dir": args.cli_dir, "cli_reported_jobs_per_s": cli_reported,
+            "producer_cpus": sorted(producer_cpus) if producer_cpus is not None else None,
             "cli_once_started_jobs_per_s": {r: round(v, 1) for r, v in cli_marginal.items()},
             "ratios": {k: (None if v is None else round(v, 3)) for k, v in ratios.items()},
         }, indent=2))
@@ -697,6 +739,16 @@ def _check_installed(selected: list[str]) -> None:
                  f"or leave them out with --only")
 
 
+def _cpu_list(text: str) -> set[int]:
+    try:
+        cpus = {int(part) for part in text.split(",") if part.strip()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of CPU numbers: {text!r}") from None
+    if not cpus or min(cpus) < 0:
+        raise argparse.ArgumentTypeError(f"not a list of CPU numbers: {text!r}")
+    return cpus
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=2000, help="timed jobs per system and round (default 2000)")
@@ -712,7 +764,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the CLI row's input and result files go (default: the system's temporary "
                              "directory). Creating a file costs the kernel 20-350 us on some disks (ext4 here), "
                              "more than a framed job; /dev/shm (tmpfs) measures the CLI without the disk")
+    parser.add_argument("--producer-cpus", metavar="LIST", type=_cpu_list, default=None,
+                        help="run the clients and the CLI on these CPUs (e.g. 1 or 2,3) and every answering "
+                             "process and the RabbitMQ node on the others, as when producers have machines of "
+                             "their own (default: everything shares every CPU)")
     args = parser.parse_args(argv)
+    if args.producer_cpus is not None and not args.producer_cpus < os.sched_getaffinity(0):
+        parser.error(f"--producer-cpus must leave CPUs for the answering side; this process may use "
+                     f"{sorted(os.sched_getaffinity(0))}")
     if args.jobs < 1 or args.warmup < 0 or args.repeat < 1 or args.concurrency < 1:
         parser.error("--jobs, --concurrency and --repeat must be positive and --warmup non-negative")
     if not args.broker.lower().startswith(("amqp://", "amqps://")):

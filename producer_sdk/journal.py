@@ -190,13 +190,16 @@ class BatchJournal:
                 self._answered.add(request_id)
                 self._append({"answered": request_id})
 
-    def kept(self, index: int) -> None:
-        """The caller stored the result of job ``index`` (or no longer wants it): never sent again."""
+    def kept(self, *indexes: int) -> None:
+        """The caller stored the results of jobs ``indexes`` (or no longer wants them): never sent
+        again. Many at once cost one write (a line per job, as one record each)."""
         with self._lock:
-            if index not in self._kept:
-                self._kept.add(index)
-                if self.reply_queue is not None:  # else written when the journal begins
-                    self._append({"kept": index})
+            new = [index for index in dict.fromkeys(indexes) if index not in self._kept]
+            if not new:
+                return
+            self._kept.update(new)
+            if self.reply_queue is not None:  # else written when the journal begins
+                self._append(*({"kept": index} for index in new))
 
     def close(self) -> None:
         with self._lock:
@@ -213,7 +216,7 @@ class BatchJournal:
             pass
 
     # -- the file --------------------------------------------------------------------------
-    def _append(self, record: dict[str, Any], *, create: bool = False) -> None:
+    def _append(self, *records: dict[str, Any], create: bool = False) -> None:
         if self._fd is None:
             flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
             if create:
@@ -225,12 +228,14 @@ class BatchJournal:
             except OSError as exc:
                 raise BatchJournalError(f"{self.path}: cannot write the batch journal "
                                         f"({exc.strerror or type(exc).__name__})") from None
-        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        lines = "".join(json.dumps(record, separators=(",", ":")) + "\n" for record in records).encode()
         try:
-            # One write per record: O_APPEND keeps records whole and in order; the OS holds it once
+            # One write per call: O_APPEND keeps records whole and in order; the OS holds them once
             # write returns, so a killed process loses nothing (fsync would guard against a machine
             # crash too, at ~1 ms a record; losing the last records only makes jobs run anew).
-            os.write(self._fd, line)
+            view = memoryview(lines)
+            while view:  # a regular file takes it whole; a short write is finished, never repeated
+                view = view[os.write(self._fd, view):]
         except OSError as exc:
             raise BatchJournalError(f"{self.path}: cannot write the batch journal "
                                     f"({exc.strerror or type(exc).__name__})") from None

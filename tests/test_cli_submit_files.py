@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import zipfile
 
 import numpy as np
@@ -184,6 +185,24 @@ def test_result_writer_put_waits_while_the_writer_is_a_window_behind(tmp_path):
     assert blocked_put_done.wait(10)
     writer.close()
     assert len(written) == 3
+
+
+def test_an_idle_writer_is_woken_by_a_burst_or_a_flush_and_reports_whole_files_per_run(tmp_path):
+    runs: list[list[str]] = []
+    writer = ResultWriter(tmp_path, lambda name, exc: None, results=8, wake_at=4, written=runs.append)
+    writer.put("a.npz", {"y": np.zeros(1)})
+    writer.put("b.npz", {"y": np.zeros(1)})
+    writer.flush()  # fewer than wake_at: written because the caller's burst ended
+    deadline = time.monotonic() + 10
+    while writer.written < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert writer.written == 2 and sorted(name for run in runs for name in run) == ["a.npz", "b.npz"]
+    for i in range(20):  # no flush at all: every wake_at results wake it, and a full queue never waits forever
+        writer.put(f"{i:02d}.npz", {"y": np.full((1,), i, np.float32)})
+    writer.close()
+    assert writer.written == 22
+    assert sorted(name for run in runs for name in run) == sorted(["a.npz", "b.npz", *(f"{i:02d}.npz" for i in range(20))])
+    assert all(1 <= len(run) <= 8 for run in runs)
 
 
 def test_submit_names_an_unreadable_file_and_writes_every_other_result(deployment, tmp_path):  # noqa: F811

@@ -293,6 +293,9 @@ class ReadAhead:
         self._files = self._bytes = 0  # in self._ready
         self._cond = threading.Condition()
         self._stopped = self._finished = False
+        # Who is waiting on the condition: a side is woken only when it waits, since waking a
+        # thread for nothing costs a context switch on a machine whose cores the worker shares.
+        self._reader_waits = self._consumer_waits = False
         self._thread = threading.Thread(target=self._run, name="enclaveq-read-ahead", daemon=True)
         self._thread.start()
 
@@ -311,7 +314,9 @@ class ReadAhead:
                 while self._ready and (self._files >= self._max_files or self._bytes >= self._max_bytes):
                     if self._stopped:
                         return
+                    self._reader_waits = True
                     self._cond.wait()
+                    self._reader_waits = False
                 if self._stopped:
                     return
             chunk: list[tuple[int, Arrays | Exception, int]] = []
@@ -330,7 +335,8 @@ class ReadAhead:
                 self._ready.append(chunk)
                 self._files += len(chunk)
                 self._bytes += chunk_bytes
-                self._cond.notify_all()
+                if self._consumer_waits:
+                    self._cond.notify_all()
 
     def __iter__(self) -> Iterator[tuple[int, Arrays | Exception]]:
         left = len(self._paths)
@@ -339,11 +345,14 @@ class ReadAhead:
                 while not self._ready:
                     if self._finished:
                         raise RuntimeError("the read-ahead thread stopped early")
+                    self._consumer_waits = True
                     self._cond.wait()
+                    self._consumer_waits = False
                 chunk = self._ready.popleft()
                 self._files -= len(chunk)
                 self._bytes -= sum(size for _, _, size in chunk)
-                self._cond.notify_all()
+                if self._reader_waits:
+                    self._cond.notify_all()
             left -= len(chunk)
             for index, item, _ in chunk:
                 yield index, item
@@ -361,19 +370,25 @@ class ResultWriter:
     """Write ``(name, arrays)`` as ``directory/name`` in a thread of its own, at most ``results``
     and ``max_bytes`` (plus one result) put and not yet written; ``put`` blocks while the writer
     is that far behind. A write that fails goes to ``failed(name, exc)`` (called in the writer's thread) and
-    the others carry on."""
+    the others carry on; ``written(names)`` is told, per run of writes, the names whose files are whole.
+
+    An idle writer is woken once ``wake_at`` results wait, or by ``flush`` -- a caller that gets
+    results in bursts puts a burst, then flushes -- not by every ``put``: waking a thread costs
+    more than writing a small file, and results come a frame at a time."""
 
     def __init__(self, directory: str | os.PathLike[str], failed: Callable[[str, Exception], None], *,
                  results: int = 256, max_bytes: int = 64 * 1024 * 1024,
                  write: Callable[[str, Arrays], None] = write_npz,
-                 written: Callable[[str], None] | None = None) -> None:
+                 written: Callable[[list[str]], None] | None = None, wake_at: int = 1) -> None:
         self._directory, self._failed, self._write = os.fspath(directory), failed, write
-        self._written = written  # told each name once its file is whole on disk (writer's thread)
+        self._written = written  # told the names whose files are whole on disk (writer's thread)
         self._max_items, self._max_bytes = max(1, results), max_bytes
+        self._wake_at = max(1, min(wake_at, self._max_items))
         self._queue: deque[tuple[str, Arrays, int]] = deque()
         self._bytes = 0
         self._cond = threading.Condition()
         self._closing = False
+        self._idle = False  # the writer waits for results
         self.written = 0
         self._thread = threading.Thread(target=self._run, name="enclaveq-result-writer", daemon=True)
         self._thread.start()
@@ -382,33 +397,43 @@ class ResultWriter:
         size = sum(int(a.nbytes) for a in arrays.values())
         with self._cond:
             while self._queue and (len(self._queue) >= self._max_items or self._bytes >= self._max_bytes):
+                self._cond.notify_all()  # a full queue is written now, whatever wake_at says
                 self._cond.wait()
             if self._closing:
                 raise RuntimeError("the writer is closed")
             self._queue.append((name, arrays, size))
             self._bytes += size
-            if len(self._queue) == 1:
+            if self._idle and len(self._queue) >= self._wake_at:
+                self._cond.notify_all()
+
+    def flush(self) -> None:
+        """Wake the writer for the results put so far (it writes them in the background)."""
+        with self._cond:
+            if self._idle and self._queue:
                 self._cond.notify_all()
 
     def _run(self) -> None:
         while True:
             with self._cond:
                 while not self._queue and not self._closing:
+                    self._idle = True
                     self._cond.wait()
+                    self._idle = False
                 if not self._queue:
                     return
                 batch = list(self._queue)  # written outside the lock, then released as a whole
+            whole: list[str] = []
             for name, arrays, _ in batch:
                 try:
                     # A string path: pathlib's joining costs more than writing a small file's bytes.
                     self._write(os.path.join(self._directory, name), arrays)
                     self.written += 1
+                    whole.append(name)
                 except Exception as exc:  # noqa: BLE001 - one failed write is that job's failure, not the batch's
                     self._failed(name, exc)
-                    continue
-                if self._written is not None:
-                    with contextlib.suppress(Exception):  # the file is whole; a rerun finds it either way
-                        self._written(name)
+            if self._written is not None and whole:
+                with contextlib.suppress(Exception):  # the files are whole; a rerun finds them either way
+                    self._written(whole)
             with self._cond:
                 for _ in batch:
                     self._bytes -= self._queue.popleft()[2]

@@ -772,8 +772,19 @@ async def _submit_files(client: AsyncClient, broker_url: str, pool: str, model_i
             window = max(64, max_in_flight)
             reader = ReadAhead(to_read, files=window)
             index_of = {path.name: index for index, path in enumerate(files)}
+            # Results come a frame at a time: the writer is woken once per burst (flush, scheduled
+            # when the loop next turns) or when a frame's worth waits, not per result.
             writer = ResultWriter(output_dir, lambda name, exc: fail(name, f"could not write {output_dir / name}: {exc}"),
-                                  results=window, written=lambda name: journal.kept(index_of[name]))
+                                  results=window, written=lambda names: journal.kept(*(index_of[n] for n in names)),
+                                  wake_at=max(1, window // 4))
+            loop = asyncio.get_running_loop()
+            flush_due = False
+
+            def flush() -> None:
+                nonlocal flush_due
+                flush_due = False
+                writer.flush()
+
             shown, done = time.perf_counter(), 0
             try:
                 # submit is an async generator: closing it on the way out stops its feeder and tasks.
@@ -784,6 +795,9 @@ async def _submit_files(client: AsyncClient, broker_url: str, pool: str, model_i
                         name = files[result.index].name
                         if result.ok and result.outputs is not None:
                             writer.put(name, result.outputs)  # waits only when the writer is behind
+                            if not flush_due:
+                                flush_due = True
+                                loop.call_soon(flush)
                         else:
                             fail(name, result.error)
                         done += 1
