@@ -254,7 +254,23 @@ class SealedState:
 
     def read_model(self, model_id: str) -> bytes:
         path = self.dir / "models" / f"{model_id}.sealed"
-        return self._read(path, self._aad("model", model_id), f"model {model_id}")
+        try:
+            return self._read(path, self._aad("model", model_id), f"model {model_id}")
+        except SealedStateError:
+            if not self._pool_key_unseals():
+                raise
+        # The pool key next to it unseals with this worker's key: so the key is right and the
+        # model's file is what is wrong (a flipped byte, a truncated or replaced file).
+        raise SealedStateError(f"model {model_id} at {path} is damaged: it does not unseal, while this worker's "
+                               "pool key, sealed with the same key, does")
+
+    def _pool_key_unseals(self) -> bool:
+        path = self.dir / "pool.sealed"
+        try:
+            self._read(path, self._aad("pool"), "pool key")
+        except (SealedStateError, OSError):
+            return False
+        return True
 
     def model_ids(self) -> list[str]:
         """The ids of the sealed models on disk (quarantined ones excluded)."""

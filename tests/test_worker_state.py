@@ -97,6 +97,8 @@ async def test_a_damaged_sealed_model_is_set_aside_and_the_worker_serves_the_oth
     assert not sealed.exists()
     said = [r.getMessage() for r in caplog.records if damaged in r.getMessage()]
     assert said and "does not unseal" in said[0] and str(quarantine) in said[0]
+    # The pool key beside it unseals: the file is named damaged, not blamed on another measurement.
+    assert "is damaged" in said[0] and "another measurement" not in said[0]
 
 
 async def test_a_state_directory_that_cannot_be_used_stops_the_worker_before_it_takes_work(tee, memory_url, pool,
