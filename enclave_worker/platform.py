@@ -114,8 +114,9 @@ def tee_join_policy(identity: SelfIdentity, *, collateral: bool = False) -> Poli
     debug worker. The chain must end at the pinned vendor roots of the verifier's
     ``join_verify_options`` (AMD, Intel, AWS by default).
 
-    ``collateral``: whether this worker judges peers' TCB with collateral (``--collateral DIR``,
-    docs/collateral.md). Then the platform's ``require_collateral`` default holds; without it the
+    ``collateral``: whether peers' TCB must be judged with collateral (``--collateral DIR``,
+    docs/collateral.md): then the platform's ``require_collateral`` default holds (a worker
+    without collateral refuses every peer). False only under ``--join-without-collateral``: the
     table sets ``require_collateral = false`` explicitly
     (:func:`attestation.providers.self_identity.join_table`) and peers' TCB is not evaluated.
     """
@@ -133,9 +134,16 @@ EPHEMERAL_SEALING_WARNING = (
 )
 
 NO_COLLATERAL_WARNING = (
-    "NO COLLATERAL: joiners' and members' {platform} TCB is not evaluated (no Intel TCB Info / AMD CRLs "
-    "to judge it with; their measurements and vendor signatures still are). Pass --collateral DIR "
-    "(filled by `enclaveq collateral fetch`) to evaluate it"
+    "NO COLLATERAL (--join-without-collateral): joiners' and members' {platform} TCB is not evaluated "
+    "(no Intel TCB Info / AMD CRLs to judge it with; their measurements and vendor signatures still are). "
+    "Pass --collateral DIR (filled by `enclaveq collateral fetch`) to evaluate it"
+)
+
+NO_COLLATERAL_REFUSAL = (
+    "NO COLLATERAL: this worker admits no other {platform} worker and joins none, since without Intel "
+    "TCB Info / AMD CRLs it cannot tell a revoked or out-of-date TCB from a good one. Pass --collateral DIR "
+    "(filled by `enclaveq collateral fetch`), or --join-without-collateral to judge peers by their "
+    "measurements and vendor signatures alone"
 )
 
 JOIN_UNAVAILABLE_WARNING = (
@@ -147,7 +155,8 @@ JOIN_UNAVAILABLE_WARNING = (
 
 def tee_identity(tee: str, config: WorkerConfig = DEFAULT_WORKER_CONFIG, *, root: Path = Path("/"),
                  ops: FileOps | None = None, join_verify_options: Mapping[str, Any] | None = None,
-                 clock: Callable[[], float] = time.time, collateral: CollateralDir | None = None) -> WorkerIdentity:
+                 clock: Callable[[], float] = time.time, collateral: CollateralDir | None = None,
+                 join_without_collateral: bool = False) -> WorkerIdentity:
     """The identity of a worker inside a real TEE: ``tee`` is "auto", "sgx", "tdx", "snp" or "nitro".
 
     ``WorkerStartupError`` (with the provider's explanation) when the TEE is missing, refuses,
@@ -157,8 +166,10 @@ def tee_identity(tee: str, config: WorkerConfig = DEFAULT_WORKER_CONFIG, *, root
     :func:`attestation.verify.verify_evidence` when checking a peer (e.g. ``trust=`` fake roots in
     tests); empty: the vendors' pinned roots. ``clock`` dates the self-check. ``collateral`` (a
     :class:`~attestation.collateral_source.CollateralDir`, ``--collateral DIR``) is what peers'
-    TCB is judged with, read at each check; without it the join policy does not require
-    collateral and the worker warns once (:data:`NO_COLLATERAL_WARNING`).
+    TCB is judged with, read at each check. Without it the join policy still requires collateral,
+    so the worker admits no peer and joins none (fail closed, :data:`NO_COLLATERAL_REFUSAL`),
+    unless ``join_without_collateral`` (``--join-without-collateral``) waives it explicitly: then
+    peers' TCB is not evaluated and the worker warns once (:data:`NO_COLLATERAL_WARNING`).
     """
     if tee == "sim":
         raise ValueError("the simulation's identity comes from sim_identity(sim_dir)")
@@ -172,11 +183,15 @@ def tee_identity(tee: str, config: WorkerConfig = DEFAULT_WORKER_CONFIG, *, root
     own = own_identity(provider, root=root, ops=ops)
     join_policy = None
     if own is not None:
-        join_policy = tee_join_policy(own, collateral=collateral is not None)
+        waived = collateral is None and join_without_collateral
+        join_policy = tee_join_policy(own, collateral=not waived)
+        refusing = collateral is None and not waived and own.platform in COLLATERAL_PLATFORMS
         if collateral is None and own.platform in COLLATERAL_PLATFORMS:
-            log.warning(NO_COLLATERAL_WARNING.format(platform=own.platform.upper()))
+            log.warning((NO_COLLATERAL_WARNING if waived else NO_COLLATERAL_REFUSAL).format(
+                platform=own.platform.upper()))
         now = datetime.fromtimestamp(clock(), UTC)
-        check_self_admission(own, join_policy, with_collateral(collateral, own.platform, now, options), now=now)
+        if not refusing:  # refusing, the warning above says why every copy of itself is refused
+            check_self_admission(own, join_policy, with_collateral(collateral, own.platform, now, options), now=now)
     key = platform_sealing_key(provider, measurement.config_digest, root=root, ops=ops,
                                snp_vmpl=own.vmpl if own is not None else None)
     persistent = key is not None

@@ -27,7 +27,7 @@ from attestation.sim import sealing
 from attestation.testing.intel import FakeIntelPki, FakeQuotingEnclave
 from attestation.trust import TrustAnchors
 from enclave_worker.errors import WorkerStartupError
-from enclave_worker.platform import NO_COLLATERAL_WARNING, own_identity, tee_identity
+from enclave_worker.platform import NO_COLLATERAL_REFUSAL, NO_COLLATERAL_WARNING, own_identity, tee_identity
 from enclave_worker.worker import Worker, WorkerIdentity
 from producer_sdk import AsyncClient
 from producer_sdk.errors import AttestationFailed
@@ -212,22 +212,56 @@ async def test_a_worker_with_collateral_judges_its_joiner_with_it(intel, intel_d
         await workers.stop()
 
 
-def test_the_join_policy_requires_collateral_only_when_the_worker_has_it(intel, intel_dir, tmp_path, caplog):
+def tdx_identity_waiving_collateral(intel, tmp_path, label):
+    pki, qe = intel
+    kernel = tdx_kernel(qe, tmp_path / f"tee-{label}", TD)
+    return tee_identity("tdx", root=kernel.root, ops=kernel, join_verify_options={"trust": pki.trust()},
+                        join_without_collateral=True)
+
+
+def test_a_worker_without_collateral_requires_it_of_peers_unless_told_explicitly_not_to(intel, intel_dir, tmp_path,
+                                                                                       caplog):
     pki, qe = intel
     caplog.set_level(logging.WARNING, logger="enclaveq.worker")
     without = tdx_identity(intel, tmp_path, "a")
-    assert without.join_policy.section("tdx").require_collateral is False
-    assert caplog.text.count("NO COLLATERAL") == 1 and "pass --collateral DIR" in caplog.text.replace("Pass", "pass")
+    assert without.join_policy.section("tdx").require_collateral is True  # fail closed
+    assert caplog.text.count("NO COLLATERAL") == 1 and "admits no other TDX worker" in caplog.text
+    assert "--join-without-collateral" in NO_COLLATERAL_REFUSAL and "--collateral DIR" in NO_COLLATERAL_REFUSAL
+    caplog.clear()
+    waived = tdx_identity_waiving_collateral(intel, tmp_path, "w")
+    assert waived.join_policy.section("tdx").require_collateral is False
+    assert caplog.text.count("NO COLLATERAL (--join-without-collateral)") == 1
     assert NO_COLLATERAL_WARNING.startswith("NO COLLATERAL")
     caplog.clear()
     with_dir = tdx_identity(intel, tmp_path, "b", CollateralDir(intel_dir, trust=pki.trust()))
     assert "NO COLLATERAL" not in caplog.text and with_dir.collateral is not None
+    assert with_dir.join_policy.section("tdx").require_collateral is True
     kernel = tdx_kernel(qe, tmp_path / "tee-c", TD)
     from attestation.providers import provider_for
 
     own = own_identity(provider_for("tdx", root=kernel.root, ops=kernel), root=kernel.root, ops=kernel)
     assert "require_collateral" not in join_table(own, collateral=True)
     assert join_table(own, collateral=False)["require_collateral"] is False
+
+
+async def test_a_member_without_collateral_refuses_a_joiner_whose_tcb_it_cannot_judge(intel, tmp_path, memory_url,
+                                                                                     pool):
+    """The joiner may run the same image on a revoked or out-of-date platform: a member that
+    cannot tell does not hand it the pool key. Told to (--join-without-collateral), it does."""
+    workers = Workers(memory_url, pool, tmp_path)
+    try:
+        await workers.start(tdx_identity(intel, tmp_path, "a"), "a")
+        with pytest.raises(WorkerStartupError, match="(?i)collateral"):
+            await workers.start(tdx_identity(intel, tmp_path, "b"), "b")
+    finally:
+        await workers.stop()
+    waiving = Workers(memory_url, f"{pool}-waived", tmp_path / "waived")
+    try:
+        first = await waiving.start(tdx_identity_waiving_collateral(intel, tmp_path, "c"), "c")
+        second = await waiving.start(tdx_identity_waiving_collateral(intel, tmp_path, "d"), "d")
+        assert second.pool_public_key == first.pool_public_key
+    finally:
+        await waiving.stop()
 
 
 def test_the_worker_command_takes_collateral(tmp_path):

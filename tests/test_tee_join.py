@@ -90,7 +90,8 @@ def snp_kernel(amd: FakeAmd, root, measurement: bytes, *, policy: int | None = N
 
 def snp_identity(amd, tmp_path, label, measurement=MEASUREMENT, **kwargs):
     kernel = snp_kernel(amd, tmp_path / f"tee-{label}", measurement, **kwargs)
-    return tee_identity("snp", root=kernel.root, ops=kernel, join_verify_options={"trust": amd.trust()})
+    return tee_identity("snp", root=kernel.root, ops=kernel, join_verify_options={"trust": amd.trust()},
+                        join_without_collateral=True)
 
 
 def test_an_snp_worker_pins_exactly_its_own_launch_identity(amd, tmp_path):
@@ -121,7 +122,8 @@ async def test_a_joiner_signed_by_an_untrusted_amd_chain_is_refused(amd, tmp_pat
     await workers.start(snp_identity(amd, tmp_path, "a"), "a")
     rogue = FakeAmd()  # another (fake) AMD root: same shape, not pinned by the member
     kernel = snp_kernel(rogue, tmp_path / "tee-rogue", MEASUREMENT)
-    identity = tee_identity("snp", root=kernel.root, ops=kernel, join_verify_options={"trust": rogue.trust()})
+    identity = tee_identity("snp", root=kernel.root, ops=kernel, join_verify_options={"trust": rogue.trust()},
+                            join_without_collateral=True)
     with pytest.raises(WorkerStartupError) as exc:
         await workers.start(identity, "rogue")
     refused(exc)
@@ -130,7 +132,8 @@ async def test_a_joiner_signed_by_an_untrusted_amd_chain_is_refused(amd, tmp_pat
 def test_a_worker_whose_own_evidence_fails_its_roots_says_so(amd, tmp_path, caplog):
     kernel = snp_kernel(amd, tmp_path / "tee", MEASUREMENT)
     caplog.set_level(logging.WARNING, logger="enclaveq.worker")
-    identity = tee_identity("snp", root=kernel.root, ops=kernel)  # AMD's real roots: the fake chain fails
+    # AMD's real roots: the fake chain fails
+    identity = tee_identity("snp", root=kernel.root, ops=kernel, join_without_collateral=True)
     assert identity.join_policy is not None
     assert "own evidence does not pass its join policy" in caplog.text
 
@@ -156,7 +159,8 @@ def tdx_kernel(qe: FakeQuotingEnclave, root, td: dict, *, quoted: dict | None = 
 def tdx_identity(intel, tmp_path, label, td=TD, **kwargs):
     pki, qe = intel
     kernel = tdx_kernel(qe, tmp_path / f"tee-{label}", td, **kwargs)
-    return tee_identity("tdx", root=kernel.root, ops=kernel, join_verify_options={"trust": pki.trust()})
+    return tee_identity("tdx", root=kernel.root, ops=kernel, join_verify_options={"trust": pki.trust()},
+                        join_without_collateral=True)
 
 
 def test_a_tdx_worker_pins_its_td_measurements_from_its_tdreport(intel, tmp_path):
@@ -210,7 +214,8 @@ def sgx_identity(intel, tmp_path, label, enclave=ENCLAVE, *, quoted: dict | None
     gramine = FakeGramine(tmp_path / f"tee-{label}",
                           quote_fn=lambda urd: qe.sgx_quote(report_data=urd, **quote_enclave),
                           report_body_fn=lambda rd: sgx_report_body(report_data=rd, **enclave).encode())
-    return tee_identity("sgx", root=gramine.root, ops=gramine, join_verify_options={"trust": pki.trust()})
+    return tee_identity("sgx", root=gramine.root, ops=gramine, join_verify_options={"trust": pki.trust()},
+                        join_without_collateral=True)
 
 
 def test_an_sgx_worker_pins_mrenclave_mrsigner_and_product(intel, tmp_path):

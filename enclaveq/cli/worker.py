@@ -56,6 +56,10 @@ TEE_CHOICES = ("auto", "sim", "sgx", "tdx", "snp", "nitro")
               help="With --rotate-every: how long the previous epoch's key still opens jobs before every "
                    "member erases it (capped by the measured max_rotation_grace_seconds, 1h).")
 @collateral_option
+@click.option("--join-without-collateral", is_flag=True,
+              help="Real TEEs: admit and join peers without collateral, judging them by their measurements "
+                   "and vendor signatures alone (their TCB, and whether their PCK/VCEK was revoked, is not "
+                   "evaluated). Without it and without --collateral, the worker joins no pool and admits no peer.")
 @click.option("--print-measurement", is_flag=True,
               help="Print this worker's measurement (hex) and exit: pin it in a policy. "
                    "Simulation only: on a real TEE the hardware reports the measurement.")
@@ -67,7 +71,7 @@ TEE_CHOICES = ("auto", "sim", "sgx", "tdx", "snp", "nitro")
 def worker_command(broker_url: str | None, pool: str | None, sim_dir: Path | None, state_dir: Path | None,
                    tee: str | None, metrics_port: int | None, metrics_addr: str, health_port: int | None,
                    rotate_every: float | None, rotation_grace: float, collateral_dir: Path | None,
-                   print_measurement: bool, log_level: str, log_format: str) -> None:
+                   join_without_collateral: bool, print_measurement: bool, log_level: str, log_format: str) -> None:
     """Run an enclave worker for one pool, inside a TEE or in the clearly labelled simulation.
 
     The worker answers attestation challenges with fresh evidence binding its pool key and the
@@ -145,6 +149,8 @@ def worker_command(broker_url: str | None, pool: str | None, sim_dir: Path | Non
     rotation = {"rotate_every": rotate_every, "rotation_grace": rotation_grace}
     # Where the worker's peers' collateral comes from (real TEEs judge their TCB with it).
     collateral = collateral_source_for(collateral_dir) if tee != "sim" else None
+    if join_without_collateral and collateral_dir is not None:
+        raise click.UsageError("--join-without-collateral waives what --collateral gives: pass one of them")
     metrics = (metrics_addr, metrics_port, health_port)
     configure_logging(log_level, log_format)
     try:
@@ -152,11 +158,12 @@ def worker_command(broker_url: str | None, pool: str | None, sim_dir: Path | Non
             asyncio.run(_serve(broker_url, pool, tee, sim_dir, state_dir or sim_dir / "state", metrics, rotation))
         elif state_dir is not None:
             asyncio.run(_serve(broker_url, pool, tee, None, state_dir, metrics, rotation,
-                               explicit_state_dir=True, collateral=collateral))
+                               explicit_state_dir=True, collateral=collateral,
+                               join_without_collateral=join_without_collateral))
         else:
             with tempfile.TemporaryDirectory(prefix="enclaveq-state-") as scratch:
                 asyncio.run(_serve(broker_url, pool, tee, None, Path(scratch), metrics, rotation,
-                                   collateral=collateral))
+                                   collateral=collateral, join_without_collateral=join_without_collateral))
     except Exception as exc:
         if log_format == "json":
             exit_as_a_record(exc)
@@ -191,7 +198,8 @@ def refuse_unopenable_state(state_dir: Path, pool: str) -> None:
 
 async def _serve(broker_url: str, pool: str, tee: str, sim_dir: Path | None, state_dir: Path,
                  metrics: tuple[str, int | None, int | None],
-                 rotation: dict[str, Any], explicit_state_dir: bool = False, collateral: Any = None) -> None:
+                 rotation: dict[str, Any], explicit_state_dir: bool = False, collateral: Any = None,
+                 join_without_collateral: bool = False) -> None:
     from enclave_worker.health import HealthServer
     from enclave_worker.platform import sim_identity, tee_identity
     from enclave_worker.worker import Worker
@@ -201,7 +209,7 @@ async def _serve(broker_url: str, pool: str, tee: str, sim_dir: Path | None, sta
     if sim_dir is not None:  # --tee sim
         identity = sim_identity(sim_dir, config)
     else:
-        identity = tee_identity(tee, config, collateral=collateral)
+        identity = tee_identity(tee, config, collateral=collateral, join_without_collateral=join_without_collateral)
         if explicit_state_dir and not identity.persistent_sealing:
             refuse_unopenable_state(state_dir, pool)
     worker = Worker(broker_url=broker_url, pool=pool, identity=identity, state_dir=state_dir, config=config,
