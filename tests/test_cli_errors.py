@@ -42,6 +42,7 @@ def sim(tmp_path_factory) -> dict[str, Path]:
     (root / "empty.toml").write_text("")
     (root / "broken.toml").write_text("measurements = [\n")
     (root / "unknown-key.toml").write_text((root / "policy.toml").read_text() + "\nfavourite_colour = 'blue'\n")
+    (root / "not-a-key.pem").write_text("not a key at all\n")
     return {"dir": root, "sim": root / "sim", "policy": root / "policy.toml"}
 
 
@@ -195,6 +196,8 @@ def test_ctrl_c_exits_130_says_so_and_keeps_the_results_already_written(deployme
 
 def input_files(folder: Path) -> dict[str, Path]:
     np.savez(folder / "archive.npz", x=np.ones(3, np.float32))
+    np.save(folder / "x.npy", np.ones(3, np.float32))
+    (folder / "empty.npy").write_bytes(b"")
     np.save(folder / "complex.npy", np.ones(3, np.complex64))
     (folder / "text.npy").write_text("not numpy at all")
     (folder / "empty.onnx").write_bytes(b"")
@@ -208,6 +211,8 @@ INPUT_MISTAKES = [
                  "dtype complex64 is not supported", id="complex input"),
     pytest.param(lambda f: ("run", "--model", MODEL_ID, "--input", f"x={f['text.npy']}", "--output", "o.npz"),
                  "not a .npy file", id="text file as npy"),
+    pytest.param(lambda f: ("run", "--model", MODEL_ID, "--input", f"x={f['empty.npy']}", "--output", "o.npz"),
+                 "not a .npy file", id="empty file as npy"),
     pytest.param(lambda f: ("run", "--model", MODEL_ID, "--input", f"x={f['complex.npy']}", "--output",
                             "missing/dir/out.npz"), "the directory missing/dir does not exist",
                  id="run output in a missing directory"),
@@ -223,6 +228,13 @@ INPUT_MISTAKES = [
                  id="no job in flight"),
     pytest.param(lambda f: ("submit", "--model", MODEL_ID, "--inputs", str(f["archive.npz"].parent), "--output",
                             str(f["archive.npz"])), "is a file", id="submit output is a file"),
+    pytest.param(lambda f: ("submit", "--model", MODEL_ID, "--inputs", str(f["archive.npz"].parent), "--output",
+                            "out", "--failures", "missing/dir/failures.json"),
+                 "--failures missing/dir/failures.json: the directory missing/dir does not exist",
+                 id="submit failures in a missing directory"),
+    pytest.param(lambda f: ("submit", "--model", MODEL_ID, "--inputs", str(f["archive.npz"].parent), "--output",
+                            "out", "--failures", "archive.npz/failures.json"),
+                 "archive.npz is not a directory", id="submit failures under a file"),
 ]
 
 
@@ -231,6 +243,46 @@ def test_input_mistakes_are_named_before_anything_is_sent(sim, tmp_path, make_ar
     command = make_args(input_files(tmp_path))
     split = 2 if command[0] == "model" else 1
     args = (*command[:split], *connection(sim), *command[split:])
+    result = subprocess.run([sys.executable, "-m", "enclaveq", *args], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert_one_clear_line(result, Mistake(args, 2, says))
+    if command[0] == "submit":  # refused before anything is sent, or created
+        assert not (tmp_path / "out").exists()
+
+
+# Every command that connects to a pool loads --policy and --producer-key before it connects: a
+# file it cannot use is an input error (exit 2) in the line `attest` prints, whatever the command.
+CONNECTING_COMMANDS = [
+    pytest.param(lambda f: ("attest",), id="attest"),
+    pytest.param(lambda f: ("run", "--model", MODEL_ID, "--input", f"x={f['x.npy']}", "--output", "o.npz"), id="run"),
+    pytest.param(lambda f: ("submit", "--model", MODEL_ID, "--inputs", str(f["archive.npz"].parent), "--output",
+                            "out"), id="submit"),
+    pytest.param(lambda f: ("model", "list"), id="model list"),
+    pytest.param(lambda f: ("model", "upload", str(f["model.onnx"])), id="model upload"),
+    pytest.param(lambda f: ("pipeline", "list"), id="pipeline list"),
+    pytest.param(lambda f: ("publish", "--pipeline", MODEL_ID, "--text", "hello"), id="publish"),
+]
+
+UNUSABLE_FILES = [
+    pytest.param("--policy", "empty.toml", "empty.toml: policy key 'measurements' is missing", id="empty policy"),
+    pytest.param("--policy", "broken.toml", "is not valid TOML", id="invalid TOML policy"),
+    pytest.param("--policy", "unknown-key.toml", "favourite_colour", id="policy with an unknown key"),
+    pytest.param("--producer-key", "not-a-key.pem", "not-a-key.pem is not a PEM Ed25519", id="bad producer key"),
+]
+
+
+@pytest.mark.parametrize("option, name, says", UNUSABLE_FILES)
+@pytest.mark.parametrize("make_args", CONNECTING_COMMANDS)
+def test_a_policy_or_producer_key_that_cannot_be_used_is_an_input_error_in_every_command(
+        sim, tmp_path, make_args, option, name, says):
+    files = input_files(tmp_path)
+    files["model.onnx"] = tmp_path / "model.onnx"
+    files["model.onnx"].write_bytes(b"not empty")
+    command = make_args(files)
+    split = 2 if command[0] in ("model", "pipeline") else 1
+    given = {"--policy": str(sim["policy"]), option: str(sim["dir"] / name)}
+    args = (*command[:split], "--broker", f"amqp://guest:{SECRET}@127.0.0.1:{unused_port()}/", "--pool", "p",
+            *(item for pair in given.items() for item in pair), "--timeout", "5", *command[split:])
     result = subprocess.run([sys.executable, "-m", "enclaveq", *args], cwd=tmp_path, capture_output=True, text=True,
                             timeout=120)
     assert_one_clear_line(result, Mistake(args, 2, says))

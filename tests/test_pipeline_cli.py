@@ -18,9 +18,10 @@ from click.testing import CliRunner, Result
 
 from attestation.policy import write_policy
 from enclaveq.cli import cli
-from enclaveq.cli.pipeline import EXAMPLES
+from enclaveq.cli.pipeline import EXAMPLES, _save
 from producer_sdk.results import load_recipient_key, recipient_public_key
 from protocol.ownership import load_signing_key, public_key_bytes
+from protocol.results import PipelineResult
 
 from .support import batch_of, running_worker
 from .test_pipeline_sdk import run_chain, write_pipeline
@@ -248,3 +249,44 @@ async def test_a_key_that_is_not_a_recipient_is_told_so_by_subscribe(deployment,
                              "--output", str(tmp_path / "results"), "--count", "1", "--timeout", "5")
     assert refused.exit_code == 1 and "not among its recipients" in refused.stderr
     assert refused.stdout == ""
+
+
+async def test_publish_names_an_inputs_file_that_is_not_an_npz_as_submit_does(deployment, tmp_path, unique_name):
+    key = tmp_path / "dashboard.key"
+    public = (await enclaveq("keys", "generate", "--kind", "recipient", "--out", str(key))).stdout.strip()
+    toml = write_pipeline(tmp_path / "chain", name="chain", topics=unique_name, recipients=[bytes.fromhex(public)])
+    pipeline_id = (await enclaveq("pipeline", "create", str(toml), *deployment)).stdout.splitlines()[-1]
+    text, npy = tmp_path / "text", tmp_path / "npy"
+    text.mkdir()
+    npy.mkdir()
+    (text / "event.npz").write_text("not numpy at all")
+    with open(npy / "event.npz", "wb") as handle:  # an .npy file under an .npz name
+        np.save(handle, np.zeros(3, np.float32))
+    for folder in (text, npy):
+        result = await enclaveq("publish", *deployment, "--pipeline", pipeline_id, "--inputs", str(folder),
+                                "--topic", f"{unique_name}/device-1/readings")
+        assert_usage_error(result, f"{folder / 'event.npz'}: not a readable .npz file")
+        assert "pickled" not in result.stderr
+        assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_subscribe_writes_every_output_name_0600_and_never_through_a_link(tmp_path):
+    outputs = {"file": np.arange(3, dtype=np.float32), "allow_pickle": np.array([1, 2], np.int64),
+               "label": np.array(["cat", "dog"], dtype=object)}
+    result = PipelineResult(pipeline_id="ab" * 32, event_id="event-1", stage_models=("cd" * 32,),
+                            publisher=b"\x01" * 16, pool="pool", epoch=1, produced_ms=0, outputs=outputs)
+    elsewhere = tmp_path / "elsewhere.npz"
+    elsewhere.write_bytes(b"someone else's file")
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "event-1.npz").symlink_to(elsewhere)  # planted where the result goes
+    _save(out, result)
+    path = out / "event-1.npz"
+    assert not path.is_symlink() and elsewhere.read_bytes() == b"someone else's file"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    with np.load(path, allow_pickle=False) as saved:
+        assert sorted(saved.files) == ["allow_pickle", "file", "label"]
+        np.testing.assert_array_equal(saved["file"], outputs["file"])
+        np.testing.assert_array_equal(saved["allow_pickle"], outputs["allow_pickle"])
+        assert saved["label"].tolist() == ["cat", "dog"]
+    assert sorted(p.name for p in out.iterdir()) == ["event-1.npz"]  # nothing partial left behind

@@ -12,10 +12,8 @@ delete), ``EventPublisher`` and ``ResultSubscriber``.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +32,7 @@ from protocol.results import PipelineResult
 
 from .owner_key import find_owner_key
 from .collateral import collateral_of_command
+from .npz_files import read_npz, write_npz
 from .producer import (
     _client, _fail, _key_option, _owner_key, _parse_inputs, _progress, attested, connection_options,
     producer_key_option,
@@ -313,11 +312,11 @@ def publish_command(broker_url: str, pool: str, policy: Path, timeout: float, pi
 
     def events() -> Iterator[dict[str, np.ndarray]]:
         for path in files:
-            try:
-                with np.load(path, allow_pickle=False) as data:
-                    yield {name: data[name] for name in data.files}
-            except (OSError, ValueError) as exc:
+            try:  # read as `submit --inputs` reads its jobs, and said in its words
+                arrays = read_npz(path)
+            except Exception as exc:  # noqa: BLE001 - whatever makes the file unreadable is named
                 raise EventFileError(f"{path}: not a readable .npz file ({exc})") from None
+            yield dict(arrays)
 
     with attested(broker_url, pool, lambda: EventPublisher(
             broker_url, pool, policy, pipeline_id, topic=topic, producer_key=producer_key_option(), timeout=timeout,
@@ -426,15 +425,10 @@ def _describe(result: PipelineResult) -> str:
 
 
 def _save(output_dir: Path, result: PipelineResult) -> None:
-    """``<event id>.npz`` (event ids are file-name safe), written whole or not at all; string
-    outputs as numpy unicode arrays, so that loading needs no pickle."""
+    """``<event id>.npz`` (event ids are file-name safe), written whole or not at all, mode 0600,
+    never through a symbolic link already there; string outputs as numpy unicode arrays, so that
+    loading needs no pickle. Output names come from whoever created the pipeline: every one
+    round-trips (``file`` and ``allow_pickle`` included, which ``np.savez(**arrays)`` cannot take)."""
     arrays = {name: (np.asarray(value, dtype=str) if value.dtype == object else value)
               for name, value in result.outputs.items()}
-    fd, scratch = tempfile.mkstemp(dir=output_dir, prefix=f".{result.event_id}.", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
-        os.replace(scratch, output_dir / f"{result.event_id}.npz")
-    except BaseException:
-        Path(scratch).unlink(missing_ok=True)
-        raise
+    write_npz(output_dir / f"{result.event_id}.npz", arrays)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar, cast
 import click
 import numpy as np
 
-from attestation.errors import AttestationError
+from attestation.errors import AttestationError, PolicyError
 from broker_adapters import redact_url
 from producer_sdk import AsyncClient, Client, FrameSettings, JobResult
 from producer_sdk.async_client import MAX_STATUS_WAIT_SECONDS
@@ -35,7 +35,7 @@ from producer_sdk.epochs import forget_pool
 from producer_sdk.errors import AttestationFailed, BatchJournalError, EnclaveqError, EpochRollback
 from producer_sdk.journal import BatchJournal
 from protocol.bodies import MemberStatus
-from protocol.errors import ProtocolError, TensorError
+from protocol.errors import KeyFileError, ProtocolError, TensorError
 from protocol.frames import MAX_FRAME_JOBS
 from protocol.tensors import dtype_name
 from protocol.ownership import parse_public_key
@@ -131,7 +131,8 @@ T = TypeVar("T")
 
 def attested(broker_url: str, pool: str, connect: Callable[[], T]) -> T:
     """``connect()`` (a client, publisher or subscriber that attests the pool as it connects);
-    every refusal is one line (and the policy's violations) on stderr and exit 1."""
+    every refusal is one line (and the policy's violations) on stderr and exit 1. A policy or
+    producer key file that cannot be used is the user's input error: exit 2, as in `attest`."""
     try:
         return connect()
     except (EnclaveqError, AttestationError, ProtocolError) as exc:
@@ -139,7 +140,13 @@ def attested(broker_url: str, pool: str, connect: Callable[[], T]) -> T:
 
 
 def _refused(broker_url: str, pool: str, exc: EnclaveqError | AttestationError | ProtocolError) -> NoReturn:
-    """What :func:`attested` says when connecting failed: one line (and the policy's violations), exit 1."""
+    """What :func:`attested` says when connecting failed: one line (and the policy's violations), exit 1.
+
+    A policy file or --producer-key file that cannot be used (PolicyError, KeyFileError: both
+    AttestationError/ProtocolError subclasses) goes on to :mod:`enclaveq.cli.exits`, which says it
+    in the one line `attest` prints and exits 2 (usage or input error), in every command alike."""
+    if isinstance(exc, (PolicyError, KeyFileError)):
+        raise exc
     if isinstance(exc, AttestationFailed):
         _fail(f"attestation refused for pool {pool!r} at {redact_url(broker_url)}:\n{exc}{_rollback_hint(exc)}")
     _fail(str(exc))
@@ -201,7 +208,7 @@ def attest_command(broker_url: str, pool: str, policy: Path, timeout: float, as_
             _fail(f"cannot forget the remembered epoch of pool {pool!r}: {exc}")
     try:
         client = Client(broker_url, pool, policy, timeout=timeout, attest_timeout=timeout,
-                        collateral=collateral_of_command())
+                        producer_key=producer_key_option(), collateral=collateral_of_command())
     except AttestationFailed as exc:
         if as_json:
             click.echo(json.dumps({"verified": False, "pool": pool, "error": str(exc),
@@ -503,7 +510,7 @@ def _parse_inputs(specs: tuple[str, ...]) -> dict[str, np.ndarray]:
         except OSError as exc:
             raise click.BadParameter(f"{path}: not a readable .npy file ({exc.strerror or exc})",
                                      param_hint="--input") from None
-        except ValueError:  # numpy's "pickled data" for any file that is not .npy: say what it is not
+        except (ValueError, EOFError):  # numpy's "pickled data" (EOFError: an empty file): say what it is not
             raise click.BadParameter(f"{path}: not a .npy file (save one with numpy.save)",
                                      param_hint="--input") from None
         if not isinstance(loaded, np.ndarray):  # an .npz archive: several arrays, one input each
@@ -537,6 +544,25 @@ def _check_output_file(output: Path) -> None:
     if output.is_dir():
         _fail(f"{output}: is a directory; give a file name for the result (.npz)", 2)
     _check_writable(folder, f"{output}")
+
+
+def _check_failures_file(path: Path) -> None:
+    """Fail before anything is sent when submit's --failures FILE could not be written (exit 2):
+    the list of failed jobs is written at the end, when the batch is done."""
+    what = f"--failures {path}"
+    folder = path.parent
+    if not folder.is_dir():
+        _fail(f"{what}: {folder} is not a directory" if folder.exists() else
+              f"{what}: the directory {folder} does not exist", 2)
+    if path.is_dir():
+        _fail(f"{what}: is a directory; give a file name for the list of failed jobs (.json)", 2)
+    if path.exists():
+        try:  # opened as _write_failures will, without changing what it holds
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC))
+        except OSError as exc:
+            _fail(f"{what}: cannot write it ({exc.strerror or type(exc).__name__})", 2)
+    else:
+        _check_writable(folder, what)
 
 
 def _check_writable(folder: Path, what: str) -> None:
@@ -627,6 +653,8 @@ def submit_command(broker_url: str, pool: str, policy: Path, timeout: float, mod
     if not files:
         _fail(f"no .npz files in {inputs_dir}", 2)
     _check_model_id(model_id)
+    if failures_file is not None:
+        _check_failures_file(failures_file)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
