@@ -9,9 +9,11 @@ whatever the platform:
   ``verify`` parses and authenticates it against the trust anchors into a
   :class:`~attestation.platforms.Verified`; the common checks then run on its platform-neutral
   :class:`Claims` (:func:`claims_of`) and, when the policy has the platform's table, the
-  platform's own ``violations`` against that table (without the table, the collateral defaults of
-  :mod:`attestation.collateral_rules`: collateral required, none stale). Every violation is raised
-  at once.
+  platform's own ``violations`` against that table. Without the table (the top-level
+  ``measurements`` route) the defaults a table has apply: the collateral defaults of
+  :mod:`attestation.collateral_rules` (collateral required, none stale) and the default TCB
+  judgement (:data:`TOP_LEVEL_TCB_STATUSES`: ``UpToDate`` only; no advisory accepted; a revoked
+  PCK certificate is already ``EvidenceInvalid`` in ``verify``). Every violation is raised at once.
 
 :func:`verify_hardware` parses and authenticates without judging (the CLI's no-policy mode, the
 benchmarks). The clock is never read here: ``now`` is an argument, so tests pin it and run offline.
@@ -41,7 +43,8 @@ from attestation.platforms import VerificationInputs, Verified
 from attestation.registry import ALL_PLATFORMS
 from attestation.trust import DEFAULT_TRUST, TrustAnchors
 
-__all__ = ["SUPPORTED_PLATFORMS", "claims_of", "verify_evidence", "verify_hardware"]
+__all__ = ["SUPPORTED_PLATFORMS", "TOP_LEVEL_ADVISORY_IDS", "TOP_LEVEL_TCB_STATUSES", "claims_of", "verify_evidence",
+           "verify_hardware"]
 
 logger = logging.getLogger("enclaveq.attestation")
 
@@ -67,6 +70,37 @@ def _verify_sim(evidence: bytes, policy: Policy, now: datetime) -> Claims:
 
 
 SUPPORTED_PLATFORMS: tuple[str, ...] = ALL_PLATFORMS
+
+# The TCB judgement of a policy without the evidence's platform table: the defaults of an [sgx] /
+# [tdx] table's accepted_tcb_statuses and accepted_advisory_ids (attestation.intel.policy), which
+# the top-level route has no key to relax (tests/test_tcb_fail_closed.py checks they agree).
+TOP_LEVEL_TCB_STATUSES: tuple[str, ...] = ("UpToDate",)
+TOP_LEVEL_ADVISORY_IDS: tuple[str, ...] = ()
+
+
+def _top_level_tcb_violations(platform: str, verified: Verified) -> list[Violation]:
+    """The default TCB judgement of evidence whose TCB status was evaluated (vendor collateral
+    given); without collateral there is no status and ``collateral_violations`` refuses instead."""
+    status = verified.tcb_status
+    if status is None:
+        return []
+    found: list[Violation] = []
+    if status not in TOP_LEVEL_TCB_STATUSES:
+        relax = ("a revoked TCB is never acceptable" if status == "Revoked" else
+                 f"a [{platform}] table's accepted_tcb_statuses can accept others")
+        found.append(Violation(
+            f"{platform}.tcb_status", status,
+            f"one of [{', '.join(TOP_LEVEL_TCB_STATUSES)}] (the default accepted_tcb_statuses: the policy has no "
+            f"[{platform}] table; {relax})",
+        ))
+    unaccepted = [a for a in verified.advisory_ids if a not in TOP_LEVEL_ADVISORY_IDS]
+    if unaccepted:
+        found.append(Violation(
+            f"{platform}.advisory_ids", ", ".join(unaccepted),
+            f"no advisories (the default accepted_advisory_ids = []: the policy has no [{platform}] table; "
+            f"a [{platform}] table's accepted_advisory_ids can accept them)",
+        ))
+    return found
 
 
 def claims_of(verified: Verified) -> Claims:
@@ -133,9 +167,11 @@ def verify_evidence(
         if section is not None:
             found.extend(plat.violations(verified, section, inputs))
         elif "platform" not in {v.field for v in found}:
-            # The top-level route has no collateral keys: the defaults apply, so it fails closed
-            # too (require_collateral = true, no grace). Nitro reports nothing missing. (A platform
-            # the top-level route refuses outright, TDX and SEV-SNP, needs no second reason.)
+            # The top-level route has no TCB or collateral keys: a table's defaults apply, so it
+            # fails closed too (UpToDate only, no advisories, require_collateral = true, no grace).
+            # Nitro has no TCB status and reports nothing missing. (A platform the top-level route
+            # refuses outright, TDX and SEV-SNP, needs no second reason.)
+            found.extend(_top_level_tcb_violations(platform, verified))
             found.extend(collateral_violations(platform, verified, DEFAULT_RULES, now))
         if found:
             raise PolicyViolation(found)

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from attestation.errors import EvidenceInvalid, PolicyError, PolicyViolation
+from attestation.intel.tcb_status import TCB_STATUSES
 from attestation.policy import policy_from_mapping
 from attestation.sgx import SgxPolicy
 from attestation.snp import SnpPolicy
@@ -181,7 +182,59 @@ def test_the_top_level_route_fails_closed_too():
     refused = _refusal(lambda: _verify_intel("sgx", policy, None))
     assert refused.fields == ("sgx.collateral",) and "collateral required" in refused.violations[0].value
     claims = _verify_intel("sgx", policy, _intel_collateral("sgx"))
-    assert claims.tcb_evaluated is True
+    assert claims.tcb_evaluated is True and claims.tcb_status == "UpToDate" and claims.advisory_ids == ()
+
+
+def _top_level_policy():
+    """No [sgx] table: SGX evidence is judged by the top-level allow-list and a table's defaults."""
+    return policy_from_mapping({"measurements": sgx_code_pin()["mrenclave"], "nonce_required": False})
+
+
+@pytest.mark.parametrize("status", [s for s in TCB_STATUSES if s not in ("UpToDate", "Revoked")])
+def test_the_top_level_route_refuses_a_tcb_that_is_not_up_to_date(status):
+    # The audit's fail-open: with full collateral, the top-level route judged collateral presence
+    # and staleness only, so an OutOfDate (or any other) TCB status was accepted.
+    refused = _refusal(lambda: _verify_intel("sgx", _top_level_policy(), _intel_collateral("sgx", status=status)))
+    (violation,) = refused.violations
+    assert violation.field == "sgx.tcb_status" and violation.value == status
+    assert "one of [UpToDate]" in violation.expected and "default accepted_tcb_statuses" in violation.expected
+    assert "no [sgx] table" in violation.expected
+
+
+def test_the_top_level_route_refuses_a_revoked_tcb():
+    refused = _refusal(lambda: _verify_intel("sgx", _top_level_policy(), _intel_collateral("sgx", status="Revoked")))
+    (violation,) = refused.violations
+    assert violation.field == "sgx.tcb_status" and violation.value == "Revoked"
+    assert "never acceptable" in violation.expected
+
+
+def test_the_top_level_route_refuses_a_tcb_level_with_an_advisory():
+    collateral = _intel_collateral("sgx", advisories=["INTEL-SA-00615", "INTEL-SA-00828"])
+    refused = _refusal(lambda: _verify_intel("sgx", _top_level_policy(), collateral))
+    (violation,) = refused.violations
+    assert violation.field == "sgx.advisory_ids" and violation.value == "INTEL-SA-00615, INTEL-SA-00828"
+    assert "default accepted_advisory_ids = []" in violation.expected
+    # both at once: every violation is named
+    collateral = _intel_collateral("sgx", status="OutOfDate", advisories=["INTEL-SA-00615"])
+    refused = _refusal(lambda: _verify_intel("sgx", _top_level_policy(), collateral))
+    assert refused.fields == ("sgx.tcb_status", "sgx.advisory_ids")
+
+
+@pytest.mark.parametrize("revoked", ["leaf", "ca"])
+def test_the_top_level_route_refuses_a_revoked_pck_certificate_or_pck_ca(revoked):
+    crls = ([PKI.crl(issuer="ca", revoked=[PKI.leaf]), PKI.crl(issuer="root")] if revoked == "leaf"
+            else [PKI.crl(issuer="ca"), PKI.crl(issuer="root", revoked=[PKI.ca])])
+    with pytest.raises(EvidenceInvalid, match="revoked"):
+        _verify_intel("sgx", _top_level_policy(), _intel_collateral("sgx", crls=crls))
+
+
+@pytest.mark.parametrize("section, pin", [(SgxPolicy, sgx_code_pin()), (TdxPolicy, tdx_code_pin())])
+def test_the_top_level_tcb_defaults_are_a_platform_tables_defaults(section, pin):
+    from attestation.verify import TOP_LEVEL_ADVISORY_IDS, TOP_LEVEL_TCB_STATUSES  # absent before the fix
+
+    table = section.from_table(pin)
+    assert table.accepted_tcb_statuses == TOP_LEVEL_TCB_STATUSES == ("UpToDate",)
+    assert table.accepted_advisory_ids == TOP_LEVEL_ADVISORY_IDS == ()
 
 
 @pytest.mark.parametrize("section, pin", [(SgxPolicy, sgx_code_pin()), (TdxPolicy, tdx_code_pin())])
