@@ -80,15 +80,21 @@ def _custom_op_library(domain: str) -> str:
 
 
 # ONNX Runtime's words for an operator it has no kernel for, e.g. "Could not find an implementation
-# for Foo(13) node with name 'x'" or "...No Op registered for Foo with domain_version of 13".
+# for Foo(13) node with name 'x'" or "...No Op registered for Foo with domain_version of 13"; in a
+# custom domain "com.example:Foo(-1) is not a registered function/op" (the domain is named too).
 _NO_KERNEL = re.compile(r"(?:implementation for |No Op registered for )([A-Za-z][A-Za-z0-9_]{0,63})"
                         r"(?:\((\d{1,4})\)| with domain_version of (\d{1,4}))?")
+_NO_CUSTOM_OP = re.compile(r"([A-Za-z][A-Za-z0-9_.]{0,127}):([A-Za-z][A-Za-z0-9_]{0,63})\(-?\d{1,4}\) "
+                           r"is not a registered function/op")
 
 
 def _unsupported_operator(message: str) -> str:
     """": operator Foo (opset 13) is not supported by this worker", if that is why a model did not
     load; else "". Only the operator's type and version are repeated, never the rest of the message
     (which may quote the model's node names or values)."""
+    custom = _NO_CUSTOM_OP.search(message)
+    if custom is not None:
+        return f": operator {custom.group(2)} of domain {custom.group(1)} is not supported by this worker"
     found = _NO_KERNEL.search(message)
     if found is None:
         return ""
