@@ -109,6 +109,18 @@ def test_a_broker_that_is_not_there_is_named_with_its_address(sim):
     assert_one_clear_line(enclaveq(*args, check=False), Mistake(args, 1, f"no broker listens on 127.0.0.1:{port}"))
 
 
+@pytest.mark.parametrize("scheme", ["amqp", "mqtt"])
+def test_a_broker_that_is_not_there_is_one_line_naming_its_url_once(sim, scheme):
+    # It read "cannot reach the broker at URL: cannot connect to URL: ..." (and, over MQTT, five
+    # more lines of the MQTT client's warnings).
+    port = unused_port()
+    args = attest(f"{scheme}://guest:{SECRET}@127.0.0.1:{port}/", sim["policy"])
+    result = enclaveq(*args, check=False)
+    assert_one_clear_line(result, Mistake(args, 1, f"cannot reach the broker at {scheme}://***@127.0.0.1:{port}/: "))
+    assert result.stderr.count(f"127.0.0.1:{port}/") == 1 and "cannot connect to" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 @pytest.mark.rabbitmq
 def test_a_wrong_password_is_said_as_such(sim, rabbitmq_url):
     args = attest(f"amqp://guest:{SECRET}@127.0.0.1:5672/", sim["policy"])
@@ -187,6 +199,8 @@ def test_ctrl_c_exits_130_says_so_and_keeps_the_results_already_written(deployme
             proc.kill()
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "interrupted" in err and "run the same command again" in err
+    said = [line for line in err.splitlines() if "interrupted" in line]
+    assert len(said) == 1 and said[0].startswith("interrupted: "), err  # said once, with what was kept
     written = sorted(output.glob("*.npz"))
     assert 5 <= len(written) < 400
     for path in written:  # every result kept is whole
@@ -301,6 +315,15 @@ def test_sim_init_force_warns_that_sealed_state_will_not_open_any_more(sim, tmp_
     assert "will no longer unseal" in result.stderr
 
 
+def test_sim_init_on_an_existing_directory_names_the_option_not_the_python_argument(sim, tmp_path):
+    again = tmp_path / "sim"
+    enclaveq("sim", "init", "--dir", str(again))
+    args = ("sim", "init", "--dir", str(again))
+    result = enclaveq(*args, check=False)
+    assert_one_clear_line(result, Mistake(args, 2, "already holds a simulation directory"))
+    assert "pass --force to replace it" in result.stderr and "force=True" not in result.stderr, result.stderr
+
+
 @pytest.mark.rabbitmq
 def test_model_list_on_a_pool_without_models_says_so(deployment):  # noqa: F811
     result = enclaveq("model", "list", *conn(deployment))
@@ -325,3 +348,19 @@ async def test_attest_timeout_bounds_the_wait_for_evidence(sim, rabbitmq_url, un
         waited = time.monotonic() - started
     assert_one_clear_line(result, Mistake(args, 1, "answered the attestation challenge within 2"))
     assert waited < 9, f"attest waited {waited:.1f} s: the fixed 10 s, not --timeout 2"
+
+
+def test_pool_status_on_a_pipe_is_one_whole_line_per_member_however_long_its_worker_id(capsys):
+    from enclaveq.cli.producer import _print_members
+    from protocol.bodies import MemberStatus
+
+    worker_id = "worker-[bold]-" + "k8s-pod-name-" * 16
+    member = MemberStatus(worker_id=worker_id, platform="sim", measurement=b"\x01" * 32, epoch=1, model_count=2,
+                          model_ids=(), pipelines=0, jobs_in_flight=0, max_jobs_in_flight=8, jobs_ok=5,
+                          jobs_failed=0, uptime_seconds=100, max_batch_rows=64, ready=True)
+    _print_members([member], 1)
+    header, row = capsys.readouterr().out.splitlines()  # captured: not a terminal
+    assert header.split() == ["WORKER", "PLATFORM", "MEASUREMENT", "EPOCH", "READY", "MODELS", "PIPELINES", "IN",
+                              "FLIGHT", "OK", "FAILED", "UPTIME", "BATCH", "ROWS"]
+    assert row.split() == [worker_id, "sim", "0101010101010101...", "1", "yes", "2", "0", "0/8", "5", "0", "1m40s",
+                           "64"]

@@ -218,14 +218,21 @@ def test_submit_names_an_unreadable_file_and_writes_every_other_result(deploymen
     for i in range(40):
         np.savez(jobs / f"job-{i:03d}.npz", x=np.full((2, 4), i, np.float32), bias=bias)
     (jobs / "job-005.npz").write_text("not an archive")
+    # A failure line longer than the 80 columns rich wraps a pipe at, with what rich takes for markup.
+    long_name = "job-040-[draft]-" + "a-rather-long-file-name-" * 4 + ".npz"
+    (jobs / long_name).write_text("not an archive either")
     result = enclaveq("submit", *conn(deployment), "--model", model_id, "--inputs", str(jobs),
                       "--output", str(tmp_path / "results"), "--max-in-flight", "8",
                       "--failures", str(tmp_path / "failures.json"), check=False)
     assert result.returncode == 1
     assert "failed: job-005.npz: not a readable .npz file" in result.stderr
-    assert "jobs: 40  failed: 1  " in result.stdout
+    long_lines = [line for line in result.stderr.splitlines()
+                  if line.startswith(f"failed: {long_name}: not a readable .npz file (")]
+    assert len(long_lines) == 1 and long_lines[0].endswith(")") and len(long_lines[0]) > 80, result.stderr
+    assert "jobs: 41  failed: 2  " in result.stdout
     failures = json.loads((tmp_path / "failures.json").read_text())
-    assert [f["file"] for f in failures] == ["job-005.npz"] and "not a readable .npz" in failures[0]["error"]
+    assert [f["file"] for f in failures] == ["job-005.npz", long_name]
+    assert all("not a readable .npz" in f["error"] for f in failures)
     written = sorted(p.name for p in (tmp_path / "results").glob("*.npz"))
     assert written == [f"job-{i:03d}.npz" for i in range(40) if i != 5]
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])

@@ -270,6 +270,30 @@ async def test_publish_names_an_inputs_file_that_is_not_an_npz_as_submit_does(de
         assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
 
 
+async def test_publish_checks_every_inputs_file_before_publishing_any(deployment, tmp_path, unique_name):
+    # A bad file after a good one used to publish the good one (once the window let it be confirmed
+    # before the bad file was read: --max-in-flight 1) and exit 2 without printing its id.
+    key = tmp_path / "dashboard.key"
+    public = (await enclaveq("keys", "generate", "--kind", "recipient", "--out", str(key))).stdout.strip()
+    toml = write_pipeline(tmp_path / "chain", name="chain", topics=unique_name, recipients=[bytes.fromhex(public)])
+    pipeline_id = (await enclaveq("pipeline", "create", str(toml), *deployment)).stdout.splitlines()[-1]
+    events = tmp_path / "events"
+    events.mkdir()
+    for good, event in zip(("a-good.npz", "b-good.npz", "e-good.npz"), batch_of(3)):
+        np.savez(events / good, **event)
+    (events / "c-bad.npz").write_text("not numpy at all")
+    (events / "d-bad.npz").write_bytes(b"")
+    result = await enclaveq("publish", *deployment, "--pipeline", pipeline_id, "--inputs", str(events),
+                            "--topic", f"{unique_name}/device-1/readings", "--max-in-flight", "1")
+    assert_usage_error(result, f"{events / 'c-bad.npz'}: not a readable .npz file",
+                       f"{events / 'd-bad.npz'}: not a readable .npz file", "nothing was published")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    # Nothing reached the pipeline: its recipient's inbox stays empty.
+    nothing = await enclaveq("subscribe", *deployment, "--pipeline", pipeline_id, "--key", str(key),
+                             "--output", str(tmp_path / "results"), "--count", "1", "--timeout", "3")
+    assert nothing.exit_code == 1 and "only 0 of 1 results" in nothing.stderr, nothing.output
+
+
 def test_subscribe_writes_every_output_name_0600_and_never_through_a_link(tmp_path):
     outputs = {"file": np.arange(3, dtype=np.float32), "allow_pickle": np.array([1, 2], np.int64),
                "label": np.array(["cat", "dog"], dtype=object)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -43,6 +44,21 @@ class InputError(click.ClickException):
     exit_code = EXIT_USAGE
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C that the command already reported in its own words (what it kept, how to resume):
+    :func:`run_reporting_errors` exits 130 without adding a second "interrupted" line."""
+
+
+# The SDK says where it could not connect ("cannot reach the broker at URL: ...") around the
+# adapter's own reason, which names the same URL again ("cannot connect to URL: ..."): said once.
+_SAME_URL_TWICE = re.compile(r"(cannot reach the broker at (?P<url>\S+): )cannot connect to (?P=url): ")
+
+
+def one_line(message: str) -> str:
+    """``message`` as a user reads it: the broker's URL once, not once per layer that wrapped it."""
+    return _SAME_URL_TWICE.sub(r"\1", message)
+
+
 def debug_wanted(argv: Sequence[str]) -> bool:
     """Whether tracebacks are wanted: ``--debug`` before the command, or ``ENCLAVEQ_DEBUG=1``."""
     return os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in argv
@@ -63,7 +79,7 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.filename is not None:
         return f"{exc.filename}: {exc.strerror or type(exc).__name__}"
     text = str(exc).strip() or type(exc).__name__
-    return text
+    return one_line(text)
 
 
 def reportable(exc: BaseException) -> bool:
@@ -72,13 +88,20 @@ def reportable(exc: BaseException) -> bool:
         isinstance(exc, OSError) and (exc.filename is not None or isinstance(exc, ConnectionError)))
 
 
+def _critical_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.CRITICAL
+
+
 def run_reporting_errors(command: click.Command, *, debug: bool) -> None:
     """Run ``command`` as the console entry point; exit with the documented codes."""
     if not debug:
         # The AMQP client logs each failed connection attempt with its traceback; enclaveq says
         # what failed in one line of its own (and the worker logs outages under enclaveq.*).
-        for noisy in ("aiormq", "aio_pika"):
+        # aiomqtt's "mqtt" logger likewise warns on every failed MQTT connection attempt; aiomqtt
+        # sets that logger's level when it is imported (later), so a filter is what silences it.
+        for noisy in ("aiormq", "aio_pika", "mqtt"):
             logging.getLogger(noisy).setLevel(logging.CRITICAL)
+            logging.getLogger(noisy).addFilter(_critical_only)
     try:
         command.main(standalone_mode=False)
     except click.exceptions.Exit as done:
@@ -86,10 +109,13 @@ def run_reporting_errors(command: click.Command, *, debug: bool) -> None:
     except click.ClickException as exc:  # usage errors: click's own message, exit 2
         exc.show()
         sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click.exceptions.Abort, KeyboardInterrupt) as stop:
         if debug:
             raise
-        click.echo("interrupted", err=True)
+        # click turns Ctrl-C into Abort (raised from the KeyboardInterrupt): a command that
+        # already said what it kept raised Interrupted, and is not reported twice.
+        if not isinstance(stop, Interrupted) and not isinstance(stop.__cause__, Interrupted):
+            click.echo("interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:
         if debug or not reportable(exc):

@@ -294,6 +294,7 @@ def publish_command(broker_url: str, pool: str, policy: Path, timeout: float, pi
         raise click.UsageError("give exactly one of --input NAME=FILE.npy, --text STRING, --inputs DIR, --file PATH"
                                + (f" (got {', '.join(modes)})" if modes else ""))
     files: list[Path] = []
+    kept: dict[Path, dict[str, np.ndarray]] = {}
     single: EventInputs | None = None
     if input_specs:
         single = _parse_inputs(input_specs)
@@ -309,14 +310,19 @@ def publish_command(broker_url: str, pool: str, policy: Path, timeout: float, pi
         files = sorted(inputs_dir.glob("*.npz"))
         if not files:
             _fail(f"no .npz files in {inputs_dir}", 2)
+        kept = _check_event_files(inputs_dir, files)
+    unreadable: list[str] = []
 
     def events() -> Iterator[dict[str, np.ndarray]]:
         for path in files:
-            try:  # read as `submit --inputs` reads its jobs, and said in its words
-                arrays = read_npz(path)
-            except Exception as exc:  # noqa: BLE001 - whatever makes the file unreadable is named
-                raise EventFileError(f"{path}: not a readable .npz file ({exc})") from None
-            yield dict(arrays)
+            arrays = kept.pop(path, None)
+            if arrays is None:
+                try:  # checked above; read again only because it was too big to keep
+                    arrays = _read_event(path)
+                except EventFileError as exc:  # changed since: stop here, and name it after the ids
+                    unreadable.append(str(exc))
+                    return
+            yield arrays
 
     with attested(broker_url, pool, lambda: EventPublisher(
             broker_url, pool, policy, pipeline_id, topic=topic, producer_key=producer_key_option(), timeout=timeout,
@@ -328,12 +334,12 @@ def publish_command(broker_url: str, pool: str, policy: Path, timeout: float, pi
                 with _progress() as bar:
                     task = bar.add_task("events", total=len(files))
                     ids = publisher.publish_many(events(), progress=lambda n: bar.update(task, completed=n))
-        except EventFileError as exc:
-            _fail(str(exc), 2)
         except EnclaveqError as exc:
             _fail(str(exc))
         for event_id in ids:
             click.echo(event_id)
+        if unreadable:
+            _fail(f"{unreadable[0]}; the {len(ids)} event(s) before it were published (their ids above), none after", 2)
         failures = publisher.errors
     for error in failures:
         click.echo(f"failed: event {error.event_id}: {error}", err=True)
@@ -343,6 +349,41 @@ def publish_command(broker_url: str, pool: str, policy: Path, timeout: float, pi
 
 class EventFileError(Exception):
     """An --inputs file that does not load (a usage error, reported as such)."""
+
+
+_KEEP_BYTES = 256 * 2**20  # the checked --inputs kept in memory for publishing; files beyond are read again
+_NAMED_AT_MOST = 10  # unreadable --inputs files named in the one line; the others are counted
+
+
+def _read_event(path: Path) -> dict[str, np.ndarray]:
+    try:  # read as `submit --inputs` reads its jobs, and said in its words
+        return dict(read_npz(path))
+    except Exception as exc:  # noqa: BLE001 - whatever makes the file unreadable is named
+        raise EventFileError(f"{path}: not a readable .npz file ({exc})") from None
+
+
+def _check_event_files(inputs_dir: Path, files: list[Path]) -> dict[Path, dict[str, np.ndarray]]:
+    """Read every --inputs file before anything is published: one that does not load refuses the
+    whole command (exit 2, one line naming each such file), so that a batch is published whole or
+    not at all and no event id is lost to an error in the middle. Returns the events read, as many
+    as fit in :data:`_KEEP_BYTES` (the rest are read again as they are published)."""
+    kept: dict[Path, dict[str, np.ndarray]] = {}
+    size = 0
+    bad: list[str] = []
+    for path in files:
+        try:
+            arrays = _read_event(path)
+        except EventFileError as exc:
+            bad.append(str(exc))
+            continue
+        size += sum(array.nbytes for array in arrays.values())
+        if size <= _KEEP_BYTES and not bad:
+            kept[path] = arrays
+    if bad:
+        more = f"; and {len(bad) - _NAMED_AT_MOST} more" if len(bad) > _NAMED_AT_MOST else ""
+        _fail(f"{'; '.join(bad[:_NAMED_AT_MOST])}{more}; nothing was published ({len(bad)} of {len(files)} files in "
+              f"{inputs_dir} cannot be read)", 2)
+    return kept
 
 
 # --------------------------------------------------------------------------- subscribe

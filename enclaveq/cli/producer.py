@@ -42,6 +42,7 @@ from protocol.ownership import parse_public_key
 
 from ..durations import DURATION
 from .collateral import collateral_of_command, describe_collateral_use, with_collateral_option
+from .exits import Interrupted, one_line
 from .params import BROKER_URL
 from .npz_files import TEMP_PREFIX, ReadAhead, ResultWriter, write_npz
 from .owner_key import (
@@ -167,7 +168,7 @@ def _attested(client: Client) -> tuple[Claims, Statement]:
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {one_line(message)}", err=True)
     sys.exit(code)
 
 
@@ -410,7 +411,9 @@ def _print_members(members: list[MemberStatus], attested_epoch: int) -> None:
 
     console = Console()
     if not console.is_terminal:
-        console = Console(width=200)  # a pipe or a file: one line per member, never wrapped
+        # A pipe or a file: one line per member, never wrapped, cut or missing a column, however long
+        # its worker id (a table only takes the width its cells need).
+        console = Console(width=1 << 20)
     table = Table(box=None, pad_edge=False)
     for column in ("WORKER", "PLATFORM", "MEASUREMENT", "EPOCH", "READY", "MODELS", "PIPELINES", "IN FLIGHT",
                    "OK", "FAILED", "UPTIME", "BATCH ROWS"):
@@ -687,7 +690,7 @@ def submit_command(broker_url: str, pool: str, policy: Path, timeout: float, mod
         click.echo(f"interrupted: {kept} results of this run are written in {output_dir}; run the same command "
                    f"again to send only the {len(todo) - kept} jobs without a result", err=True)
         _write_failures(failures_file, failed)
-        raise
+        raise Interrupted from None  # said above: the entry point exits 130 without saying it again
     except BaseException:
         journal.close()
         raise
@@ -777,7 +780,10 @@ async def _submit_files(client: AsyncClient, broker_url: str, pool: str, model_i
 
             def fail(name: str, error: object) -> None:  # also called by the writer's thread
                 failed.append({"file": name, "error": str(error), "code": getattr(error, "code", None)})
-                bar.console.print(f"failed: {name}: {error}")
+                # One line whatever its length (rich wraps at the console's width, 80 columns on a
+                # pipe), and the text as it is: a file name or an error is never read as markup.
+                bar.console.print(f"failed: {name}: {error}", soft_wrap=True, markup=False, highlight=False,
+                                  emoji=False)
 
             unreadable = 0
             to_read = [path for path in files if path in todo]

@@ -8,6 +8,7 @@ one-line messages (exit status 1), never tracebacks.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import click
@@ -92,7 +93,7 @@ def sim_init(directory: Path, force: bool, days: int) -> None:
     try:
         created = init_sim_dir(directory, days=days, force=force)
     except SimDirError as exc:
-        raise InputError(str(exc)) from None
+        raise InputError(_in_cli_words(str(exc))) from None
     click.echo(f"Created simulation directory {created.path}:")
     for path in created.files:
         click.echo(f"  {path.name:<22} {_DESCRIPTIONS[path.name]}")
@@ -100,6 +101,15 @@ def sim_init(directory: Path, force: bool, days: int) -> None:
     click.echo(f"Root SHA-256 fingerprint: {created.root_sha256}")
     click.echo(_NO_CONFIDENTIALITY, err=True)
     click.echo(f"Next: enclaveq policy init --sim-dir {created.path} --out policy.toml")
+
+
+def _in_cli_words(message: str) -> str:
+    """The library's message with its advice for the command line only: the library names both
+    the keyword argument and the option ("pass force=True (CLI: --force)"), a user needs the option."""
+    return _LIBRARY_ADVICE.sub(r"\g<option>", message)
+
+
+_LIBRARY_ADVICE = re.compile(r"\w+=True \(CLI: (?P<option>--[\w-]+)\)")
 
 
 @click.group(name="policy")
