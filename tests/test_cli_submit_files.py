@@ -272,3 +272,17 @@ def _owner(tmp_path):
     if not owner.exists():
         enclaveq("keys", "generate", "--out", str(owner))
     return owner
+
+
+def test_a_link_planted_at_a_result_name_is_not_taken_for_that_jobs_result(tmp_path):
+    from enclaveq.cli.producer import _jobs_without_results
+
+    inputs, output = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    output.mkdir()
+    files = [inputs / f"job-{i}.npz" for i in range(3)]
+    write_npz(output / "job-0.npz", {"y": np.zeros(1)})  # a result an earlier run wrote
+    (tmp_path / "elsewhere.npz").write_bytes(b"not a result")
+    (output / "job-1.npz").symlink_to(tmp_path / "elsewhere.npz")  # planted: the job must still run
+    (output / "job-2.npz").mkdir()
+    assert [path.name for path in _jobs_without_results(files, output, "m" * 64, "pool")] == ["job-1.npz", "job-2.npz"]

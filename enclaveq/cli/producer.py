@@ -747,7 +747,10 @@ def _jobs_without_results(files: list[Path], output_dir: Path, model_id: str, po
         mark.write_text(json.dumps({"model": model_id, "pool": pool}) + "\n")
     for partial in output_dir.glob(f"{TEMP_PREFIX}*"):  # left by a run that was killed mid-write
         partial.unlink(missing_ok=True)
-    done = {entry.name for entry in os.scandir(output_dir)}
+    # A result is a regular file submit wrote (whole, by rename): anything else at its name -- a
+    # symbolic link someone planted, a directory -- is not a result, and the job runs (its result
+    # then replaces a link without following it).
+    done = {entry.name for entry in os.scandir(output_dir) if entry.is_file(follow_symlinks=False)}
     return [path for path in files if path.name not in done]
 
 
