@@ -7,8 +7,15 @@ creates the document pipeline (raw bytes -> Magika -> label) on the Mosquitto po
 the same documents as sealed events, reads the results as their recipient and checks them
 against the chain run directly. Prints each thing it verified; exit 0, or 1 on any failure.
 
-Workers may still be joining when this starts (compose health says "serving metrics", not
-"admitted"), so the first attestation of each pool is retried for up to --wait seconds.
+It leaves nothing behind: at the end it deletes the pipeline and every model it uploaded (it
+owns them, under a key of its own made for this run and then forgotten), so that the host's
+`enclaveq model upload` of the same stock model, as the README's "Run the stack" shows, is not
+refused as not_owner. A model it found already on the pool (uploaded by someone else) it uses
+and leaves alone.
+
+compose starts it once every worker reports ready (admitted to its pool, see healthcheck.py); run
+on its own (`docker compose run --rm demo`), it retries the first attestation of each pool for up
+to --wait seconds.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -64,20 +72,29 @@ async def jobs_over_rabbitmq(args: argparse.Namespace) -> None:
         ok(f"pool {args.pool!r} on RabbitMQ attested: platform {claims.platform} (simulated={claims.simulated}), "
            f"measurement {claims.measurement.hex()[:16]}… pinned by the policy, fresh nonce bound")
         model_bytes = model.path.read_bytes()
+        uploaded = False
         try:
             model_id = await client.upload_model(model_bytes)
+            uploaded = True
             ok(f"Magika's model uploaded sealed to the pool key: model id {model_id[:16]}…")
-        except NotOwner:  # uploaded before, by another owner key (an earlier demo, or you from the host)
+        except NotOwner:  # uploaded before, by another owner key (you, from the host): use it, leave it
             model_id = hashlib.sha256(model_bytes).hexdigest()
             ok(f"Magika's model is already on the pool (another owner uploaded it): model id {model_id[:16]}…")
-        results: dict[int, np.ndarray] = {}
-        started = time.perf_counter()
-        async for result in client.submit(model_id, inputs):
-            if result.error is not None:
-                raise result.error
-            assert result.outputs is not None
-            results[result.index] = result.outputs[model.output_name]
-        ok(f"{len(inputs)} confidential documents classified in {time.perf_counter() - started:.2f}s over RabbitMQ")
+        try:
+            results: dict[int, np.ndarray] = {}
+            started = time.perf_counter()
+            async for result in client.submit(model_id, inputs):
+                if result.error is not None:
+                    raise result.error
+                assert result.outputs is not None
+                results[result.index] = result.outputs[model.output_name]
+            ok(f"{len(inputs)} confidential documents classified in {time.perf_counter() - started:.2f}s over "
+               "RabbitMQ")
+        finally:
+            if uploaded:  # even after a failure: never leave the model owned by a key nobody has
+                await client.delete_model(model_id)
+                ok(f"Magika's model deleted from every worker of {args.pool!r} with the demo's owner key, so "
+                   "you can upload it from the host")
     finally:
         await client.close()
     direct = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
@@ -90,32 +107,50 @@ async def jobs_over_rabbitmq(args: argparse.Namespace) -> None:
     ok("every result equals onnxruntime run directly on the same input")
 
 
-async def pipeline_over_mqtt(args: argparse.Namespace) -> None:
+async def publish_and_receive(args: argparse.Namespace, pipeline: str, recipient: Any) -> tuple[dict, dict, dict]:
+    """Publish the sample documents as sealed events; the results, read as their recipient."""
     from enclaveq import AsyncEventPublisher, AsyncResultSubscriber
-    from enclaveq.pipeline_examples import magika_event, run_directly, write_example
+    from enclaveq.pipeline_examples import magika_event
+
+    events = {name: {"content": magika_event(data)} for name, data in SAMPLE_DOCUMENTS.items()}
+    async with AsyncResultSubscriber(args.mqtt_broker, args.mqtt_pool, str(args.policy), pipeline,
+                                     recipient) as subscriber:
+        async with AsyncEventPublisher(args.mqtt_broker, args.mqtt_pool, str(args.policy), pipeline) as publisher:
+            ids = {await publisher.publish(inputs): name for name, inputs in events.items()}
+        ok(f"{len(ids)} sealed events published fire-and-forget over MQTT 5")
+        got: dict[str, Any] = {}
+        while len(got) < len(ids):
+            result = await subscriber.receive(timeout=60)
+            if result.event_id in ids:
+                got[result.event_id] = result
+    return got, ids, events
+
+
+async def pipeline_over_mqtt(args: argparse.Namespace) -> None:
+    from enclaveq.pipeline_examples import run_directly, write_example
+    from protocol.pipeline import load_pipeline_toml
 
     recipient = crypto.generate_private_key()
     with tempfile.TemporaryDirectory(prefix="enclaveq-demo-") as scratch:
         toml = write_example("document", Path(scratch) / "document", [crypto.public_bytes(recipient).hex()])
+        spec, _ = load_pipeline_toml(toml)
         client = await attested(args.mqtt_broker, args.mqtt_pool, args.policy, args.wait,
                                 owner_key=generate_signing_key())
         try:
+            held = {m.model_id for m in await client.list_models()}
             pipeline = await client.create_pipeline(toml)
+            ours = [m for m in dict.fromkeys(spec.model_ids) if m not in held]  # create_pipeline uploaded these
+            try:
+                ok(f"pool {args.mqtt_pool!r} on Mosquitto attested; document pipeline {pipeline[:16]}… created "
+                   "(raw bytes -> Magika features -> Magika -> label, all inside the enclave)")
+                got, ids, events = await publish_and_receive(args, pipeline, recipient)
+            finally:  # even after a failure: never leave what only the demo's forgotten key could delete
+                await client.delete_pipeline(pipeline)
+                for model_id in ours:
+                    await client.delete_model(model_id)
+                ok(f"the pipeline and the {len(ours)} stage models it uploaded deleted from {args.mqtt_pool!r}")
         finally:
             await client.close()
-        ok(f"pool {args.mqtt_pool!r} on Mosquitto attested; document pipeline {pipeline[:16]}… created "
-           "(raw bytes -> Magika features -> Magika -> label, all inside the enclave)")
-        events = {name: {"content": magika_event(data)} for name, data in SAMPLE_DOCUMENTS.items()}
-        async with AsyncResultSubscriber(args.mqtt_broker, args.mqtt_pool, str(args.policy), pipeline,
-                                         recipient) as subscriber:
-            async with AsyncEventPublisher(args.mqtt_broker, args.mqtt_pool, str(args.policy), pipeline) as publisher:
-                ids = {await publisher.publish(inputs): name for name, inputs in events.items()}
-            ok(f"{len(ids)} sealed events published fire-and-forget over MQTT 5")
-            got = {}
-            while len(got) < len(ids):
-                result = await subscriber.receive(timeout=60)
-                if result.event_id in ids:
-                    got[result.event_id] = result
         for event_id, result in got.items():
             name = ids[event_id]
             expected = run_directly(toml, events[name])

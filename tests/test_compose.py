@@ -14,7 +14,11 @@ ENCLAVEQ_REQUIRE_COMPOSE=1 (as `.ci/run` sets after running compose/podman-setup
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -190,21 +194,43 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 @pytest.fixture
-def magika(tmp_path):
-    """Magika's model as a file of this test's own (its doc string names the test), so that its
-    model id -- the SHA-256 of the bytes -- is not one another test (or the demo) already owns."""
-    import dataclasses
-
-    import onnx
-
+def magika():
+    """The stock Magika model the README's commands upload (its model id is the SHA-256 of the
+    file, so whoever uploads it first owns it on the pool until they delete it)."""
     from enclaveq.bundled_model import SAMPLE_DOCUMENTS, magika_model
 
-    model = magika_model()
-    graph = onnx.load(str(model.path))
-    graph.doc_string = f"enclaveq compose test {uuid.uuid4().hex}"
-    path = tmp_path / "magika.onnx"
-    onnx.save(graph, str(path))
-    return dataclasses.replace(model, path=path), SAMPLE_DOCUMENTS
+    return magika_model(), SAMPLE_DOCUMENTS
+
+
+@pytest.fixture(scope="module")
+def demo(stack: Stack) -> tuple[str, str]:
+    """The demo service run once to completion, as `docker compose up` runs it after the workers
+    are healthy: its exit code and its log."""
+    for container in (stack.container("worker", 1), stack.container("worker", 2), stack.container("mqtt-worker")):
+        wait_for(functools.partial(_healthy, stack, container), f"{container} is healthy (admitted to its pool)", 120)
+    stack.compose("up", "-d", "--no-deps", "demo")
+    exit_code = stack.podman("wait", stack.container("demo"), timeout=300).stdout.strip()
+    return exit_code, stack.logs(stack.container("demo"))
+
+
+def readme_host_commands(broker: str, policy: Path) -> tuple[str, list[str]]:
+    """The host commands of README.md's "Run the stack" (the block that starts with BROKER=), with
+    this stack's broker URL and policy path; and its `docker compose` lines, which the test does
+    with podman-compose (the restart test; the fixture's tear-down)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Run the stack\n", 1)[1].split("\n## ", 1)[0]
+    block = next(b for b in re.findall(r"```sh\n(.*?)```", section, re.S) if b.startswith("BROKER="))
+    lines, compose_lines = [], []
+    for line in block.splitlines():
+        if line.startswith("docker compose"):
+            compose_lines.append(line)
+        elif line.startswith("BROKER="):
+            lines.append(f"BROKER={shlex.quote(broker)}")
+        elif line.startswith("POLICY="):
+            lines.append(f"POLICY={shlex.quote(str(policy))}")
+        else:
+            lines.append(line)
+    return "\n".join(lines) + "\n", compose_lines
 
 
 def test_the_two_workers_joined_one_pool_by_mutual_attestation(stack):
@@ -226,10 +252,8 @@ def test_the_workers_are_healthy_and_serve_metrics_where_prometheus_scrapes_them
     assert "enclaveq_worker_requests_total" in metrics
 
 
-def test_the_demo_service_verifies_jobs_over_rabbitmq_and_a_pipeline_over_mqtt(stack):
-    stack.compose("up", "-d", "--no-deps", "demo")
-    exit_code = stack.podman("wait", stack.container("demo"), timeout=300).stdout.strip()
-    logs = stack.logs(stack.container("demo"))
+def test_the_demo_service_verifies_jobs_over_rabbitmq_and_a_pipeline_over_mqtt(stack, demo):
+    exit_code, logs = demo
     if exit_code != "0":  # the workers' side of the story, for a failure seen only in CI
         workers = "\n".join(f"--- {c} (last 40 lines)\n" + "\n".join(stack.logs(c).splitlines()[-40:])
                             for c in (stack.container("worker", 1), stack.container("worker", 2),
@@ -238,37 +262,45 @@ def test_the_demo_service_verifies_jobs_over_rabbitmq_and_a_pipeline_over_mqtt(s
     assert "every result equals onnxruntime run directly" in logs
     assert "document pipeline" in logs and "equals the chain run directly" in logs
     assert "demo passed" in logs
+    # It leaves the pools as it found them: what it uploaded under its run's own key, it deleted.
+    assert "Magika's model deleted from every worker of 'docs'" in logs
+    assert "stage models it uploaded deleted from 'events'" in logs
 
 
-def test_the_host_cli_attests_uploads_runs_and_submits_against_the_stack(stack, magika, tmp_path):
+def test_the_readmes_host_commands_work_against_the_stack_after_the_demo(stack, demo, magika, tmp_path):
+    """README.md's "Run the stack" host commands, run by bash as written (the stack's broker port
+    and policy path substituted), on the stock Magika model, after the demo ran as `up` runs it."""
     import onnxruntime as ort
 
+    assert demo[0] == "0", "the demo failed (see its own test)"
     model, documents = magika
-    home = tmp_path / "home"
-    attest = stack.enclaveq("attest", home=home)
-    assert "simulated" in attest
-    # The owner key: the default one, which this first upload creates in $ENCLAVEQ_HOME.
-    model_id = stack.enclaveq("model", "upload", str(model.path), home=home).strip().splitlines()[-1]
-    assert model_id in stack.enclaveq("model", "list", home=home)
-    direct = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
+    script, compose_lines = readme_host_commands(stack.amqp_url, stack.policy)
+    assert compose_lines == ["docker compose -f compose/compose.yaml restart worker"
+                             "   # the pool keeps serving; nothing is lost",
+                             "docker compose -f compose/compose.yaml down -v"
+                             "          # removes containers, volumes and network"], compose_lines
+    # `enclaveq` and `python` from the project's virtual environment, as after `make demo`; the
+    # owner key is the default one, which the upload creates in $ENCLAVEQ_HOME.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "ENCLAVEQ_HOME": str(tmp_path / "home")}
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script + 'echo "ID=$ID"\n'], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"the README's host commands exited {done.returncode}:\n{done.stdout[-3000:]}\n" \
+                                 f"{done.stderr[-3000:]}"
+    assert "simulated" in done.stdout  # attest's verified claims
+    model_id = done.stdout.strip().splitlines()[-1].removeprefix("ID=")
+    assert model_id == hashlib.sha256(model.path.read_bytes()).hexdigest(), done.stdout[-2000:]
 
+    direct = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
     one = model.features(documents["payroll.csv"])
-    np.save(tmp_path / "doc.npy", one)
-    stack.enclaveq("run", "--model", model_id, "--input", f"bytes={tmp_path / 'doc.npy'}",
-                   "--output", str(tmp_path / "result.npz"), home=home)
     with np.load(tmp_path / "result.npz") as result:
         assert np.array_equal(result[model.output_name], direct.run(None, {"bytes": one})[0])
-
-    jobs = tmp_path / "jobs"
-    jobs.mkdir()
-    for name, document in documents.items():
-        np.savez(jobs / f"{name}.npz", bytes=model.features(document))
-    stack.enclaveq("submit", "--model", model_id, "--inputs", str(jobs), "--output", str(tmp_path / "results"),
-                   home=home)
     for name, document in documents.items():
         with np.load(tmp_path / "results" / f"{name}.npz") as result:
             expected = direct.run(None, {"bytes": model.features(document)})[0]
             assert np.array_equal(result[model.output_name], expected), name
+    # The README's last host command deleted the model again (only that key could).
+    assert model_id not in stack.enclaveq("model", "list", home=tmp_path / "home")
 
 
 def test_restarting_a_worker_container_mid_batch_loses_no_job(stack, magika, tmp_path):
@@ -282,10 +314,13 @@ def test_restarting_a_worker_container_mid_batch_loses_no_job(stack, magika, tmp
     restarting, restarted = threading.Event(), threading.Event()
     restart_error: list[BaseException] = []
 
+    before: list[str] = []
+
     def restart() -> None:
         try:  # SIGTERM within the stop grace period, as `docker compose restart` does, then start again
+            before.append(stack.logs(victim))
             restarting.set()
-            stack.podman("restart", "-t", "30", victim, timeout=120)
+            stack.podman("restart", "-t", "40", victim, timeout=120)
         except BaseException as exc:  # noqa: B036 -- reported by the test below
             restart_error.append(exc)
         finally:
@@ -305,10 +340,13 @@ def test_restarting_a_worker_container_mid_batch_loses_no_job(stack, magika, tmp
     with Client(stack.amqp_url, "docs", str(stack.policy), owner_key=generate_signing_key(), max_in_flight=64,
                 epoch_state=False, timeout=300) as client:
         model_id = client.upload_model(model.path)
-        for result in client.submit(model_id, jobs()):
-            assert result.error is None, f"job {result.index}: {result.error!r}"
-            assert result.outputs is not None
-            outputs[result.index] = result.outputs[model.output_name]
+        try:
+            for result in client.submit(model_id, jobs()):
+                assert result.error is None, f"job {result.index}: {result.error!r}"
+                assert result.outputs is not None
+                outputs[result.index] = result.outputs[model.output_name]
+        finally:
+            client.delete_model(model_id)  # the stock model, owned by this test's key: leave the pool as found
     assert restarted.is_set() and not restart_error, restart_error
     assert len(outputs) > 700 and sorted(outputs) == list(range(len(outputs))), "jobs lost or duplicated"
     direct = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
@@ -316,9 +354,27 @@ def test_restarting_a_worker_container_mid_batch_loses_no_job(stack, magika, tmp
     for index, output in outputs.items():
         assert np.array_equal(output, expected[index % len(rows)]), index
     # The restarted container drained, came back and carries on from the sealed state in its own
-    # state directory: it serves the pool with the model it held, not as a new member.
-    wait_for(lambda: stack.logs(victim).count("ready; send SIGTERM") >= 2, "the restarted worker serves again", 120)
-    logs = stack.logs(victim)
-    assert "stopping: finishing in-flight jobs" in logs
-    serving = [line for line in logs.splitlines() if "serving pool 'docs'" in line]
-    assert len(serving) >= 2 and " 0 models" not in serving[-1], serving
+    # state directory. Its log (podman keeps one log across a container's restarts), counted
+    # before and after the restart, shows it: it took the same state slot again; it neither
+    # founded the pool nor fetched the model from a member (a worker with an empty state directory
+    # joins and logs "model ... synced from a pool member") -- yet it serves at the same epoch with
+    # the model it had stored before the restart, so both came out of its own sealed state. (A
+    # restarted member also asks the live members for newer keys, which logs "joined pool" again,
+    # so that line proves nothing either way.)
+    (old,) = before
+    wait_for(lambda: stack.logs(victim).count("ready; send SIGTERM") == old.count("ready; send SIGTERM") + 1,
+             "the restarted worker serves again", 120)
+    wait_for(lambda: _healthy(stack, victim), "the restarted worker is ready again", 60)
+    new = stack.logs(victim)
+    assert new.count("stopping: finishing in-flight jobs") == old.count("stopping: finishing in-flight jobs") + 1
+    slots = [line.strip() for line in new.splitlines() if "state_slot: using" in line]
+    assert len(slots) == old.count("state_slot: using") + 1 and len(set(slots)) == 1, slots
+    assert f"model {model_id} stored" in old, "the worker had not stored the model before its restart"
+    for line in ("founded pool", f"model {model_id} synced from a pool member", "sealed model"):
+        assert new.count(line) == old.count(line), f"after the restart: {line!r}\n{new[len(old) - 2000:]}"
+    serving_before = [line for line in old.splitlines() if "serving pool 'docs'" in line]
+    serving = [line for line in new.splitlines() if "serving pool 'docs'" in line]
+    assert len(serving) == len(serving_before) + 1, serving
+    epoch = re.search(r"\(epoch (\d+), (\d+) models\)", serving[-1])
+    assert epoch is not None and int(epoch[2]) >= 1, serving[-1]
+    assert f"(epoch {epoch[1]}, " in serving_before[-1], (serving_before[-1], serving[-1])
