@@ -28,6 +28,7 @@ import time
 import tomllib
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,8 @@ ENCLAVEQ = str(Path(sys.executable).with_name("enclaveq"))
 # Local images, shared by every run (the layer cache makes a rebuild of unchanged sources quick).
 IMAGES = {"ENCLAVEQ_IMAGE": "localhost/enclaveq:compose-test",
           "RABBITMQ_IMAGE": "localhost/enclaveq-rabbitmq:debian",
-          "MOSQUITTO_IMAGE": "localhost/enclaveq-mosquitto:debian"}
+          "MOSQUITTO_IMAGE": "localhost/enclaveq-mosquitto:debian",
+          "PROMETHEUS_IMAGE": "localhost/enclaveq-prometheus:debian"}
 
 
 def _unusable() -> str | None:
@@ -126,7 +128,8 @@ def _download_wheels(env: dict[str, str]) -> None:
 
 
 def _build_images(env: dict[str, str], project: str) -> None:
-    for name, folder in (("RABBITMQ_IMAGE", "rabbitmq"), ("MOSQUITTO_IMAGE", "mosquitto")):
+    for name, folder in (("RABBITMQ_IMAGE", "rabbitmq"), ("MOSQUITTO_IMAGE", "mosquitto"),
+                         ("PROMETHEUS_IMAGE", "prometheus")):
         _run(["podman", "build", "--quiet", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "-t", env[name],
               str(COMPOSE_DIR / folder)], env, timeout=900)
     # The enclaveq image exactly as compose.yaml builds it (its build section, with the build args).
@@ -301,6 +304,39 @@ def test_the_readmes_host_commands_work_against_the_stack_after_the_demo(stack, 
             assert np.array_equal(result[model.output_name], expected), name
     # The README's last host command deleted the model again (only that key could).
     assert model_id not in stack.enclaveq("model", "list", home=tmp_path / "home")
+
+
+def test_prometheus_of_the_metrics_profile_scrapes_every_worker_and_sees_the_jobs_they_ran(stack, demo):
+    """`--profile metrics` as a user starts it (podman-compose ignores profiles: the service is
+    named instead), then Prometheus's own API on the host: both pool workers, found by DNS, and the
+    MQTT worker are scraped, and their job counters show the demo's jobs."""
+    import json as _json
+    import urllib.request
+
+    assert demo[0] == "0", "the demo failed (see its own test)"
+    stack.compose("up", "-d", "--no-deps", "prometheus")
+    api = f"http://127.0.0.1:{stack.env['ENCLAVEQ_PROMETHEUS_PORT']}/api/v1"
+
+    def get(path: str) -> Any:
+        with urllib.request.urlopen(f"{api}/{path}", timeout=5) as response:
+            return _json.loads(response.read())["data"]
+
+    def targets_up() -> bool:
+        try:
+            active = get("targets")["activeTargets"]
+        except OSError:
+            return False
+        up = [t for t in active if t["health"] == "up"]
+        return len(up) == 3 and {t["labels"]["job"] for t in up} == {"enclaveq-workers", "enclaveq-mqtt-worker"}
+
+    wait_for(targets_up, "Prometheus scrapes both pool workers and the MQTT worker", 90)
+
+    def jobs_seen() -> float:
+        query = urllib.request.quote('sum(enclaveq_worker_requests_total{job="enclaveq-workers",kind="job"})')
+        result = get(f"query?query={query}")["result"]
+        return float(result[0]["value"][1]) if result else 0.0
+
+    wait_for(lambda: jobs_seen() > 0, "Prometheus sees the demo's jobs in the pool workers' counters", 60)
 
 
 def test_restarting_a_worker_container_mid_batch_loses_no_job(stack, magika, tmp_path):
