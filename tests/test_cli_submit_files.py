@@ -5,6 +5,7 @@ read-ahead and the writer stay within their windows."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import zipfile
@@ -286,3 +287,19 @@ def test_a_link_planted_at_a_result_name_is_not_taken_for_that_jobs_result(tmp_p
     (output / "job-1.npz").symlink_to(tmp_path / "elsewhere.npz")  # planted: the job must still run
     (output / "job-2.npz").mkdir()
     assert [path.name for path in _jobs_without_results(files, output, "m" * 64, "pool")] == ["job-1.npz", "job-2.npz"]
+
+
+def test_the_reader_and_writer_threads_yield_the_core_to_the_event_loop(tmp_path):
+    from enclaveq.cli.npz_files import BACKGROUND_NICE
+
+    def priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen: list[int] = []
+    writer = ResultWriter(tmp_path, lambda name, exc: None, write=lambda path, arrays: seen.append(priority()))
+    writer.put("a.npz", {"y": np.zeros(1)})
+    writer.close()
+    reader = ReadAhead([tmp_path / "x.npz"], read=lambda path: seen.append(priority()) or {})
+    assert [index for index, _ in reader] == [0]
+    reader.close()
+    assert seen == [min(19, priority() + BACKGROUND_NICE)] * 2

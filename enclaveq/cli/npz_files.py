@@ -276,6 +276,20 @@ def write_npz(path: str | os.PathLike[str], arrays: Mapping[str, Any]) -> None:
         raise
 
 
+# The reader and writer threads run at a lower priority than the event loop: the loop's work
+# (sealing, publishing, opening results) is on every frame's round trip, the files are not, and
+# on a core the threads share with the loop a file written a moment later costs nothing while a
+# frame sent a moment later costs throughput (bench.throughput --producer-cpus 1: CLI/SDK 0.90
+# at the same priority, 0.94-0.96 with the threads at nice +10; docs/benchmarks.md).
+BACKGROUND_NICE = 10
+
+
+def _as_background_thread() -> None:
+    with contextlib.suppress(AttributeError, OSError):  # not Linux (per-thread nice), or not allowed
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                       os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + BACKGROUND_NICE)
+
+
 class ReadAhead:
     """Iterate ``(index, arrays or the exception that made the file unreadable)`` over ``paths``
     in order. One thread reads them ahead of the consumer, at most ``files`` files and about
@@ -300,6 +314,7 @@ class ReadAhead:
         self._thread.start()
 
     def _run(self) -> None:
+        _as_background_thread()
         try:
             self._read_all()
         finally:
@@ -413,6 +428,7 @@ class ResultWriter:
                 self._cond.notify_all()
 
     def _run(self) -> None:
+        _as_background_thread()
         while True:
             with self._cond:
                 while not self._queue and not self._closing:
