@@ -47,6 +47,7 @@ __all__ = [
     "UnsupportedPlatform",
     "PolicyError",
     "SimDirError",
+    "SimDirExists",
     "UnsealError",
 ]
 
@@ -129,6 +130,16 @@ class PolicyError(AttestationError):
 class SimDirError(AttestationError):
     """A simulation directory is missing, incomplete or corrupt, or exists and would be
     overwritten without ``force``."""
+
+
+class SimDirExists(SimDirError):
+    """``path`` already holds the simulation files ``existing``: replacing them (``force=True``,
+    the CLI's ``--force``) changes the root fingerprint every policy pins."""
+
+    def __init__(self, path: object, existing: tuple[str, ...]) -> None:
+        self.path, self.existing = path, existing
+        super().__init__(f"{path} already holds a simulation directory ({', '.join(existing)}); pass force=True "
+                         "to replace it, which changes the root fingerprint")
 
 
 class UnsealError(Exception):

@@ -264,7 +264,10 @@ class AsyncClient:
                 raise BrokerUnreachable(f"the broker at {redact_url(self.broker_url)} did not answer within "
                                         f"{self.timeout:g}s") from None
             except BrokerUnavailable as exc:
-                raise BrokerUnreachable(f"cannot reach the broker at {redact_url(self.broker_url)}: {exc}") from None
+                # The adapter names the URL when connecting is what failed: it is said once.
+                where = redact_url(self.broker_url)
+                raise BrokerUnreachable(str(exc) if where in str(exc) else
+                                        f"cannot reach the broker at {where}: {exc}") from None
             return await self.attest()
         except BaseException:
             await self.close()

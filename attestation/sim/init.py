@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from attestation.errors import SimDirError
+from attestation.errors import SimDirError, SimDirExists
 from attestation.sim.simdir import (
     ATTESTATION_CERT,
     ATTESTATION_KEY,
@@ -191,10 +191,7 @@ def init_sim_dir(
         raise SimDirError(f"{base} exists and is not a directory")
     existing = [name for name in SIM_FILES if (base / name).exists()]
     if existing and not force:
-        raise SimDirError(
-            f"{base} already holds a simulation directory ({', '.join(existing)}); "
-            "pass force=True (CLI: --force) to replace it, which changes the root fingerprint"
-        )
+        raise SimDirExists(base, tuple(existing))
     try:
         base.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 
@@ -49,16 +48,6 @@ class Interrupted(KeyboardInterrupt):
     :func:`run_reporting_errors` exits 130 without adding a second "interrupted" line."""
 
 
-# The SDK says where it could not connect ("cannot reach the broker at URL: ...") around the
-# adapter's own reason, which names the same URL again ("cannot connect to URL: ..."): said once.
-_SAME_URL_TWICE = re.compile(r"(cannot reach the broker at (?P<url>\S+): )cannot connect to (?P=url): ")
-
-
-def one_line(message: str) -> str:
-    """``message`` as a user reads it: the broker's URL once, not once per layer that wrapped it."""
-    return _SAME_URL_TWICE.sub(r"\1", message)
-
-
 def debug_wanted(argv: Sequence[str]) -> bool:
     """Whether tracebacks are wanted: ``--debug`` before the command, or ``ENCLAVEQ_DEBUG=1``."""
     return os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in argv
@@ -79,7 +68,7 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.filename is not None:
         return f"{exc.filename}: {exc.strerror or type(exc).__name__}"
     text = str(exc).strip() or type(exc).__name__
-    return one_line(text)
+    return text
 
 
 def reportable(exc: BaseException) -> bool:

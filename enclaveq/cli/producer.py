@@ -42,7 +42,7 @@ from protocol.ownership import parse_public_key
 
 from ..durations import DURATION
 from .collateral import collateral_of_command, describe_collateral_use, with_collateral_option
-from .exits import Interrupted, one_line
+from .exits import Interrupted
 from .params import BROKER_URL
 from .npz_files import TEMP_PREFIX, ReadAhead, ResultWriter, write_npz
 from .owner_key import (
@@ -168,7 +168,7 @@ def _attested(client: Client) -> tuple[Claims, Statement]:
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"error: {one_line(message)}", err=True)
+    click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
 
@@ -539,33 +539,25 @@ def _check_model_id(model_id: str) -> None:
         _fail(f"{model_id!r} is not a model id: expected the 64 hex characters `model upload` printed{hint}", 2)
 
 
-def _check_output_file(output: Path) -> None:
-    """Fail before anything is sent when the result could not be written (exit 2)."""
+def _check_output_file(output: Path, *, option: str = "", holds: str = "the result (.npz)",
+                       written_in_place: bool = False) -> None:
+    """Fail before anything is sent when ``output`` could not be written (exit 2): its directory
+    exists and takes new files; a file already there is replaced by rename (a result), or, when
+    ``written_in_place`` (submit's --failures list), must open for writing itself."""
+    what = f"{option} {output}".strip()
     folder = output.parent
-    if not folder.is_dir():
-        _fail(f"{output}: the directory {folder} does not exist", 2)
-    if output.is_dir():
-        _fail(f"{output}: is a directory; give a file name for the result (.npz)", 2)
-    _check_writable(folder, f"{output}")
-
-
-def _check_failures_file(path: Path) -> None:
-    """Fail before anything is sent when submit's --failures FILE could not be written (exit 2):
-    the list of failed jobs is written at the end, when the batch is done."""
-    what = f"--failures {path}"
-    folder = path.parent
     if not folder.is_dir():
         _fail(f"{what}: {folder} is not a directory" if folder.exists() else
               f"{what}: the directory {folder} does not exist", 2)
-    if path.is_dir():
-        _fail(f"{what}: is a directory; give a file name for the list of failed jobs (.json)", 2)
-    if path.exists():
-        try:  # opened as _write_failures will, without changing what it holds
-            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC))
+    if output.is_dir():
+        _fail(f"{what}: is a directory; give a file name for {holds}", 2)
+    if written_in_place and output.exists():
+        try:  # opened as it will be written, without changing what it holds
+            os.close(os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC))
         except OSError as exc:
             _fail(f"{what}: cannot write it ({exc.strerror or type(exc).__name__})", 2)
-    else:
-        _check_writable(folder, what)
+        return
+    _check_writable(folder, what)
 
 
 def _check_writable(folder: Path, what: str) -> None:
@@ -657,7 +649,8 @@ def submit_command(broker_url: str, pool: str, policy: Path, timeout: float, mod
         _fail(f"no .npz files in {inputs_dir}", 2)
     _check_model_id(model_id)
     if failures_file is not None:
-        _check_failures_file(failures_file)
+        _check_output_file(failures_file, option="--failures", holds="the list of failed jobs (.json)",
+                           written_in_place=True)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

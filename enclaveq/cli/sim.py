@@ -8,12 +8,11 @@ one-line messages (exit status 1), never tracebacks.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import click
 
-from attestation.errors import PolicyError, SimDirError
+from attestation.errors import PolicyError, SimDirError, SimDirExists
 from attestation.policy import Policy, write_policy
 from attestation.sim.init import init_sim_dir
 from attestation.sim.simdir import (
@@ -92,8 +91,11 @@ def sim_init(directory: Path, force: bool, days: int) -> None:
                    "the old root stop trusting the new one", err=True)
     try:
         created = init_sim_dir(directory, days=days, force=force)
+    except SimDirExists as exc:  # the library's advice names its keyword; a user needs the option
+        raise InputError(f"{exc.path} already holds a simulation directory ({', '.join(exc.existing)}); pass --force "
+                         "to replace it, which changes the root fingerprint") from None
     except SimDirError as exc:
-        raise InputError(_in_cli_words(str(exc))) from None
+        raise InputError(str(exc)) from None
     click.echo(f"Created simulation directory {created.path}:")
     for path in created.files:
         click.echo(f"  {path.name:<22} {_DESCRIPTIONS[path.name]}")
@@ -101,15 +103,6 @@ def sim_init(directory: Path, force: bool, days: int) -> None:
     click.echo(f"Root SHA-256 fingerprint: {created.root_sha256}")
     click.echo(_NO_CONFIDENTIALITY, err=True)
     click.echo(f"Next: enclaveq policy init --sim-dir {created.path} --out policy.toml")
-
-
-def _in_cli_words(message: str) -> str:
-    """The library's message with its advice for the command line only: the library names both
-    the keyword argument and the option ("pass force=True (CLI: --force)"), a user needs the option."""
-    return _LIBRARY_ADVICE.sub(r"\g<option>", message)
-
-
-_LIBRARY_ADVICE = re.compile(r"\w+=True \(CLI: (?P<option>--[\w-]+)\)")
 
 
 @click.group(name="policy")
