@@ -114,13 +114,14 @@ async def test_a_result_naming_another_model_is_refused_by_the_producer(tee, mem
 
 async def test_a_worker_down_during_a_delete_deletes_the_model_when_it_returns(tee, broker_url, pool, tmp_path):
     owner = generate_signing_key()
-    async with running_worker(tee, broker_url, pool):
+    async with running_worker(tee, broker_url, pool) as a:
         b = tee.worker(broker_url, pool, state_dir=tmp_path / "b")
         await b.start()
         async with AsyncClient(broker_url, pool, tee.policy(), owner_key=owner) as client:
             model_id = await client.upload_model(mlp_model())
-            # The upload returned on the first worker's confirmation; b may still be writing its copy.
-            await wait_until(lambda: b.models.has(model_id), "the second worker stores the upload")
+            # The upload returned on whichever worker confirmed first; the other may still be
+            # writing its copy (the delete below must find it on a, whichever took the upload).
+            await wait_until(lambda: a.models.has(model_id) and b.models.has(model_id), "both workers store the upload")
             await b.stop()
             await client.delete_model(model_id)
         b_again = tee.worker(broker_url, pool, state_dir=tmp_path / "b")
