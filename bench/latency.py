@@ -24,6 +24,12 @@ aio-pika + guarantees [baseline], for diagnosis
     responder acks a request only after its reply's confirm) without crypto or inference. It
     tells how much of enclaveq's latency the guarantees cost on this broker; the target compares
     enclaveq with plain.
+aio-pika + guarantees, classic queues [classic], for diagnosis
+    the same, on durable classic queues: persistent messages, confirms and the ack after the
+    reply's confirm are all there, but a classic queue delivers a message before it is on disk,
+    where a quorum queue delivers it only once its Raft log is written and synced. The two
+    guarantees rows split the guarantees' cost into the quorum queues' part and the rest.
+    enclaveq itself always uses quorum queues (docs/architecture.md, DESIGN §5).
 
 Reported: p50/p90/p99/mean of the round trip (from calling ``publish``/``run`` to holding the
 answer), the CPU ms per job of the client, the answering process and the RabbitMQ node, and
@@ -70,7 +76,8 @@ from bench.request_reply import (
 from bench.throughput import PlainAioPika
 from broker_adapters import redact_url
 
-SYSTEMS = {"plain": "aio-pika plain", "baseline": "aio-pika + guarantees", "enclaveq": "enclaveq run"}
+SYSTEMS = {"plain": "aio-pika plain", "classic": "aio-pika + guarantees, classic queues",
+           "baseline": "aio-pika + guarantees", "enclaveq": "enclaveq run"}
 STAGES = ("seal", "publish -> confirm", "publish -> result arrives", "open result", "decode, wake caller")
 TARGET_MS = 1.0  # enclaveq p50 may exceed plain p50 by at most this much
 JOB_TIMEOUT = 120.0
@@ -211,6 +218,7 @@ async def run(args: argparse.Namespace) -> int:
         tmp = Path(tmpname)
         plain = PlainAioPika(args.broker, run_id, workload, tmp)
         baseline = Baseline(args.broker, f"lat-{run_id}", workload, tmp, None)
+        classic = Baseline(args.broker, f"lat-classic-{run_id}", workload, tmp, None, queue_type="classic")
         profile_tool = "cprofile" if args.profile else None
         metered = MeteredEnclaveq(args.broker, f"lat-{run_id}", workload, tmp, profile_tool) if args.breakdown else None
         eq = metered or Enclaveq(args.broker, f"lat-{run_id}", workload, tmp, profile_tool)
@@ -220,11 +228,14 @@ async def run(args: argparse.Namespace) -> int:
             with console.status("starting the responders and the worker"):
                 await plain.start()
                 await baseline.start()
+                await classic.start()
                 await eq.start()
             assert plain.proc is not None and baseline.proc is not None and eq.proc is not None
+            assert classic.proc is not None
             console.print(f"plain responder pid {plain.proc.pid}, guarantees responder pid {baseline.proc.pid}, "
                           f"enclaveq worker pid {eq.proc.pid} (pool {eq.pool})")
             systems: dict[str, tuple[Any, int]] = {"plain": (plain, plain.proc.pid),
+                                                   "classic": (classic, classic.proc.pid),
                                                    "baseline": (baseline, baseline.proc.pid),
                                                    "enclaveq": (enclaveq_run, eq.proc.pid)}
             keys = list(systems)
@@ -250,7 +261,7 @@ async def run(args: argparse.Namespace) -> int:
                                   f"p90 {_fmt(r.pct(90)):>6} ms  p99 {_fmt(r.pct(99)):>6} ms  errors {r.errors}{other}")
         finally:
             with console.status("cleaning up: stopping processes, deleting queues and the pool"):
-                for owner in (eq, baseline, plain):
+                for owner in (eq, classic, baseline, plain):
                     try:
                         await owner.cleanup()
                     except Exception as exc:
@@ -280,6 +291,12 @@ async def run(args: argparse.Namespace) -> int:
             console.print(f"of the difference: the guarantees (aio-pika + guarantees - plain) "
                           f"{p50_guarantees - p50_plain:+.2f} ms, the rest (enclaveq - aio-pika + guarantees) "
                           f"{p50_eq - p50_guarantees:+.2f} ms")
+        p50_classic = stats["classic"]["p50"]
+        if p50_plain is not None and p50_guarantees is not None and p50_classic is not None:
+            console.print(f"of the guarantees: persistent messages, confirms and ack after the reply's confirm "
+                          f"(on classic queues - plain) {p50_classic - p50_plain:+.2f} ms; quorum queues instead "
+                          f"of classic ones (a Raft log written and synced before each delivery) "
+                          f"{p50_guarantees - p50_classic:+.2f} ms")
         breakdown: dict[str, float | None] = {}
         if args.breakdown:
             breakdown = {stage: _median(values) for stage, values in enclaveq_run.stages_ms.items()}

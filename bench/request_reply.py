@@ -549,9 +549,15 @@ async def _start_responder(module: str, args: list[str], tmp: Path, profile_tool
 
 class Baseline:
     def __init__(self, url: str, run_id: str, workload: Workload, tmp: Path, profile_tool: str | None,
-                 plain_queues: bool = False) -> None:
+                 plain_queues: bool = False, queue_type: str = "quorum") -> None:
         self.url, self.workload, self.tmp, self.profile_tool = url, workload, tmp, profile_tool
         self.plain_queues = plain_queues
+        # "classic": the same persistent messages, confirms and ack-after-confirm on durable classic
+        # queues, which deliver a message before it is on disk (a quorum queue delivers it only once
+        # its Raft log is written and synced): it tells what the quorum queues cost, for diagnosis.
+        if queue_type not in ("quorum", "classic"):
+            raise ValueError(f"queue_type must be quorum or classic, not {queue_type!r}")
+        self.queue_type = queue_type
         self.jobs_queue = f"bench.{run_id}.jobs"
         self.reply_queue = f"bench.{run_id}.reply"
         self.dead_queue = f"bench.{run_id}.dead"
@@ -574,8 +580,11 @@ class Baseline:
         # The very topology enclaveq's AMQP adapter declares for a pool and a reply queue:
         # durable quorum queues, the jobs queue with a delivery limit and at-least-once
         # dead-lettering to a fanout exchange bound to a quorum dead-letter queue.
-        jobs_args = {"x-queue-type": "quorum", "x-delivery-limit": PoolSettings().delivery_limit - 1}
-        if not self.plain_queues:
+        jobs_args: dict[str, Any] = {"x-queue-type": "quorum", "x-delivery-limit": PoolSettings().delivery_limit - 1}
+        reply_args: dict[str, Any] = {"x-queue-type": "quorum", "x-delivery-limit": REPLY_DELIVERY_LIMIT - 1}
+        if self.queue_type == "classic":  # delivery limits and at-least-once dead-lettering are quorum-only
+            jobs_args = reply_args = {"x-queue-type": "classic"}
+        elif not self.plain_queues:
             dlx = await admin.declare_exchange(self.dlx, aio_pika.ExchangeType.FANOUT, durable=True)
             dead = await admin.declare_queue(self.dead_queue, durable=True, arguments={
                 "x-queue-type": "quorum", "x-delivery-limit": DEAD_DELIVERY_LIMIT - 1})
@@ -583,8 +592,7 @@ class Baseline:
             jobs_args.update({"x-dead-letter-exchange": self.dlx, "x-dead-letter-strategy": "at-least-once",
                               "x-overflow": "reject-publish"})
         await admin.declare_queue(self.jobs_queue, durable=True, arguments=jobs_args)
-        await admin.declare_queue(self.reply_queue, durable=True, arguments={
-            "x-queue-type": "quorum", "x-delivery-limit": REPLY_DELIVERY_LIMIT - 1})
+        await admin.declare_queue(self.reply_queue, durable=True, arguments=reply_args)
         await admin.close()
         args = ["--_responder", "--broker", self.url, "--_queue", self.jobs_queue,
                 "--_prefetch", str(WORKER_PREFETCH), "--_reply-bytes", str(self.workload.reply_bytes)]

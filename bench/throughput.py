@@ -56,6 +56,16 @@ the order of the systems each round; the table shows medians and each ratio is t
 per-round ratios (phases of one round run close together, which cancels some of a busy machine's
 drift).
 
+With the CLI in the run, the bench then measures what its files cost, on ``--cli-dir``'s file
+system, reading the phase's inputs again and writing as many results to a scratch directory:
+the kernel's least per job (open, read, close an input; create, write, close and rename a
+result -- what any program that reads a file and atomically writes one per job pays) and the
+CLI's own ``read_npz`` plus ``write_npz``, in CPU microseconds. With the SDK row's CPU per job
+(client + worker + broker) it prints the most a CLI can reach of the SDK when every core is
+busy: the SDK's CPU per job over that plus the files'. On 2 shared cores the SDK keeps both busy,
+so that bound, not the CLI's code, sets the CLI/SDK ratio there; ``--producer-cpus`` shows it
+once the files have a core of their own.
+
 ``--producer-cpus LIST`` (e.g. ``1``) lays the run out as a deployment does, where producers run
 on machines of their own: this process, and so every client and the CLI subprocess, runs on the
 CPUs in LIST; every answering process and the RabbitMQ node (all of its threads; put back as
@@ -476,9 +486,9 @@ class EnclaveqCli:
     def prepare(self, *sizes: int) -> None:
         for n in sizes:
             if n:
-                self._input_dir(n)
+                self.input_dir(n)
 
-    def _input_dir(self, n: int) -> Path:
+    def input_dir(self, n: int) -> Path:
         if n not in self._inputs:
             folder = self.tmp / f"cli-inputs-{n}"
             folder.mkdir()
@@ -497,7 +507,7 @@ class EnclaveqCli:
         return (large - small) / extra if extra > 0 else None
 
     async def batch(self, n: int, concurrency: int) -> tuple[float, list[float], int]:
-        inputs = self._input_dir(n)
+        inputs = self.input_dir(n)
         self._runs += 1
         output = self.tmp / f"cli-out-{self._runs}"
         cmd = [_enclaveq_exe(), "submit", "--broker", self.eq.url, "--pool", self.eq.pool, "--policy",
@@ -533,6 +543,41 @@ class EnclaveqCli:
         if failed:
             print(f"enclaveq submit: {failed} jobs failed:\n{err.decode(errors='replace')[-2000:]}", file=sys.stderr)
         return seconds, [], failed
+
+
+def _thread_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_THREAD)
+    return usage.ru_utime + usage.ru_stime
+
+
+def file_costs(inputs: Path, scratch: Path, count: int) -> tuple[float, float]:
+    """CPU microseconds per job of reading an input of ``inputs`` and writing a result of its size
+    into ``scratch``: the kernel's least (bare system calls, the result created under a temporary
+    name and renamed into place) and the CLI's own ``read_npz`` + ``write_npz``. Measured in the
+    calling thread (``RUSAGE_THREAD``), so that nothing else in the process is counted."""
+    from enclaveq.cli.npz_files import read_npz, write_npz
+
+    paths = sorted(inputs.iterdir())[:count]
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    bare_dir, cli_dir = scratch / "bare", scratch / "cli"
+    bare_dir.mkdir()
+    cli_dir.mkdir()
+    started = _thread_cpu()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        data = os.read(fd, 1 << 20)
+        os.close(fd)
+        temp = bare_dir / f".partial-{path.name}"
+        fd = os.open(temp, flags, 0o600)
+        os.write(fd, data)
+        os.close(fd)
+        os.replace(temp, bare_dir / path.name)
+    bare = _thread_cpu() - started
+    started = _thread_cpu()
+    for path in paths:
+        write_npz(cli_dir / path.name, read_npz(path))
+    cli = _thread_cpu() - started
+    return 1e6 * bare / max(1, len(paths)), 1e6 * cli / max(1, len(paths))
 
 
 # -- the run -----------------------------------------------------------------------------------------
@@ -595,6 +640,7 @@ async def run(args: argparse.Namespace, selected: list[str]) -> int:
         console.print("framed: not available (AsyncClient.submit has no frames= keyword yet)")
         selected = [s for s in selected if s != "framed"]
     results: list[PhaseResult] = []
+    files: tuple[float, float] | None = None  # CPU µs per job: the kernel's least, the CLI's (file_costs)
     cli_reported: dict[int, str] = {}
     cli_marginal: dict[int, float] = {}  # round -> jobs/s of the CLI once started (see EnclaveqCli.marginal)
     with tempfile.TemporaryDirectory(prefix="enclaveq-bench-thr-") as tmpname, contextlib.ExitStack() as stack:
@@ -671,6 +717,12 @@ async def run(args: argparse.Namespace, selected: list[str]) -> int:
                     other = "" if r.other_cores is None else f"  other load {r.other_cores:.2f} cores"
                     console.print(f"  round {rnd + 1} {SYSTEMS[key]:22} {r.jobs_per_s:8.0f} jobs/s  "
                                   f"p50 {_fmt(r.pct(50)):>7} ms  p99 {_fmt(r.pct(99)):>7} ms  errors {r.errors}{other}")
+            if cli is not None and args.jobs:
+                with console.status("measuring what the CLI's files cost"):
+                    scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                        prefix="enclaveq-bench-files-", dir=args.cli_dir)))
+                    files = await asyncio.to_thread(file_costs, cli.input_dir(args.jobs), scratch,
+                                                    min(args.jobs, 5000))
         finally:
             unpin(node_cpus)
             unpin(own_cpus)
@@ -709,6 +761,9 @@ async def run(args: argparse.Namespace, selected: list[str]) -> int:
             why = "framed: not available" if "framed" in (num, den) and not framed_ok else \
                 f"not run: {', '.join(missing)}"
             console.print(f"{label:30} n/a ({why})")
+    bound = _print_file_bound(console, results, files)
+    if bound:
+        ratios.update(bound)
     warn_if_disturbed(console, results)
     if args.json:
         Path(args.json).write_text(json.dumps({
@@ -724,6 +779,34 @@ async def run(args: argparse.Namespace, selected: list[str]) -> int:
             "ratios": {k: (None if v is None else round(v, 3)) for k, v in ratios.items()},
         }, indent=2))
     return 0
+
+
+def _print_file_bound(console: Any, results: list[PhaseResult],
+                      files: tuple[float, float] | None) -> dict[str, float]:
+    """Print what the CLI's files cost and the most a CLI can reach of the SDK on busy cores."""
+    if files is None:
+        return {}
+    bare_us, cli_us = files
+    framed = [r for r in results if r.system == "framed"]
+    parts = [_median([r.cpu_ms_per_job(which) for r in framed]) for which in ("client", "server", "broker")]
+    rate = _median([r.jobs_per_s for r in framed])
+    if not framed or any(part is None for part in parts) or not rate:
+        console.print(f"files: the kernel's least per job (read an input, create and rename a result) {bare_us:.1f} "
+                      f"µs of CPU, the CLI's read_npz + write_npz {cli_us:.1f} µs")
+        return {}
+    sdk_us = 1000 * sum(p for p in parts if p is not None)
+    busy = rate * sdk_us / 1e6
+    console.print(f"files: the kernel's least per job (read an input, create and rename a result) {bare_us:.1f} µs "
+                  f"of CPU, the CLI's read_npz + write_npz {cli_us:.1f} µs; the SDK row used {sdk_us:.0f} µs per "
+                  f"job (client + worker + broker), {busy:.2f} of {os.cpu_count()} cores at its rate")
+    ceiling_bare, ceiling_cli = sdk_us / (sdk_us + bare_us), sdk_us / (sdk_us + cli_us)
+    # A model, not a proof: it assumes the machine is kept as busy as the SDK phase kept it, so that
+    # every µs of the files' CPU is a µs the worker, the broker or the client's loop did not get.
+    console.print(f"{'CLI / SDK at most, cores busy':30} {ceiling_bare:.2f} for any program that reads and writes a "
+                  f"file per job, {ceiling_cli:.2f} with the CLI's reading and writing, if the files' CPU comes out "
+                  f"of the cores the SDK phase kept busy (shared CPUs; with --producer-cpus the files have a core "
+                  f"of their own)")
+    return {"CLI / SDK at most, files only": ceiling_bare, "CLI / SDK at most, CLI's files": ceiling_cli}
 
 
 def _check_installed(selected: list[str]) -> None:
