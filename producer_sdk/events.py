@@ -198,11 +198,19 @@ class AsyncEventPublisher:
         return event_id
 
     async def publish_many(self, events: Iterable[EventInputs], *, max_in_flight: int | None = None,
-                           progress: Callable[[int], None] | None = None) -> list[str]:
+                           progress: Callable[[int], None] | None = None,
+                           published: Callable[[int, str], None] | None = None) -> list[str]:
         """Publish every event of ``events`` (read lazily), at most ``max_in_flight`` unconfirmed
-        at a time; returns their event ids in order. The first publish that fails stops the
-        rest and is raised (events confirmed until then stay published). ``progress(n)`` is
-        called with the number confirmed so far after each confirm."""
+        at a time; returns their event ids in order.
+
+        ``published(index, event_id)`` is called as soon as the broker confirmed an event
+        (``index``: its position in ``events``), then ``progress(n)`` with the number confirmed
+        so far. The first publish that fails stops reading ``events``; once the publishes still
+        in flight settled (each confirmed or failed), that first failure is raised as
+        :meth:`publish` raised it. The events reported to ``published`` (and only those) were
+        then published: the rest were not, except that a publish which failed because the
+        connection went away may have reached the broker without its confirm coming back.
+        ``published`` is how a caller learns, on a failure, which events to send again."""
         confirmed = 0
         window = asyncio.Semaphore(max_in_flight or self.max_in_flight)
         ids: list[str | None] = []
@@ -212,8 +220,11 @@ class AsyncEventPublisher:
         async def one(index: int, event: EventInputs) -> None:
             nonlocal confirmed
             try:
-                ids[index] = await self.publish(event)
+                event_id = await self.publish(event)
+                ids[index] = event_id
                 confirmed += 1
+                if published is not None:
+                    published(index, event_id)
                 if progress is not None:
                     progress(confirmed)
             except Exception as exc:  # raised by publish_many once the publishes in flight settled
@@ -344,9 +355,13 @@ class EventPublisher:
         return self._loop.call(self._async.publish(inputs, event_id=event_id))
 
     def publish_many(self, events: Iterable[EventInputs], *, max_in_flight: int | None = None,
-                     progress: Callable[[int], None] | None = None) -> list[str]:
-        """The iterable is read, and ``progress`` called, on the publisher's loop thread."""
-        return self._loop.call(self._async.publish_many(events, max_in_flight=max_in_flight, progress=progress))
+                     progress: Callable[[int], None] | None = None,
+                     published: Callable[[int, str], None] | None = None) -> list[str]:
+        """As :meth:`AsyncEventPublisher.publish_many`: on a failure, the events reported to
+        ``published(index, event_id)`` (and only those) were published. The iterable is read,
+        and ``progress`` and ``published`` called, on the publisher's loop thread."""
+        return self._loop.call(self._async.publish_many(events, max_in_flight=max_in_flight, progress=progress,
+                                                        published=published))
 
     def close(self) -> None:
         if self._loop.closed:

@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from attestation.policy import write_policy
+from broker_adapters.memory import MemoryBroker
 from enclaveq.cli import cli
 from enclaveq.cli.pipeline import EXAMPLES, _save
 from producer_sdk.results import load_recipient_key, recipient_public_key
@@ -24,7 +25,7 @@ from protocol.ownership import load_signing_key, public_key_bytes
 from protocol.results import PipelineResult
 
 from .support import batch_of, running_worker
-from .test_pipeline_sdk import run_chain, write_pipeline
+from .test_pipeline_sdk import refuse_events_after, run_chain, write_pipeline
 
 NEW_COMMANDS = [["pipeline"], ["pipeline", "init"], ["pipeline", "create"], ["pipeline", "list"],
                 ["pipeline", "delete"], ["publish"], ["subscribe"]]
@@ -292,6 +293,41 @@ async def test_publish_checks_every_inputs_file_before_publishing_any(deployment
     nothing = await enclaveq("subscribe", *deployment, "--pipeline", pipeline_id, "--key", str(key),
                              "--output", str(tmp_path / "results"), "--count", "1", "--timeout", "3")
     assert nothing.exit_code == 1 and "only 0 of 1 results" in nothing.stderr, nothing.output
+
+
+async def test_publish_that_fails_partway_names_each_file_it_published_and_how_many_of_all(
+        deployment, tmp_path, unique_name, monkeypatch):
+    key = tmp_path / "dashboard.key"
+    public = (await enclaveq("keys", "generate", "--kind", "recipient", "--out", str(key))).stdout.strip()
+    toml = write_pipeline(tmp_path / "chain", name="chain", topics=unique_name, recipients=[bytes.fromhex(public)])
+    pipeline_id = (await enclaveq("pipeline", "create", str(toml), *deployment)).stdout.splitlines()[-1]
+    events_dir = tmp_path / "events"
+    events_dir.mkdir()
+    events = batch_of(10)
+    for i, event in enumerate(events):
+        np.savez(events_dir / f"event-{i}.npz", **event)
+    # The broker takes the first three events (four in flight) and refuses every one after.
+    confirmed = refuse_events_after(3, MemoryBroker, monkeypatch)
+    result = await enclaveq("publish", *deployment, "--pipeline", pipeline_id, "--inputs", str(events_dir),
+                            "--topic", f"{unique_name}/device-1/readings", "--max-in-flight", "4")
+    assert result.exit_code == 1 and result.stdout == "" and "Traceback" not in result.output, result.output
+    assert len(confirmed) == 3
+    told = [line for line in result.stderr.splitlines() if line.startswith(("published:", "error:"))]
+    *listed, error = told
+    assert error.startswith("error: could not publish event") and "refused the event" in error
+    assert error.endswith("; 3 of 10 events were published before it (listed above); publish the others again")
+    assert [line.split()[1] for line in listed] == ["event-0.npz", "event-1.npz", "event-2.npz"]  # in file order
+    event_ids = [line.split()[2] for line in listed]
+    assert len(set(event_ids)) == 3
+    # What was listed is what was published: the recipient gets those three, each of its file.
+    results = tmp_path / "results"
+    received = await enclaveq("subscribe", *deployment, "--pipeline", pipeline_id, "--key", str(key),
+                              "--output", str(results), "--count", "3", "--timeout", "30")
+    assert received.exit_code == 0, received.output
+    assert sorted(line.split()[0] for line in received.stdout.splitlines()) == sorted(event_ids)
+    for event_id, event in zip(event_ids, events):
+        with np.load(results / f"{event_id}.npz") as got:
+            np.testing.assert_array_equal(got["label"], run_chain(event)["label"])
 
 
 def test_subscribe_writes_every_output_name_0600_and_never_through_a_link(tmp_path):

@@ -24,12 +24,14 @@ from onnx import TensorProto, helper
 
 from attestation.policy import Policy
 from broker_adapters import open_broker
+from broker_adapters.errors import PublishFailed
 from producer_sdk import (
     AsyncClient, AsyncEventPublisher, AsyncResultSubscriber, Client, EventPublisher, ResultSubscriber,
 )
 from producer_sdk.core import ProducerCore, inbox_name
 from producer_sdk.errors import (
-    BadInput, JobTimeout, EventTopicError, InboxNotFound, NotOwner, PipelineRejected, UnknownPipeline,
+    BadInput, BrokerUnreachable, JobTimeout, EventTopicError, InboxNotFound, NotOwner, PipelineRejected,
+    UnknownPipeline,
 )
 from producer_sdk.events import _event_topic, topic_matches
 from producer_sdk.results import (
@@ -444,6 +446,57 @@ async def test_a_key_that_is_not_a_recipient_has_no_inbox_and_opens_nothing_in_a
     async with deployment.subscriber(pipeline_id, alice) as results:
         for _ in range(3):
             await results.receive(timeout=RESULT_TIMEOUT)
+
+
+def refuse_events_after(confirmed: int, adapter: object, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The broker behind ``adapter`` (an adapter, or an adapter class: every one opened after)
+    takes the first ``confirmed`` events and refuses every later one at once, as a broker that went
+    away would. It confirms the ones it takes only after it refused one: publishes still in flight
+    when another fails. Returns the message ids it confirmed, as it confirms them."""
+    real = adapter.publish_event  # type: ignore[attr-defined]
+    taken: list[str] = []
+    refused = asyncio.Event()
+    calls = 0
+
+    async def publish_event(*args, **options) -> None:  # (self,) topic, message: as `real` takes them
+        nonlocal calls
+        calls += 1
+        if calls > confirmed:
+            refused.set()
+            raise PublishFailed("the broker refused the event (injected)")
+        await refused.wait()
+        await real(*args, **options)
+        taken.append(args[-1].message_id)
+
+    monkeypatch.setattr(adapter, "publish_event", publish_event)
+    return taken
+
+
+async def test_a_batch_that_fails_partway_raises_as_before_and_reports_each_event_it_published(
+        memory_deployment, alice, monkeypatch):
+    deployment = memory_deployment
+    pipeline_id = await deployment.create([public(alice)])
+    events = batch_of(10)
+    reported: list[tuple[int, str]] = []
+    async with deployment.publisher(pipeline_id) as publisher, deployment.subscriber(pipeline_id, alice) as results:
+        confirmed = refuse_events_after(3, publisher.client._broker, monkeypatch)
+        # The broker's refusal comes out as it always did; the three confirmed while it was
+        # raised were reported before publish_many raised it.
+        with pytest.raises(BrokerUnreachable, match="refused the event"):
+            await publisher.publish_many(events, max_in_flight=4,
+                                         published=lambda index, event_id: reported.append((index, event_id)))
+        assert len(confirmed) == 3 and len(reported) == 3
+        indexes, event_ids = [index for index, _ in reported], [event_id for _, event_id in reported]
+        assert sorted(indexes) == [0, 1, 2] and len(set(event_ids)) == 3  # the events in flight before the 4th
+        # Each reported id is an event the recipient gets, computed from the event at that index.
+        received = {}
+        for _ in reported:
+            result = await results.receive(timeout=RESULT_TIMEOUT)
+            received[result.event_id] = result
+        assert set(received) == set(event_ids)
+        for index, event_id in reported:
+            assert_result_is_the_chain_of(received[event_id], events[index])
+        assert publisher.published == 3
 
 
 async def test_a_failed_event_comes_back_to_its_publisher_as_a_typed_error_and_others_are_unaffected(

@@ -22,6 +22,7 @@ from typing import Any
 import click
 import numpy as np
 
+from broker_adapters.errors import BrokerError
 from producer_sdk import EventPublisher, ResultSubscriber
 from producer_sdk.errors import EnclaveqError, JobTimeout
 from producer_sdk.events import EventInputs
@@ -279,7 +280,10 @@ def publish_command(broker_url: str, pool: str, policy: Path, timeout: float, pi
     the attested pool and published fire-and-forget: the command returns once
     the broker confirmed every event. Results go to the pipeline's recipients
     (`enclaveq subscribe`), never here; failures the pool reports while the
-    command runs are printed on stderr (exit 1).
+    command runs are printed on stderr (exit 1). If publishing --inputs stops
+    partway (the broker went away or refused an event), stderr names every
+    file whose event was published, in file order, before the error (exit 1):
+    `published: FILE EVENT_ID`. Publish the other files again.
 
     \b
     Examples:
@@ -324,6 +328,7 @@ def publish_command(broker_url: str, pool: str, policy: Path, timeout: float, pi
                     return
             yield arrays
 
+    published: dict[int, str] = {}  # index in files -> event id, as the broker confirms each
     with attested(broker_url, pool, lambda: EventPublisher(
             broker_url, pool, policy, pipeline_id, topic=topic, producer_key=producer_key_option(), timeout=timeout,
             max_in_flight=max_in_flight, collateral=collateral_of_command())) as publisher:
@@ -333,9 +338,12 @@ def publish_command(broker_url: str, pool: str, policy: Path, timeout: float, pi
             else:
                 with _progress() as bar:
                     task = bar.add_task("events", total=len(files))
-                    ids = publisher.publish_many(events(), progress=lambda n: bar.update(task, completed=n))
-        except EnclaveqError as exc:
-            _fail(str(exc))
+                    ids = publisher.publish_many(events(), progress=lambda n: bar.update(task, completed=n),
+                                                 published=published.__setitem__)
+        # The SDK reports the broker's failures as EnclaveqError (BrokerUnreachable, UnknownPipeline,
+        # JobTimeout); an adapter's BrokerError is caught as well, so no failure loses the list.
+        except (EnclaveqError, BrokerError) as exc:
+            _fail(f"{exc}{_report_published(files, published)}")
         for event_id in ids:
             click.echo(event_id)
         if unreadable:
@@ -345,6 +353,21 @@ def publish_command(broker_url: str, pool: str, policy: Path, timeout: float, pi
         click.echo(f"failed: event {error.event_id}: {error}", err=True)
     if failures:
         sys.exit(1)
+
+
+def _report_published(files: list[Path], published: dict[int, str]) -> str:
+    """After publishing --inputs ``files`` failed partway: name on stderr, in file order, each file
+    whose event the broker confirmed (``published: FILE EVENT_ID``), and return what the error
+    line adds -- how many were published -- so that the user sends the others again, and only
+    those. Nothing for a single event (--input, --text, --file): the error says it all."""
+    if not files:
+        return ""
+    for index in sorted(published):
+        click.echo(f"published: {files[index].name} {published[index]}", err=True)
+    if not published:
+        return f"; none of the {len(files)} events were published; publish them again"
+    return (f"; {len(published)} of {len(files)} events were published before it (listed above); "
+            f"publish the others again")
 
 
 class EventFileError(Exception):
