@@ -44,6 +44,7 @@ from attestation.claims import Claims
 from attestation.policy import Policy
 from protocol import bodies, crypto
 from protocol.errors import ProtocolError
+from protocol.pipeline import PipelineError, check_event_topic
 from protocol.results import check_event_id
 
 from .async_client import AsyncClient, CollateralLike, KeyLike
@@ -264,6 +265,10 @@ def _event_topic(source: str, requested: str | None) -> str:
         return source
     if _has_wildcard(requested):
         raise EventTopicError(f"topic {requested!r}: events are published on one topic, without + or #")
+    try:
+        check_event_topic(requested)
+    except PipelineError as exc:
+        raise EventTopicError(f"topic {requested!r}: {exc}") from None
     if not topic_matches(source, requested):
         raise EventTopicError(f"topic {requested!r} does not match the pipeline's source filter {source!r}")
     return requested

@@ -209,6 +209,16 @@ def _topic_levels(topic: object, *, key: str, wildcards: bool) -> list[str]:
     return levels
 
 
+def check_event_topic(topic: object) -> str:
+    """``topic`` if events can be published on it (one topic, no wildcards, levels every broker
+    adapter maps unchanged); else :class:`PipelineError`. A topic that matches a pipeline's source
+    filter only passes the filter's literal levels: the levels under its ``+`` and ``#`` are the
+    producer's, and are checked here before any broker sees them."""
+    _topic_levels(topic, key="", wildcards=False)
+    assert isinstance(topic, str)
+    return topic
+
+
 # The topics the MQTT adapter uses itself (broker_adapters/mqtt.py; a superset of
 # broker_adapters._common._INTERNAL_TOPICS): a pipeline must never subscribe to them, nor
 # publish into them (a sink on enclaveq/<pool>/jobs would inject results into the job queue).

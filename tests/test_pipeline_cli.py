@@ -271,6 +271,19 @@ async def test_publish_names_an_inputs_file_that_is_not_an_npz_as_submit_does(de
         assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
 
 
+async def test_publish_on_a_topic_no_broker_takes_is_one_line_not_a_traceback(deployment, tmp_path, unique_name):
+    key = tmp_path / "dashboard.key"
+    public = (await enclaveq("keys", "generate", "--kind", "recipient", "--out", str(key))).stdout.strip()
+    toml = write_pipeline(tmp_path / "chain", name="chain", topics=unique_name, recipients=[bytes.fromhex(public)])
+    pipeline_id = (await enclaveq("pipeline", "create", str(toml), *deployment)).stdout.splitlines()[-1]
+    result = await enclaveq("publish", *deployment, "--pipeline", pipeline_id, "--text", "hello",
+                            "--topic", f"{unique_name}/room 1/readings")
+    assert result.exit_code in (1, 2) and result.stdout == "", result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, ValueError)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "topic levels are 1-128 characters" in errors[0], result.stderr
+
+
 async def test_publish_checks_every_inputs_file_before_publishing_any(deployment, tmp_path, unique_name):
     # A bad file after a good one used to publish the good one (once the window let it be confirmed
     # before the bad file was read: --max-in-flight 1) and exit 2 without printing its id.

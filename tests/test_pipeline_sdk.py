@@ -288,6 +288,14 @@ def test_a_publisher_needs_one_concrete_topic_that_the_source_filter_matches():
         _event_topic("sensors/#", "sensors/+")
 
 
+@pytest.mark.parametrize("topic", ["sensors/room 2/readings", "sensors/$SYS/readings", "sensors/é/readings",
+                                   f"sensors/{'r' * 129}/readings", "sensors//readings"])
+def test_the_levels_a_producer_fills_in_under_a_wildcard_are_checked_as_a_topic(topic):
+    # They match "+" as MQTT matches, but no broker adapter takes them: a typed error, not a ValueError.
+    with pytest.raises(EventTopicError, match="topic levels are 1-128 characters"):
+        _event_topic("sensors/+/readings", topic)
+
+
 # --------------------------------------------------------------------------- recipient key files
 
 
