@@ -37,6 +37,7 @@ import logging
 import socket
 import uuid
 from collections import OrderedDict
+from urllib.parse import urlsplit
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -378,7 +379,7 @@ class _Conn:
             with contextlib.suppress(Exception):
                 await client.__aexit__(None, None, None)
             raise BrokerUnavailable(
-                f"cannot connect to {redact_url(b.url)}: {_reason(exc)}"
+                f"cannot connect to {redact_url(b.url)}: {_reason(exc, b.url)}"
             ) from None
 
     async def _unless_closed(self, call: Any, what: str) -> Any:
@@ -582,8 +583,14 @@ class _Conn:
                 sock.shutdown(socket.SHUT_RDWR)
 
 
-def _reason(exc: BaseException) -> str:
-    """One line for a connection failure: paho's reason text, never a repr of an object."""
+def _reason(exc: BaseException, url: str | None = None) -> str:
+    """One line for a connection failure: paho's reason text, never a repr of an object; a refused
+    TCP connection to ``url`` in the AMQP adapter's words, which name the address to fix."""
+    refused = any(isinstance(e, ConnectionRefusedError) for e in (exc, exc.__cause__, exc.__context__))
+    if url is not None and (refused or "Connection refused" in str(exc)):
+        parts = urlsplit(url)
+        port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+        return f"connection refused: no broker listens on {parts.hostname}:{port}"
     rc = getattr(exc, "rc", None)
     text = str(getattr(rc, "getName", lambda: "")() or "") if rc is not None else ""
     return text or str(exc) or type(exc).__name__

@@ -102,10 +102,10 @@ def test_attest_names_what_is_wrong_in_a_policy_file(sim, policy, says):
     assert_one_clear_line(enclaveq(*args, check=False), Mistake(args, 2, says))
 
 
-@pytest.mark.rabbitmq
-def test_a_broker_that_is_not_there_is_named_with_its_address(sim):
+@pytest.mark.parametrize("scheme", ["amqp", "mqtt"])
+def test_a_broker_that_is_not_there_is_named_with_its_address(sim, scheme):
     port = unused_port()
-    args = attest(f"amqp://guest:{SECRET}@127.0.0.1:{port}/", sim["policy"])
+    args = attest(f"{scheme}://guest:{SECRET}@127.0.0.1:{port}/", sim["policy"])
     assert_one_clear_line(enclaveq(*args, check=False), Mistake(args, 1, f"no broker listens on 127.0.0.1:{port}"))
 
 
