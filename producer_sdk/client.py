@@ -30,6 +30,11 @@ T = TypeVar("T")
 _DONE = object()
 
 
+# How long an interrupted call waits for its coroutine to unwind (its cancellation handlers run
+# on the loop; a broker that does not answer must not hold Ctrl-C up for long).
+CANCEL_WAIT_SECONDS = 10.0
+
+
 class BackgroundLoop:
     """An asyncio event loop in a daemon thread: how the synchronous classes (``Client``,
     ``EventPublisher``, ``ResultSubscriber``) drive their asyncio twins, so scripts and
@@ -45,8 +50,25 @@ class BackgroundLoop:
         return self.loop.is_closed()
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the loop and wait for its result (its exception is raised here)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        """Run ``coro`` on the loop and wait for its result (its exception is raised here). If the
+        wait is interrupted (Ctrl-C), ``coro`` is cancelled, and has unwound, before the
+        interruption goes on: it must not keep publishing or submitting behind a caller who stopped."""
+        unwound = threading.Event()
+
+        async def run() -> T:
+            try:
+                return await coro
+            finally:
+                unwound.set()
+
+        future = asyncio.run_coroutine_threadsafe(run(), self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            if not future.done():
+                future.cancel()  # cancels the task on the loop (run_coroutine_threadsafe chains them)
+                unwound.wait(CANCEL_WAIT_SECONDS)
+            raise
 
     def iterate(self, items: AsyncIterator[T]) -> Iterator[T]:
         """Yield what an async iterator yields, pumped on the loop; stopping early cancels it.

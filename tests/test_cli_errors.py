@@ -20,8 +20,14 @@ import pytest
 
 import numpy as np
 
+import aio_pika
+
+from bench.backpressure import ready_count
+from producer_sdk.core import inbox_name
+
 from .processes import ROOT, enclaveq
 from .support import batch_of, mlp_model
+from .test_pipeline_sdk import write_pipeline
 from .test_cli import conn, deployment  # noqa: F401 - the worker process fixture of the CLI tests
 
 SECRET = "s3cr@t-pa55"
@@ -171,6 +177,70 @@ def test_debug_shows_the_traceback_of_an_error(sim):
     args = ("--debug", *attest("amqp://guest:guest@127.0.0.1:5672/", sim["dir"] / "empty.toml"))
     result = enclaveq(*args, check=False)
     assert result.returncode != 0 and "Traceback" in result.stderr and "PolicyError" in result.stderr
+
+
+def _ready_messages(url: str, queue: str) -> int:
+    """A RabbitMQ queue's ready messages, asked over AMQP (fast enough to poll; 0 if not there yet)."""
+    async def ask() -> int:
+        connection = await aio_pika.connect(url)
+        async with connection:
+            return await ready_count(await connection.channel(), queue) or 0
+    return asyncio.run(ask())
+
+
+def _delete_queue(url: str, queue: str) -> None:
+    async def delete() -> None:
+        connection = await aio_pika.connect(url)
+        async with connection:
+            await (await connection.channel()).queue_delete(queue)
+    asyncio.run(delete())
+
+
+EVENTS = 3000  # published one at a time: seconds of publishing, to be interrupted in the middle
+
+
+@pytest.mark.rabbitmq
+def test_ctrl_c_during_publish_lists_every_event_published_and_stops_publishing(deployment, tmp_path,  # noqa: F811
+                                                                                enclaveq_home, unique_name):
+    key = tmp_path / "recipient.key"
+    public = enclaveq("keys", "generate", "--kind", "recipient", "--out", str(key)).stdout.strip()
+    toml = write_pipeline(tmp_path / "chain", name="chain", topics=unique_name, recipients=[bytes.fromhex(public)])
+    pipeline_id = enclaveq("pipeline", "create", str(toml), *conn(deployment)).stdout.splitlines()[-1]
+    stream = f"enclaveq.{deployment['pool']}.stream.{pipeline_id}"
+    inbox = f"enclaveq.inbox.{inbox_name(pipeline_id, bytes.fromhex(public))}"
+    events = tmp_path / "events"
+    events.mkdir()
+    for index, event in enumerate(batch_of(EVENTS)):
+        np.savez(events / f"event-{index:04d}.npz", **event)
+    # One event at a time: slow enough to be interrupted in the middle.
+    proc = subprocess.Popen([sys.executable, "-m", "enclaveq", "publish", *conn(deployment), "--pipeline", pipeline_id,
+                             "--inputs", str(events), "--topic", f"{unique_name}/device-1/readings",
+                             "--max-in-flight", "1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while _ready_messages(deployment["url"], inbox) < 5:  # five events went through the pipeline
+            assert time.monotonic() < deadline and proc.poll() is None, "no event was published"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert out == "" and "Traceback" not in err
+    listed = {line.split()[1]: line.split()[2] for line in err.splitlines() if line.startswith("published: ")}
+    said = [line for line in err.splitlines() if "interrupted" in line]
+    assert len(said) == 1 and said[0].startswith(f"interrupted: {len(listed)} of {EVENTS} events were published"), err
+    assert 5 <= len(listed) < EVENTS and all(name.startswith("event-") for name in listed)
+    # Nothing was published behind the list. Once the worker stopped (it finishes the events it
+    # holds and returns the rest), every event that reached the broker is a result in the inbox
+    # or still in the stream: the listed ones, and at most the one in flight at the interrupt.
+    try:
+        assert deployment["worker"].terminate() == 0
+        reached = _ready_messages(deployment["url"], inbox) + _ready_messages(deployment["url"], stream)
+        assert len(listed) <= reached <= len(listed) + 1, (reached, len(listed))
+    finally:
+        _delete_queue(deployment["url"], inbox)  # a pipeline's inbox outlives its pool
 
 
 @pytest.mark.rabbitmq

@@ -33,6 +33,7 @@ from protocol.results import PipelineResult
 
 from .owner_key import find_owner_key
 from .collateral import collateral_of_command
+from .exits import Interrupted
 from .npz_files import read_npz, write_npz
 from .producer import (
     _client, _fail, _key_option, _owner_key, _parse_inputs, _progress, attested, connection_options,
@@ -283,7 +284,8 @@ def publish_command(broker_url: str, pool: str, policy: Path, timeout: float, pi
     command runs are printed on stderr (exit 1). If publishing --inputs stops
     partway (the broker went away or refused an event), stderr names every
     file whose event was published, in file order, before the error (exit 1):
-    `published: FILE EVENT_ID`. Publish the other files again.
+    `published: FILE EVENT_ID`. Publish the other files again. Ctrl-C lists
+    them the same way (exit 130).
 
     \b
     Examples:
@@ -329,6 +331,7 @@ def publish_command(broker_url: str, pool: str, policy: Path, timeout: float, pi
             yield arrays
 
     published: dict[int, str] = {}  # index in files -> event id, as the broker confirms each
+    interrupted = False
     with attested(broker_url, pool, lambda: EventPublisher(
             broker_url, pool, policy, pipeline_id, topic=topic, producer_key=producer_key_option(), timeout=timeout,
             max_in_flight=max_in_flight, collateral=collateral_of_command())) as publisher:
@@ -344,11 +347,23 @@ def publish_command(broker_url: str, pool: str, policy: Path, timeout: float, pi
         # JobTimeout); an adapter's BrokerError is caught as well, so no failure loses the list.
         except (EnclaveqError, BrokerError) as exc:
             _fail(f"{exc}{_report_published(files, published)}")
-        for event_id in ids:
-            click.echo(event_id)
-        if unreadable:
-            _fail(f"{unreadable[0]}; the {len(ids)} event(s) before it were published (their ids above), none after", 2)
+        except KeyboardInterrupt:
+            if single is not None or not files:
+                raise
+            interrupted = True  # said once the publisher is closed: no confirm can come after the list
+        if not interrupted:
+            for event_id in ids:
+                click.echo(event_id)
+            if unreadable:
+                _fail(f"{unreadable[0]}; the {len(ids)} event(s) before it were published (their ids above), "
+                      "none after", 2)
         failures = publisher.errors
+    if interrupted:
+        for index in sorted(published):
+            click.echo(f"published: {files[index].name} {published[index]}", err=True)
+        click.echo(f"interrupted: {len(published)} of {len(files)} events were published (listed above); publish "
+                   f"the others again (one in flight at the interrupt may have reached the pool too)", err=True)
+        raise Interrupted from None  # said above: the entry point exits 130 without saying it again
     for error in failures:
         click.echo(f"failed: event {error.event_id}: {error}", err=True)
     if failures:
