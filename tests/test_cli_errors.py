@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,6 +180,24 @@ def test_debug_shows_the_traceback_of_an_error(sim):
     assert result.returncode != 0 and "Traceback" in result.stderr and "PolicyError" in result.stderr
 
 
+def interrupted_once(args: tuple[str, ...], condition: Callable[[], bool], what: str) -> tuple[int, str, str]:
+    """Run ``enclaveq ARGS`` in a process of its own, press Ctrl-C (SIGINT) once ``condition()``
+    holds (bounded: the command must still be running then), and return its exit code and output."""
+    proc = subprocess.Popen([sys.executable, "-m", "enclaveq", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert time.monotonic() < deadline and proc.poll() is None, f"not reached while the command ran: {what}"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out, err
+
+
 def _ready_messages(url: str, queue: str) -> int:
     """A RabbitMQ queue's ready messages, asked over AMQP (fast enough to poll; 0 if not there yet)."""
     async def ask() -> int:
@@ -213,20 +232,11 @@ def test_ctrl_c_during_publish_lists_every_event_published_and_stops_publishing(
     for index, event in enumerate(batch_of(EVENTS)):
         np.savez(events / f"event-{index:04d}.npz", **event)
     # One event at a time: slow enough to be interrupted in the middle.
-    proc = subprocess.Popen([sys.executable, "-m", "enclaveq", "publish", *conn(deployment), "--pipeline", pipeline_id,
-                             "--inputs", str(events), "--topic", f"{unique_name}/device-1/readings",
-                             "--max-in-flight", "1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        deadline = time.monotonic() + 60
-        while _ready_messages(deployment["url"], inbox) < 5:  # five events went through the pipeline
-            assert time.monotonic() < deadline and proc.poll() is None, "no event was published"
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
+    returncode, out, err = interrupted_once(
+        ("publish", *conn(deployment), "--pipeline", pipeline_id, "--inputs", str(events), "--topic",
+         f"{unique_name}/device-1/readings", "--max-in-flight", "1"),
+        lambda: _ready_messages(deployment["url"], inbox) >= 5, "five events went through the pipeline")
+    assert returncode == 130, err
     assert out == "" and "Traceback" not in err
     listed = {line.split()[1]: line.split()[2] for line in err.splitlines() if line.startswith("published: ")}
     said = [line for line in err.splitlines() if "interrupted" in line]
@@ -253,21 +263,11 @@ def test_ctrl_c_exits_130_says_so_and_keeps_the_results_already_written(deployme
     for index, job in enumerate(batch_of(400)):
         np.savez(inputs / f"job-{index:04d}.npz", **job)
     # One job at a time, one message each: slow enough to be interrupted in the middle.
-    proc = subprocess.Popen([sys.executable, "-m", "enclaveq", "submit", *conn(deployment), "--model", model_id,
-                             "--inputs", str(inputs), "--output", str(output), "--max-in-flight", "1",
-                             "--frame-jobs", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        deadline = time.monotonic() + 60
-        while not (output.is_dir() and len(list(output.glob("*.npz"))) >= 5):
-            assert time.monotonic() < deadline and proc.poll() is None, "no result was written"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
+    returncode, _, err = interrupted_once(
+        ("submit", *conn(deployment), "--model", model_id, "--inputs", str(inputs), "--output", str(output),
+         "--max-in-flight", "1", "--frame-jobs", "0"),
+        lambda: output.is_dir() and len(list(output.glob("*.npz"))) >= 5, "five results were written")
+    assert returncode == 130, err
     assert "Traceback" not in err and "interrupted" in err and "run the same command again" in err
     said = [line for line in err.splitlines() if "interrupted" in line]
     assert len(said) == 1 and said[0].startswith("interrupted: "), err  # said once, with what was kept

@@ -181,6 +181,14 @@ async def deployment(tmp_path, tee, memory_url, pool):
         yield ["--broker", memory_url, "--pool", pool, "--policy", str(policy)]
 
 
+async def pipeline_for_one_recipient(deployment: list[str], tmp_path: Path, topics: str) -> tuple[Path, str]:
+    """A recipient key (``tmp_path/dashboard.key``) and the id of a pipeline created for it alone."""
+    key = tmp_path / "dashboard.key"
+    public = (await enclaveq("keys", "generate", "--kind", "recipient", "--out", str(key))).stdout.strip()
+    toml = write_pipeline(tmp_path / "chain", name="chain", topics=topics, recipients=[bytes.fromhex(public)])
+    return key, (await enclaveq("pipeline", "create", str(toml), *deployment)).stdout.splitlines()[-1]
+
+
 async def test_create_publish_subscribe_list_and_delete_as_the_contract_says(deployment, tmp_path, unique_name):
     key = tmp_path / "dashboard.key"
     public = (await enclaveq("keys", "generate", "--kind", "recipient", "--out", str(key))).stdout.strip()
@@ -253,10 +261,7 @@ async def test_a_key_that_is_not_a_recipient_is_told_so_by_subscribe(deployment,
 
 
 async def test_publish_names_an_inputs_file_that_is_not_an_npz_as_submit_does(deployment, tmp_path, unique_name):
-    key = tmp_path / "dashboard.key"
-    public = (await enclaveq("keys", "generate", "--kind", "recipient", "--out", str(key))).stdout.strip()
-    toml = write_pipeline(tmp_path / "chain", name="chain", topics=unique_name, recipients=[bytes.fromhex(public)])
-    pipeline_id = (await enclaveq("pipeline", "create", str(toml), *deployment)).stdout.splitlines()[-1]
+    key, pipeline_id = await pipeline_for_one_recipient(deployment, tmp_path, unique_name)
     text, npy = tmp_path / "text", tmp_path / "npy"
     text.mkdir()
     npy.mkdir()
@@ -272,10 +277,7 @@ async def test_publish_names_an_inputs_file_that_is_not_an_npz_as_submit_does(de
 
 
 async def test_publish_on_a_topic_no_broker_takes_is_one_line_not_a_traceback(deployment, tmp_path, unique_name):
-    key = tmp_path / "dashboard.key"
-    public = (await enclaveq("keys", "generate", "--kind", "recipient", "--out", str(key))).stdout.strip()
-    toml = write_pipeline(tmp_path / "chain", name="chain", topics=unique_name, recipients=[bytes.fromhex(public)])
-    pipeline_id = (await enclaveq("pipeline", "create", str(toml), *deployment)).stdout.splitlines()[-1]
+    key, pipeline_id = await pipeline_for_one_recipient(deployment, tmp_path, unique_name)
     result = await enclaveq("publish", *deployment, "--pipeline", pipeline_id, "--text", "hello",
                             "--topic", f"{unique_name}/room 1/readings")
     assert result.exit_code in (1, 2) and result.stdout == "", result.output
@@ -287,10 +289,7 @@ async def test_publish_on_a_topic_no_broker_takes_is_one_line_not_a_traceback(de
 async def test_publish_checks_every_inputs_file_before_publishing_any(deployment, tmp_path, unique_name):
     # A bad file after a good one used to publish the good one (once the window let it be confirmed
     # before the bad file was read: --max-in-flight 1) and exit 2 without printing its id.
-    key = tmp_path / "dashboard.key"
-    public = (await enclaveq("keys", "generate", "--kind", "recipient", "--out", str(key))).stdout.strip()
-    toml = write_pipeline(tmp_path / "chain", name="chain", topics=unique_name, recipients=[bytes.fromhex(public)])
-    pipeline_id = (await enclaveq("pipeline", "create", str(toml), *deployment)).stdout.splitlines()[-1]
+    key, pipeline_id = await pipeline_for_one_recipient(deployment, tmp_path, unique_name)
     events = tmp_path / "events"
     events.mkdir()
     for good, event in zip(("a-good.npz", "b-good.npz", "e-good.npz"), batch_of(3)):
@@ -310,10 +309,7 @@ async def test_publish_checks_every_inputs_file_before_publishing_any(deployment
 
 async def test_publish_that_fails_partway_names_each_file_it_published_and_how_many_of_all(
         deployment, tmp_path, unique_name, monkeypatch):
-    key = tmp_path / "dashboard.key"
-    public = (await enclaveq("keys", "generate", "--kind", "recipient", "--out", str(key))).stdout.strip()
-    toml = write_pipeline(tmp_path / "chain", name="chain", topics=unique_name, recipients=[bytes.fromhex(public)])
-    pipeline_id = (await enclaveq("pipeline", "create", str(toml), *deployment)).stdout.splitlines()[-1]
+    key, pipeline_id = await pipeline_for_one_recipient(deployment, tmp_path, unique_name)
     events_dir = tmp_path / "events"
     events_dir.mkdir()
     events = batch_of(10)
