@@ -8,12 +8,13 @@ interrupted), one line on stderr naming the problem, no traceback, and never a p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,12 +208,17 @@ def _ready_messages(url: str, queue: str) -> int:
     return asyncio.run(ask())
 
 
-def _delete_queue(url: str, queue: str) -> None:
+@contextlib.contextmanager
+def deleted_afterwards(url: str, queue: str) -> Iterator[None]:
+    """Delete ``queue`` from RabbitMQ once the block is over, whatever happened in it."""
     async def delete() -> None:
         connection = await aio_pika.connect(url)
         async with connection:
             await (await connection.channel()).queue_delete(queue)
-    asyncio.run(delete())
+    try:
+        yield
+    finally:
+        asyncio.run(delete())
 
 
 EVENTS = 3000  # published one at a time: seconds of publishing, to be interrupted in the middle
@@ -227,30 +233,28 @@ def test_ctrl_c_during_publish_lists_every_event_published_and_stops_publishing(
     pipeline_id = enclaveq("pipeline", "create", str(toml), *conn(deployment)).stdout.splitlines()[-1]
     stream = f"enclaveq.{deployment['pool']}.stream.{pipeline_id}"
     inbox = f"enclaveq.inbox.{inbox_name(pipeline_id, bytes.fromhex(public))}"
-    events = tmp_path / "events"
-    events.mkdir()
-    for index, event in enumerate(batch_of(EVENTS)):
-        np.savez(events / f"event-{index:04d}.npz", **event)
-    # One event at a time: slow enough to be interrupted in the middle.
-    returncode, out, err = interrupted_once(
-        ("publish", *conn(deployment), "--pipeline", pipeline_id, "--inputs", str(events), "--topic",
-         f"{unique_name}/device-1/readings", "--max-in-flight", "1"),
-        lambda: _ready_messages(deployment["url"], inbox) >= 5, "five events went through the pipeline")
-    assert returncode == 130, err
-    assert out == "" and "Traceback" not in err
-    listed = {line.split()[1]: line.split()[2] for line in err.splitlines() if line.startswith("published: ")}
-    said = [line for line in err.splitlines() if "interrupted" in line]
-    assert len(said) == 1 and said[0].startswith(f"interrupted: {len(listed)} of {EVENTS} events were published"), err
-    assert 5 <= len(listed) < EVENTS and all(name.startswith("event-") for name in listed)
-    # Nothing was published behind the list. Once the worker stopped (it finishes the events it
-    # holds and returns the rest), every event that reached the broker is a result in the inbox
-    # or still in the stream: the listed ones, and at most the one in flight at the interrupt.
-    try:
+    with deleted_afterwards(deployment["url"], inbox):  # a pipeline's inbox outlives its pool
+        events = tmp_path / "events"
+        events.mkdir()
+        for index, event in enumerate(batch_of(EVENTS)):
+            np.savez(events / f"event-{index:04d}.npz", **event)
+        # One event at a time: slow enough to be interrupted in the middle.
+        returncode, out, err = interrupted_once(
+            ("publish", *conn(deployment), "--pipeline", pipeline_id, "--inputs", str(events), "--topic",
+             f"{unique_name}/device-1/readings", "--max-in-flight", "1"),
+            lambda: _ready_messages(deployment["url"], inbox) >= 5, "five events went through the pipeline")
+        assert returncode == 130, err
+        assert out == "" and "Traceback" not in err
+        listed = {line.split()[1]: line.split()[2] for line in err.splitlines() if line.startswith("published: ")}
+        said = [line for line in err.splitlines() if "interrupted" in line]
+        assert len(said) == 1 and said[0].startswith(f"interrupted: {len(listed)} of {EVENTS} events were published"), err
+        assert 5 <= len(listed) < EVENTS and all(name.startswith("event-") for name in listed)
+        # Nothing was published behind the list. Once the worker stopped (it finishes the events it
+        # holds and returns the rest), every event that reached the broker is a result in the inbox
+        # or still in the stream: the listed ones, and at most the one in flight at the interrupt.
         assert deployment["worker"].terminate() == 0
         reached = _ready_messages(deployment["url"], inbox) + _ready_messages(deployment["url"], stream)
         assert len(listed) <= reached <= len(listed) + 1, (reached, len(listed))
-    finally:
-        _delete_queue(deployment["url"], inbox)  # a pipeline's inbox outlives its pool
 
 
 @pytest.mark.rabbitmq
