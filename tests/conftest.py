@@ -98,14 +98,12 @@ def fresh_log_budget() -> None:
 @pytest.fixture
 async def rabbitmq_url(request: pytest.FixtureRequest, unique_name: str) -> AsyncIterator[str]:
     """The RabbitMQ broker. Afterwards the pool named ``unique_name`` (the ``pool`` fixture) is
-    deleted from it, whatever the test declared, so the shared broker keeps no leftovers."""
+    deleted from it, whatever the test declared, and the pipeline inboxes the test declared itself,
+    so the shared broker keeps no leftovers."""
     request.node.add_marker("rabbitmq")
     _need(_listening("127.0.0.1", 5672), "RabbitMQ on 127.0.0.1:5672")
     yield RABBITMQ_URL
-    from broker_adapters import open_broker
-
-    async with open_broker(RABBITMQ_URL) as broker:
-        await broker.delete_pool(unique_name)
+    await _delete_what_the_test_left(RABBITMQ_URL, unique_name)
 
 
 @pytest.fixture
@@ -122,14 +120,26 @@ def rabbitmqctl(request: pytest.FixtureRequest):
 @pytest.fixture
 async def mosquitto_url(request: pytest.FixtureRequest, unique_name: str) -> AsyncIterator[str]:
     """The Mosquitto broker. Afterwards the pool named ``unique_name`` is deleted from it (its
-    retained records and persistent sessions), so the shared broker keeps no leftovers."""
+    retained records and persistent sessions), and the pipeline inboxes the test declared itself,
+    so the shared broker keeps no leftovers."""
     request.node.add_marker("mosquitto")
     _need(_listening("127.0.0.1", 1883), "Mosquitto on 127.0.0.1:1883")
     yield MOSQUITTO_URL
+    await _delete_what_the_test_left(MOSQUITTO_URL, unique_name)
+
+
+async def _delete_what_the_test_left(url: str, pool: str) -> None:
+    """The pool ``pool`` on the broker at ``url``, and the pipeline inboxes the test declared there
+    itself (``support.DECLARED_INBOXES``: an inbox outlives its pool)."""
     from broker_adapters import open_broker
 
-    async with open_broker(MOSQUITTO_URL) as broker:
-        await broker.delete_pool(unique_name)
+    from .support import DECLARED_INBOXES
+
+    async with open_broker(url) as broker:
+        await broker.delete_pool(pool)
+        for declared in [entry for entry in DECLARED_INBOXES if entry[0] == url]:
+            DECLARED_INBOXES.discard(declared)
+            await broker.delete_inbox(declared[1])
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from protocol import bodies, crypto
 from protocol.pipeline import PipelineSpec, Reference, SignedPipeline, Stage, sign_pipeline
 from protocol.results import PipelineResult, open_result
 
-from .support import TIMEOUT
+from .support import DECLARED_INBOXES, TIMEOUT
 
 
 def _model(op: str, constant: float, x: str, y: str, *, out_type: int = TensorProto.FLOAT) -> bytes:
@@ -94,6 +94,8 @@ class Deployment:
         await self.broker.declare_stream(self.pool, signed.pipeline_id, spec.source_topic,
                                          exchange=spec.source_exchange)
         for recipient in spec.recipients:
+            if not self.client.broker_url.startswith("memory:"):  # the in-process broker goes with the process
+                DECLARED_INBOXES.add((self.client.broker_url, f"{signed.pipeline_id}.{recipient.hex()[:32]}"))
             await self.broker.declare_inbox(f"{signed.pipeline_id}.{recipient.hex()[:32]}", spec.sink_topic,
                                             exchange=spec.sink_exchange)
         outcome = await self.client._request(lambda: self.core._seal(

@@ -186,6 +186,11 @@ async def wait_until(condition: Callable[[], bool], what: str = "the condition",
 # -- reaching into the brokers ----------------------------------------------------------------------
 
 
+# Pipeline inboxes a test declared itself (tests/pipeline_support.py's Deployment.put): unlike the
+# pool's queues they outlive the pool, so conftest's broker fixtures delete them after the test.
+DECLARED_INBOXES: set[tuple[str, str]] = set()  # (broker URL, inbox name)
+
+
 async def dead_letters(url: str, pool: str) -> int:
     """How many jobs of ``pool`` were dead-lettered (counted by draining its dead-letter queue
     briefly). Distinct message ids: giving a letter back may show it again within the window."""

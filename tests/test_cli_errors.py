@@ -267,10 +267,10 @@ def test_ctrl_c_exits_130_says_so_and_keeps_the_results_already_written(deployme
     for index, job in enumerate(batch_of(400)):
         np.savez(inputs / f"job-{index:04d}.npz", **job)
     # One job at a time, one message each: slow enough to be interrupted in the middle.
+    command = ("submit", *conn(deployment), "--model", model_id, "--inputs", str(inputs), "--output", str(output),
+               "--max-in-flight", "1", "--frame-jobs", "0")
     returncode, _, err = interrupted_once(
-        ("submit", *conn(deployment), "--model", model_id, "--inputs", str(inputs), "--output", str(output),
-         "--max-in-flight", "1", "--frame-jobs", "0"),
-        lambda: output.is_dir() and len(list(output.glob("*.npz"))) >= 5, "five results were written")
+        command, lambda: output.is_dir() and len(list(output.glob("*.npz"))) >= 5, "five results were written")
     assert returncode == 130, err
     assert "Traceback" not in err and "interrupted" in err and "run the same command again" in err
     said = [line for line in err.splitlines() if "interrupted" in line]
@@ -280,6 +280,11 @@ def test_ctrl_c_exits_130_says_so_and_keeps_the_results_already_written(deployme
     for path in written:  # every result kept is whole
         with np.load(path) as data:
             assert data["logits"].shape == (2, 3)
+    # As it said: the same command again finishes the batch (and deletes its reply queue, which
+    # waited for it on the broker), sending only the jobs without a result.
+    again = enclaveq(*command)
+    assert f"jobs: {400 - len(written)}  failed: 0" in again.stdout, again.stdout + again.stderr
+    assert len(list(output.glob("*.npz"))) == 400 and not (output / ".enclaveq-journal").exists()
 
 
 def input_files(folder: Path) -> dict[str, Path]:
