@@ -37,10 +37,10 @@ import logging
 import socket
 import uuid
 from collections import OrderedDict
-from urllib.parse import urlsplit
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiomqtt
 import paho.mqtt.client as paho

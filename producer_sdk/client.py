@@ -54,11 +54,21 @@ class BackgroundLoop:
         wait is interrupted (Ctrl-C), ``coro`` is cancelled, and has unwound, before the
         interruption goes on: it must not keep publishing or submitting behind a caller who stopped."""
         unwound = threading.Event()
+        started = False
 
         async def run() -> T:
+            nonlocal started
+            started = True
             try:
                 return await coro
             finally:
+                unwound.set()
+
+        def if_never_started() -> None:
+            # Queued after the task's cancellation: a task cancelled before its first step never
+            # runs its body, so there is nothing to wait for (and ``coro`` is closed unawaited).
+            if not started:
+                coro.close()
                 unwound.set()
 
         future = asyncio.run_coroutine_threadsafe(run(), self.loop)
@@ -67,6 +77,7 @@ class BackgroundLoop:
         except BaseException:
             if not future.done():
                 future.cancel()  # cancels the task on the loop (run_coroutine_threadsafe chains them)
+                self.loop.call_soon_threadsafe(if_never_started)
                 unwound.wait(CANCEL_WAIT_SECONDS)
             raise
 

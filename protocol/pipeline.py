@@ -50,7 +50,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -214,9 +214,8 @@ def check_event_topic(topic: object) -> str:
     adapter maps unchanged); else :class:`PipelineError`. A topic that matches a pipeline's source
     filter only passes the filter's literal levels: the levels under its ``+`` and ``#`` are the
     producer's, and are checked here before any broker sees them."""
-    _topic_levels(topic, key="", wildcards=False)
-    assert isinstance(topic, str)
-    return topic
+    _topic_levels(topic, key="", wildcards=False)  # raises for anything but a usable topic string
+    return cast(str, topic)
 
 
 # The topics the MQTT adapter uses itself (broker_adapters/mqtt.py; a superset of
