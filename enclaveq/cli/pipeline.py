@@ -22,7 +22,6 @@ from typing import Any
 import click
 import numpy as np
 
-from broker_adapters.errors import BrokerError
 from producer_sdk import EventPublisher, ResultSubscriber
 from producer_sdk.errors import EnclaveqError, JobTimeout
 from producer_sdk.events import EventInputs
@@ -343,12 +342,17 @@ def publish_command(broker_url: str, pool: str, policy: Path, timeout: float, pi
                     task = bar.add_task("events", total=len(files))
                     ids = publisher.publish_many(events(), progress=lambda n: bar.update(task, completed=n),
                                                  published=published.__setitem__)
-        # The SDK reports the broker's failures as EnclaveqError (BrokerUnreachable, UnknownPipeline,
-        # JobTimeout); an adapter's BrokerError is caught as well, so no failure loses the list.
-        except (EnclaveqError, BrokerError) as exc:
-            _fail(f"{exc}{_report_published(files, published)}")
+        # The SDK reports every broker failure as an EnclaveqError (BrokerUnreachable, UnknownPipeline,
+        # JobTimeout): the events published before it are listed, so that only the others are sent again.
+        except EnclaveqError as exc:
+            if single is not None:
+                _fail(str(exc))
+            _list_published(files, published)
+            _fail(f"{exc}; " + (f"{len(published)} of {len(files)} events were published before it (listed above); "
+                                "publish the others again" if published else
+                                f"none of the {len(files)} events were published; publish them again"))
         except KeyboardInterrupt:
-            if single is not None or not files:
+            if single is not None:
                 raise
             interrupted = True  # said once the publisher is closed: no confirm can come after the list
         if not interrupted:
@@ -359,8 +363,7 @@ def publish_command(broker_url: str, pool: str, policy: Path, timeout: float, pi
                       "none after", 2)
         failures = publisher.errors
     if interrupted:
-        for index in sorted(published):
-            click.echo(f"published: {files[index].name} {published[index]}", err=True)
+        _list_published(files, published)
         click.echo(f"interrupted: {len(published)} of {len(files)} events were published (listed above); publish "
                    f"the others again (one in flight at the interrupt may have reached the pool too)", err=True)
         raise Interrupted from None  # said above: the entry point exits 130 without saying it again
@@ -370,19 +373,11 @@ def publish_command(broker_url: str, pool: str, policy: Path, timeout: float, pi
         sys.exit(1)
 
 
-def _report_published(files: list[Path], published: dict[int, str]) -> str:
-    """After publishing --inputs ``files`` failed partway: name on stderr, in file order, each file
-    whose event the broker confirmed (``published: FILE EVENT_ID``), and return what the error
-    line adds -- how many were published -- so that the user sends the others again, and only
-    those. Nothing for a single event (--input, --text, --file): the error says it all."""
-    if not files:
-        return ""
+def _list_published(files: list[Path], published: dict[int, str]) -> None:
+    """When publishing --inputs ``files`` stopped partway (a failure, Ctrl-C): name on stderr, in
+    file order, each file whose event the broker confirmed (``published: FILE EVENT_ID``)."""
     for index in sorted(published):
         click.echo(f"published: {files[index].name} {published[index]}", err=True)
-    if not published:
-        return f"; none of the {len(files)} events were published; publish them again"
-    return (f"; {len(published)} of {len(files)} events were published before it (listed above); "
-            f"publish the others again")
 
 
 class EventFileError(Exception):
