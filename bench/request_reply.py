@@ -75,7 +75,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 
 import numpy as np
 
@@ -854,9 +854,11 @@ def _server_profile_index(profiles: list, name: str) -> int:
 
 
 
-async def timed_submit(client: Any, model_id: str, inputs: Any, **options: Any) -> tuple[float, list[float], int]:
+async def timed_submit(client: Any, model_id: str, inputs: Any, *, kept: Callable[[Any], None] | None = None,
+                       **options: Any) -> tuple[float, list[float], int]:
     """``client.submit(model_id, inputs, **options)`` timed: (seconds, per-job latencies in ms from
-    the moment the SDK took each job, errors). The first error is printed."""
+    the moment the SDK took each job, errors). The first error is printed. ``kept(result)``, if
+    given, is called with each successful result before its latency is taken (e.g. to write it)."""
     stamps: dict[int, float] = {}
     latencies: list[float] = []
     errors = 0
@@ -864,6 +866,8 @@ async def timed_submit(client: Any, model_id: str, inputs: Any, **options: Any) 
     started = time.perf_counter()
     async with contextlib.aclosing(client.submit(model_id, batch, **options)) as results:
         async for result in results:
+            if result.ok and kept is not None:
+                kept(result)
             now = time.perf_counter()
             if result.ok:
                 latencies.append(1000 * (now - stamps.pop(result.index)))

@@ -45,6 +45,12 @@ enclaveq CLI [cli]
     end as a subprocess (interpreter start-up, attestation of the pool, reading the inputs and
     writing one result .npz per job included). It has no per-job latencies; its client CPU is
     the subprocess's.
+SDK + np.load/np.savez [sdk-files]
+    the script a user would write to do the CLI's job with the SDK: ``AsyncClient.submit`` (as
+    framed, already connected) fed from the CLI row's input files, each read with ``np.load``
+    as the SDK takes it, each result written with ``np.savez`` as it arrives. The same jobs and
+    the same files as the CLI row, so "CLI once started / SDK + np.load/np.savez" compares the
+    CLI with the SDK doing the same work.
 
 Every model-running system runs the tiny ONNX graph ``bench/request_reply.py`` builds (float32
 x[1,16] -> x + 1). For each system and round: a warm-up batch of ``W`` jobs (default 200, not
@@ -89,6 +95,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,12 +123,14 @@ SYSTEMS: dict[str, str] = {
     "per-message": "enclaveq per-message",
     "framed": "enclaveq framed",
     "cli": "enclaveq CLI",
+    "sdk-files": "SDK + np.load/np.savez",
 }
 # (numerator, denominator, label)
 RATIOS = [
     ("framed", "plain", "framed / aio-pika plain"),
     ("framed", "dramatiq", "framed / Dramatiq"),
     ("cli", "framed", "CLI / SDK (framed)"),
+    ("cli", "sdk-files", "CLI / SDK + np.load/np.savez"),
     ("per-message", "plain", "per-message / aio-pika plain"),
 ]
 REPO = Path(__file__).resolve().parent.parent
@@ -545,6 +554,35 @@ class EnclaveqCli:
         return seconds, [], failed
 
 
+class EnclaveqSdkFiles:
+    """The CLI's job done by a script on the SDK: inputs from the CLI row's .npz files, read with
+    ``np.load`` as ``submit`` takes them, results written with ``np.savez`` as they arrive."""
+
+    def __init__(self, eq: Enclaveq, files: EnclaveqCli, tmp: Path) -> None:
+        self.eq, self.files, self.tmp = eq, files, tmp
+        self._runs = 0
+
+    async def batch(self, n: int, concurrency: int) -> tuple[float, list[float], int]:
+        paths = sorted(self.files.input_dir(n).iterdir())
+        self._runs += 1
+        output = self.tmp / f"sdk-out-{self._runs}"
+        output.mkdir()
+
+        def inputs() -> Any:
+            for path in paths:
+                with np.load(path, allow_pickle=False) as npz:
+                    yield {name: npz[name] for name in npz.files}
+
+        def keep(result: Any) -> None:
+            np.savez(output / paths[result.index].name, **result.outputs)
+
+        try:
+            return await timed_submit(self.eq.client, str(self.eq.model_id), inputs(), kept=keep,
+                                      max_in_flight=concurrency)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, output, True)
+
+
 def _thread_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_THREAD)
     return usage.ru_utime + usage.ru_stime
@@ -674,7 +712,7 @@ async def run(args: argparse.Namespace, selected: list[str]) -> int:
                     await cel.start()
                     systems["celery"] = (cel, cel.proc.pid if cel.proc else None)
                 cli: EnclaveqCli | None = None
-                if {"per-message", "framed", "cli"} & set(selected):
+                if {"per-message", "framed", "cli", "sdk-files"} & set(selected):
                     eq = Enclaveq(args.broker, f"thr-{run_id}", workload, tmp, None)
                     owners.append(eq)
                     await eq.start()
@@ -683,13 +721,16 @@ async def run(args: argparse.Namespace, selected: list[str]) -> int:
                         systems["per-message"] = (EnclaveqSubmit(eq, workload, framed=False), pid)
                     if "framed" in selected:
                         systems["framed"] = (EnclaveqSubmit(eq, workload, framed=True), pid)
-                    if "cli" in selected:
+                    if {"cli", "sdk-files"} & set(selected):
                         cli_tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(
                             prefix="enclaveq-bench-cli-", dir=args.cli_dir)))
                         cli = EnclaveqCli(eq, workload, cli_tmp)
                         # The input files, written now: not in the phase's time or CPU.
                         await asyncio.to_thread(cli.prepare, args.warmup, args.jobs)
-                        systems["cli"] = (cli, pid)
+                        if "cli" in selected:
+                            systems["cli"] = (cli, pid)
+                        if "sdk-files" in selected:
+                            systems["sdk-files"] = (EnclaveqSdkFiles(eq, cli, cli_tmp), pid)
             console.print("answering processes: " + ", ".join(
                 f"{SYSTEMS[k]} pid {pid}" for k, (_, pid) in systems.items()))
             if producer_cpus is not None:
@@ -717,7 +758,7 @@ async def run(args: argparse.Namespace, selected: list[str]) -> int:
                     other = "" if r.other_cores is None else f"  other load {r.other_cores:.2f} cores"
                     console.print(f"  round {rnd + 1} {SYSTEMS[key]:22} {r.jobs_per_s:8.0f} jobs/s  "
                                   f"p50 {_fmt(r.pct(50)):>7} ms  p99 {_fmt(r.pct(99)):>7} ms  errors {r.errors}{other}")
-            if cli is not None and args.jobs:
+            if cli is not None and "cli" in systems and args.jobs:
                 with console.status("measuring what the CLI's files cost"):
                     scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(
                         prefix="enclaveq-bench-files-", dir=args.cli_dir)))
@@ -739,17 +780,19 @@ async def run(args: argparse.Namespace, selected: list[str]) -> int:
         console.print(f"enclaveq CLI: end to end above; its own summary line (after start-up and attestation) "
                       f"said {', '.join(cli_reported[r] for r in sorted(cli_reported))} jobs/s")
     ratios: dict[str, float | None] = {}
-    framed_by_round = {r.round: r.jobs_per_s for r in results if r.system == "framed" and r.jobs_per_s}
-    started_ratios = [cli_marginal[rnd] / framed_by_round[rnd] for rnd in sorted(cli_marginal) if rnd in framed_by_round]
     if cli_marginal:
         console.print(f"enclaveq CLI once started (launch, imports, connection and attestation excluded: the extra "
                       f"{args.jobs - args.warmup} jobs of the timed run over the warm-up run): "
                       f"{', '.join(f'{cli_marginal[r]:.0f}' for r in sorted(cli_marginal))} jobs/s")
-    if started_ratios:
-        ratios["CLI once started / SDK (framed)"] = _median(started_ratios)
-        spread = (f" ({min(started_ratios):.2f}-{max(started_ratios):.2f} over {len(started_ratios)} rounds)"
-                  if len(started_ratios) > 1 else "")
-        console.print(f"{'CLI once started / SDK (framed)':30} {_median(started_ratios):.2f}{spread}")
+    for den in ("framed", "sdk-files"):
+        by_round = {r.round: r.jobs_per_s for r in results if r.system == den and r.jobs_per_s}
+        started_ratios = [cli_marginal[rnd] / by_round[rnd] for rnd in sorted(cli_marginal) if rnd in by_round]
+        if started_ratios:
+            label = f"CLI once started / {'SDK (framed)' if den == 'framed' else SYSTEMS[den]}"
+            ratios[label] = _median(started_ratios)
+            spread = (f" ({min(started_ratios):.2f}-{max(started_ratios):.2f} over {len(started_ratios)} rounds)"
+                      if len(started_ratios) > 1 else "")
+            console.print(f"{label:30} {_median(started_ratios):.2f}{spread}")
     for num, den, label in RATIOS:
         values = _ratio_values(results, num, den)
         ratios[label] = _median(values)

@@ -33,9 +33,10 @@ def test_the_latency_bench_splits_the_guarantees_into_quorum_queues_and_the_rest
 
 @pytest.mark.usefixtures("rabbitmq_url")
 def test_the_throughput_bench_says_what_the_clis_files_cost_and_the_ratio_they_allow(tmp_path):
-    out = _bench("bench.throughput", "--only", "framed,cli", "--jobs", "200", "--warmup", "20",
+    out = _bench("bench.throughput", "--only", "framed,cli,sdk-files", "--jobs", "200", "--warmup", "20",
                  "--cli-dir", str(tmp_path))
     assert "CLI / SDK (framed)" in out  # ("once started" needs the timed run to outlast the warm-up's)
+    assert "CLI / SDK + np.load/np.savez" in out  # the SDK doing the CLI's work, files and all
     assert "files: the kernel's least per job" in out
     assert "CLI / SDK at most, cores busy" in out
     assert list(tmp_path.iterdir()) == []  # the inputs, results and scratch files are gone
