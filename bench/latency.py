@@ -30,6 +30,10 @@ aio-pika + guarantees, classic queues [classic], for diagnosis
     where a quorum queue delivers it only once its Raft log is written and synced. The two
     guarantees rows split the guarantees' cost into the quorum queues' part and the rest.
     enclaveq itself always uses quorum queues (docs/architecture.md, DESIGN §5).
+aio-pika + guarantees, classic reply queue [classic-reply], for diagnosis
+    the guarantees with the quorum job queue DESIGN §5 requires and a durable classic reply
+    queue (DESIGN asks only for a durable one): how much of the quorum queues' cost a classic
+    reply queue would save.
 
 Reported: p50/p90/p99/mean of the round trip (from calling ``publish``/``run`` to holding the
 answer), the CPU ms per job of the client, the answering process and the RabbitMQ node, and
@@ -77,6 +81,7 @@ from bench.throughput import PlainAioPika
 from broker_adapters import redact_url
 
 SYSTEMS = {"plain": "aio-pika plain", "classic": "aio-pika + guarantees, classic queues",
+           "classic-reply": "aio-pika + guarantees, classic reply queue",
            "baseline": "aio-pika + guarantees", "enclaveq": "enclaveq run"}
 STAGES = ("seal", "publish -> confirm", "publish -> result arrives", "open result", "decode, wake caller")
 TARGET_MS = 1.0  # enclaveq p50 may exceed plain p50 by at most this much
@@ -219,6 +224,8 @@ async def run(args: argparse.Namespace) -> int:
         plain = PlainAioPika(args.broker, run_id, workload, tmp)
         baseline = Baseline(args.broker, f"lat-{run_id}", workload, tmp, None)
         classic = Baseline(args.broker, f"lat-classic-{run_id}", workload, tmp, None, queue_type="classic")
+        classic_reply = Baseline(args.broker, f"lat-classic-reply-{run_id}", workload, tmp, None,
+                                 queue_type="classic-reply")
         profile_tool = "cprofile" if args.profile else None
         metered = MeteredEnclaveq(args.broker, f"lat-{run_id}", workload, tmp, profile_tool) if args.breakdown else None
         eq = metered or Enclaveq(args.broker, f"lat-{run_id}", workload, tmp, profile_tool)
@@ -229,13 +236,15 @@ async def run(args: argparse.Namespace) -> int:
                 await plain.start()
                 await baseline.start()
                 await classic.start()
+                await classic_reply.start()
                 await eq.start()
             assert plain.proc is not None and baseline.proc is not None and eq.proc is not None
-            assert classic.proc is not None
+            assert classic.proc is not None and classic_reply.proc is not None
             console.print(f"plain responder pid {plain.proc.pid}, guarantees responder pid {baseline.proc.pid}, "
                           f"enclaveq worker pid {eq.proc.pid} (pool {eq.pool})")
             systems: dict[str, tuple[Any, int]] = {"plain": (plain, plain.proc.pid),
                                                    "classic": (classic, classic.proc.pid),
+                                                   "classic-reply": (classic_reply, classic_reply.proc.pid),
                                                    "baseline": (baseline, baseline.proc.pid),
                                                    "enclaveq": (enclaveq_run, eq.proc.pid)}
             keys = list(systems)
@@ -261,7 +270,7 @@ async def run(args: argparse.Namespace) -> int:
                                   f"p90 {_fmt(r.pct(90)):>6} ms  p99 {_fmt(r.pct(99)):>6} ms  errors {r.errors}{other}")
         finally:
             with console.status("cleaning up: stopping processes, deleting queues and the pool"):
-                for owner in (eq, classic, baseline, plain):
+                for owner in (eq, classic_reply, classic, baseline, plain):
                     try:
                         await owner.cleanup()
                     except Exception as exc:
@@ -297,6 +306,11 @@ async def run(args: argparse.Namespace) -> int:
                           f"(on classic queues - plain) {p50_classic - p50_plain:+.2f} ms; quorum queues instead "
                           f"of classic ones (a Raft log written and synced before each delivery) "
                           f"{p50_guarantees - p50_classic:+.2f} ms")
+        p50_classic_reply = stats["classic-reply"]["p50"]
+        if p50_plain is not None and p50_guarantees is not None and p50_classic_reply is not None:
+            console.print(f"of the quorum queues: a classic reply queue (DESIGN §5 requires a quorum job queue, "
+                          f"only a durable reply queue) would save {p50_guarantees - p50_classic_reply:+.2f} ms; "
+                          f"those guarantees alone then cost {p50_classic_reply - p50_plain:+.2f} ms over plain")
         breakdown: dict[str, float | None] = {}
         if args.breakdown:
             breakdown = {stage: _median(values) for stage, values in enclaveq_run.stages_ms.items()}

@@ -23,12 +23,14 @@ def _bench(module: str, *args: str) -> str:
 
 
 @pytest.mark.usefixtures("rabbitmq_url")
-def test_the_latency_bench_splits_the_guarantees_into_quorum_queues_and_the_rest():
+def test_the_latency_bench_splits_the_guarantees_into_quorum_queues_their_reply_queue_and_the_rest():
     out = _bench("bench.latency", "--jobs", "20", "--warmup", "2")
-    for row in ("aio-pika plain", "aio-pika + guarantees, classic queues", "aio-pika + guarantees", "enclaveq run"):
+    for row in ("aio-pika plain", "aio-pika + guarantees, classic queues", "aio-pika + guarantees, classic reply queue",
+                "aio-pika + guarantees", "enclaveq run"):
         assert row in out
     assert "enclaveq p50 - plain p50 =" in out
     assert "quorum queues instead of classic ones" in out
+    assert "a classic reply queue (DESIGN §5 requires a quorum job queue" in out
 
 
 @pytest.mark.usefixtures("rabbitmq_url")
