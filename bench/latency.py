@@ -309,7 +309,7 @@ async def run(args: argparse.Namespace) -> int:
         p50_classic_reply = stats["classic-reply"]["p50"]
         if p50_plain is not None and p50_guarantees is not None and p50_classic_reply is not None:
             console.print(f"of the quorum queues: a classic reply queue (DESIGN §5 requires a quorum job queue, "
-                          f"only a durable reply queue) would save {p50_guarantees - p50_classic_reply:+.2f} ms; "
+                          f"only a durable reply queue) would save {p50_guarantees - p50_classic_reply:.2f} ms; "
                           f"those guarantees alone then cost {p50_classic_reply - p50_plain:+.2f} ms over plain")
         breakdown: dict[str, float | None] = {}
         if args.breakdown:
