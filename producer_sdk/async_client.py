@@ -1121,7 +1121,7 @@ class AsyncClient:
                 await broker.declare_stream(self.pool, pid, spec.source_topic, exchange=spec.source_exchange)
                 what = "the recipients' inboxes"
                 for recipient in spec.recipients:
-                    await broker.declare_inbox(inbox_name(pid, recipient), spec.sink_topic,
+                    await broker.declare_inbox(inbox_name(self.pool, pid, recipient), spec.sink_topic,
                                                exchange=spec.sink_exchange)
         except TimeoutError:
             raise BrokerUnreachable(f"the broker did not declare {what} within {timeout:g}s") from None

@@ -78,10 +78,17 @@ def to_numpy(value: Any) -> np.ndarray:
 ATTESTATION_PREFIX = "att-"  # correlation ids of challenges; every other reply answers a request
 
 
-def inbox_name(pipeline_id: str, recipient_public_key: bytes) -> str:
-    """The broker inbox of one recipient of one pipeline (docs/pipelines.md): created with the
-    pipeline (``AsyncClient.create_pipeline``), consumed by the recipient's subscriber."""
-    return f"{pipeline_id}.{recipient_public_key.hex()[:32]}"
+def inbox_name(pool: str, pipeline_id: str, recipient_public_key: bytes) -> str:
+    """The broker inbox of one recipient of one pipeline on one pool (docs/pipelines.md): created
+    with the pipeline (``AsyncClient.create_pipeline``), consumed by the recipient's subscriber.
+
+    The pool is part of the name: a pipeline's id depends only on its owner and its name, so the
+    same pipeline created on two pools of one broker (staging and production, say) would otherwise
+    share one inbox, and each pool's subscriber would take -- and refuse, as another pool's --
+    results meant for the other's recipient. A digest stands for the pool, because a pool name may
+    be as long as an inbox name may be."""
+    pool_tag = hashlib.sha256(pool.encode()).hexdigest()[:16]
+    return f"{pipeline_id}.{recipient_public_key.hex()[:32]}.{pool_tag}"
 
 
 @dataclass(frozen=True)

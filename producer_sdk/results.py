@@ -229,7 +229,7 @@ class AsyncResultSubscriber:
         self.pool = pool
         self._key = _recipient_key(key)
         self.public_key = crypto.public_bytes(self._key)
-        self.inbox = inbox_name(pipeline, self.public_key)
+        self.inbox = inbox_name(pool, pipeline, self.public_key)
         self.prefetch = prefetch
         self.max_remembered = max_remembered
         self._client = AsyncClient(broker_url, pool, policy, name=name, timeout=timeout,

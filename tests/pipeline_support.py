@@ -16,6 +16,7 @@ from onnx import TensorProto, helper
 
 from broker_adapters import Delivery, Message
 from producer_sdk import AsyncClient
+from producer_sdk.core import inbox_name
 from protocol import bodies, crypto
 from protocol.pipeline import PipelineSpec, Reference, SignedPipeline, Stage, sign_pipeline
 from protocol.results import PipelineResult, open_result
@@ -87,17 +88,17 @@ class Deployment:
 
     def inbox(self, signed: SignedPipeline, key=None) -> str:
         key = key or self.recipient
-        return f"{signed.pipeline_id}.{crypto.public_bytes(key).hex()[:32]}"
+        return inbox_name(self.pool, signed.pipeline_id, crypto.public_bytes(key))
 
     async def put(self, spec: PipelineSpec, *, owner=None, issued_ms: int | None = None) -> tuple[SignedPipeline, object]:
         signed = sign_pipeline(spec, owner or self.owner, issued_ms or int(time.time() * 1000))
         await self.broker.declare_stream(self.pool, signed.pipeline_id, spec.source_topic,
                                          exchange=spec.source_exchange)
         for recipient in spec.recipients:
+            inbox = inbox_name(self.pool, signed.pipeline_id, recipient)
             if not self.client.broker_url.startswith("memory:"):  # the in-process broker goes with the process
-                DECLARED_INBOXES.add((self.client.broker_url, f"{signed.pipeline_id}.{recipient.hex()[:32]}"))
-            await self.broker.declare_inbox(f"{signed.pipeline_id}.{recipient.hex()[:32]}", spec.sink_topic,
-                                            exchange=spec.sink_exchange)
+                DECLARED_INBOXES.add((self.client.broker_url, inbox))
+            await self.broker.declare_inbox(inbox, spec.sink_topic, exchange=spec.sink_exchange)
         outcome = await self.client._request(lambda: self.core._seal(
             "pipeline_put", signed.to_bytes(), timeout=TIMEOUT, content_type=bodies.PIPELINE), TIMEOUT)
         return signed, outcome

@@ -232,7 +232,7 @@ def test_ctrl_c_during_publish_lists_every_event_published_and_stops_publishing(
     toml = write_pipeline(tmp_path / "chain", name="chain", topics=unique_name, recipients=[bytes.fromhex(public)])
     pipeline_id = enclaveq("pipeline", "create", str(toml), *conn(deployment)).stdout.splitlines()[-1]
     stream = f"enclaveq.{deployment['pool']}.stream.{pipeline_id}"
-    inbox = f"enclaveq.inbox.{inbox_name(pipeline_id, bytes.fromhex(public))}"
+    inbox = f"enclaveq.inbox.{inbox_name(deployment['pool'], pipeline_id, bytes.fromhex(public))}"
     with deleted_afterwards(deployment["url"], inbox):  # a pipeline's inbox outlives its pool
         events = tmp_path / "events"
         events.mkdir()

@@ -147,7 +147,7 @@ async def deployed(tee, url: str, pool: str, topics: str, root: Path) -> AsyncIt
     async with open_broker(url) as broker:
         for pipeline_id, recipients in deployment.created:
             for recipient in recipients:
-                await broker.delete_inbox(inbox_name(pipeline_id, recipient))
+                await broker.delete_inbox(inbox_name(pool, pipeline_id, recipient))
             await broker.delete_stream(pool, pipeline_id)
 
 
@@ -443,7 +443,7 @@ async def test_a_key_that_is_not_a_recipient_has_no_inbox_and_opens_nothing_in_a
 
     # Reading bob's inbox (anyone with access to the broker can) yields nothing it can open.
     snooper = deployment.subscriber(pipeline_id, stranger)
-    snooper.inbox = inbox_name(pipeline_id, public(bob))
+    snooper.inbox = inbox_name(deployment.pool, pipeline_id, public(bob))
     async with snooper, deployment.publisher(pipeline_id) as publisher:
         reading = asyncio.create_task(snooper.receive())
         await publisher.publish_many(batch_of(3))
@@ -454,6 +454,37 @@ async def test_a_key_that_is_not_a_recipient_has_no_inbox_and_opens_nothing_in_a
     async with deployment.subscriber(pipeline_id, alice) as results:
         for _ in range(3):
             await results.receive(timeout=RESULT_TIMEOUT)
+
+
+async def test_the_same_pipeline_on_two_pools_of_one_broker_gives_each_pools_recipient_that_pools_results(
+        deployment, tee, broker_url, unique_name, tmp_path, bob):
+    """A pipeline's id is its owner's and its name's, so one owner's pipeline on a staging pool and
+    on a production pool of one broker has one id. Each pool must still have its own inbox: with
+    one shared inbox, the staging subscriber took the production result, refused it as another
+    pool's (and acknowledged it), and the production recipient never got it."""
+    staging, owner = deployment, generate_signing_key()
+    production_pool = f"{staging.pool}-production"
+    try:
+        async with deployed(tee, broker_url, production_pool, unique_name, tmp_path / "production") as production:
+            pipeline_id = await staging.create([public(bob)], owner=owner)
+            assert await production.create([public(bob)], owner=owner) == pipeline_id
+
+            # Only the staging subscriber runs while production publishes: it sees the production
+            # result (both inboxes take the sink topic) and refuses it as another pool's.
+            async with staging.subscriber(pipeline_id, bob) as on_staging:
+                reading = asyncio.create_task(on_staging.receive())
+                async with production.publisher(pipeline_id) as publisher:
+                    (event_id,) = await publisher.publish_many(batch_of(1))
+                await wait_until(lambda: on_staging.refusals["wrong_pool"] == 1,
+                                 "the staging subscriber refusing the production result")
+                assert not reading.done()
+                reading.cancel()
+
+            async with production.subscriber(pipeline_id, bob) as on_production:
+                assert (await on_production.receive(timeout=RESULT_TIMEOUT)).event_id == event_id
+    finally:
+        async with open_broker(broker_url) as broker:
+            await broker.delete_pool(production_pool)
 
 
 def refuse_events_after(confirmed: int, adapter: object, monkeypatch: pytest.MonkeyPatch) -> list[str]:
