@@ -46,6 +46,7 @@ from protocol import bodies, crypto
 from protocol.errors import ProtocolError
 from protocol.pipeline import PipelineError, check_event_topic
 from protocol.results import check_event_id
+from protocol.tensors import dtype_name
 
 from .async_client import AsyncClient, CollateralLike, KeyLike
 from .client import BackgroundLoop
@@ -174,6 +175,7 @@ class AsyncEventPublisher:
         fresh random one."""
         info, topic = self._connected()
         arrays = _event_arrays(inputs, info)
+        _check_event(arrays, info)
         event_id = uuid.uuid4().hex if event_id is None else event_id
         try:
             check_event_id(event_id)
@@ -292,6 +294,46 @@ def _single_input(info: bodies.PipelineInfo, dtype: str, default: str) -> str:
         return inputs[0][0]
     raise BadInput(f"pipeline {info.pipeline_id} takes the event inputs {[n for n, _ in inputs]}: "
                    f"pass them by name")
+
+
+def _describe(name: str, wire: str, shape: tuple[int | None, ...] | None) -> str:
+    dims = "" if shape is None else " [" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+    return f"{name}: {wire}{dims}"
+
+
+def _check_event(arrays: Mapping[str, Any], info: bodies.PipelineInfo) -> None:
+    """Refuse, before anything is sealed or sent, an event the pipeline cannot run: an input it
+    does not take or one it misses, a dtype or a fixed dimension other than its first stage's
+    model expects (what the pool listed when the pipeline was installed; older pools list
+    nothing, and then the pool alone checks). A publish is fire-and-forget: the pool's typed error
+    for such an event would reach only a publisher still listening when it came back."""
+    listed = [item for item in getattr(info, "event_inputs", None) or ()
+              if isinstance(item, (tuple, list)) and len(item) == 3]
+    if not listed:
+        return
+    expected = {str(name): (str(wire), None if shape is None else tuple(shape)) for name, wire, shape in listed}
+    takes = ", ".join(_describe(name, wire, shape) for name, (wire, shape) in expected.items())
+    where = f"pipeline {info.pipeline_id[:12]} takes {takes}"
+    unknown = sorted(set(arrays) - set(expected))
+    missing = sorted(set(expected) - set(arrays))
+    if unknown or missing:
+        what = "; ".join(part for part in (
+            f"no input {', '.join(map(repr, unknown))}" if unknown else "",
+            f"{', '.join(map(repr, missing))} missing" if missing else "") if part)
+        raise BadInput(f"event: {what} ({where})", event_id=None)
+    for name, value in arrays.items():
+        wire, shape = expected[name]
+        array = np.asarray(value)
+        try:
+            got = dtype_name(array)
+        except ProtocolError as exc:
+            raise BadInput(f"event input {name!r}: {exc}", event_id=None) from None
+        if got != wire:
+            raise BadInput(f"event input {name!r} must be {wire}, got {got} ({where})", event_id=None)
+        if shape is not None and (len(shape) != array.ndim or any(
+                want is not None and want != have for want, have in zip(shape, array.shape))):
+            raise BadInput(f"event input {name!r} must have the shape {_describe(name, wire, shape).split(': ')[1]}"
+                           f", got {list(array.shape)} ({where})", event_id=None)
 
 
 def _event_arrays(inputs: EventInputs, info: bodies.PipelineInfo) -> dict[str, Any]:

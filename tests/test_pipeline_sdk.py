@@ -9,6 +9,7 @@ running the same two models directly with onnxruntime.
 from __future__ import annotations
 
 import asyncio
+import re
 import dataclasses
 import stat
 import contextlib
@@ -33,6 +34,7 @@ from producer_sdk.errors import (
     BadInput, BrokerUnreachable, JobTimeout, EventTopicError, InboxNotFound, NotOwner, PipelineRejected,
     UnknownPipeline,
 )
+from producer_sdk import events as events_module
 from producer_sdk.events import _event_topic, topic_matches
 from producer_sdk.results import (
     generate_recipient_key, load_recipient_key, recipient_public_key, save_recipient_key,
@@ -539,10 +541,13 @@ async def test_a_batch_that_fails_partway_raises_as_before_and_reports_each_even
 
 
 async def test_a_failed_event_comes_back_to_its_publisher_as_a_typed_error_and_others_are_unaffected(
-        memory_deployment, alice):
+        memory_deployment, alice, monkeypatch):
     deployment = memory_deployment
     pipeline_id = await deployment.create([public(alice)])
     good = batch_of(1)[0]
+    # A publisher that does not check its events first (an older SDK, or a program sealing events
+    # itself): the pool refuses the bad one and says so to the publisher.
+    monkeypatch.setattr(events_module, "_check_event", lambda arrays, info: None)
     async with deployment.publisher(pipeline_id) as publisher, deployment.subscriber(pipeline_id, alice) as results:
         bad_id = await publisher.publish({"x": np.zeros((2, 4), np.float32)}, event_id="missing-bias")
         good_id = await publisher.publish(good)
@@ -553,6 +558,28 @@ async def test_a_failed_event_comes_back_to_its_publisher_as_a_typed_error_and_o
         result = await results.receive(timeout=RESULT_TIMEOUT)
         assert result.event_id == good_id
         assert_result_is_the_chain_of(result, good)
+
+
+@pytest.mark.parametrize("event, says", [
+    ({"x": np.zeros((2, 4), np.float32)}, "'bias' missing"),
+    ({"x": np.zeros((2, 4), np.float32), "bias": np.zeros((1, 3), np.float32), "y": np.zeros(1)}, "no input 'y'"),
+    ({"x": np.zeros((2, 4), np.float64), "bias": np.zeros((1, 3), np.float32)}, "'x' must be float32, got float64"),
+    ({"x": np.zeros((2, 5), np.float32), "bias": np.zeros((1, 3), np.float32)}, "'x' must have the shape"),
+])
+async def test_an_event_the_pipeline_cannot_run_is_refused_before_anything_is_sent(memory_deployment, alice,
+                                                                                  event, says):
+    """Publishing is fire-and-forget: the pool's typed error for an event whose inputs do not fit
+    reaches only a publisher still listening when it comes back (a one-shot `enclaveq publish`
+    has gone by then). So the publisher checks each event against the inputs the pool listed for
+    the pipeline, and refuses a misfit at once."""
+    deployment = memory_deployment
+    pipeline_id = await deployment.create([public(alice)])
+    async with deployment.publisher(pipeline_id) as publisher:
+        assert sorted(name for name, _, _ in publisher.info.event_inputs) == ["bias", "x"]
+        with pytest.raises(BadInput, match=re.escape(says)) as refused:
+            await publisher.publish(event)
+        assert "pipeline " in str(refused.value) and "x: float32" in str(refused.value)
+        assert publisher.published == 0
 
 
 async def test_the_same_event_published_twice_reaches_the_recipient_once(memory_deployment, alice):
