@@ -168,6 +168,14 @@ class AsyncEventPublisher:
             raise ClientClosed("the publisher is not connected")
         return self.info, self.topic
 
+    def check(self, inputs: EventInputs) -> None:
+        """Raise :class:`BadInput`, as :meth:`publish` would before sending anything, if the
+        pipeline cannot take ``inputs``: an input it does not take or one it misses, a dtype or a
+        fixed dimension other than what the pool listed for it. Sends nothing: a caller with many
+        events checks them all before publishing any."""
+        info, _ = self._connected()
+        _check_event(_event_arrays(inputs, info), info)
+
     async def publish(self, inputs: EventInputs, *, event_id: str | None = None) -> str:
         """Seal one event to the attested pool and publish it; returns its event id once the
         broker confirmed it. ``event_id`` (1-64 of ``A-Z a-z 0-9 _ . -``, not starting with
@@ -397,6 +405,10 @@ class EventPublisher:
     @property
     def published(self) -> int:
         return self._async.published
+
+    def check(self, inputs: EventInputs) -> None:
+        """As :meth:`AsyncEventPublisher.check`."""
+        self._async.check(inputs)
 
     def publish(self, inputs: EventInputs, *, event_id: str | None = None) -> str:
         return self._loop.call(self._async.publish(inputs, event_id=event_id))

@@ -307,6 +307,36 @@ async def test_publish_checks_every_inputs_file_before_publishing_any(deployment
     assert nothing.exit_code == 1 and "only 0 of 1 results" in nothing.stderr, nothing.output
 
 
+async def test_publish_refuses_a_batch_with_an_event_the_pipeline_cannot_take_before_publishing_any(
+        deployment, tmp_path, unique_name):
+    # One event of float64 where the pipeline takes float32: it used to be published (exit 0) and
+    # fail at the pool, where nobody heard of it; the good events around it went.
+    key, pipeline_id = await pipeline_for_one_recipient(deployment, tmp_path, unique_name)
+    events = tmp_path / "events"
+    events.mkdir()
+    good = batch_of(3)
+    np.savez(events / "a-good.npz", **good[0])
+    np.savez(events / "b-float64.npz", **{**good[1], "x": good[1]["x"].astype(np.float64)})
+    np.savez(events / "c-good.npz", **good[2])
+    result = await enclaveq("publish", *deployment, "--pipeline", pipeline_id, "--inputs", str(events),
+                            "--topic", f"{unique_name}/device-1/readings")
+    assert_usage_error(result, f"{events / 'b-float64.npz'}: event input 'x' must be float32, got float64",
+                       "nothing was published (1 of 3 events do not fit the pipeline)")
+    nothing = await enclaveq("subscribe", *deployment, "--pipeline", pipeline_id, "--key", str(key),
+                             "--output", str(tmp_path / "results"), "--count", "1", "--timeout", "3")
+    assert nothing.exit_code == 1 and "only 0 of 1 results" in nothing.stderr, nothing.output
+
+
+async def test_publish_of_one_event_with_an_input_the_pipeline_does_not_take_is_a_usage_error(
+        deployment, tmp_path, unique_name):
+    _, pipeline_id = await pipeline_for_one_recipient(deployment, tmp_path, unique_name)
+    data = tmp_path / "data.npy"
+    np.save(data, np.zeros((1, 4), np.float32))
+    result = await enclaveq("publish", *deployment, "--pipeline", pipeline_id, "--input", f"data={data}",
+                            "--topic", f"{unique_name}/device-1/readings")
+    assert_usage_error(result, "no input 'data'", "missing", "nothing was published")
+
+
 async def test_publish_that_fails_partway_names_each_file_it_published_and_how_many_of_all(
         deployment, tmp_path, unique_name, monkeypatch):
     key, pipeline_id = await pipeline_for_one_recipient(deployment, tmp_path, unique_name)

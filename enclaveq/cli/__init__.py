@@ -46,8 +46,8 @@ def cli(debug: bool) -> None:
     """enclaveq: confidential ONNX inference as an asynchronous job system.
 
     Producers verify attestation evidence of a worker pool against their policy, then send
-    models and jobs sealed to the pool's attested key through RabbitMQ (or the embedded memory
-    broker). The broker, host and operator see only ciphertext.
+    models and jobs sealed to the pool's attested key through RabbitMQ, an MQTT 5 broker
+    (mqtt://) or the embedded memory broker. The broker, host and operator see only ciphertext.
 
     \b
     Start here:

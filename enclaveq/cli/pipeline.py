@@ -23,7 +23,9 @@ import click
 import numpy as np
 
 from producer_sdk import EventPublisher, ResultSubscriber
-from producer_sdk.errors import EnclaveqError, JobTimeout
+from producer_sdk.errors import (
+    PIPELINE_INVALID, BadInput, EnclaveqError, EventTopicError, JobTimeout, PipelineRejected,
+)
 from producer_sdk.events import EventInputs
 from producer_sdk.results import load_recipient_key, recipient_public_key
 from protocol.errors import KeyFileError
@@ -87,9 +89,11 @@ def pipeline_group() -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
               help="Directory for pipeline.toml and the ONNX graphs it refers to (created if missing).")
 @click.option("--about", default=None, metavar="TEXT",
-              help="text-alert only: the sentence a message must be about to produce a result.")
+              help="text-alert only: the sentence a message must be about to produce a result. Default: \"The "
+                   "production database is down and customers cannot log in.\"")
 @click.option("--threshold", type=float, default=None,
-              help="text-alert only: the cosine similarity to --about at which a message produces a result.")
+              help="text-alert only: the cosine similarity to --about at which a message produces a result. "
+                   "Default: 0.5.")
 @click.option("--force", is_flag=True, help="Replace an existing DIR/pipeline.toml.")
 def init_command(example: str, recipients: tuple[str, ...], out_dir: Path, about: str | None,
                  threshold: float | None, force: bool) -> None:
@@ -108,10 +112,7 @@ def init_command(example: str, recipients: tuple[str, ...], out_dir: Path, about
     """
     if example != "text-alert" and (about is not None or threshold is not None):
         raise click.UsageError("--about and --threshold apply to --example text-alert only")
-    try:
-        keys = [recipient_public_key(r).hex() for r in recipients]
-    except KeyFileError as exc:
-        raise click.BadParameter(str(exc), param_hint="--recipient") from None
+    keys = [_recipient_hex(r) for r in recipients]
     if (out_dir / "pipeline.toml").exists() and not force:
         _fail(f"{out_dir / 'pipeline.toml'} already exists; pass --force to replace it", 2)
     try:
@@ -136,6 +137,21 @@ def init_command(example: str, recipients: tuple[str, ...], out_dir: Path, about
     click.echo(str(path))
 
 
+_HEX_KEY = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def _recipient_hex(value: str) -> str:
+    """A --recipient (64 hex characters or a key file) as hex; one that is neither says which
+    file is missing rather than "got neither" (a mistyped key file name is the usual cause)."""
+    if not _HEX_KEY.fullmatch(value.strip()) and not Path(value).exists():
+        raise click.BadParameter(f"no such file: {value} (expected 64 hex characters or the path of a PEM X25519 "
+                                 "key file)", param_hint="--recipient")
+    try:
+        return recipient_public_key(value).hex()
+    except KeyFileError as exc:
+        raise click.BadParameter(str(exc), param_hint="--recipient") from None
+
+
 # --------------------------------------------------------------------------- create, list, delete
 
 
@@ -149,10 +165,11 @@ def create_command(file: Path, broker_url: str, pool: str, policy: Path, timeout
     """Create (or replace) the pipeline FILE.toml declares; print its id alone on the last line.
 
     \b
-    In order: the TOML is checked here (a problem is one line naming the key
-    at fault, exit 2); the pool is attested; the stage models it lacks are
-    uploaded (sealed, signed by the owner key); the wiring is type-checked
-    against the real models; the pipeline's event stream and one inbox per
+    In order: the TOML is checked here (a problem is one line naming the file
+    and the key at fault, exit 2); the pool is attested; the stage models it
+    lacks are uploaded (sealed, signed by the owner key); the wiring is
+    type-checked against the real models (a mapping that does not fit is
+    said the same way, exit 2); the pipeline's event stream and one inbox per
     recipient are declared on the broker (results wait there until read);
     the owner-signed definition goes to every worker.
 
@@ -171,13 +188,14 @@ def create_command(file: Path, broker_url: str, pool: str, policy: Path, timeout
     try:
         spec, files = load_pipeline_toml(file)
     except PipelineError as exc:
-        _fail(f"{file}: {exc}", 2)
+        _fail(_in_file(file, str(exc)), 2)
     source = find_owner_key(owner_key)
     key = None if source.creatable else _owner_key(source)
+    refusal: EnclaveqError | None = None
     with _client(broker_url, pool, policy, timeout) as client:
         if key is None:
             key = _owner_key(source, create=True)
-        with _progress() as bar:
+        with _progress() as bar:  # closed (its last lines printed) before any error is said
             tasks: dict[str, Any] = {}
 
             def progress(model_id: str, done: int, total: int) -> None:
@@ -189,17 +207,47 @@ def create_command(file: Path, broker_url: str, pool: str, policy: Path, timeout
             try:
                 pipeline_id = client.create_pipeline(spec, models=files, owner_key=key, progress=progress)
             except EnclaveqError as exc:
-                _fail(str(exc))
+                refusal = exc
+        if isinstance(refusal, PipelineRejected) and _invalid_definition(refusal):
+            _fail(_in_file(file, str(refusal)), 2)
+        if refusal is not None:
+            _fail(str(refusal))
     click.echo(f"pipeline {spec.name}: events on {spec.source_topic!r}, {len(spec.stages)} stage(s), results on "
                f"{spec.sink_topic!r} for {len(spec.recipients)} recipient(s)", err=True)
     click.echo(pipeline_id)
+
+
+def _in_file(file: Path, message: str) -> str:
+    """An error in pipeline.toml ``file``, naming the file once (a whole-file error already starts with it)."""
+    return message if message.startswith(f"{file} ") else f"{file}: {message}"
+
+
+# The keys of PipelineRejected refusals of what the pool holds rather than of the file itself: a
+# replacement that changes a topic (the SDK finds it declaring the queues).
+_STATE_REFUSAL_KEYS = frozenset({"source.topic", "sink.topic"})
+_WORKER_INVALID = f"{PIPELINE_INVALID}: the pipeline does not type-check: "
+
+
+def _invalid_definition(exc: PipelineRejected) -> bool:
+    """Is this refusal an error in the user's pipeline.toml (a usage error, exit 2)? Yes for the
+    wiring the SDK type-checks against the pool's models (naming the key at fault) and for the
+    same check made by a worker; no for a stale definition, a changed topic or anything else the pool
+    refused (exit 1)."""
+    if str(exc).startswith(_WORKER_INVALID):
+        return True
+    return exc.job_id is None and bool(exc.key) and exc.key not in _STATE_REFUSAL_KEYS  # the SDK's own check
 
 
 @pipeline_group.command("list")
 @connection_options()
 @click.option("--json", "as_json", is_flag=True, help="Print the pipelines as one JSON list.")
 def list_command(broker_url: str, pool: str, policy: Path, timeout: float, as_json: bool) -> None:
-    """List the pipelines defined on the pool: id, name, topics, stage models, recipients.
+    """List the pipelines defined on the pool: id, name, topics, stages, recipients.
+
+    \b
+    Each text line is: ID  NAME  SOURCE -> SINK  stages=N recipients=N (counts;
+    --json also lists the stage model ids, the owner key and when the definition
+    was signed). The pool says how many recipients a pipeline has, never who.
 
     \b
     Example:
@@ -261,7 +309,8 @@ def delete_command(pipeline_id: str, broker_url: str, pool: str, policy: Path, t
               help="A named event input; repeat for several inputs. Together: one event.")
 @click.option("--text", metavar="STRING", help="One event: this string as the pipeline's text input.")
 @click.option("--inputs", "inputs_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), metavar="DIR",
-              help="Directory of .npz files: each file is one event, its array names are the input names.")
+              help="Directory of .npz files: each file is one event, its array names are the input names. Every "
+                   "file is read first: if one cannot be read, nothing is published (exit 2).")
 @click.option("--file", "raw_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), metavar="PATH",
               help="One event: the file's raw bytes as the pipeline's single uint8 input.")
 @click.option("--topic", metavar="T",
@@ -331,9 +380,16 @@ def publish_command(broker_url: str, pool: str, policy: Path, timeout: float, pi
 
     published: dict[int, str] = {}  # index in files -> event id, as the broker confirms each
     interrupted = False
-    with attested(broker_url, pool, lambda: EventPublisher(
-            broker_url, pool, policy, pipeline_id, topic=topic, producer_key=producer_key_option(), timeout=timeout,
-            max_in_flight=max_in_flight, collateral=collateral_of_command())) as publisher:
+
+    def connect() -> EventPublisher:
+        try:
+            return EventPublisher(broker_url, pool, policy, pipeline_id, topic=topic, producer_key=producer_key_option(),
+                                  timeout=timeout, max_in_flight=max_in_flight, collateral=collateral_of_command())
+        except EventTopicError as exc:  # --topic missing, malformed or outside the source filter: a usage error
+            _fail(str(exc), 2)
+
+    with attested(broker_url, pool, connect) as publisher:
+        _check_fit(publisher, single, files, kept)
         try:
             if single is not None:
                 ids = [publisher.publish(single)]
@@ -371,6 +427,30 @@ def publish_command(broker_url: str, pool: str, policy: Path, timeout: float, pi
         click.echo(f"failed: event {error.event_id}: {error}", err=True)
     if failures:
         sys.exit(1)
+
+
+def _check_fit(publisher: EventPublisher, single: EventInputs | None, files: list[Path],
+               kept: dict[Path, dict[str, np.ndarray]]) -> None:
+    """Before anything is published: an event whose inputs the pipeline cannot take (names, dtypes,
+    fixed dimensions, as the pool lists them) is a usage error (exit 2), and with --inputs it
+    refuses the whole batch, as an unreadable file does. Files too big to keep in memory are
+    checked as they are published."""
+    try:
+        if single is not None:
+            publisher.check(single)
+    except BadInput as exc:
+        _fail(f"{exc}; nothing was published", 2)
+    bad = []
+    for path in files:
+        if path in kept:
+            try:
+                publisher.check(kept[path])
+            except BadInput as exc:
+                bad.append(f"{path}: {exc}")
+    if bad:
+        more = f"; and {len(bad) - _NAMED_AT_MOST} more" if len(bad) > _NAMED_AT_MOST else ""
+        _fail(f"{'; '.join(bad[:_NAMED_AT_MOST])}{more}; nothing was published ({len(bad)} of {len(files)} events "
+              f"do not fit the pipeline)", 2)
 
 
 def _list_published(files: list[Path], published: dict[int, str]) -> None:
@@ -476,7 +556,7 @@ def subscribe_command(broker_url: str, pool: str, policy: Path, timeout: float |
                     if count is None:
                         break
                     _fail(f"only {got} of {count} results of pipeline {pipeline_id} arrived within {timeout:g}s"
-                          f"{_refusals(subscriber.refusals)}")
+                          + (f"; {_refusals(subscriber.refusals)}" if subscriber.refusals else ""))
                 _save(output_dir, result)
                 click.echo(_describe(result))
                 got += 1
@@ -484,13 +564,14 @@ def subscribe_command(broker_url: str, pool: str, policy: Path, timeout: float |
             _fail(str(exc))
         refusals = subscriber.refusals
     if refusals:
-        click.echo(f"refused:{_refusals(refusals)}", err=True)
+        click.echo(_refusals(refusals), err=True)
 
 
 def _refusals(refusals: dict[str, int]) -> str:
-    if not refusals:
-        return ""
-    return " (refused " + ", ".join(f"{n} {reason}" for reason, n in sorted(refusals.items())) + ")"
+    """``refused 6 results: forged 1, wrong_pool 5`` (how many deliveries were refused, by reason)."""
+    total = sum(refusals.values())
+    return (f"refused {total} result{'' if total == 1 else 's'}: "
+            + ", ".join(f"{reason} {n}" for reason, n in sorted(refusals.items())))
 
 
 def _describe(result: PipelineResult) -> str:

@@ -57,7 +57,8 @@ def sim_cli() -> None:
     "directory",
     required=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="Directory to create (or fill if empty). Keep it private: it holds the attestation key.",
+    help="Directory to create, or fill if it holds no simulation files yet (other files in it are left as "
+    "they are). Keep it private: it holds the attestation key.",
 )
 @click.option(
     "--force",
@@ -133,7 +134,7 @@ def policy_cli() -> None:
     "measurements",
     multiple=True,
     metavar="HEX",
-    help="Allowed worker measurement (64 hex digits). Repeat to allow several. "
+    help="Allowed worker measurement (64 or 96 hex digits). Repeat to allow several. "
     "Default: the measurement of this installation's worker with its default configuration.",
 )
 @click.option(
