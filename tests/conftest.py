@@ -77,9 +77,13 @@ def _need(available: bool, what: str, problem: str = "not reachable") -> None:
 @pytest.fixture(autouse=True)
 def enclaveq_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """$ENCLAVEQ_HOME in tmp_path for every test: no test reads or writes the real ~/.config/enclaveq
-    (the default owner key, the producer's remembered pool epochs). Tests that need it ask for it."""
+    (the default owner key, the producer's remembered pool epochs). Tests that need it ask for it.
+    Likewise no default collateral cache: a machine's ~/.cache/enclaveq/collateral (which every
+    verifying command reads when it exists) would change what a test checks."""
     home = tmp_path / "enclaveq-home"
     monkeypatch.setenv("ENCLAVEQ_HOME", str(home))
+    monkeypatch.delenv("ENCLAVEQ_COLLATERAL_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return home
 
 

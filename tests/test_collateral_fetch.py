@@ -333,7 +333,7 @@ def test_fetch_errors_are_one_line_with_the_documented_exit_codes(pcs, tmp_path)
     assert "HTTP 404" in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
     refused = enclaveq("collateral", "fetch", "--platform", "sgx", "--fmspc", "00906ed50000", "--out", str(out),
                        "--pcs-url", "http://pcs.example.test", cwd=tmp_path)
-    assert refused.returncode == 1 and "refusing collateral URL 'http://pcs.example.test/'" in refused.stderr
+    assert refused.returncode == 2 and "refusing collateral URL 'http://pcs.example.test'" in refused.stderr
     usage = enclaveq("collateral", "fetch", "--platform", "sgx", "--fmspc", "0090", "--out", str(out), cwd=tmp_path)
     assert usage.returncode == 2 and "--fmspc" in usage.stderr
     missing = enclaveq("collateral", "fetch", "--platform", "snp", "--out", str(out), cwd=tmp_path)

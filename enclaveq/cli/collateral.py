@@ -5,8 +5,9 @@ TCB of SGX, TDX and SEV-SNP evidence is judged with (docs/collateral.md). `colla
 downloads it from Intel PCS / AMD KDS (or a mirror: --pcs-url, --kds-url), verifies every
 document and writes it into a cache directory (default :func:`default_cache_dir`);
 `collateral show` lists what a cache holds and when each document goes stale. Commands that
-verify evidence (attest, run, submit, model upload|list|delete, pool rotate, worker) read the
-directory given with --collateral, else the default cache directory if it exists, else none.
+verify evidence (attest, run, submit, model upload|list|delete, pool rotate|status, pipeline
+create|list|delete, publish, subscribe, worker, evidence verify) read the directory given with
+--collateral, else the default cache directory (:func:`default_cache_dir`) if it exists, else none.
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ __all__ = ["collateral_group", "collateral_option", "collateral_source_for", "de
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+CACHE_DIRS_HELP = ("$ENCLAVEQ_COLLATERAL_DIR, else $XDG_CACHE_HOME/enclaveq/collateral, else "
+                   "~/.cache/enclaveq/collateral")
 COLLATERAL_HELP = ("Directory of attestation collateral (Intel TCB Info / QE Identity / CRLs, AMD CRLs) to judge "
                    "the TEE's TCB with, e.g. filled by `enclaveq collateral fetch`. Default: the collateral cache "
-                   "($ENCLAVEQ_COLLATERAL_DIR, else ~/.cache/enclaveq/collateral) if it exists, else none.")
+                   f"({CACHE_DIRS_HELP}) if it exists, else none.")
 PRODUCTS = ("Milan", "Genoa", "Turin")
 _FMSPC = re.compile(r"[0-9a-fA-F]{12}")
 
@@ -86,6 +89,19 @@ def _when(value: datetime | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else "-"
 
 
+def _collateral_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--pcs-url / --kds-url: https://, or http:// to the loopback only (as the fetcher allows), else a
+    usage error (exit 2) before anything is requested."""
+    from attestation.collateral_fetch import CollateralFetchError, check_url
+
+    if value is not None:
+        try:
+            check_url(value)
+        except CollateralFetchError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    return value
+
+
 @collateral_group.command("fetch")
 @click.option("--platform", required=True, type=click.Choice(["sgx", "tdx", "snp"]),
               help="Whose collateral: Intel SGX or TDX (PCS), or AMD SEV-SNP (KDS).")
@@ -96,12 +112,12 @@ def _when(value: datetime | None) -> str:
                    "report (v3+) the product line, and its chip ID and TCB the VCEK to fetch.")
 @click.option("--product", type=click.Choice(PRODUCTS), help="SEV-SNP product line (else from --evidence).")
 @click.option("--out", "out", metavar="DIR", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Collateral directory to write (default: the collateral cache, $ENCLAVEQ_COLLATERAL_DIR or "
-                   "~/.cache/enclaveq/collateral). Existing documents of the same name are replaced.")
-@click.option("--pcs-url", metavar="URL", default=None,
+              help=f"Collateral directory to write (default: the collateral cache, {CACHE_DIRS_HELP}). Existing "
+                   "documents of the same name are replaced.")
+@click.option("--pcs-url", metavar="URL", default=None, callback=_collateral_url,
               help="Intel PCS base URL, or a PCCS / mirror speaking PCS v4 (default "
                    "https://api.trustedservices.intel.com). https://, or http:// to localhost only.")
-@click.option("--kds-url", metavar="URL", default=None,
+@click.option("--kds-url", metavar="URL", default=None, callback=_collateral_url,
               help="AMD KDS base URL or a mirror (default https://kdsintf.amd.com). https://, or http:// to "
                    "localhost only.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=15.0, show_default=True,

@@ -1,9 +1,11 @@
 """`enclaveq evidence verify`: check a piece of TEE evidence offline, as a human or a script would.
 
-Reads the evidence file (raw bytes, base64 or hex, detected), extra certificates and collateral
-through :mod:`attestation.evidence_files`, runs the same front door the producer uses, and
-prints the result as text or as one JSON object. Exit codes: 0 verified (and the policy, if
-given, holds), 1 invalid, expired or violating, 2 usage error.
+Reads the evidence file (raw bytes, base64 or hex, detected) and extra certificates through
+:mod:`attestation.evidence_files`, and SGX, TDX and SEV-SNP collateral as every verifying
+command does (--collateral DIR, else the default cache:
+:func:`enclaveq.cli.collateral.collateral_source_for`), runs the same front door the producer
+uses, and prints the result as text or as one JSON object. Exit codes: 0 verified (and the
+policy, if given, holds), 1 invalid, expired or violating, 2 usage error.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from attestation.errors import AttestationError, EvidenceInvalid, EvidenceMalfor
 from attestation.evidence_files import decode_evidence, load_certificates as _load_certificate_files, load_collateral
 from attestation.policy import Policy, load_policy
 from attestation.registry import ALL_PLATFORMS
+
+from .collateral import CACHE_DIRS_HELP, collateral_source_for
 
 __all__ = ["evidence_group", "decode_evidence", "load_certificates", "load_collateral", "run_verify"]
 
@@ -87,8 +91,9 @@ def evidence_group() -> None:
               help="Extra certificate (DER or PEM, several per PEM file): the SNP VCEK/VLEK, ASK/ARK, or chain "
                    "certificates. Repeat as needed.")
 @click.option("--collateral", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Directory of collateral: Intel TCB Info / QE Identity JSON and CRLs, or CRLs for SNP. "
-                   "Nothing is fetched from the network.")
+              help="Directory of collateral: Intel TCB Info / QE Identity JSON and CRLs, or CRLs for SNP, as "
+                   "`enclaveq collateral fetch` writes it or flat. Nothing is fetched from the network. Default: "
+                   f"the collateral cache ({CACHE_DIRS_HELP}) if it exists, else none.")
 @click.option("--policy", "policy_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Also judge the evidence against this policy (TOML).")
 @click.option("--report-data", metavar="HEX", help="Check that the evidence binds exactly these report data bytes.")
@@ -97,7 +102,8 @@ def evidence_group() -> None:
 def verify_command(file: Path, platform: str, cert_paths: tuple[Path, ...], collateral: Path | None,
                    policy_path: Path | None, report_data: str | None, at: str | None, as_json: bool) -> None:
     """Verify one piece of evidence: signatures, certificate chain to the pinned vendor root,
-    revocation and TCB when collateral is given, then the policy if one is given.
+    revocation and TCB when there is collateral (--collateral, else the default cache), then the
+    policy if one is given.
 
     FILE may hold raw bytes, base64 or hex text; the format is detected. Exit 0 when the
     evidence verifies (and the policy holds), 1 when it is invalid, expired or violates the
@@ -126,7 +132,7 @@ def verify_command(file: Path, platform: str, cert_paths: tuple[Path, ...], coll
     certs = load_certificates(tuple(cert_paths))
     errors: list[dict[str, Any]] = []
     try:
-        coll = load_collateral(platform, collateral, now)
+        coll, certs = _collateral(platform, collateral, now, certs)
     except AttestationError as exc:
         coll, errors = {}, [_error("collateral", None, str(exc))]
     claims, found = run_verify(evidence, platform, certs=certs, collateral=coll, policy=policy,
@@ -160,6 +166,23 @@ def verify_command(file: Path, platform: str, cert_paths: tuple[Path, ...], coll
     else:
         _print_text(doc)
     sys.exit(EXIT_OK if verified else EXIT_REFUSED)
+
+
+def _collateral(platform: str, directory: Path | None, now: datetime, certs: tuple[x509.Certificate, ...]
+                ) -> tuple[dict[str, Any], tuple[x509.Certificate, ...]]:
+    """The collateral to verify with, and ``certs`` with any the collateral directory caches after
+    them. SGX, TDX and SEV-SNP: from --collateral DIR, else the default cache, read as every other
+    command reads it (the layout `collateral fetch` writes, or a flat directory). Other platforms
+    (Nitro: CRLs) read only an explicit --collateral DIR, flat, as before."""
+    from attestation.collateral_source import FAMILY
+
+    if platform not in FAMILY:
+        return load_collateral(platform, directory, now), certs
+    source = collateral_source_for(directory)
+    if source is None:
+        return {}, certs
+    options = source.verify_options(platform, now)
+    return dict(options["collateral"]), (*certs, *options.get("certs", ()))
 
 
 def _print_text(doc: dict[str, Any]) -> None:

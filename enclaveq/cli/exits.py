@@ -3,7 +3,8 @@
 Every command may let the library's typed errors propagate: :func:`run_reporting_errors` maps
 them here, so no user sees a traceback for a wrong URL, a bad policy file, an unreachable broker
 or Ctrl-C. Anything not listed is a genuine bug and keeps its traceback. ``--debug`` (or
-``ENCLAVEQ_DEBUG=1``) shows the traceback of every error.
+``ENCLAVEQ_DEBUG=1``) also prints the traceback of every error, before its one line, and keeps
+its exit code: here, and where a command reports a failure itself (:func:`show_traceback_if_debug`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 import click
@@ -51,6 +53,24 @@ class Interrupted(KeyboardInterrupt):
 def debug_wanted(argv: Sequence[str]) -> bool:
     """Whether tracebacks are wanted: ``--debug`` before the command, or ``ENCLAVEQ_DEBUG=1``."""
     return os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in argv
+
+
+def debug_requested() -> bool:
+    """Whether the running command was asked for tracebacks: ``enclaveq --debug`` in its click
+    context (also under click's test runner, whose arguments are not ``sys.argv``), else
+    :func:`debug_wanted` of the command line."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.find_root().params.get("debug"):
+        return True
+    return debug_wanted(sys.argv[1:])
+
+
+def show_traceback_if_debug() -> None:
+    """Under ``--debug``: the traceback of the exception being handled, on stderr. For a command
+    that says a failure in one line of its own (and exits with its code) from an ``except``
+    block; outside one there is no traceback to show."""
+    if sys.exc_info()[1] is not None and debug_requested():
+        click.echo(traceback.format_exc().rstrip("\n"), err=True)
 
 
 def exit_code_of(exc: BaseException) -> int:
@@ -107,8 +127,10 @@ def run_reporting_errors(command: click.Command, *, debug: bool) -> None:
             click.echo("interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:
-        if debug or not reportable(exc):
+        if not reportable(exc):
             raise
+        if debug:  # the traceback, then the same line and exit code as without --debug
+            click.echo(traceback.format_exc().rstrip("\n"), err=True)
         click.echo(f"error: {describe(exc)}", err=True)
         sys.exit(exit_code_of(exc))
     sys.exit(EXIT_OK)

@@ -1,4 +1,5 @@
-"""Which owner key `enclaveq model upload` and `model delete` sign with, the way ssh and gpg pick a key.
+"""Which owner key `enclaveq model upload|delete` and `pipeline create|delete` sign with, the way ssh and
+gpg pick a key.
 
 Precedence, first match wins:
 
@@ -7,10 +8,11 @@ Precedence, first match wins:
 3. the default key file ``$ENCLAVEQ_HOME/owner.key``, ``ENCLAVEQ_HOME`` defaulting to
    ``~/.config/enclaveq``.
 
-Only the default file is ever created, and only by ``model upload``: on first use, in a 0700
-directory, with one line on stderr naming it (it is the only key that can later delete or
-replace the model). ``model delete`` never creates a key; without one it fails naming the file
-it looked for. A key named by the flag or the variable must already exist (``keys generate``).
+Only the default file is ever created, and only by ``model upload`` (or ``pipeline create``): on
+first use, in a 0700 directory, with one line on stderr naming it (it is the only key that can
+later delete or replace the model, or the pipeline and its models). ``model delete`` and
+``pipeline delete`` never create a key; without one they fail naming the file they looked for.
+A key named by the flag or the variable must already exist (``keys generate``).
 
 The key is drawn and written by :func:`protocol.ownership.save_signing_key` (O_CREAT|O_EXCL,
 mode 0600 from the first instant) to a private temporary name, then hard-linked into place:
@@ -26,6 +28,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
+from typing import Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -82,12 +85,17 @@ def find_owner_key(flag: Path | str | None) -> OwnerKeySource:
     return OwnerKeySource(default_owner_key_path(), DEFAULT)
 
 
-def load_owner_key(source: OwnerKeySource, *, create: bool = False) -> tuple[Ed25519PrivateKey, bool]:
+_SIGNED_BY = {"model": "the key that uploaded the model", "pipeline": "the key that created the pipeline"}
+
+
+def load_owner_key(source: OwnerKeySource, *, create: bool = False,
+                   owns: Literal["model", "pipeline"] = "model") -> tuple[Ed25519PrivateKey, bool]:
     """The private key at ``source`` and whether this call created it.
 
     ``create`` lets a missing *default* key file be created (``model upload``); a missing file
     named by the flag or the variable is always an error, as is a missing default without
-    ``create`` (``model delete``)."""
+    ``create`` (``model delete``). ``owns`` (a model or a pipeline) is what the key signs for:
+    the error for a missing default names the key the user should point to."""
     if not os.path.lexists(source.path):
         if create and source.origin == DEFAULT:
             key = _create_default(source.path)
@@ -96,7 +104,7 @@ def load_owner_key(source: OwnerKeySource, *, create: bool = False) -> tuple[Ed2
         elif source.origin == DEFAULT:
             raise OwnerKeyError(
                 f"no owner key: looked for the default key file {source.path}; pass --owner-key FILE or set "
-                f"{ENV_OWNER_KEY} to the key that uploaded the model")
+                f"{ENV_OWNER_KEY} to {_SIGNED_BY[owns]}")
         else:
             raise OwnerKeyError(f"no owner key file at {source.describe()}")
     _refuse_open_permissions(source.path)

@@ -190,11 +190,11 @@ def create_command(file: Path, broker_url: str, pool: str, policy: Path, timeout
     except PipelineError as exc:
         _fail(_in_file(file, str(exc)), 2)
     source = find_owner_key(owner_key)
-    key = None if source.creatable else _owner_key(source)
+    key = None if source.creatable else _owner_key(source, owns="pipeline")
     refusal: EnclaveqError | None = None
     with _client(broker_url, pool, policy, timeout) as client:
         if key is None:
-            key = _owner_key(source, create=True)
+            key = _owner_key(source, create=True, owns="pipeline")
         with _progress() as bar:  # closed (its last lines printed) before any error is said
             tasks: dict[str, Any] = {}
 
@@ -287,7 +287,7 @@ def delete_command(pipeline_id: str, broker_url: str, pool: str, policy: Path, t
       enclaveq pipeline delete ID --broker amqp://guest:guest@127.0.0.1:5672/ --pool demo \\
           --policy policy.toml --owner-key owner.pem
     """
-    key = _owner_key(find_owner_key(owner_key))
+    key = _owner_key(find_owner_key(owner_key), owns="pipeline")
     with _client(broker_url, pool, policy, timeout) as client:
         try:
             client.delete_pipeline(pipeline_id, owner_key=key)

@@ -42,7 +42,7 @@ from protocol.ownership import parse_public_key
 
 from ..durations import DURATION
 from .collateral import collateral_of_command, describe_collateral_use, with_collateral_option
-from .exits import Interrupted
+from .exits import Interrupted, show_traceback_if_debug
 from .params import BROKER_URL
 from .npz_files import TEMP_PREFIX, ReadAhead, ResultWriter, write_npz
 from .owner_key import (
@@ -109,15 +109,18 @@ def _key_option(help: str) -> Callable[[F], F]:
                         type=click.Path(exists=True, dir_okay=False, path_type=Path), help=f"{help} {_KEY_DEFAULT_HELP}")
 
 
-def _owner_key(source: OwnerKeySource, *, create: bool = False) -> Ed25519PrivateKey:
-    """Load (or, for upload, create) the owner key; a missing or unusable key is a usage error (exit 2)."""
+def _owner_key(source: OwnerKeySource, *, create: bool = False,
+               owns: Literal["model", "pipeline"] = "model") -> Ed25519PrivateKey:
+    """Load (or, for upload, create) the owner key; a missing or unusable key is a usage error (exit 2).
+    ``owns``: what the key signs here, a model or a pipeline (named in what is said about the key)."""
     try:
-        key, created = load_owner_key(source, create=create)
+        key, created = load_owner_key(source, create=create, owns=owns)
     except OwnerKeyError as exc:
         _fail(str(exc), 2)
     if created:
+        owned = "this pipeline and its models" if owns == "pipeline" else "this model"
         click.echo(f"Created owner key {source.path} (mode 0600): keep it, it is needed to delete or replace "
-                   "this model later.", err=True)
+                   f"{owned} later.", err=True)
     return key
 
 
@@ -168,6 +171,9 @@ def _attested(client: Client) -> tuple[Claims, Statement]:
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
+    """``error: MESSAGE`` on stderr and exit ``code``; under --debug, called from an ``except``
+    block, the traceback of the exception being handled first."""
+    show_traceback_if_debug()
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
@@ -180,7 +186,7 @@ def _progress() -> Progress:
 
 
 @click.command("attest")
-@_connection_options
+@connection_options(timeout_help="Seconds to wait for the pool's evidence.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verified claims as one JSON object.")
 @click.option("--forget-epoch", is_flag=True,
               help="First forget the newest epoch of --pool this machine remembers (in $ENCLAVEQ_HOME/epochs.json). "
@@ -212,6 +218,7 @@ def attest_command(broker_url: str, pool: str, policy: Path, timeout: float, as_
                         producer_key=producer_key_option(), collateral=collateral_of_command())
     except AttestationFailed as exc:
         if as_json:
+            show_traceback_if_debug()  # on stderr: stdout keeps the one JSON object
             click.echo(json.dumps({"verified": False, "pool": pool, "error": str(exc),
                                    "violations": [{"field": v.field, "value": v.value, "expected": v.expected}
                                                   for v in exc.violations]}, indent=2))
@@ -315,8 +322,8 @@ def pool_group() -> None:
 @pool_group.command("rotate")
 @_connection_options
 @click.option("--grace", type=DURATION, default="5m", show_default=True,
-              help="How long jobs sealed to the current key are still served (e.g. 30s, 5m, 1h). The "
-                   "pool's measured configuration caps it (default cap: 1h).")
+              help="How long jobs sealed to the current key are still served (e.g. 30s, 5m, 1h). At most "
+                   "the pool's measured max_rotation_grace_seconds (1h by default): a longer one is refused.")
 def pool_rotate(broker_url: str, pool: str, policy: Path, timeout: float, grace: float) -> None:
     """Rotate the pool's key: every worker moves to a new epoch key (P6, forward secrecy by epoch).
 
