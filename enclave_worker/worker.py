@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import logging
 import os
 import socket
+import stat
 import time
 import uuid
 from collections.abc import Callable
@@ -78,6 +81,68 @@ _STREAM_RETRY_SECONDS = 30.0
 # How long a result the broker refuses (or cannot take: connection lost) is published again
 # before the job is handed back to the queue.
 _REPLY_RETRY_SECONDS = 30.0
+# In the pool's state directory: held (flock) by the one worker using that directory.
+STATE_LOCK_FILE = "worker.lock"
+
+
+class StateDirLock:
+    """One worker at a time per state directory: an exclusive advisory lock (``flock``) on
+    ``STATE_DIR/<pool>/worker.lock``, taken before the worker reads its sealed state and held
+    until it stops (released by :meth:`release`, or by the kernel when the process dies). Two
+    workers writing the same ``pool.sealed`` and models would overwrite each other's state.
+
+    The file is opened without following a symlink, mode 0600, and holds the holder's pid (for
+    the refusal message only: the lock, not the pid, is what decides). ``flock`` locks belong to
+    an open file, so a second worker in the same process is refused as well."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / STATE_LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`WorkerStartupError` saying who holds it or why it cannot be taken."""
+        if self._fd is not None:
+            return
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags, 0o600)
+        except OSError as exc:
+            why = "it is a symbolic link, which a worker never follows" if exc.errno == errno.ELOOP else (
+                exc.strerror or type(exc).__name__)
+            raise WorkerStartupError(f"the state directory's lock file {self.path} cannot be used ({why}); "
+                                     "remove it, or give the worker another --state-dir") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise WorkerStartupError(f"the state directory's lock file {self.path} is not a regular file; "
+                                         "remove it, or give the worker another --state-dir")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise WorkerStartupError(
+                    f"state directory {self.path.parent} is in use by another worker{self._holder(fd)}; "
+                    "give each worker its own --state-dir") from None
+            with contextlib.suppress(OSError):  # a lock file left with a wider mode (not ours to change: kept)
+                os.fchmod(fd, 0o600)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        try:
+            pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        except OSError:
+            return ""
+        return f" (pid {pid})" if pid.isdigit() else ""
+
+    def release(self) -> None:
+        """Give the lock up (idempotent): closing its only descriptor releases the flock."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 class Worker:
@@ -99,6 +164,7 @@ class Worker:
         ctx = self._ctx = WorkerContext(broker=self._broker, pool=pool, worker_id=self.worker_id, identity=identity,
                                         config=config, clock=clock, monotonic=monotonic)
         self.sealed_state = SealedState(state_dir, pool, identity.sealing_key, identity.seal, identity.unseal)
+        self._state_lock = StateDirLock(self.sealed_state.dir)
         self._sessions = SessionCache(pool)
         self._seen = SeenJobs()
         self._journal = SeenJournal(self.sealed_state)
@@ -197,15 +263,24 @@ class Worker:
     async def start(self) -> None:
         try:
             self.sealed_state.ensure_usable()
-            models = ModelLibrary(self.sealed_state, max_model_bytes=self.config.max_model_bytes,
-                                  intra_op_threads=self.config.intra_op_threads,
-                                  custom_op_domains=self.config.custom_op_domains, clock=self._ctx.clock)
-            sealed = self.sealed_state.load_pool_keys()
         except SealedStateError as exc:
             raise WorkerStartupError(str(exc)) from None
-        # The jobs answered before a restart (or by a worker sharing this state directory).
-        self._seen.restore(await asyncio.to_thread(self._journal.load, self._ctx.now_ms()), self._ctx.now_ms())
-        await self._broker.connect()
+        # Held until stop(): before anything reads or writes the pool's sealed state.
+        self._state_lock.acquire()
+        try:
+            try:
+                models = ModelLibrary(self.sealed_state, max_model_bytes=self.config.max_model_bytes,
+                                      intra_op_threads=self.config.intra_op_threads,
+                                      custom_op_domains=self.config.custom_op_domains, clock=self._ctx.clock)
+                sealed = self.sealed_state.load_pool_keys()
+            except SealedStateError as exc:
+                raise WorkerStartupError(str(exc)) from None
+            # The jobs answered before a restart.
+            self._seen.restore(await asyncio.to_thread(self._journal.load, self._ctx.now_ms()), self._ctx.now_ms())
+            await self._broker.connect()
+        except BaseException:
+            self._state_lock.release()
+            raise
         try:
             await self._broker.declare_pool(self.pool, PoolSettings(max_message_bytes=self.config.max_message_bytes))
             self.keyring.adopt(await self._membership.obtain_keys(sealed))
@@ -228,8 +303,11 @@ class Worker:
             for signed in self.pipelines.pipelines.values():
                 await self._serve_pipeline(signed)
         except BaseException:
-            await self._membership.release()
-            await self._broker.close()
+            try:
+                await self._membership.release()
+                await self._broker.close()
+            finally:
+                self._state_lock.release()
             raise
         self._broker.on_reconnect(self._after_reconnect)
         self._rotation.start()
@@ -242,25 +320,28 @@ class Worker:
         if self._stopped:
             return
         self._stopped = True
-        self._draining = True
-        self._rotation.stop()
         try:
-            await asyncio.wait_for(self._idle.wait(), drain_timeout)
-        except TimeoutError:
-            log.warning("stopping with %d jobs still running; the broker will redeliver them", self._active)
-        for sub in [*self._streams.values(), *reversed(self._subs)]:
+            self._draining = True
+            self._rotation.stop()
             try:
-                await sub.cancel()
-            except Exception:  # best effort: closing the connection cancels it anyway
-                pass
-        self._subs.clear()
-        self._streams.clear()
-        self._stopping.set()
-        if self._housekeeper is not None:
-            await self._housekeeper  # its last round seals the jobs answered until now
-        self._batcher.close()
-        await self._membership.release()
-        await self._broker.close()
+                await asyncio.wait_for(self._idle.wait(), drain_timeout)
+            except TimeoutError:
+                log.warning("stopping with %d jobs still running; the broker will redeliver them", self._active)
+            for sub in [*self._streams.values(), *reversed(self._subs)]:
+                try:
+                    await sub.cancel()
+                except Exception:  # best effort: closing the connection cancels it anyway
+                    pass
+            self._subs.clear()
+            self._streams.clear()
+            self._stopping.set()
+            if self._housekeeper is not None:
+                await self._housekeeper  # its last round seals the jobs answered until now
+            self._batcher.close()
+            await self._membership.release()
+            await self._broker.close()
+        finally:
+            self._state_lock.release()  # the state directory is free for the next worker
 
     async def _after_reconnect(self) -> None:
         """The broker connection dropped and came back: broadcasts sent meanwhile (uploads,

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
+import socket
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -41,7 +45,8 @@ TEE_CHOICES = ("auto", "sim", "sgx", "tdx", "snp", "nitro")
 @click.option("--tee", type=click.Choice(TEE_CHOICES), default=None,
               help="Which TEE provides the evidence (each choice is explained above). "
                    "Default: sim when --sim-dir is given, otherwise auto.")
-@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on METRICS_ADDR:PORT.")
+@click.option("--metrics-port", type=click.IntRange(min=1, max=65535), default=None, metavar="PORT",
+              help="Serve Prometheus metrics on METRICS_ADDR:PORT.")
 @click.option("--metrics-addr", default="127.0.0.1", show_default=True, metavar="ADDR",
               help="Address the metrics and health endpoints are served on, with --metrics-port/--health-port "
                    "(0.0.0.0 in a container, so that Prometheus and health checks reach it; metrics are counts "
@@ -53,8 +58,10 @@ TEE_CHOICES = ("auto", "sim", "sgx", "tdx", "snp", "nitro")
               help="Rotate the pool key automatically when the current epoch is older than this (e.g. 12h). "
                    "Any member with this option may rotate; the pool's rotation lock lets one of them do it.")
 @click.option("--rotation-grace", type=DURATION, default="5m", show_default=True,
-              help="With --rotate-every: how long the previous epoch's key still opens jobs before every "
-                   "member erases it (capped by the measured max_rotation_grace_seconds, 1h).")
+              help="How long the previous epoch's key still opens jobs after a rotation this worker makes "
+                   "(--rotate-every), before every member erases it. It must not exceed the measured "
+                   "max_rotation_grace_seconds (1h by default): a longer one is refused, with or without "
+                   "--rotate-every.")
 @collateral_option
 @click.option("--join-without-collateral", is_flag=True,
               help="Real TEEs: admit and join peers without collateral, judging them by their measurements "
@@ -77,8 +84,8 @@ def worker_command(broker_url: str | None, pool: str | None, sim_dir: Path | Non
     The worker answers attestation challenges with fresh evidence binding its pool key and the
     producer's nonce, holds uploaded models in sealed storage, runs jobs and sends back sealed
     results. It runs until SIGTERM or SIGINT, then finishes in-flight jobs, returns the rest to
-    the queue and exits 0. Exit 3 means it refused to start (e.g. the pool already has a worker,
-    or the requested TEE is not there).
+    the queue and exits 0. Exit 3 means it refused to start (e.g. the requested TEE is not there,
+    its state directory is in use by another worker, or it was not admitted to its pool).
 
     \b
     --tee chooses where the evidence comes from:
@@ -105,15 +112,19 @@ def worker_command(broker_url: str | None, pool: str | None, sim_dir: Path | Non
 
     \b
     Pools: workers on one host or many share a pool when they run exactly the
-    same image on genuine hardware (each admits only its own measurement; see
-    docs/multi-host.md). Exit 3 also means this worker was not admitted.
+    same image: simulated workers with the same --sim-dir, workers on genuine
+    hardware with the same measurement (each admits only its own; see
+    docs/multi-host.md). A new worker joins by mutual attestation; each needs
+    a --state-dir of its own. Exit 3 also means this worker was not admitted,
+    or, on a TEE without a join policy, that the pool already has a worker.
     Keys rotate with `enclaveq pool rotate` or --rotate-every.
 
     \b
     Collateral: on SGX, TDX and SEV-SNP a worker judges the TCB of workers
     joining its pool (and of the members it joins) with --collateral DIR
     (`enclaveq collateral fetch`; default: the collateral cache if it
-    exists). Without any, their TCB is not evaluated and it says so.
+    exists). Without any, the worker joins no pool and admits no peer unless
+    --join-without-collateral; then their TCB is not evaluated, and it says so.
 
     \b
     Examples:
@@ -142,8 +153,8 @@ def worker_command(broker_url: str | None, pool: str | None, sim_dir: Path | Non
     if not broker_url or not pool:
         raise click.UsageError("--broker and --pool are required to run a worker")
     if rotation_grace > config.max_rotation_grace_seconds:
-        raise click.UsageError(f"--rotation-grace is capped at {config.max_rotation_grace_seconds}s by the "
-                               "measured configuration (max_rotation_grace_seconds)")
+        raise click.UsageError(f"--rotation-grace must not exceed {config.max_rotation_grace_seconds:g}s, the "
+                               "measured configuration's max_rotation_grace_seconds")
     if rotate_every is not None and rotate_every < 1:
         raise click.UsageError("--rotate-every must be at least 1s")
     rotation = {"rotate_every": rotate_every, "rotation_grace": rotation_grace}
@@ -196,6 +207,24 @@ def refuse_unopenable_state(state_dir: Path, pool: str) -> None:
             "gets the pool key from a live member, or founds the pool anew) or omit --state-dir.")
 
 
+@contextlib.contextmanager
+def endpoint_refusal(what: str, addr: str, port: int) -> Iterator[None]:
+    """An endpoint that cannot be served (the address does not resolve or is not this host's,
+    the port is taken or privileged) refuses the start in one line, like any other refusal."""
+    try:
+        yield
+    except OSError as exc:
+        # asyncio's bind error wraps the system's words in its own ("error while attempting to bind
+        # on address (...): address already in use"): the system's words, from the errno, suffice.
+        code = exc.errno
+        if code is not None and code > 0 and not isinstance(exc, socket.gaierror):
+            reason = os.strerror(code)
+        else:  # a name that does not resolve: getaddrinfo's own words
+            reason = exc.strerror or str(exc) or type(exc).__name__
+        where = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+        raise WorkerStartupError(f"cannot serve {what} on {where}: {reason[:1].lower()}{reason[1:]}") from None
+
+
 async def _serve(broker_url: str, pool: str, tee: str, sim_dir: Path | None, state_dir: Path,
                  metrics: tuple[str, int | None, int | None],
                  rotation: dict[str, Any], explicit_state_dir: bool = False, collateral: Any = None,
@@ -216,10 +245,12 @@ async def _serve(broker_url: str, pool: str, tee: str, sim_dir: Path | None, sta
                     **rotation)
     metrics_addr, metrics_port, health_port = metrics
     if metrics_port:
-        worker.metrics.serve(metrics_port, addr=metrics_addr)
+        with endpoint_refusal("metrics", metrics_addr, metrics_port):
+            worker.metrics.serve(metrics_port, addr=metrics_addr)
     health = HealthServer(lambda: worker.ready)
     if health_port:
-        await health.start(health_port, metrics_addr)  # live at once; ready once started below
+        with endpoint_refusal("health checks", metrics_addr, health_port):
+            await health.start(health_port, metrics_addr)  # live at once; ready once started below
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
