@@ -286,6 +286,13 @@ async def test_publish_on_a_topic_no_broker_takes_is_one_line_not_a_traceback(de
     assert len(errors) == 1 and "topic levels are 1-128 characters" in errors[0], result.stderr
 
 
+async def assert_nothing_reached_the_recipient(deployment, pipeline_id: str, key: Path, tmp_path: Path) -> None:
+    """The recipient's inbox is empty: a subscriber waiting 3 s for one result gets none."""
+    nothing = await enclaveq("subscribe", *deployment, "--pipeline", pipeline_id, "--key", str(key),
+                             "--output", str(tmp_path / "results"), "--count", "1", "--timeout", "3")
+    assert nothing.exit_code == 1 and "only 0 of 1 results" in nothing.stderr, nothing.output
+
+
 async def test_publish_checks_every_inputs_file_before_publishing_any(deployment, tmp_path, unique_name):
     # A bad file after a good one used to publish the good one (once the window let it be confirmed
     # before the bad file was read: --max-in-flight 1) and exit 2 without printing its id.
@@ -301,10 +308,7 @@ async def test_publish_checks_every_inputs_file_before_publishing_any(deployment
     assert_usage_error(result, f"{events / 'c-bad.npz'}: not a readable .npz file",
                        f"{events / 'd-bad.npz'}: not a readable .npz file", "nothing was published")
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    # Nothing reached the pipeline: its recipient's inbox stays empty.
-    nothing = await enclaveq("subscribe", *deployment, "--pipeline", pipeline_id, "--key", str(key),
-                             "--output", str(tmp_path / "results"), "--count", "1", "--timeout", "3")
-    assert nothing.exit_code == 1 and "only 0 of 1 results" in nothing.stderr, nothing.output
+    await assert_nothing_reached_the_recipient(deployment, pipeline_id, key, tmp_path)
 
 
 async def test_publish_refuses_a_batch_with_an_event_the_pipeline_cannot_take_before_publishing_any(
@@ -322,9 +326,7 @@ async def test_publish_refuses_a_batch_with_an_event_the_pipeline_cannot_take_be
                             "--topic", f"{unique_name}/device-1/readings")
     assert_usage_error(result, f"{events / 'b-float64.npz'}: event input 'x' must be float32, got float64",
                        "nothing was published (1 of 3 events do not fit the pipeline)")
-    nothing = await enclaveq("subscribe", *deployment, "--pipeline", pipeline_id, "--key", str(key),
-                             "--output", str(tmp_path / "results"), "--count", "1", "--timeout", "3")
-    assert nothing.exit_code == 1 and "only 0 of 1 results" in nothing.stderr, nothing.output
+    await assert_nothing_reached_the_recipient(deployment, pipeline_id, key, tmp_path)
 
 
 async def test_publish_of_one_event_with_an_input_the_pipeline_does_not_take_is_a_usage_error(

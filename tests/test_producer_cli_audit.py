@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from enclaveq.cli import cli
 
 from .processes import enclaveq
+from .test_cli_errors import sim  # noqa: F401 - the module fixture: a simulation, a policy, broken files
 
 
 def help_of(*command: str) -> str:
@@ -28,12 +29,9 @@ def help_of(*command: str) -> str:
 # -- 1. --debug: the traceback of a failure reported in one line, the exit code unchanged ----------
 
 @pytest.fixture(scope="module")
-def policies(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("audit")
-    enclaveq("sim", "init", "--dir", str(root / "sim"))
-    enclaveq("policy", "init", "--sim-dir", str(root / "sim"), "--out", str(root / "policy.toml"))
-    (root / "broken.toml").write_text("measurements = [\n")
-    return {"policy": root / "policy.toml", "broken": root / "broken.toml"}
+def policies(sim) -> dict[str, Path]:  # noqa: F811 - the fixture imported above
+    """A usable policy and a broken one (test_cli_errors' simulation and files)."""
+    return {"policy": sim["policy"], "broken": sim["dir"] / "broken.toml"}
 
 
 NO_BROKER = "amqp://guest:guest@127.0.0.1:1/"  # nothing listens on port 1: connection refused at once
