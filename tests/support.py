@@ -191,6 +191,18 @@ async def wait_until(condition: Callable[[], bool], what: str = "the condition",
 DECLARED_INBOXES: set[tuple[str, str]] = set()  # (broker URL, inbox name)
 
 
+async def delete_exchanges(url: str, *names: str) -> None:
+    """Delete RabbitMQ exchanges a test declared under names of its own (a pipeline's source and
+    sink exchanges outlive its pool)."""
+    import aio_pika
+
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        for name in names:
+            await channel.exchange_delete(name)
+
+
 async def dead_letters(url: str, pool: str) -> int:
     """How many jobs of ``pool`` were dead-lettered (counted by draining its dead-letter queue
     briefly). Distinct message ids: giving a letter back may show it again within the window."""

@@ -25,7 +25,7 @@ from protocol.pipeline import Reference, SignedPipeline, Stage, sign_pipeline, s
 from protocol.results import NotARecipient, ResultForged
 
 from .pipeline_support import ADD_ONE, DOUBLE, OVER_TEN, Deployment, Inbox, directly, opened, sha
-from .support import TIMEOUT, running_worker, wait_until
+from .support import TIMEOUT, delete_exchanges, running_worker, wait_until
 
 
 @pytest.fixture
@@ -381,3 +381,5 @@ async def test_a_pipeline_on_exchanges_of_its_own_carries_events_and_results_thr
     finally:
         await sub.cancel()
         await deployment.broker.delete_inbox(deployment.inbox(signed))
+        if broker_url.startswith("amqp"):
+            await delete_exchanges(broker_url, *exchanges.values())
