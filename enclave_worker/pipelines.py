@@ -169,10 +169,14 @@ class PipelineLibrary:
     async def _check_models(self, spec: PipelineSpec) -> tuple[tuple[str, str, tuple[int | None, ...] | None], ...]:
         signatures = {}
         for model_id in set(spec.model_ids):
-            if not self._models.has(model_id):
+            try:
+                # As a job does, wait a while for a model still arriving on this worker: uploads
+                # reach every worker, and `pipeline create` installs the definition as soon as
+                # one worker confirmed the upload, so another may still be storing it.
+                info = (await self._models.get(model_id)).info
+            except JobRejected:
                 raise JobRejected(f"stage model {model_id} is not on this pool: upload it first",
-                                  bodies.ErrorCode.UNKNOWN_MODEL)
-            info = (await self._models.get(model_id)).info
+                                  bodies.ErrorCode.UNKNOWN_MODEL) from None
             signatures[model_id] = ({name: (t, shape) for name, t, shape in info.inputs},
                                     {name: (t, shape) for name, t, shape in info.outputs})
         try:

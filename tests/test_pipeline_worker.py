@@ -164,6 +164,31 @@ async def test_a_pipeline_naming_a_model_the_pool_lacks_is_refused_when_created(
     assert not outcome.ok and outcome.error().code == "unknown_model"
 
 
+async def test_a_pipeline_created_while_a_stage_model_is_still_arriving_on_the_worker_waits_for_it(
+        deployment, monkeypatch):
+    """`pipeline create` installs the definition once one worker confirmed each upload; uploads
+    reach every worker, and the one that takes the definition may still be storing a model. It
+    waits for the model, as a job does, instead of refusing it as unknown (seen in CI with three
+    worker processes under load)."""
+    models = deployment.worker.models
+    real_get, real_has = models.get, models.has
+    asked, arrived = asyncio.Event(), asyncio.Event()
+
+    async def get_once_arrived(model_id):  # ModelLibrary.get waits so for an upload in progress
+        asked.set()
+        await arrived.wait()
+        return await real_get(model_id)
+
+    monkeypatch.setattr(models, "has", lambda model_id: arrived.is_set() and real_has(model_id))
+    monkeypatch.setattr(models, "get", get_once_arrived)
+    put = asyncio.create_task(deployment.put(deployment.spec()))
+    await wait_until(lambda: asked.is_set() or put.done(), "the worker asking for the stage model")
+    arrived.set()
+    signed, outcome = await put
+    assert outcome.ok, outcome.error()
+    await deployment.broker.delete_inbox(deployment.inbox(signed))
+
+
 async def test_a_pipeline_whose_wiring_does_not_type_check_is_refused_when_created(deployment):
     # The second stage's input "y" fed from the event's "x" is fine by name, but OVER_TEN takes "z".
     spec = deployment.spec(stages=(Stage("one", sha(ADD_ONE), (("x", Reference("event", "x")),)),
