@@ -56,7 +56,7 @@ from .epochs import EpochState, marks_for
 from .framing import Frame, FramePacker, FrameSettings
 from .journal import BatchJournal, ResumePlan, SentRequest
 from .errors import (AttestationFailed, BrokerUnreachable, ClientClosed, EnclaveqError, JobError, JobTimeout,
-                     ModelRejected, NoWorkerAnswered, PipelineRejected, UnknownPipeline)
+                     ModelRejected, NoWorkerAnswered, PipelineRejected, UnknownModel, UnknownPipeline)
 
 log = logging.getLogger("enclaveq.producer")
 
@@ -1107,11 +1107,20 @@ class AsyncClient:
         issued = _IssuedMs(self._clock, current.issued_ms if current is not None else 0)
         # Signed again for each attempt (a resend after a rotation): a worker that installed the
         # first copy would refuse an equal issued_ms as a replay.
-        outcome = await self._request(lambda: core.pipeline_put(sign_pipeline(spec, key, issued()), timeout=timeout),
-                                      timeout)
-        if not outcome.ok:
-            raise _pipeline_error(outcome)
-        return pid
+        for attempt in range(_STAGE_MODEL_RETRIES + 1):
+            outcome = await self._request(
+                lambda: core.pipeline_put(sign_pipeline(spec, key, issued()), timeout=timeout), timeout)
+            if outcome.ok:
+                return pid
+            error = _pipeline_error(outcome)
+            # The pool listed every stage model, yet the worker that took the definition lacks one:
+            # an upload still reaching it (an upload goes to every worker, and one confirmation is
+            # enough for this client). Asked again, briefly; any other refusal is final.
+            if not (isinstance(error, UnknownModel) and all(m in held for m in spec.model_ids)) \
+                    or attempt == _STAGE_MODEL_RETRIES:
+                raise error
+            await asyncio.sleep(_STAGE_MODEL_BACKOFF * 2**attempt)
+        raise AssertionError("unreachable")
 
     async def _declare_pipeline_queues(self, pid: str, spec: PipelineSpec, timeout: float) -> None:
         broker, _ = self._connection()
@@ -1321,6 +1330,12 @@ def _signature(info: bodies.ModelInfo) -> ModelSignature:
     """A model's inputs and outputs as ``check_stage_mapping`` takes them."""
     return ({name: (dtype, shape) for name, dtype, shape in info.inputs},
             {name: (dtype, shape) for name, dtype, shape in info.outputs})
+
+
+# create_pipeline: how often (and from how long a pause, doubling) a definition refused for a stage
+# model the pool listed is sent again: ~3 s in all, for an upload still reaching another worker.
+_STAGE_MODEL_RETRIES = 5
+_STAGE_MODEL_BACKOFF = 0.1
 
 
 def _pipeline_error(outcome: Outcome) -> JobError:

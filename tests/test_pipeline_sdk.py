@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper
 
 from attestation.policy import Policy
+from enclave_worker.errors import JobRejected
 from broker_adapters import open_broker
 from broker_adapters.errors import PublishFailed
 from producer_sdk import (
@@ -456,6 +457,30 @@ async def test_a_key_that_is_not_a_recipient_has_no_inbox_and_opens_nothing_in_a
     async with deployment.subscriber(pipeline_id, alice) as results:
         for _ in range(3):
             await results.receive(timeout=RESULT_TIMEOUT)
+
+
+async def test_a_definition_refused_by_a_worker_still_receiving_a_stage_model_is_sent_again(
+        memory_deployment, alice, monkeypatch):
+    """create_pipeline uploads the stage models the pool lacks; an upload goes to every worker and
+    one confirmation is enough, so the worker that takes the definition may not hold a model yet
+    (the one the pool listed). The client sends the definition again, briefly, instead of failing."""
+    deployment = memory_deployment
+    models = deployment.worker.models
+    real_get = models.get
+    refusals = []
+
+    async def not_yet_once(model_id):
+        if not refusals:
+            refusals.append(model_id)
+            raise JobRejected(f"model {model_id} is not loaded on this pool", bodies.ErrorCode.UNKNOWN_MODEL)
+        return await real_get(model_id)
+
+    monkeypatch.setattr(models, "get", not_yet_once)
+    pipeline_id = await deployment.create([public(alice)])
+    assert len(refusals) == 1
+    async with deployment.publisher(pipeline_id) as publisher, deployment.subscriber(pipeline_id, alice) as results:
+        (event_id,) = await publisher.publish_many(batch_of(1))
+        assert (await results.receive(timeout=RESULT_TIMEOUT)).event_id == event_id
 
 
 async def test_the_same_pipeline_on_two_pools_of_one_broker_gives_each_pools_recipient_that_pools_results(
