@@ -7,6 +7,7 @@ recipient's inbox; the tiny models make a two-stage chain ``(x + 1) * 2`` and a 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -102,6 +103,17 @@ class Deployment:
         outcome = await self.client._request(lambda: self.core._seal(
             "pipeline_put", signed.to_bytes(), timeout=TIMEOUT, content_type=bodies.PIPELINE), TIMEOUT)
         return signed, outcome
+
+    async def put_after_uploads(self, spec: PipelineSpec) -> tuple[SignedPipeline, object]:
+        """:meth:`put` on a pool of several worker processes right after uploading its models: a
+        worker that has not received an upload yet refuses the definition (``unknown_model``), and
+        it is sent again briefly, as ``AsyncClient.create_pipeline`` does."""
+        for attempt in range(6):
+            signed, outcome = await self.put(spec)
+            if outcome.ok or outcome.error().code != "unknown_model" or attempt == 5:  # type: ignore[attr-defined]
+                return signed, outcome
+            await asyncio.sleep(0.1 * 2**attempt)
+        raise AssertionError("unreachable")
 
     def event(self, signed: SignedPipeline, event_id: str, inputs, *, ttl: float = TIMEOUT) -> tuple[str, Message]:
         request = self.core._seal("event", bodies.encode_event(signed.pipeline_id, event_id, inputs),

@@ -50,7 +50,7 @@ async def stream_with_a_kill(url, pool, tee, tmp_path, workers: list[WorkerProce
         pool_view = SimpleNamespace(keyring=SimpleNamespace(public_key=statement.pool_public_key,
                                                             epoch=statement.epoch))
         d = Deployment(client=client, worker=pool_view, pool=pool, owner=owner)
-        signed, outcome = await d.put(d.spec())
+        signed, outcome = await d.put_after_uploads(d.spec())
         assert outcome.ok, outcome.error()
         inbox = Inbox()
         sub = await d.broker.consume_inbox(d.inbox(signed), inbox)
