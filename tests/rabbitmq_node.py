@@ -184,10 +184,27 @@ class PrivateCluster:
             each(PrivateRabbitmq.await_started, self.nodes)
             running = json.loads(self.nodes[0].rabbitmqctl("cluster_status", "--formatter", "json"))["running_nodes"]
             assert sorted(running) == sorted(n.node for n in self.nodes), running
+            self.await_feature_flags()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def await_feature_flags(self, timeout: float = 60) -> None:
+        """Every node has every feature flag on (quorum queues above all). A node that has just
+        joined may still be taking the cluster's flags: a quorum queue declared on it then fails
+        ("the corresponding feature flag is disabled", seen once in CI). Enabled cluster-wide from
+        the seed, then waited for on each node."""
+        self.nodes[0].rabbitmqctl("enable_feature_flag", "all")
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            while True:
+                flags = json.loads(node.rabbitmqctl("list_feature_flags", "name", "state", "--formatter", "json"))
+                off = [flag["name"] for flag in flags if flag["state"] != "enabled"]
+                if not off:
+                    break
+                assert time.monotonic() < deadline, f"{node.node}: feature flags still off: {off}"
+                time.sleep(0.2)
 
     def live(self) -> list[PrivateRabbitmq]:
         return [node for node in self.nodes if node.proc is not None]
