@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from protocol.bodies import ErrorCode, ModelInfo
-from protocol.tensors import ONNX_TYPES
+from protocol.tensors import ONNX_TYPES, misfit
 
 from .batchability import Batchability, analyse
 from .errors import InputRejected, JobRejected, ModelRejected
@@ -186,23 +186,9 @@ def _batching(session: ort.InferenceSession, data: bytes) -> Batchability:
 
 def check_inputs(model: LoadedModel, inputs: Mapping[str, np.ndarray], outputs: list[str] | None) -> None:
     """Refuse mismatched inputs with a precise message before ONNX Runtime sees them."""
-    expected = model.expected_inputs
-    if inputs.keys() != expected.keys():
-        missing = sorted(set(expected) - set(inputs))
-        extra = sorted(set(inputs) - set(expected))
-        raise InputRejected(f"model expects inputs {sorted(expected)}; missing {missing}, unexpected {extra}")
-    for name, array in inputs.items():
-        want, shape = expected[name]
-        if want is None:
-            raise InputRejected(f"input {name!r} has a type enclaveq cannot carry")
-        got = "string" if array.dtype.kind in "OU" else array.dtype.name  # decoded strings are objects
-        if got != want:
-            raise InputRejected(f"input {name!r} must be {want}, got {got}")
-        if len(shape) != array.ndim or any(
-            isinstance(d, int) and d != got for d, got in zip(shape, array.shape)
-        ):
-            shown = [d if isinstance(d, int) else "?" for d in shape]
-            raise InputRejected(f"input {name!r} must have shape {shown}, got {list(array.shape)}")
+    why = misfit(model.expected_inputs, inputs, subject="model")
+    if why is not None:
+        raise InputRejected(why)
     if outputs is not None:
         unknown = sorted(set(outputs) - set(model.output_names))
         if unknown:

@@ -1107,20 +1107,19 @@ class AsyncClient:
         issued = _IssuedMs(self._clock, current.issued_ms if current is not None else 0)
         # Signed again for each attempt (a resend after a rotation): a worker that installed the
         # first copy would refuse an equal issued_ms as a replay.
-        for attempt in range(_STAGE_MODEL_RETRIES + 1):
-            outcome = await self._request(
-                lambda: core.pipeline_put(sign_pipeline(spec, key, issued()), timeout=timeout), timeout)
-            if outcome.ok:
-                return pid
+        retries = 0
+        while not (outcome := await self._request(
+                lambda: core.pipeline_put(sign_pipeline(spec, key, issued()), timeout=timeout), timeout)).ok:
             error = _pipeline_error(outcome)
             # The pool listed every stage model, yet the worker that took the definition lacks one:
             # an upload still reaching it (an upload goes to every worker, and one confirmation is
             # enough for this client). Asked again, briefly; any other refusal is final.
             if not (isinstance(error, UnknownModel) and all(m in held for m in spec.model_ids)) \
-                    or attempt == _STAGE_MODEL_RETRIES:
+                    or retries == _STAGE_MODEL_RETRIES:
                 raise error
-            await asyncio.sleep(_STAGE_MODEL_BACKOFF * 2**attempt)
-        raise AssertionError("unreachable")
+            await asyncio.sleep(_STAGE_MODEL_BACKOFF * 2**retries)
+            retries += 1
+        return pid
 
     async def _declare_pipeline_queues(self, pid: str, spec: PipelineSpec, timeout: float) -> None:
         broker, _ = self._connection()

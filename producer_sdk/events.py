@@ -46,7 +46,7 @@ from protocol import bodies, crypto
 from protocol.errors import ProtocolError
 from protocol.pipeline import PipelineError, check_event_topic
 from protocol.results import check_event_id
-from protocol.tensors import dtype_name
+from protocol.tensors import misfit
 
 from .async_client import AsyncClient, CollateralLike, KeyLike
 from .client import BackgroundLoop
@@ -319,29 +319,11 @@ def _check_event(arrays: Mapping[str, Any], info: bodies.PipelineInfo) -> None:
               if isinstance(item, (tuple, list)) and len(item) == 3]
     if not listed:
         return
-    expected = {str(name): (str(wire), None if shape is None else tuple(shape)) for name, wire, shape in listed}
-    takes = ", ".join(_describe(name, wire, shape) for name, (wire, shape) in expected.items())
-    where = f"pipeline {info.pipeline_id[:12]} takes {takes}"
-    unknown = sorted(set(arrays) - set(expected))
-    missing = sorted(set(expected) - set(arrays))
-    if unknown or missing:
-        what = "; ".join(part for part in (
-            f"no input {', '.join(map(repr, unknown))}" if unknown else "",
-            f"{', '.join(map(repr, missing))} missing" if missing else "") if part)
-        raise BadInput(f"event: {what} ({where})", event_id=None)
-    for name, value in arrays.items():
-        wire, shape = expected[name]
-        array = np.asarray(value)
-        try:
-            got = dtype_name(array)
-        except ProtocolError as exc:
-            raise BadInput(f"event input {name!r}: {exc}", event_id=None) from None
-        if got != wire:
-            raise BadInput(f"event input {name!r} must be {wire}, got {got} ({where})", event_id=None)
-        if shape is not None and (len(shape) != array.ndim or any(
-                want is not None and want != have for want, have in zip(shape, array.shape))):
-            raise BadInput(f"event input {name!r} must have the shape {_describe(name, wire, shape).split(': ')[1]}"
-                           f", got {list(array.shape)} ({where})", event_id=None)
+    expected = {str(name): (str(wire), shape) for name, wire, shape in listed}
+    why = misfit(expected, arrays, subject="the pipeline")
+    if why is not None:
+        takes = ", ".join(_describe(str(name), str(wire), shape) for name, wire, shape in listed)
+        raise BadInput(f"event: {why} (pipeline {info.pipeline_id[:12]} takes {takes})", event_id=None)
 
 
 def _event_arrays(inputs: EventInputs, info: bodies.PipelineInfo) -> dict[str, Any]:

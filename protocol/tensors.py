@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -64,6 +64,32 @@ def dtype_name(array: np.ndarray) -> str:
 
 # The native-order numeric dtypes and their wire names (strings and objects are decided per array).
 _WIRE_NAMES: dict[np.dtype, str] = {np.dtype(name): name for name in DTYPES}
+
+
+def misfit(expected: Mapping[str, tuple[str | None, Sequence[object] | None]], tensors: Mapping[str, Any], *,
+           subject: str = "the model") -> str | None:
+    """Why ``tensors`` cannot be the inputs ``expected`` describes, or None when they fit.
+    ``expected``: each input's wire dtype (None: a type enclaveq cannot carry) and shape (None:
+    not known; a dimension that is not an int is free). One rule, kept in one place, for the
+    worker before ONNX Runtime sees a job's inputs and for a publisher before it seals an event
+    (the pool lists a pipeline's event inputs); ``subject`` names whose inputs these are."""
+    if tensors.keys() != expected.keys():
+        missing = sorted(set(expected) - set(tensors))
+        extra = sorted(set(tensors) - set(expected))
+        return f"{subject} expects inputs {sorted(expected)}; missing {missing}, unexpected {extra}"
+    for name, value in tensors.items():
+        want, shape = expected[name]
+        if want is None:
+            return f"input {name!r} has a type enclaveq cannot carry"
+        array = np.asarray(value)
+        got = STRING if array.dtype.kind in "OU" else array.dtype.name  # decoded strings are objects
+        if got != want:
+            return f"input {name!r} must be {want}, got {got}"
+        if shape is not None and (len(shape) != array.ndim or any(
+                isinstance(d, int) and d != n for d, n in zip(shape, array.shape))):
+            shown = ", ".join(str(d) if isinstance(d, int) else "?" for d in shape)
+            return f"input {name!r} must have shape [{shown}], got {list(array.shape)}"
+    return None
 
 
 def encode_tensors(tensors: Mapping[str, Any]) -> list[list[Any]]:

@@ -108,12 +108,13 @@ class Deployment:
         """:meth:`put` on a pool of several worker processes right after uploading its models: a
         worker that has not received an upload yet refuses the definition (``unknown_model``), and
         it is sent again briefly, as ``AsyncClient.create_pipeline`` does."""
-        for attempt in range(6):
+        signed, outcome = await self.put(spec)
+        for retry in range(5):
+            if outcome.ok or outcome.error().code != "unknown_model":  # type: ignore[attr-defined]
+                break
+            await asyncio.sleep(0.1 * 2**retry)
             signed, outcome = await self.put(spec)
-            if outcome.ok or outcome.error().code != "unknown_model" or attempt == 5:  # type: ignore[attr-defined]
-                return signed, outcome
-            await asyncio.sleep(0.1 * 2**attempt)
-        raise AssertionError("unreachable")
+        return signed, outcome
 
     def event(self, signed: SignedPipeline, event_id: str, inputs, *, ttl: float = TIMEOUT) -> tuple[str, Message]:
         request = self.core._seal("event", bodies.encode_event(signed.pipeline_id, event_id, inputs),

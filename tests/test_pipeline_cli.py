@@ -324,7 +324,7 @@ async def test_publish_refuses_a_batch_with_an_event_the_pipeline_cannot_take_be
     np.savez(events / "c-good.npz", **good[2])
     result = await enclaveq("publish", *deployment, "--pipeline", pipeline_id, "--inputs", str(events),
                             "--topic", f"{unique_name}/device-1/readings")
-    assert_usage_error(result, f"{events / 'b-float64.npz'}: event input 'x' must be float32, got float64",
+    assert_usage_error(result, f"{events / 'b-float64.npz'}: event: input 'x' must be float32, got float64",
                        "nothing was published (1 of 3 events do not fit the pipeline)")
     await assert_nothing_reached_the_recipient(deployment, pipeline_id, key, tmp_path)
 
@@ -336,7 +336,7 @@ async def test_publish_of_one_event_with_an_input_the_pipeline_does_not_take_is_
     np.save(data, np.zeros((1, 4), np.float32))
     result = await enclaveq("publish", *deployment, "--pipeline", pipeline_id, "--input", f"data={data}",
                             "--topic", f"{unique_name}/device-1/readings")
-    assert_usage_error(result, "no input 'data'", "missing", "nothing was published")
+    assert_usage_error(result, "missing ['bias', 'x'], unexpected ['data']", "nothing was published")
 
 
 async def test_publish_that_fails_partway_names_each_file_it_published_and_how_many_of_all(
